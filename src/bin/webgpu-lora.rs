@@ -1,0 +1,160 @@
+//! The native command-line edge: parses arguments, picks the device, calls the core, prints.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use burn::tensor::{Device, DeviceKind};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use webgpu_lora::generate::read_f32;
+use webgpu_lora::io::gguf::GgufFile;
+use webgpu_lora::io::gguf_convert::HfModel;
+use webgpu_lora::io::safetensors::write_safetensors;
+use webgpu_lora::io::{HostTensor, ModelFiles, StoreDtype};
+use webgpu_lora::{Error, GenerationConfig, Llm, Result};
+
+#[derive(Parser)]
+#[command(name = "webgpu-lora", version, about = "Run, convert (and soon fine-tune) Llama-architecture models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    /// burn's CPU backend (flex)
+    Cpu,
+    /// burn's wgpu backend: the WGSL compute shaders the browser runs (Vulkan natively)
+    Wgpu,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert a llama GGUF file to a Hugging Face model directory.
+    ConvertGguf {
+        input: PathBuf,
+        out_dir: PathBuf,
+        /// Storage dtype of model.safetensors: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+    /// Generate text after a prompt, streamed to stdout.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt as a user message in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// 0 = no top-k cut.
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendArg,
+    },
+    /// Write the f32 logits [seq, vocab] of one forward pass to a safetensors file (key `logits`).
+    Logits {
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated token ids.
+        #[arg(long, conflicts_with = "text", required_unless_present = "text")]
+        ids: Option<String>,
+        /// Text, tokenized with the model's tokenizer (special tokens added as it says).
+        #[arg(long)]
+        text: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendArg,
+    },
+}
+
+fn device(backend: BackendArg) -> Device {
+    match backend {
+        BackendArg::Cpu => Device::flex(),
+        BackendArg::Wgpu => Device::wgpu(DeviceKind::DefaultDevice),
+    }
+}
+
+fn load(dir: &PathBuf, backend: BackendArg) -> Result<Llm> {
+    let files = ModelFiles::from_dir(dir)?;
+    let interactive = std::io::stderr().is_terminal();
+    Llm::load(files, &device(backend), &mut |stage, done, total| {
+        if interactive {
+            eprint!("\rloading {stage}: {done}/{total}");
+            if done == total {
+                eprintln!();
+            }
+        }
+    })
+}
+
+fn parse_ids(text: &str) -> Result<Vec<u32>> {
+    text.split(',')
+        .map(|s| s.trim().parse::<u32>().map_err(|_| Error::invalid(format!("--ids: {s:?} is not a token id; give ids like 1,2,3"))))
+        .collect()
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::ConvertGguf { input, out_dir, dtype } => {
+            let dtype = StoreDtype::parse(&dtype)?;
+            let bytes = std::fs::read(&input).map_err(|source| Error::Io { file: input.display().to_string(), source })?;
+            let gguf = GgufFile::parse(&bytes, &input.display().to_string())?;
+            let model = HfModel::from_gguf(&gguf)?;
+            model.write_dir(&out_dir, dtype)?;
+            eprintln!("wrote {} ({} tensors, {})", out_dir.display(), model.tensors.len(), dtype.torch_name());
+        }
+        Command::Generate { model, prompt, chat, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, backend } => {
+            let llm = load(&model, backend)?;
+            let ids = llm.prompt_ids(&prompt, chat)?;
+            let config = GenerationConfig { max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, ..Default::default() };
+            let mut stdout = std::io::stdout();
+            pollster::block_on(llm.generate_text(&ids, &config, &mut |piece| {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+                true
+            }))?;
+            println!();
+        }
+        Command::Logits { model, ids, text, out, backend } => {
+            let llm = load(&model, backend)?;
+            let ids = match (ids, text) {
+                (Some(ids), _) => parse_ids(&ids)?,
+                (None, Some(text)) => llm.tokenizer()?.encode(&text, true)?,
+                (None, None) => unreachable!("clap requires one"),
+            };
+            llm.model.check_ids(&ids)?;
+            let logits = llm.model.forward(llm.model.ids_tensor(&ids), None);
+            let values = pollster::block_on(read_f32(logits))?;
+            let tensors = BTreeMap::from([("logits".to_string(), HostTensor::new(vec![ids.len(), llm.model.config.vocab_size], values))]);
+            let bytes = write_safetensors(&tensors, StoreDtype::F32, None)?;
+            std::fs::write(&out, bytes).map_err(|source| Error::Io { file: out.display().to_string(), source })?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

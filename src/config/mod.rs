@@ -1,0 +1,5 @@
+//! Configuration files: the base model's Hugging Face `config.json`.
+
+mod llama;
+
+pub use llama::{LLAMA_ARCHITECTURE, LlamaConfig};

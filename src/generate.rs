@@ -1,0 +1,252 @@
+//! Token generation: greedy or sampled (temperature, top-k, top-p), a repetition penalty as
+//! transformers applies it, stop at end-of-sequence or any stop token, each token streamed to a
+//! callback that may also cancel. Sampling runs on the host over the last position's logits.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::LlamaModel;
+
+/// How to pick tokens. `temperature == 0` means greedy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct GenerationConfig {
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p (1: all).
+    pub top_p: f32,
+    /// > 1 discourages tokens already in the sequence (1: off).
+    pub repetition_penalty: f32,
+    pub seed: u64,
+    /// Generation ends (without emitting it) at any of these; the model's EOS ids are added.
+    pub stop_token_ids: Vec<u32>,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        GenerationConfig {
+            max_new_tokens: 128,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+            stop_token_ids: Vec::new(),
+        }
+    }
+}
+
+impl GenerationConfig {
+    /// Rejects settings that have no meaning, naming the option.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::invalid(m));
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad("temperature must be a finite number >= 0 (0 = greedy)");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p must be in (0, 1]");
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad("repetition_penalty must be a finite number > 0 (1 = off)");
+        }
+        Ok(())
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StopReason {
+    /// A stop or end-of-sequence token (not included in the output).
+    StopToken,
+    MaxNewTokens,
+    /// The callback asked to stop.
+    Cancelled,
+    /// The model's context is full.
+    ContextFull,
+}
+
+/// The generated ids and why generation stopped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub stop_reason: StopReason,
+}
+
+/// Picks next tokens from logits according to a [`GenerationConfig`].
+pub struct Sampler {
+    config: GenerationConfig,
+    rng: ChaCha8Rng,
+}
+
+impl Sampler {
+    pub fn new(config: GenerationConfig) -> Self {
+        let rng = ChaCha8Rng::seed_from_u64(config.seed);
+        Sampler { config, rng }
+    }
+
+    /// The next token given the last position's logits and every id so far.
+    pub fn next(&mut self, logits: &mut [f32], previous: &[u32]) -> u32 {
+        let penalty = self.config.repetition_penalty;
+        if penalty != 1.0 {
+            for &id in previous {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+                }
+            }
+        }
+        if self.config.temperature == 0.0 {
+            return argmax(logits);
+        }
+        let mut candidates: Vec<(u32, f32)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, l / self.config.temperature)).collect();
+        candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
+        if self.config.top_k > 0 {
+            candidates.truncate(self.config.top_k);
+        }
+        let max = candidates[0].1;
+        let mut probs: Vec<f32> = candidates.iter().map(|&(_, l)| (l - max).exp()).collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+        if self.config.top_p < 1.0 {
+            // keep tokens until the mass before them reaches top_p (the first always stays)
+            let mut mass = 0.0;
+            let keep = probs.iter().take_while(|&&p| {
+                let before = mass;
+                mass += p;
+                before < self.config.top_p
+            });
+            let keep = keep.count().max(1);
+            probs.truncate(keep);
+        }
+        let total: f32 = probs.iter().sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for (i, p) in probs.iter().enumerate() {
+            r -= p;
+            if r <= 0.0 {
+                return candidates[i].0;
+            }
+        }
+        candidates[probs.len() - 1].0
+    }
+}
+
+/// Index of the largest value (the first on ties, as torch.argmax).
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Generates after `prompt`, calling `on_token(id)` for each new token; it returns false to cancel.
+/// Uses the KV cache: the prompt is one forward pass, then one position per token.
+pub async fn generate(
+    model: &LlamaModel,
+    prompt: &[u32],
+    config: &GenerationConfig,
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<Generation> {
+    config.validate()?;
+    model.check_ids(prompt)?;
+    let context = model.config.max_position_embeddings;
+    if prompt.len() >= context {
+        return Err(Error::invalid(format!("the prompt has {} tokens; this model's context is {context}", prompt.len())));
+    }
+    let mut stop: Vec<u32> = config.stop_token_ids.clone();
+    stop.extend(&model.config.eos_token_ids);
+
+    let mut sampler = Sampler::new(config.clone());
+    let mut cache = model.new_cache();
+    let mut sequence = prompt.to_vec();
+    let mut tokens = Vec::new();
+    let mut input = prompt.to_vec();
+    let stop_reason = loop {
+        if tokens.len() >= config.max_new_tokens {
+            break StopReason::MaxNewTokens;
+        }
+        if sequence.len() >= context {
+            break StopReason::ContextFull;
+        }
+        let logits = model.forward_last(model.ids_tensor(&input), Some(&mut cache));
+        let mut logits = read_f32(logits).await?;
+        let next = sampler.next(&mut logits, &sequence);
+        if stop.contains(&next) {
+            break StopReason::StopToken;
+        }
+        tokens.push(next);
+        sequence.push(next);
+        if !on_token(next) {
+            break StopReason::Cancelled;
+        }
+        input = vec![next];
+    };
+    Ok(Generation { tokens, stop_reason })
+}
+
+/// Reads a tensor back to the host as f32 (asynchronously: the browser cannot block).
+pub async fn read_f32<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec<f32>> {
+    let data = t.into_data_async().await.map_err(|e| Error::Backend(format!("reading a result back failed: {e:?}")))?;
+    data.try_into_vec::<f32>().map_err(|e| Error::Backend(format!("unexpected result type: {e:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_many(config: GenerationConfig, logits: &[f32], n: usize) -> Vec<u32> {
+        let mut s = Sampler::new(config);
+        (0..n).map(|_| s.next(&mut logits.to_vec(), &[])).collect()
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        assert_eq!(argmax(&[0.0, 3.0, 3.0, -1.0]), 1);
+        assert_eq!(sample_many(GenerationConfig::default(), &[0.0, 1.0, 5.0], 3), vec![2, 2, 2]);
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_support() {
+        let logits = [0.0, 1.0, 2.0, 3.0];
+        let base = GenerationConfig { temperature: 1.0, ..Default::default() };
+        let k2 = sample_many(GenerationConfig { top_k: 2, ..base.clone() }, &logits, 500);
+        assert!(k2.iter().all(|&t| t >= 2) && k2.contains(&2) && k2.contains(&3));
+        // probabilities: 0.644, 0.237, 0.087, 0.032 -> top_p 0.7 keeps ids 3 and 2
+        let p = sample_many(GenerationConfig { top_p: 0.7, ..base.clone() }, &logits, 500);
+        assert!(p.iter().all(|&t| t >= 2) && p.contains(&2));
+        let all = sample_many(base, &logits, 2000);
+        assert!((0..4).all(|t| all.contains(&t)));
+    }
+
+    #[test]
+    fn same_seed_same_tokens_other_seed_other_tokens() {
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let c = GenerationConfig { temperature: 1.0, seed: 7, ..Default::default() };
+        assert_eq!(sample_many(c.clone(), &logits, 30), sample_many(c.clone(), &logits, 30));
+        assert_ne!(sample_many(c, &logits, 30), sample_many(GenerationConfig { temperature: 1.0, seed: 8, ..Default::default() }, &logits, 30));
+    }
+
+    #[test]
+    fn repetition_penalty_as_transformers() {
+        let mut s = Sampler::new(GenerationConfig { repetition_penalty: 2.0, ..Default::default() });
+        let mut logits = vec![4.0, 3.0, -1.0];
+        // token 0: 4 / 2 = 2 < 3, so token 1 wins; negative logits are multiplied
+        assert_eq!(s.next(&mut logits, &[0, 2]), 1);
+        assert_eq!(logits, vec![2.0, 3.0, -2.0]);
+    }
+
+    #[test]
+    fn invalid_settings_are_named() {
+        let err = GenerationConfig { top_p: 0.0, ..Default::default() }.validate().unwrap_err().to_string();
+        assert!(err.contains("top_p"), "{err}");
+        let err = GenerationConfig { temperature: -1.0, ..Default::default() }.validate().unwrap_err().to_string();
+        assert!(err.contains("temperature"), "{err}");
+    }
+}

@@ -1,0 +1,404 @@
+//! A GGUF (v2/v3) reader: header, metadata, tensor infos, and dequantization to f32 of the types
+//! small Llama checkpoints use (F32, F16, BF16, Q8_0, Q4_0, Q4_1), computed as gguf-py does.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+use crate::io::HostTensor;
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: u64 = 32;
+/// Elements per block of the quantized types read here.
+const BLOCK: usize = 32;
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaValue {
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Bool(bool),
+    String(String),
+    Array(Vec<MetaValue>),
+}
+
+impl MetaValue {
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            MetaValue::UInt(v) => Some(v),
+            MetaValue::Int(v) if v >= 0 => Some(v as u64),
+            _ => None,
+        }
+    }
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            MetaValue::Float(v) => Some(v),
+            MetaValue::UInt(v) => Some(v as f64),
+            MetaValue::Int(v) => Some(v as f64),
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            MetaValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            MetaValue::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+    pub fn as_array(&self) -> Option<&[MetaValue]> {
+        match self {
+            MetaValue::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// GGML tensor types this reader dequantizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl GgmlType {
+    fn from_id(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => GgmlType::F32,
+            1 => GgmlType::F16,
+            2 => GgmlType::Q4_0,
+            3 => GgmlType::Q4_1,
+            8 => GgmlType::Q8_0,
+            30 => GgmlType::BF16,
+            _ => return None,
+        })
+    }
+
+    /// (elements per block, bytes per block)
+    fn block(self) -> (usize, usize) {
+        match self {
+            GgmlType::F32 => (1, 4),
+            GgmlType::F16 | GgmlType::BF16 => (1, 2),
+            GgmlType::Q4_0 => (BLOCK, 2 + BLOCK / 2),
+            GgmlType::Q4_1 => (BLOCK, 4 + BLOCK / 2),
+            GgmlType::Q8_0 => (BLOCK, 2 + BLOCK),
+        }
+    }
+}
+
+/// Names of the GGML type ids, for error messages.
+fn ggml_type_name(id: u32) -> String {
+    const NAMES: [&str; 31] = [
+        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K",
+        "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS",
+        "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
+    ];
+    NAMES.get(id as usize).map_or_else(|| format!("unknown type {id}"), |n| format!("{n} (type {id})"))
+}
+
+/// One tensor's entry in the header.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    /// GGML order: dims[0] is the innermost (row length).
+    pub dims: Vec<u64>,
+    pub ggml_type: u32,
+    /// Offset from the start of the data section.
+    pub offset: u64,
+}
+
+impl TensorInfo {
+    /// The row-major shape (GGML dims reversed), as PyTorch sees it.
+    pub fn shape(&self) -> Vec<usize> {
+        self.dims.iter().rev().map(|&d| d as usize).collect()
+    }
+}
+
+/// A parsed GGUF file over its bytes.
+pub struct GgufFile<'a> {
+    pub file: String,
+    pub version: u32,
+    pub metadata: BTreeMap<String, MetaValue>,
+    pub tensors: Vec<TensorInfo>,
+    data: &'a [u8],
+}
+
+/// A bounds-checked little-endian cursor; every failure says where the file ended.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    file: &'a str,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| {
+            Error::file(self.file, format!("truncated: {what} at byte {} needs {n} bytes but the file has {}", self.pos, self.bytes.len()))
+        })?;
+        let s = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().unwrap()))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
+    }
+    fn len(&mut self, what: &str) -> Result<usize> {
+        let n = self.u64(what)?;
+        usize::try_from(n).ok().filter(|&n| n <= self.bytes.len()).ok_or_else(|| {
+            Error::file(self.file, format!("{what} at byte {} claims length {n}, more than the file holds", self.pos - 8))
+        })
+    }
+    fn string(&mut self, what: &str) -> Result<String> {
+        let n = self.len(what)?;
+        let bytes = self.take(n, what)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| Error::file(self.file, format!("{what} is not UTF-8")))
+    }
+
+    fn value(&mut self, kind: u32, key: &str) -> Result<MetaValue> {
+        let mut n = |size: usize| -> Result<u64> {
+            let b = self.take(size, key)?;
+            let mut buf = [0u8; 8];
+            buf[..size].copy_from_slice(b);
+            Ok(u64::from_le_bytes(buf))
+        };
+        Ok(match kind {
+            0 => MetaValue::UInt(n(1)?),
+            1 => MetaValue::Int(n(1)? as u8 as i8 as i64),
+            2 => MetaValue::UInt(n(2)?),
+            3 => MetaValue::Int(n(2)? as u16 as i16 as i64),
+            4 => MetaValue::UInt(n(4)?),
+            5 => MetaValue::Int(n(4)? as u32 as i32 as i64),
+            6 => MetaValue::Float(f32::from_bits(n(4)? as u32) as f64),
+            7 => MetaValue::Bool(n(1)? != 0),
+            8 => MetaValue::String(self.string(key)?),
+            9 => {
+                let item_kind = self.u32(key)?;
+                let count = self.len(key)?;
+                let mut items = Vec::with_capacity(count.min(1 << 20));
+                for _ in 0..count {
+                    items.push(self.value(item_kind, key)?);
+                }
+                MetaValue::Array(items)
+            }
+            10 => MetaValue::UInt(n(8)?),
+            11 => MetaValue::Int(n(8)? as i64),
+            12 => MetaValue::Float(f64::from_bits(n(8)?)),
+            other => return Err(Error::file(self.file, format!("metadata {key:?} has unknown value type {other}"))),
+        })
+    }
+}
+
+impl<'a> GgufFile<'a> {
+    /// Parses the header of `bytes`; `file` names it in errors.
+    pub fn parse(bytes: &'a [u8], file: &str) -> Result<Self> {
+        let mut c = Cursor { bytes, pos: 0, file };
+        if c.take(4, "magic")? != MAGIC {
+            return Err(Error::file(file, "not a GGUF file (it does not start with \"GGUF\")"));
+        }
+        let version = c.u32("version")?;
+        if !(2..=3).contains(&version) {
+            return Err(Error::file(file, format!("GGUF version {version} is not supported; only 2 and 3")));
+        }
+        let tensor_count = c.len("tensor count")?;
+        let kv_count = c.len("metadata count")?;
+        let mut metadata = BTreeMap::new();
+        for _ in 0..kv_count {
+            let key = c.string("metadata key")?;
+            let kind = c.u32(&key)?;
+            let value = c.value(kind, &key)?;
+            metadata.insert(key, value);
+        }
+        let mut tensors = Vec::with_capacity(tensor_count);
+        for _ in 0..tensor_count {
+            let name = c.string("tensor name")?;
+            let n_dims = c.u32(&name)? as usize;
+            if n_dims > 4 {
+                return Err(Error::file(file, format!("tensor {name} claims {n_dims} dimensions (at most 4)")));
+            }
+            let dims = (0..n_dims).map(|_| c.u64(&name)).collect::<Result<Vec<_>>>()?;
+            let ggml_type = c.u32(&name)?;
+            let offset = c.u64(&name)?;
+            tensors.push(TensorInfo { name, dims, ggml_type, offset });
+        }
+        let alignment = metadata.get("general.alignment").and_then(MetaValue::as_u64).unwrap_or(DEFAULT_ALIGNMENT);
+        if alignment == 0 {
+            return Err(Error::file(file, "general.alignment is 0"));
+        }
+        let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
+        let data = bytes.get(data_start as usize..).unwrap_or(&[]);
+        Ok(GgufFile { file: file.to_string(), version, metadata, tensors, data })
+    }
+
+    pub fn meta(&self, key: &str) -> Option<&MetaValue> {
+        self.metadata.get(key)
+    }
+
+    /// A required metadata value, or an error naming the key.
+    pub fn require(&self, key: &str) -> Result<&MetaValue> {
+        self.meta(key).ok_or_else(|| Error::file(&self.file, format!("metadata {key:?} is missing")))
+    }
+
+    pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// Dequantizes one tensor to f32 in its row-major shape.
+    pub fn tensor_f32(&self, info: &TensorInfo) -> Result<HostTensor> {
+        let kind = GgmlType::from_id(info.ggml_type).ok_or_else(|| {
+            Error::file(
+                &self.file,
+                format!(
+                    "tensor {} has GGML type {}, which cannot be read; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1",
+                    info.name,
+                    ggml_type_name(info.ggml_type)
+                ),
+            )
+        })?;
+        let shape = info.shape();
+        let count: usize = shape.iter().product();
+        let (per_block, block_bytes) = kind.block();
+        if info.dims.first().is_some_and(|&row| row as usize % per_block != 0) {
+            return Err(Error::file(&self.file, format!("tensor {}: row length {} is not a multiple of the block size {per_block}", info.name, info.dims[0])));
+        }
+        let size = count / per_block * block_bytes;
+        let start = info.offset as usize;
+        let bytes = start
+            .checked_add(size)
+            .and_then(|end| self.data.get(start..end))
+            .ok_or_else(|| Error::file(&self.file, format!("tensor {} lies past the end of the file (truncated?)", info.name)))?;
+        Ok(HostTensor::new(shape, dequantize(kind, bytes)))
+    }
+}
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Dequantizes whole blocks, as gguf-py does (f32 products, no fused multiply-add).
+fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
+    let (_, block_bytes) = kind.block();
+    match kind {
+        GgmlType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        GgmlType::F16 => bytes.chunks_exact(2).map(|b| f16_at(b, 0)).collect(),
+        GgmlType::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        GgmlType::Q8_0 => bytes
+            .chunks_exact(block_bytes)
+            .flat_map(|b| {
+                let d = f16_at(b, 0);
+                b[2..].iter().map(move |&q| d * (q as i8) as f32)
+            })
+            .collect(),
+        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            let mut out = Vec::with_capacity(bytes.len() / block_bytes * BLOCK);
+            for b in bytes.chunks_exact(block_bytes) {
+                let d = f16_at(b, 0);
+                // Q4_0 centres nibbles on 8; Q4_1 adds a per-block minimum m instead
+                let (qs, offset, m) = match kind {
+                    GgmlType::Q4_0 => (&b[2..], 8.0, None),
+                    _ => (&b[4..], 0.0, Some(f16_at(b, 2))),
+                };
+                let value = |q: u8| {
+                    let x = d * (q as f32 - offset);
+                    m.map_or(x, |m| x + m)
+                };
+                out.extend(qs.iter().map(|&q| value(q & 0x0F)));
+                out.extend(qs.iter().map(|&q| value(q >> 4)));
+            }
+            out
+        }
+    }
+}
+
+/// Undoes llama.cpp's rotary row permutation of attn_q / attn_k: within each head, llama.cpp
+/// interleaves the two halves (row 2i+j holds Hugging Face row j*half+i).
+pub fn unpermute_rotary_rows(t: &HostTensor, heads: usize) -> Result<HostTensor> {
+    let (rows, cols) = (t.shape[0], t.shape.get(1).copied().unwrap_or(1));
+    if heads == 0 || rows % (2 * heads) != 0 {
+        return Err(Error::invalid(format!("cannot split {rows} rows into {heads} rotary heads")));
+    }
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    let mut out = vec![0.0; t.data.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * head_dim + 2 * i + j;
+                let dst = h * head_dim + j * half + i;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    Ok(HostTensor::new(t.shape.clone(), out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q4_0_and_q4_1_follow_the_ggml_formulas() {
+        // d = 0.5, nibbles: low = j % 16, high = 15 - j % 16
+        let mut block = half::f16::from_f32(0.5).to_le_bytes().to_vec();
+        block.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        let x = dequantize(GgmlType::Q4_0, &block);
+        for j in 0..16 {
+            assert_eq!(x[j], 0.5 * (j as f32 - 8.0));
+            assert_eq!(x[j + 16], 0.5 * ((15 - j) as f32 - 8.0));
+        }
+        let mut block1 = half::f16::from_f32(0.25).to_le_bytes().to_vec();
+        block1.extend(half::f16::from_f32(-1.0).to_le_bytes());
+        block1.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        let y = dequantize(GgmlType::Q4_1, &block1);
+        assert_eq!(y[3], 0.25 * 3.0 - 1.0);
+        assert_eq!(y[16 + 3], 0.25 * 12.0 - 1.0);
+    }
+
+    #[test]
+    fn q8_0_is_scale_times_signed_byte() {
+        let mut block = half::f16::from_f32(2.0).to_le_bytes().to_vec();
+        block.extend((0..32).map(|j: i32| (j - 16) as i8 as u8));
+        let x = dequantize(GgmlType::Q8_0, &block);
+        assert_eq!(x[0], -32.0);
+        assert_eq!(x[31], 30.0);
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        // llama.cpp: w.reshape(heads, 2, half, cols).swapaxes(1, 2): HF row (h, j, i) -> row (h, i, j)
+        let (heads, head_dim, cols) = (3, 8, 2);
+        let rows = heads * head_dim;
+        let hf: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+        let mut permuted = vec![0.0; hf.len()];
+        let half = head_dim / 2;
+        for h in 0..heads {
+            for j in 0..2 {
+                for i in 0..half {
+                    let src = h * head_dim + j * half + i;
+                    let dst = h * head_dim + i * 2 + j;
+                    permuted[dst * cols..dst * cols + cols].copy_from_slice(&hf[src * cols..src * cols + cols]);
+                }
+            }
+        }
+        let back = unpermute_rotary_rows(&HostTensor::new(vec![rows, cols], permuted), heads).unwrap();
+        assert_eq!(back.data, hf);
+    }
+
+    #[test]
+    fn truncated_and_foreign_files_are_named() {
+        let err = GgufFile::parse(b"GGUF\x03\x00", "m.gguf").err().unwrap().to_string();
+        assert!(err.starts_with("m.gguf: truncated"), "{err}");
+        let err = GgufFile::parse(b"PK\x03\x04xxxxxxxx", "m.gguf").err().unwrap().to_string();
+        assert!(err.contains("not a GGUF file"), "{err}");
+    }
+}

@@ -1,0 +1,130 @@
+//! `ModelFiles`: the files of a Hugging Face model directory, held as bytes. The browser fills it
+//! from `fetch`, the native build from a directory; everything after that is one code path.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+use crate::io::safetensors::{INDEX_FILE, SINGLE_FILE, SafetensorsWeights};
+use crate::io::tokenizer::TextTokenizer;
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+
+/// The optional files of a model directory besides config and weights.
+pub const TEXT_FILES: [&str; 4] = [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE];
+
+/// The files of one model, by file name.
+pub struct ModelFiles {
+    /// Where they came from (a directory or a URL), prefixed to file names in errors.
+    origin: String,
+    files: BTreeMap<String, Vec<u8>>,
+}
+
+impl ModelFiles {
+    /// An empty set; `origin` (a directory or URL) is shown in error messages.
+    pub fn new(origin: impl Into<String>) -> Self {
+        ModelFiles { origin: origin.into().trim_end_matches('/').to_string(), files: BTreeMap::new() }
+    }
+
+    pub fn insert(&mut self, name: impl Into<String>, bytes: Vec<u8>) {
+        self.files.insert(name.into(), bytes);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.files.get(name).map(Vec::as_slice)
+    }
+
+    /// The label of one file in errors: "origin/name".
+    pub fn label(&self, name: &str) -> String {
+        if self.origin.is_empty() { name.to_string() } else { format!("{}/{name}", self.origin) }
+    }
+
+    /// The weight files a model needs: the shards an index lists, or `model.safetensors`.
+    pub fn weight_file_names(index_json: Option<&[u8]>) -> Result<Vec<String>> {
+        match index_json {
+            Some(index) => SafetensorsWeights::shard_names(index),
+            None => Ok(vec![SINGLE_FILE.to_string()]),
+        }
+    }
+
+    /// Reads a model directory: config, weights (single or sharded) and whichever text files exist.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let origin = dir.display().to_string();
+        if !dir.is_dir() {
+            return Err(Error::file(origin, "not a directory: give the folder that holds config.json and model.safetensors"));
+        }
+        let mut files = ModelFiles::new(origin);
+        let label = |name: &str| format!("{}/{name}", dir.display());
+        let read = |name: &str| std::fs::read(dir.join(name)).map_err(|source| Error::Io { file: label(name), source });
+        let mut wanted = vec![CONFIG_FILE.to_string()];
+        let index = dir.join(INDEX_FILE);
+        if index.is_file() {
+            let bytes = read(INDEX_FILE)?;
+            wanted.extend(Self::weight_file_names(Some(&bytes))?);
+            files.insert(INDEX_FILE, bytes);
+        } else if dir.join(SINGLE_FILE).is_file() {
+            wanted.push(SINGLE_FILE.to_string());
+        } else {
+            return Err(Error::file(
+                label(SINGLE_FILE),
+                format!("no model weights: neither {SINGLE_FILE} nor {INDEX_FILE} is in this directory (a GGUF file can be converted with `webgpu-lora convert-gguf`)"),
+            ));
+        }
+        for name in wanted {
+            let bytes = read(&name)?;
+            files.insert(name, bytes);
+        }
+        for name in TEXT_FILES {
+            if dir.join(name).is_file() {
+                let bytes = read(name)?;
+                files.insert(name, bytes);
+            }
+        }
+        Ok(files)
+    }
+
+    /// Puts the origin in front of an error that names one of these files by its bare name.
+    fn relabel(&self, e: Error) -> Error {
+        match e {
+            Error::File { file, message } if self.files.contains_key(&file) || TEXT_FILES.contains(&file.as_str()) || file == INDEX_FILE => {
+                Error::File { file: self.label(&file), message }
+            }
+            other => other,
+        }
+    }
+
+    /// Parses config.json.
+    pub fn config(&self) -> Result<LlamaConfig> {
+        let bytes = self
+            .get(CONFIG_FILE)
+            .ok_or_else(|| Error::file(self.label(CONFIG_FILE), "missing: every model needs its config.json"))?;
+        LlamaConfig::from_json(bytes, &self.label(CONFIG_FILE))
+    }
+
+    /// Moves the weight files out (they are the bulk of the memory) and checks their headers.
+    pub fn take_weights(&mut self) -> Result<SafetensorsWeights> {
+        let names = Self::weight_file_names(self.get(INDEX_FILE)).map_err(|e| self.relabel(e))?;
+        let mut weights = Vec::with_capacity(names.len());
+        for name in names {
+            let label = self.label(&name);
+            let bytes = self.files.remove(&name).ok_or_else(|| {
+                Error::file(&label, format!("missing: the model's weights are not loaded ({SINGLE_FILE} or the shards of {INDEX_FILE})"))
+            })?;
+            weights.push((label, bytes));
+        }
+        SafetensorsWeights::new(weights)
+    }
+
+    /// The tokenizer, when tokenizer.json is present (a model without one runs on token ids).
+    pub fn tokenizer(&self) -> Result<Option<TextTokenizer>> {
+        let Some(json) = self.get(TOKENIZER_FILE) else { return Ok(None) };
+        TextTokenizer::from_files(json, self.get(TOKENIZER_CONFIG_FILE), self.get(CHAT_TEMPLATE_FILE))
+            .map(Some)
+            .map_err(|e| self.relabel(e))
+    }
+}

@@ -1,0 +1,228 @@
+//! Safetensors in and out: the weights of a Hugging Face model (one file or shards with
+//! `model.safetensors.index.json`), read from bytes so that the browser and the native build share
+//! one path. Tensors come out as f32 whatever their storage type (F32, F16, BF16).
+
+use std::collections::{BTreeMap, HashMap};
+
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// The name of the index file of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// The name of a single-file checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// A tensor on the host: f32, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        HostTensor { shape, data }
+    }
+}
+
+/// Storage type of tensors written to safetensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl StoreDtype {
+    /// Parses "f32", "f16"/"float16", "bf16"/"bfloat16".
+    pub fn parse(text: &str) -> Result<Self> {
+        match text.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(StoreDtype::F32),
+            "f16" | "float16" => Ok(StoreDtype::F16),
+            "bf16" | "bfloat16" => Ok(StoreDtype::BF16),
+            other => Err(Error::invalid(format!("unknown dtype {other:?}; use f32, f16 or bf16"))),
+        }
+    }
+
+    /// The name transformers writes as `torch_dtype` / `dtype`.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            StoreDtype::F32 => "float32",
+            StoreDtype::F16 => "float16",
+            StoreDtype::BF16 => "bfloat16",
+        }
+    }
+}
+
+/// The weights of a model: one or more safetensors files, validated on construction and decoded
+/// tensor by tensor on demand (so at most one tensor is held twice in memory while loading).
+pub struct SafetensorsWeights {
+    files: Vec<(String, Vec<u8>)>,
+    /// tensor name -> index into `files`
+    location: HashMap<String, usize>,
+}
+
+impl SafetensorsWeights {
+    /// Takes the files (name, bytes) of one checkpoint; every header is checked here, so a truncated
+    /// or inconsistent file fails before anything is built.
+    pub fn new(files: Vec<(String, Vec<u8>)>) -> Result<Self> {
+        let mut location = HashMap::new();
+        for (index, (name, bytes)) in files.iter().enumerate() {
+            let st = SafeTensors::deserialize(bytes).map_err(|e| describe(name, bytes.len(), e))?;
+            for tensor in st.names() {
+                if location.insert(tensor.to_string(), index).is_some() {
+                    return Err(Error::file(name, format!("tensor {tensor} also appears in another shard")));
+                }
+            }
+        }
+        Ok(SafetensorsWeights { files, location })
+    }
+
+    /// The shard file names listed by a `model.safetensors.index.json`, in order of first use.
+    pub fn shard_names(index_json: &[u8]) -> Result<Vec<String>> {
+        let value: Value = serde_json::from_slice(index_json)
+            .map_err(|e| Error::file(INDEX_FILE, format!("not valid JSON: {e}")))?;
+        let map = value
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::file(INDEX_FILE, "no \"weight_map\" object"))?;
+        let mut names: Vec<String> = Vec::new();
+        for file in map.values() {
+            let file = file.as_str().ok_or_else(|| Error::file(INDEX_FILE, "weight_map values must be file names"))?;
+            if file.contains('/') || file.contains("..") {
+                return Err(Error::file(INDEX_FILE, format!("shard name {file:?} must be a plain file name")));
+            }
+            if !names.iter().any(|n| n == file) {
+                names.push(file.to_string());
+            }
+        }
+        Ok(names)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.location.contains_key(name)
+    }
+
+    /// The names of all tensors, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.location.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// The file that holds `name` (for error messages).
+    pub fn file_of(&self, name: &str) -> &str {
+        self.location.get(name).map_or("(weights)", |&i| self.files[i].0.as_str())
+    }
+
+    /// Decodes one tensor to f32.
+    pub fn tensor(&self, name: &str) -> Result<HostTensor> {
+        let &index = self.location.get(name).ok_or_else(|| {
+            let files: Vec<&str> = self.files.iter().map(|(n, _)| n.as_str()).collect();
+            Error::file(files.join(", "), format!("tensor {name} is missing"))
+        })?;
+        let (file, bytes) = &self.files[index];
+        let st = SafeTensors::deserialize(bytes).map_err(|e| describe(file, bytes.len(), e))?;
+        let view = st.tensor(name).map_err(|e| describe(file, bytes.len(), e))?;
+        let data = decode(view.dtype(), view.data())
+            .ok_or_else(|| Error::file(file, format!("tensor {name} has dtype {:?}; only F32, F16 and BF16 are supported", view.dtype())))?;
+        Ok(HostTensor::new(view.shape().to_vec(), data))
+    }
+}
+
+/// Little-endian bytes of F32/F16/BF16 to f32 values; `None` for other types.
+fn decode(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    let words2 = || bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    Some(match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => words2().map(|w| half::f16::from_bits(w).to_f32()).collect(),
+        Dtype::BF16 => words2().map(|w| half::bf16::from_bits(w).to_f32()).collect(),
+        _ => return None,
+    })
+}
+
+/// Explains a safetensors error in terms of the file a user has in hand.
+fn describe(file: &str, len: usize, e: safetensors::SafeTensorError) -> Error {
+    use safetensors::SafeTensorError as E;
+    let hint = match &e {
+        E::MetadataIncompleteBuffer | E::HeaderTooSmall | E::InvalidHeaderLength => {
+            format!("; the file ({len} bytes) looks truncated or is not safetensors: download it again")
+        }
+        E::InvalidOffset(_) | E::TensorInvalidInfo => {
+            "; the header's offsets do not match the data: the file is corrupt".to_string()
+        }
+        _ => String::new(),
+    };
+    Error::file(file, format!("invalid safetensors: {e}{hint}"))
+}
+
+/// Serializes named f32 tensors to safetensors bytes in `dtype`, with `metadata` (e.g. {"format": "pt"}).
+pub fn write_safetensors(
+    tensors: &BTreeMap<String, HostTensor>,
+    dtype: StoreDtype,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let encoded: Vec<(&String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, t)| (name, t.shape.clone(), encode(&t.data, dtype)))
+        .collect();
+    let st_dtype = match dtype {
+        StoreDtype::F32 => Dtype::F32,
+        StoreDtype::F16 => Dtype::F16,
+        StoreDtype::BF16 => Dtype::BF16,
+    };
+    let views = encoded
+        .iter()
+        .map(|(name, shape, bytes)| Ok((name.as_str(), TensorView::new(st_dtype, shape.clone(), bytes)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
+        .map_err(|e| Error::invalid(format!("cannot serialize tensors: {e}")))?;
+    safetensors::serialize(views, metadata).map_err(|e| Error::invalid(format!("cannot serialize tensors: {e}")))
+}
+
+fn encode(values: &[f32], dtype: StoreDtype) -> Vec<u8> {
+    match dtype {
+        StoreDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        StoreDtype::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        StoreDtype::BF16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> BTreeMap<String, HostTensor> {
+        let mut t = BTreeMap::new();
+        t.insert("a".to_string(), HostTensor::new(vec![2, 3], vec![0.5, -1.0, 2.0, 3.25, 0.0, -0.125]));
+        t
+    }
+
+    #[test]
+    fn round_trip_in_every_dtype() {
+        for dtype in [StoreDtype::F32, StoreDtype::F16, StoreDtype::BF16] {
+            let bytes = write_safetensors(&sample(), dtype, None).unwrap();
+            let w = SafetensorsWeights::new(vec![("m.safetensors".into(), bytes)]).unwrap();
+            // these values are exact in all three types
+            assert_eq!(w.tensor("a").unwrap(), sample()["a"], "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn truncated_file_names_file_and_problem() {
+        let mut bytes = write_safetensors(&sample(), StoreDtype::F32, None).unwrap();
+        bytes.truncate(bytes.len() - 4);
+        let err = SafetensorsWeights::new(vec![("model.safetensors".into(), bytes)]).err().unwrap().to_string();
+        assert!(err.starts_with("model.safetensors: invalid safetensors") && err.contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn missing_tensor_is_named() {
+        let bytes = write_safetensors(&sample(), StoreDtype::F32, None).unwrap();
+        let w = SafetensorsWeights::new(vec![("x.safetensors".into(), bytes)]).unwrap();
+        let err = w.tensor("lm_head.weight").unwrap_err().to_string();
+        assert_eq!(err, "x.safetensors: tensor lm_head.weight is missing");
+    }
+}

@@ -1,0 +1,363 @@
+//! A Llama-architecture causal LM (`LlamaForCausalLM`), written to read like the math:
+//!
+//! ```text
+//! h = embed(ids)
+//! for each layer:  h = h + attn(rmsnorm(h));  h = h + mlp(rmsnorm(h))
+//! logits = rmsnorm(h) @ lm_head          (lm_head = embed^T when tied)
+//! attn(x) = softmax(rope(q) rope(k)^T / sqrt(d) + causal_mask) v,  k and v shared by head groups
+//! mlp(x)  = down(silu(gate(x)) * up(x))
+//! ```
+//!
+//! Weights are loaded by their Hugging Face names and stay constants: nothing here requires a
+//! gradient. Linear weights are kept transposed ([in, out]) so that every projection is `x @ W^T`
+//! as one plain matmul.
+
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+use crate::io::{HostTensor, SafetensorsWeights};
+use crate::model::KvCache;
+
+/// A linear layer without bias; `weight_t` is the Hugging Face weight transposed: [in, out].
+pub struct Linear {
+    pub weight_t: Tensor<2>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [batch, seq, d_in] = x.dims();
+        let d_out = self.weight_t.dims()[1];
+        x.reshape([batch * seq, d_in]).matmul(self.weight_t.clone()).reshape([batch, seq, d_out])
+    }
+}
+
+/// Root-mean-square normalisation: x / sqrt(mean(x^2) + eps) * weight.
+pub struct RmsNorm {
+    pub weight: Tensor<1>,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let mean_square = x.clone().powi_scalar(2).mean_dim(2);
+        x * mean_square.add_scalar(self.eps).sqrt().recip() * self.weight.clone().unsqueeze::<3>()
+    }
+}
+
+/// cos and sin of the rotary angles for a run of positions, [1, 1, seq, head_dim].
+struct Rotary {
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+}
+
+impl Rotary {
+    /// Angles as transformers computes them, in f32: inv_freq = 1 / theta^(2i/d), angle = pos * inv_freq.
+    fn new(config: &LlamaConfig, start: usize, seq: usize, device: &Device) -> Self {
+        let d = config.head_dim;
+        let theta = config.rope_theta as f32;
+        let inv_freq: Vec<f32> = (0..d / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32)).collect();
+        let mut cos = Vec::with_capacity(seq * d);
+        let mut sin = Vec::with_capacity(seq * d);
+        for pos in start..start + seq {
+            // the two halves of each row repeat the same angles (HF's cat(freqs, freqs))
+            for _ in 0..2 {
+                for f in &inv_freq {
+                    let angle = pos as f32 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let table = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [1, 1, seq, d]), device);
+        Rotary { cos: table(cos), sin: table(sin) }
+    }
+
+    /// x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] (HF Llama's layout).
+    fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        let half = x.dims()[3] / 2;
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * self.cos.clone() + rotated * self.sin.clone()
+    }
+}
+
+/// Additive causal mask [1, 1, seq, start + seq]: query i (at position start + i) sees keys 0..=start + i.
+fn causal_mask(start: usize, seq: usize, device: &Device) -> Tensor<4> {
+    let total = start + seq;
+    let values: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_data(TensorData::new(values, [1, 1, seq, total]), device)
+}
+
+/// Grouped-query attention with rotary embeddings.
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    layer: usize,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn forward(&self, x: Tensor<3>, rotary: &Rotary, mask: Option<Tensor<4>>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let [batch, seq, _] = x.dims();
+        let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
+        let q = rotary.apply(heads(self.q_proj.forward(x.clone()), self.num_heads));
+        let k = rotary.apply(heads(self.k_proj.forward(x.clone()), self.num_kv_heads));
+        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        let (k, v) = match cache {
+            Some(cache) => cache.append(self.layer, k, v),
+            None => (k, v),
+        };
+        let groups = self.num_heads / self.num_kv_heads;
+        let (k, v) = (repeat_kv(k, groups), repeat_kv(v, groups));
+
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (self.head_dim as f64).sqrt());
+        let scores = match mask {
+            Some(mask) => scores + mask,
+            None => scores,
+        };
+        let out = softmax(scores, 3).matmul(v);
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, seq, self.num_heads * self.head_dim]))
+    }
+}
+
+/// [b, kv_heads, t, d] -> [b, kv_heads * groups, t, d], each key/value head serving `groups` query heads.
+fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
+    if groups == 1 {
+        return x;
+    }
+    let [b, kv_heads, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2).repeat_dim(2, groups).reshape([b, kv_heads * groups, t, d])
+}
+
+/// The SwiGLU feed-forward block.
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+/// One transformer block.
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn forward(&self, x: Tensor<3>, rotary: &Rotary, mask: Option<Tensor<4>>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rotary, mask, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// The whole causal LM.
+pub struct LlamaModel {
+    pub config: LlamaConfig,
+    /// [vocab, hidden]
+    pub embed_tokens: Tensor<2>,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// [hidden, vocab]; `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Tensor<2>>,
+}
+
+impl LlamaModel {
+    /// Hidden states after the final norm, [batch, seq, hidden]. With a cache, the ids continue
+    /// the sequence it holds and their keys/values are added to it.
+    pub fn hidden_states(&self, input_ids: Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+        let [batch, seq] = input_ids.dims();
+        let device = self.embed_tokens.device();
+        let start = cache.as_ref().map_or(0, |c| c.seen());
+        let rotary = Rotary::new(&self.config, start, seq, &device);
+        // one new token sees every cached position: no mask needed
+        let mask = (seq > 1).then(|| causal_mask(start, seq, &device));
+
+        let mut h = self
+            .embed_tokens
+            .clone()
+            .select(0, input_ids.reshape([batch * seq]))
+            .reshape([batch, seq, self.config.hidden_size]);
+        for layer in &self.layers {
+            h = layer.forward(h, &rotary, mask.clone(), cache.as_deref_mut());
+        }
+        if let Some(cache) = cache {
+            cache.advance(seq);
+        }
+        self.norm.forward(h)
+    }
+
+    /// Logits [batch, seq, vocab] from hidden states.
+    pub fn lm_head(&self, hidden: Tensor<3>) -> Tensor<3> {
+        let head_t = match &self.lm_head {
+            Some(head_t) => head_t.clone(),
+            None => self.embed_tokens.clone().transpose(),
+        };
+        let [batch, seq, hidden_size] = hidden.dims();
+        hidden.reshape([batch * seq, hidden_size]).matmul(head_t).reshape([batch, seq, self.config.vocab_size])
+    }
+
+    /// Logits [batch, seq, vocab] for every position.
+    pub fn forward(&self, input_ids: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        self.lm_head(self.hidden_states(input_ids, cache))
+    }
+
+    /// Logits [batch, vocab] of the last position only (what generation needs).
+    pub fn forward_last(&self, input_ids: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<2> {
+        let hidden = self.hidden_states(input_ids, cache);
+        let [batch, seq, _] = hidden.dims();
+        self.lm_head(hidden.narrow(1, seq - 1, 1)).reshape([batch, self.config.vocab_size])
+    }
+
+    /// A new, empty cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed_tokens.device()
+    }
+
+    /// Checks that `ids` is non-empty and within the vocabulary (an id past it would index out of
+    /// the embedding on the device).
+    pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(Error::invalid("no token ids: give at least one"));
+        }
+        let vocab = self.config.vocab_size;
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(bad) => Err(Error::invalid(format!("token id {bad} is out of the vocabulary (size {vocab})"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Token ids as the Int tensor [1, seq] the forward pass takes.
+    pub fn ids_tensor(&self, ids: &[u32]) -> Tensor<2, Int> {
+        let ids: Vec<i32> = ids.iter().map(|&id| id as i32).collect();
+        let len = ids.len();
+        Tensor::from_data(TensorData::new(ids, [1, len]), &self.device())
+    }
+
+    /// Builds the model from Hugging Face weights, checking every tensor's shape against the config.
+    /// `progress(done, total)` is called after each tensor is on the device.
+    pub fn load(
+        config: LlamaConfig,
+        weights: &SafetensorsWeights,
+        device: &Device,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        let c = &config;
+        let (hidden, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
+        let per_layer = 9;
+        let total = 2 + per_layer * c.num_hidden_layers + usize::from(!c.tie_word_embeddings);
+        let mut loader = Loader { weights, device, done: 0, total, progress };
+
+        let embed_tokens = loader.tensor("model.embed_tokens.weight", [c.vocab_size, hidden])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut linear = |name: &str, d_out: usize, d_in: usize| loader.linear(&format!("{p}.{name}.weight"), d_out, d_in);
+            let self_attn = Attention {
+                q_proj: linear("self_attn.q_proj", c.num_attention_heads * hd, hidden)?,
+                k_proj: linear("self_attn.k_proj", c.num_key_value_heads * hd, hidden)?,
+                v_proj: linear("self_attn.v_proj", c.num_key_value_heads * hd, hidden)?,
+                o_proj: linear("self_attn.o_proj", hidden, c.num_attention_heads * hd)?,
+                layer: i,
+                num_heads: c.num_attention_heads,
+                num_kv_heads: c.num_key_value_heads,
+                head_dim: hd,
+            };
+            let mlp = Mlp {
+                gate_proj: linear("mlp.gate_proj", inter, hidden)?,
+                up_proj: linear("mlp.up_proj", inter, hidden)?,
+                down_proj: linear("mlp.down_proj", hidden, inter)?,
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: loader.norm(&format!("{p}.input_layernorm.weight"), hidden, c.rms_norm_eps)?,
+                self_attn,
+                post_attention_layernorm: loader.norm(&format!("{p}.post_attention_layernorm.weight"), hidden, c.rms_norm_eps)?,
+                mlp,
+            });
+        }
+        let norm = loader.norm("model.norm.weight", hidden, c.rms_norm_eps)?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(loader.linear("lm_head.weight", c.vocab_size, hidden)?.weight_t)
+        };
+        Ok(LlamaModel { config, embed_tokens, layers, norm, lm_head })
+    }
+}
+
+/// Moves named host tensors to the device, shape-checked, counting progress.
+struct Loader<'a> {
+    weights: &'a SafetensorsWeights,
+    device: &'a Device,
+    done: usize,
+    total: usize,
+    progress: &'a mut dyn FnMut(usize, usize),
+}
+
+impl Loader<'_> {
+    fn host(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let t = self.weights.tensor(name)?;
+        if t.shape != shape {
+            return Err(Error::file(
+                self.weights.file_of(name),
+                format!("tensor {name} has shape {:?} but config.json implies {shape:?}", t.shape),
+            ));
+        }
+        Ok(t)
+    }
+
+    fn upload<const D: usize>(&mut self, t: HostTensor) -> Tensor<D> {
+        let shape: [usize; D] = t.shape.clone().try_into().expect("rank checked by the caller");
+        let tensor = Tensor::from_data(TensorData::new(t.data, shape), self.device);
+        self.done += 1;
+        (self.progress)(self.done, self.total);
+        tensor
+    }
+
+    fn tensor(&mut self, name: &str, shape: [usize; 2]) -> Result<Tensor<2>> {
+        let t = self.host(name, &shape)?;
+        Ok(self.upload(t))
+    }
+
+    /// A Hugging Face [out, in] weight, stored transposed.
+    fn linear(&mut self, name: &str, d_out: usize, d_in: usize) -> Result<Linear> {
+        let t = self.host(name, &[d_out, d_in])?;
+        Ok(Linear { weight_t: self.upload(transpose(&t)) })
+    }
+
+    fn norm(&mut self, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
+        let t = self.host(name, &[size])?;
+        Ok(RmsNorm { weight: self.upload(t), eps })
+    }
+}
+
+/// Transposes a 2-D host tensor.
+pub fn transpose(t: &HostTensor) -> HostTensor {
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let mut out = vec![0.0; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = t.data[r * cols + c];
+        }
+    }
+    HostTensor::new(vec![cols, rows], out)
+}

@@ -1,0 +1,7 @@
+//! The base model: a Llama-architecture causal LM on burn tensors.
+
+mod kv_cache;
+mod llama;
+
+pub use kv_cache::KvCache;
+pub use llama::LlamaModel;

@@ -1,0 +1,116 @@
+//! Bad input: each case gives an error that names the file and the problem.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use webgpu_lora::io::ModelFiles;
+use webgpu_lora::io::gguf::GgufFile;
+use webgpu_lora::io::gguf_convert::HfModel;
+use webgpu_lora::{Error, Llm};
+
+/// A scratch copy of the tiny model that a test may damage.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("webgpu-lora-bad-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        fs::copy(fixture("tiny-llama").join(file), dir.join(file)).unwrap();
+    }
+    dir
+}
+
+fn load_error(dir: &Path) -> String {
+    let result = ModelFiles::from_dir(dir).and_then(|files| Llm::load(files, &cpu(), &mut |_, _, _| {}));
+    match result {
+        Ok(_) => panic!("{} loaded but should not", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = scratch("truncated");
+    let path = dir.join("model.safetensors");
+    let bytes = fs::read(&path).unwrap();
+    fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_error(&dir);
+    assert!(err.starts_with(&format!("{}: invalid safetensors", path.display())), "{err}");
+    assert!(err.contains("truncated"), "{err}");
+}
+
+#[test]
+fn header_that_lies_about_offsets() {
+    let dir = scratch("offsets");
+    let path = dir.join("model.safetensors");
+    let mut bytes = fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + header_len].to_vec()).unwrap();
+    // shift the first data_offsets' start by 4 bytes, keeping the header's length
+    let at = header.find("\"data_offsets\":[").unwrap() + "\"data_offsets\":[".len();
+    let end = at + header[at..].find(',').unwrap();
+    let start: u64 = header[at..end].parse().unwrap();
+    let replaced = format!("{}{}{}", &header[..at], start + 4, &header[end..]);
+    let replaced = format!("{replaced:<width$}", width = header_len.max(replaced.len()));
+    assert_eq!(replaced.len(), header_len, "the edit must keep the header length");
+    bytes.splice(8..8 + header_len, replaced.bytes());
+    fs::write(&path, &bytes).unwrap();
+    let err = load_error(&dir);
+    assert!(err.starts_with(&format!("{}: invalid safetensors", path.display())), "{err}");
+    assert!(err.contains("offset"), "{err}");
+}
+
+#[test]
+fn config_of_an_unsupported_architecture() {
+    let dir = scratch("arch");
+    fs::write(dir.join("config.json"), r#"{"architectures": ["MistralForCausalLM"], "model_type": "mistral"}"#).unwrap();
+    let err = load_error(&dir);
+    assert!(err.starts_with(&format!("{}: unsupported architecture", dir.join("config.json").display())), "{err}");
+    assert!(err.contains("MistralForCausalLM") && err.contains("LlamaForCausalLM"), "{err}");
+}
+
+#[test]
+fn directory_without_weights() {
+    let dir = scratch("noweights");
+    fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("no model weights") && err.contains("model.safetensors"), "{err}");
+    assert!(err.contains(&dir.display().to_string()), "{err}");
+}
+
+#[test]
+fn weights_that_do_not_fit_the_config() {
+    let dir = scratch("shape");
+    let config = fs::read_to_string(dir.join("config.json")).unwrap().replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
+    fs::write(dir.join("config.json"), config).unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("model.safetensors") && err.contains("mlp.gate_proj.weight has shape [128, 64]"), "{err}");
+}
+
+#[test]
+fn gguf_with_an_unknown_tensor_type() {
+    let mut g = GgufWriter::new();
+    g.str("general.architecture", "llama")
+        .u32("llama.block_count", 1)
+        .u32("llama.context_length", 64)
+        .u32("llama.embedding_length", 32)
+        .u32("llama.feed_forward_length", 64)
+        .u32("llama.attention.head_count", 2)
+        // type 12 is Q4_K: a real GGML type this reader does not dequantize
+        .tensor("token_embd.weight", &[8, 256], 12, vec![0; 8 * 144]);
+    let bytes = g.bytes();
+    let gguf = GgufFile::parse(&bytes, "model.gguf").unwrap();
+    let err = HfModel::from_gguf(&gguf).err().unwrap().to_string();
+    assert!(err.starts_with("model.gguf: tensor token_embd.weight has GGML type Q4_K (type 12)"), "{err}");
+    assert!(err.contains("supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"), "{err}");
+}
+
+#[test]
+fn out_of_vocabulary_ids_are_refused_before_the_device() {
+    let llm = load(&fixture("tiny-llama"), &cpu());
+    let err = llm.model.check_ids(&[1, 999]).unwrap_err();
+    assert!(matches!(err, Error::Invalid(_)));
+    assert!(err.to_string().contains("token id 999 is out of the vocabulary (size 256)"));
+}

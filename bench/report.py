@@ -1,0 +1,26 @@
+"""Turns the JSON lines of scripts/bench.sh into BENCHMARKS.md (stdin -> stdout)."""
+
+import datetime
+import json
+import os
+import platform
+import sys
+
+rows = [json.loads(line) for line in sys.stdin if line.strip()]
+baseline = next((r for r in rows if r["engine"].startswith("transformers")), None)
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+print("# Benchmarks\n")
+print(f"Machine: {cpu}, {os.cpu_count()} cores, {mem_gb:.0f} GiB, no GPU (wgpu runs on Mesa lavapipe, a CPU Vulkan).  ")
+print(f"Date: {datetime.date.today().isoformat()}  ")
+print(f"Command: `{sys.argv[1]}`\n")
+print("## Generation: SmolLM2-135M-Instruct, f32, chat prompt \"What is the capital of France?\"\n")
+if rows:
+    print(f"Prompt {rows[0]['prompt_tokens']} tokens; greedy decode of {rows[0]['new_tokens']} tokens with the KV cache; "
+          f"median of {rows[0]['repeats']} runs after a warm-up. Ratios are against transformers in the same run.\n")
+print("| engine | prefill tokens/s | decode tokens/s | decode vs transformers | load s |")
+print("|---|---:|---:|---:|---:|")
+for r in rows:
+    ratio = f"{r['decode_tokens_per_s'] / baseline['decode_tokens_per_s']:.2f}x" if baseline else "n/a"
+    print(f"| {r['engine']} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | {ratio} | {r['load_s']:.1f} |")

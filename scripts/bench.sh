@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# `npm run bench`: generation speed of SmolLM2-135M-Instruct, ours (CPU backend, and wgpu where it
+# runs) beside transformers on the same machine in the same run; writes BENCHMARKS.md.
+# transformers runs in a venv under .cache/bench-venv (created on first use: torch is large).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+bash scripts/setup.sh --test
+cargo build --release --bin webgpu-lora
+bash scripts/fetch-model.sh
+MODEL=models/SmolLM2-135M-Instruct
+NEW_TOKENS=${NEW_TOKENS:-64}
+REPEATS=${REPEATS:-3}
+VENV=.cache/bench-venv
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import transformers, torch' 2>/dev/null; then
+  echo "[bench] creating $VENV with torch + transformers (pinned; a few GB, once)"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet torch==2.15.0 transformers==5.24.0 safetensors==0.8.0 numpy==2.4.6
+fi
+results=()
+run() { echo "[bench] $*" >&2; local line; line=$("$@" | tail -n 1) && results+=("$line") || echo "[bench] failed: $*" >&2; }
+run cargo bench --bench generation -- --model "$MODEL" --backend cpu --new-tokens "$NEW_TOKENS" --repeats "$REPEATS"
+run timeout 1200 cargo bench --bench generation -- --model "$MODEL" --backend wgpu --new-tokens "$NEW_TOKENS" --repeats "$REPEATS"
+run "$VENV/bin/python" bench/transformers_baseline.py "$MODEL" "$NEW_TOKENS" "$REPEATS"
+printf '%s\n' "${results[@]}" | python3 bench/report.py "npm run bench" > BENCHMARKS.md
+cat BENCHMARKS.md

@@ -5,9 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-bash scripts/setup.sh --test
-cargo build --release --bin webgpu-lora
-bash scripts/fetch-model.sh
+bash scripts/prepare.sh --test
 MODEL=models/SmolLM2-135M-Instruct
 NEW_TOKENS=${NEW_TOKENS:-64}
 REPEATS=${REPEATS:-3}

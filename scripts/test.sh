@@ -4,9 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-bash scripts/setup.sh --test
-cargo build --release --bin webgpu-lora
-bash scripts/fetch-model.sh
+bash scripts/prepare.sh --test
 echo "[test] native tests (cargo test --release)"
 # one test at a time: the wgpu tests share one device, and the real-model tests are memory-heavy
 cargo test --release -- --test-threads=1

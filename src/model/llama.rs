@@ -4,7 +4,7 @@
 //! h = embed(ids)
 //! for each layer:  h = h + attn(rmsnorm(h));  h = h + mlp(rmsnorm(h))
 //! logits = rmsnorm(h) @ lm_head          (lm_head = embed^T when tied)
-//! attn(x) = softmax(rope(q) rope(k)^T / sqrt(d) + causal_mask) v,  k and v shared by head groups
+//! attn(x) = softmax(rope(q) rope(k)^T / sqrt(d) + causal_mask) v,  each k/v head shared by a group of q heads
 //! mlp(x)  = down(silu(gate(x)) * up(x))
 //! ```
 //!
@@ -84,13 +84,17 @@ impl Rotary {
     }
 }
 
-/// Additive causal mask [1, 1, seq, start + seq]: query i (at position start + i) sees keys 0..=start + i.
-fn causal_mask(start: usize, seq: usize, device: &Device) -> Tensor<4> {
+/// Additive causal mask [1, 1, groups * seq, start + seq] for queries grouped per key/value head
+/// (see [`Attention`]): row g * seq + i is query i, at position start + i, which sees keys 0..=start + i.
+fn causal_mask(start: usize, seq: usize, groups: usize, device: &Device) -> Tensor<4> {
     let total = start + seq;
-    let values: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))
+    let values: Vec<f32> = (0..groups * seq)
+        .flat_map(|row| {
+            let i = row % seq;
+            (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })
+        })
         .collect();
-    Tensor::from_data(TensorData::new(values, [1, 1, seq, total]), device)
+    Tensor::from_data(TensorData::new(values, [1, 1, groups * seq, total]), device)
 }
 
 /// Grouped-query attention with rotary embeddings.
@@ -116,26 +120,19 @@ impl Attention {
             Some(cache) => cache.append(self.layer, k, v),
             None => (k, v),
         };
+        // grouped-query attention without copying k and v per group: the query heads that share a
+        // key/value head are stacked along the sequence axis, [b, kv_heads, groups * seq, d]
         let groups = self.num_heads / self.num_kv_heads;
-        let (k, v) = (repeat_kv(k, groups), repeat_kv(v, groups));
+        let q = q.reshape([batch, self.num_kv_heads, groups * seq, self.head_dim]);
 
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (self.head_dim as f64).sqrt());
         let scores = match mask {
             Some(mask) => scores + mask,
             None => scores,
         };
-        let out = softmax(scores, 3).matmul(v);
+        let out = softmax(scores, 3).matmul(v).reshape([batch, self.num_heads, seq, self.head_dim]);
         self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, seq, self.num_heads * self.head_dim]))
     }
-}
-
-/// [b, kv_heads, t, d] -> [b, kv_heads * groups, t, d], each key/value head serving `groups` query heads.
-fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
-    if groups == 1 {
-        return x;
-    }
-    let [b, kv_heads, t, d] = x.dims();
-    x.unsqueeze_dim::<5>(2).repeat_dim(2, groups).reshape([b, kv_heads * groups, t, d])
 }
 
 /// The SwiGLU feed-forward block.
@@ -186,7 +183,7 @@ impl LlamaModel {
         let start = cache.as_ref().map_or(0, |c| c.seen());
         let rotary = Rotary::new(&self.config, start, seq, &device);
         // one new token sees every cached position: no mask needed
-        let mask = (seq > 1).then(|| causal_mask(start, seq, &device));
+        let mask = (seq > 1).then(|| causal_mask(start, seq, self.config.kv_groups(), &device));
 
         let mut h = self
             .embed_tokens

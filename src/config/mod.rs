@@ -1,5 +1,7 @@
-//! Configuration files: the base model's Hugging Face `config.json`.
+//! Configuration files: the base model's Hugging Face `config.json` and PEFT's `adapter_config.json`.
 
 mod llama;
+mod lora;
 
 pub use llama::{LLAMA_ARCHITECTURE, LlamaConfig};
+pub use lora::{LoraConfig, LoraInit, TargetModules};

@@ -11,13 +11,16 @@
 //!   tokenizer and chat template.
 //! - [`generate`]: greedy and sampled generation, streamed.
 //! - [`llm`]: a model with its tokenizer, loaded from [`io::ModelFiles`].
+//! - [`lora`], [`peft`]: LoRA layers and PEFT adapters on the base model (loading, switching).
 
 pub mod config;
 pub mod error;
 pub mod generate;
 pub mod io;
 pub mod llm;
+pub mod lora;
 pub mod model;
+pub mod peft;
 
 #[cfg(target_arch = "wasm32")]
 pub mod web;

@@ -147,6 +147,23 @@ impl LlamaConfig {
         serde_json::to_string_pretty(&Value::Object(self.raw.clone())).expect("a JSON map serializes")
     }
 
+    /// The Hugging Face names of the linear layers inside the decoder blocks, in model order
+    /// (`model.layers.{i}.self_attn.q_proj`, ...): what LoRA can target. The output head is not one.
+    pub fn linear_module_names(&self) -> Vec<String> {
+        const PROJECTIONS: [&str; 7] = [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ];
+        (0..self.num_hidden_layers)
+            .flat_map(|i| PROJECTIONS.iter().map(move |p| format!("model.layers.{i}.{p}")))
+            .collect()
+    }
+
     /// Query heads per key/value head (grouped-query attention).
     pub fn kv_groups(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads

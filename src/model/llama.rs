@@ -18,6 +18,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::io::{HostTensor, SafetensorsWeights};
+use crate::lora::LoraLinear;
 use crate::model::KvCache;
 
 /// A linear layer without bias; `weight_t` is the Hugging Face weight transposed: [in, out].
@@ -99,10 +100,10 @@ fn causal_mask(start: usize, seq: usize, groups: usize, device: &Device) -> Tens
 
 /// Grouped-query attention with rotary embeddings.
 pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub o_proj: Linear,
+    pub q_proj: LoraLinear,
+    pub k_proj: LoraLinear,
+    pub v_proj: LoraLinear,
+    pub o_proj: LoraLinear,
     layer: usize,
     num_heads: usize,
     num_kv_heads: usize,
@@ -110,12 +111,12 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: Tensor<3>, rotary: &Rotary, mask: Option<Tensor<4>>, cache: Option<&mut KvCache>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, rotary: &Rotary, mask: Option<Tensor<4>>, cache: Option<&mut KvCache>, lora: Option<&str>) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
         let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
-        let q = rotary.apply(heads(self.q_proj.forward(x.clone()), self.num_heads));
-        let k = rotary.apply(heads(self.k_proj.forward(x.clone()), self.num_kv_heads));
-        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        let q = rotary.apply(heads(self.q_proj.forward(x.clone(), lora), self.num_heads));
+        let k = rotary.apply(heads(self.k_proj.forward(x.clone(), lora), self.num_kv_heads));
+        let v = heads(self.v_proj.forward(x, lora), self.num_kv_heads);
         let (k, v) = match cache {
             Some(cache) => cache.append(self.layer, k, v),
             None => (k, v),
@@ -131,20 +132,20 @@ impl Attention {
             None => scores,
         };
         let out = softmax(scores, 3).matmul(v).reshape([batch, self.num_heads, seq, self.head_dim]);
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, seq, self.num_heads * self.head_dim]))
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, seq, self.num_heads * self.head_dim]), lora)
     }
 }
 
 /// The SwiGLU feed-forward block.
 pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
-    pub down_proj: Linear,
+    pub gate_proj: LoraLinear,
+    pub up_proj: LoraLinear,
+    pub down_proj: LoraLinear,
 }
 
 impl Mlp {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    fn forward(&self, x: Tensor<3>, lora: Option<&str>) -> Tensor<3> {
+        self.down_proj.forward(silu(self.gate_proj.forward(x.clone(), lora)) * self.up_proj.forward(x, lora), lora)
     }
 }
 
@@ -157,9 +158,23 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(&self, x: Tensor<3>, rotary: &Rotary, mask: Option<Tensor<4>>, cache: Option<&mut KvCache>) -> Tensor<3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rotary, mask, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    fn forward(&self, x: Tensor<3>, rotary: &Rotary, mask: Option<Tensor<4>>, cache: Option<&mut KvCache>, lora: Option<&str>) -> Tensor<3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rotary, mask, cache, lora);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h), lora)
+    }
+
+    /// The block's linear layers with their Hugging Face names relative to the block.
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut LoraLinear); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.o_proj", &mut a.o_proj),
+            ("mlp.gate_proj", &mut m.gate_proj),
+            ("mlp.up_proj", &mut m.up_proj),
+            ("mlp.down_proj", &mut m.down_proj),
+        ]
     }
 }
 
@@ -172,6 +187,8 @@ pub struct LlamaModel {
     pub norm: RmsNorm,
     /// [hidden, vocab]; `None` when tied to `embed_tokens`.
     pub lm_head: Option<Tensor<2>>,
+    /// The adapters loaded, which one runs, and whether adapters are disabled (see `peft`).
+    pub adapters: crate::peft::AdapterState,
 }
 
 impl LlamaModel {
@@ -190,8 +207,9 @@ impl LlamaModel {
             .clone()
             .select(0, input_ids.reshape([batch * seq]))
             .reshape([batch, seq, self.config.hidden_size]);
+        let lora = self.adapters.running();
         for layer in &self.layers {
-            h = layer.forward(h, &rotary, mask.clone(), cache.as_deref_mut());
+            h = layer.forward(h, &rotary, mask.clone(), cache.as_deref_mut(), lora);
         }
         if let Some(cache) = cache {
             cache.advance(seq);
@@ -270,7 +288,7 @@ impl LlamaModel {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let mut linear = |name: &str, d_out: usize, d_in: usize| loader.linear(&format!("{p}.{name}.weight"), d_out, d_in);
+            let mut linear = |name: &str, d_out: usize, d_in: usize| loader.lora_linear(&format!("{p}.{name}.weight"), d_out, d_in);
             let self_attn = Attention {
                 q_proj: linear("self_attn.q_proj", c.num_attention_heads * hd, hidden)?,
                 k_proj: linear("self_attn.k_proj", c.num_key_value_heads * hd, hidden)?,
@@ -299,7 +317,7 @@ impl LlamaModel {
         } else {
             Some(loader.linear("lm_head.weight", c.vocab_size, hidden)?.weight_t)
         };
-        Ok(LlamaModel { config, embed_tokens, layers, norm, lm_head })
+        Ok(LlamaModel { config, embed_tokens, layers, norm, lm_head, adapters: Default::default() })
     }
 }
 
@@ -341,6 +359,10 @@ impl Loader<'_> {
     fn linear(&mut self, name: &str, d_out: usize, d_in: usize) -> Result<Linear> {
         let t = self.host(name, &[d_out, d_in])?;
         Ok(Linear { weight_t: self.upload(transpose(&t)) })
+    }
+
+    fn lora_linear(&mut self, name: &str, d_out: usize, d_in: usize) -> Result<LoraLinear> {
+        self.linear(name, d_out, d_in).map(LoraLinear::new)
     }
 
     fn norm(&mut self, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {

@@ -4,4 +4,4 @@ mod kv_cache;
 mod llama;
 
 pub use kv_cache::KvCache;
-pub use llama::LlamaModel;
+pub use llama::{DecoderLayer, Linear, LlamaModel, transpose};

@@ -1,0 +1,6 @@
+//! The PEFT model-level API on the base model: named LoRA adapters loaded from PEFT files,
+//! switched by name, disabled and enabled (PEFT's `PeftModel` / `LoraModel` vocabulary).
+
+mod model;
+
+pub use model::{AdapterState, lora_key};

@@ -1,0 +1,110 @@
+//! PEFT adapters (saved by PEFT itself, tests/fixtures/peft/*) on the tiny model: our logits with
+//! the adapter active equal PEFT's within 1e-4 (f32) on the CPU backend and on native wgpu;
+//! switching, disabling and bad adapters behave as PEFT's API says.
+
+mod common;
+
+use std::path::Path;
+
+use burn::tensor::Device;
+use common::*;
+use webgpu_lora::LlamaModel;
+use webgpu_lora::generate::read_f32;
+
+const ADAPTERS: [&str; 4] = ["all7-r4", "qv-r8", "rslora", "rank-pattern"];
+const TOLERANCE: f32 = 1e-4;
+
+fn files(dir: &Path) -> (String, Vec<u8>, String, Vec<u8>) {
+    let (c, w) = (dir.join("adapter_config.json"), dir.join("adapter_model.safetensors"));
+    (c.display().to_string(), std::fs::read(&c).unwrap(), w.display().to_string(), std::fs::read(&w).unwrap())
+}
+
+fn load_adapter(model: &mut LlamaModel, name: &str, adapter: &str) -> webgpu_lora::Result<()> {
+    let (cf, c, wf, w) = files(&fixture("peft").join(adapter));
+    model.load_adapter(name, (&cf, &c), (&wf, w))
+}
+
+fn logits(model: &LlamaModel) -> Vec<f32> {
+    let input = ids(&read_json(fixture("tiny-llama/expected.json"))["ids"]);
+    pollster::block_on(read_f32(model.forward(model.ids_tensor(&input), None))).unwrap()
+}
+
+fn check_against_peft(device: &Device) {
+    let base_logits = expected_logits(fixture("tiny-llama/expected.safetensors"));
+    for adapter in ADAPTERS {
+        let mut model = load(&fixture("tiny-llama"), device).model;
+        load_adapter(&mut model, "a", adapter).unwrap();
+        // loading does not activate (PEFT's load_adapter)
+        assert_eq!(model.active_adapter(), None);
+        assert!(max_abs_diff(&logits(&model), &base_logits) < TOLERANCE);
+        model.set_adapter("a").unwrap();
+        let diff = max_abs_diff(&logits(&model), &expected_logits(fixture("peft").join(adapter).join("expected_logits.safetensors")));
+        assert!(diff < TOLERANCE, "{adapter}: max |ours - PEFT| = {diff}");
+    }
+}
+
+#[test]
+fn adapter_logits_match_peft_on_cpu() {
+    check_against_peft(&cpu());
+}
+
+#[test]
+fn adapter_logits_match_peft_on_wgpu() {
+    check_against_peft(&wgpu());
+}
+
+#[test]
+fn switching_and_disabling_are_exact() {
+    let mut model = load(&fixture("tiny-llama"), &cpu()).model;
+    let base = logits(&model);
+    load_adapter(&mut model, "first", "all7-r4").unwrap();
+    load_adapter(&mut model, "second", "qv-r8").unwrap();
+    assert_eq!(model.adapter_names(), vec!["first", "second"]);
+    model.set_adapter("first").unwrap();
+    let first = logits(&model);
+    model.set_adapter("second").unwrap();
+    let second = logits(&model);
+    assert!(max_abs_diff(&first, &second) > 0.1, "two adapters must give different logits");
+    model.set_adapter("first").unwrap();
+    assert_eq!(logits(&model), first, "set_adapter back reproduces the first exactly");
+    model.disable_adapter();
+    assert_eq!(logits(&model), base, "disabled equals the base exactly");
+    assert_eq!(model.active_adapter(), Some("first"));
+    model.enable_adapter();
+    assert_eq!(logits(&model), first);
+    let err = model.set_adapter("third").unwrap_err().to_string();
+    assert!(err.contains("no adapter named \"third\"") && err.contains("first"), "{err}");
+    let err = load_adapter(&mut model, "first", "qv-r8").unwrap_err().to_string();
+    assert!(err.contains("already loaded"), "{err}");
+}
+
+/// Bad adapters error clearly and leave the model unchanged.
+#[test]
+fn bad_adapters_leave_the_model_unchanged() {
+    let mut model = load(&fixture("tiny-llama"), &cpu()).model;
+    let base = logits(&model);
+    let (cf, config, wf, weights) = files(&fixture("peft/all7-r4"));
+    let mut attempt = |config: &[u8], weights: Vec<u8>| model.load_adapter("bad", (&cf, config), (&wf, weights)).unwrap_err().to_string();
+
+    let truncated = attempt(&config, weights[..weights.len() / 2].to_vec());
+    assert!(truncated.starts_with(&format!("{wf}: invalid safetensors")), "{truncated}");
+
+    let dora = String::from_utf8(config.clone()).unwrap().replace("\"use_dora\": false", "\"use_dora\": true");
+    let err = attempt(dora.as_bytes(), weights.clone());
+    assert!(err.starts_with(&format!("{cf}: use_dora = true")), "{err}");
+
+    // a rank the weights do not have: shapes that do not fit
+    let rank = String::from_utf8(config.clone()).unwrap().replace("\"r\": 4", "\"r\": 3");
+    let err = attempt(rank.as_bytes(), weights.clone());
+    assert!(err.contains("does not fit this model") && err.contains("[3, 64]"), "{err}");
+
+    // an adapter made for a deeper model: a module this base does not have
+    let header_end = 8 + u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(weights[8..header_end].to_vec()).unwrap().replace("layers.1.", "layers.7.");
+    let renamed = [&weights[..8], header.as_bytes(), &weights[header_end..]].concat();
+    let err = attempt(&config, renamed);
+    assert!(err.contains("model.layers.7.") && err.contains("another model"), "{err}");
+
+    assert!(model.adapter_names().is_empty());
+    assert_eq!(logits(&model), base);
+}

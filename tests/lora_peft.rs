@@ -108,3 +108,97 @@ fn bad_adapters_leave_the_model_unchanged() {
     assert!(model.adapter_names().is_empty());
     assert_eq!(logits(&model), base);
 }
+
+/// PEFT's testing_common checks: logits before merge, after merge_adapter, after unmerge and
+/// after merge_and_unload agree (1e-4), and equal PEFT's merge_and_unload logits.
+#[test]
+fn merge_unmerge_and_merge_and_unload_agree_with_peft() {
+    for adapter in ADAPTERS {
+        let mut model = load(&fixture("tiny-llama"), &cpu()).model;
+        load_adapter(&mut model, "a", adapter).unwrap();
+        model.set_adapter("a").unwrap();
+        let before = logits(&model);
+        let report = pollster::block_on(model.merge_adapter(&[], true)).unwrap();
+        assert_eq!(report.merged, vec!["a"]);
+        let merged = logits(&model);
+        assert!(max_abs_diff(&before, &merged) < TOLERANCE, "{adapter}: merged");
+        // merging twice is a no-op, reported as skipped (PEFT warns)
+        let again = pollster::block_on(model.merge_adapter(&["a"], true)).unwrap();
+        assert_eq!((again.merged.len(), again.skipped), (0, vec!["a".to_string()]));
+        assert_eq!(logits(&model), merged);
+        model.unmerge_adapter();
+        assert!(max_abs_diff(&before, &logits(&model)) < TOLERANCE, "{adapter}: unmerged");
+        pollster::block_on(model.merge_and_unload(&["a"], true)).unwrap();
+        assert!(model.adapter_names().is_empty() && model.active_adapter().is_none());
+        let unloaded = logits(&model);
+        assert!(max_abs_diff(&before, &unloaded) < TOLERANCE, "{adapter}: merge_and_unload");
+        let peft = expected_logits(fixture("peft").join(adapter).join("expected_merged_logits.safetensors"));
+        assert!(max_abs_diff(&unloaded, &peft) < TOLERANCE, "{adapter}: against PEFT's merge_and_unload");
+    }
+}
+
+#[test]
+fn unload_and_delete() {
+    let mut model = load(&fixture("tiny-llama"), &cpu()).model;
+    let base = logits(&model);
+    load_adapter(&mut model, "a", "all7-r4").unwrap();
+    load_adapter(&mut model, "b", "qv-r8").unwrap();
+    model.set_adapter("b").unwrap();
+    model.unload();
+    assert!(model.adapter_names().is_empty());
+    assert_eq!(logits(&model), base, "unload is the exact base");
+
+    load_adapter(&mut model, "a", "all7-r4").unwrap();
+    load_adapter(&mut model, "b", "qv-r8").unwrap();
+    model.set_adapter("a").unwrap();
+    pollster::block_on(model.merge_adapter(&[], false)).unwrap();
+    let err = model.delete_adapter("a").unwrap_err().to_string();
+    assert!(err.contains("merged"), "{err}");
+    assert!(model.delete_adapter("zzz").unwrap_err().to_string().contains("no adapter named \"zzz\""));
+    model.unmerge_adapter();
+    model.delete_adapter("a").unwrap();
+    assert_eq!(model.adapter_names(), vec!["b"]);
+    assert_eq!(model.active_adapter(), Some("b"), "the first remaining adapter becomes active");
+    assert!(model.layers.iter().all(|l| !l.self_attn.q_proj.adapters.contains_key("a")), "removed everywhere");
+    model.delete_adapter("b").unwrap();
+    assert!(max_abs_diff(&logits(&model), &base) < 1e-5);
+}
+
+/// NaN or Inf in A or B: safe merge refuses with PEFT's message and changes nothing.
+#[test]
+fn safe_merge_refuses_broken_adapters() {
+    let mut model = load(&fixture("tiny-llama"), &cpu()).model;
+    let (cf, config, wf, weights) = files(&fixture("peft/qv-r8"));
+    // make every value of the first tensor's data NaN: f32 0x7fc00000
+    let header_end = 8 + u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
+    let mut broken = weights.clone();
+    for chunk in broken[header_end..header_end + 64].chunks_exact_mut(4) {
+        chunk.copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+    model.load_adapter("broken", (&cf, &config), (&wf, broken)).unwrap();
+    model.set_adapter("broken").unwrap();
+    model.disable_adapter();
+    let base = logits(&model);
+    model.enable_adapter();
+    let err = pollster::block_on(model.merge_adapter(&[], true)).unwrap_err().to_string();
+    assert_eq!(err, "NaNs detected in the merged weights. The adapter broken seems to be broken");
+    model.disable_adapter();
+    assert_eq!(logits(&model), base, "a refused merge changes nothing");
+}
+
+#[test]
+fn trainable_parameters_as_peft_counts_them() {
+    for adapter in ADAPTERS {
+        let mut model = load(&fixture("tiny-llama"), &cpu()).model;
+        load_adapter(&mut model, "a", adapter).unwrap();
+        model.set_adapter("a").unwrap();
+        let expected = read_json(fixture("peft").join(adapter).join("expected.json"));
+        let (trainable, all) = model.trainable_parameters();
+        assert_eq!(trainable as u64, expected["trainable_params"].as_u64().unwrap(), "{adapter}");
+        assert_eq!(all as u64, expected["all_params"].as_u64().unwrap(), "{adapter}");
+    }
+    let mut model = load(&fixture("tiny-llama"), &cpu()).model;
+    load_adapter(&mut model, "a", "all7-r4").unwrap();
+    model.set_adapter("a").unwrap();
+    assert_eq!(model.trainable_parameters_line(), "trainable params: 8,192 || all params: 98,624 || trainable%: 8.3063");
+}

@@ -35,16 +35,25 @@ impl LoraWeights {
 pub struct LoraLinear {
     pub base: Linear,
     pub adapters: BTreeMap<String, LoraWeights>,
+    /// Adapters whose update is folded into `base`, in merge order.
+    pub merged: Vec<String>,
 }
 
 impl LoraLinear {
     pub fn new(base: Linear) -> Self {
-        LoraLinear { base, adapters: BTreeMap::new() }
+        LoraLinear { base, adapters: BTreeMap::new(), merged: Vec::new() }
     }
 
-    /// The base output plus the named adapter's low-rank update, if this layer has it.
+    /// scaling * (B A)^T = scaling * A^T B^T: the adapter's update of `weight_t`, [in, out], in f32.
+    pub fn delta_t(&self, adapter: &str) -> Option<Tensor<2>> {
+        let lora = self.adapters.get(adapter)?;
+        Some(lora.a_t.clone().matmul(lora.b_t.clone()).mul_scalar(lora.scaling))
+    }
+
+    /// The base output plus the named adapter's low-rank update, if this layer has it and it is not
+    /// already merged into the base.
     pub fn forward(&self, x: Tensor<3>, adapter: Option<&str>) -> Tensor<3> {
-        let lora = adapter.and_then(|name| self.adapters.get(name));
+        let lora = adapter.filter(|name| !self.merged.iter().any(|m| m == name)).and_then(|name| self.adapters.get(name));
         let Some(lora) = lora else { return self.base.forward(x) };
         let [batch, seq, d_in] = x.dims();
         let x2 = x.reshape([batch * seq, d_in]);

@@ -3,4 +3,4 @@
 
 mod model;
 
-pub use model::{AdapterState, lora_key};
+pub use model::{AdapterState, MergeReport, lora_key};

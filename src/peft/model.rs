@@ -135,12 +135,185 @@ impl LlamaModel {
         self.adapters.configs.get(name)
     }
 
-    /// Runs the base model alone until [`enable_adapter`](Self::enable_adapter).
+    /// Runs the base model alone until [`enable_adapter`](Self::enable_adapter). Merged adapters
+    /// are unmerged first (as PEFT does), so disabled really means the base.
     pub fn disable_adapter(&mut self) {
+        self.unmerge_adapter();
         self.adapters.disabled = true;
     }
 
     pub fn enable_adapter(&mut self) {
         self.adapters.disabled = false;
     }
+}
+
+/// What [`LlamaModel::merge_adapter`] did.
+#[derive(Debug, Default, PartialEq)]
+pub struct MergeReport {
+    pub merged: Vec<String>,
+    /// Already merged, so left alone (PEFT warns and skips them too).
+    pub skipped: Vec<String>,
+}
+
+impl LlamaModel {
+    fn lora_layers_mut(&mut self) -> impl Iterator<Item = &mut crate::lora::LoraLinear> {
+        self.layers.iter_mut().flat_map(|l| l.linears_mut().into_iter().map(|(_, linear)| linear))
+    }
+
+    fn lora_layers(&self) -> impl Iterator<Item = &crate::lora::LoraLinear> {
+        self.layers.iter().flat_map(|l| {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+        })
+    }
+
+    fn merged_adapters(&self) -> Vec<String> {
+        let mut merged: Vec<String> = self.lora_layers().flat_map(|l| l.merged.iter().cloned()).collect();
+        merged.sort();
+        merged.dedup();
+        merged
+    }
+
+    fn check_known(&self, name: &str) -> Result<()> {
+        if self.adapters.configs.contains_key(name) {
+            Ok(())
+        } else {
+            Err(Error::invalid(format!("no adapter named {name:?}; loaded: {:?}", self.adapter_names())))
+        }
+    }
+
+    /// Folds adapters into the base weights: W <- W + scaling * B A (in f32). `names` empty means
+    /// the active adapter. With `safe_merge`, merged weights are checked for NaN/Inf first and
+    /// nothing changes if any is found. Already merged adapters are skipped, as PEFT does.
+    pub async fn merge_adapter(&mut self, names: &[&str], safe_merge: bool) -> Result<MergeReport> {
+        let names: Vec<String> = if names.is_empty() {
+            vec![self.active_adapter().ok_or_else(|| Error::invalid("no active adapter to merge: set_adapter first or name the adapters"))?.to_string()]
+        } else {
+            names.iter().map(|n| n.to_string()).collect()
+        };
+        for name in &names {
+            self.check_known(name)?;
+        }
+        let already = self.merged_adapters();
+        let mut report = MergeReport::default();
+        for name in names {
+            if already.contains(&name) {
+                report.skipped.push(name);
+                continue;
+            }
+            // compute every new weight before changing any
+            let mut updates = Vec::new();
+            for (index, layer) in self.lora_layers().enumerate() {
+                if let Some(delta) = layer.delta_t(&name) {
+                    let merged = layer.base.weight_t.clone() + delta;
+                    if safe_merge {
+                        let finite = merged.clone().is_finite().all().into_data_async().await
+                            .map_err(|e| Error::Backend(format!("reading a result back failed: {e:?}")))?;
+                        if finite.as_slice::<bool>().map(|v| !v[0]).unwrap_or(true) {
+                            return Err(Error::invalid(format!("NaNs detected in the merged weights. The adapter {name} seems to be broken")));
+                        }
+                    }
+                    updates.push((index, merged));
+                }
+            }
+            let mut layers: Vec<_> = self.lora_layers_mut().collect();
+            for (index, merged) in updates {
+                layers[index].base.weight_t = merged;
+                layers[index].merged.push(name.clone());
+            }
+            report.merged.push(name);
+        }
+        Ok(report)
+    }
+
+    /// Takes every merged adapter back out of the base weights (W <- W - scaling * B A).
+    pub fn unmerge_adapter(&mut self) {
+        for layer in self.lora_layers_mut() {
+            while let Some(name) = layer.merged.pop() {
+                let delta = layer.delta_t(&name).expect("a merged adapter is loaded");
+                layer.base.weight_t = layer.base.weight_t.clone() - delta;
+            }
+        }
+    }
+
+    /// Merges (see [`merge_adapter`](Self::merge_adapter)) and then removes every adapter: the
+    /// model becomes a plain base model with the merged weights.
+    pub async fn merge_and_unload(&mut self, names: &[&str], safe_merge: bool) -> Result<MergeReport> {
+        let report = self.merge_adapter(names, safe_merge).await?;
+        self.drop_adapters();
+        Ok(report)
+    }
+
+    /// Removes every adapter and undoes every merge: back to the base model.
+    pub fn unload(&mut self) {
+        self.unmerge_adapter();
+        self.drop_adapters();
+    }
+
+    fn drop_adapters(&mut self) {
+        for layer in self.lora_layers_mut() {
+            layer.adapters.clear();
+            layer.merged.clear();
+        }
+        self.adapters = AdapterState::default();
+    }
+
+    /// Removes one adapter. A merged adapter cannot be deleted (unmerge first). If it was active,
+    /// the first remaining adapter (by name) becomes active, as PEFT does.
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        self.check_known(name)?;
+        if self.merged_adapters().iter().any(|m| m == name) {
+            return Err(Error::invalid(format!("adapter {name:?} is merged into the base weights: unmerge_adapter before deleting it")));
+        }
+        for layer in self.lora_layers_mut() {
+            layer.adapters.remove(name);
+        }
+        self.adapters.configs.remove(name);
+        if self.adapters.active.as_deref() == Some(name) {
+            self.adapters.active = self.adapters.configs.keys().next().cloned();
+        }
+        Ok(())
+    }
+
+    /// (trainable, all) parameter counts, as PEFT's `get_nb_trainable_parameters`: the active
+    /// adapter's A and B are trainable; all counts the base (a tied head once) and every adapter.
+    pub fn trainable_parameters(&self) -> (usize, usize) {
+        let numel = |t: &Tensor<2>| t.dims().iter().product::<usize>();
+        let c = &self.config;
+        let mut base = c.vocab_size * c.hidden_size + c.hidden_size;
+        base += self.lm_head.as_ref().map_or(0, numel);
+        base += self.layers.len() * 2 * c.hidden_size;
+        let (mut trainable, mut adapters) = (0, 0);
+        for layer in self.lora_layers() {
+            base += numel(&layer.base.weight_t);
+            for (name, lora) in &layer.adapters {
+                let n = numel(&lora.a_t) + numel(&lora.b_t);
+                adapters += n;
+                if self.adapters.active.as_deref() == Some(name) {
+                    trainable += n;
+                }
+            }
+        }
+        (trainable, base + adapters)
+    }
+
+    /// PEFT's `print_trainable_parameters` line.
+    pub fn trainable_parameters_line(&self) -> String {
+        let (trainable, all) = self.trainable_parameters();
+        let pct = 100.0 * trainable as f64 / all as f64;
+        format!("trainable params: {} || all params: {} || trainable%: {pct:.4}", thousands(trainable), thousands(all))
+    }
+}
+
+/// 1234567 -> "1,234,567" (Python's `{:,d}`).
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
 }

@@ -3,4 +3,4 @@
 
 mod model;
 
-pub use model::{AdapterState, MergeReport, lora_key};
+pub use model::{AdapterFiles, AdapterState, MergeReport, lora_key};

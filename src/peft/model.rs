@@ -317,3 +317,33 @@ fn thousands(n: usize) -> String {
     }
     out
 }
+
+/// An adapter as PEFT files: `adapter_config.json` text and `adapter_model.safetensors` bytes.
+pub struct AdapterFiles {
+    pub config_json: String,
+    pub safetensors: Vec<u8>,
+}
+
+impl LlamaModel {
+    /// The adapter `name` as PEFT files (F32 weights, metadata {"format": "pt"}): they load in
+    /// PEFT's `PeftModel.from_pretrained` and here.
+    pub async fn save_adapter(&self, name: &str) -> Result<AdapterFiles> {
+        self.check_known(name)?;
+        let modules = self.config.linear_module_names();
+        let mut tensors = BTreeMap::new();
+        for (module, layer) in modules.iter().zip(self.lora_layers()) {
+            let Some(lora) = layer.adapters.get(name) else { continue };
+            for (matrix, t) in [("lora_A", &lora.a_t), ("lora_B", &lora.b_t)] {
+                let [rows, cols] = t.dims();
+                let values = crate::generate::read_f32(t.clone()).await?;
+                // stored transposed on the device; PEFT's layout is the transpose
+                tensors.insert(lora_key(module, matrix), transpose(&HostTensor::new(vec![rows, cols], values)));
+            }
+        }
+        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        Ok(AdapterFiles {
+            config_json: self.adapters.configs[name].to_json(),
+            safetensors: crate::io::safetensors::write_safetensors(&tensors, crate::io::StoreDtype::F32, Some(metadata))?,
+        })
+    }
+}

@@ -40,3 +40,44 @@ fn errors_exit_nonzero_with_the_message() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no tokenizer.json"), "{stderr}");
 }
+
+fn logits_via_cli(args: &[&std::ffi::OsStr]) -> Vec<f32> {
+    let dir = fixture("tiny-llama");
+    let input = ids(&read_json(dir.join("expected.json"))["ids"]);
+    let ids_arg = input.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let out = std::env::temp_dir().join(format!("webgpu-lora-cli-{}-{}.safetensors", std::process::id(), args.len()));
+    let output = cli().arg("logits").args(args).args(["--ids", &ids_arg, "--out"]).arg(&out).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let logits = expected_logits(out.clone());
+    std::fs::remove_file(out).unwrap();
+    logits
+}
+
+/// `logits --adapter`, `logits --adapter --merge` and `merge` give PEFT's logits.
+#[test]
+fn adapter_and_merge_commands_match_peft() {
+    let base = fixture("tiny-llama");
+    let adapter = fixture("peft/all7-r4");
+    let with_adapter = logits_via_cli(&[ "--model".as_ref(), base.as_os_str(), "--adapter".as_ref(), adapter.as_os_str()]);
+    assert!(max_abs_diff(&with_adapter, &expected_logits(adapter.join("expected_logits.safetensors"))) < 1e-4);
+    let merged = logits_via_cli(&["--model".as_ref(), base.as_os_str(), "--adapter".as_ref(), adapter.as_os_str(), "--merge".as_ref()]);
+    let peft_merged = expected_logits(adapter.join("expected_merged_logits.safetensors"));
+    assert!(max_abs_diff(&merged, &peft_merged) < 1e-4);
+
+    let out = std::env::temp_dir().join(format!("webgpu-lora-cli-merged-{}", std::process::id()));
+    let status = cli().args(["merge", "--safe", "--model"]).arg(&base).arg("--adapter").arg(&adapter).arg("--out").arg(&out).status().unwrap();
+    assert!(status.success());
+    let from_dir = logits_via_cli(&["--model".as_ref(), out.as_os_str()]);
+    std::fs::remove_dir_all(&out).unwrap();
+    assert!(max_abs_diff(&from_dir, &peft_merged) < 1e-4, "the merged directory reloads with PEFT's merged logits");
+}
+
+#[test]
+fn adapter_info_prints_peft_counts() {
+    let output = cli().args(["adapter-info"]).arg(fixture("peft/all7-r4")).arg("--model").arg(fixture("tiny-llama")).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("r: 4  lora_alpha: 8"), "{stdout}");
+    assert!(stdout.contains("target modules: 14 layers"), "{stdout}");
+    assert!(stdout.contains("trainable params: 8,192 || all params: 98,624 || trainable%: 8.3063"), "{stdout}");
+}

@@ -12,11 +12,14 @@ use webgpu_lora::generate::read_f32;
 use webgpu_lora::io::gguf::GgufFile;
 use webgpu_lora::io::gguf_convert::HfModel;
 use webgpu_lora::io::safetensors::write_safetensors;
+use webgpu_lora::config::LoraConfig;
+use webgpu_lora::io::model_files::{TEXT_FILES, write_files};
 use webgpu_lora::io::{HostTensor, ModelFiles, StoreDtype};
+use webgpu_lora::peft::{ADAPTER_CONFIG_FILE, MergeReport};
 use webgpu_lora::{Error, GenerationConfig, Llm, Result};
 
 #[derive(Parser)]
-#[command(name = "webgpu-lora", version, about = "Run, convert (and soon fine-tune) Llama-architecture models")]
+#[command(name = "webgpu-lora", version, about = "Run, convert and merge LoRA adapters into Llama-architecture models")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -70,6 +73,12 @@ enum Command {
     Logits {
         #[arg(long)]
         model: PathBuf,
+        /// A PEFT adapter directory; repeat to load several: the last one is active.
+        #[arg(long)]
+        adapter: Vec<PathBuf>,
+        /// Compute after merge_and_unload of the active adapter.
+        #[arg(long, requires = "adapter")]
+        merge: bool,
         /// Comma-separated token ids.
         #[arg(long, conflicts_with = "text", required_unless_present = "text")]
         ids: Option<String>,
@@ -80,6 +89,25 @@ enum Command {
         out: PathBuf,
         #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendArg,
+    },
+    /// Merge a PEFT adapter into the base and write the merged model as a Hugging Face directory.
+    Merge {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Refuse (and write nothing) if the merged weights hold NaN or Inf.
+        #[arg(long)]
+        safe: bool,
+    },
+    /// Print an adapter's config summary and its parameter counts.
+    AdapterInfo {
+        adapter: PathBuf,
+        /// The base model to count against (default: the config's base_model_name_or_path).
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
 }
 
@@ -131,8 +159,13 @@ fn run(cli: Cli) -> Result<()> {
             }))?;
             println!();
         }
-        Command::Logits { model, ids, text, out, backend } => {
-            let llm = load(&model, backend)?;
+        Command::Logits { model, adapter, merge, ids, text, out, backend } => {
+            let mut llm = load(&model, backend)?;
+            load_adapters(&mut llm, &adapter)?;
+            if merge {
+                let report = pollster::block_on(llm.model.merge_and_unload(&[], false))?;
+                warn_skipped(&report);
+            }
             let ids = match (ids, text) {
                 (Some(ids), _) => parse_ids(&ids)?,
                 (None, Some(text)) => llm.tokenizer()?.encode(&text, true)?,
@@ -145,8 +178,60 @@ fn run(cli: Cli) -> Result<()> {
             let bytes = write_safetensors(&tensors, StoreDtype::F32, None)?;
             std::fs::write(&out, bytes).map_err(|source| Error::Io { file: out.display().to_string(), source })?;
         }
+        Command::Merge { model, adapter, out, safe } => {
+            let files = ModelFiles::from_dir(&model)?;
+            let copied: Vec<(&str, Vec<u8>)> = TEXT_FILES.iter().filter_map(|&name| files.get(name).map(|b| (name, b.to_vec()))).collect();
+            let mut llm = Llm::load(files, &Device::flex(), &mut |_, _, _| {})?;
+            load_adapters(&mut llm, std::slice::from_ref(&adapter))?;
+            pollster::block_on(llm.model.merge_and_unload(&[], safe))?;
+            let config = &llm.model.config;
+            let dtype = config.raw.get("torch_dtype").or_else(|| config.raw.get("dtype")).and_then(|v| v.as_str()).map_or(Ok(StoreDtype::F32), StoreDtype::parse)?;
+            let tensors = pollster::block_on(llm.model.hf_tensors())?;
+            let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+            let mut written = vec![
+                ("model.safetensors", write_safetensors(&tensors, dtype, Some(metadata))?),
+                ("config.json", config.to_json().into_bytes()),
+            ];
+            written.extend(copied);
+            write_files(&out, written)?;
+            eprintln!("wrote {} (merged {}, {})", out.display(), adapter.display(), dtype.torch_name());
+        }
+        Command::AdapterInfo { adapter, model } => {
+            let config_path = adapter.join(ADAPTER_CONFIG_FILE);
+            let bytes = std::fs::read(&config_path).map_err(|source| Error::Io { file: config_path.display().to_string(), source })?;
+            let config = LoraConfig::from_json(&bytes, &config_path.display().to_string())?;
+            println!("adapter: {}", adapter.display());
+            println!("base model: {}", config.base_model_name_or_path.as_deref().unwrap_or("(not recorded)"));
+            println!("r: {}  lora_alpha: {}  lora_dropout: {}  use_rslora: {}  init: {:?}", config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights);
+            let base = model.or_else(|| config.base_model_name_or_path.as_ref().map(PathBuf::from).filter(|p| p.is_dir()));
+            let Some(base) = base else {
+                println!("(give --model DIR to count parameters against a base model)");
+                return Ok(());
+            };
+            let mut llm = load(&base, BackendArg::Cpu)?;
+            load_adapters(&mut llm, std::slice::from_ref(&adapter))?;
+            let modules: Vec<String> = llm.model.config.linear_module_names().into_iter().filter(|m| config.targets(m, true)).collect();
+            println!("target modules: {} layers, e.g. {}", modules.len(), modules.first().map_or("-", String::as_str));
+            println!("{}", llm.model.trainable_parameters_line());
+        }
     }
     Ok(())
+}
+
+/// Loads adapter directories in order; the last one becomes active.
+fn load_adapters(llm: &mut Llm, dirs: &[PathBuf]) -> Result<()> {
+    for (i, dir) in dirs.iter().enumerate() {
+        let name = format!("adapter{i}");
+        llm.model.load_adapter_dir(&name, dir)?;
+        llm.model.set_adapter(&name)?;
+    }
+    Ok(())
+}
+
+fn warn_skipped(report: &MergeReport) {
+    for name in &report.skipped {
+        eprintln!("warning: adapter {name} is already merged; merging it again would add it twice, so it was skipped");
+    }
 }
 
 fn main() -> ExitCode {

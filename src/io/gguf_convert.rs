@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::config::LLAMA_ARCHITECTURE;
 use crate::error::{Error, Result};
 use crate::io::gguf::{GgufFile, MetaValue, unpermute_rotary_rows};
-use crate::io::model_files::{CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE};
+use crate::io::model_files::{CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, write_files};
 use crate::io::safetensors::{HostTensor, SINGLE_FILE, StoreDtype, write_safetensors};
 
 /// A model converted to the Hugging Face layout, in memory.
@@ -107,11 +107,6 @@ impl HfModel {
 
     /// Writes config.json, model.safetensors (in `dtype`), tokenizer files and generation_config.json.
     pub fn write_dir(&self, dir: &Path, dtype: StoreDtype) -> Result<()> {
-        let io = |file: &Path| {
-            let file = file.display().to_string();
-            move |source| Error::Io { file, source }
-        };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut config = self.config.clone();
         config["torch_dtype"] = json!(dtype.torch_name());
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -124,14 +119,7 @@ impl HfModel {
             files.push((TOKENIZER_FILE, serde_json::to_vec(tok).expect("JSON")));
             files.push((TOKENIZER_CONFIG_FILE, pretty(tok_config)));
         }
-        for (name, bytes) in files {
-            // write then rename, so an interrupted conversion never leaves a half-written file
-            let path = dir.join(name);
-            let tmp = dir.join(format!(".{name}.partial"));
-            std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-            std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        }
-        Ok(())
+        write_files(dir, files)
     }
 }
 

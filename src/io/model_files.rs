@@ -128,3 +128,21 @@ impl ModelFiles {
             .map_err(|e| self.relabel(e))
     }
 }
+
+/// Writes files into `dir` (created if needed), each to a temporary name first and then renamed,
+/// so an interrupted write never leaves a half-written file under the real name.
+pub fn write_files<S: AsRef<str>>(dir: &Path, files: Vec<(S, Vec<u8>)>) -> Result<()> {
+    let io = |file: &Path| {
+        let file = file.display().to_string();
+        move |source| Error::Io { file, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    for (name, bytes) in files {
+        let name = name.as_ref();
+        let path = dir.join(name);
+        let tmp = dir.join(format!(".{name}.partial"));
+        std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    }
+    Ok(())
+}

@@ -164,6 +164,20 @@ impl DecoderLayer {
     }
 
     /// The block's linear layers with their Hugging Face names relative to the block.
+    pub fn linears(&self) -> [(&'static str, &LoraLinear); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &m.gate_proj),
+            ("mlp.up_proj", &m.up_proj),
+            ("mlp.down_proj", &m.down_proj),
+        ]
+    }
+
+    /// The same, mutable.
     pub fn linears_mut(&mut self) -> [(&'static str, &mut LoraLinear); 7] {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
         [
@@ -268,6 +282,30 @@ impl LlamaModel {
         let ids: Vec<i32> = ids.iter().map(|&id| id as i32).collect();
         let len = ids.len();
         Tensor::from_data(TensorData::new(ids, [1, len]), &self.device())
+    }
+
+    /// The weights under their Hugging Face names and layout ([out, in] linears), read back from
+    /// the device: merged adapters included, unmerged ones not. The inverse of [`load`](Self::load).
+    pub async fn hf_tensors(&self) -> Result<std::collections::BTreeMap<String, HostTensor>> {
+        use crate::generate::read_f32;
+        async fn host<const D: usize>(t: &Tensor<D>) -> Result<HostTensor> {
+            Ok(HostTensor::new(t.dims().to_vec(), read_f32(t.clone()).await?))
+        }
+        let mut out = std::collections::BTreeMap::new();
+        out.insert("model.embed_tokens.weight".to_string(), host(&self.embed_tokens).await?);
+        out.insert("model.norm.weight".to_string(), host(&self.norm.weight).await?);
+        if let Some(head_t) = &self.lm_head {
+            out.insert("lm_head.weight".to_string(), transpose(&host(head_t).await?));
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.insert(format!("{p}.input_layernorm.weight"), host(&layer.input_layernorm.weight).await?);
+            out.insert(format!("{p}.post_attention_layernorm.weight"), host(&layer.post_attention_layernorm.weight).await?);
+            for (name, linear) in layer.linears() {
+                out.insert(format!("{p}.{name}.weight"), transpose(&host(&linear.base.weight_t).await?));
+            }
+        }
+        Ok(out)
     }
 
     /// Builds the model from Hugging Face weights, checking every tensor's shape against the config.

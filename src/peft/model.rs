@@ -161,10 +161,7 @@ impl LlamaModel {
     }
 
     fn lora_layers(&self) -> impl Iterator<Item = &crate::lora::LoraLinear> {
-        self.layers.iter().flat_map(|l| {
-            let (a, m) = (&l.self_attn, &l.mlp);
-            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
-        })
+        self.layers.iter().flat_map(|l| l.linears().into_iter().map(|(_, linear)| linear))
     }
 
     fn merged_adapters(&self) -> Vec<String> {
@@ -345,5 +342,23 @@ impl LlamaModel {
             config_json: self.adapters.configs[name].to_json(),
             safetensors: crate::io::safetensors::write_safetensors(&tensors, crate::io::StoreDtype::F32, Some(metadata))?,
         })
+    }
+}
+
+/// The file names of a PEFT adapter directory.
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+impl LlamaModel {
+    /// Loads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) as `name`.
+    pub fn load_adapter_dir(&mut self, name: &str, dir: &std::path::Path) -> Result<()> {
+        let read = |file: &str| {
+            let path = dir.join(file);
+            let label = path.display().to_string();
+            std::fs::read(&path).map(|bytes| (label.clone(), bytes)).map_err(|source| Error::Io { file: label, source })
+        };
+        let (config_label, config) = read(ADAPTER_CONFIG_FILE)?;
+        let (weights_label, weights) = read(ADAPTER_WEIGHTS_FILE)?;
+        self.load_adapter(name, (&config_label, &config), (&weights_label, weights))
     }
 }

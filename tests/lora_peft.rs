@@ -227,3 +227,30 @@ fn save_and_load_round_trip() {
         assert!(max_abs_diff(&before, &logits(&model)) < 1e-5, "{adapter}");
     }
 }
+
+/// A new adapter with PEFT's default init (B = 0) leaves the logits exactly as the base's; with
+/// init false it changes them; the same seed gives the same adapter.
+#[test]
+fn add_adapter_initialisations() {
+    use webgpu_lora::config::{LoraConfig, TargetModules};
+    let mut model = load(&fixture("tiny-llama"), &cpu()).model;
+    let base = logits(&model);
+    let targets = TargetModules::AllLinear;
+    model.add_adapter("zero", LoraConfig::new(8, 16.0, targets.clone()).unwrap(), 1).unwrap();
+    model.set_adapter("zero").unwrap();
+    assert_eq!(logits(&model), base, "B = 0: the adapter starts as a no-op");
+    assert_eq!(model.trainable_parameters().0, 2 * (8 * (64 + 64) * 2 + 8 * (64 + 32) * 2 + 8 * (64 + 128) * 3));
+
+    let random: LoraConfig = LoraConfig::from_json(br#"{"peft_type":"LORA","r":4,"target_modules":["q_proj","v_proj"],"init_lora_weights":false}"#, "c").unwrap();
+    model.add_adapter("r1", random.clone(), 7).unwrap();
+    model.add_adapter("r2", random.clone(), 7).unwrap();
+    model.add_adapter("r3", random, 8).unwrap();
+    let run = |model: &mut LlamaModel, name: &str| {
+        model.set_adapter(name).unwrap();
+        logits(model)
+    };
+    let (r1, r2, r3) = (run(&mut model, "r1"), run(&mut model, "r2"), run(&mut model, "r3"));
+    assert!(max_abs_diff(&r1, &base) > 1e-3, "init false changes the output");
+    assert_eq!(r1, r2, "same seed, same adapter");
+    assert_ne!(r1, r3);
+}

@@ -23,6 +23,11 @@ pub fn lora_key(module: &str, matrix: &str) -> String {
     format!("{KEY_PREFIX}{module}.{matrix}.weight")
 }
 
+fn upload(t: HostTensor, device: &burn::tensor::Device) -> Tensor<2> {
+    let shape = [t.shape[0], t.shape[1]];
+    Tensor::from_data(TensorData::new(t.data, shape), device)
+}
+
 /// Which adapters are loaded, which one is active, and whether adapters are disabled.
 #[derive(Default)]
 pub struct AdapterState {
@@ -47,12 +52,7 @@ impl LlamaModel {
         (config_file, config_json): (&str, &[u8]),
         (weights_file, weights): (&str, Vec<u8>),
     ) -> Result<()> {
-        if name.is_empty() {
-            return Err(Error::invalid("an adapter needs a non-empty name"));
-        }
-        if self.adapters.configs.contains_key(name) {
-            return Err(Error::invalid(format!("an adapter named {name:?} is already loaded: delete it first or choose another name")));
-        }
+        self.check_new_name(name)?;
         let config = LoraConfig::from_json(config_json, config_file)?;
         let tensors = SafetensorsWeights::new(vec![(weights_file.to_string(), weights)])?;
         let modules = self.config.linear_module_names();
@@ -87,19 +87,51 @@ impl LlamaModel {
                 }
             }
             let device = self.device();
-            let upload = |t: HostTensor| {
-                let shape = [t.shape[0], t.shape[1]];
-                Tensor::<2>::from_data(TensorData::new(t.data, shape), &device)
-            };
-            built.insert(module.clone(), LoraWeights { a_t: upload(transpose(&a)), b_t: upload(transpose(&b)), scaling: config.scaling_for(module) });
+            built.insert(module.clone(), LoraWeights { a_t: upload(transpose(&a), &device), b_t: upload(transpose(&b), &device), scaling: config.scaling_for(module) });
         }
         if built.is_empty() {
             return Err(Error::file(config_file, "target_modules matches no linear layer of this base model"));
         }
+        self.install_adapter(name, config, built);
+        Ok(())
+    }
+
+    /// Puts a fully built adapter in place (nothing can fail from here on).
+    fn install_adapter(&mut self, name: &str, config: LoraConfig, built: BTreeMap<String, LoraWeights>) {
         for (module, weights) in built {
-            self.linear(&module).expect("checked above").adapters.insert(name.to_string(), weights);
+            self.linear(&module).expect("module names come from the config").adapters.insert(name.to_string(), weights);
         }
         self.adapters.configs.insert(name.to_string(), config);
+    }
+
+    /// Adds a new adapter `name` initialised as `config.init_lora_weights` says (PEFT's
+    /// `add_adapter`), without activating it. `seed` makes the initial values reproducible.
+    pub fn add_adapter(&mut self, name: &str, config: LoraConfig, seed: u64) -> Result<()> {
+        use rand::SeedableRng;
+        self.check_new_name(name)?;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let device = self.device();
+        let mut built = BTreeMap::new();
+        for module in self.config.linear_module_names().into_iter().filter(|m| config.targets(m, true)) {
+            let (d_in, d_out) = self.linear(&module).expect("listed by the config").shape();
+            let (a, b) = crate::lora::init_lora(config.init_lora_weights, d_in, d_out, config.rank_for(&module), &mut rng)?;
+            let weights = LoraWeights { a_t: upload(transpose(&a), &device), b_t: upload(transpose(&b), &device), scaling: config.scaling_for(&module) };
+            built.insert(module, weights);
+        }
+        if built.is_empty() {
+            return Err(Error::invalid("target_modules matches no linear layer of this base model"));
+        }
+        self.install_adapter(name, config, built);
+        Ok(())
+    }
+
+    fn check_new_name(&self, name: &str) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::invalid("an adapter needs a non-empty name"));
+        }
+        if self.adapters.configs.contains_key(name) {
+            return Err(Error::invalid(format!("an adapter named {name:?} is already loaded: delete it first or choose another name")));
+        }
         Ok(())
     }
 

@@ -1,0 +1,85 @@
+//! Initial values of a new adapter's A [r, in] and B [out, r], as PEFT's
+//! `LoraLayer.reset_lora_parameters` draws them (with our own seeded generator, so the values
+//! differ from PyTorch's while the distributions are the same):
+//!
+//! - default (`true`): A ~ kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); B = 0
+//! - `"gaussian"`: A ~ N(0, (1/r)^2); B = 0
+//! - `false`: both keep nn.Linear's init: A ~ U(±1/sqrt(in)), B ~ U(±1/sqrt(r))
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::LoraInit;
+use crate::error::{Error, Result};
+use crate::io::HostTensor;
+
+fn uniform(rng: &mut ChaCha8Rng, shape: [usize; 2], bound: f32) -> HostTensor {
+    let data = (0..shape[0] * shape[1]).map(|_| rng.random_range(-bound..bound)).collect();
+    HostTensor::new(shape.to_vec(), data)
+}
+
+/// N(0, std^2) by the Box-Muller transform.
+fn normal(rng: &mut ChaCha8Rng, shape: [usize; 2], std: f32) -> HostTensor {
+    let data = (0..shape[0] * shape[1])
+        .map(|_| {
+            let (u1, u2): (f32, f32) = (1.0 - rng.random::<f32>(), rng.random());
+            std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        })
+        .collect();
+    HostTensor::new(shape.to_vec(), data)
+}
+
+fn zeros(shape: [usize; 2]) -> HostTensor {
+    HostTensor::new(shape.to_vec(), vec![0.0; shape[0] * shape[1]])
+}
+
+/// (A, B) for a layer of `d_in` -> `d_out` at rank `r`.
+pub fn init_lora(init: LoraInit, d_in: usize, d_out: usize, r: usize, rng: &mut ChaCha8Rng) -> Result<(HostTensor, HostTensor)> {
+    let kaiming = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
+    Ok(match init {
+        LoraInit::Default => (uniform(rng, [r, d_in], kaiming(d_in)), zeros([d_out, r])),
+        LoraInit::Gaussian => (normal(rng, [r, d_in], 1.0 / r as f32), zeros([d_out, r])),
+        LoraInit::Random => {
+            let a = uniform(rng, [r, d_in], kaiming(d_in));
+            (a, uniform(rng, [d_out, r], kaiming(r)))
+        }
+        LoraInit::Olora | LoraInit::Pissa => {
+            return Err(Error::invalid(format!("init_lora_weights {init:?} (QR/SVD of the base weight) is not implemented yet; use true, false or \"gaussian\"")));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn stats(t: &HostTensor) -> (f32, f32, f32) {
+        let n = t.data.len() as f32;
+        let mean = t.data.iter().sum::<f32>() / n;
+        let std = (t.data.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / n).sqrt();
+        let max = t.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        (mean, std, max)
+    }
+
+    #[test]
+    fn distributions_are_peft_s() {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let (a, b) = init_lora(LoraInit::Default, 256, 64, 8, &mut rng).unwrap();
+        let (mean, std, max) = stats(&a);
+        let bound = 1.0 / 16.0;
+        assert!(max <= bound && max > 0.99 * bound, "A within U(±1/sqrt(in)): max {max}");
+        assert!(mean.abs() < 0.003 && (std - bound / 3f32.sqrt()).abs() < 0.002, "uniform: mean {mean}, std {std}");
+        assert!(b.data.iter().all(|&v| v == 0.0), "B is zero");
+
+        let (a, b) = init_lora(LoraInit::Gaussian, 256, 64, 8, &mut rng).unwrap();
+        let (mean, std, _) = stats(&a);
+        assert!(mean.abs() < 0.01 && (std - 1.0 / 8.0).abs() < 0.005, "N(0, 1/r): mean {mean}, std {std}");
+        assert!(b.data.iter().all(|&v| v == 0.0));
+
+        let (_, b) = init_lora(LoraInit::Random, 256, 64, 8, &mut rng).unwrap();
+        let (_, _, max) = stats(&b);
+        assert!(max <= 1.0 / 8f32.sqrt() && max > 0.3, "B within U(±1/sqrt(r)) and not zero: {max}");
+        assert!(init_lora(LoraInit::Olora, 4, 4, 2, &mut rng).unwrap_err().to_string().contains("not implemented"));
+    }
+}

@@ -254,3 +254,26 @@ fn add_adapter_initialisations() {
     assert_eq!(r1, r2, "same seed, same adapter");
     assert_ne!(r1, r3);
 }
+
+/// OLoRA (QR init): A and B come from the base weight and the base is shifted by -scaling B A,
+/// so the model's output is unchanged at init (1e-5, PEFT's check); B has orthonormal columns.
+#[test]
+fn olora_init_leaves_the_output_unchanged() {
+    use webgpu_lora::config::LoraConfig;
+    let mut model = load(&fixture("tiny-llama"), &cpu()).model;
+    let base = logits(&model);
+    let config = LoraConfig::from_json(br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":"all-linear","init_lora_weights":"olora"}"#, "c").unwrap();
+    model.add_adapter("olora", config, 0).unwrap();
+    model.set_adapter("olora").unwrap();
+    assert!(max_abs_diff(&logits(&model), &base) < 1e-5);
+    model.disable_adapter();
+    assert!(max_abs_diff(&logits(&model), &base) > 1e-3, "the residual base alone differs");
+    let b_t = model.layers[0].self_attn.q_proj.adapters["olora"].b_t.clone(); // [r, out]
+    let gram = pollster::block_on(read_f32(b_t.clone().matmul(b_t.transpose()))).unwrap();
+    for i in 0..4 {
+        for j in 0..4 {
+            let expected = if i == j { 1.0 } else { 0.0 };
+            assert!((gram[i * 4 + j] - expected).abs() < 1e-4, "B^T B = I: [{i},{j}] = {}", gram[i * 4 + j]);
+        }
+    }
+}

@@ -46,8 +46,12 @@ impl LoraLinear {
 
     /// scaling * (B A)^T = scaling * A^T B^T: the adapter's update of `weight_t`, [in, out], in f32.
     pub fn delta_t(&self, adapter: &str) -> Option<Tensor<2>> {
-        let lora = self.adapters.get(adapter)?;
-        Some(lora.a_t.clone().matmul(lora.b_t.clone()).mul_scalar(lora.scaling))
+        self.adapters.get(adapter).map(|lora| self.delta_of(lora))
+    }
+
+    /// The update of `weight_t` that `lora` stands for.
+    pub fn delta_of(&self, lora: &LoraWeights) -> Tensor<2> {
+        lora.a_t.clone().matmul(lora.b_t.clone()).mul_scalar(lora.scaling)
     }
 
     /// The base output plus the named adapter's low-rank update, if this layer has it and it is not

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use burn::tensor::{Tensor, TensorData};
 
-use crate::config::LoraConfig;
+use crate::config::{LoraConfig, LoraInit};
 use crate::error::{Error, Result};
 use crate::io::{HostTensor, SafetensorsWeights};
 use crate::lora::LoraWeights;
@@ -112,14 +112,32 @@ impl LlamaModel {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let device = self.device();
         let mut built = BTreeMap::new();
+        let mut shifted_bases = Vec::new();
         for module in self.config.linear_module_names().into_iter().filter(|m| config.targets(m, true)) {
-            let (d_in, d_out) = self.linear(&module).expect("listed by the config").shape();
-            let (a, b) = crate::lora::init_lora(config.init_lora_weights, d_in, d_out, config.rank_for(&module), &mut rng)?;
-            let weights = LoraWeights { a_t: upload(transpose(&a), &device), b_t: upload(transpose(&b), &device), scaling: config.scaling_for(&module) };
+            let layer = self.linear(&module).expect("listed by the config");
+            let (d_in, d_out) = layer.shape();
+            let (r, scaling) = (config.rank_for(&module), config.scaling_for(&module));
+            let weights = if config.init_lora_weights == LoraInit::Olora {
+                if r > d_in.min(d_out) {
+                    return Err(Error::invalid(format!("OLoRA: rank {r} exceeds min(in, out) = {} of {module}", d_in.min(d_out))));
+                }
+                // PEFT's olora_init: W = QR; B = Q[:, :r], A = R[:r]; W <- W - scaling * B A
+                let (q, r_mat) = burn::linalg::qr(layer.base.weight_t.clone().transpose(), true);
+                let (b, a) = (q.narrow(1, 0, r), r_mat.narrow(0, 0, r));
+                let lora = LoraWeights { a_t: a.transpose(), b_t: b.transpose(), scaling };
+                shifted_bases.push((module.clone(), layer.base.weight_t.clone() - layer.delta_of(&lora)));
+                lora
+            } else {
+                let (a, b) = crate::lora::init_lora(config.init_lora_weights, d_in, d_out, r, &mut rng)?;
+                LoraWeights { a_t: upload(transpose(&a), &device), b_t: upload(transpose(&b), &device), scaling }
+            };
             built.insert(module, weights);
         }
         if built.is_empty() {
             return Err(Error::invalid("target_modules matches no linear layer of this base model"));
+        }
+        for (module, weight_t) in shifted_bases {
+            self.linear(&module).expect("listed by the config").base.weight_t = weight_t;
         }
         self.install_adapter(name, config, built);
         Ok(())

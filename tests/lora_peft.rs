@@ -277,3 +277,54 @@ fn olora_init_leaves_the_output_unchanged() {
         }
     }
 }
+
+/// add_weighted_adapter: weight -1 negates the delta; "cat" adds deltas exactly; "linear" of two
+/// equal-rank adapters is PEFT's (sum of scaled A) x (sum of scaled B).
+#[test]
+fn weighted_adapters() {
+    use webgpu_lora::peft::Combination;
+    let mut model = load(&fixture("tiny-llama"), &cpu()).model;
+    let base = logits(&model);
+    load_adapter(&mut model, "a", "all7-r4").unwrap();
+    load_adapter(&mut model, "b", "qv-r8").unwrap();
+    model.add_weighted_adapter(&["a"], &[-1.0], "neg", Combination::Cat).unwrap();
+    let delta = |model: &LlamaModel, name: &str| {
+        let layer = &model.layers[0].self_attn.q_proj;
+        pollster::block_on(read_f32(layer.delta_t(name).unwrap())).unwrap()
+    };
+    let (da, dneg) = (delta(&model, "a"), delta(&model, "neg"));
+    assert!(da.iter().zip(&dneg).all(|(x, y)| (x + y).abs() < 1e-6), "weight -1 negates the delta");
+
+    model.add_weighted_adapter(&["a", "b"], &[0.5, 2.0], "cat", Combination::Cat).unwrap();
+    let (db, dcat) = (delta(&model, "b"), delta(&model, "cat"));
+    assert!(da.iter().zip(&db).zip(&dcat).all(|((x, y), z)| (0.5 * x + 2.0 * y - z).abs() < 1e-5), "cat sums the deltas");
+    assert_eq!(model.adapter_config("cat").unwrap().r, 12);
+    assert_eq!(model.layers[0].mlp.up_proj.adapters["cat"].rank(), 12, "a module only one adapter has is zero-padded");
+    let err = model.add_weighted_adapter(&["a", "b"], &[1.0, 1.0], "lin", Combination::Linear).unwrap_err().to_string();
+    assert!(err.contains("equal ranks"), "{err}");
+    model.set_adapter("cat").unwrap();
+    assert!(max_abs_diff(&logits(&model), &base) > 1e-3);
+}
+
+/// Our add_weighted_adapter against PEFT's logits (tests/fixtures/peft/weighted_logits.safetensors).
+#[test]
+fn weighted_adapters_match_peft() {
+    use webgpu_lora::peft::Combination;
+    let bytes = std::fs::read(fixture("peft/weighted_logits.safetensors")).unwrap();
+    let expected = webgpu_lora::io::SafetensorsWeights::new(vec![("weighted_logits".into(), bytes)]).unwrap();
+    let mut model = load(&fixture("tiny-llama"), &cpu()).model;
+    load_adapter(&mut model, "a", "all7-r4").unwrap();
+    load_adapter(&mut model, "b", "qv-r8").unwrap();
+    load_adapter(&mut model, "c", "rank-pattern").unwrap();
+    model.add_weighted_adapter(&["a"], &[0.7], "linear", Combination::Linear).unwrap();
+    model.add_weighted_adapter(&["a", "b"], &[0.5, 2.0], "cat", Combination::Cat).unwrap();
+    for name in ["linear", "cat"] {
+        model.set_adapter(name).unwrap();
+        let diff = max_abs_diff(&logits(&model), &expected.tensor(name).unwrap().data);
+        assert!(diff < TOLERANCE, "{name}: max |ours - PEFT| = {diff}");
+    }
+    // PEFT refuses a linear combination whose per-module ranks differ; so do we, changing nothing
+    let err = model.add_weighted_adapter(&["b", "c"], &[0.6, -0.3], "bad", Combination::Linear).unwrap_err().to_string();
+    assert!(err.contains("ranks differ"), "{err}");
+    assert!(!model.adapter_names().contains(&"bad"));
+}

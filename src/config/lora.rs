@@ -96,6 +96,33 @@ fn parse_targets(v: &Value, file: &str, key: &str) -> Result<Option<TargetModule
 }
 
 impl TargetModules {
+    /// The modules any of `all` targets, as PEFT combines them in add_weighted_adapter: name lists
+    /// are united, regexes joined with `|`; "all-linear" covers every other choice.
+    pub fn union(all: &[&TargetModules]) -> Result<TargetModules> {
+        if all.iter().any(|t| matches!(t, TargetModules::AllLinear)) {
+            return Ok(TargetModules::AllLinear);
+        }
+        if all.iter().all(|t| matches!(t, TargetModules::Names(_))) {
+            let mut names: Vec<String> = Vec::new();
+            for t in all {
+                if let TargetModules::Names(list) = t {
+                    for n in list {
+                        if !names.contains(n) {
+                            names.push(n.clone());
+                        }
+                    }
+                }
+            }
+            return Ok(TargetModules::Names(names));
+        }
+        if all.iter().all(|t| matches!(t, TargetModules::Regex(..))) {
+            let joined = all.iter().map(|t| match t { TargetModules::Regex(p, _) => format!("({p})"), _ => unreachable!() }).collect::<Vec<_>>().join("|");
+            let re = compile(&joined, "^(?:{})$", "combined adapters", "target_modules")?;
+            return Ok(TargetModules::Regex(joined, re));
+        }
+        Err(Error::invalid("cannot combine adapters whose target_modules mix name lists and regexes (PEFT refuses this too)"))
+    }
+
     fn matches(&self, module: &str, is_linear_layer: bool) -> bool {
         match self {
             TargetModules::Names(names) => names.iter().any(|t| module == t || module.ends_with(&format!(".{t}"))),
@@ -246,6 +273,8 @@ impl LoraConfig {
         raw.insert("lora_dropout".into(), json!(self.lora_dropout));
         raw.insert("target_modules".into(), self.target_modules.to_json());
         raw.insert("use_rslora".into(), json!(self.use_rslora));
+        raw.insert("rank_pattern".into(), Value::Object(self.rank_pattern.iter().map(|(p, r)| (p.clone(), json!(r))).collect()));
+        raw.insert("alpha_pattern".into(), Value::Object(self.alpha_pattern.iter().map(|(p, a)| (p.clone(), json!(a))).collect()));
         raw.insert("base_model_name_or_path".into(), json!(self.base_model_name_or_path));
         serde_json::to_string_pretty(&Value::Object(raw)).expect("a JSON map serializes")
     }

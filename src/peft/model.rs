@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use burn::tensor::{Tensor, TensorData};
 
-use crate::config::{LoraConfig, LoraInit};
+use crate::config::{LoraConfig, LoraInit, TargetModules};
 use crate::error::{Error, Result};
 use crate::io::{HostTensor, SafetensorsWeights};
 use crate::lora::LoraWeights;
@@ -410,5 +410,94 @@ impl LlamaModel {
         let (config_label, config) = read(ADAPTER_CONFIG_FILE)?;
         let (weights_label, weights) = read(ADAPTER_WEIGHTS_FILE)?;
         self.load_adapter(name, (&config_label, &config), (&weights_label, weights))
+    }
+}
+
+/// How [`LlamaModel::add_weighted_adapter`] combines adapters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Combination {
+    /// A = sum sign_i sqrt(|w_i s_i|) A_i, B = sum sqrt(|w_i s_i|) B_i (equal ranks).
+    Linear,
+    /// A = rows of w_i s_i A_i stacked, B = columns of B_i side by side: rank sum r_i, exact sum of deltas.
+    Cat,
+}
+
+impl Combination {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "linear" => Ok(Combination::Linear),
+            "cat" => Ok(Combination::Cat),
+            other => Err(Error::invalid(format!("combination {other:?} is not supported; use \"linear\" or \"cat\" (\"svd\" is not implemented yet)"))),
+        }
+    }
+}
+
+impl LlamaModel {
+    /// PEFT's `add_weighted_adapter`: a new adapter `new_name` from weighted adapters, with
+    /// r = lora_alpha = the new rank (scaling 1), the other settings from the first adapter.
+    /// With one adapter PEFT always combines linearly; so do we. Not activated.
+    pub fn add_weighted_adapter(&mut self, names: &[&str], weights: &[f64], new_name: &str, combination: Combination) -> Result<()> {
+        if names.is_empty() || names.len() != weights.len() {
+            return Err(Error::invalid(format!("give one weight per adapter: {} adapters, {} weights", names.len(), weights.len())));
+        }
+        self.check_new_name(new_name)?;
+        for name in names {
+            self.check_known(name)?;
+        }
+        let combination = if names.len() == 1 { Combination::Linear } else { combination };
+        let configs: Vec<&LoraConfig> = names.iter().map(|n| &self.adapters.configs[*n]).collect();
+        let max_rank = |c: &LoraConfig| c.rank_pattern.iter().map(|(_, r)| *r).chain([c.r]).max().unwrap_or(c.r);
+        let ranks: Vec<usize> = configs.iter().map(|c| max_rank(c)).collect();
+        let new_rank = match combination {
+            Combination::Linear if ranks.iter().any(|&r| r != ranks[0]) => {
+                return Err(Error::invalid(format!("linear combination needs equal ranks, got {ranks:?}: use \"cat\"")));
+            }
+            Combination::Linear => ranks[0],
+            Combination::Cat => ranks.iter().sum(),
+        };
+        let mut config = configs[0].clone();
+        config.target_modules = TargetModules::union(&configs.iter().map(|c| &c.target_modules).collect::<Vec<_>>())?;
+        config.r = new_rank;
+        config.lora_alpha = new_rank as f64;
+        config.use_rslora = false;
+        config.rank_pattern.clear();
+        config.alpha_pattern.clear();
+
+        let mut built = BTreeMap::new();
+        for (module, layer) in self.config.linear_module_names().into_iter().zip(self.lora_layers()) {
+            let parts: Vec<(&LoraWeights, f64)> =
+                names.iter().zip(weights).filter_map(|(n, &w)| layer.adapters.get(*n).map(|l| (l, w * l.scaling))).collect();
+            if parts.is_empty() {
+                continue;
+            }
+            if combination == Combination::Linear && parts.iter().any(|(l, _)| l.rank() != parts[0].0.rank()) {
+                return Err(Error::invalid(format!("linear combination needs equal ranks, but the adapters' ranks differ at {module}: use \"cat\"")));
+            }
+            // a_t: [in, r], b_t: [r, out]
+            let (a_t, b_t) = match combination {
+                Combination::Linear => {
+                    let a = parts.iter().map(|(l, ws)| l.a_t.clone().mul_scalar(ws.abs().sqrt() * ws.signum())).reduce(|x, y| x + y);
+                    let b = parts.iter().map(|(l, ws)| l.b_t.clone().mul_scalar(ws.abs().sqrt())).reduce(|x, y| x + y);
+                    (a.expect("non-empty"), b.expect("non-empty"))
+                }
+                Combination::Cat => (
+                    Tensor::cat(parts.iter().map(|(l, ws)| l.a_t.clone().mul_scalar(*ws)).collect(), 1),
+                    Tensor::cat(parts.iter().map(|(l, _)| l.b_t.clone()).collect(), 0),
+                ),
+            };
+            // modules with a smaller rank than the new one (cat of fewer adapters) are zero-padded, as PEFT
+            let r = a_t.dims()[1];
+            let (a_t, b_t) = if r < new_rank {
+                let device = self.device();
+                let [d_in, _] = a_t.dims();
+                let d_out = b_t.dims()[1];
+                (Tensor::cat(vec![a_t, Tensor::zeros([d_in, new_rank - r], &device)], 1), Tensor::cat(vec![b_t, Tensor::zeros([new_rank - r, d_out], &device)], 0))
+            } else {
+                (a_t, b_t)
+            };
+            built.insert(module, LoraWeights { a_t, b_t, scaling: 1.0 });
+        }
+        self.install_adapter(new_name, config, built);
+        Ok(())
     }
 }

@@ -29,6 +29,15 @@ fn logits(model: &LlamaModel) -> Vec<f32> {
     pollster::block_on(read_f32(model.forward(model.ids_tensor(&input), None))).unwrap()
 }
 
+/// The tiny model with the fixture adapter `adapter` loaded as "a" and active, and its logits.
+fn tiny_with_active(adapter: &str) -> (LlamaModel, Vec<f32>) {
+    let mut model = load(&fixture("tiny-llama"), &cpu()).model;
+    load_adapter(&mut model, "a", adapter).unwrap();
+    model.set_adapter("a").unwrap();
+    let logits = logits(&model);
+    (model, logits)
+}
+
 fn check_against_peft(device: &Device) {
     let base_logits = expected_logits(fixture("tiny-llama/expected.safetensors"));
     for adapter in ADAPTERS {
@@ -114,10 +123,7 @@ fn bad_adapters_leave_the_model_unchanged() {
 #[test]
 fn merge_unmerge_and_merge_and_unload_agree_with_peft() {
     for adapter in ADAPTERS {
-        let mut model = load(&fixture("tiny-llama"), &cpu()).model;
-        load_adapter(&mut model, "a", adapter).unwrap();
-        model.set_adapter("a").unwrap();
-        let before = logits(&model);
+        let (mut model, before) = tiny_with_active(adapter);
         let report = pollster::block_on(model.merge_adapter(&[], true)).unwrap();
         assert_eq!(report.merged, vec!["a"]);
         let merged = logits(&model);
@@ -208,10 +214,7 @@ fn trainable_parameters_as_peft_counts_them() {
 #[test]
 fn save_and_load_round_trip() {
     for adapter in ADAPTERS {
-        let mut model = load(&fixture("tiny-llama"), &cpu()).model;
-        load_adapter(&mut model, "a", adapter).unwrap();
-        model.set_adapter("a").unwrap();
-        let before = logits(&model);
+        let (mut model, before) = tiny_with_active(adapter);
         let saved = pollster::block_on(model.save_adapter("a")).unwrap();
         // same tensors, names and shapes as the file PEFT wrote
         let ours = webgpu_lora::io::SafetensorsWeights::new(vec![("ours".into(), saved.safetensors.clone())]).unwrap();

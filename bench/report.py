@@ -6,7 +6,9 @@ import os
 import platform
 import sys
 
-rows = [json.loads(line) for line in sys.stdin if line.strip()]
+lines = [json.loads(line) for line in sys.stdin if line.strip()]
+rows = [r for r in lines if "adapters" not in r]
+adapter_rows = [r for r in lines if "adapters" in r]
 baseline = next((r for r in rows if r["engine"].startswith("transformers")), None)
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -32,3 +34,17 @@ so decode is bound by memory bandwidth (19 tokens/s is ~10 GB/s). The path to th
 target is smaller weights (f16/bf16 or int8 storage with f32 accumulation), not fewer ops.
 The wgpu row runs the WGSL shaders on Mesa lavapipe (Vulkan on the CPU) and only shows that the
 path works; it says nothing about GPU speed.""")
+
+if adapter_rows:
+    print("\n## Adapter operations: SmolLM2-135M-Instruct, r=8, CPU\n")
+    print("The same adapter files in both engines (ours saves them, PEFT loads them). Medians in ms; "
+          "set_adapter and disable+enable over many calls. Our unload also drops the adapters; "
+          "merge_and_unload includes reading one merged weight back.\n")
+    ops = ["load_ms", "set_adapter_ms", "disable_enable_ms", "unload_ms", "merge_and_unload_ms", "save_ms"]
+    print("| adapter | engine | " + " | ".join(o.removesuffix("_ms") for o in ops) + " |")
+    print("|---|---|" + "---:|" * len(ops))
+    for name in ["qv", "all_linear"]:
+        for r in adapter_rows:
+            a = r["adapters"].get(name)
+            if a:
+                print(f"| {name} | {r['engine']} | " + " | ".join(f"{a[o]:.4g}" for o in ops) + " |")

@@ -20,5 +20,9 @@ run() { echo "[bench] $*" >&2; local line; line=$("$@" | tail -n 1) && results+=
 run cargo bench --bench generation -- --model "$MODEL" --backend cpu --new-tokens "$NEW_TOKENS" --repeats "$REPEATS"
 run timeout 1200 cargo bench --bench generation -- --model "$MODEL" --backend wgpu --new-tokens "$NEW_TOKENS" --repeats "$REPEATS"
 run "$VENV/bin/python" bench/transformers_baseline.py "$MODEL" "$NEW_TOKENS" "$REPEATS"
+# adapter verbs: ours writes the adapters that PEFT then loads (which also checks PEFT reads our files)
+ADAPTERS=.cache/bench-adapters
+run cargo bench --bench adapters -- --model "$MODEL" --out "$ADAPTERS"
+run "$VENV/bin/python" bench/peft_baseline.py "$MODEL" "$ADAPTERS"
 printf '%s\n' "${results[@]}" | python3 bench/report.py "npm run bench" > BENCHMARKS.md
 cat BENCHMARKS.md

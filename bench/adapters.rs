@@ -1,0 +1,103 @@
+//! Adapter-operation benchmark (not a test): latency of PEFT's verbs on a real base model.
+//!
+//! cargo bench --bench adapters -- --model DIR --out DIR [--repeats 7]
+//!
+//! Makes two adapters (r=8 on q,v and r=8 on all-linear, init false, seeded), saves them as PEFT
+//! directories under --out (bench/peft_baseline.py loads the same files), then times, on the CPU
+//! backend: load from bytes, set_adapter, disable+enable, unload, merge_and_unload, save.
+//! Prints one JSON line: medians in milliseconds.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::tensor::Device;
+use webgpu_lora::config::LoraConfig;
+use webgpu_lora::io::ModelFiles;
+use webgpu_lora::io::model_files::write_files;
+use webgpu_lora::peft::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
+use webgpu_lora::{Llm, LlamaModel};
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+fn median_ms(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2] * 1e3
+}
+
+fn time(repeats: usize, mut f: impl FnMut()) -> f64 {
+    median_ms((0..repeats).map(|_| {
+        let t = Instant::now();
+        f();
+        t.elapsed().as_secs_f64()
+    }).collect())
+}
+
+fn main() {
+    let model_dir = PathBuf::from(arg("--model").expect("--model DIR"));
+    let out = PathBuf::from(arg("--out").expect("--out DIR"));
+    let repeats: usize = arg("--repeats").map_or(7, |v| v.parse().unwrap());
+    let load_model = || Llm::load(ModelFiles::from_dir(&model_dir).unwrap(), &Device::flex(), &mut |_, _, _| {}).unwrap().model;
+    let mut model = load_model();
+
+    let mut results = serde_json::Map::new();
+    for (name, targets) in [("qv", r#"["q_proj","v_proj"]"#), ("all_linear", r#""all-linear""#)] {
+        let config = format!(r#"{{"peft_type":"LORA","task_type":"CAUSAL_LM","r":8,"lora_alpha":16,"target_modules":{targets},"init_lora_weights":false}}"#);
+        let config = LoraConfig::from_json(config.as_bytes(), "bench").unwrap();
+        model.add_adapter(name, config, 0).unwrap();
+        let files = pollster::block_on(model.save_adapter(name)).unwrap();
+        model.delete_adapter(name).unwrap();
+        let dir = out.join(name);
+        write_files(&dir, vec![(ADAPTER_CONFIG_FILE, files.config_json.clone().into_bytes()), (ADAPTER_WEIGHTS_FILE, files.safetensors.clone())]).unwrap();
+
+        let load = |model: &mut LlamaModel, adapter: &str| {
+            model.load_adapter(adapter, ("c", files.config_json.as_bytes()), ("w", files.safetensors.clone())).unwrap()
+        };
+        let load_ms = time(repeats, || {
+            load(&mut model, "x");
+            model.delete_adapter("x").unwrap();
+        });
+        load(&mut model, "x");
+        load(&mut model, "y");
+        let mut flip = false;
+        let set_ms = time(repeats * 100, || {
+            flip = !flip;
+            model.set_adapter(if flip { "x" } else { "y" }).unwrap();
+        });
+        let disable_ms = time(repeats * 100, || {
+            model.disable_adapter();
+            model.enable_adapter();
+        });
+        let save_ms = time(repeats, || {
+            pollster::block_on(model.save_adapter("x")).unwrap();
+        });
+        let mut unloads = Vec::new();
+        for _ in 0..repeats {
+            let t = Instant::now();
+            model.unload();
+            unloads.push(t.elapsed().as_secs_f64());
+            load(&mut model, "x");
+        }
+        // merge_and_unload changes the base: measure on a fresh model each time (load not timed)
+        let mut merges = Vec::new();
+        for _ in 0..repeats.min(3) {
+            let mut m = load_model();
+            load(&mut m, "x");
+            m.set_adapter("x").unwrap();
+            let t = Instant::now();
+            pollster::block_on(m.merge_and_unload(&[], false)).unwrap();
+            // the merged weights must exist, not just be queued
+            pollster::block_on(webgpu_lora::generate::read_f32(m.layers[0].self_attn.q_proj.base.weight_t.clone().sum())).unwrap();
+            merges.push(t.elapsed().as_secs_f64());
+        }
+        model.unload();
+        results.insert(name.to_string(), serde_json::json!({
+            "load_ms": load_ms, "set_adapter_ms": set_ms, "disable_enable_ms": disable_ms,
+            "unload_ms": median_ms(unloads), "merge_and_unload_ms": median_ms(merges), "save_ms": save_ms,
+            "adapter_bytes": files.safetensors.len(),
+        }));
+    }
+    println!("{}", serde_json::json!({"engine": "webgpu-lora (cpu)", "adapters": results}));
+}

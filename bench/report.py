@@ -38,7 +38,7 @@ path works; it says nothing about GPU speed.""")
 if adapter_rows:
     print("\n## Adapter operations: SmolLM2-135M-Instruct, r=8, CPU\n")
     print("The same adapter files in both engines (ours saves them, PEFT loads them). Medians in ms; "
-          "set_adapter and disable+enable over many calls. Our unload also drops the adapters; "
+          "set_adapter and disable+enable over many calls. "
           "merge_and_unload includes reading one merged weight back.\n")
     ops = ["load_ms", "set_adapter_ms", "disable_enable_ms", "unload_ms", "merge_and_unload_ms", "save_ms"]
     print("| adapter | engine | " + " | ".join(o.removesuffix("_ms") for o in ops) + " |")

@@ -1,5 +1,6 @@
-//! The PEFT model-level API on the base model: named LoRA adapters loaded from PEFT files,
-//! switched by name, disabled and enabled (PEFT's `PeftModel` / `LoraModel` vocabulary).
+//! The PEFT model-level API on the base model (PEFT's `PeftModel` / `LoraModel` vocabulary):
+//! named LoRA adapters loaded from or saved to PEFT files, switched by name, disabled, merged,
+//! unloaded, deleted and combined.
 
 mod model;
 

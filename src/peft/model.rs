@@ -1,4 +1,5 @@
-//! Loading PEFT adapters into a [`LlamaModel`] and choosing which one runs.
+//! PEFT's model-level verbs on a [`LlamaModel`]: load (from PEFT files) or add (initialised)
+//! adapters, choose which one runs, disable, merge / unmerge / unload, delete, save, combine, count.
 //!
 //! An adapter is `adapter_config.json` + `adapter_model.safetensors` with keys
 //! `base_model.model.<module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r]. Loading

@@ -15,7 +15,7 @@ use webgpu_lora::io::safetensors::write_safetensors;
 use webgpu_lora::config::LoraConfig;
 use webgpu_lora::io::model_files::{TEXT_FILES, write_files};
 use webgpu_lora::io::{HostTensor, ModelFiles, StoreDtype};
-use webgpu_lora::peft::{ADAPTER_CONFIG_FILE, MergeReport};
+use webgpu_lora::peft::ADAPTER_CONFIG_FILE;
 use webgpu_lora::{Error, GenerationConfig, Llm, Result};
 
 #[derive(Parser)]
@@ -163,8 +163,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut llm = load(&model, backend)?;
             load_adapters(&mut llm, &adapter)?;
             if merge {
-                let report = pollster::block_on(llm.model.merge_and_unload(&[], false))?;
-                warn_skipped(&report);
+                pollster::block_on(llm.model.merge_and_unload(&[], false))?;
             }
             let ids = match (ids, text) {
                 (Some(ids), _) => parse_ids(&ids)?,
@@ -228,11 +227,6 @@ fn load_adapters(llm: &mut Llm, dirs: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-fn warn_skipped(report: &MergeReport) {
-    for name in &report.skipped {
-        eprintln!("warning: adapter {name} is already merged; merging it again would add it twice, so it was skipped");
-    }
-}
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {

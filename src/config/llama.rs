@@ -11,6 +11,18 @@ use crate::error::{Error, Result};
 /// The architecture this crate runs.
 pub const LLAMA_ARCHITECTURE: &str = "LlamaForCausalLM";
 
+/// The linear layers of one decoder block, by their Hugging Face names relative to the block, in
+/// model order.
+pub const PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
 /// The shape and constants of a Llama-architecture causal LM.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -150,15 +162,6 @@ impl LlamaConfig {
     /// The Hugging Face names of the linear layers inside the decoder blocks, in model order
     /// (`model.layers.{i}.self_attn.q_proj`, ...): what LoRA can target. The output head is not one.
     pub fn linear_module_names(&self) -> Vec<String> {
-        const PROJECTIONS: [&str; 7] = [
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        ];
         (0..self.num_hidden_layers)
             .flat_map(|i| PROJECTIONS.iter().map(move |p| format!("model.layers.{i}.{p}")))
             .collect()

@@ -3,5 +3,5 @@
 mod llama;
 mod lora;
 
-pub use llama::{LLAMA_ARCHITECTURE, LlamaConfig};
+pub use llama::{LLAMA_ARCHITECTURE, LlamaConfig, PROJECTIONS};
 pub use lora::{LoraConfig, LoraInit, TargetModules};

@@ -15,7 +15,7 @@
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, PROJECTIONS};
 use crate::error::{Error, Result};
 use crate::io::{HostTensor, SafetensorsWeights};
 use crate::lora::LoraLinear;
@@ -163,32 +163,18 @@ impl DecoderLayer {
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h), lora)
     }
 
-    /// The block's linear layers with their Hugging Face names relative to the block.
+    /// The block's linear layers with their Hugging Face names relative to the block ([`PROJECTIONS`]).
     pub fn linears(&self) -> [(&'static str, &LoraLinear); 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            ("self_attn.q_proj", &a.q_proj),
-            ("self_attn.k_proj", &a.k_proj),
-            ("self_attn.v_proj", &a.v_proj),
-            ("self_attn.o_proj", &a.o_proj),
-            ("mlp.gate_proj", &m.gate_proj),
-            ("mlp.up_proj", &m.up_proj),
-            ("mlp.down_proj", &m.down_proj),
-        ]
+        let layers = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
+        std::array::from_fn(|i| (PROJECTIONS[i], layers[i]))
     }
 
     /// The same, mutable.
     pub fn linears_mut(&mut self) -> [(&'static str, &mut LoraLinear); 7] {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
-        [
-            ("self_attn.q_proj", &mut a.q_proj),
-            ("self_attn.k_proj", &mut a.k_proj),
-            ("self_attn.v_proj", &mut a.v_proj),
-            ("self_attn.o_proj", &mut a.o_proj),
-            ("mlp.gate_proj", &mut m.gate_proj),
-            ("mlp.up_proj", &mut m.up_proj),
-            ("mlp.down_proj", &mut m.down_proj),
-        ]
+        let mut layers = [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj].into_iter();
+        std::array::from_fn(|i| (PROJECTIONS[i], layers.next().expect("seven layers")))
     }
 }
 

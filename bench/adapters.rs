@@ -4,7 +4,11 @@
 //!
 //! Makes two adapters (r=8 on q,v and r=8 on all-linear, init false, seeded), saves them as PEFT
 //! directories under --out (bench/peft_baseline.py loads the same files), then times, on the CPU
-//! backend: load from bytes, set_adapter, disable+enable, unload, merge_and_unload, save.
+//! backend: load from bytes, set_adapter, disable+enable, unload, merge_and_unload, save; and the
+//! OLoRA and PiSSA initialisations (QR / SVD of every targeted base weight).
+//! Each directory also gets `logits.safetensors`: our logits for IDS with the adapter active, for
+//! PEFT to compare with its own. `olora_as_lora` is an OLoRA adapter, changed as training would,
+//! saved converted to a plain rank-2r LoRA for the original base.
 //! Prints one JSON line: medians in milliseconds.
 
 use std::path::PathBuf;
@@ -14,7 +18,7 @@ use burn::tensor::Device;
 use webgpu_lora::config::LoraConfig;
 use webgpu_lora::io::ModelFiles;
 use webgpu_lora::io::model_files::write_files;
-use webgpu_lora::peft::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
+use webgpu_lora::peft::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, AdapterSource};
 use webgpu_lora::{Llm, LlamaModel};
 
 fn arg(name: &str) -> Option<String> {
@@ -35,6 +39,21 @@ fn time(repeats: usize, mut f: impl FnMut()) -> f64 {
     }).collect())
 }
 
+/// Token ids of the logits check (any in-vocabulary ids do).
+const IDS: [u32; 8] = [1, 504, 3458, 314, 260, 2489, 282, 4649];
+
+/// Writes the files of an adapter and our logits with it active into `dir`.
+fn write_adapter(dir: &std::path::Path, files: &webgpu_lora::peft::AdapterFiles, logits: Vec<f32>) {
+    let vocab = logits.len() / IDS.len();
+    let tensors = std::collections::BTreeMap::from([("logits".to_string(), webgpu_lora::io::HostTensor::new(vec![IDS.len(), vocab], logits))]);
+    let logits = webgpu_lora::io::safetensors::write_safetensors(&tensors, webgpu_lora::io::StoreDtype::F32, None).unwrap();
+    write_files(dir, vec![(ADAPTER_CONFIG_FILE, files.config_json.clone().into_bytes()), (ADAPTER_WEIGHTS_FILE, files.safetensors.clone()), ("logits.safetensors", logits)]).unwrap();
+}
+
+fn logits(model: &LlamaModel) -> Vec<f32> {
+    pollster::block_on(webgpu_lora::generate::read_f32(model.forward(model.ids_tensor(&IDS), None))).unwrap()
+}
+
 fn main() {
     let model_dir = PathBuf::from(arg("--model").expect("--model DIR"));
     let out = PathBuf::from(arg("--out").expect("--out DIR"));
@@ -46,14 +65,15 @@ fn main() {
     for (name, targets) in [("qv", r#"["q_proj","v_proj"]"#), ("all_linear", r#""all-linear""#)] {
         let config = format!(r#"{{"peft_type":"LORA","task_type":"CAUSAL_LM","r":8,"lora_alpha":16,"target_modules":{targets},"init_lora_weights":false}}"#);
         let config = LoraConfig::from_json(config.as_bytes(), "bench").unwrap();
-        model.add_adapter(name, config, 0).unwrap();
+        pollster::block_on(model.add_adapter(name, config, 0)).unwrap();
         let files = pollster::block_on(model.save_adapter(name)).unwrap();
+        model.set_adapter(name).unwrap();
+        write_adapter(&out.join(name), &files, logits(&model));
         model.delete_adapter(name).unwrap();
-        let dir = out.join(name);
-        write_files(&dir, vec![(ADAPTER_CONFIG_FILE, files.config_json.clone().into_bytes()), (ADAPTER_WEIGHTS_FILE, files.safetensors.clone())]).unwrap();
 
         let load = |model: &mut LlamaModel, adapter: &str| {
-            model.load_adapter(adapter, ("c", files.config_json.as_bytes()), ("w", files.safetensors.clone())).unwrap()
+            let source = AdapterSource { config: ("c".into(), files.config_json.clone().into_bytes()), weights: ("w".into(), files.safetensors.clone()) };
+            pollster::block_on(model.load_adapter(adapter, source)).unwrap()
         };
         let load_ms = time(repeats, || {
             load(&mut model, "x");
@@ -99,5 +119,32 @@ fn main() {
             "adapter_bytes": files.safetensors.len(),
         }));
     }
+
+    // OLoRA / PiSSA init time on q,v; then an OLoRA adapter "trained" (a fixed change of A and B)
+    // and saved converted, for PEFT to load on the original base
+    for init in ["olora", "pissa"] {
+        let config = format!(r#"{{"peft_type":"LORA","task_type":"CAUSAL_LM","r":8,"lora_alpha":16,"target_modules":["q_proj","v_proj"],"init_lora_weights":"{init}"}}"#);
+        let config = LoraConfig::from_json(config.as_bytes(), "bench").unwrap();
+        let mut times = Vec::new();
+        for _ in 0..repeats.min(3) {
+            let t = Instant::now();
+            pollster::block_on(model.add_adapter(init, config.clone(), 0)).unwrap();
+            times.push(t.elapsed().as_secs_f64());
+            model.delete_adapter(init).unwrap();
+        }
+        results.insert(format!("{init}_init_qv"), serde_json::json!({"init_ms": median_ms(times)}));
+    }
+    let config = LoraConfig::from_json(br#"{"peft_type":"LORA","task_type":"CAUSAL_LM","r":8,"lora_alpha":16,"target_modules":["q_proj","v_proj"],"init_lora_weights":"olora"}"#, "bench").unwrap();
+    pollster::block_on(model.add_adapter("olora", config, 0)).unwrap();
+    for layer in &mut model.layers {
+        for (_, linear) in layer.linears_mut() {
+            if let Some(lora) = linear.adapters.get_mut("olora") {
+                lora.b_t = lora.b_t.clone().mul_scalar(1.5);
+            }
+        }
+    }
+    model.set_adapter("olora").unwrap();
+    let files = pollster::block_on(model.save_adapter_as_lora("olora")).unwrap();
+    write_adapter(&out.join("olora_as_lora"), &files, logits(&model));
     println!("{}", serde_json::json!({"engine": "webgpu-lora (cpu)", "adapters": results}));
 }

@@ -62,5 +62,19 @@ for name in ["qv", "all_linear"]:
     results[name] = {"load_ms": load_ms, "set_adapter_ms": set_ms, "disable_enable_ms": disable_ms,
                      "unload_ms": unload_ms, "merge_and_unload_ms": merge_ms, "save_ms": save_ms}
 
+# PEFT on the files we saved: its logits beside ours (logits.safetensors, same ids)
+from safetensors.torch import load_file
+
+ids = torch.tensor([[1, 504, 3458, 314, 260, 2489, 282, 4649]])
+for name in ["qv", "all_linear", "olora_as_lora"]:
+    path = os.path.join(adapters_dir, name)
+    if not os.path.exists(os.path.join(path, "logits.safetensors")):
+        continue
+    model = PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    ours = load_file(os.path.join(path, "logits.safetensors"))["logits"]
+    results.setdefault(name, {})["peft_vs_ours_max_abs"] = (logits - ours).abs().max().item()
+
 import peft
 print(json.dumps({"engine": f"PEFT {peft.__version__} / torch {torch.__version__} (CPU)", "adapters": results}))

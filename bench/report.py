@@ -47,4 +47,16 @@ if adapter_rows:
         for r in adapter_rows:
             a = r["adapters"].get(name)
             if a:
-                print(f"| {name} | {r['engine']} | " + " | ".join(f"{a[o]:.4g}" for o in ops) + " |")
+                print(f"| {name} | {r['engine']} | " + " | ".join(f"{a[o]:.4g}" if o in a else "-" for o in ops) + " |")
+    ours = next((r["adapters"] for r in adapter_rows if r["engine"].startswith("webgpu-lora")), {})
+    inits = [(k.removesuffix("_init_qv"), v["init_ms"]) for k, v in ours.items() if k.endswith("_init_qv")]
+    if inits:
+        print("\nInitialisation from the base weights, r=8 on q,v (60 matrices; ours, CPU): "
+              + ", ".join(f"{k} {v:.0f} ms" for k, v in inits) + ".")
+    peft_row = next((r["adapters"] for r in adapter_rows if r["engine"].startswith("PEFT")), {})
+    checks = [(k, v["peft_vs_ours_max_abs"]) for k, v in peft_row.items() if "peft_vs_ours_max_abs" in v]
+    if checks:
+        print("\nPEFT loads the adapters we saved and gives our logits (8 tokens x 49152 logits; max |PEFT - ours|): "
+              + ", ".join(f"{k} {v:.2e}" for k, v in checks)
+              + ". `olora_as_lora` is an OLoRA adapter changed after init and saved converted to a plain rank-16 LoRA "
+              "(`save_adapter_as_lora`), loaded by PEFT on the original base.")

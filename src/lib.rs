@@ -17,10 +17,12 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod io;
+pub mod linalg;
 pub mod llm;
 pub mod lora;
 pub mod model;
 pub mod peft;
+pub mod train;
 
 #[cfg(target_arch = "wasm32")]
 pub mod web;

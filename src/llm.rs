@@ -6,6 +6,10 @@ use crate::error::{Error, Result};
 use crate::generate::{Generation, GenerationConfig, generate};
 use crate::io::{ChatMessage, ModelFiles, TextTokenizer};
 use crate::model::LlamaModel;
+use crate::peft::AdapterSource;
+
+/// PEFT's name for an adapter loaded without one.
+pub const DEFAULT_ADAPTER: &str = "default";
 
 /// A model ready to run.
 pub struct Llm {
@@ -25,6 +29,20 @@ impl Llm {
         let weights = files.take_weights()?;
         let model = LlamaModel::load(config, &weights, device, &mut |done, total| progress(STAGE_WEIGHTS, done, total))?;
         Ok(Llm { model, tokenizer })
+    }
+
+    /// PEFT's `PeftModel.from_pretrained(base, adapter)`: the base with the adapter loaded as
+    /// "default" and active.
+    pub async fn from_pretrained(
+        base: ModelFiles,
+        adapter: AdapterSource,
+        device: &Device,
+        progress: &mut dyn FnMut(&str, usize, usize),
+    ) -> Result<Self> {
+        let mut llm = Self::load(base, device, progress)?;
+        llm.model.load_adapter(DEFAULT_ADAPTER, adapter).await?;
+        llm.model.set_adapter(DEFAULT_ADAPTER)?;
+        Ok(llm)
     }
 
     pub fn tokenizer(&self) -> Result<&TextTokenizer> {

@@ -10,18 +10,23 @@ use burn::tensor::Device;
 use common::*;
 use webgpu_lora::LlamaModel;
 use webgpu_lora::generate::read_f32;
+use webgpu_lora::peft::AdapterSource;
 
 const ADAPTERS: [&str; 4] = ["all7-r4", "qv-r8", "rslora", "rank-pattern"];
 const TOLERANCE: f32 = 1e-4;
 
 fn files(dir: &Path) -> (String, Vec<u8>, String, Vec<u8>) {
-    let (c, w) = (dir.join("adapter_config.json"), dir.join("adapter_model.safetensors"));
-    (c.display().to_string(), std::fs::read(&c).unwrap(), w.display().to_string(), std::fs::read(&w).unwrap())
+    let AdapterSource { config: (cf, c), weights: (wf, w) } = AdapterSource::from_dir(dir).unwrap();
+    (cf, c, wf, w)
+}
+
+fn load_source(model: &mut LlamaModel, name: &str, config: (&str, &[u8]), weights: (&str, Vec<u8>)) -> webgpu_lora::Result<()> {
+    let source = AdapterSource { config: (config.0.to_string(), config.1.to_vec()), weights: (weights.0.to_string(), weights.1) };
+    pollster::block_on(model.load_adapter(name, source))
 }
 
 fn load_adapter(model: &mut LlamaModel, name: &str, adapter: &str) -> webgpu_lora::Result<()> {
-    let (cf, c, wf, w) = files(&fixture("peft").join(adapter));
-    model.load_adapter(name, (&cf, &c), (&wf, w))
+    pollster::block_on(model.load_adapter(name, AdapterSource::from_dir(&fixture("peft").join(adapter)).unwrap()))
 }
 
 fn logits(model: &LlamaModel) -> Vec<f32> {
@@ -93,7 +98,7 @@ fn bad_adapters_leave_the_model_unchanged() {
     let mut model = load(&fixture("tiny-llama"), &cpu()).model;
     let base = logits(&model);
     let (cf, config, wf, weights) = files(&fixture("peft/all7-r4"));
-    let mut attempt = |config: &[u8], weights: Vec<u8>| model.load_adapter("bad", (&cf, config), (&wf, weights)).unwrap_err().to_string();
+    let mut attempt = |config: &[u8], weights: Vec<u8>| load_source(&mut model, "bad", (&cf, config), (&wf, weights)).unwrap_err().to_string();
 
     let truncated = attempt(&config, weights[..weights.len() / 2].to_vec());
     assert!(truncated.starts_with(&format!("{wf}: invalid safetensors")), "{truncated}");
@@ -181,7 +186,7 @@ fn safe_merge_refuses_broken_adapters() {
     for chunk in broken[header_end..header_end + 64].chunks_exact_mut(4) {
         chunk.copy_from_slice(&f32::NAN.to_le_bytes());
     }
-    model.load_adapter("broken", (&cf, &config), (&wf, broken)).unwrap();
+    load_source(&mut model, "broken", (&cf, &config), (&wf, broken)).unwrap();
     model.set_adapter("broken").unwrap();
     model.disable_adapter();
     let base = logits(&model);
@@ -225,7 +230,7 @@ fn save_and_load_round_trip() {
             assert_eq!(ours.tensor(name).unwrap(), peft.tensor(name).unwrap(), "{adapter}: {name}");
         }
         assert!(saved.safetensors.windows(15).any(|w| w == br#"{"format":"pt"}"#), "metadata format pt");
-        model.load_adapter("b", ("saved config", saved.config_json.as_bytes()), ("saved weights", saved.safetensors)).unwrap();
+        pollster::block_on(model.load_adapter("b", AdapterSource::from_files(saved, "saved"))).unwrap();
         model.set_adapter("b").unwrap();
         assert!(max_abs_diff(&before, &logits(&model)) < 1e-5, "{adapter}");
     }
@@ -239,15 +244,15 @@ fn add_adapter_initialisations() {
     let mut model = load(&fixture("tiny-llama"), &cpu()).model;
     let base = logits(&model);
     let targets = TargetModules::AllLinear;
-    model.add_adapter("zero", LoraConfig::new(8, 16.0, targets.clone()).unwrap(), 1).unwrap();
+    pollster::block_on(model.add_adapter("zero", LoraConfig::new(8, 16.0, targets.clone()).unwrap(), 1)).unwrap();
     model.set_adapter("zero").unwrap();
     assert_eq!(logits(&model), base, "B = 0: the adapter starts as a no-op");
     assert_eq!(model.trainable_parameters().0, 2 * (8 * (64 + 64) * 2 + 8 * (64 + 32) * 2 + 8 * (64 + 128) * 3));
 
     let random: LoraConfig = LoraConfig::from_json(br#"{"peft_type":"LORA","r":4,"target_modules":["q_proj","v_proj"],"init_lora_weights":false}"#, "c").unwrap();
-    model.add_adapter("r1", random.clone(), 7).unwrap();
-    model.add_adapter("r2", random.clone(), 7).unwrap();
-    model.add_adapter("r3", random, 8).unwrap();
+    pollster::block_on(model.add_adapter("r1", random.clone(), 7)).unwrap();
+    pollster::block_on(model.add_adapter("r2", random.clone(), 7)).unwrap();
+    pollster::block_on(model.add_adapter("r3", random, 8)).unwrap();
     let run = |model: &mut LlamaModel, name: &str| {
         model.set_adapter(name).unwrap();
         logits(model)
@@ -266,7 +271,7 @@ fn olora_init_leaves_the_output_unchanged() {
     let mut model = load(&fixture("tiny-llama"), &cpu()).model;
     let base = logits(&model);
     let config = LoraConfig::from_json(br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":"all-linear","init_lora_weights":"olora"}"#, "c").unwrap();
-    model.add_adapter("olora", config, 0).unwrap();
+    pollster::block_on(model.add_adapter("olora", config, 0)).unwrap();
     model.set_adapter("olora").unwrap();
     assert!(max_abs_diff(&logits(&model), &base) < 1e-5);
     model.disable_adapter();
@@ -290,7 +295,7 @@ fn weighted_adapters() {
     let base = logits(&model);
     load_adapter(&mut model, "a", "all7-r4").unwrap();
     load_adapter(&mut model, "b", "qv-r8").unwrap();
-    model.add_weighted_adapter(&["a"], &[-1.0], "neg", Combination::Cat).unwrap();
+    pollster::block_on(model.add_weighted_adapter(&["a"], &[-1.0], "neg", Combination::Cat)).unwrap();
     let delta = |model: &LlamaModel, name: &str| {
         let layer = &model.layers[0].self_attn.q_proj;
         pollster::block_on(read_f32(layer.delta_t(name).unwrap())).unwrap()
@@ -298,12 +303,12 @@ fn weighted_adapters() {
     let (da, dneg) = (delta(&model, "a"), delta(&model, "neg"));
     assert!(da.iter().zip(&dneg).all(|(x, y)| (x + y).abs() < 1e-6), "weight -1 negates the delta");
 
-    model.add_weighted_adapter(&["a", "b"], &[0.5, 2.0], "cat", Combination::Cat).unwrap();
+    pollster::block_on(model.add_weighted_adapter(&["a", "b"], &[0.5, 2.0], "cat", Combination::Cat)).unwrap();
     let (db, dcat) = (delta(&model, "b"), delta(&model, "cat"));
     assert!(da.iter().zip(&db).zip(&dcat).all(|((x, y), z)| (0.5 * x + 2.0 * y - z).abs() < 1e-5), "cat sums the deltas");
     assert_eq!(model.adapter_config("cat").unwrap().r, 12);
     assert_eq!(model.layers[0].mlp.up_proj.adapters["cat"].rank(), 12, "a module only one adapter has is zero-padded");
-    let err = model.add_weighted_adapter(&["a", "b"], &[1.0, 1.0], "lin", Combination::Linear).unwrap_err().to_string();
+    let err = pollster::block_on(model.add_weighted_adapter(&["a", "b"], &[1.0, 1.0], "lin", Combination::Linear)).unwrap_err().to_string();
     assert!(err.contains("equal ranks"), "{err}");
     model.set_adapter("cat").unwrap();
     assert!(max_abs_diff(&logits(&model), &base) > 1e-3);
@@ -319,15 +324,152 @@ fn weighted_adapters_match_peft() {
     load_adapter(&mut model, "a", "all7-r4").unwrap();
     load_adapter(&mut model, "b", "qv-r8").unwrap();
     load_adapter(&mut model, "c", "rank-pattern").unwrap();
-    model.add_weighted_adapter(&["a"], &[0.7], "linear", Combination::Linear).unwrap();
-    model.add_weighted_adapter(&["a", "b"], &[0.5, 2.0], "cat", Combination::Cat).unwrap();
-    for name in ["linear", "cat"] {
+    pollster::block_on(model.add_weighted_adapter(&["a"], &[0.7], "linear", Combination::Linear)).unwrap();
+    pollster::block_on(model.add_weighted_adapter(&["a", "b"], &[0.5, 2.0], "cat", Combination::Cat)).unwrap();
+    pollster::block_on(model.add_weighted_adapter(&["a", "b"], &[0.5, 2.0], "svd", Combination::Svd { rank: None })).unwrap();
+    pollster::block_on(model.add_weighted_adapter(&["a", "b"], &[1.5, -0.5], "svd-r3", Combination::Svd { rank: Some(3) })).unwrap();
+    assert_eq!((model.adapter_config("svd").unwrap().r, model.adapter_config("svd-r3").unwrap().r), (8, 3), "svd: the largest rank, or the one asked for");
+    for name in ["linear", "cat", "svd", "svd-r3"] {
         model.set_adapter(name).unwrap();
         let diff = max_abs_diff(&logits(&model), &expected.tensor(name).unwrap().data);
         assert!(diff < TOLERANCE, "{name}: max |ours - PEFT| = {diff}");
     }
     // PEFT refuses a linear combination whose per-module ranks differ; so do we, changing nothing
-    let err = model.add_weighted_adapter(&["b", "c"], &[0.6, -0.3], "bad", Combination::Linear).unwrap_err().to_string();
+    let err = pollster::block_on(model.add_weighted_adapter(&["b", "c"], &[0.6, -0.3], "bad", Combination::Linear)).unwrap_err().to_string();
     assert!(err.contains("ranks differ"), "{err}");
     assert!(!model.adapter_names().contains(&"bad"));
+}
+
+/// OLoRA and PiSSA adapters saved by PEFT (tests/fixtures/peft/{olora,pissa}[-as-lora]), after a
+/// perturbation standing in for training: loaded on the original base they give PEFT's logits,
+/// as they are (the residual base is derived again on load, as PEFT does) and converted to a
+/// plain LoRA of rank 2r. Unloading gives the original base back.
+fn check_init_adapters_against_peft(device: &Device) {
+    let base_logits = expected_logits(fixture("tiny-llama/expected.safetensors"));
+    for adapter in ["olora", "olora-as-lora", "pissa", "pissa-as-lora"] {
+        let mut model = load(&fixture("tiny-llama"), device).model;
+        load_adapter(&mut model, "a", adapter).unwrap();
+        model.set_adapter("a").unwrap();
+        let diff = max_abs_diff(&logits(&model), &expected_logits(fixture("peft").join(adapter).join("expected_logits.safetensors")));
+        assert!(diff < TOLERANCE, "{adapter}: max |ours - PEFT| = {diff}");
+        model.unload();
+        assert!(max_abs_diff(&logits(&model), &base_logits) < 1e-5, "{adapter}: unload restores the base");
+    }
+}
+
+#[test]
+fn olora_and_pissa_adapters_match_peft_on_cpu() {
+    check_init_adapters_against_peft(&cpu());
+}
+
+#[test]
+fn olora_and_pissa_adapters_match_peft_on_wgpu() {
+    check_init_adapters_against_peft(&wgpu());
+}
+
+/// Adds `step` times a fixed pattern to every A and B of adapter `name`: a stand-in for training.
+fn perturb(model: &mut LlamaModel, name: &str, step: f32) {
+    for layer in &mut model.layers {
+        for (_, linear) in layer.linears_mut() {
+            if let Some(lora) = linear.adapters.get_mut(name) {
+                for t in [&mut lora.a_t, &mut lora.b_t] {
+                    let [rows, cols] = t.dims();
+                    let pattern: Vec<f32> = (0..rows * cols).map(|i| step * ((i * 7919 % 101) as f32 / 50.0 - 1.0)).collect();
+                    *t = t.clone() + burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(pattern, [rows, cols]), &t.device());
+                }
+            }
+        }
+    }
+}
+
+/// Our own OLoRA and PiSSA: the output is unchanged at init (1e-5); after "training", the adapter
+/// saved as it is and saved converted to rank 2r both reproduce the trained model on a fresh
+/// original base; deleting the adapter gives the base back; PiSSA's B A is the top-r SVD part.
+#[test]
+fn olora_and_pissa_init_and_conversion() {
+    use webgpu_lora::config::LoraConfig;
+    for init in ["olora", "pissa"] {
+        let mut model = load(&fixture("tiny-llama"), &cpu()).model;
+        let base = logits(&model);
+        let json = format!(r#"{{"peft_type":"LORA","r":4,"lora_alpha":16,"target_modules":["q_proj","v_proj","down_proj"],"init_lora_weights":"{init}"}}"#);
+        pollster::block_on(model.add_adapter("x", LoraConfig::from_json(json.as_bytes(), "c").unwrap(), 0)).unwrap();
+        model.set_adapter("x").unwrap();
+        assert!(max_abs_diff(&logits(&model), &base) < 1e-5, "{init}: unchanged at init");
+        perturb(&mut model, "x", 0.05);
+        let trained = logits(&model);
+        assert!(max_abs_diff(&trained, &base) > 1e-3, "{init}: the perturbation matters");
+
+        let plain = pollster::block_on(model.save_adapter("x")).unwrap();
+        let converted = pollster::block_on(model.save_adapter_as_lora("x")).unwrap();
+        let config = LoraConfig::from_json(converted.config_json.as_bytes(), "converted").unwrap();
+        assert_eq!((config.r, config.lora_alpha, config.init_lora_weights), (8, 32.0, webgpu_lora::config::LoraInit::Default));
+        for (how, files) in [("as it is", plain), ("converted", converted)] {
+            let mut fresh = load(&fixture("tiny-llama"), &cpu()).model;
+            pollster::block_on(fresh.load_adapter("x", AdapterSource::from_files(files, how))).unwrap();
+            fresh.set_adapter("x").unwrap();
+            let diff = max_abs_diff(&logits(&fresh), &trained);
+            assert!(diff < TOLERANCE, "{init} {how}: max |loaded - trained| = {diff}");
+        }
+        model.delete_adapter("x").unwrap();
+        assert!(max_abs_diff(&logits(&model), &base) < 1e-5, "{init}: delete restores the base");
+    }
+    // a plain LoRA has nothing to convert
+    let (model, _) = tiny_with_active("qv-r8");
+    let err = pollster::block_on(model.save_adapter_as_lora("a")).err().unwrap().to_string();
+    assert!(err.contains("already a plain LoRA"), "{err}");
+}
+
+/// PiSSA's A and B: B A is the top-r part of W's SVD divided by scaling, so W - scaling B A has
+/// the remaining singular values (checked through the residual's Frobenius norm^2 = sum of the
+/// rest of S^2).
+#[test]
+fn pissa_takes_the_principal_singular_part() {
+    use webgpu_lora::config::LoraConfig;
+    let mut model = load(&fixture("tiny-llama"), &cpu()).model;
+    let w = model.layers[0].self_attn.q_proj.base.weight_t.clone();
+    let [d_in, d_out] = w.dims();
+    let host = webgpu_lora::io::HostTensor::new(vec![d_in, d_out], pollster::block_on(read_f32(w)).unwrap());
+    let s = webgpu_lora::linalg::thin_svd(&host).unwrap().s;
+    let config = LoraConfig::from_json(br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":["q_proj"],"init_lora_weights":"pissa"}"#, "c").unwrap();
+    pollster::block_on(model.add_adapter("p", config, 0)).unwrap();
+    let residual = model.layers[0].self_attn.q_proj.base.weight_t.clone();
+    let norm2: f32 = pollster::block_on(read_f32(residual.clone().mul(residual).sum())).unwrap()[0];
+    let rest: f32 = s[4..].iter().map(|v| v * v).sum();
+    assert!((norm2 - rest).abs() < 1e-4 * rest, "|W_res|^2 = {norm2}, sum of the other S^2 = {rest}");
+}
+
+/// An adapter made for another base (other shapes; base_model_name_or_path names it) is refused,
+/// the error says which base it was made for, and the model is unchanged.
+#[test]
+fn adapter_for_another_base_is_refused() {
+    use webgpu_lora::io::{HostTensor, StoreDtype, safetensors::write_safetensors};
+    let mut model = load(&fixture("tiny-llama"), &cpu()).model;
+    let base = logits(&model);
+    let (r, wide) = (8, 2 * model.config.hidden_size);
+    let mut tensors = std::collections::BTreeMap::new();
+    for layer in 0..model.config.num_hidden_layers {
+        for proj in ["q_proj", "v_proj"] {
+            let module = format!("model.layers.{layer}.self_attn.{proj}");
+            tensors.insert(webgpu_lora::peft::lora_key(&module, "lora_A"), HostTensor::new(vec![r, wide], vec![0.01; r * wide]));
+            tensors.insert(webgpu_lora::peft::lora_key(&module, "lora_B"), HostTensor::new(vec![wide, r], vec![0.01; r * wide]));
+        }
+    }
+    let weights = write_safetensors(&tensors, StoreDtype::F32, None).unwrap();
+    let config = br#"{"peft_type":"LORA","r":8,"lora_alpha":16,"target_modules":["q_proj","v_proj"],"base_model_name_or_path":"HuggingFaceTB/SmolLM2-360M-Instruct"}"#;
+    let err = load_source(&mut model, "other", ("other/adapter_config.json", config), ("other/adapter_model.safetensors", weights)).unwrap_err().to_string();
+    assert!(err.starts_with("other/adapter_model.safetensors: "), "{err}");
+    assert!(err.contains("does not fit this model") && err.contains("made for HuggingFaceTB/SmolLM2-360M-Instruct"), "{err}");
+    assert!(model.adapter_names().is_empty());
+    assert_eq!(logits(&model), base);
+}
+
+/// PEFT's `PeftModel.from_pretrained(base, adapter)`: loaded as "default" and active.
+#[test]
+fn from_pretrained_activates_the_adapter() {
+    let files = webgpu_lora::io::ModelFiles::from_dir(&fixture("tiny-llama")).unwrap();
+    let adapter = AdapterSource::from_dir(&fixture("peft/qv-r8")).unwrap();
+    let llm = pollster::block_on(webgpu_lora::Llm::from_pretrained(files, adapter, &cpu(), &mut |_, _, _| {})).unwrap();
+    assert_eq!((llm.model.active_adapter(), llm.model.adapter_names()), (Some("default"), vec!["default"]));
+    let diff = max_abs_diff(&logits(&llm.model), &expected_logits(fixture("peft/qv-r8/expected_logits.safetensors")));
+    assert!(diff < TOLERANCE, "{diff}");
 }

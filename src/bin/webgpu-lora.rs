@@ -15,7 +15,7 @@ use webgpu_lora::io::safetensors::write_safetensors;
 use webgpu_lora::config::LoraConfig;
 use webgpu_lora::io::model_files::{TEXT_FILES, write_files};
 use webgpu_lora::io::{HostTensor, ModelFiles, StoreDtype};
-use webgpu_lora::peft::ADAPTER_CONFIG_FILE;
+use webgpu_lora::peft::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, AdapterSource};
 use webgpu_lora::{Error, GenerationConfig, Llm, Result};
 
 #[derive(Parser)]
@@ -102,6 +102,9 @@ enum Command {
         #[arg(long)]
         safe: bool,
     },
+    /// Train a LoRA adapter with SFT on JSONL data ({"messages"}, {"prompt","completion"} or
+    /// {"text"} per line) or a plain text file; writes a PEFT adapter directory.
+    Train(TrainArgs),
     /// Print an adapter's config summary and its parameter counts.
     AdapterInfo {
         adapter: PathBuf,
@@ -109,6 +112,191 @@ enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    /// The adapter directory to write (adapter_config.json, adapter_model.safetensors,
+    /// training_summary.json; checkpoints in checkpoint-STEP/).
+    #[arg(long)]
+    out: PathBuf,
+    /// A validation file (same formats as --data).
+    #[arg(long, conflicts_with = "val_split")]
+    val: Option<PathBuf>,
+    /// Hold out this fraction of --data for validation.
+    #[arg(long)]
+    val_split: Option<f64>,
+    #[arg(long, default_value_t = 8)]
+    r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
+    dropout: f64,
+    /// Comma-separated module names, or all-linear.
+    #[arg(long, default_value = "q_proj,v_proj")]
+    targets: String,
+    #[arg(long, default_value = "default", value_parser = ["default", "gaussian", "olora", "pissa"])]
+    init: String,
+    /// Scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r.
+    #[arg(long)]
+    rslora: bool,
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    #[arg(long, default_value = "cosine", value_parser = ["cosine", "linear", "constant"])]
+    schedule: String,
+    /// Clip gradients to this global norm (0 = no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    #[arg(long, default_value_t = 1, conflicts_with = "max_steps")]
+    epochs: usize,
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value_t = 512)]
+    max_seq_len: usize,
+    /// Warmup steps.
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Evaluate on the validation set every N steps (and at the end).
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Stop after N evaluations without a better validation loss, keeping the best adapter.
+    #[arg(long)]
+    patience: Option<usize>,
+    /// Save the adapter and the trainer state every N steps under OUT/checkpoint-STEP/.
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Continue from a checkpoint directory written by --checkpoint-every.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Train on every token, not only assistant turns / completions.
+    #[arg(long)]
+    train_on_everything: bool,
+    /// Cut examples longer than --max-seq-len (counted) instead of refusing them.
+    #[arg(long)]
+    truncate: bool,
+    /// Skip malformed lines (counted) instead of refusing the file.
+    #[arg(long)]
+    skip_bad_lines: bool,
+    /// Concatenate examples into rows of up to --max-seq-len tokens.
+    #[arg(long)]
+    packing: bool,
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendArg,
+    /// Write every event (steps, evaluations, checkpoints) as JSON lines here.
+    #[arg(long)]
+    log: Option<PathBuf>,
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| Error::Io { file: path.display().to_string(), source })
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    use webgpu_lora::train::{AdamW, Control, DataOptions, FineTune, Schedule, TrainConfig, TrainEvent, fine_tune};
+    use webgpu_lora::train::fine_tune::{STATE_FILE, SUMMARY_FILE};
+    let targets = if args.targets == "all-linear" { r#""all-linear""#.to_string() } else { serde_json::to_string(&args.targets.split(',').map(str::trim).collect::<Vec<_>>()).expect("strings") };
+    let init = match args.init.as_str() { "default" => "true".to_string(), other => format!("{other:?}") };
+    let config = format!(
+        r#"{{"peft_type":"LORA","task_type":"CAUSAL_LM","r":{},"lora_alpha":{},"lora_dropout":{},"target_modules":{targets},"init_lora_weights":{init},"use_rslora":{},"base_model_name_or_path":{}}}"#,
+        args.r, args.alpha, args.dropout, args.rslora, serde_json::to_string(&args.model.display().to_string()).expect("a string"),
+    );
+    let spec = FineTune {
+        adapter_name: "default".into(),
+        lora: LoraConfig::from_json(config.as_bytes(), "train options")?,
+        data: DataOptions { max_seq_len: args.max_seq_len, train_on_everything: args.train_on_everything, truncate: args.truncate, skip_bad_lines: args.skip_bad_lines },
+        train: TrainConfig {
+            optimizer: AdamW { lr: args.lr, weight_decay: args.weight_decay, ..Default::default() },
+            schedule: Schedule::parse(&args.schedule)?,
+            warmup_steps: args.warmup,
+            max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
+            batch_size: args.batch_size,
+            grad_accum: args.grad_accum,
+            epochs: args.epochs,
+            max_steps: args.max_steps,
+            eval_every: args.eval_every,
+            early_stopping_patience: args.patience,
+            checkpoint_every: args.checkpoint_every,
+            seed: args.seed,
+        },
+        val_split: args.val_split,
+        packing: args.packing,
+    };
+    spec.train.check()?;
+    let mut llm = load(&args.model, args.backend)?;
+    let data = read(&args.data)?;
+    let val = args.val.as_ref().map(|p| read(p).map(|b| (p.display().to_string(), b))).transpose()?;
+    let resume = match &args.resume {
+        Some(dir) => Some((AdapterSource::from_dir(dir)?, read(&dir.join(STATE_FILE))?)),
+        None => None,
+    };
+    let mut log = match &args.log {
+        Some(path) => Some(std::fs::File::create(path).map_err(|source| Error::Io { file: path.display().to_string(), source })?),
+        None => None,
+    };
+    let started = std::time::Instant::now();
+    let clock = move || started.elapsed().as_secs_f64();
+    let mut failed: Option<Error> = None;
+    let out = args.out.clone();
+    let mut on_event = |event: TrainEvent| {
+        if let Some(file) = log.as_mut() {
+            let _ = writeln!(file, "{}", event.to_json());
+        }
+        match &event {
+            TrainEvent::Step(m) => eprintln!(
+                "step {}/{}  epoch {:.2}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.0} tokens/s  eta {:.0}s",
+                m.step, m.total_steps, m.epoch, m.loss, m.lr, m.grad_norm, m.tokens_per_s, m.eta_s
+            ),
+            TrainEvent::Eval { step, val_loss, best } => eprintln!("eval at step {step}: val_loss {val_loss:.4}{}", if *best { " (best)" } else { "" }),
+            TrainEvent::Checkpoint { step, adapter, state } => {
+                let dir = out.join(format!("checkpoint-{step}"));
+                let written = write_files(&dir, vec![
+                    (ADAPTER_CONFIG_FILE, adapter.config_json.clone().into_bytes()),
+                    (ADAPTER_WEIGHTS_FILE, adapter.safetensors.clone()),
+                    (STATE_FILE, state.clone()),
+                ]);
+                match written {
+                    Ok(()) => eprintln!("checkpoint: {}", dir.display()),
+                    Err(e) => {
+                        failed = Some(e);
+                        return Control::Stop;
+                    }
+                }
+            }
+        }
+        Control::Continue
+    };
+    let data_name = args.data.display().to_string();
+    let val_ref = val.as_ref().map(|(n, b)| (n.as_str(), b.as_slice()));
+    let (report, files) = pollster::block_on(fine_tune(&mut llm, &spec, (&data_name, &data), val_ref, resume, &clock, &mut on_event))?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    write_files(&args.out, vec![
+        (ADAPTER_CONFIG_FILE, files.config_json.into_bytes()),
+        (ADAPTER_WEIGHTS_FILE, files.safetensors),
+        (SUMMARY_FILE, report.to_json().into_bytes()),
+    ])?;
+    let s = &report.summary;
+    eprintln!(
+        "wrote {}: {} steps, {} tokens, final loss {}, best val_loss {}, {:.1}s ({:?})",
+        args.out.display(), s.steps, s.tokens,
+        s.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        s.best_val_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        s.elapsed_s, s.end,
+    );
+    Ok(())
 }
 
 fn device(backend: BackendArg) -> Device {
@@ -195,6 +383,7 @@ fn run(cli: Cli) -> Result<()> {
             write_files(&out, written)?;
             eprintln!("wrote {} (merged {}, {})", out.display(), adapter.display(), dtype.torch_name());
         }
+        Command::Train(args) => train(args)?,
         Command::AdapterInfo { adapter, model } => {
             let config_path = adapter.join(ADAPTER_CONFIG_FILE);
             let bytes = std::fs::read(&config_path).map_err(|source| Error::Io { file: config_path.display().to_string(), source })?;
@@ -221,7 +410,7 @@ fn run(cli: Cli) -> Result<()> {
 fn load_adapters(llm: &mut Llm, dirs: &[PathBuf]) -> Result<()> {
     for (i, dir) in dirs.iter().enumerate() {
         let name = format!("adapter{i}");
-        llm.model.load_adapter_dir(&name, dir)?;
+        pollster::block_on(llm.model.load_adapter(&name, AdapterSource::from_dir(dir)?))?;
         llm.model.set_adapter(&name)?;
     }
     Ok(())

@@ -34,6 +34,18 @@ pub enum LoraInit {
     Pissa,
 }
 
+impl LoraInit {
+    fn to_json(self) -> Value {
+        match self {
+            LoraInit::Default => json!(true),
+            LoraInit::Random => json!(false),
+            LoraInit::Gaussian => json!("gaussian"),
+            LoraInit::Olora => json!("olora"),
+            LoraInit::Pissa => json!("pissa"),
+        }
+    }
+}
+
 /// A LoRA adapter's configuration.
 #[derive(Debug, Clone)]
 pub struct LoraConfig {
@@ -212,7 +224,7 @@ impl LoraConfig {
             Value::String(s) if s == "gaussian" => LoraInit::Gaussian,
             Value::String(s) if s == "olora" => LoraInit::Olora,
             Value::String(s) if s == "pissa" => LoraInit::Pissa,
-            _ => return bad("init_lora_weights", "supported: true, false, \"gaussian\", \"olora\", \"pissa\""),
+            _ => return bad("init_lora_weights", "supported: true, false, \"gaussian\", \"olora\", \"pissa\" (for \"pissa_niter_N\" use the exact \"pissa\")"),
         };
         let pattern = |key: &str| -> Result<Vec<(String, f64)>> {
             match get(key) {
@@ -273,6 +285,7 @@ impl LoraConfig {
         raw.insert("lora_dropout".into(), json!(self.lora_dropout));
         raw.insert("target_modules".into(), self.target_modules.to_json());
         raw.insert("use_rslora".into(), json!(self.use_rslora));
+        raw.insert("init_lora_weights".into(), self.init_lora_weights.to_json());
         raw.insert("rank_pattern".into(), Value::Object(self.rank_pattern.iter().map(|(p, r)| (p.clone(), json!(r))).collect()));
         raw.insert("alpha_pattern".into(), Value::Object(self.alpha_pattern.iter().map(|(p, a)| (p.clone(), json!(a))).collect()));
         raw.insert("base_model_name_or_path".into(), json!(self.base_model_name_or_path));

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensors, tensor::{TensorInfo, TensorView}};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -61,8 +61,9 @@ impl StoreDtype {
 /// tensor by tensor on demand (so at most one tensor is held twice in memory while loading).
 pub struct SafetensorsWeights {
     files: Vec<(String, Vec<u8>)>,
-    /// tensor name -> index into `files`
-    location: HashMap<String, usize>,
+    /// tensor name -> (index into `files`, its entry in that file's header, with data offsets
+    /// made absolute), so decoding a tensor does not parse the header again
+    location: HashMap<String, (usize, TensorInfo)>,
 }
 
 impl SafetensorsWeights {
@@ -71,9 +72,14 @@ impl SafetensorsWeights {
     pub fn new(files: Vec<(String, Vec<u8>)>) -> Result<Self> {
         let mut location = HashMap::new();
         for (index, (name, bytes)) in files.iter().enumerate() {
-            let st = SafeTensors::deserialize(bytes).map_err(|e| describe(name, bytes.len(), e))?;
-            for tensor in st.names() {
-                if location.insert(tensor.to_string(), index).is_some() {
+            // deserialize validates the header against the buffer (offsets, sizes, overlaps)
+            SafeTensors::deserialize(bytes).map_err(|e| describe(name, bytes.len(), e))?;
+            let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| describe(name, bytes.len(), e))?;
+            let data_start = 8 + header_len;
+            for (tensor, info) in metadata.tensors() {
+                let mut info = info.clone();
+                info.data_offsets = (data_start + info.data_offsets.0, data_start + info.data_offsets.1);
+                if location.insert(tensor.clone(), (index, info)).is_some() {
                     return Err(Error::file(name, format!("tensor {tensor} also appears in another shard")));
                 }
             }
@@ -115,21 +121,19 @@ impl SafetensorsWeights {
 
     /// The file that holds `name` (for error messages).
     pub fn file_of(&self, name: &str) -> &str {
-        self.location.get(name).map_or("(weights)", |&i| self.files[i].0.as_str())
+        self.location.get(name).map_or("(weights)", |(i, _)| self.files[*i].0.as_str())
     }
 
     /// Decodes one tensor to f32.
     pub fn tensor(&self, name: &str) -> Result<HostTensor> {
-        let &index = self.location.get(name).ok_or_else(|| {
+        let (index, info) = self.location.get(name).ok_or_else(|| {
             let files: Vec<&str> = self.files.iter().map(|(n, _)| n.as_str()).collect();
             Error::file(files.join(", "), format!("tensor {name} is missing"))
         })?;
-        let (file, bytes) = &self.files[index];
-        let st = SafeTensors::deserialize(bytes).map_err(|e| describe(file, bytes.len(), e))?;
-        let view = st.tensor(name).map_err(|e| describe(file, bytes.len(), e))?;
-        let data = decode(view.dtype(), view.data())
-            .ok_or_else(|| Error::file(file, format!("tensor {name} has dtype {:?}; only F32, F16 and BF16 are supported", view.dtype())))?;
-        Ok(HostTensor::new(view.shape().to_vec(), data))
+        let (file, bytes) = &self.files[*index];
+        let data = decode(info.dtype, &bytes[info.data_offsets.0..info.data_offsets.1])
+            .ok_or_else(|| Error::file(file, format!("tensor {name} has dtype {:?}; only F32, F16 and BF16 are supported", info.dtype)))?;
+        Ok(HostTensor::new(info.shape.clone(), data))
     }
 }
 

@@ -5,13 +5,25 @@
 //! - default (`true`): A ~ kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); B = 0
 //! - `"gaussian"`: A ~ N(0, (1/r)^2); B = 0
 //! - `false`: both keep nn.Linear's init: A ~ U(±1/sqrt(in)), B ~ U(±1/sqrt(r))
+//!
+//! and, from the base weight W [out, in] (the base then becomes W - scaling B A, so the layer's
+//! output is unchanged at init), as PEFT's `olora_init` and `pissa_init`:
+//!
+//! - `"olora"`: W = QR; B = Q[:, :r], A = R[:r]
+//! - `"pissa"`: W = V S U^T (thin SVD); B = V_r sqrt(S_r / scaling), A = sqrt(S_r / scaling) U_r^T
+//!
+//! Both products B A are independent of the sign conventions of QR and SVD, so the residual base
+//! is PEFT's exactly (to rounding) even where A and B differ from PEFT's in sign.
 
+use burn::tensor::{Tensor, TensorData};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::LoraInit;
 use crate::error::{Error, Result};
 use crate::io::HostTensor;
+use crate::linalg::{Svd, thin_svd};
+use crate::lora::LoraWeights;
 
 fn uniform(rng: &mut ChaCha8Rng, shape: [usize; 2], bound: f32) -> HostTensor {
     let data = (0..shape[0] * shape[1]).map(|_| rng.random_range(-bound..bound)).collect();
@@ -47,6 +59,40 @@ pub fn init_lora(init: LoraInit, d_in: usize, d_out: usize, r: usize, rng: &mut 
             return Err(Error::invalid(format!("init_lora_weights {init:?} derives A and B from the base weight, not from a random draw")));
         }
     })
+}
+
+/// A host matrix on `device`.
+pub fn upload(t: HostTensor, device: &burn::tensor::Device) -> Tensor<2> {
+    let shape = [t.shape[0], t.shape[1]];
+    Tensor::from_data(TensorData::new(t.data, shape), device)
+}
+
+/// OLoRA's or PiSSA's initial adapter for a base weight `weight_t` (W^T, [in, out]) at rank `r`.
+/// The caller subtracts its update from the base.
+pub async fn init_from_weight(init: LoraInit, weight_t: &Tensor<2>, r: usize, scaling: f64, module: &str) -> Result<LoraWeights> {
+    let [d_in, d_out] = weight_t.dims();
+    if r > d_in.min(d_out) {
+        return Err(Error::invalid(format!("{init:?}: rank {r} exceeds min(in, out) = {} of {module}", d_in.min(d_out))));
+    }
+    match init {
+        LoraInit::Olora => {
+            // on the device: burn's QR is made of tensor ops
+            let (q, r_mat) = burn::linalg::qr(weight_t.clone().transpose(), true);
+            let (b, a) = (q.narrow(1, 0, r), r_mat.narrow(0, 0, r));
+            Ok(LoraWeights { a_t: a.transpose(), b_t: b.transpose(), scaling })
+        }
+        LoraInit::Pissa => {
+            // SVD of W^T = U' S V'^T, i.e. W = V' S U'^T: A^T = U'_r sqrt(S_r/s), B^T = (V'_r sqrt(S_r/s))^T
+            let host = HostTensor::new(vec![d_in, d_out], crate::generate::read_f32(weight_t.clone()).await?);
+            let svd = thin_svd(&host)?;
+            let root: Vec<f32> = svd.s[..r].iter().map(|s| (s / scaling as f32).sqrt()).collect();
+            let device = weight_t.device();
+            let a_t = Svd::leading(&svd.u, r, &root);
+            let b_t = crate::model::transpose(&Svd::leading(&svd.v, r, &root));
+            Ok(LoraWeights { a_t: upload(a_t, &device), b_t: upload(b_t, &device), scaling })
+        }
+        other => Err(Error::invalid(format!("init_lora_weights {other:?} does not derive the adapter from the base weight"))),
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,14 @@ use burn::tensor::Tensor;
 
 use crate::model::Linear;
 
+/// Which adapter a forward pass runs, and the LoRA dropout probability to apply before A (0
+/// outside training).
+#[derive(Debug, Clone, Copy)]
+pub struct LoraRun<'a> {
+    pub adapter: &'a str,
+    pub dropout: f64,
+}
+
 /// One adapter's matrices for one layer.
 #[derive(Clone)]
 pub struct LoraWeights {
@@ -37,11 +45,14 @@ pub struct LoraLinear {
     pub adapters: BTreeMap<String, LoraWeights>,
     /// Adapters whose update is folded into `base`, in merge order.
     pub merged: Vec<String>,
+    /// OLoRA/PiSSA adapters' initial values, whose update was subtracted from `base` when the
+    /// adapter was added (so the output did not change); kept to undo that and to convert.
+    pub initial: BTreeMap<String, LoraWeights>,
 }
 
 impl LoraLinear {
     pub fn new(base: Linear) -> Self {
-        LoraLinear { base, adapters: BTreeMap::new(), merged: Vec::new() }
+        LoraLinear { base, adapters: BTreeMap::new(), merged: Vec::new(), initial: BTreeMap::new() }
     }
 
     /// scaling * (B A)^T = scaling * A^T B^T: the adapter's update of `weight_t`, [in, out], in f32.
@@ -51,17 +62,64 @@ impl LoraLinear {
 
     /// The update of `weight_t` that `lora` stands for.
     pub fn delta_of(&self, lora: &LoraWeights) -> Tensor<2> {
-        lora.a_t.clone().matmul(lora.b_t.clone()).mul_scalar(lora.scaling)
+        // scale the thin factor, not the [in, out] product: one pass less over a full-size matrix
+        lora.a_t.clone().mul_scalar(lora.scaling).matmul(lora.b_t.clone())
+    }
+
+    /// W^T <- W^T + sign * delta_t. The base weight is taken out first, so the backend can add
+    /// into its buffer instead of allocating a second full-size matrix.
+    fn update_base(&mut self, delta_t: Tensor<2>, sign: f64) {
+        let placeholder = Tensor::empty([1, 1], &delta_t.device());
+        let weight_t = std::mem::replace(&mut self.base.weight_t, placeholder);
+        self.base.weight_t = if sign > 0.0 { weight_t + delta_t } else { weight_t - delta_t };
+    }
+
+    /// Folds the named adapter into the base (W <- W + scaling B A); false if this layer does
+    /// not have it or it is already merged.
+    pub fn merge(&mut self, adapter: &str) -> bool {
+        let Some(delta) = self.delta_t(adapter).filter(|_| !self.merged.iter().any(|m| m == adapter)) else { return false };
+        self.update_base(delta, 1.0);
+        self.merged.push(adapter.to_string());
+        true
+    }
+
+    /// Takes every merged adapter back out of the base, last merged first.
+    pub fn unmerge(&mut self) {
+        while let Some(name) = self.merged.pop() {
+            let delta = self.delta_t(&name).expect("a merged adapter is loaded");
+            self.update_base(delta, -1.0);
+        }
+    }
+
+    /// Subtracts the update of an OLoRA/PiSSA adapter's initial values from the base: the
+    /// residual weight W - scaling * B0 A0 that the adapter trains on.
+    pub fn subtract_initial(&mut self, adapter: &str, initial: LoraWeights) {
+        self.update_base(self.delta_of(&initial), -1.0);
+        self.initial.insert(adapter.to_string(), initial);
+    }
+
+    /// Undoes [`subtract_initial`](Self::subtract_initial) (to f32 rounding), if it was done.
+    pub fn restore_initial(&mut self, adapter: &str) {
+        if let Some(initial) = self.initial.remove(adapter) {
+            self.update_base(self.delta_of(&initial), 1.0);
+        }
     }
 
     /// The base output plus the named adapter's low-rank update, if this layer has it and it is not
     /// already merged into the base.
-    pub fn forward(&self, x: Tensor<3>, adapter: Option<&str>) -> Tensor<3> {
-        let lora = adapter.filter(|name| !self.merged.iter().any(|m| m == name)).and_then(|name| self.adapters.get(name));
-        let Some(lora) = lora else { return self.base.forward(x) };
+    pub fn forward(&self, x: Tensor<3>, run: Option<LoraRun>) -> Tensor<3> {
+        let run = run.filter(|run| !self.merged.iter().any(|m| m == run.adapter));
+        let Some((lora, dropout)) = run.and_then(|run| self.adapters.get(run.adapter).map(|l| (l, run.dropout))) else { return self.base.forward(x) };
         let [batch, seq, d_in] = x.dims();
         let x2 = x.reshape([batch * seq, d_in]);
         let base = x2.clone().matmul(self.base.weight_t.clone());
+        let x2 = if dropout > 0.0 {
+            // inverted dropout, as torch.nn.Dropout in training mode
+            let keep = Tensor::<2>::random([batch * seq, d_in], burn::tensor::Distribution::Bernoulli(1.0 - dropout), &x2.device());
+            x2 * keep.mul_scalar(1.0 / (1.0 - dropout))
+        } else {
+            x2
+        };
         let update = x2.matmul(lora.a_t.clone()).matmul(lora.b_t.clone()).mul_scalar(lora.scaling);
         let d_out = self.base.weight_t.dims()[1];
         (base + update).reshape([batch, seq, d_out])

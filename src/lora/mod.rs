@@ -3,5 +3,5 @@
 mod init;
 mod layer;
 
-pub use init::init_lora;
-pub use layer::{LoraLinear, LoraWeights};
+pub use init::{init_from_weight, init_lora, upload};
+pub use layer::{LoraLinear, LoraRun, LoraWeights};

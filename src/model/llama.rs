@@ -18,7 +18,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::config::{LlamaConfig, PROJECTIONS};
 use crate::error::{Error, Result};
 use crate::io::{HostTensor, SafetensorsWeights};
-use crate::lora::LoraLinear;
+use crate::lora::{LoraLinear, LoraRun};
 use crate::model::KvCache;
 
 /// A linear layer without bias; `weight_t` is the Hugging Face weight transposed: [in, out].
@@ -111,7 +111,7 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: Tensor<3>, rotary: &Rotary, mask: Option<Tensor<4>>, cache: Option<&mut KvCache>, lora: Option<&str>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, rotary: &Rotary, mask: Option<Tensor<4>>, cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
         let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
         let q = rotary.apply(heads(self.q_proj.forward(x.clone(), lora), self.num_heads));
@@ -144,7 +144,7 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: Tensor<3>, lora: Option<&str>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, lora: Option<LoraRun>) -> Tensor<3> {
         self.down_proj.forward(silu(self.gate_proj.forward(x.clone(), lora)) * self.up_proj.forward(x, lora), lora)
     }
 }
@@ -158,7 +158,7 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(&self, x: Tensor<3>, rotary: &Rotary, mask: Option<Tensor<4>>, cache: Option<&mut KvCache>, lora: Option<&str>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, rotary: &Rotary, mask: Option<Tensor<4>>, cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Tensor<3> {
         let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rotary, mask, cache, lora);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h), lora)
     }
@@ -265,9 +265,13 @@ impl LlamaModel {
 
     /// Token ids as the Int tensor [1, seq] the forward pass takes.
     pub fn ids_tensor(&self, ids: &[u32]) -> Tensor<2, Int> {
+        self.ids_batch(ids, 1, ids.len())
+    }
+
+    /// `batch` rows of `seq` token ids as an Int tensor [batch, seq].
+    pub fn ids_batch(&self, ids: &[u32], batch: usize, seq: usize) -> Tensor<2, Int> {
         let ids: Vec<i32> = ids.iter().map(|&id| id as i32).collect();
-        let len = ids.len();
-        Tensor::from_data(TensorData::new(ids, [1, len]), &self.device())
+        Tensor::from_data(TensorData::new(ids, [batch, seq]), &self.device())
     }
 
     /// The weights under their Hugging Face names and layout ([out, in] linears), read back from

@@ -4,4 +4,4 @@
 
 mod model;
 
-pub use model::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, AdapterFiles, AdapterState, Combination, MergeReport, lora_key};
+pub use model::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, AdapterFiles, AdapterSource, AdapterState, Combination, MergeReport, lora_key};

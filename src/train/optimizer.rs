@@ -1,0 +1,129 @@
+//! AdamW, learning-rate schedules and gradient clipping, as PyTorch's `torch.optim.AdamW`,
+//! transformers' `get_{linear,cosine,constant}_schedule_with_warmup` and
+//! `torch.nn.utils.clip_grad_norm_` compute them, on plain tensors: the trainable parameters are
+//! a handful of LoRA matrices, not a burn `Module`.
+
+use burn::tensor::Tensor;
+
+use crate::error::{Error, Result};
+
+/// AdamW's settings (PyTorch's defaults besides lr).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamW {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        AdamW { lr: 2e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+impl AdamW {
+    pub fn check(&self) -> Result<()> {
+        let bad = |what: &str| Err(Error::invalid(what.to_string()));
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad(&format!("learning rate {}: must be a positive number", self.lr));
+        }
+        if !((0.0..1.0).contains(&self.beta1) && (0.0..1.0).contains(&self.beta2)) {
+            return bad(&format!("betas ({}, {}): each must be in [0, 1)", self.beta1, self.beta2));
+        }
+        if !(self.eps > 0.0) || self.weight_decay < 0.0 {
+            return bad(&format!("eps {} must be positive and weight decay {} not negative", self.eps, self.weight_decay));
+        }
+        Ok(())
+    }
+
+    /// One step for one parameter at optimizer step `t` (from 1) with learning rate `lr`:
+    /// returns the new (parameter, m, v).
+    pub fn update(&self, param: Tensor<2>, grad: Tensor<2>, m: Tensor<2>, v: Tensor<2>, t: usize, lr: f64) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
+        let param = param.mul_scalar(1.0 - lr * self.weight_decay);
+        let m = m.mul_scalar(self.beta1) + grad.clone().mul_scalar(1.0 - self.beta1);
+        let v = v.mul_scalar(self.beta2) + (grad.clone() * grad).mul_scalar(1.0 - self.beta2);
+        let bias1 = 1.0 - self.beta1.powi(t as i32);
+        let bias2 = 1.0 - self.beta2.powi(t as i32);
+        let denom = v.clone().sqrt().mul_scalar(1.0 / bias2.sqrt()).add_scalar(self.eps);
+        let param = param - (m.clone() / denom).mul_scalar(lr / bias1);
+        (param, m, v)
+    }
+}
+
+/// How the learning rate moves after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+impl Schedule {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "constant" => Ok(Schedule::Constant),
+            "linear" => Ok(Schedule::Linear),
+            "cosine" => Ok(Schedule::Cosine),
+            other => Err(Error::invalid(format!("schedule {other:?}: use \"cosine\", \"linear\" or \"constant\""))),
+        }
+    }
+
+    /// The factor of the base learning rate at optimizer step `step` (from 0) of `total`, after
+    /// `warmup` steps of linear warmup from 0 (transformers' lambdas).
+    pub fn factor(self, step: usize, warmup: usize, total: usize) -> f64 {
+        if step < warmup {
+            return step as f64 / warmup.max(1) as f64;
+        }
+        let progress = (step - warmup) as f64 / total.saturating_sub(warmup).max(1) as f64;
+        match self {
+            Schedule::Constant => 1.0,
+            Schedule::Linear => (1.0 - progress).max(0.0),
+            Schedule::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
+        }
+    }
+}
+
+/// The global L2 norm of `grads` ([1], on the device): sqrt of the sum of squares of every entry.
+pub fn global_norm(grads: &[Tensor<2>]) -> Tensor<1> {
+    grads.iter().map(|g| (g.clone() * g.clone()).sum()).reduce(|a, b| a + b).expect("at least one gradient").sqrt()
+}
+
+/// clip_grad_norm_'s factor for a global norm: max_norm / (norm + 1e-6), capped at 1.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_are_transformers_lambdas() {
+        assert_eq!(Schedule::Cosine.factor(0, 10, 100), 0.0);
+        assert_eq!(Schedule::Cosine.factor(5, 10, 100), 0.5);
+        assert_eq!(Schedule::Cosine.factor(10, 10, 100), 1.0);
+        assert!((Schedule::Cosine.factor(55, 10, 100) - 0.5).abs() < 1e-12);
+        assert!(Schedule::Cosine.factor(100, 10, 100).abs() < 1e-12);
+        assert_eq!(Schedule::Linear.factor(55, 10, 100), 0.5);
+        assert_eq!(Schedule::Constant.factor(99, 0, 100), 1.0);
+        assert_eq!(clip_factor(10.0, 1.0), 1.0 / (10.0 + 1e-6));
+        assert_eq!(clip_factor(0.5, 1.0), 1.0);
+    }
+
+    /// One AdamW step from zero moments moves each entry by lr * sign(g) (bias-corrected m/sqrt(v)
+    /// = g/|g|), after the decoupled weight decay.
+    #[test]
+    fn first_adamw_step_is_lr_times_sign() {
+        let device = burn::tensor::Device::flex();
+        let t = |v: Vec<f32>| Tensor::<2>::from_data(burn::tensor::TensorData::new(v, [1, 3]), &device);
+        let opt = AdamW { lr: 0.1, weight_decay: 0.5, ..Default::default() };
+        let (p, _, _) = opt.update(t(vec![1.0, 2.0, 3.0]), t(vec![0.3, -2.0, 0.0]), t(vec![0.0; 3]), t(vec![0.0; 3]), 1, 0.1);
+        let p = p.into_data().try_into_vec::<f32>().unwrap();
+        let expected = [1.0 * 0.95 - 0.1, 2.0 * 0.95 + 0.1, 3.0 * 0.95];
+        for (a, b) in p.iter().zip(expected) {
+            assert!((a - b).abs() < 1e-5, "{p:?}");
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Training against PEFT itself (tests/fixtures/train, made by make_fixtures.py): the loss and
+//! every LoRA gradient for one batch, and a 20-step AdamW trajectory, on the tiny model with the
+//! all7-r4 adapter; plus the trainer's own contracts (base untouched, resume, cancel, NaN guard,
+//! early stopping).
+
+mod common;
+
+use common::*;
+use webgpu_lora::LlamaModel;
+use webgpu_lora::peft::AdapterSource;
+use webgpu_lora::train::trainer::{adapter_gradients, train_steps};
+use webgpu_lora::train::{AdamW, Batch, Control, Schedule, TrainConfig, TrainEnd, TrainEvent};
+
+fn batch(value: &serde_json::Value) -> Batch {
+    let rows = |key: &str| -> Vec<Vec<i64>> { serde_json::from_value(value[key].clone()).unwrap() };
+    let (ids, labels) = (rows("ids"), rows("labels"));
+    let seq = ids[0].len();
+    Batch {
+        ids: ids.iter().flatten().map(|&i| i as u32).collect(),
+        labels: labels.iter().flatten().map(|&l| l as i32).collect(),
+        batch: ids.len(),
+        seq,
+        tokens: ids.len() * seq,
+    }
+}
+
+fn tiny_with_adapter() -> LlamaModel {
+    let mut model = load(&fixture("tiny-llama"), &cpu()).model;
+    pollster::block_on(model.load_adapter("a", AdapterSource::from_dir(&fixture("peft/all7-r4")).unwrap())).unwrap();
+    model.set_adapter("a").unwrap();
+    model
+}
+
+fn trajectory() -> serde_json::Value {
+    read_json(fixture("train/trajectory.json"))
+}
+
+fn reference_config(t: &serde_json::Value) -> TrainConfig {
+    let c = &t["config"];
+    TrainConfig {
+        optimizer: AdamW {
+            lr: c["lr"].as_f64().unwrap(),
+            beta1: c["betas"][0].as_f64().unwrap(),
+            beta2: c["betas"][1].as_f64().unwrap(),
+            eps: c["eps"].as_f64().unwrap(),
+            weight_decay: c["weight_decay"].as_f64().unwrap(),
+        },
+        schedule: Schedule::Cosine,
+        warmup_steps: c["warmup"].as_u64().unwrap() as usize,
+        max_grad_norm: Some(c["max_grad_norm"].as_f64().unwrap()),
+        ..Default::default()
+    }
+}
+
+fn steps(t: &serde_json::Value) -> Vec<Vec<Batch>> {
+    t["steps"].as_array().unwrap().iter().map(|group| group.as_array().unwrap().iter().map(batch).collect()).collect()
+}
+
+/// Runs `steps` and returns the losses the step events report.
+fn run(model: &mut LlamaModel, steps: &[Vec<Batch>], config: &TrainConfig, resume: Option<&[u8]>, stop_at: Option<usize>) -> (Vec<f64>, webgpu_lora::Result<webgpu_lora::train::TrainSummary>, Vec<(usize, Vec<u8>, webgpu_lora::peft::AdapterFiles)>) {
+    let mut losses = Vec::new();
+    let mut checkpoints = Vec::new();
+    let clock = || 0.0;
+    let result = pollster::block_on(train_steps(model, "a", steps, steps.len(), None, config, resume, &clock, &mut |event| {
+        match event {
+            TrainEvent::Step(m) => {
+                losses.push(m.loss);
+                if Some(m.step) == stop_at {
+                    return Control::Stop;
+                }
+            }
+            TrainEvent::Checkpoint { step, adapter, state } => checkpoints.push((step, state, *adapter)),
+            TrainEvent::Eval { .. } => {}
+        }
+        Control::Continue
+    }));
+    (losses, result, checkpoints)
+}
+
+/// PEFT's loss and the gradient of every lora_A / lora_B for one batch (1e-4 relative).
+#[test]
+fn gradients_match_peft() {
+    let t = trajectory();
+    let mut model = tiny_with_adapter();
+    let (loss, grads) = pollster::block_on(adapter_gradients(&mut model, "a", &batch(&t["grad_batch"]))).unwrap();
+    let bytes = std::fs::read(fixture("train/grads.safetensors")).unwrap();
+    let peft = webgpu_lora::io::SafetensorsWeights::new(vec![("grads".into(), bytes)]).unwrap();
+    let peft_loss = peft.tensor("loss").unwrap().data[0] as f64;
+    assert!((loss - peft_loss).abs() < 1e-5 * peft_loss.abs(), "loss {loss} vs PEFT {peft_loss}");
+    assert_eq!(grads.len(), peft.names().len() - 1, "one gradient per lora_A / lora_B");
+    for (name, ours) in &grads {
+        let theirs = peft.tensor(name).unwrap();
+        assert_eq!(ours.shape, theirs.shape, "{name}");
+        let scale = theirs.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&ours.data, &theirs.data);
+        assert!(diff <= 1e-4 * scale, "{name}: max diff {diff}, max |grad| {scale}");
+    }
+}
+
+/// 20 AdamW steps (2 micro-batches each, clipping, cosine with warmup): PEFT's loss curve within
+/// 1e-3; the base weights are bit-identical afterwards.
+#[test]
+fn trajectory_matches_peft_and_base_is_untouched() {
+    let t = trajectory();
+    let mut model = tiny_with_adapter();
+    let base_before = pollster::block_on(model.hf_tensors()).unwrap();
+    let (losses, result, _) = run(&mut model, &steps(&t), &reference_config(&t), None, None);
+    let summary = result.unwrap();
+    assert_eq!((summary.steps, summary.end), (20, TrainEnd::Completed));
+    let expected: Vec<f64> = serde_json::from_value(t["losses"].clone()).unwrap();
+    for (i, (ours, peft)) in losses.iter().zip(&expected).enumerate() {
+        assert!((ours - peft).abs() < 1e-3, "step {}: loss {ours} vs PEFT {peft}", i + 1);
+    }
+    assert_eq!(losses.len(), expected.len());
+    model.disable_adapter();
+    assert_eq!(pollster::block_on(model.hf_tensors()).unwrap(), base_before, "the base is bit-identical");
+}
+
+/// A run resumed from a checkpoint (its adapter + trainer state) gives the same losses as the
+/// uninterrupted run; a cancelled run stops where asked.
+#[test]
+fn resume_and_cancel() {
+    let t = trajectory();
+    let steps = &steps(&t)[..6];
+    let config = TrainConfig { checkpoint_every: Some(3), ..reference_config(&t) };
+    let (full, result, checkpoints) = run(&mut tiny_with_adapter(), steps, &config, None, None);
+    result.unwrap();
+    assert_eq!(checkpoints.len(), 1);
+    let (step, state, adapter) = checkpoints.into_iter().next().unwrap();
+    assert_eq!(step, 3);
+
+    let mut resumed = load(&fixture("tiny-llama"), &cpu()).model;
+    pollster::block_on(resumed.load_adapter("a", AdapterSource::from_files(adapter, "checkpoint"))).unwrap();
+    let (rest, result, _) = run(&mut resumed, steps, &config, Some(&state), None);
+    assert_eq!(result.unwrap().steps, 6);
+    assert_eq!(rest.len(), 3);
+    for (a, b) in full[3..].iter().zip(&rest) {
+        assert!((a - b).abs() < 1e-6, "resumed {b} vs uninterrupted {a}");
+    }
+
+    let (losses, result, _) = run(&mut tiny_with_adapter(), steps, &config, None, Some(2));
+    let summary = result.unwrap();
+    assert_eq!((losses.len(), summary.steps, summary.end), (2, 2, TrainEnd::Cancelled));
+}
+
+/// A loss that becomes Inf/NaN stops training with a clear error; the adapter stays finite (as
+/// after the last good step).
+#[test]
+fn a_diverging_loss_stops_training() {
+    let t = trajectory();
+    let mut model = tiny_with_adapter();
+    let config = TrainConfig { optimizer: AdamW { lr: 1e30, ..Default::default() }, schedule: Schedule::Constant, max_grad_norm: None, ..Default::default() };
+    let (_, result, _) = run(&mut model, &steps(&t)[..5], &config, None, None);
+    let err = result.unwrap_err().to_string();
+    assert!(err.contains("the loss became") && err.contains("adapter is as it was after step"), "{err}");
+    let a = &model.layers[0].self_attn.q_proj.adapters["a"].a_t;
+    let values = pollster::block_on(webgpu_lora::generate::read_f32(a.clone())).unwrap();
+    assert!(values.iter().all(|v| v.is_finite()));
+    assert!(model.adapters.training == false);
+}
+
+/// Early stopping: with a validation set and patience 1, a run that gets worse stops and keeps the
+/// adapter of the best evaluation (its validation loss is the reported best).
+#[test]
+fn early_stopping_restores_the_best_adapter() {
+    let t = trajectory();
+    let mut model = tiny_with_adapter();
+    let steps = steps(&t);
+    let val: Vec<Batch> = steps[..2].iter().flatten().cloned().collect();
+    let config = TrainConfig {
+        optimizer: AdamW { lr: 0.5, ..Default::default() },
+        schedule: Schedule::Constant,
+        max_grad_norm: None,
+        eval_every: Some(1),
+        early_stopping_patience: Some(1),
+        ..Default::default()
+    };
+    let clock = || 0.0;
+    let summary = pollster::block_on(train_steps(&mut model, "a", &steps, steps.len(), Some(&val), &config, None, &clock, &mut |_| Control::Continue)).unwrap();
+    assert_eq!(summary.end, TrainEnd::EarlyStopped, "{summary:?}");
+    let now = pollster::block_on(webgpu_lora::train::evaluate(&model, &val)).unwrap();
+    let best = summary.best_val_loss.unwrap();
+    assert!((now - best).abs() < 1e-5, "restored adapter's val loss {now} vs best {best}");
+}

@@ -7,8 +7,9 @@ import platform
 import sys
 
 lines = [json.loads(line) for line in sys.stdin if line.strip()]
-rows = [r for r in lines if "adapters" not in r]
+rows = [r for r in lines if "adapters" not in r and "training" not in r]
 adapter_rows = [r for r in lines if "adapters" in r]
+training_rows = [r for r in lines if "training" in r]
 baseline = next((r for r in rows if r["engine"].startswith("transformers")), None)
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -60,3 +61,16 @@ if adapter_rows:
               + ", ".join(f"{k} {v:.2e}" for k, v in checks)
               + ". `olora_as_lora` is an OLoRA adapter changed after init and saved converted to a plain rank-16 LoRA "
               "(`save_adapter_as_lora`), loaded by PEFT on the original base.")
+
+if training_rows:
+    print("\n## LoRA training: SmolLM2-135M-Instruct, r=8, batch 4 x 128 tokens, AdamW\n")
+    print("Every token trained on; one warm-up step, then the mean of the timed steps. Peak memory is the "
+          "process's peak resident set (VmHWM / ru_maxrss), model load included. Ratios are against PEFT in the same run.\n")
+    print("| targets | engine | trainable params | tokens/s | vs PEFT | peak RSS MB | vs PEFT |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for targets in ["qv", "all-linear"]:
+        peft_row = next((r for r in training_rows if r["training"] == targets and r["engine"].startswith("PEFT")), None)
+        for r in (r for r in training_rows if r["training"] == targets):
+            speed = f"{r['tokens_per_s'] / peft_row['tokens_per_s']:.2f}x" if peft_row else "n/a"
+            memory = f"{r['peak_rss_mb'] / peft_row['peak_rss_mb']:.2f}x" if peft_row else "n/a"
+            print(f"| {targets} | {r['engine']} | {r['trainable_params']:,} | {r['tokens_per_s']:.0f} | {speed} | {r['peak_rss_mb']:.0f} | {memory} |")

@@ -10,10 +10,10 @@ MODEL=models/SmolLM2-135M-Instruct
 NEW_TOKENS=${NEW_TOKENS:-64}
 REPEATS=${REPEATS:-3}
 VENV=.cache/bench-venv
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import transformers, torch' 2>/dev/null; then
-  echo "[bench] creating $VENV with torch + transformers (pinned; a few GB, once)"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import transformers, torch, peft' 2>/dev/null; then
+  echo "[bench] creating $VENV with torch + transformers + peft (pinned; a few GB, once)"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet torch==2.15.0 transformers==5.24.0 safetensors==0.8.0 numpy==2.4.6
+  "$VENV/bin/pip" install --quiet torch==2.15.0 transformers==5.24.0 peft==0.21.2 safetensors==0.8.0 numpy==2.4.6
 fi
 results=()
 run() { echo "[bench] $*" >&2; local line; line=$("$@" | tail -n 1) && results+=("$line") || echo "[bench] failed: $*" >&2; }
@@ -24,5 +24,10 @@ run "$VENV/bin/python" bench/transformers_baseline.py "$MODEL" "$NEW_TOKENS" "$R
 ADAPTERS=.cache/bench-adapters
 run cargo bench --bench adapters -- --model "$MODEL" --out "$ADAPTERS"
 run "$VENV/bin/python" bench/peft_baseline.py "$MODEL" "$ADAPTERS"
+# training: tokens/s and peak memory, ours beside PEFT, r=8 on q,v and on all-linear
+for targets in qv all-linear; do
+  run cargo bench --bench training -- --model "$MODEL" --targets "$targets"
+  run "$VENV/bin/python" bench/peft_train_baseline.py "$MODEL" "$targets"
+done
 printf '%s\n' "${results[@]}" | python3 bench/report.py "npm run bench" > BENCHMARKS.md
 cat BENCHMARKS.md

@@ -81,3 +81,40 @@ fn adapter_info_prints_peft_counts() {
     assert!(stdout.contains("target modules: 14 layers"), "{stdout}");
     assert!(stdout.contains("trainable params: 8,192 || all params: 98,624 || trainable%: 8.3063"), "{stdout}");
 }
+
+/// `train` in the issue's form writes a PEFT adapter directory (plus the run's summary and the
+/// JSONL log) that `logits --adapter` loads; a bad learning rate is refused before anything runs.
+#[test]
+fn train_command_writes_a_peft_adapter() {
+    let out = std::env::temp_dir().join(format!("webgpu-lora-cli-train-{}", std::process::id()));
+    let log = out.with_extension("jsonl");
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/robot/train.jsonl");
+    let status = cli()
+        .args(["train", "--model"]).arg(real_model_dir()).arg("--data").arg(&data).arg("--out").arg(&out)
+        .args(["--val-split", "0.05", "--r", "4", "--alpha", "8", "--dropout", "0.0", "--targets", "q_proj,v_proj", "--lr", "1e-3"])
+        .args(["--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--max-seq-len", "128", "--warmup", "1", "--seed", "3", "--backend", "cpu", "--log"])
+        .arg(&log)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for file in ["adapter_config.json", "adapter_model.safetensors", "training_summary.json"] {
+        assert!(out.join(file).is_file(), "{file}");
+    }
+    let summary = read_json(out.join("training_summary.json"));
+    assert_eq!((summary["summary"]["steps"].as_u64(), summary["summary"]["end"].as_str()), (Some(2), Some("completed")));
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(events.iter().filter(|e| e["event"] == "step").count(), 2);
+    assert_eq!(events.iter().filter(|e| e["event"] == "eval").count(), 2, "before the first step and at the end");
+    let config = read_json(out.join("adapter_config.json"));
+    assert_eq!((config["r"].as_u64(), config["peft_type"].as_str()), (Some(4), Some("LORA")));
+    let logits = out.join("logits.safetensors");
+    let status = cli().args(["logits", "--model"]).arg(real_model_dir()).arg("--adapter").arg(&out).args(["--ids", "1,2,3", "--out"]).arg(&logits).status().unwrap();
+    assert!(status.success());
+
+    let output = cli().args(["train", "--model"]).arg(real_model_dir()).arg("--data").arg(&data).arg("--out").arg(&out).args(["--lr", "0"]).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.starts_with("error: learning rate 0: must be a positive number"), "{stderr}");
+    std::fs::remove_dir_all(&out).unwrap();
+    std::fs::remove_file(&log).unwrap();
+}

@@ -40,4 +40,15 @@ export class EngineClient {
 
   /** Logits of one forward pass over `ids`, flat [ids.length * vocab]. */
   logits(ids) { return this.call('logits', [ids]); }
+
+  /**
+   * Fine-tunes a LoRA adapter on `data` (text of a .jsonl or plain text file named `dataName`),
+   * with `val` (same format) or options.valSplit for validation. `options` as the CLI's flags in
+   * camelCase (r, loraAlpha, targetModules, lr, maxSteps, batchSize, evalEvery, ...). `onEvent`
+   * gets {event: "step", metrics}, {event: "eval", step, val_loss} and checkpoints. Resolves to
+   * {report, adapterConfig, adapterWeights}; `cancel()` stops after the current step.
+   */
+  train(dataName, data, val, options, onEvent) {
+    return this.call('train', [dataName, data, val, options], onEvent);
+  }
 }

@@ -83,6 +83,17 @@ const ops = {
     cancelled = true;
   },
 
+  async train(dataName, data, val, options, emit) {
+    const e = await engine();
+    const bytes = (x) => (typeof x === 'string' ? new TextEncoder().encode(x) : new Uint8Array(x));
+    cancelled = false;
+    const result = await e.train(dataName, bytes(data), val == null ? undefined : bytes(val), options ?? {}, (json) => {
+      emit(JSON.parse(json));
+      return !cancelled;
+    });
+    return { ...result, report: JSON.parse(result.report) };
+  },
+
   async logits(ids) {
     const e = await engine();
     return await e.logits(ids);

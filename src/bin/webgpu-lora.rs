@@ -47,6 +47,9 @@ enum Command {
     Generate {
         #[arg(long)]
         model: PathBuf,
+        /// A PEFT adapter directory to run with; repeat to load several: the last one is active.
+        #[arg(long)]
+        adapter: Vec<PathBuf>,
         #[arg(long)]
         prompt: String,
         /// Wrap the prompt as a user message in the model's chat template.
@@ -204,36 +207,38 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>> {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    use webgpu_lora::train::{AdamW, Control, DataOptions, FineTune, Schedule, TrainConfig, TrainEvent, fine_tune};
-    use webgpu_lora::train::fine_tune::{STATE_FILE, SUMMARY_FILE};
-    let targets = if args.targets == "all-linear" { r#""all-linear""#.to_string() } else { serde_json::to_string(&args.targets.split(',').map(str::trim).collect::<Vec<_>>()).expect("strings") };
-    let init = match args.init.as_str() { "default" => "true".to_string(), other => format!("{other:?}") };
-    let config = format!(
-        r#"{{"peft_type":"LORA","task_type":"CAUSAL_LM","r":{},"lora_alpha":{},"lora_dropout":{},"target_modules":{targets},"init_lora_weights":{init},"use_rslora":{},"base_model_name_or_path":{}}}"#,
-        args.r, args.alpha, args.dropout, args.rslora, serde_json::to_string(&args.model.display().to_string()).expect("a string"),
-    );
-    let spec = FineTune {
+    use webgpu_lora::train::fine_tune::{STATE_FILE, SUMMARY_FILE, TrainOptions};
+    use webgpu_lora::train::{Control, TrainEvent, fine_tune};
+    let options = TrainOptions {
         adapter_name: "default".into(),
-        lora: LoraConfig::from_json(config.as_bytes(), "train options")?,
-        data: DataOptions { max_seq_len: args.max_seq_len, train_on_everything: args.train_on_everything, truncate: args.truncate, skip_bad_lines: args.skip_bad_lines },
-        train: TrainConfig {
-            optimizer: AdamW { lr: args.lr, weight_decay: args.weight_decay, ..Default::default() },
-            schedule: Schedule::parse(&args.schedule)?,
-            warmup_steps: args.warmup,
-            max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
-            batch_size: args.batch_size,
-            grad_accum: args.grad_accum,
-            epochs: args.epochs,
-            max_steps: args.max_steps,
-            eval_every: args.eval_every,
-            early_stopping_patience: args.patience,
-            checkpoint_every: args.checkpoint_every,
-            seed: args.seed,
-        },
+        r: args.r,
+        lora_alpha: args.alpha,
+        lora_dropout: args.dropout,
+        target_modules: args.targets.split(',').map(|t| t.trim().to_string()).collect(),
+        init_lora_weights: args.init.clone(),
+        use_rslora: args.rslora,
+        base_model_name_or_path: Some(args.model.display().to_string()),
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        schedule: args.schedule.clone(),
+        warmup_steps: args.warmup,
+        max_grad_norm: args.max_grad_norm,
+        epochs: args.epochs,
+        max_steps: args.max_steps,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        max_seq_len: args.max_seq_len,
+        seed: args.seed,
+        eval_every: args.eval_every,
+        patience: args.patience,
+        checkpoint_every: args.checkpoint_every,
         val_split: args.val_split,
         packing: args.packing,
+        train_on_everything: args.train_on_everything,
+        truncate: args.truncate,
+        skip_bad_lines: args.skip_bad_lines,
     };
-    spec.train.check()?;
+    let spec = options.to_fine_tune()?;
     let mut llm = load(&args.model, args.backend)?;
     let data = read(&args.data)?;
     let val = args.val.as_ref().map(|p| read(p).map(|b| (p.display().to_string(), b))).transpose()?;
@@ -335,8 +340,9 @@ fn run(cli: Cli) -> Result<()> {
             model.write_dir(&out_dir, dtype)?;
             eprintln!("wrote {} ({} tensors, {})", out_dir.display(), model.tensors.len(), dtype.torch_name());
         }
-        Command::Generate { model, prompt, chat, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, backend } => {
-            let llm = load(&model, backend)?;
+        Command::Generate { model, adapter, prompt, chat, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, backend } => {
+            let mut llm = load(&model, backend)?;
+            load_adapters(&mut llm, &adapter)?;
             let ids = llm.prompt_ids(&prompt, chat)?;
             let config = GenerationConfig { max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, ..Default::default() };
             let mut stdout = std::io::stdout();

@@ -30,7 +30,7 @@ pub struct TrainConfig {
     pub epochs: usize,
     /// Stop after this many optimizer steps (wins over `epochs`).
     pub max_steps: Option<usize>,
-    /// Evaluate on the validation set every N steps (and at the end).
+    /// Evaluate on the validation set every N steps (and before the first step and at the end).
     pub eval_every: Option<usize>,
     /// Stop after this many evaluations without a better validation loss; the best adapter is
     /// restored.
@@ -253,6 +253,21 @@ pub async fn adapter_gradients(model: &mut LlamaModel, adapter: &str, batch: &Ba
     Ok((loss, out))
 }
 
+/// Evaluates, updates the best-loss bookkeeping and reports it: Some(improved), or None when the
+/// caller asked to stop.
+async fn record_eval(model: &LlamaModel, batches: &[Batch], header: &mut StateHeader, step: usize, on_event: &mut dyn FnMut(TrainEvent) -> Control) -> Result<Option<bool>> {
+    let val_loss = evaluate(model, batches).await?;
+    let improved = header.best_val_loss.is_none_or(|b| val_loss < b);
+    if improved {
+        header.best_val_loss = Some(val_loss);
+        header.best_step = Some(step);
+        header.evals_without_improvement = 0;
+    } else {
+        header.evals_without_improvement += 1;
+    }
+    Ok((on_event(TrainEvent::Eval { step, val_loss, best: improved }) == Control::Continue).then_some(improved))
+}
+
 /// The mean token loss of `batches` under the model as it is (no dropout, no gradients).
 pub async fn evaluate(model: &LlamaModel, batches: &[Batch]) -> Result<f64> {
     let (mut sum, mut count) = (0.0, 0);
@@ -325,9 +340,18 @@ pub async fn train_steps(
     let (start_tokens, first_step) = (header.tokens, header.step);
     let mut final_loss = None;
     let mut end = TrainEnd::Completed;
+    // the starting point of the validation curve (and the adapter early stopping falls back to)
+    if let (0, Some(batches)) = (header.step, val_batches) {
+        match record_eval(model, batches, &mut header, 0, on_event).await? {
+            Some(_) => best = Some(current(model, &params)),
+            None => end = TrainEnd::Cancelled,
+        }
+    }
 
-    // a resumed run skips the steps its checkpoint has done
-    'steps: for (index, group) in steps.iter().enumerate().skip(header.step) {
+    // a resumed run skips the steps its checkpoint has done; a run cancelled at the first
+    // evaluation skips them all
+    let done = if end == TrainEnd::Cancelled { total_steps } else { header.step };
+    'steps: for (index, group) in steps.iter().enumerate().skip(done) {
         let t = index + 1;
         let before = current(model, &params);
         let (loss_sum, grads) = group_gradients(model, adapter, &params, group, config.seed ^ ((t as u64) << 8), true).await?;
@@ -371,17 +395,11 @@ pub async fn train_steps(
         }
         let eval_now = config.eval_every.is_some_and(|n| t % n == 0) || t == total_steps;
         if let (true, Some(batches)) = (eval_now, val_batches) {
-            let val_loss = evaluate(model, batches).await?;
-            let improved = header.best_val_loss.is_none_or(|b| val_loss < b);
-            if improved {
-                header.best_val_loss = Some(val_loss);
-                header.best_step = Some(t);
-                header.evals_without_improvement = 0;
+            let improved = record_eval(model, batches, &mut header, t, on_event).await?;
+            if improved.is_some_and(|better| better) {
                 best = Some(current(model, &params));
-            } else {
-                header.evals_without_improvement += 1;
             }
-            if on_event(TrainEvent::Eval { step: t, val_loss, best: improved }) == Control::Stop {
+            if improved.is_none() {
                 end = TrainEnd::Cancelled;
                 break 'steps;
             }

@@ -12,6 +12,8 @@ use wasm_bindgen_futures::future_to_promise;
 
 use crate::generate::{GenerationConfig, read_f32};
 use crate::io::ModelFiles;
+use crate::train::fine_tune::{TrainOptions, fine_tune};
+use crate::train::{Control, TrainEvent};
 use crate::{Error, Llm};
 
 fn js_error(e: Error) -> JsValue {
@@ -21,7 +23,11 @@ fn js_error(e: Error) -> JsValue {
 struct State {
     device: Device,
     pending: Option<ModelFiles>,
-    llm: Option<Rc<Llm>>,
+    llm: Option<Rc<RefCell<Llm>>>,
+}
+
+fn busy() -> JsValue {
+    js_error(Error::invalid("the model is busy with another operation (training or generating): wait for it to finish or cancel it"))
 }
 
 /// A model runtime on WebGPU. Create it once per worker: WebGPU is initialised once per page.
@@ -81,24 +87,24 @@ impl Engine {
             }
         })
         .map_err(js_error)?;
-        self.state.borrow_mut().llm = Some(Rc::new(llm));
+        self.state.borrow_mut().llm = Some(Rc::new(RefCell::new(llm)));
         Ok(())
     }
 
-    fn llm(&self) -> Result<Rc<Llm>, JsValue> {
+    fn llm(&self) -> Result<Rc<RefCell<Llm>>, JsValue> {
         self.state.borrow().llm.clone().ok_or_else(|| js_error(Error::invalid("no model is loaded: call loadModel first")))
     }
 
     /// The model's config.json as loaded.
     #[wasm_bindgen(js_name = modelConfig)]
     pub fn model_config(&self) -> Result<String, JsValue> {
-        Ok(self.llm()?.model.config.to_json())
+        Ok(self.llm()?.try_borrow().map_err(|_| busy())?.model.config.to_json())
     }
 
     /// Prompt token ids: `chat` wraps the text as a user message in the chat template.
     #[wasm_bindgen(js_name = promptIds)]
     pub fn prompt_ids(&self, text: &str, chat: bool) -> Result<Vec<u32>, JsValue> {
-        self.llm()?.prompt_ids(text, chat).map_err(js_error)
+        self.llm()?.try_borrow().map_err(|_| busy())?.prompt_ids(text, chat).map_err(js_error)
     }
 
     /// Generates after `prompt_ids`; `options` is a GenerationConfig in camelCase
@@ -109,6 +115,7 @@ impl Engine {
         let llm = self.llm();
         future_to_promise(async move {
             let llm = llm?;
+            let llm = llm.try_borrow().map_err(|_| busy())?;
             let config: GenerationConfig = if options.is_undefined() || options.is_null() {
                 GenerationConfig::default()
             } else {
@@ -134,9 +141,58 @@ impl Engine {
         let llm = self.llm();
         future_to_promise(async move {
             let llm = llm?;
+            let llm = llm.try_borrow().map_err(|_| busy())?;
             llm.model.check_ids(&ids).map_err(js_error)?;
             let values = read_f32(llm.model.forward(llm.model.ids_tensor(&ids), None)).await.map_err(js_error)?;
             Ok(js_sys::Float32Array::from(values.as_slice()).into())
+        })
+    }
+
+    /// Fine-tunes a new LoRA adapter (see `train::fine_tune`). `options` are TrainOptions in
+    /// camelCase; `data_name` decides the format (`.jsonl` or plain text) and labels errors.
+    /// `on_event(json, files)` gets every step / eval / checkpoint as JSON text (a checkpoint also
+    /// gets {adapterConfig, adapterWeights, state}); returning false cancels. Resolves to
+    /// {report, adapterConfig, adapterWeights} and leaves the adapter loaded and active.
+    pub fn train(&self, data_name: String, data: Uint8Array, val: Option<Uint8Array>, options: JsValue, on_event: Function) -> Promise {
+        let llm = self.llm();
+        future_to_promise(async move {
+            let llm = llm?;
+            let mut llm = llm.try_borrow_mut().map_err(|_| busy())?;
+            let options: TrainOptions = if options.is_undefined() || options.is_null() {
+                TrainOptions::default()
+            } else {
+                serde_wasm_bindgen::from_value(options).map_err(|e| js_error(Error::invalid(format!("training options: {e}"))))?
+            };
+            let spec = options.to_fine_tune().map_err(js_error)?;
+            let (data, val) = (data.to_vec(), val.map(|v| v.to_vec()));
+            let clock = || js_sys::Date::now() / 1000.0;
+            let mut on_event = |event: TrainEvent| {
+                let files = match &event {
+                    TrainEvent::Checkpoint { adapter, state, .. } => {
+                        let files = js_sys::Object::new();
+                        let _ = js_sys::Reflect::set(&files, &"adapterConfig".into(), &adapter.config_json.clone().into());
+                        let _ = js_sys::Reflect::set(&files, &"adapterWeights".into(), &Uint8Array::from(adapter.safetensors.as_slice()));
+                        let _ = js_sys::Reflect::set(&files, &"state".into(), &Uint8Array::from(state.as_slice()));
+                        files.into()
+                    }
+                    _ => JsValue::UNDEFINED,
+                };
+                match on_event.call2(&JsValue::NULL, &event.to_json().to_string().into(), &files) {
+                    Ok(v) if v.as_bool() == Some(false) => Control::Stop,
+                    Ok(_) => Control::Continue,
+                    Err(_) => Control::Stop,
+                }
+            };
+            // the validation data is in the training data's format
+            let val_name = if data_name.ends_with(".jsonl") { "validation.jsonl" } else { "validation.txt" };
+            let val_file = val.as_deref().map(|v| (val_name, v));
+            let (report, files) = fine_tune(&mut llm, &spec, (&data_name, &data), val_file, None, &clock, &mut on_event).await.map_err(js_error)?;
+            let result = js_sys::Object::new();
+            let set = |k: &str, v: JsValue| js_sys::Reflect::set(&result, &k.into(), &v);
+            set("report", report.to_json().into())?;
+            set("adapterConfig", files.config_json.into())?;
+            set("adapterWeights", Uint8Array::from(files.safetensors.as_slice()).into())?;
+            Ok(result.into())
         })
     }
 }

@@ -1,0 +1,44 @@
+"""The peer baseline of bench/training.rs: the same LoRA SFT steps in PEFT (r=8, alpha 16, no
+dropout, AdamW lr 2e-4, batches of 4 x 128 random tokens, every token trained on) on the same
+base directory; one warm-up step, then timed steps. Prints one JSON line.
+
+    python bench/peft_train_baseline.py MODEL_DIR qv|all-linear [STEPS]
+"""
+
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+model_dir, targets = sys.argv[1], sys.argv[2]
+steps = int(sys.argv[3]) if len(sys.argv) > 3 else 5
+torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+torch.manual_seed(0)
+base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                    target_modules=["q_proj", "v_proj"] if targets == "qv" else "all-linear")
+model = get_peft_model(base, config).train()
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+vocab = model.config.vocab_size
+times = []
+for step in range(steps + 1):
+    ids = torch.randint(0, vocab, (4, 128))
+    t = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    times.append(time.perf_counter() - t)
+trainable, _ = model.get_nb_trainable_parameters()
+import peft
+print(json.dumps({
+    "engine": f"PEFT {peft.__version__} / torch {torch.__version__} (CPU, {torch.get_num_threads()} threads)",
+    "training": targets, "trainable_params": trainable,
+    "tokens_per_s": steps * 4 * 128 / sum(times[1:]),
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "steps": steps,
+}))

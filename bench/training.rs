@@ -1,0 +1,71 @@
+//! Training-speed benchmark (not a test): LoRA SFT steps on a real base model.
+//!
+//! cargo bench --bench training -- --model DIR --targets qv|all-linear [--backend cpu|wgpu] [--steps 5]
+//!
+//! r=8 (alpha 16, no dropout), AdamW lr 2e-4, batches of 4 x 128 random in-vocabulary tokens, every
+//! token trained on (as bench/peft_train_baseline.py does); one warm-up step, then `--steps` timed
+//! steps. Prints one JSON line: tokens/s and the process's peak RSS (VmHWM).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::tensor::{Device, DeviceKind};
+use rand::{Rng, SeedableRng};
+use webgpu_lora::config::LoraConfig;
+use webgpu_lora::io::ModelFiles;
+use webgpu_lora::train::trainer::train_steps;
+use webgpu_lora::train::{AdamW, Batch, Control, Schedule, TrainConfig};
+use webgpu_lora::Llm;
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn main() {
+    let model_dir = PathBuf::from(arg("--model").expect("--model DIR"));
+    let targets = arg("--targets").unwrap_or_else(|| "qv".into());
+    let backend = arg("--backend").unwrap_or_else(|| "cpu".into());
+    let steps: usize = arg("--steps").map_or(5, |v| v.parse().unwrap());
+    let device = if backend == "wgpu" { Device::wgpu(DeviceKind::DefaultDevice) } else { Device::flex() };
+    let mut llm = Llm::load(ModelFiles::from_dir(&model_dir).unwrap(), &device, &mut |_, _, _| {}).unwrap();
+    let target_json = if targets == "qv" { r#"["q_proj","v_proj"]"# } else { r#""all-linear""# };
+    let config = format!(r#"{{"peft_type":"LORA","task_type":"CAUSAL_LM","r":8,"lora_alpha":16,"target_modules":{target_json}}}"#);
+    pollster::block_on(llm.model.add_adapter("bench", LoraConfig::from_json(config.as_bytes(), "bench").unwrap(), 0)).unwrap();
+
+    let (batch, seq) = (4, 128);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let vocab = llm.model.config.vocab_size as u32;
+    let mut make = || {
+        let ids: Vec<u32> = (0..batch * seq).map(|_| rng.random_range(0..vocab)).collect();
+        vec![Batch { labels: ids.iter().map(|&i| i as i32).collect(), ids, batch, seq, tokens: batch * seq }]
+    };
+    let plan: Vec<Vec<Batch>> = (0..steps + 1).map(|_| make()).collect();
+    let train = TrainConfig { optimizer: AdamW { lr: 2e-4, ..Default::default() }, schedule: Schedule::Constant, max_grad_norm: None, batch_size: batch, ..Default::default() };
+    let start = Instant::now();
+    let clock = move || start.elapsed().as_secs_f64();
+    let mut times = Vec::new();
+    let mut last = 0.0;
+    pollster::block_on(train_steps(&mut llm.model, "bench", &plan, plan.len(), None, &train, None, &clock, &mut |event| {
+        if let webgpu_lora::train::TrainEvent::Step(m) = event {
+            times.push(m.elapsed_s - last);
+            last = m.elapsed_s;
+        }
+        Control::Continue
+    }))
+    .unwrap();
+    let timed: f64 = times[1..].iter().sum();
+    let (trainable, _) = llm.model.trainable_parameters();
+    println!(
+        "{}",
+        serde_json::json!({
+            "engine": format!("webgpu-lora ({backend})"), "training": targets, "trainable_params": trainable,
+            "tokens_per_s": (steps * batch * seq) as f64 / timed, "peak_rss_mb": peak_rss_mb(), "steps": steps,
+        })
+    );
+}

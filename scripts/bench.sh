@@ -26,7 +26,8 @@ run cargo bench --bench adapters -- --model "$MODEL" --out "$ADAPTERS"
 run "$VENV/bin/python" bench/peft_baseline.py "$MODEL" "$ADAPTERS"
 # training: tokens/s and peak memory, ours beside PEFT, r=8 on q,v and on all-linear
 for targets in qv all-linear; do
-  run cargo bench --bench training -- --model "$MODEL" --targets "$targets"
+  # the allocator setting the CLI makes (keep freed memory instead of faulting it in every step)
+  run env MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824 cargo bench --bench training -- --model "$MODEL" --targets "$targets"
   run "$VENV/bin/python" bench/peft_train_baseline.py "$MODEL" "$targets"
 done
 printf '%s\n' "${results[@]}" | python3 bench/report.py "npm run bench" > BENCHMARKS.md

@@ -1,7 +1,8 @@
-//! The one decomposition done on the host: the thin SVD behind PiSSA's initialisation and the
-//! "svd" combination of adapters. burn-linalg's SVD reads its input back synchronously, which
-//! WebGPU cannot do; so callers read the matrix back asynchronously and faer (pure Rust, the same
-//! natively and in wasm) decomposes it here, in f32 as PEFT's `torch.linalg.svd` on f32 weights.
+//! The decompositions done on the host: the thin SVD behind PiSSA's initialisation and the "svd"
+//! combination of adapters, and the thin QR behind OLoRA's. burn-linalg's SVD reads its input back
+//! synchronously, which WebGPU cannot do, and its QR is hundreds of small kernels; so callers read
+//! the matrix back asynchronously once and faer (pure Rust, the same natively and in wasm)
+//! decomposes it here, in f32 as PEFT's `torch.linalg` on f32 weights.
 
 use crate::error::{Error, Result};
 use crate::io::HostTensor;
@@ -43,6 +44,18 @@ pub fn thin_svd(a: &HostTensor) -> Result<Svd> {
     Ok(Svd { u: gather(u, m), s: order.iter().map(|&j| s[j]).collect(), v: gather(v, n) })
 }
 
+/// The thin QR of a 2-D matrix [m, n]: (Q [m, k] with orthonormal columns, R [k, n] upper
+/// triangular), k = min(m, n).
+pub fn thin_qr(a: &HostTensor) -> (HostTensor, HostTensor) {
+    let (m, n) = (a.shape[0], a.shape[1]);
+    let k = m.min(n);
+    let qr = faer::Mat::<f32>::from_fn(m, n, |i, j| a.data[i * n + j]).qr();
+    let (q, r) = (qr.compute_thin_Q(), qr.thin_R());
+    let q = HostTensor::new(vec![m, k], (0..m).flat_map(|i| (0..k).map(move |j| (i, j))).map(|(i, j)| q[(i, j)]).collect());
+    let r = HostTensor::new(vec![k, n], (0..k).flat_map(|i| (0..n).map(move |j| (i, j))).map(|(i, j)| r[(i, j)]).collect());
+    (q, r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,6 +81,14 @@ mod tests {
                 }
             }
         }
+        let (q, r) = thin_qr(&a);
+        for i in 0..m {
+            for j in 0..n {
+                let rebuilt: f32 = (0..n).map(|k| q.data[i * n + k] * r.data[k * n + j]).sum();
+                assert!((rebuilt - a.data[i * n + j]).abs() < 1e-5, "QR [{i},{j}]");
+            }
+        }
+        assert!((0..n).all(|i| (0..i).all(|j| r.data[i * n + j] == 0.0)), "R is upper triangular");
         let lead = Svd::leading(&svd.u, 2, &[2.0, 3.0]);
         assert_eq!(lead.shape, vec![m, 2]);
         assert_eq!(lead.data[3], svd.u.data[n + 1] * 3.0, "row 1, column 1 scaled by 3");

@@ -423,7 +423,19 @@ fn load_adapters(llm: &mut Llm, dirs: &[PathBuf]) -> Result<()> {
 }
 
 
+/// glibc hands large freed blocks back to the OS at once, so every training step page-faults its
+/// activations in again (~13% of a step here); keep freed memory for reuse instead.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -38,7 +38,7 @@ trainable, _ = model.get_nb_trainable_parameters()
 import peft
 print(json.dumps({
     "engine": f"PEFT {peft.__version__} / torch {torch.__version__} (CPU, {torch.get_num_threads()} threads)",
-    "training": targets, "trainable_params": trainable,
+    "training": targets, "trainable_params": trainable, "batch": "4 x 128",
     "tokens_per_s": steps * 4 * 128 / sum(times[1:]),
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "steps": steps,
 }))

@@ -1,10 +1,11 @@
 //! Training-speed benchmark (not a test): LoRA SFT steps on a real base model.
 //!
 //! cargo bench --bench training -- --model DIR --targets qv|all-linear [--backend cpu|wgpu] [--steps 5]
+//!     [--batch 4] [--seq 128]
 //!
-//! r=8 (alpha 16, no dropout), AdamW lr 2e-4, batches of 4 x 128 random in-vocabulary tokens, every
-//! token trained on (as bench/peft_train_baseline.py does); one warm-up step, then `--steps` timed
-//! steps. Prints one JSON line: tokens/s and the process's peak RSS (VmHWM).
+//! r=8 (alpha 16, no dropout), AdamW lr 2e-4, batches of 4 x 128 random in-vocabulary tokens (by
+//! default), every token trained on (as bench/peft_train_baseline.py does); one warm-up step, then
+//! `--steps` timed steps. Prints one JSON line: tokens/s and the process's peak RSS (VmHWM).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -38,7 +39,8 @@ fn main() {
     let config = format!(r#"{{"peft_type":"LORA","task_type":"CAUSAL_LM","r":8,"lora_alpha":16,"target_modules":{target_json}}}"#);
     pollster::block_on(llm.model.add_adapter("bench", LoraConfig::from_json(config.as_bytes(), "bench").unwrap(), 0)).unwrap();
 
-    let (batch, seq) = (4, 128);
+    let batch: usize = arg("--batch").map_or(4, |v| v.parse().unwrap());
+    let seq: usize = arg("--seq").map_or(128, |v| v.parse().unwrap());
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let vocab = llm.model.config.vocab_size as u32;
     let mut make = || {
@@ -64,7 +66,7 @@ fn main() {
     println!(
         "{}",
         serde_json::json!({
-            "engine": format!("webgpu-lora ({backend})"), "training": targets, "trainable_params": trainable,
+            "engine": format!("webgpu-lora ({backend})"), "training": targets, "trainable_params": trainable, "batch": format!("{batch} x {seq}"),
             "tokens_per_s": (steps * batch * seq) as f64 / timed, "peak_rss_mb": peak_rss_mb(), "steps": steps,
         })
     );

@@ -30,5 +30,8 @@ for targets in qv all-linear; do
   run env MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824 cargo bench --bench training -- --model "$MODEL" --targets "$targets"
   run "$VENV/bin/python" bench/peft_train_baseline.py "$MODEL" "$targets"
 done
+# where training runs on WebGPU shaders: native wgpu (lavapipe here) and the browser, small batches
+run timeout 900 cargo bench --bench training -- --model "$MODEL" --targets qv --backend wgpu --batch 1 --seq 64 --steps 1
+run timeout 900 node bench/browser_training.mjs 3
 printf '%s\n' "${results[@]}" | python3 bench/report.py "npm run bench" > BENCHMARKS.md
 cat BENCHMARKS.md

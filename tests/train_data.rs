@@ -78,6 +78,9 @@ fn bad_data_errors_name_file_line_and_problem() {
     // no trainable tokens: a conversation without an assistant turn
     let e = err(br#"{"messages": [{"role": "user", "content": "hi"}]}"#, &opts);
     assert!(e.contains("no assistant message"), "{e}");
+    // a dataset whose only example is its eos: nothing to predict
+    let e = err(br#"{"text": ""}"#, &opts);
+    assert!(e.starts_with("data.jsonl: no trainable tokens"), "{e}");
     let e = err(br#"{"prompt": "a", "completion": ""}"#.as_slice(), &DataOptions { max_seq_len: 1, ..Default::default() });
     assert!(e.contains("max_seq_len = 1"), "{e}");
     // skipping bad lines counts them

@@ -79,4 +79,13 @@ if training_rows:
     print("""
 The wgpu and browser rows run the same training loop on WGSL compute shaders, on CPU renderers
 (Mesa lavapipe natively, SwiftShader in Chromium): they show the path works end to end and say
-nothing about GPU speed. Their batches are small so a step finishes in seconds, not hours.""")
+nothing about GPU speed. Their batches are small so a step finishes in seconds, not hours.
+
+Notes (from `perf record` of the CPU training run): ~55% of a step is the gemm crate's AVX2 f32
+microkernel (its AVX-512 path needs nightly Rust; torch uses oneDNN/MKL with AVX-512 here), two
+threads give 1.3x over one, and the 49152-wide softmax's exp is ~7%. The CLI keeps freed memory
+(glibc mallopt; the bench sets the same through MALLOC_* variables): without it ~15% of a step was
+page faults. Peak memory includes loading (file bytes + device copy of 538 MB of f32 weights) and
+three [4, 128, 49152] f32 buffers of the loss. Paths to the targets (>= 1.0x PEFT's tokens/s,
+<= 0.5x its memory): a chunked cross-entropy over the vocabulary, f16/bf16 base weights with f32
+accumulation, a streamed load, a faster f32 GEMM.""")

@@ -16,16 +16,14 @@ pub struct Svd {
     pub v: HostTensor,
 }
 
-impl Svd {
-    /// The first `r` columns of `m` ([rows, k]), each scaled by `scale[j]`: [rows, r].
-    pub fn leading(m: &HostTensor, r: usize, scale: &[f32]) -> HostTensor {
-        let (rows, k) = (m.shape[0], m.shape[1]);
-        let mut out = Vec::with_capacity(rows * r);
-        for row in m.data.chunks_exact(k) {
-            out.extend(row[..r].iter().zip(scale).map(|(x, s)| x * s));
-        }
-        HostTensor::new(vec![rows, r], out)
+/// The first `r` columns of `m` ([rows, k]), each scaled by `scale[j]`: [rows, r].
+pub fn leading_columns(m: &HostTensor, r: usize, scale: &[f32]) -> HostTensor {
+    let (rows, k) = (m.shape[0], m.shape[1]);
+    let mut out = Vec::with_capacity(rows * r);
+    for row in m.data.chunks_exact(k) {
+        out.extend(row[..r].iter().zip(scale).map(|(x, s)| x * s));
     }
+    HostTensor::new(vec![rows, r], out)
 }
 
 /// The thin SVD of a 2-D matrix.
@@ -89,7 +87,7 @@ mod tests {
             }
         }
         assert!((0..n).all(|i| (0..i).all(|j| r.data[i * n + j] == 0.0)), "R is upper triangular");
-        let lead = Svd::leading(&svd.u, 2, &[2.0, 3.0]);
+        let lead = leading_columns(&svd.u, 2, &[2.0, 3.0]);
         assert_eq!(lead.shape, vec![m, 2]);
         assert_eq!(lead.data[3], svd.u.data[n + 1] * 3.0, "row 1, column 1 scaled by 3");
     }

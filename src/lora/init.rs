@@ -22,7 +22,8 @@ use rand_chacha::ChaCha8Rng;
 use crate::config::LoraInit;
 use crate::error::{Error, Result};
 use crate::io::HostTensor;
-use crate::linalg::{Svd, thin_qr, thin_svd};
+use crate::generate::read_host;
+use crate::linalg::{leading_columns, thin_qr, thin_svd};
 use crate::model::transpose;
 use crate::lora::LoraWeights;
 
@@ -78,22 +79,19 @@ pub async fn init_from_weight(init: LoraInit, weight_t: &Tensor<2>, r: usize, sc
     match init {
         LoraInit::Olora => {
             // QR of W [out, in] (the transpose of weight_t): B = Q[:, :r], A = R[:r]
-            let host = transpose(&HostTensor::new(vec![d_in, d_out], crate::generate::read_f32(weight_t.clone()).await?));
-            let (q, r_mat) = thin_qr(&host);
-            let ones = vec![1.0; r];
-            let b_t = transpose(&Svd::leading(&q, r, &ones));
+            let (q, r_mat) = thin_qr(&transpose(&read_host(weight_t.clone()).await?));
+            let b_t = transpose(&leading_columns(&q, r, &vec![1.0; r]));
             let a_t = transpose(&HostTensor::new(vec![r, d_in], r_mat.data[..r * d_in].to_vec()));
             let device = weight_t.device();
             Ok(LoraWeights { a_t: upload(a_t, &device), b_t: upload(b_t, &device), scaling })
         }
         LoraInit::Pissa => {
             // SVD of W^T = U' S V'^T, i.e. W = V' S U'^T: A^T = U'_r sqrt(S_r/s), B^T = (V'_r sqrt(S_r/s))^T
-            let host = HostTensor::new(vec![d_in, d_out], crate::generate::read_f32(weight_t.clone()).await?);
-            let svd = thin_svd(&host)?;
+            let svd = thin_svd(&read_host(weight_t.clone()).await?)?;
             let root: Vec<f32> = svd.s[..r].iter().map(|s| (s / scaling as f32).sqrt()).collect();
             let device = weight_t.device();
-            let a_t = Svd::leading(&svd.u, r, &root);
-            let b_t = transpose(&Svd::leading(&svd.v, r, &root));
+            let a_t = leading_columns(&svd.u, r, &root);
+            let b_t = transpose(&leading_columns(&svd.v, r, &root));
             Ok(LoraWeights { a_t: upload(a_t, &device), b_t: upload(b_t, &device), scaling })
         }
         other => Err(Error::invalid(format!("init_lora_weights {other:?} does not derive the adapter from the base weight"))),

@@ -277,9 +277,8 @@ impl LlamaModel {
     /// The weights under their Hugging Face names and layout ([out, in] linears), read back from
     /// the device: merged adapters included, unmerged ones not. The inverse of [`load`](Self::load).
     pub async fn hf_tensors(&self) -> Result<std::collections::BTreeMap<String, HostTensor>> {
-        use crate::generate::read_f32;
         async fn host<const D: usize>(t: &Tensor<D>) -> Result<HostTensor> {
-            Ok(HostTensor::new(t.dims().to_vec(), read_f32(t.clone()).await?))
+            crate::generate::read_host(t.clone()).await
         }
         let mut out = std::collections::BTreeMap::new();
         out.insert("model.embed_tokens.weight".to_string(), host(&self.embed_tokens).await?);

@@ -12,7 +12,7 @@ use burn::tensor::Tensor;
 
 use crate::config::{LoraConfig, LoraInit, TargetModules};
 use crate::error::{Error, Result};
-use crate::io::{HostTensor, SafetensorsWeights};
+use crate::io::SafetensorsWeights;
 use crate::lora::{LoraRun, LoraWeights, init_from_weight, upload};
 use crate::model::{LlamaModel, transpose};
 
@@ -449,10 +449,8 @@ async fn adapter_files(config_json: String, matrices: Vec<(String, Tensor<2>, Te
     let mut tensors = BTreeMap::new();
     for (module, a_t, b_t) in matrices {
         for (matrix, t) in [("lora_A", a_t), ("lora_B", b_t)] {
-            let [rows, cols] = t.dims();
-            let values = crate::generate::read_f32(t).await?;
             // stored transposed on the device; PEFT's layout is the transpose
-            tensors.insert(lora_key(&module, matrix), transpose(&HostTensor::new(vec![rows, cols], values)));
+            tensors.insert(lora_key(&module, matrix), transpose(&crate::generate::read_host(t).await?));
         }
     }
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -594,11 +592,10 @@ impl LlamaModel {
 /// (A^T, B^T) of rank <= k whose product is the best rank-k approximation of `delta_t` = (dW)^T
 /// [in, out]. With dW^T = U S V^T: PEFT's B = V_k S_k ([out, k]) and A = U_k^T ([k, in]).
 async fn truncated_svd(delta_t: Tensor<2>, k: usize) -> Result<(Tensor<2>, Tensor<2>)> {
-    let [d_in, d_out] = delta_t.dims();
     let device = delta_t.device();
-    let svd = crate::linalg::thin_svd(&HostTensor::new(vec![d_in, d_out], crate::generate::read_f32(delta_t).await?))?;
+    let svd = crate::linalg::thin_svd(&crate::generate::read_host(delta_t).await?)?;
     let k = k.min(svd.s.len());
-    let a_t = crate::linalg::Svd::leading(&svd.u, k, &vec![1.0; k]);
-    let b_t = transpose(&crate::linalg::Svd::leading(&svd.v, k, &svd.s[..k]));
+    let a_t = crate::linalg::leading_columns(&svd.u, k, &vec![1.0; k]);
+    let b_t = transpose(&crate::linalg::leading_columns(&svd.v, k, &svd.s[..k]));
     Ok((upload(a_t, &device), upload(b_t, &device)))
 }

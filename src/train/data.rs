@@ -212,6 +212,7 @@ fn parse_messages(value: &Value) -> std::result::Result<Vec<ChatMessage>, String
 
 impl Dataset {
     /// Splits off a validation set: `fraction` of the examples (at least one), chosen with `seed`.
+    /// The training part keeps what reading the file reported (skipped lines, truncations).
     pub fn split(mut self, fraction: f64, seed: u64) -> Result<(Dataset, Dataset)> {
         if !(fraction > 0.0 && fraction < 1.0) {
             return Err(Error::invalid(format!("validation split {fraction}: must be between 0 and 1")));
@@ -223,7 +224,9 @@ impl Dataset {
         }
         self.examples.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
         let val = self.examples.split_off(n - n_val);
-        Ok((Dataset::from_examples(self.examples), Dataset::from_examples(val)))
+        let mut train = Dataset::from_examples(self.examples);
+        (train.report.skipped, train.report.truncated) = (self.report.skipped, self.report.truncated);
+        Ok((train, Dataset::from_examples(val)))
     }
 
     pub fn from_examples(examples: Vec<Example>) -> Self {

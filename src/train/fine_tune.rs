@@ -182,9 +182,8 @@ pub async fn fine_tune(
     let mut val = match (val_file, spec.val_split) {
         (Some((name, bytes)), _) => Some(read_dataset(name, bytes, tokenizer, &spec.data)?),
         (None, Some(fraction)) => {
-            let report = train.report.clone();
             let (t, v) = train.split(fraction, spec.train.seed)?;
-            train = Dataset { report: DataReport { examples: t.examples.len(), tokens: t.report.tokens, trainable_tokens: t.report.trainable_tokens, ..report }, ..t };
+            train = t;
             Some(v)
         }
         (None, None) => None,
@@ -211,8 +210,7 @@ pub async fn fine_tune(
         }
     };
     let pad = model.config.eos_token_ids.first().copied().unwrap_or(0);
-    let steps = plan_steps(&train, &spec.train, pad);
-    let steps_per_epoch = train.examples.len().div_ceil(spec.train.batch_size).div_ceil(spec.train.grad_accum);
+    let (steps, steps_per_epoch) = plan_steps(&train, &spec.train, pad);
     let val_batches = val.as_ref().map(|v| ordered_batches(&v.examples, spec.train.batch_size, pad));
     let summary = train_steps(model, &spec.adapter_name, &steps, steps_per_epoch, val_batches.as_deref(), &spec.train, state.as_deref(), clock, on_event).await?;
     let files = model.save_adapter(&spec.adapter_name).await?;

@@ -9,7 +9,7 @@ use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::generate::read_f32;
+use crate::generate::{read_f32, read_host};
 use crate::io::HostTensor;
 use crate::model::LlamaModel;
 use crate::peft::AdapterFiles;
@@ -165,9 +165,16 @@ fn tensor_of<'m>(model: &'m mut LlamaModel, p: &Param, adapter: &str) -> &'m mut
     if p.is_a { &mut lora.a_t } else { &mut lora.b_t }
 }
 
-fn host(t: Tensor<2>) -> impl std::future::Future<Output = Result<HostTensor>> {
-    let shape = t.dims().to_vec();
-    async move { Ok(HostTensor::new(shape, read_f32(t).await?)) }
+/// The adapter's current matrices, in `params` order.
+fn adapter_values(model: &mut LlamaModel, params: &[Param], adapter: &str) -> Vec<Tensor<2>> {
+    params.iter().map(|p| tensor_of(model, p, adapter).clone()).collect()
+}
+
+/// Puts `values` (in `params` order) in place of the adapter's matrices.
+fn set_adapter_values(model: &mut LlamaModel, params: &[Param], adapter: &str, values: &[Tensor<2>]) {
+    for (p, v) in params.iter().zip(values) {
+        *tensor_of(model, p, adapter) = v.clone();
+    }
 }
 
 async fn read_scalar(t: Tensor<1>) -> Result<f64> {
@@ -179,11 +186,9 @@ async fn read_scalar(t: Tensor<1>) -> Result<f64> {
 /// each micro-batch's summed token loss divided by the whole group's trainable tokens, gradients
 /// summed. The adapter is left as it was.
 async fn group_gradients(model: &mut LlamaModel, adapter: &str, params: &[Param], group: &[Batch], seed: u64, dropout: bool) -> Result<(f64, Vec<Tensor<2>>)> {
-    let values: Vec<Tensor<2>> = params.iter().map(|p| tensor_of(model, p, adapter).clone()).collect();
+    let values = adapter_values(model, params, adapter);
     let leaves: Vec<Tensor<2>> = values.iter().map(|v| v.clone().autodiff().require_grad()).collect();
-    for (p, leaf) in params.iter().zip(&leaves) {
-        *tensor_of(model, p, adapter) = leaf.clone();
-    }
+    set_adapter_values(model, params, adapter, &leaves);
     let step_count = group.iter().map(Batch::trainable_tokens).sum::<usize>().max(1);
     model.adapters.training = dropout;
     let mut grads: Option<Vec<Tensor<2>>> = None;
@@ -208,9 +213,7 @@ async fn group_gradients(model: &mut LlamaModel, adapter: &str, params: &[Param]
         });
     }
     model.adapters.training = false;
-    for (p, value) in params.iter().zip(values) {
-        *tensor_of(model, p, adapter) = value;
-    }
+    set_adapter_values(model, params, adapter, &values);
     outcome?;
     Ok((loss_sum, grads.expect("a step has a batch")))
 }
@@ -248,7 +251,7 @@ pub async fn adapter_gradients(model: &mut LlamaModel, adapter: &str, batch: &Ba
     for (p, g) in params.iter().zip(grads) {
         let module = format!("model.layers.{}.{}", p.layer, p.projection);
         let key = format!("{module}.{}.weight", if p.is_a { "lora_A" } else { "lora_B" });
-        out.insert(key, crate::model::transpose(&host(g).await?));
+        out.insert(key, crate::model::transpose(&read_host(g).await?));
     }
     Ok((loss, out))
 }
@@ -284,8 +287,8 @@ pub async fn evaluate(model: &LlamaModel, batches: &[Batch]) -> Result<f64> {
 }
 
 /// The run's optimizer steps, each a group of up to `grad_accum` micro-batches: epochs of
-/// shuffled batches (seeded), cut at `max_steps`.
-pub fn plan_steps(train: &Dataset, config: &TrainConfig, pad: u32) -> Vec<Vec<Batch>> {
+/// shuffled batches (seeded), cut at `max_steps`; and how many steps make an epoch.
+pub fn plan_steps(train: &Dataset, config: &TrainConfig, pad: u32) -> (Vec<Vec<Batch>>, usize) {
     let micro_per_epoch = train.examples.len().div_ceil(config.batch_size);
     let steps_per_epoch = micro_per_epoch.div_ceil(config.grad_accum);
     let total = config.max_steps.unwrap_or(config.epochs * steps_per_epoch);
@@ -297,7 +300,7 @@ pub fn plan_steps(train: &Dataset, config: &TrainConfig, pad: u32) -> Vec<Vec<Ba
         let batches = epoch_batches(&train.examples, config.batch_size, config.seed, epoch, pad);
         steps.extend(batches.chunks(config.grad_accum).map(<[Batch]>::to_vec).take(total - steps.len()));
     }
-    steps
+    (steps, steps_per_epoch)
 }
 
 /// Trains adapter `adapter` of `model` (made active) over the planned optimizer steps,
@@ -322,19 +325,11 @@ pub async fn train_steps(
     if total_steps == 0 {
         return Err(Error::invalid("nothing to do: 0 epochs or max_steps 0"));
     }
-
-
     let mut params = adapter_params(model, adapter);
     let mut header = StateHeader { step: 0, tokens: 0, best_val_loss: None, best_step: None, evals_without_improvement: 0 };
     if let Some(bytes) = resume {
         header = restore_state(bytes, &mut params, &model.device())?;
     }
-    let current = |model: &mut LlamaModel, params: &[Param]| -> Vec<Tensor<2>> { params.iter().map(|p| tensor_of(model, p, adapter).clone()).collect() };
-    let set = |model: &mut LlamaModel, params: &[Param], values: &[Tensor<2>]| {
-        for (p, v) in params.iter().zip(values) {
-            *tensor_of(model, p, adapter) = v.clone();
-        }
-    };
     let mut best: Option<Vec<Tensor<2>>> = None;
     let start = clock();
     let (start_tokens, first_step) = (header.tokens, header.step);
@@ -343,7 +338,7 @@ pub async fn train_steps(
     // the starting point of the validation curve (and the adapter early stopping falls back to)
     if let (0, Some(batches)) = (header.step, val_batches) {
         match record_eval(model, batches, &mut header, 0, on_event).await? {
-            Some(_) => best = Some(current(model, &params)),
+            Some(_) => best = Some(adapter_values(model, &params, adapter)),
             None => end = TrainEnd::Cancelled,
         }
     }
@@ -353,7 +348,7 @@ pub async fn train_steps(
     let done = if end == TrainEnd::Cancelled { total_steps } else { header.step };
     'steps: for (index, group) in steps.iter().enumerate().skip(done) {
         let t = index + 1;
-        let before = current(model, &params);
+        let before = adapter_values(model, &params, adapter);
         let (loss_sum, grads) = group_gradients(model, adapter, &params, group, config.seed ^ ((t as u64) << 8), true).await?;
         header.tokens += group.iter().map(|b| b.tokens).sum::<usize>();
         if !loss_sum.is_finite() {
@@ -372,7 +367,7 @@ pub async fn train_steps(
             (p.m, p.v) = (m, v);
             updated.push(new);
         }
-        set(model, &params, &updated);
+        set_adapter_values(model, &params, adapter, &updated);
         final_loss = Some(loss_sum);
         header.step = t;
 
@@ -397,7 +392,7 @@ pub async fn train_steps(
         if let (true, Some(batches)) = (eval_now, val_batches) {
             let improved = record_eval(model, batches, &mut header, t, on_event).await?;
             if improved.is_some_and(|better| better) {
-                best = Some(current(model, &params));
+                best = Some(adapter_values(model, &params, adapter));
             }
             if improved.is_none() {
                 end = TrainEnd::Cancelled;
@@ -419,7 +414,7 @@ pub async fn train_steps(
     }
     // early stopping keeps the best adapter, as load_best_model_at_end does
     if let (TrainEnd::EarlyStopped, Some(best)) = (end, best) {
-        set(model, &params, &best);
+        set_adapter_values(model, &params, adapter, &best);
     }
     Ok(TrainSummary {
         steps: header.step,
@@ -437,8 +432,8 @@ const STATE_KEY: &str = "webgpu_lora_train_state";
 async fn save_state(header: &StateHeader, params: &[Param]) -> Result<Vec<u8>> {
     let mut tensors = std::collections::BTreeMap::new();
     for (i, p) in params.iter().enumerate() {
-        tensors.insert(format!("{i:05}.m"), host(p.m.clone()).await?);
-        tensors.insert(format!("{i:05}.v"), host(p.v.clone()).await?);
+        tensors.insert(format!("{i:05}.m"), read_host(p.m.clone()).await?);
+        tensors.insert(format!("{i:05}.v"), read_host(p.v.clone()).await?);
     }
     let metadata = std::collections::HashMap::from([(STATE_KEY.to_string(), serde_json::to_string(header).expect("serializable"))]);
     crate::io::safetensors::write_safetensors(&tensors, crate::io::StoreDtype::F32, Some(metadata))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `npm run bench`: generation speed of SmolLM2-135M-Instruct, ours (CPU backend, and wgpu where it
-# runs) beside transformers on the same machine in the same run; writes BENCHMARKS.md.
+# `npm run bench`: SmolLM2-135M-Instruct, ours (CPU backend, wgpu where it runs, and the browser)
+# beside transformers/PEFT on the same machine in the same run: generation, adapter verbs,
+# training, the JS API in headless Chromium; writes BENCHMARKS.md.
 # transformers runs in a venv under .cache/bench-venv (created on first use: torch is large).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,5 +34,7 @@ done
 # where training runs on WebGPU shaders: native wgpu (lavapipe here) and the browser, small batches
 run timeout 900 cargo bench --bench training -- --model "$MODEL" --targets qv --backend wgpu --batch 1 --seq 64 --steps 1
 run timeout 900 node bench/browser_training.mjs 3
+# the package's API in the browser: cold start, an adapter from IndexedDB, setAdapter, merge, decode
+run timeout 900 node bench/browser_api.mjs "$ADAPTERS/qv" 4
 printf '%s\n' "${results[@]}" | python3 bench/report.py "npm run bench" > BENCHMARKS.md
 cat BENCHMARKS.md

@@ -1,5 +1,5 @@
-// A small static server for the demo: www/ at /, the converted models at /models/, and the test
-// fixtures at /fixtures/. Loopback only. Usage: node scripts/serve.mjs [--port 8080]
+// A small static server for the demo: www/ at /, the package (lib/) at /lib/, the converted models
+// at /models/, the sample datasets at /data/ and the test fixtures at /fixtures/. Loopback only. Usage: node scripts/serve.mjs [--port 8080]
 import { createServer } from 'node:http';
 import { createReadStream, statSync } from 'node:fs';
 import { extname, join, normalize, resolve, sep } from 'node:path';
@@ -9,6 +9,8 @@ const root = resolve(fileURLToPath(import.meta.url), '../..');
 const MOUNTS = [
   ['/models/', join(root, 'models')],
   ['/fixtures/', join(root, 'tests', 'fixtures')],
+  ['/lib/', join(root, 'lib')],
+  ['/data/', join(root, 'data')],
   ['/', join(root, 'www')],
 ];
 const TYPES = {
@@ -17,9 +19,9 @@ const TYPES = {
   '.jinja': 'text/plain; charset=utf-8', '.png': 'image/png', '.svg': 'image/svg+xml', '.jsonl': 'text/plain; charset=utf-8',
 };
 
-function resolvePath(urlPath) {
+function resolvePath(urlPath, mounts) {
   const path = decodeURIComponent(urlPath.split('?')[0]);
-  for (const [prefix, dir] of MOUNTS) {
+  for (const [prefix, dir] of mounts) {
     if (!path.startsWith(prefix)) continue;
     const file = normalize(join(dir, path.slice(prefix.length)));
     if (file !== dir && !file.startsWith(dir + sep)) return null; // no escaping the mount
@@ -28,11 +30,12 @@ function resolvePath(urlPath) {
   return null;
 }
 
-export function serve(port = 8080, host = '127.0.0.1') {
+/** Serves `mounts` ([[url prefix, directory], ...], first match wins) on host:port. */
+export function serve(port = 8080, host = '127.0.0.1', mounts = MOUNTS) {
   const server = createServer((req, res) => {
     let file;
     try {
-      file = resolvePath(req.url);
+      file = resolvePath(req.url, mounts);
     } catch {
       file = null;
     }

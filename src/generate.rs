@@ -11,7 +11,7 @@ use crate::model::LlamaModel;
 
 /// How to pick tokens. `temperature == 0` means greedy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct GenerationConfig {
     pub max_new_tokens: usize,
     pub temperature: f32,
@@ -24,6 +24,8 @@ pub struct GenerationConfig {
     pub seed: u64,
     /// Generation ends (without emitting it) at any of these; the model's EOS ids are added.
     pub stop_token_ids: Vec<u32>,
+    /// Text generation ends where any of these strings appears; the text stops before it.
+    pub stop: Vec<String>,
 }
 
 impl Default for GenerationConfig {
@@ -36,6 +38,7 @@ impl Default for GenerationConfig {
             repetition_penalty: 1.0,
             seed: 0,
             stop_token_ids: Vec::new(),
+            stop: Vec::new(),
         }
     }
 }
@@ -68,6 +71,8 @@ pub enum StopReason {
     Cancelled,
     /// The model's context is full.
     ContextFull,
+    /// One of the stop strings appeared.
+    StopString,
 }
 
 /// The generated ids and why generation stopped.
@@ -203,9 +208,70 @@ pub async fn read_f32<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec<
     data.try_into_vec::<f32>().map_err(|e| Error::Backend(format!("unexpected result type: {e:?}")))
 }
 
+/// Cuts streamed text at the first stop string. Text that could be the start of a stop string is
+/// held back until the next piece decides, so a stop string is never streamed, not even in part.
+pub struct StopText<'a> {
+    stops: &'a [String],
+    pending: String,
+}
+
+impl<'a> StopText<'a> {
+    pub fn new(stops: &'a [String]) -> Self {
+        StopText { stops, pending: String::new() }
+    }
+
+    /// Adds a decoded piece: (the text now safe to emit, whether a stop string was reached).
+    pub fn push(&mut self, piece: &str) -> (String, bool) {
+        self.pending.push_str(piece);
+        if let Some(at) = self.stops.iter().filter(|s| !s.is_empty()).filter_map(|s| self.pending.find(s.as_str())).min() {
+            let out = self.pending[..at].to_string();
+            self.pending.clear();
+            return (out, true);
+        }
+        let held = (0..self.pending.len())
+            .filter(|&i| self.pending.is_char_boundary(i))
+            .find(|&i| self.stops.iter().any(|s| s.starts_with(&self.pending[i..])))
+            .unwrap_or(self.pending.len());
+        (self.pending.drain(..held).collect(), false)
+    }
+
+    /// The text held back when generation ends for another reason.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Streams `pieces` through StopText: (everything emitted, stopped).
+    fn stream(stops: &[&str], pieces: &[&str]) -> (Vec<String>, bool) {
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut stop = StopText::new(&stops);
+        let mut out = Vec::new();
+        for piece in pieces {
+            let (text, hit) = stop.push(piece);
+            out.push(text);
+            if hit {
+                return (out, true);
+            }
+        }
+        out.push(stop.finish());
+        (out, false)
+    }
+
+    #[test]
+    fn stop_strings_cut_the_text_and_are_never_streamed() {
+        // a stop string split over pieces: its first part is held back, then dropped
+        assert_eq!(stream(&["\nUser:"], &["Hi", " there\n", "Us", "er: more"]), (vec!["Hi".into(), " there".into(), "".into(), "".into()], true));
+        // a held-back prefix that turns out not to be a stop string is released in order
+        assert_eq!(stream(&["END"], &["a E", "N", "d b"]), (vec!["a ".into(), "".into(), "ENd b".into(), "".into()], false));
+        // the earliest of several stop strings wins; multi-byte text is cut on char boundaries
+        assert_eq!(stream(&["é!", "zz"], &["caf", "é! zz"]), (vec!["caf".into(), "".into()], true));
+        assert_eq!(stream(&["é!"], &["café", " ok"]), (vec!["caf".into(), "é ok".into(), "".into()], false));
+        assert_eq!(stream(&[], &["a", "b"]), (vec!["a".into(), "b".into(), "".into()], false));
+    }
 
     fn sample_many(config: GenerationConfig, logits: &[f32], n: usize) -> Vec<u32> {
         let mut s = Sampler::new(config);
@@ -256,3 +322,4 @@ mod tests {
         assert!(err.contains("temperature"), "{err}");
     }
 }
+

@@ -3,8 +3,10 @@
 use burn::tensor::Device;
 
 use crate::error::{Error, Result};
-use crate::generate::{Generation, GenerationConfig, generate};
-use crate::io::{ChatMessage, ModelFiles, TextTokenizer};
+use crate::generate::{Generation, GenerationConfig, StopReason, StopText, generate};
+use crate::io::model_files::{CONFIG_FILE, TEXT_FILES};
+use crate::io::safetensors::{SINGLE_FILE, write_safetensors};
+use crate::io::{ChatMessage, ModelFiles, StoreDtype, TextTokenizer};
 use crate::model::LlamaModel;
 use crate::peft::AdapterSource;
 
@@ -16,6 +18,9 @@ pub struct Llm {
     pub model: LlamaModel,
     /// `None` for a model directory without tokenizer files (token ids only).
     pub tokenizer: Option<TextTokenizer>,
+    /// The directory's tokenizer, chat template and generation config, as loaded: a merged model
+    /// is written out with them.
+    pub text_files: Vec<(String, Vec<u8>)>,
 }
 
 /// Stages of loading reported to a progress callback: (stage, done, total).
@@ -28,7 +33,8 @@ impl Llm {
         let tokenizer = files.tokenizer()?;
         let weights = files.take_weights()?;
         let model = LlamaModel::load(config, &weights, device, &mut |done, total| progress(STAGE_WEIGHTS, done, total))?;
-        Ok(Llm { model, tokenizer })
+        let text_files = TEXT_FILES.iter().filter_map(|&name| files.get(name).map(|b| (name.to_string(), b.to_vec()))).collect();
+        Ok(Llm { model, tokenizer, text_files })
     }
 
     /// PEFT's `PeftModel.from_pretrained(base, adapter)`: the base with the adapter loaded as
@@ -53,16 +59,39 @@ impl Llm {
 
     /// Prompt ids for `text`: rendered with the chat template as one user message when `chat`.
     pub fn prompt_ids(&self, text: &str, chat: bool) -> Result<Vec<u32>> {
-        let tokenizer = self.tokenizer()?;
         if chat {
-            tokenizer.encode_chat(&[ChatMessage::new("user", text)], true)
+            self.chat_ids(&[ChatMessage::new("user", text)])
         } else {
-            tokenizer.encode(text, true)
+            self.tokenizer()?.encode(text, true)
         }
     }
 
+    /// Prompt ids for a conversation, rendered with the chat template and its generation prompt.
+    pub fn chat_ids(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        self.tokenizer()?.encode_chat(messages, true)
+    }
+
+    /// The files of a Hugging Face directory of this model as it is now (merged adapters
+    /// included), with `merge` (an adapter's name) folded in as merge_and_unload would, without
+    /// changing the model: config.json, model.safetensors in the config's dtype, and the
+    /// tokenizer, chat template and generation config it was loaded with. transformers and
+    /// [`Llm::load`] both load it.
+    pub async fn merged_files(&self, merge: Option<&str>) -> Result<Vec<(String, Vec<u8>)>> {
+        let config = &self.model.config;
+        let dtype = config.raw.get("torch_dtype").or_else(|| config.raw.get("dtype")).and_then(|v| v.as_str()).map_or(Ok(StoreDtype::F32), StoreDtype::parse)?;
+        let tensors = self.model.hf_tensors(merge).await?;
+        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        let mut files = vec![
+            (SINGLE_FILE.to_string(), write_safetensors(&tensors, dtype, Some(metadata))?),
+            (CONFIG_FILE.to_string(), config.to_json().into_bytes()),
+        ];
+        files.extend(self.text_files.iter().cloned());
+        Ok(files)
+    }
+
     /// Generates after `prompt`, streaming decoded text to `on_text`; it returns false to stop.
-    /// The tokenizer's end-of-turn token (`eos_token` of tokenizer_config.json) also stops.
+    /// The tokenizer's end-of-turn token (`eos_token` of tokenizer_config.json) also stops, and so
+    /// does any of `config.stop` (the text ends before it).
     pub async fn generate_text(
         &self,
         prompt: &[u32],
@@ -73,12 +102,19 @@ impl Llm {
         let mut config = config.clone();
         config.stop_token_ids.extend(tokenizer.eos_token_id());
         let mut decoder = tokenizer.stream_decoder();
+        let mut stop = StopText::new(&config.stop);
         let mut text = String::new();
         let mut failure = None;
-        let generation = generate(&self.model, prompt, &config, &mut |id| match decoder.push(id) {
+        let mut stopped = false;
+        let mut emit = |piece: &str, text: &mut String| {
+            text.push_str(piece);
+            piece.is_empty() || on_text(piece)
+        };
+        let mut generation = generate(&self.model, prompt, &config, &mut |id| match decoder.push(id) {
             Ok(Some(piece)) => {
-                text.push_str(&piece);
-                on_text(&piece)
+                let (out, hit) = stop.push(&piece);
+                stopped = hit;
+                emit(&out, &mut text) && !hit
             }
             Ok(None) => true,
             Err(e) => {
@@ -87,9 +123,14 @@ impl Llm {
             }
         })
         .await?;
-        match failure {
-            Some(e) => Err(e),
-            None => Ok((generation, text)),
+        if let Some(e) = failure {
+            return Err(e);
         }
+        if stopped {
+            generation.stop_reason = StopReason::StopString;
+        } else {
+            emit(&stop.finish(), &mut text);
+        }
+        Ok((generation, text))
     }
 }

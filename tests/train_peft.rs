@@ -103,7 +103,7 @@ fn gradients_match_peft() {
 fn trajectory_matches_peft_and_base_is_untouched() {
     let t = trajectory();
     let mut model = tiny_with_adapter();
-    let base_before = pollster::block_on(model.hf_tensors()).unwrap();
+    let base_before = pollster::block_on(model.hf_tensors(None)).unwrap();
     let (losses, result, _) = run(&mut model, &steps(&t), &reference_config(&t), None, None);
     let summary = result.unwrap();
     assert_eq!((summary.steps, summary.end), (20, TrainEnd::Completed));
@@ -113,7 +113,7 @@ fn trajectory_matches_peft_and_base_is_untouched() {
     }
     assert_eq!(losses.len(), expected.len());
     model.disable_adapter();
-    assert_eq!(pollster::block_on(model.hf_tensors()).unwrap(), base_before, "the base is bit-identical");
+    assert_eq!(pollster::block_on(model.hf_tensors(None)).unwrap(), base_before, "the base is bit-identical");
 }
 
 /// A run resumed from a checkpoint (its adapter + trainer state) gives the same losses as the

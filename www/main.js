@@ -1,9 +1,11 @@
-// The demo page: loads a model in the engine worker with a progress bar, then streams chat answers.
-import { EngineClient } from './client.js';
+// The demo page: loads a model with the package's API (the engine runs in its worker) with a
+// progress bar, then streams chat answers.
+import * as webgpuLora from './lib/index.js';
 
 const $ = (id) => document.getElementById(id);
-const client = new EngineClient();
-window.app = { client }; // for the end-to-end tests and the curious
+// for the end-to-end tests and the curious: the package's API and the loaded model
+window.app = { webgpuLora, model: null };
+let stopper = null;
 
 function formatBytes(n) {
   return n >= 1e9 ? `${(n / 1e9).toFixed(2)} GB` : n >= 1e6 ? `${(n / 1e6).toFixed(1)} MB` : `${Math.round(n / 1e3)} kB`;
@@ -31,23 +33,25 @@ $('load-form').addEventListener('submit', async (event) => {
   $('load-button').disabled = true;
   const started = performance.now();
   try {
-    // the total size is known per file only; estimate the whole from the weight files' headers
-    let expected = 0;
-    const seen = new Set();
-    const config = await client.load(url, (e) => {
-      if (e.stage === 'download') {
-        if (!seen.has(e.file)) { seen.add(e.file); expected += e.fileTotal; }
-        const rate = e.loaded / ((performance.now() - started) / 1000);
-        const eta = expected > e.loaded ? Math.ceil((expected - e.loaded) / rate) : 0;
-        progress.max = expected || 1;
-        progress.value = e.loaded;
-        setStatus(`Downloading ${e.file}: ${formatBytes(e.loaded)} of ${formatBytes(expected)}, about ${eta} s left`);
-      } else if (e.stage === 'upload') {
-        progress.max = e.total;
-        progress.value = e.done;
-        setStatus(`Moving weights to the GPU: ${e.done} of ${e.total} tensors`);
-      }
+    window.app.model?.dispose();
+    window.app.model = null;
+    const model = await webgpuLora.LoraModel.fromPretrained(url, {
+      onProgress(e) {
+        if (e.stage === 'download') {
+          const rate = e.loaded / ((performance.now() - started) / 1000);
+          const eta = e.total > e.loaded ? Math.ceil((e.total - e.loaded) / rate) : 0;
+          progress.max = e.total || 1;
+          progress.value = e.loaded;
+          setStatus(`Downloading ${e.file}${e.cached ? ' (cached)' : ''}: ${formatBytes(e.loaded)} of ${formatBytes(e.total)}, about ${eta} s left`);
+        } else if (e.stage === 'upload') {
+          progress.max = e.total;
+          progress.value = e.done;
+          setStatus(`Moving weights to the GPU: ${e.done} of ${e.total} tensors`);
+        }
+      },
     });
+    window.app.model = model;
+    const config = model.config;
     progress.max = 1;
     progress.value = 1;
     setStatus(`Loaded: ${config.num_hidden_layers} layers, hidden size ${config.hidden_size}, vocabulary ${config.vocab_size} (${((performance.now() - started) / 1000).toFixed(1)} s).`);
@@ -93,11 +97,14 @@ $('chat-form').addEventListener('submit', async (event) => {
   $('prompt').value = '';
   $('send-button').disabled = true;
   $('stop-button').disabled = false;
+  stopper = new AbortController();
   try {
-    const result = await client.generate(prompt, options(), (piece) => {
+    const stream = window.app.model.generate(prompt, { ...options(), signal: stopper.signal });
+    for await (const piece of stream) {
       answer.textContent += piece;
       $('transcript').scrollTop = $('transcript').scrollHeight;
-    });
+    }
+    const result = await stream.result;
     answer.dataset.tokens = JSON.stringify(result.tokens);
     answer.dataset.stopReason = result.stopReason;
   } catch (e) {
@@ -110,7 +117,7 @@ $('chat-form').addEventListener('submit', async (event) => {
   }
 });
 
-$('stop-button').addEventListener('click', () => client.cancel());
+$('stop-button').addEventListener('click', () => stopper?.abort());
 $('prompt').addEventListener('keydown', (e) => {
   if (e.key === 'Enter' && !e.shiftKey) { e.preventDefault(); $('chat-form').requestSubmit(); }
 });

@@ -13,7 +13,7 @@ use webgpu_lora::io::gguf::GgufFile;
 use webgpu_lora::io::gguf_convert::HfModel;
 use webgpu_lora::io::safetensors::write_safetensors;
 use webgpu_lora::config::LoraConfig;
-use webgpu_lora::io::model_files::{TEXT_FILES, write_files};
+use webgpu_lora::io::model_files::write_files;
 use webgpu_lora::io::{HostTensor, ModelFiles, StoreDtype};
 use webgpu_lora::peft::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, AdapterSource};
 use webgpu_lora::{Error, GenerationConfig, Llm, Result};
@@ -372,22 +372,11 @@ fn run(cli: Cli) -> Result<()> {
             std::fs::write(&out, bytes).map_err(|source| Error::Io { file: out.display().to_string(), source })?;
         }
         Command::Merge { model, adapter, out, safe } => {
-            let files = ModelFiles::from_dir(&model)?;
-            let copied: Vec<(&str, Vec<u8>)> = TEXT_FILES.iter().filter_map(|&name| files.get(name).map(|b| (name, b.to_vec()))).collect();
-            let mut llm = Llm::load(files, &Device::flex(), &mut |_, _, _| {})?;
+            let mut llm = Llm::load(ModelFiles::from_dir(&model)?, &Device::flex(), &mut |_, _, _| {})?;
             load_adapters(&mut llm, std::slice::from_ref(&adapter))?;
             pollster::block_on(llm.model.merge_and_unload(&[], safe))?;
-            let config = &llm.model.config;
-            let dtype = config.raw.get("torch_dtype").or_else(|| config.raw.get("dtype")).and_then(|v| v.as_str()).map_or(Ok(StoreDtype::F32), StoreDtype::parse)?;
-            let tensors = pollster::block_on(llm.model.hf_tensors())?;
-            let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-            let mut written = vec![
-                ("model.safetensors", write_safetensors(&tensors, dtype, Some(metadata))?),
-                ("config.json", config.to_json().into_bytes()),
-            ];
-            written.extend(copied);
-            write_files(&out, written)?;
-            eprintln!("wrote {} (merged {}, {})", out.display(), adapter.display(), dtype.torch_name());
+            write_files(&out, pollster::block_on(llm.merged_files(None))?)?;
+            eprintln!("wrote {} (merged {})", out.display(), adapter.display());
         }
         Command::Train(args) => train(args)?,
         Command::AdapterInfo { adapter, model } => {

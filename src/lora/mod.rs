@@ -3,5 +3,5 @@
 mod init;
 mod layer;
 
-pub use init::{init_from_weight, init_lora, upload};
+pub use init::{init_from_weight, init_lora, upload, upload_all};
 pub use layer::{LoraLinear, LoraRun, LoraWeights};

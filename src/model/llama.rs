@@ -275,8 +275,9 @@ impl LlamaModel {
     }
 
     /// The weights under their Hugging Face names and layout ([out, in] linears), read back from
-    /// the device: merged adapters included, unmerged ones not. The inverse of [`load`](Self::load).
-    pub async fn hf_tensors(&self) -> Result<std::collections::BTreeMap<String, HostTensor>> {
+    /// the device: merged adapters included, unmerged ones not, plus adapter `merge` (if given)
+    /// added on the way out without touching the model. The inverse of [`load`](Self::load).
+    pub async fn hf_tensors(&self, merge: Option<&str>) -> Result<std::collections::BTreeMap<String, HostTensor>> {
         async fn host<const D: usize>(t: &Tensor<D>) -> Result<HostTensor> {
             crate::generate::read_host(t.clone()).await
         }
@@ -291,7 +292,12 @@ impl LlamaModel {
             out.insert(format!("{p}.input_layernorm.weight"), host(&layer.input_layernorm.weight).await?);
             out.insert(format!("{p}.post_attention_layernorm.weight"), host(&layer.post_attention_layernorm.weight).await?);
             for (name, linear) in layer.linears() {
-                out.insert(format!("{p}.{name}.weight"), transpose(&host(&linear.base.weight_t).await?));
+                let delta = merge.filter(|m| !linear.merged.iter().any(|done| done == m)).and_then(|m| linear.delta_t(m));
+                let weight_t = match delta {
+                    Some(delta) => linear.base.weight_t.clone() + delta,
+                    None => linear.base.weight_t.clone(),
+                };
+                out.insert(format!("{p}.{name}.weight"), transpose(&host(&weight_t).await?));
             }
         }
         Ok(out)

@@ -13,7 +13,7 @@ use burn::tensor::Tensor;
 use crate::config::{LoraConfig, LoraInit, TargetModules};
 use crate::error::{Error, Result};
 use crate::io::SafetensorsWeights;
-use crate::lora::{LoraRun, LoraWeights, init_from_weight, upload};
+use crate::lora::{LoraRun, LoraWeights, init_from_weight, upload, upload_all};
 use crate::model::{LlamaModel, transpose};
 
 /// PEFT's prefix of every key in adapter_model.safetensors.
@@ -67,7 +67,8 @@ impl LlamaModel {
             }
         }
 
-        let mut built: BTreeMap<String, LoraWeights> = BTreeMap::new();
+        // checked and laid out on the host first, then sent to the device in one transfer
+        let mut host = Vec::new();
         for module in modules.iter().filter(|m| config.targets(m, true)) {
             let (a_key, b_key) = (lora_key(module, "lora_A"), lora_key(module, "lora_B"));
             if !tensors.contains(&a_key) || !tensors.contains(&b_key) {
@@ -85,8 +86,13 @@ impl LlamaModel {
                     ));
                 }
             }
-            let device = self.device();
-            built.insert(module.clone(), LoraWeights { a_t: upload(transpose(&a), &device), b_t: upload(transpose(&b), &device), scaling: config.scaling_for(module) });
+            host.push((module.clone(), transpose(&a), transpose(&b)));
+        }
+        let uploaded = upload_all(host.iter().flat_map(|(_, a_t, b_t)| [a_t, b_t]), &self.device());
+        let mut built: BTreeMap<String, LoraWeights> = BTreeMap::new();
+        for ((module, ..), pair) in host.into_iter().zip(uploaded.chunks_exact(2)) {
+            let scaling = config.scaling_for(&module);
+            built.insert(module, LoraWeights { a_t: pair[0].clone(), b_t: pair[1].clone(), scaling });
         }
         if built.is_empty() {
             return Err(Error::file(&config_file, "target_modules matches no linear layer of this base model"));
@@ -205,6 +211,11 @@ impl LlamaModel {
     pub fn enable_adapter(&mut self) {
         self.adapters.disabled = false;
     }
+
+    /// Whether [`disable_adapter`](Self::disable_adapter) is in effect.
+    pub fn adapters_disabled(&self) -> bool {
+        self.adapters.disabled
+    }
 }
 
 /// "model.layers.3.self_attn.q_proj" -> (3, "self_attn.q_proj").
@@ -230,7 +241,8 @@ impl LlamaModel {
         self.layers.iter().flat_map(|l| l.linears().into_iter().map(|(_, linear)| linear))
     }
 
-    fn merged_adapters(&self) -> Vec<String> {
+    /// The adapters folded into the base weights now, sorted.
+    pub fn merged_adapters(&self) -> Vec<String> {
         let mut merged: Vec<String> = self.lora_layers().flat_map(|l| l.merged.iter().cloned()).collect();
         merged.sort();
         merged.dedup();
@@ -269,9 +281,9 @@ impl LlamaModel {
                     .filter_map(|l| l.adapters.get(name))
                     .flat_map(|lora| [lora.a_t.clone().is_finite().all(), lora.b_t.clone().is_finite().all()])
                     .collect();
-                let finite = Tensor::cat(checks, 0).all().into_data_async().await
-                    .map_err(|e| Error::Backend(format!("reading a result back failed: {e:?}")))?;
-                if finite.as_slice::<bool>().map(|v| !v[0]).unwrap_or(true) {
+                // read back as a number: backends store booleans differently (WebGPU as u32)
+                let finite = crate::generate::read_f32(Tensor::cat(checks, 0).all().float()).await?;
+                if finite.first() != Some(&1.0) {
                     return Err(Error::invalid(format!("NaNs detected in the merged weights. The adapter {name} seems to be broken")));
                 }
             }

@@ -32,6 +32,7 @@ pub struct FineTune {
 
 /// The options of a job as the CLI flags and the JS API name them (camelCase in JSON), with the
 /// CLI's defaults: r 8, alpha 16, dropout 0.05, q_proj + v_proj, lr 2e-4, cosine, 1 epoch, batch 4.
+/// transformers' TrainingArguments names (camelCase) are accepted as aliases.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct TrainOptions {
@@ -45,20 +46,28 @@ pub struct TrainOptions {
     pub init_lora_weights: String,
     pub use_rslora: bool,
     pub base_model_name_or_path: Option<String>,
+    #[serde(alias = "learningRate")]
     pub lr: f64,
     pub weight_decay: f64,
+    #[serde(alias = "lrSchedulerType")]
     pub schedule: String,
     pub warmup_steps: usize,
     /// 0: no clipping.
     pub max_grad_norm: f64,
+    #[serde(alias = "numTrainEpochs")]
     pub epochs: usize,
     pub max_steps: Option<usize>,
+    #[serde(alias = "perDeviceTrainBatchSize")]
     pub batch_size: usize,
+    #[serde(alias = "gradientAccumulationSteps")]
     pub grad_accum: usize,
     pub max_seq_len: usize,
     pub seed: u64,
+    #[serde(alias = "evalSteps")]
     pub eval_every: Option<usize>,
+    #[serde(alias = "earlyStoppingPatience")]
     pub patience: Option<usize>,
+    #[serde(alias = "saveSteps")]
     pub checkpoint_every: Option<usize>,
     pub val_split: Option<f64>,
     pub packing: bool,

@@ -11,10 +11,26 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::future_to_promise;
 
 use crate::generate::{GenerationConfig, read_f32};
-use crate::io::ModelFiles;
+use crate::io::{ChatMessage, ModelFiles};
+use crate::peft::{AdapterFiles, AdapterSource, Combination};
 use crate::train::fine_tune::{TrainOptions, fine_tune};
 use crate::train::{Control, TrainEvent};
 use crate::{Error, Llm};
+
+unsafe extern "C" {
+    /// The static constructors, synthesized by wasm-ld.
+    fn __wasm_call_ctors();
+}
+
+/// Runs the static constructors once, when the module starts (cubecl registers its IR through
+/// the `inventory` crate, which needs them on wasm). Calling them explicitly also stops wasm-ld
+/// from wrapping exports (malloc and free among them) in a call of every constructor, which cost
+/// ~0.3 ms per call from JS.
+#[wasm_bindgen(start)]
+fn start() {
+    // SAFETY: called once, before any other export runs.
+    unsafe { __wasm_call_ctors() }
+}
 
 fn js_error(e: Error) -> JsValue {
     JsError::new(&e.to_string()).into()
@@ -24,6 +40,17 @@ struct State {
     device: Device,
     pending: Option<ModelFiles>,
     llm: Option<Rc<RefCell<Llm>>>,
+}
+
+/// Options from JS: through serde_json, so that unknown keys (typos) are refused by name;
+/// serde-wasm-bindgen reads only the fields a struct has.
+fn parse_options<T: serde::de::DeserializeOwned + Default>(value: JsValue, what: &str) -> Result<T, JsValue> {
+    if value.is_undefined() || value.is_null() {
+        return Ok(T::default());
+    }
+    let bad = |e: &dyn std::fmt::Display| js_error(Error::invalid(format!("{what}: {e}")));
+    let json: serde_json::Value = serde_wasm_bindgen::from_value(value).map_err(|e| bad(&e))?;
+    serde_json::from_value(json).map_err(|e| bad(&e))
 }
 
 fn busy() -> JsValue {
@@ -95,6 +122,149 @@ impl Engine {
         self.state.borrow().llm.clone().ok_or_else(|| js_error(Error::invalid("no model is loaded: call loadModel first")))
     }
 
+    /// Runs a quick change of the model, refused while a long operation holds it.
+    fn change<T>(&self, f: impl FnOnce(&mut Llm) -> crate::Result<T>) -> Result<T, JsValue> {
+        let llm = self.llm()?;
+        let mut llm = llm.try_borrow_mut().map_err(|_| busy())?;
+        f(&mut llm).map_err(js_error)
+    }
+
+    /// The adapters as JSON: {names, active, disabled, merged}.
+    #[wasm_bindgen(js_name = adapterState)]
+    pub fn adapter_state(&self) -> Result<String, JsValue> {
+        let llm = self.llm()?;
+        let llm = llm.try_borrow().map_err(|_| busy())?;
+        let m = &llm.model;
+        Ok(serde_json::json!({"names": m.adapter_names(), "active": m.active_adapter(), "disabled": m.adapters_disabled(), "merged": m.merged_adapters()}).to_string())
+    }
+
+    /// A loaded adapter's adapter_config.json.
+    #[wasm_bindgen(js_name = adapterConfig)]
+    pub fn adapter_config(&self, name: &str) -> Result<String, JsValue> {
+        self.change(|llm| llm.model.adapter_config(name).map(|c| c.to_json()).ok_or_else(|| Error::invalid(format!("no adapter named {name:?}"))))
+    }
+
+    /// Loads PEFT files as adapter `name` (not activated, as in PEFT); `origin` labels errors.
+    #[wasm_bindgen(js_name = loadAdapter)]
+    pub fn load_adapter(&self, name: String, config: Uint8Array, weights: Uint8Array, origin: String) -> Promise {
+        let llm = self.llm();
+        future_to_promise(async move {
+            let llm = llm?;
+            let mut llm = llm.try_borrow_mut().map_err(|_| busy())?;
+            let files = AdapterFiles { config_json: String::from_utf8_lossy(&config.to_vec()).into_owned(), safetensors: weights.to_vec() };
+            llm.model.load_adapter(&name, AdapterSource::from_files(files, &origin)).await.map_err(js_error)?;
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
+    #[wasm_bindgen(js_name = setAdapter)]
+    pub fn set_adapter(&self, name: &str) -> Result<(), JsValue> {
+        self.change(|llm| llm.model.set_adapter(name))
+    }
+
+    #[wasm_bindgen(js_name = disableAdapter)]
+    pub fn disable_adapter(&self) -> Result<(), JsValue> {
+        self.change(|llm| Ok(llm.model.disable_adapter()))
+    }
+
+    #[wasm_bindgen(js_name = enableAdapter)]
+    pub fn enable_adapter(&self) -> Result<(), JsValue> {
+        self.change(|llm| Ok(llm.model.enable_adapter()))
+    }
+
+    #[wasm_bindgen(js_name = deleteAdapter)]
+    pub fn delete_adapter(&self, name: &str) -> Result<(), JsValue> {
+        self.change(|llm| llm.model.delete_adapter(name))
+    }
+
+    pub fn unload(&self) -> Result<(), JsValue> {
+        self.change(|llm| Ok(llm.model.unload()))
+    }
+
+    #[wasm_bindgen(js_name = unmergeAdapter)]
+    pub fn unmerge_adapter(&self) -> Result<(), JsValue> {
+        self.change(|llm| Ok(llm.model.unmerge_adapter()))
+    }
+
+    /// Merges `names` (empty: the active adapter); with `and_unload`, then drops every adapter.
+    /// Resolves to {merged, skipped}.
+    pub fn merge(&self, names: Vec<String>, safe_merge: bool, and_unload: bool) -> Promise {
+        let llm = self.llm();
+        future_to_promise(async move {
+            let llm = llm?;
+            let mut llm = llm.try_borrow_mut().map_err(|_| busy())?;
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let report = if and_unload {
+                llm.model.merge_and_unload(&names, safe_merge).await
+            } else {
+                llm.model.merge_adapter(&names, safe_merge).await
+            }
+            .map_err(js_error)?;
+            let result = js_sys::Object::new();
+            js_sys::Reflect::set(&result, &"merged".into(), &serde_wasm_bindgen::to_value(&report.merged)?)?;
+            js_sys::Reflect::set(&result, &"skipped".into(), &serde_wasm_bindgen::to_value(&report.skipped)?)?;
+            Ok(result.into())
+        })
+    }
+
+    /// PEFT's add_weighted_adapter; `combination` is "svd" (default), "linear" or "cat".
+    #[wasm_bindgen(js_name = addWeightedAdapter)]
+    pub fn add_weighted_adapter(&self, names: Vec<String>, weights: Vec<f64>, new_name: String, combination: Option<String>, svd_rank: Option<usize>) -> Promise {
+        let llm = self.llm();
+        future_to_promise(async move {
+            let llm = llm?;
+            let mut llm = llm.try_borrow_mut().map_err(|_| busy())?;
+            let combination = match Combination::parse(combination.as_deref().unwrap_or("svd")).map_err(js_error)? {
+                Combination::Svd { .. } => Combination::Svd { rank: svd_rank },
+                other => other,
+            };
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            llm.model.add_weighted_adapter(&names, &weights, &new_name, combination).await.map_err(js_error)?;
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
+    /// [trainable, all] parameter counts, as PEFT's get_nb_trainable_parameters.
+    #[wasm_bindgen(js_name = trainableParameters)]
+    pub fn trainable_parameters(&self) -> Result<Vec<f64>, JsValue> {
+        self.change(|llm| {
+            let (trainable, all) = llm.model.trainable_parameters();
+            Ok(vec![trainable as f64, all as f64])
+        })
+    }
+
+    /// Adapter `name` as PEFT files: resolves to {config: string, weights: Uint8Array}.
+    #[wasm_bindgen(js_name = saveAdapter)]
+    pub fn save_adapter(&self, name: String) -> Promise {
+        let llm = self.llm();
+        future_to_promise(async move {
+            let llm = llm?;
+            let llm = llm.try_borrow().map_err(|_| busy())?;
+            let files = llm.model.save_adapter(&name).await.map_err(js_error)?;
+            let result = js_sys::Object::new();
+            js_sys::Reflect::set(&result, &"config".into(), &files.config_json.into())?;
+            js_sys::Reflect::set(&result, &"weights".into(), &Uint8Array::from(files.safetensors.as_slice()))?;
+            Ok(result.into())
+        })
+    }
+
+    /// The model as a Hugging Face directory ({file name: Uint8Array}), with adapter `merge`
+    /// folded in (the model itself is not changed).
+    #[wasm_bindgen(js_name = mergedFiles)]
+    pub fn merged_files(&self, merge: Option<String>) -> Promise {
+        let llm = self.llm();
+        future_to_promise(async move {
+            let llm = llm?;
+            let llm = llm.try_borrow().map_err(|_| busy())?;
+            let files = llm.merged_files(merge.as_deref()).await.map_err(js_error)?;
+            let result = js_sys::Object::new();
+            for (name, bytes) in files {
+                js_sys::Reflect::set(&result, &name.into(), &Uint8Array::from(bytes.as_slice()))?;
+            }
+            Ok(result.into())
+        })
+    }
+
     /// The model's config.json as loaded.
     #[wasm_bindgen(js_name = modelConfig)]
     pub fn model_config(&self) -> Result<String, JsValue> {
@@ -107,8 +277,16 @@ impl Engine {
         self.llm()?.try_borrow().map_err(|_| busy())?.prompt_ids(text, chat).map_err(js_error)
     }
 
+    /// Prompt ids for a conversation ([{role, content}, ...]) rendered with the chat template.
+    #[wasm_bindgen(js_name = chatIds)]
+    pub fn chat_ids(&self, messages: JsValue) -> Result<Vec<u32>, JsValue> {
+        let messages: Vec<ChatMessage> = serde_wasm_bindgen::from_value(messages)
+            .map_err(|e| js_error(Error::invalid(format!("messages must be [{{role, content}}, ...] with string values: {e}"))))?;
+        self.llm()?.try_borrow().map_err(|_| busy())?.chat_ids(&messages).map_err(js_error)
+    }
+
     /// Generates after `prompt_ids`; `options` is a GenerationConfig in camelCase
-    /// (maxNewTokens, temperature, topK, topP, repetitionPenalty, seed, stopTokenIds);
+    /// (maxNewTokens, temperature, topK, topP, repetitionPenalty, seed, stopTokenIds, stop);
     /// `on_text(piece, tokenId)` gets each decoded piece and returns false to stop.
     /// Resolves to {tokens, text, stopReason}.
     pub fn generate(&self, prompt_ids: Vec<u32>, options: JsValue, on_text: Function) -> Promise {
@@ -116,11 +294,7 @@ impl Engine {
         future_to_promise(async move {
             let llm = llm?;
             let llm = llm.try_borrow().map_err(|_| busy())?;
-            let config: GenerationConfig = if options.is_undefined() || options.is_null() {
-                GenerationConfig::default()
-            } else {
-                serde_wasm_bindgen::from_value(options).map_err(|e| js_error(Error::invalid(format!("generation options: {e}"))))?
-            };
+            let config: GenerationConfig = parse_options(options, "generation options")?;
             let (generation, text) = llm
                 .generate_text(&prompt_ids, &config, &mut |piece| {
                     on_text.call1(&JsValue::NULL, &piece.into()).map(|r| r.as_bool() != Some(false)).unwrap_or(false)
@@ -158,11 +332,7 @@ impl Engine {
         future_to_promise(async move {
             let llm = llm?;
             let mut llm = llm.try_borrow_mut().map_err(|_| busy())?;
-            let options: TrainOptions = if options.is_undefined() || options.is_null() {
-                TrainOptions::default()
-            } else {
-                serde_wasm_bindgen::from_value(options).map_err(|e| js_error(Error::invalid(format!("training options: {e}"))))?
-            };
+            let options: TrainOptions = parse_options(options, "training options")?;
             let spec = options.to_fine_tune().map_err(js_error)?;
             let (data, val) = (data.to_vec(), val.map(|v| v.to_vec()));
             let clock = || js_sys::Date::now() / 1000.0;

@@ -3,7 +3,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { start, readSafetensors, readJson, root } from './helpers.mjs';
+import { start, readJson, root } from './helpers.mjs';
 
 const fixtures = join(root, 'tests', 'fixtures');
 let b;
@@ -11,32 +11,12 @@ let b;
 before(async () => { b = await start(); });
 after(async () => { await b?.close(); });
 
-test('the tiny model on WebGPU gives transformers\' logits (max abs diff < 1e-4)', async () => {
-  const { ids } = readJson(join(fixtures, 'tiny-llama', 'expected.json'));
-  const expected = readSafetensors(join(fixtures, 'tiny-llama', 'expected.safetensors')).logits.data;
-  const logits = await b.page.evaluate(async (ids) => {
-    await window.app.client.load('/fixtures/tiny-llama/');
-    return Array.from(await window.app.client.logits(ids));
-  }, ids);
-  assert.equal(logits.length, expected.length);
-  const diff = Math.max(...logits.map((v, i) => Math.abs(v - expected[i])));
-  assert.ok(diff < 1e-4, `max |ours - transformers| = ${diff}`);
-});
-
-test('bad input rejects the promise with the file and the problem', async () => {
-  const truncated = await b.page.evaluate(() => window.app.client.load('/fixtures/bad-truncated/').then(() => 'loaded', (e) => e.message));
-  assert.match(truncated, /bad-truncated\/model\.safetensors: invalid safetensors.*truncated/);
+test('a bad model rejects fromPretrained with the file and the problem, and a good one still loads', async () => {
+  const load = (url) => b.page.evaluate((url) => window.app.webgpuLora.LoraModel.fromPretrained(url).then((m) => { m.dispose(); return 'loaded'; }, (e) => e.message), url);
+  assert.match(await load('/fixtures/bad-truncated/'), /bad-truncated\/model\.safetensors: invalid safetensors.*truncated/);
   b.expected404.push('/fixtures/no-such-model/config.json');
-  const missing = await b.page.evaluate(() => window.app.client.load('/fixtures/no-such-model/').then(() => 'loaded', (e) => e.message));
-  assert.match(missing, /no-such-model\/config\.json: HTTP 404/);
-  const outOfVocab = await b.page.evaluate(async () => {
-    await window.app.client.load('/fixtures/tiny-llama/');
-    return window.app.client.logits([1, 100000]).then(() => 'ok', (e) => e.message);
-  });
-  assert.equal(outOfVocab, 'token id 100000 is out of the vocabulary (size 256)');
-  // the engine is still usable after the errors
-  const logits = await b.page.evaluate(async () => (await window.app.client.logits([1, 2])).length);
-  assert.equal(logits, 2 * 256);
+  assert.match(await load('/fixtures/no-such-model/'), /no-such-model\/config\.json: HTTP 404.*check the model URL/);
+  assert.equal(await load('/fixtures/tiny-llama/'), 'loaded');
 });
 
 test('the page loads SmolLM2-135M-Instruct and streams the France answer (first 8 greedy tokens)', async () => {

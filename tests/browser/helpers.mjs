@@ -1,6 +1,7 @@
 // Shared set-up of the browser tests: the static server on a free loopback port, headless Chromium
 // with WebGPU (flags from shared/FACTS.md) driven by playwright-core, and console-error capture.
-import { mkdtempSync, readFileSync, rmSync, mkdirSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { chromium } from 'playwright-core';
@@ -9,23 +10,18 @@ import { serve } from '../../scripts/serve.mjs';
 export const root = resolve(import.meta.dirname, '../..');
 export const artifacts = join(root, 'test-results');
 
-export async function start() {
-  const server = await serve(0);
-  const base = `http://127.0.0.1:${server.address().port}`;
-  const profile = mkdtempSync(join(tmpdir(), 'webgpu-lora-chromium-'));
-  const browser = await chromium.launchPersistentContext(profile, {
-    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-    headless: true,
-    args: [
-      '--enable-unsafe-webgpu', '--no-sandbox', '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync', '--disable-quic',
-    ],
-  });
-  const errors = [];
-  const expected404 = [];
-  const page = browser.pages()[0] ?? (await browser.newPage());
-  // A model directory's optional files (an index, a chat template, ...) are probed and may be
-  // absent: the browser logs those 404s as errors, which are expected and not counted.
+const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
+const FLAGS = [
+  '--enable-unsafe-webgpu', '--no-sandbox', '--no-first-run', '--disable-background-networking',
+  '--disable-component-update', '--disable-sync', '--disable-quic',
+];
+
+/**
+ * Collects the page's console errors into `errors`. A model directory's optional files (an index,
+ * a chat template, ...) are probed and may be absent: the browser logs those 404s as errors,
+ * which are expected and not counted, as are 404s of URLs ending in one of `expected404`.
+ */
+export function watchConsole(page, errors, expected404 = []) {
   const optional = /\/(model\.safetensors\.index\.json|chat_template\.jinja|tokenizer\.json|tokenizer_config\.json|generation_config\.json)$/;
   page.on('console', (m) => {
     if (m.type() !== 'error') return;
@@ -33,6 +29,48 @@ export async function start() {
     errors.push(`${m.text()} (${m.location().url})`);
   });
   page.on('pageerror', (e) => errors.push(String(e)));
+}
+
+/**
+ * Starts headless Chromium as a child process of ours on `profile` (kept between launches) and
+ * connects to it, so a test can relaunch on the same profile or SIGKILL the browser.
+ * Resolves to {page, kill(), close()}.
+ */
+export async function launchChromium(profile) {
+  const portFile = join(profile, 'DevToolsActivePort');
+  rmSync(portFile, { force: true });
+  const proc = spawn(CHROMIUM, [...FLAGS, '--headless=new', `--user-data-dir=${profile}`, '--remote-debugging-port=0', 'about:blank'], { stdio: 'ignore' });
+  const exited = new Promise((ok) => proc.once('exit', ok));
+  for (let i = 0; !existsSync(portFile) || !readFileSync(portFile, 'utf8').includes('\n'); i++) {
+    if (i > 300 || proc.exitCode !== null) throw new Error(`chromium did not start (exit code ${proc.exitCode})`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const port = readFileSync(portFile, 'utf8').split('\n')[0];
+  const browser = await chromium.connectOverCDP(`http://127.0.0.1:${port}`);
+  const context = browser.contexts()[0];
+  const page = context.pages()[0] ?? (await context.newPage());
+  return {
+    page,
+    /** SIGKILL: no shutdown of any kind. */
+    async kill() { proc.kill('SIGKILL'); await exited; },
+    /** A normal quit, as closing the window. */
+    async close() {
+      await (await browser.newBrowserCDPSession()).send('Browser.close').catch(() => {});
+      await exited;
+    },
+  };
+}
+
+/** The static server (default: scripts/serve.mjs's mounts) and headless Chromium on its page. */
+export async function start({ mounts } = {}) {
+  const server = await serve(0, '127.0.0.1', mounts);
+  const base = `http://127.0.0.1:${server.address().port}`;
+  const profile = mkdtempSync(join(tmpdir(), 'webgpu-lora-chromium-'));
+  const browser = await chromium.launchPersistentContext(profile, { executablePath: CHROMIUM, headless: true, args: FLAGS });
+  const errors = [];
+  const expected404 = [];
+  const page = browser.pages()[0] ?? (await browser.newPage());
+  watchConsole(page, errors, expected404);
   await page.goto(`${base}/`);
   const b = {
     base, page, errors,
@@ -69,4 +107,12 @@ export function readSafetensors(path) {
 
 export function readJson(path) {
   return JSON.parse(readFileSync(path, 'utf8'));
+}
+
+/** max |a[i] - b[i]| (Infinity when the lengths differ). */
+export function maxAbsDiff(a, b) {
+  if (a.length !== b.length) return Infinity;
+  let max = 0;
+  for (let i = 0; i < a.length; i++) max = Math.max(max, Math.abs(a[i] - b[i]));
+  return max;
 }

@@ -1,31 +1,50 @@
 // Training in the browser: the tiny chat model (tests/fixtures/tiny-chat, with a tokenizer and
-// chat template) fine-tuned on WebGPU through the worker, on chat data from data/robot; the
-// adapter it returns loads in the native CLI and gives the browser's logits.
+// chat template) fine-tuned on WebGPU through the package's train(), on chat data from data/robot;
+// the adapter it exports loads in the native CLI and gives the browser's logits, and an adapter the
+// CLI trains, imported into the browser's store, gives the CLI's logits.
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { start, root, readSafetensors } from './helpers.mjs';
+import { start, root, readSafetensors, maxAbsDiff } from './helpers.mjs';
 
 let b;
 before(async () => { b = await start(); });
 after(async () => { await b.close(); });
 
-test('a LoRA adapter trains on WebGPU and matches the native CLI', async () => {
+test('a LoRA adapter trains on WebGPU and matches the native CLI; one the CLI trains imports into the browser', async () => {
   const data = readFileSync(join(root, 'data/robot/train.jsonl'), 'utf8').split('\n').slice(0, 12).join('\n');
   const ids = [257, 84, 82, 68, 81, 198, 39, 72, 258];
   const result = await b.page.evaluate(async ({ data, ids }) => {
-    const client = window.app.client;
-    await client.load('/fixtures/tiny-chat/');
+    const { LoraModel, AdapterStore } = window.app.webgpuLora;
+    const m = await LoraModel.fromPretrained('/fixtures/tiny-chat/');
     const events = [];
-    const options = { r: 4, loraAlpha: 8, loraDropout: 0, targetModules: ['all-linear'], lr: 1e-2, maxSteps: 4, batchSize: 2, evalEvery: 2, valSplit: 0.25, seed: 1 };
-    const out = await client.train('robot.jsonl', data, null, options, (e) => events.push(e));
-    const logits = Array.from(await client.logits(ids));
-    const bad = await client.train('robot.jsonl', '{"messages": [{"role": "wizard", "content": "x"}]}', null, { adapterName: 'bad' }).then(() => 'ok', (e) => e.message);
-    const after = Array.from(await client.logits(ids));
-    return { events, report: out.report, config: out.adapterConfig, weights: Array.from(out.adapterWeights), logits, bad, after };
+    const report = await m.train({
+      data, dataName: 'robot.jsonl', adapterName: 'robot',
+      loraConfig: { r: 4, loraAlpha: 8, loraDropout: 0, targetModules: ['all-linear'] },
+      trainingArgs: { learningRate: 1e-2, maxSteps: 4, batchSize: 2, evalEvery: 2, valSplit: 0.25, seed: 1 },
+      onStep: (metrics) => events.push({ event: 'step', metrics }),
+      onEval: (e) => events.push(e),
+    });
+    const state = { adapters: m.adapters(), active: m.activeAdapter, params: await m.trainableParameters() };
+    const logits = Array.from((await m.logits(ids)).data);
+    const files = await m.exportAdapter('robot');
+    const bad = await m.train({ data: '{"messages": [{"role": "wizard", "content": "x"}]}', dataName: 'robot.jsonl', adapterName: 'bad' }).then(() => 'ok', (e) => e.message);
+    const after = Array.from((await m.logits(ids)).data);
+    // the training summary is stored with the adapter
+    const saved = await m.saveAdapter('robot', { as: 'robot-trained' });
+    const store = await AdapterStore.open();
+    const listed = (await store.list()).find((a) => a.name === 'robot-trained');
+    await store.delete('robot-trained');
+    store.close();
+    m.dispose();
+    return {
+      events, report, state, saved, listed, logits, bad, after,
+      config: await files['adapter_config.json'].text(),
+      weights: Array.from(new Uint8Array(await files['adapter_model.safetensors'].arrayBuffer())),
+    };
   }, { data, ids });
 
   const steps = result.events.filter((e) => e.event === 'step');
@@ -35,6 +54,11 @@ test('a LoRA adapter trains on WebGPU and matches the native CLI', async () => {
   assert.deepEqual(evals.map((e) => e.step), [0, 2, 4]);
   assert.equal(result.report.summary.steps, 4);
   assert.equal(result.report.summary.end, 'completed');
+  assert.deepEqual([result.state.adapters, result.state.active], [['robot'], 'robot'], 'the trained adapter is loaded and active');
+  // r (in + out) summed over the 7 linears of 2 layers: q 64->64, k,v 64->32, o 64->64, gate,up 64->128, down 128->64
+  assert.equal(result.state.params.trainable, 2 * 4 * (128 + 96 + 96 + 128 + 192 + 192 + 192));
+  assert.deepEqual(result.listed.trainingSummary, result.report.summary);
+  assert.deepEqual([result.listed.r, result.listed.baseModel.name, result.saved.name], [4, 'tiny-chat', 'robot-trained']);
   assert.match(result.bad, /robot\.jsonl:1: message 0 has role "wizard"/);
   assert.deepEqual(result.after, result.logits, 'a refused job changes nothing');
   console.log(`browser training (tiny-chat, WebGPU): ${steps.map((s) => s.metrics.tokens_per_s.toFixed(0)).join(', ')} tokens/s`);
@@ -48,9 +72,31 @@ test('a LoRA adapter trains on WebGPU and matches the native CLI', async () => {
     const target = process.env.CARGO_TARGET_DIR ?? join(process.env.HOME, '.cache/webgpu-lora/target');
     execFileSync(join(target, 'release/webgpu-lora'), ['logits', '--model', join(root, 'tests/fixtures/tiny-chat'), '--adapter', dir, '--ids', ids.join(','), '--out', out]);
     const native = readSafetensors(out).logits.data;
-    let max = 0;
-    for (let i = 0; i < native.length; i++) max = Math.max(max, Math.abs(native[i] - result.logits[i]));
-    assert.ok(max < 1e-4, `max |browser - native| = ${max}`);
+    assert.ok(maxAbsDiff(native, result.logits) < 1e-4, `max |browser - native| = ${maxAbsDiff(native, result.logits)}`);
+
+    // and the other way: an adapter the CLI trains, imported into the browser's store, gives the CLI's logits
+    const cli = join(dir, 'cli-adapter');
+    writeFileSync(join(dir, 'data.jsonl'), data);
+    execFileSync(join(target, 'release/webgpu-lora'), ['train', '--model', join(root, 'tests/fixtures/tiny-chat'), '--data', join(dir, 'data.jsonl'), '--out', cli,
+      '--targets', 'all-linear', '--r', '4', '--lr', '1e-2', '--max-steps', '2', '--batch-size', '2', '--seed', '3'], { stdio: 'ignore' });
+    execFileSync(join(target, 'release/webgpu-lora'), ['logits', '--model', join(root, 'tests/fixtures/tiny-chat'), '--adapter', cli, '--ids', ids.join(','), '--out', out]);
+    const cliLogits = readSafetensors(out).logits.data;
+    const files = { config: readFileSync(join(cli, 'adapter_config.json'), 'utf8'), weights: Array.from(readFileSync(join(cli, 'adapter_model.safetensors'))) };
+    const browserLogits = await b.page.evaluate(async ({ files, ids }) => {
+      const { LoraModel, AdapterStore } = window.app.webgpuLora;
+      const store = await AdapterStore.open();
+      await store.import({ 'adapter_config.json': files.config, 'adapter_model.safetensors': Uint8Array.from(files.weights) }, { name: 'from-cli' });
+      const m = await LoraModel.fromPretrained('/fixtures/tiny-chat/');
+      await m.loadAdapter('from-cli');
+      await m.setAdapter('from-cli');
+      const logits = Array.from((await m.logits(ids)).data);
+      await store.delete('from-cli');
+      store.close();
+      m.dispose();
+      return logits;
+    }, { files, ids });
+    assert.ok(maxAbsDiff(cliLogits, browserLogits) < 1e-4, `max |browser - CLI| = ${maxAbsDiff(cliLogits, browserLogits)}`);
+    assert.ok(maxAbsDiff(cliLogits, native) > 1e-3, 'the CLI adapter is another adapter');
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -1,0 +1,183 @@
+// Types of the webgpu-lora package (lib/index.js).
+
+/** Bytes in any of the forms the browser hands out. */
+export type Bytes = ArrayBuffer | ArrayBufferView | Blob | string;
+
+/** A model or adapter given as files, by file name. */
+export type Files = Record<string, Bytes>;
+
+/** PEFT adapter files. */
+export interface AdapterFiles {
+  'adapter_config.json': Blob;
+  'adapter_model.safetensors': Blob;
+}
+
+export type LoadProgress =
+  | { stage: 'download'; file: string; loaded: number; total: number; fileLoaded: number; fileTotal: number; cached: boolean }
+  | { stage: 'upload'; done: number; total: number };
+
+export interface FromPretrainedOptions {
+  /** Only "f32" for now: f16/bf16 files are converted to f32 when loaded. */
+  dtype?: 'f32' | 'f16';
+  onProgress?: (event: LoadProgress) => void;
+  /** Keep downloaded files in the Cache API and reuse them while the server reports the same size (default true). */
+  cache?: boolean;
+  /** The base model's name, recorded with saved adapters (default: from the URL or config). */
+  name?: string;
+  /** Where the engine's worker script is (default: worker.js next to this module). */
+  workerUrl?: string | URL;
+}
+
+/** A base model's identity: stored adapters remember it and refuse another base. */
+export interface BaseModel {
+  name: string;
+  shapes: { hidden_size: number; intermediate_size: number; num_hidden_layers: number; num_attention_heads: number; num_key_value_heads: number; vocab_size: number } | null;
+}
+
+export interface ChatMessage { role: 'system' | 'user' | 'assistant' | string; content: string }
+
+export interface GenerateOptions {
+  /** Wrap a text prompt as a user message in the chat template (default true). */
+  chat?: boolean;
+  maxNewTokens?: number;
+  /** 0 (default) is greedy. */
+  temperature?: number;
+  topP?: number;
+  topK?: number;
+  repetitionPenalty?: number;
+  seed?: number;
+  /** Generation ends where any of these strings appears; the text stops before it. */
+  stop?: string[];
+  stopTokenIds?: number[];
+  /** Aborting ends the stream after the current token. */
+  signal?: AbortSignal;
+}
+
+export interface GenerationResult {
+  tokens: number[];
+  text: string;
+  stopReason: 'stopToken' | 'maxNewTokens' | 'cancelled' | 'contextFull' | 'stopString';
+  promptIds: number[];
+}
+
+export interface TextStream extends AsyncGenerator<string, void, undefined> {
+  /** Resolves when generation ends. */
+  result: Promise<GenerationResult>;
+}
+
+export interface LoraConfigOptions {
+  r?: number;
+  loraAlpha?: number;
+  loraDropout?: number;
+  /** Module names, or ["all-linear"]. */
+  targetModules?: string[];
+  initLoraWeights?: 'default' | 'gaussian' | 'olora' | 'pissa';
+  useRslora?: boolean;
+}
+
+/** The CLI's training flags in camelCase; transformers' names (learningRate, numTrainEpochs, ...) also work. */
+export interface TrainingArgs {
+  lr?: number; learningRate?: number;
+  maxSteps?: number;
+  epochs?: number; numTrainEpochs?: number;
+  batchSize?: number; perDeviceTrainBatchSize?: number;
+  gradAccum?: number; gradientAccumulationSteps?: number;
+  warmupSteps?: number;
+  schedule?: 'cosine' | 'linear' | 'constant'; lrSchedulerType?: 'cosine' | 'linear' | 'constant';
+  weightDecay?: number;
+  maxGradNorm?: number;
+  maxSeqLen?: number;
+  seed?: number;
+  evalEvery?: number; evalSteps?: number;
+  patience?: number; earlyStoppingPatience?: number;
+  checkpointEvery?: number; saveSteps?: number;
+  valSplit?: number;
+  packing?: boolean;
+  trainOnEverything?: boolean;
+  truncate?: boolean;
+  skipBadLines?: boolean;
+}
+
+export interface StepMetrics {
+  step: number; epoch: number; loss: number; lr: number; grad_norm: number;
+  tokens: number; tokens_per_s: number; elapsed_s: number; eta_s: number;
+}
+
+export interface TrainingSummary {
+  steps: number; tokens: number; best_val_loss: number | null; seconds: number; end: string; [key: string]: unknown;
+}
+
+export interface TrainReport { summary: TrainingSummary; train_data: Record<string, number>; val_data: Record<string, number> | null; [key: string]: unknown }
+
+export type TrainData = string | Bytes | object[];
+
+export interface TrainOptions {
+  data: TrainData;
+  validation?: TrainData;
+  /** Decides the format: ".jsonl" (default "data.jsonl") or plain text. */
+  dataName?: string;
+  adapterName?: string;
+  loraConfig?: LoraConfigOptions;
+  trainingArgs?: TrainingArgs;
+  onStep?: (metrics: StepMetrics) => void;
+  onEval?: (event: { event: 'eval'; step: number; val_loss: number }) => void;
+  onCheckpoint?: (files: { step: number; 'adapter_config.json': string; 'adapter_model.safetensors': Uint8Array; 'trainer_state.safetensors': Uint8Array }) => void;
+  signal?: AbortSignal;
+}
+
+export interface StoredAdapter {
+  name: string;
+  baseModel: BaseModel | { name: string | null; shapes: null };
+  r: number;
+  loraAlpha: number;
+  targetModules: string[] | string;
+  initLoraWeights: unknown;
+  /** Bytes of the adapter's files. */
+  size: number;
+  /** Milliseconds since the epoch. */
+  created: number;
+  updated: number;
+  trainingSummary: TrainingSummary | null;
+}
+
+export class AdapterStore {
+  static open(options?: { name?: string }): Promise<AdapterStore>;
+  list(): Promise<StoredAdapter[]>;
+  get(name: string): Promise<(StoredAdapter & { config: string; weights: Uint8Array }) | null>;
+  save(adapter: { name: string; config: string; weights: Bytes; baseModel?: BaseModel; trainingSummary?: TrainingSummary | null }, options?: { overwrite?: boolean }): Promise<StoredAdapter>;
+  delete(name: string): Promise<void>;
+  rename(from: string, to: string): Promise<void>;
+  import(files: Files | FileList | File[], options?: { name?: string; overwrite?: boolean }): Promise<StoredAdapter>;
+  export(name: string): Promise<AdapterFiles>;
+  usage(): Promise<{ adapters: number; bytes: number; usage: number | null; quota: number | null }>;
+  close(): void;
+}
+
+export class LoraModel {
+  static fromPretrained(source: string | Files, options?: FromPretrainedOptions): Promise<LoraModel>;
+  readonly config: Record<string, unknown> & { vocab_size: number; hidden_size: number; num_hidden_layers: number };
+  readonly baseModel: BaseModel;
+  readonly activeAdapter: string | null;
+  readonly disabled: boolean;
+  readonly mergedAdapters: string[];
+  adapters(): string[];
+  adapterConfig(name: string): Record<string, unknown> | null;
+  loadAdapter(source: string | Files | FileList | File[], name?: string, options?: { store?: AdapterStore; allowOtherBase?: boolean }): Promise<void>;
+  setAdapter(name: string): Promise<void>;
+  disableAdapter(): Promise<void>;
+  enableAdapter(): Promise<void>;
+  deleteAdapter(name: string): Promise<void>;
+  unload(): Promise<void>;
+  mergeAdapter(names?: string[], options?: { safeMerge?: boolean }): Promise<{ merged: string[]; skipped: string[] }>;
+  unmergeAdapter(): Promise<void>;
+  mergeAndUnload(options?: { adapterNames?: string[]; safeMerge?: boolean }): Promise<{ merged: string[]; skipped: string[] }>;
+  addWeightedAdapter(names: string[], weights: number[], newName: string, combination?: 'svd' | 'linear' | 'cat', options?: { svdRank?: number }): Promise<void>;
+  trainableParameters(): Promise<{ trainable: number; all: number }>;
+  logits(ids: Int32Array | Uint32Array | number[]): Promise<{ data: Float32Array; dims: [number, number] }>;
+  generate(prompt: string | ChatMessage[], options?: GenerateOptions): TextStream;
+  train(options: TrainOptions): Promise<TrainReport>;
+  saveAdapter(name: string, options?: { as?: string; overwrite?: boolean; store?: AdapterStore }): Promise<StoredAdapter>;
+  exportAdapter(name: string): Promise<AdapterFiles>;
+  exportMerged(options?: { adapterName?: string }): Promise<Record<string, Blob>>;
+  dispose(): void;
+}

@@ -1,0 +1,282 @@
+// webgpu-lora: LoRA adapters for a small language model on WebGPU, with PEFT's vocabulary.
+//
+// The engine (Rust compiled to WebAssembly) runs in a dedicated module Web Worker that this
+// module starts; every method here posts a request to it and returns a promise, so the page never
+// blocks. Requests run one at a time, in order. Adapters are PEFT files (adapter_config.json +
+// adapter_model.safetensors) and are kept across visits in IndexedDB by AdapterStore.
+import { AdapterStore, ADAPTER_CONFIG, ADAPTER_WEIGHTS, baseIdentity, checkAdapterFiles, checkSameBase, toBytes } from './store.js';
+
+export { AdapterStore };
+
+class Worker_ {
+  constructor(url) {
+    // spelled out literally so that bundlers (Vite, webpack) bundle the worker with its wasm
+    this.worker = url ? new Worker(url, { type: 'module' }) : new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+    this.pending = new Map();
+    this.nextId = 1;
+    this.state = null;
+    this.configs = new Map();
+    this.worker.onmessage = ({ data: { id, event, result, error, state } }) => {
+      const call = this.pending.get(id);
+      if (!call) return;
+      if (event !== undefined) return call.onEvent?.(event);
+      this.pending.delete(id);
+      if (state) {
+        for (const [name, config] of Object.entries(state.configs)) this.configs.set(name, config);
+        this.state = state;
+      }
+      if (error !== undefined) call.reject(new Error(error));
+      else call.resolve(result);
+    };
+    this.worker.onerror = (e) => this.#failAll(`the engine's worker failed: ${e.message ?? 'it could not start (is the package served with its pkg/ folder?)'}`);
+  }
+
+  #failAll(message) {
+    for (const call of this.pending.values()) call.reject(new Error(message));
+    this.pending.clear();
+  }
+
+  call(op, args = [], onEvent, transfer = []) {
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject, onEvent });
+      this.worker.postMessage({ id, op, args }, transfer);
+    });
+  }
+
+  terminate() {
+    this.worker.terminate();
+    this.#failAll('the model was disposed');
+  }
+}
+
+const modelName = (source) => {
+  if (typeof source !== 'string') return null;
+  const url = new URL(source, globalThis.location?.href ?? 'http://localhost/');
+  const hub = url.pathname.match(/^\/([^/]+\/[^/]+)\/resolve\//); // https://huggingface.co/ORG/NAME/resolve/main/
+  return hub ? hub[1] : url.pathname.replace(/\/+$/, '').split('/').pop() || url.host;
+};
+const absolute = (source) => (typeof source === 'string' ? new URL(source, globalThis.location?.href).href : source);
+const jsonl = (rows) => rows.map((r) => JSON.stringify(r)).join('\n');
+const isStoreName = (s) => typeof s === 'string' && !s.includes('/') && !s.includes(':');
+
+/** Data for train(): text, bytes, a File/Blob, or an array of rows (objects, written as JSONL). */
+async function dataBytes(data, what) {
+  if (Array.isArray(data)) return new TextEncoder().encode(jsonl(data));
+  return toBytes(data, what);
+}
+
+export class LoraModel {
+  #engine;
+  #base;
+  #summaries = new Map();
+  #defaultStore = null;
+
+  constructor(engine, base, config) {
+    this.#engine = engine;
+    this.#base = base;
+    /** The base model's config.json as loaded. */
+    this.config = config;
+  }
+
+  /**
+   * Loads a base model. `source`: the URL of a directory in Hugging Face layout ("/models/x/",
+   * "https://huggingface.co/ORG/NAME/resolve/main/") or its files as {name: ArrayBuffer|Blob}.
+   * Options: onProgress({stage: "download", file, loaded, total, fileLoaded, fileTotal, cached} |
+   * {stage: "upload", done, total}), cache (default true: files are kept in the Cache API and
+   * reused while the server reports the same size), name (the base model's name for stored
+   * adapters), dtype ("f32"), workerUrl.
+   */
+  static async fromPretrained(source, { dtype = 'f32', onProgress, cache = true, name, workerUrl } = {}) {
+    if (dtype !== 'f32') {
+      throw new Error(`dtype "${dtype}" is not supported yet: weights are computed in f32 (f16 and bf16 files are converted when loaded); use dtype "f32"`);
+    }
+    if (typeof navigator === 'undefined' || !navigator.gpu) {
+      throw new Error('WebGPU is not available in this browser: use Chrome or Edge 113+ (or Chromium started with --enable-unsafe-webgpu) on https or localhost');
+    }
+    const engine = new Worker_(workerUrl);
+    try {
+      let files = source;
+      if (typeof source !== 'string') {
+        files = {};
+        for (const [file, value] of Object.entries(source ?? {})) files[file] = await toBytes(value, file);
+      }
+      const config = await engine.call('load', [absolute(files), { cache }], onProgress);
+      const base = baseIdentity(name ?? modelName(source) ?? config._name_or_path ?? 'local model', config);
+      return new LoraModel(engine, base, config);
+    } catch (e) {
+      engine.terminate();
+      throw e;
+    }
+  }
+
+  /** The given store, or the default AdapterStore (opened once, kept open). */
+  async #store(store) {
+    return store ?? (this.#defaultStore ??= AdapterStore.open());
+  }
+
+  /** The base model's {name, shapes}, recorded with every adapter saved from it. */
+  get baseModel() { return this.#base; }
+  /** The active adapter's name (also while adapters are disabled), or null. */
+  get activeAdapter() { return this.#engine.state?.active ?? null; }
+  /** Whether disableAdapter() is in effect. */
+  get disabled() { return this.#engine.state?.disabled ?? false; }
+  /** The adapters merged into the base weights. */
+  get mergedAdapters() { return this.#engine.state?.merged ?? []; }
+  /** The names of the loaded adapters. */
+  adapters() { return [...(this.#engine.state?.names ?? [])]; }
+  /** The adapter_config.json (parsed) of a loaded adapter, or null. */
+  adapterConfig(name) { return this.adapters().includes(name) ? this.#engine.configs.get(name) : null; }
+
+  /**
+   * Loads a PEFT adapter as `name` (not activated, as in PEFT). `source`: the name of an adapter
+   * in the AdapterStore (a plain name, no "/"), the URL of a PEFT directory, or its files
+   * {"adapter_config.json", "adapter_model.safetensors"} (Blobs, ArrayBuffers, Files).
+   * A stored adapter made for another base is refused unless {allowOtherBase: true}.
+   */
+  async loadAdapter(source, name, { store, allowOtherBase = false } = {}) {
+    if (isStoreName(source)) {
+      const s = await this.#store(store);
+      const record = await s.get(source);
+      if (!record) throw new Error(`no adapter named "${source}" in the store (stored: ${JSON.stringify((await s.list()).map((a) => a.name))})`);
+      if (!allowOtherBase) checkSameBase(record, this.#base);
+      await this.#engine.call('loadAdapter', [name ?? source, { [ADAPTER_CONFIG]: record.config, [ADAPTER_WEIGHTS]: record.weights }], undefined, [record.weights.buffer]);
+      if (record.trainingSummary) this.#summaries.set(name ?? source, record.trainingSummary);
+      return;
+    }
+    if (typeof source === 'string') return this.#engine.call('loadAdapter', [name ?? 'default', absolute(source)]);
+    const { configText, weights } = await checkAdapterFiles(source, 'the given adapter files');
+    return this.#engine.call('loadAdapter', [name ?? 'default', { [ADAPTER_CONFIG]: configText, [ADAPTER_WEIGHTS]: weights }]);
+  }
+
+  setAdapter(name) { return this.#engine.call('setAdapter', [name]); }
+  disableAdapter() { return this.#engine.call('disableAdapter'); }
+  enableAdapter() { return this.#engine.call('enableAdapter'); }
+  async deleteAdapter(name) { await this.#engine.call('deleteAdapter', [name]); this.#summaries.delete(name); }
+  /** Removes every adapter (undoing merges): back to the base model. */
+  unload() { return this.#engine.call('unload'); }
+  /** Merges adapters (default: the active one) into the base weights; resolves to {merged, skipped}. */
+  mergeAdapter(names = [], { safeMerge = false } = {}) { return this.#engine.call('merge', [names, safeMerge, false]); }
+  unmergeAdapter() { return this.#engine.call('unmergeAdapter'); }
+  /** Merges and then removes every adapter: a plain model with the merged weights. */
+  mergeAndUnload({ adapterNames = [], safeMerge = false } = {}) { return this.#engine.call('merge', [adapterNames, safeMerge, true]); }
+  /** PEFT's add_weighted_adapter; combination "svd" (default, with {svdRank}), "linear" or "cat". */
+  addWeightedAdapter(names, weights, newName, combination = 'svd', { svdRank } = {}) {
+    return this.#engine.call('addWeightedAdapter', [names, weights, newName, combination, svdRank]);
+  }
+  /** {trainable, all}: PEFT's get_nb_trainable_parameters for the active adapter. */
+  trainableParameters() { return this.#engine.call('trainableParameters'); }
+
+  /** The logits of one forward pass: {data: Float32Array [seq * vocab], dims: [seq, vocab]}. */
+  async logits(ids) {
+    const data = await this.#engine.call('logits', [Array.from(ids)]);
+    return { data, dims: [ids.length, this.config.vocab_size] };
+  }
+
+  /**
+   * Streams generated text: `for await (const piece of model.generate(prompt, options))`.
+   * `prompt`: text (a user message in the chat template unless {chat: false}) or messages
+   * [{role, content}]. Options: maxNewTokens, temperature (0: greedy), topP, topK,
+   * repetitionPenalty, seed, stop (strings), signal (an AbortSignal; aborting ends the stream
+   * after the current token). `.result` resolves to {tokens, text, stopReason, promptIds}.
+   */
+  generate(prompt, { signal, ...options } = {}) {
+    const queue = [];
+    let wake = null;
+    let finished = false;
+    const cancel = () => this.#engine.call('cancel');
+    const result = this.#engine
+      .call('generate', [prompt, options], (e) => { queue.push(e.piece); wake?.(); })
+      .finally(() => { finished = true; wake?.(); signal?.removeEventListener('abort', cancel); });
+    if (signal?.aborted) cancel();
+    signal?.addEventListener('abort', cancel);
+    async function* pieces() {
+      let complete = false;
+      try {
+        for (;;) {
+          if (queue.length) { yield queue.shift(); continue; }
+          if (finished) break;
+          await new Promise((r) => { wake = r; });
+          wake = null;
+        }
+        await result; // rethrows a failure
+        complete = true;
+      } finally {
+        if (!complete && !finished) cancel(); // the caller stopped iterating
+      }
+    }
+    const stream = pieces();
+    stream.result = result;
+    result.catch(() => {}); // reported through the iterator too
+    return stream;
+  }
+
+  /**
+   * Fine-tunes a new LoRA adapter with SFT and leaves it loaded and active. `data` (and
+   * `validation`): JSONL text, bytes, a File/Blob, or an array of rows ({messages}, {prompt,
+   * completion} or {text}); `dataName` ("data.jsonl"; a name not ending in .jsonl means plain
+   * text). `loraConfig` {r, loraAlpha, loraDropout, targetModules, initLoraWeights, useRslora} and
+   * `trainingArgs` {lr | learningRate, maxSteps, epochs, batchSize, gradAccum, warmupSteps,
+   * schedule, weightDecay, maxGradNorm, maxSeqLen, evalEvery, valSplit, patience, seed, ...} as the
+   * CLI's flags in camelCase. onStep(metrics), onEval({step, val_loss}), onCheckpoint(files);
+   * `signal` cancels after the current step (the adapter so far is kept). Resolves to the report.
+   */
+  async train({ data, validation, dataName, adapterName = 'default', loraConfig = {}, trainingArgs = {}, onStep, onEval, onCheckpoint, signal } = {}) {
+    if (data == null) throw new Error('train: "data" is required (JSONL text, a File, or an array of examples)');
+    const name = dataName ?? (typeof File !== 'undefined' && data instanceof File ? data.name : 'data.jsonl');
+    const bytes = await dataBytes(data, 'train: data');
+    const val = validation == null ? null : await dataBytes(validation, 'train: validation');
+    const cancel = () => this.#engine.call('cancel');
+    if (signal?.aborted) throw new DOMException('training was aborted before it started', 'AbortError');
+    signal?.addEventListener('abort', cancel);
+    try {
+      const out = await this.#engine.call('train', [name, bytes, val, { ...loraConfig, ...trainingArgs, adapterName }], (e) => {
+        if (e.event === 'step') onStep?.(e.metrics);
+        else if (e.event === 'eval') onEval?.(e);
+        else if (e.event === 'checkpoint') onCheckpoint?.({ step: e.step, [ADAPTER_CONFIG]: e.files.adapterConfig, [ADAPTER_WEIGHTS]: e.files.adapterWeights, 'trainer_state.safetensors': e.files.state });
+      });
+      this.#summaries.set(adapterName, out.report.summary);
+      return out.report;
+    } finally {
+      signal?.removeEventListener('abort', cancel);
+    }
+  }
+
+  /** The adapter's PEFT files as Blobs: {"adapter_config.json", "adapter_model.safetensors"}. */
+  async exportAdapter(name) {
+    const { config, weights } = await this.#engine.call('saveAdapter', [name]);
+    return {
+      [ADAPTER_CONFIG]: new Blob([config], { type: 'application/json' }),
+      [ADAPTER_WEIGHTS]: new Blob([weights], { type: 'application/octet-stream' }),
+    };
+  }
+
+  /**
+   * Saves a loaded adapter in the AdapterStore (IndexedDB) under `as` (default: its name), with
+   * this base model and its training summary. All or nothing. Resolves to the stored metadata.
+   */
+  async saveAdapter(name, { as, overwrite = false, store } = {}) {
+    const { config, weights } = await this.#engine.call('saveAdapter', [name]);
+    const s = await this.#store(store);
+    return s.save({ name: as ?? name, config, weights, baseModel: this.#base, trainingSummary: this.#summaries.get(name) ?? null }, { overwrite });
+  }
+
+  /**
+   * The files of a Hugging Face model directory (config.json, model.safetensors, tokenizer
+   * files, generation config) as Blobs: the base with merged adapters, and with `adapterName`
+   * (default: the active adapter unless disabled or already merged) merged in on the way out;
+   * the model itself is not changed. transformers and fromPretrained load the result.
+   */
+  async exportMerged({ adapterName } = {}) {
+    const s = this.#engine.state;
+    const merge = adapterName ?? (s && !s.disabled && s.active && !s.merged.includes(s.active) ? s.active : null);
+    const files = await this.#engine.call('mergedFiles', [merge]);
+    return Object.fromEntries(Object.entries(files).map(([n, bytes]) => [n, new Blob([bytes])]));
+  }
+
+  /** Stops the engine's worker; the model cannot be used afterwards. */
+  dispose() {
+    this.#engine.terminate();
+    this.#defaultStore?.then((s) => s.close(), () => {});
+  }
+}

@@ -1,0 +1,232 @@
+// AdapterStore: PEFT adapters kept in the browser's IndexedDB, so they survive reloads.
+//
+// Database "webgpu-lora", two object stores keyed by adapter name: "adapters" (what list() shows:
+// the base model, adapter_config.json, sizes, dates, the training summary) and "weights" (the
+// adapter_model.safetensors bytes), so listing never reads weights. Every change is one readwrite
+// transaction with durability "strict": a save is all or nothing, and once it resolves it
+// survives a crash.
+
+const DB_VERSION = 1;
+const META = 'adapters';
+const WEIGHTS = 'weights';
+export const ADAPTER_CONFIG = 'adapter_config.json';
+export const ADAPTER_WEIGHTS = 'adapter_model.safetensors';
+
+const mb = (n) => `${(n / 1e6).toFixed(1)} MB`;
+const request = (r) => new Promise((ok, fail) => { r.onsuccess = () => ok(r.result); r.onerror = () => fail(r.error); });
+
+/** The bytes of an ArrayBuffer, typed array, Blob/File or string. */
+export async function toBytes(x, what) {
+  if (x instanceof ArrayBuffer) return new Uint8Array(x);
+  if (ArrayBuffer.isView(x)) return new Uint8Array(x.buffer, x.byteOffset, x.byteLength);
+  if (typeof Blob !== 'undefined' && x instanceof Blob) return new Uint8Array(await x.arrayBuffer());
+  if (typeof x === 'string') return new TextEncoder().encode(x);
+  throw new Error(`${what}: expected an ArrayBuffer, typed array, Blob or string, got ${x === null ? 'null' : typeof x}`);
+}
+
+/**
+ * Checks PEFT files before they are stored: adapter_config.json is a LoRA config and the weights
+ * are a complete safetensors file. Returns {config (parsed), configText, weights (Uint8Array)}.
+ * The engine checks the rest (targets, shapes) when the adapter is loaded.
+ */
+export async function checkAdapterFiles(files, origin) {
+  const byName = files instanceof Map ? Object.fromEntries(files) : Array.isArray(files) || (typeof FileList !== 'undefined' && files instanceof FileList)
+    ? Object.fromEntries(Array.from(files, (f) => [f.name, f])) : files ?? {};
+  const missing = [ADAPTER_CONFIG, ADAPTER_WEIGHTS].filter((n) => byName[n] == null);
+  if (missing.length) throw new Error(`${origin}: ${missing.join(' and ')} missing; a PEFT adapter is ${ADAPTER_CONFIG} + ${ADAPTER_WEIGHTS} (got: ${Object.keys(byName).join(', ') || 'nothing'})`);
+  const configText = new TextDecoder().decode(await toBytes(byName[ADAPTER_CONFIG], `${origin}/${ADAPTER_CONFIG}`));
+  let config;
+  try { config = JSON.parse(configText); } catch (e) { throw new Error(`${origin}/${ADAPTER_CONFIG}: not valid JSON (${e.message})`); }
+  if (config?.peft_type !== undefined && config.peft_type !== 'LORA') throw new Error(`${origin}/${ADAPTER_CONFIG}: peft_type is ${JSON.stringify(config.peft_type)}; only LoRA adapters ("LORA") are supported`);
+  if (!(config?.r > 0)) throw new Error(`${origin}/${ADAPTER_CONFIG}: "r" must be a positive integer`);
+  const weights = await toBytes(byName[ADAPTER_WEIGHTS], `${origin}/${ADAPTER_WEIGHTS}`);
+  const bad = (why) => new Error(`${origin}/${ADAPTER_WEIGHTS}: invalid safetensors (${why})`);
+  if (weights.length < 8) throw bad(`only ${weights.length} bytes`);
+  const headerLength = Number(new DataView(weights.buffer, weights.byteOffset, 8).getBigUint64(0, true));
+  if (8 + headerLength > weights.length) throw bad(`the header says ${headerLength} bytes but the file has ${weights.length}: truncated`);
+  let header;
+  try { header = JSON.parse(new TextDecoder().decode(weights.subarray(8, 8 + headerLength))); } catch { throw bad('the header is not JSON'); }
+  const dataLength = weights.length - 8 - headerLength;
+  for (const [key, info] of Object.entries(header)) {
+    if (key !== '__metadata__' && !(info?.data_offsets?.[1] <= dataLength)) throw bad(`tensor ${key} ends past the end of the file: truncated`);
+  }
+  return { config, configText, weights };
+}
+
+/** A base model's identity: its name and the shapes an adapter depends on. */
+export function baseIdentity(name, config) {
+  const shapes = {};
+  for (const k of ['hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'vocab_size']) shapes[k] = config[k];
+  return { name, shapes };
+}
+
+const shortName = (name) => String(name ?? '').replace(/\/+$/, '').split('/').pop().toLowerCase();
+
+/** Refuses an adapter saved for another base model (other shapes, or another model's name). */
+export function checkSameBase(record, base) {
+  const saved = record.baseModel;
+  if (!saved?.shapes) return;
+  const differ = Object.keys(saved.shapes).filter((k) => saved.shapes[k] !== base.shapes[k]);
+  if (differ.length || (saved.name && base.name && shortName(saved.name) !== shortName(base.name))) {
+    const detail = differ.length ? differ.map((k) => `${k} ${saved.shapes[k]} vs ${base.shapes[k]}`).join(', ') : 'another model name';
+    throw new Error(`adapter "${record.name}" was made for base model "${saved.name}" but the loaded model is "${base.name}" (${detail}): load ${saved.name} first, or pass {allowOtherBase: true} if the two really are the same model`);
+  }
+}
+
+export class AdapterStore {
+  /** Opens (and on first use creates) the database. */
+  static async open({ name = 'webgpu-lora' } = {}) {
+    if (typeof indexedDB === 'undefined') throw new Error('IndexedDB is not available here (a private window or an old browser?): adapters cannot be stored');
+    const open = indexedDB.open(name, DB_VERSION);
+    open.onupgradeneeded = () => {
+      const db = open.result;
+      if (!db.objectStoreNames.contains(META)) db.createObjectStore(META, { keyPath: 'name' });
+      if (!db.objectStoreNames.contains(WEIGHTS)) db.createObjectStore(WEIGHTS);
+    };
+    const db = await new Promise((ok, fail) => {
+      open.onsuccess = () => ok(open.result);
+      open.onerror = () => fail(new Error(`cannot open the adapter database "${name}": ${open.error?.message}`));
+      open.onblocked = () => fail(new Error(`the adapter database "${name}" is being upgraded in another tab: close the other tabs of this site and try again`));
+    });
+    return new AdapterStore(db);
+  }
+
+  constructor(db) {
+    this.db = db;
+    // another tab upgrading the schema must not be blocked by this one
+    db.onversionchange = () => db.close();
+  }
+
+  close() { this.db.close(); }
+
+  /** Runs `body(stores)` in one transaction; resolves with its result once the transaction is durable. */
+  async #transaction(mode, body) {
+    const tx = this.db.transaction([META, WEIGHTS], mode, { durability: 'strict' });
+    const done = new Promise((ok, fail) => {
+      tx.oncomplete = ok;
+      tx.onabort = () => fail(tx.error ?? new DOMException('the transaction was aborted', 'AbortError'));
+      tx.onerror = (e) => e.preventDefault(); // reported by onabort
+    });
+    let result;
+    try {
+      result = await body({ meta: tx.objectStore(META), weights: tx.objectStore(WEIGHTS) });
+    } catch (e) {
+      try { tx.abort(); } catch { /* already finished */ }
+      await done.catch(() => {});
+      throw e;
+    }
+    await done;
+    return result;
+  }
+
+  /** Every adapter's metadata (no weights), oldest first. */
+  async list() {
+    const all = await this.#transaction('readonly', ({ meta }) => request(meta.getAll()));
+    return all.sort((a, b) => a.created - b.created).map(({ config, ...m }) => m);
+  }
+
+  /** One adapter's metadata plus its files ({config: text, weights: Uint8Array}), or null. */
+  async get(name) {
+    return this.#transaction('readonly', async ({ meta, weights }) => {
+      const [record, bytes] = await Promise.all([request(meta.get(name)), request(weights.get(name))]);
+      return record ? { ...record, weights: new Uint8Array(bytes) } : null;
+    });
+  }
+
+  /**
+   * Saves an adapter: {name, config (adapter_config.json text), weights (safetensors bytes),
+   * baseModel, trainingSummary}. Replaces one of the same name only with {overwrite: true}.
+   * All or nothing: on any failure (a full quota included) nothing is written.
+   */
+  async save({ name, config, weights, baseModel = null, trainingSummary = null }, { overwrite = false } = {}) {
+    if (typeof name !== 'string' || !name.trim()) throw new Error('an adapter needs a non-empty name');
+    const bytes = await toBytes(weights, `adapter "${name}" weights`);
+    const parsed = JSON.parse(config);
+    const now = Date.now();
+    const record = {
+      name,
+      baseModel: baseModel ?? { name: parsed.base_model_name_or_path ?? null, shapes: null },
+      config,
+      r: parsed.r,
+      loraAlpha: parsed.lora_alpha,
+      targetModules: parsed.target_modules,
+      initLoraWeights: parsed.init_lora_weights,
+      size: bytes.byteLength + config.length,
+      created: now,
+      updated: now,
+      trainingSummary,
+    };
+    try {
+      await this.#transaction('readwrite', async ({ meta, weights: store }) => {
+        const old = await request(meta.get(name));
+        if (old && !overwrite) throw new Error(`an adapter named "${name}" is already stored: choose another name, delete it first, or save with {overwrite: true}`);
+        if (old) record.created = old.created;
+        meta.put(record);
+        // a copy the transaction owns: the caller may reuse or transfer its buffer
+        store.put(bytes.slice().buffer, name);
+      });
+    } catch (e) {
+      if (e?.name !== 'QuotaExceededError') throw e;
+      const { usage = 0, quota = 0 } = (await navigator.storage?.estimate?.()) ?? {};
+      throw new Error(`cannot save adapter "${name}" (${mb(record.size)}): the browser's storage quota is full (${mb(usage)} used of ${mb(quota)}). Nothing was written; delete adapters you no longer need (AdapterStore.delete) and try again`);
+    }
+    const { config: _, ...meta } = record;
+    return meta;
+  }
+
+  /** Deletes an adapter; rejects if there is none of that name. */
+  async delete(name) {
+    await this.#transaction('readwrite', async ({ meta, weights }) => {
+      if (!(await request(meta.get(name)))) throw new Error(`no stored adapter named "${name}"`);
+      meta.delete(name);
+      weights.delete(name);
+    });
+  }
+
+  /** Renames an adapter in one transaction. */
+  async rename(from, to) {
+    if (typeof to !== 'string' || !to.trim()) throw new Error('the new name must be a non-empty string');
+    await this.#transaction('readwrite', async ({ meta, weights }) => {
+      const [record, bytes, taken] = await Promise.all([request(meta.get(from)), request(weights.get(from)), request(meta.get(to))]);
+      if (!record) throw new Error(`no stored adapter named "${from}"`);
+      if (taken) throw new Error(`an adapter named "${to}" is already stored: choose another name`);
+      meta.delete(from);
+      weights.delete(from);
+      meta.put({ ...record, name: to, updated: Date.now() });
+      weights.put(bytes, to);
+    });
+  }
+
+  /**
+   * Stores PEFT files ({"adapter_config.json", "adapter_model.safetensors"} as Blobs/Files/
+   * ArrayBuffers, or a FileList / File[] with those names) under `name` (default: the next free
+   * "imported-N"). Checked before anything is written.
+   */
+  async import(files, { name, overwrite = false } = {}) {
+    const { configText, weights } = await checkAdapterFiles(files, 'imported adapter');
+    if (name === undefined) {
+      const taken = new Set((await this.list()).map((a) => a.name));
+      let i = 1;
+      while (taken.has(`imported-${i}`)) i++;
+      name = `imported-${i}`;
+    }
+    return this.save({ name, config: configText, weights }, { overwrite });
+  }
+
+  /** An adapter's PEFT files as Blobs: {"adapter_config.json", "adapter_model.safetensors"}. */
+  async export(name) {
+    const record = await this.get(name);
+    if (!record) throw new Error(`no stored adapter named "${name}"`);
+    return {
+      [ADAPTER_CONFIG]: new Blob([record.config], { type: 'application/json' }),
+      [ADAPTER_WEIGHTS]: new Blob([record.weights], { type: 'application/octet-stream' }),
+    };
+  }
+
+  /** {adapters, bytes} stored here, and the origin's {usage, quota} as the browser estimates them. */
+  async usage() {
+    const all = await this.list();
+    const { usage = null, quota = null } = (await navigator.storage?.estimate?.()) ?? {};
+    return { adapters: all.length, bytes: all.reduce((s, a) => s + a.size, 0), usage, quota };
+  }
+}

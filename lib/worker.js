@@ -1,0 +1,226 @@
+// The engine's home: a dedicated module Web Worker that the package starts itself, so WebGPU work
+// and file parsing never block the page. Protocol: {id, op, args} in; {id, event} while the
+// operation runs, then {id, result, state} or {id, error}. Operations run one at a time, in order;
+// only `cancel` jumps the queue (it stops the running generation or training step loop).
+import init, { Engine } from './pkg/webgpu_lora.js';
+
+const OPTIONAL_FILES = ['tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja', 'generation_config.json'];
+const CACHE_NAME = 'webgpu-lora-models-v1';
+let enginePromise = null;
+let cancelled = false;
+let loaded = false;
+
+function engine() {
+  // the wasm's URL spelled out here, relative, so bundlers (Vite, webpack) see and copy it
+  enginePromise ??= init({ module_or_path: new URL('./pkg/webgpu_lora_bg.wasm', import.meta.url) }).then(() => Engine.create());
+  return enginePromise;
+}
+
+const bytesOf = async (x) =>
+  x instanceof Uint8Array ? x : x instanceof ArrayBuffer ? new Uint8Array(x) : typeof x === 'string' ? new TextEncoder().encode(x)
+    : x instanceof Blob ? new Uint8Array(await x.arrayBuffer()) : ArrayBuffer.isView(x) ? new Uint8Array(x.buffer, x.byteOffset, x.byteLength)
+      : (() => { throw new Error(`expected an ArrayBuffer, Blob, Uint8Array or string, got ${Object.prototype.toString.call(x)}`); })();
+
+async function openCache(useCache) {
+  if (!useCache || typeof caches === 'undefined') return null;
+  try { return await caches.open(CACHE_NAME); } catch { return null; }
+}
+
+// A response for `url`: the cached copy when the server still has the same file (same size and
+// ETag; or the server is unreachable), else the network's. `optional` files may be missing (404).
+async function openFile(url, cache, optional) {
+  const cached = cache && (await cache.match(url));
+  if (cached) {
+    const head = await fetch(url, { method: 'HEAD' }).catch(() => null);
+    const unchanged = head?.ok && head.headers.get('content-length') === cached.headers.get('content-length')
+      && (head.headers.get('etag') ?? '') === cached.headers.get('x-webgpu-lora-etag');
+    if (!head || unchanged) return { response: cached, cached: true };
+  }
+  let response;
+  try {
+    response = await fetch(url);
+  } catch (e) {
+    throw new Error(`${url}: cannot download (${e.message}): check the URL, your connection and that the server allows cross-origin requests`);
+  }
+  if (!response.ok) {
+    if (optional && response.status === 404) return null;
+    throw new Error(`${url}: HTTP ${response.status} ${response.statusText || ''}`.trim() + (response.status === 404 ? ': no such file; check the model URL (a directory in Hugging Face layout, ending in /)' : ''));
+  }
+  return { response, cached: false };
+}
+
+// Reads the bodies of opened files in order, reporting {stage: 'download', file, loaded, total,
+// fileLoaded, fileTotal, cached}; stores fresh downloads in the cache once complete.
+async function readFiles(base, opened, cache, emit) {
+  const total = opened.reduce((sum, [, o]) => sum + (Number(o.response.headers.get('content-length')) || 0), 0);
+  let loaded = 0;
+  const out = {};
+  for (const [name, { response, cached }] of opened) {
+    const fileTotal = Number(response.headers.get('content-length')) || 0;
+    const reader = response.body.getReader();
+    const chunks = [];
+    let fileLoaded = 0;
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      chunks.push(value);
+      fileLoaded += value.length;
+      loaded += value.length;
+      emit({ stage: 'download', file: name, loaded, total, fileLoaded, fileTotal, cached });
+    }
+    const bytes = new Uint8Array(fileLoaded);
+    let offset = 0;
+    for (const c of chunks) { bytes.set(c, offset); offset += c.length; }
+    if (fileTotal && fileLoaded !== fileTotal) throw new Error(`${base}${name}: the download stopped at ${fileLoaded} of ${fileTotal} bytes; try again`);
+    if (cache && !cached) {
+      const headers = { 'content-length': String(fileLoaded), 'x-webgpu-lora-etag': response.headers.get('etag') ?? '' };
+      await cache.put(base + name, new Response(bytes, { headers })).catch(() => {}); // a full cache only costs the next visit a download
+    }
+    out[name] = bytes;
+  }
+  return out;
+}
+
+// The files of a model: from a URL of a directory in Hugging Face layout, or given as {name: bytes}.
+async function modelFiles(source, useCache, emit) {
+  if (typeof source !== 'string') {
+    const files = {};
+    for (const [name, value] of Object.entries(source)) files[name] = await bytesOf(value);
+    return { origin: 'the given files', files };
+  }
+  const base = source.endsWith('/') ? source : source + '/';
+  const cache = await openCache(useCache);
+  const opened = [];
+  const open = async (name, optional = false) => {
+    const o = await openFile(base + name, cache, optional);
+    if (o) opened.push([name, o]);
+    return o;
+  };
+  await open('config.json');
+  const index = await open('model.safetensors.index.json', true);
+  const names = Engine.weightFiles(index ? await index.response.clone().text() : null);
+  await Promise.all([...OPTIONAL_FILES.map((n) => open(n, true)), ...names.map((n) => open(n))]);
+  return { origin: base, files: await readFiles(base, opened, cache, emit) };
+}
+
+const ops = {
+  async load(source, { cache = true } = {}, emit) {
+    const e = await engine();
+    const { origin, files } = await modelFiles(source, cache, emit);
+    e.beginModel(origin);
+    for (const [name, bytes] of Object.entries(files)) e.addFile(name, bytes);
+    emit({ stage: 'upload', done: 0, total: 1 });
+    // yield once so the progress message goes out before the (synchronous) upload
+    await new Promise((r) => setTimeout(r, 0));
+    e.loadModel((stage, done, total) => emit({ stage: 'upload', done, total }));
+    loaded = true;
+    configsSent.clear();
+    return JSON.parse(e.modelConfig());
+  },
+
+  async loadAdapter(name, source, emit) {
+    const e = await engine();
+    let files = source;
+    let origin = 'the given files';
+    if (typeof source === 'string') {
+      const base = source.endsWith('/') ? source : source + '/';
+      origin = base;
+      const opened = [];
+      for (const file of ['adapter_config.json', 'adapter_model.safetensors']) opened.push([file, await openFile(base + file, null, false)]);
+      files = await readFiles(base, opened, null, emit);
+    }
+    const config = files['adapter_config.json'];
+    const weights = files['adapter_model.safetensors'];
+    if (config == null || weights == null) {
+      throw new Error(`${origin}: an adapter needs both adapter_config.json and adapter_model.safetensors (got: ${Object.keys(files).join(', ') || 'nothing'})`);
+    }
+    await e.loadAdapter(name, await bytesOf(config), await bytesOf(weights), origin);
+  },
+
+  async setAdapter(name) { (await engine()).setAdapter(name); },
+  async disableAdapter() { (await engine()).disableAdapter(); },
+  async enableAdapter() { (await engine()).enableAdapter(); },
+  async deleteAdapter(name) { (await engine()).deleteAdapter(name); },
+  async unload() { (await engine()).unload(); },
+  async unmergeAdapter() { (await engine()).unmergeAdapter(); },
+  async merge(names, safeMerge, andUnload) { return (await engine()).merge(names, safeMerge, andUnload); },
+  async addWeightedAdapter(names, weights, newName, combination, svdRank) {
+    await (await engine()).addWeightedAdapter(names, Float64Array.from(weights), newName, combination, svdRank);
+  },
+  async trainableParameters() {
+    const [trainable, all] = (await engine()).trainableParameters();
+    return { trainable, all };
+  },
+  async state() { return null; },
+
+  async logits(ids) {
+    const e = await engine();
+    return await e.logits(Uint32Array.from(ids));
+  },
+
+  async generate(prompt, options, emit) {
+    const e = await engine();
+    const { chat = true, ...config } = options ?? {};
+    const ids = Array.isArray(prompt) ? e.chatIds(prompt) : e.promptIds(prompt, chat);
+    cancelled = false;
+    const result = await e.generate(ids, config, (piece) => {
+      emit({ piece });
+      return !cancelled;
+    });
+    return { promptIds: Array.from(ids), ...result };
+  },
+
+  cancel() {
+    cancelled = true;
+  },
+
+  async train(dataName, data, val, options, emit) {
+    const e = await engine();
+    cancelled = false;
+    const result = await e.train(dataName, await bytesOf(data), val == null ? undefined : await bytesOf(val), options ?? {}, (json, files) => {
+      emit(files ? { ...JSON.parse(json), files } : JSON.parse(json));
+      return !cancelled;
+    });
+    return { ...result, report: JSON.parse(result.report) };
+  },
+
+  async saveAdapter(name) { return (await engine()).saveAdapter(name); },
+  async mergedFiles(adapter) { return (await engine()).mergedFiles(adapter ?? undefined); },
+};
+
+// Every result carries the adapters' state, so the page's view of it is never stale; an
+// adapter's config goes along once, when the adapter first appears.
+const configsSent = new Set();
+async function adapterState() {
+  if (!loaded) return null;
+  try {
+    const e = await engine();
+    const state = JSON.parse(e.adapterState());
+    state.configs = {};
+    for (const name of state.names) {
+      if (!configsSent.has(name)) state.configs[name] = JSON.parse(e.adapterConfig(name));
+    }
+    configsSent.clear();
+    state.names.forEach((n) => configsSent.add(n));
+    return state;
+  } catch {
+    return null;
+  }
+}
+
+let queue = Promise.resolve();
+self.onmessage = ({ data: { id, op, args = [] } }) => {
+  const run = async () => {
+    try {
+      if (!(op in ops)) throw new Error(`unknown operation ${op}`);
+      const result = await ops[op](...args, (event) => self.postMessage({ id, event }));
+      // hand big byte arrays over instead of copying them
+      const transfer = Object.values(ArrayBuffer.isView(result) ? { result } : result ?? {}).filter(ArrayBuffer.isView).map((v) => v.buffer);
+      self.postMessage({ id, result, state: await adapterState() }, [...new Set(transfer)]);
+    } catch (e) {
+      self.postMessage({ id, error: String(e?.message ?? e), state: await adapterState() });
+    }
+  };
+  if (op === 'cancel') run();
+  else queue = queue.then(run);
+};

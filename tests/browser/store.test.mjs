@@ -1,0 +1,168 @@
+// Adapters in IndexedDB (lib/store.js) in a real browser profile: saved adapters survive a normal
+// relaunch and a SIGKILL right after the save resolves; a save that hits the storage quota writes
+// nothing; rename / import / export / delete / usage; an adapter refuses another base model; the
+// base model's files come from the cache on the next visit.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { launchChromium, watchConsole, readSafetensors, readJson, root, maxAbsDiff } from './helpers.mjs';
+import { serve } from '../../scripts/serve.mjs';
+
+const fixtures = join(root, 'tests', 'fixtures');
+const { ids } = readJson(join(fixtures, 'tiny-llama', 'expected.json'));
+let server;
+let origin;
+let profile;
+const errors = [];
+
+before(async () => {
+  server = await serve(0);
+  origin = `http://127.0.0.1:${server.address().port}`;
+  profile = mkdtempSync(join(tmpdir(), 'webgpu-lora-profile-'));
+});
+after(() => {
+  server?.close();
+  rmSync(profile, { recursive: true, force: true });
+});
+
+/** A browser on the shared profile with the demo page open (the package's API as window.app.webgpuLora). */
+async function open() {
+  const browser = await launchChromium(profile);
+  watchConsole(browser.page, errors);
+  await browser.page.goto(`${origin}/`);
+  await browser.page.evaluate(() => {
+    window.load = async (url) => {
+      const progress = [];
+      const model = await window.app.webgpuLora.LoraModel.fromPretrained(url, { onProgress: (e) => progress.push(e) });
+      return { model, downloads: progress.filter((e) => e.stage === 'download') };
+    };
+    window.logitsOf = async (m, ids) => Array.from((await m.logits(ids)).data);
+  });
+  return browser;
+}
+
+test('saved adapters survive a relaunch and a SIGKILL; a quota failure writes nothing', async () => {
+  // 1. save an adapter, quit normally
+  let browser = await open();
+  const first = await browser.page.evaluate(async (ids) => {
+    const { model: m, downloads } = await window.load('/fixtures/tiny-llama/');
+    await m.loadAdapter('/fixtures/peft/qv-r8/', 'qv');
+    await m.setAdapter('qv');
+    const saved = await m.saveAdapter('qv', { as: 'saved-qv' });
+    return { saved, logits: await window.logitsOf(m, ids), cached: downloads.some((e) => e.cached) };
+  }, ids);
+  assert.equal(first.cached, false, 'the first visit downloads');
+  await browser.close();
+
+  // 2. relaunch: the adapter is listed with its metadata and gives identical logits; then save
+  //    another and kill the browser the moment the save resolves
+  browser = await open();
+  const second = await browser.page.evaluate(async (ids) => {
+    const { AdapterStore } = window.app.webgpuLora;
+    const store = await AdapterStore.open();
+    const listed = await store.list();
+    store.close();
+    const { model: m, downloads } = await window.load('/fixtures/tiny-llama/');
+    await m.loadAdapter('saved-qv');
+    await m.setAdapter('saved-qv');
+    const logits = await window.logitsOf(m, ids);
+    await m.loadAdapter('/fixtures/peft/all7-r4/', 'a7');
+    await m.saveAdapter('a7', { as: 'killed' });
+    return { listed, logits, weightsCached: downloads.filter((e) => e.file === 'model.safetensors').every((e) => e.cached) };
+  }, ids);
+  await browser.kill();
+  assert.equal(second.listed.length, 1);
+  const meta = second.listed[0];
+  assert.deepEqual([meta.name, meta.r, meta.loraAlpha, meta.baseModel.name, meta.baseModel.shapes.hidden_size], ['saved-qv', 8, 16, 'tiny-llama', 64]);
+  assert.ok(meta.size > 1000 && meta.created > 0 && meta.created <= Date.now(), JSON.stringify(meta));
+  assert.deepEqual(second.logits, first.logits, 'identical logits after the relaunch');
+  assert.equal(second.weightsCached, true, 'the base weights come from the cache on the next visit');
+
+  // 3. after the SIGKILL: the last save is complete; then a save over the quota writes nothing
+  browser = await open();
+  const cdp = await browser.page.context().newCDPSession(browser.page);
+  const third = await browser.page.evaluate(async (ids) => {
+    const { model: m } = await window.load('/fixtures/tiny-llama/');
+    await m.loadAdapter('killed');
+    await m.setAdapter('killed');
+    return { names: (await window.app.webgpuLora.AdapterStore.open().then((s) => s.list())).map((a) => a.name), logits: await window.logitsOf(m, ids) };
+  }, ids);
+  assert.deepEqual(third.names, ['saved-qv', 'killed']);
+  const expected = readSafetensors(join(fixtures, 'peft', 'all7-r4', 'expected_logits.safetensors')).logits.data;
+  assert.ok(maxAbsDiff(third.logits, expected) < 1e-4, 'the adapter saved before the kill is complete');
+
+  const { usage } = await browser.page.evaluate(() => navigator.storage.estimate());
+  await cdp.send('Storage.overrideQuotaForOrigin', { origin, quotaSize: usage + 2000 });
+  const quota = await browser.page.evaluate(async (ids) => {
+    const { LoraModel, AdapterStore } = window.app.webgpuLora;
+    const { model: m } = await window.load('/fixtures/tiny-llama/');
+    await m.loadAdapter('/fixtures/peft/rank-pattern/', 'big');
+    const error = await m.saveAdapter('big').then(() => 'saved', (e) => e.message);
+    const store = await AdapterStore.open();
+    const names = (await store.list()).map((a) => a.name);
+    const record = await store.get('big');
+    store.close();
+    await m.loadAdapter('saved-qv');
+    await m.setAdapter('saved-qv');
+    return { error, names, record, logits: await window.logitsOf(m, ids) };
+  }, ids);
+  await cdp.send('Storage.overrideQuotaForOrigin', { origin });
+  assert.match(quota.error, /cannot save adapter "big" \([\d.]+ MB\): the browser's storage quota is full .* Nothing was written/);
+  assert.deepEqual(quota.names, ['saved-qv', 'killed'], 'no record of the failed save');
+  assert.equal(quota.record, null);
+  assert.deepEqual(quota.logits, first.logits, 'earlier adapters intact');
+  await browser.close();
+  assert.deepEqual(errors, []);
+});
+
+test('rename, export, import, delete and usage; an adapter refuses another base model', async () => {
+  const browser = await open();
+  const out = await browser.page.evaluate(async (ids) => {
+    const { AdapterStore } = window.app.webgpuLora;
+    const fail = (p) => p.then(() => 'resolved', (e) => e.message);
+    const store = await AdapterStore.open();
+    const usageBefore = await store.usage();
+    await store.rename('saved-qv', 'renamed');
+    const renameTaken = await fail(store.rename('renamed', 'killed'));
+    const renameMissing = await fail(store.rename('nope', 'x'));
+    const exported = await store.export('renamed');
+    const imported = await store.import(exported);
+    const importedNamed = await store.import(Object.values(exported).map((blob, i) => new File([blob], Object.keys(exported)[i])), { name: 'from-files' });
+    const duplicate = await fail(store.import(exported, { name: 'renamed' }));
+    const corrupt = await fail(store.import({ 'adapter_config.json': exported['adapter_config.json'], 'adapter_model.safetensors': exported['adapter_model.safetensors'].slice(0, 100) }));
+    const names = (await store.list()).map((a) => a.name);
+    const { model: m } = await window.load('/fixtures/tiny-llama/');
+    await m.loadAdapter('renamed');
+    await m.loadAdapter(imported.name);
+    await m.setAdapter('renamed');
+    const a = await window.logitsOf(m, ids);
+    await m.setAdapter(imported.name);
+    const b = await window.logitsOf(m, ids);
+    await store.delete(imported.name);
+    await store.delete('from-files');
+    const deleteMissing = await fail(store.delete('from-files'));
+    const usageAfter = await store.usage();
+    // another base: the tiny chat model has another vocabulary
+    const { model: other } = await window.load('/fixtures/tiny-chat/');
+    const otherBase = await fail(other.loadAdapter('renamed'));
+    store.close();
+    return { usageBefore, usageAfter, renameTaken, renameMissing, imported, importedNamed, duplicate, corrupt, names, a, b, deleteMissing, otherBase, final: (await AdapterStore.open().then((s) => s.list())).map((x) => x.name) };
+  }, ids);
+  await browser.close();
+  assert.equal(out.usageBefore.adapters, 2);
+  assert.ok(out.usageBefore.bytes > 0 && out.usageBefore.quota > 0);
+  assert.match(out.renameTaken, /an adapter named "killed" is already stored/);
+  assert.match(out.renameMissing, /no stored adapter named "nope"/);
+  assert.deepEqual([out.imported.name, out.importedNamed.name], ['imported-1', 'from-files']);
+  assert.match(out.duplicate, /an adapter named "renamed" is already stored/);
+  assert.match(out.corrupt, /adapter_model\.safetensors: invalid safetensors/);
+  assert.deepEqual(out.names, ['renamed', 'killed', 'imported-1', 'from-files'], 'oldest first; a rename keeps the creation date');
+  assert.deepEqual(out.b, out.a, 'an exported and re-imported adapter gives the same logits');
+  assert.match(out.deleteMissing, /no stored adapter named "from-files"/);
+  assert.equal(out.usageAfter.adapters, 2);
+  assert.match(out.otherBase, /adapter "renamed" was made for base model "tiny-llama" but the loaded model is "tiny-chat" \(vocab_size 256 vs 264\)/);
+  assert.deepEqual(out.final, ['renamed', 'killed']);
+  assert.deepEqual(errors, []);
+});

@@ -173,6 +173,7 @@ export class LoraModel {
   mergeAndUnload(options?: { adapterNames?: string[]; safeMerge?: boolean }): Promise<{ merged: string[]; skipped: string[] }>;
   addWeightedAdapter(names: string[], weights: number[], newName: string, combination?: 'svd' | 'linear' | 'cat', options?: { svdRank?: number }): Promise<void>;
   trainableParameters(): Promise<{ trainable: number; all: number }>;
+  loraParameterCount(loraConfig: LoraConfigOptions): Promise<{ trainable: number; all: number }>;
   logits(ids: Int32Array | Uint32Array | number[]): Promise<{ data: Float32Array; dims: [number, number] }>;
   generate(prompt: string | ChatMessage[], options?: GenerateOptions): TextStream;
   train(options: TrainOptions): Promise<TrainReport>;

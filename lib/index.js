@@ -167,6 +167,9 @@ export class LoraModel {
   /** {trainable, all}: PEFT's get_nb_trainable_parameters for the active adapter. */
   trainableParameters() { return this.#engine.call('trainableParameters'); }
 
+  /** {trainable, all} that a new adapter with these LoRA settings would have, without adding it. */
+  loraParameterCount(loraConfig) { return this.#engine.call('loraParameterCount', [loraConfig]); }
+
   /** The logits of one forward pass: {data: Float32Array [seq * vocab], dims: [seq, vocab]}. */
   async logits(ids) {
     const data = await this.#engine.call('logits', [Array.from(ids)]);

@@ -8,6 +8,9 @@ const OPTIONAL_FILES = ['tokenizer.json', 'tokenizer_config.json', 'chat_templat
 const CACHE_NAME = 'webgpu-lora-models-v1';
 let enginePromise = null;
 let cancelled = false;
+// A Rust panic aborts the wasm instance: its message arrives here, and the engine is gone.
+let crashed = null;
+globalThis.__webgpuLoraPanic = (message) => { crashed ??= message; };
 let loaded = false;
 
 function engine() {
@@ -97,9 +100,15 @@ async function modelFiles(source, useCache, emit) {
     return o;
   };
   await open('config.json');
-  const index = await open('model.safetensors.index.json', true);
-  const names = Engine.weightFiles(index ? await index.response.clone().text() : null);
-  await Promise.all([...OPTIONAL_FILES.map((n) => open(n, true)), ...names.map((n) => open(n))]);
+  // probe only for what the usual files leave open: the browser logs every 404 as an error
+  if (!(await open('model.safetensors', true))) {
+    const index = await open('model.safetensors.index.json', true);
+    if (!index) throw new Error(`${base}: no model weights: neither model.safetensors nor model.safetensors.index.json is there`);
+    await Promise.all(Engine.weightFiles(await index.response.clone().text()).map((n) => open(n)));
+  }
+  const tokenizerConfig = await open('tokenizer_config.json', true);
+  const template = tokenizerConfig && (await tokenizerConfig.response.clone().json().then((c) => c?.chat_template, () => null));
+  await Promise.all(OPTIONAL_FILES.filter((n) => n !== 'tokenizer_config.json' && !(template && n === 'chat_template.jinja')).map((n) => open(n, true)));
   return { origin: base, files: await readFiles(base, opened, cache, emit) };
 }
 
@@ -149,6 +158,10 @@ const ops = {
   },
   async trainableParameters() {
     const [trainable, all] = (await engine()).trainableParameters();
+    return { trainable, all };
+  },
+  async loraParameterCount(loraConfig) {
+    const [trainable, all] = (await engine()).loraParameterCount(loraConfig);
     return { trainable, all };
   },
   async state() { return null; },
@@ -212,12 +225,18 @@ let queue = Promise.resolve();
 self.onmessage = ({ data: { id, op, args = [] } }) => {
   const run = async () => {
     try {
+      if (crashed) throw new Error('crashed');
       if (!(op in ops)) throw new Error(`unknown operation ${op}`);
       const result = await ops[op](...args, (event) => self.postMessage({ id, event }));
       // hand big byte arrays over instead of copying them
       const transfer = Object.values(ArrayBuffer.isView(result) ? { result } : result ?? {}).filter(ArrayBuffer.isView).map((v) => v.buffer);
       self.postMessage({ id, result, state: await adapterState() }, [...new Set(transfer)]);
     } catch (e) {
+      if (crashed || e instanceof WebAssembly.RuntimeError) {
+        crashed ??= String(e?.message ?? e);
+        const error = `the engine crashed (${crashed}): this is a bug in webgpu-lora, please report it; the model is gone, load it again with LoraModel.fromPretrained`;
+        return self.postMessage({ id, error, state: null });
+      }
       self.postMessage({ id, error: String(e?.message ?? e), state: await adapterState() });
     }
   };

@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 bash scripts/prepare.sh --test
+bash scripts/build-wasm.sh   # the browser benchmarks run the package's engine
 MODEL=models/SmolLM2-135M-Instruct
 NEW_TOKENS=${NEW_TOKENS:-64}
 REPEATS=${REPEATS:-3}
@@ -36,5 +37,7 @@ run timeout 900 cargo bench --bench training -- --model "$MODEL" --targets qv --
 run timeout 900 node bench/browser_training.mjs 3
 # the package's API in the browser: cold start, an adapter from IndexedDB, setAdapter, merge, decode
 run timeout 900 node bench/browser_api.mjs "$ADAPTERS/qv" 4
-printf '%s\n' "${results[@]}" | python3 bench/report.py "npm run bench" > BENCHMARKS.md
+# the raw lines too, to rebuild the report without rerunning: python3 bench/report.py CMD < FILE
+printf '%s\n' "${results[@]}" > .cache/bench-results.jsonl
+python3 bench/report.py "npm run bench" < .cache/bench-results.jsonl > BENCHMARKS.md
 cat BENCHMARKS.md

@@ -206,12 +206,16 @@ fn safe_merge_refuses_broken_adapters() {
 fn trainable_parameters_as_peft_counts_them() {
     for adapter in ADAPTERS {
         let mut model = load(&fixture("tiny-llama"), &cpu()).model;
+        // counted from the config alone, before the adapter exists (PEFT's counts once added)
+        let config = webgpu_lora::config::LoraConfig::from_json(&std::fs::read(fixture("peft").join(adapter).join("adapter_config.json")).unwrap(), "config").unwrap();
+        let predicted = model.count_new_adapter(&config).unwrap();
         load_adapter(&mut model, "a", adapter).unwrap();
         model.set_adapter("a").unwrap();
         let expected = read_json(fixture("peft").join(adapter).join("expected.json"));
         let (trainable, all) = model.trainable_parameters();
         assert_eq!(trainable as u64, expected["trainable_params"].as_u64().unwrap(), "{adapter}");
         assert_eq!(all as u64, expected["all_params"].as_u64().unwrap(), "{adapter}");
+        assert_eq!(predicted, (trainable, all), "{adapter}: counted before it was added");
     }
     let mut model = load(&fixture("tiny-llama"), &cpu()).model;
     load_adapter(&mut model, "a", "all7-r4").unwrap();

@@ -1,10 +1,15 @@
-// The demo page: loads a model with the package's API (the engine runs in its worker) with a
-// progress bar, then streams chat answers.
+// The playground: loads a model with the package's API (the engine runs in its worker) with a
+// progress bar, streams chat answers, and wires the Train, Adapters and Merge panels. It uses the
+// package's public API only.
 import * as webgpuLora from './lib/index.js';
+import { setupTraining } from './train.js';
+import { setupAdapters } from './adapters.js';
+import { setupMerge } from './merge.js';
 
 const $ = (id) => document.getElementById(id);
-// for the end-to-end tests and the curious: the package's API and the loaded model
-window.app = { webgpuLora, model: null };
+// for the end-to-end tests and the curious: the package's API, the loaded model, the store
+const app = { webgpuLora, model: null, store: null, onModel: [], refreshAdapters: async () => {} };
+window.app = app;
 let stopper = null;
 
 function formatBytes(n) {
@@ -33,8 +38,8 @@ $('load-form').addEventListener('submit', async (event) => {
   $('load-button').disabled = true;
   const started = performance.now();
   try {
-    window.app.model?.dispose();
-    window.app.model = null;
+    app.model?.dispose();
+    app.model = null;
     const model = await webgpuLora.LoraModel.fromPretrained(url, {
       onProgress(e) {
         if (e.stage === 'download') {
@@ -50,13 +55,14 @@ $('load-form').addEventListener('submit', async (event) => {
         }
       },
     });
-    window.app.model = model;
+    app.model = model;
     const config = model.config;
     progress.max = 1;
     progress.value = 1;
     setStatus(`Loaded: ${config.num_hidden_layers} layers, hidden size ${config.hidden_size}, vocabulary ${config.vocab_size} (${((performance.now() - started) / 1000).toFixed(1)} s).`);
     $('prompt').disabled = false;
     $('send-button').disabled = false;
+    for (const f of app.onModel) await f();
     $('prompt').focus();
   } catch (e) {
     progress.hidden = true;
@@ -99,7 +105,7 @@ $('chat-form').addEventListener('submit', async (event) => {
   $('stop-button').disabled = false;
   stopper = new AbortController();
   try {
-    const stream = window.app.model.generate(prompt, { ...options(), signal: stopper.signal });
+    const stream = app.model.generate(prompt, { ...options(), signal: stopper.signal });
     for await (const piece of stream) {
       answer.textContent += piece;
       $('transcript').scrollTop = $('transcript').scrollHeight;
@@ -121,3 +127,15 @@ $('stop-button').addEventListener('click', () => stopper?.abort());
 $('prompt').addEventListener('keydown', (e) => {
   if (e.key === 'Enter' && !e.shiftKey) { e.preventDefault(); $('chat-form').requestSubmit(); }
 });
+
+try {
+  app.store = await webgpuLora.AdapterStore.open();
+} catch (e) {
+  $('adapters-status').textContent = e.message;
+}
+setupTraining(app);
+setupAdapters(app);
+setupMerge(app);
+await app.refreshAdapters();
+for (const f of app.onModel) await f();
+app.ready = true;

@@ -375,6 +375,26 @@ impl LlamaModel {
         (trainable, base + adapters)
     }
 
+    /// PEFT's (trainable, all) counts for a new adapter made from `config`, as if it were added
+    /// and active, without adding it (what a training form shows as its settings change):
+    /// r (in + out) for every linear layer it targets.
+    pub fn count_new_adapter(&self, config: &LoraConfig) -> Result<(usize, usize)> {
+        let trainable: usize = self
+            .config
+            .linear_module_names()
+            .iter()
+            .filter(|m| config.targets(m, true))
+            .map(|m| {
+                let (d_in, d_out) = self.linear_ref(m).expect("a module of this model").shape();
+                config.rank_for(m) * (d_in + d_out)
+            })
+            .sum();
+        if trainable == 0 {
+            return Err(Error::invalid("target_modules matches no linear layer of this base model"));
+        }
+        Ok((trainable, self.trainable_parameters().1 + trainable))
+    }
+
     /// PEFT's `print_trainable_parameters` line.
     pub fn trainable_parameters_line(&self) -> String {
         let (trainable, all) = self.trainable_parameters();

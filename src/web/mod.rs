@@ -30,6 +30,18 @@ unsafe extern "C" {
 fn start() {
     // SAFETY: called once, before any other export runs.
     unsafe { __wasm_call_ctors() }
+    std::panic::set_hook(Box::new(|info| {
+        console_error_panic_hook::hook(info);
+        report_panic(&info.to_string());
+    }));
+}
+
+#[wasm_bindgen]
+extern "C" {
+    /// Hands a panic's message to the worker: a panic aborts the wasm instance, and JS would
+    /// otherwise only see "unreachable executed".
+    #[wasm_bindgen(js_namespace = globalThis, js_name = __webgpuLoraPanic)]
+    fn report_panic(message: &str);
 }
 
 fn js_error(e: Error) -> JsValue {
@@ -67,7 +79,6 @@ pub struct Engine {
 impl Engine {
     /// Initialises WebGPU and resolves to an Engine; rejects with what to do when WebGPU is missing.
     pub fn create() -> Promise {
-        console_error_panic_hook::set_once();
         future_to_promise(async {
             let device = Device::wgpu_options().init_async().await.map_err(|e| {
                 js_error(Error::Backend(format!(
@@ -229,6 +240,18 @@ impl Engine {
     pub fn trainable_parameters(&self) -> Result<Vec<f64>, JsValue> {
         self.change(|llm| {
             let (trainable, all) = llm.model.trainable_parameters();
+            Ok(vec![trainable as f64, all as f64])
+        })
+    }
+
+    /// [trainable, all] for a new adapter with these LoRA settings (TrainOptions' camelCase keys:
+    /// r, loraAlpha, targetModules, useRslora, ...), without adding it.
+    #[wasm_bindgen(js_name = loraParameterCount)]
+    pub fn lora_parameter_count(&self, options: JsValue) -> Result<Vec<f64>, JsValue> {
+        let options: TrainOptions = parse_options(options, "LoRA settings")?;
+        let lora = options.to_fine_tune().map_err(js_error)?.lora;
+        self.change(|llm| {
+            let (trainable, all) = llm.model.count_new_adapter(&lora)?;
             Ok(vec![trainable as f64, all as f64])
         })
     }

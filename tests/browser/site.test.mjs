@@ -1,0 +1,83 @@
+// The playground end to end through its UI, clicks and typing only: load the tiny chat model,
+// watch the live parameter count, train a few steps on WebGPU on the sample dataset with the loss
+// chart filling in, the adapter saved; reload the page, find it, use it, compare base and adapter
+// answers, merge (merged = adapter within 1e-3), download the merged model. Fails on any console
+// error; screenshots in test-results/.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { start } from './helpers.mjs';
+
+let b;
+before(async () => { b = await start(); });
+after(async () => { await b?.close(); });
+
+async function loadTiny(page) {
+  await page.fill('#model-url', '/fixtures/tiny-chat/');
+  await page.click('#load-button');
+  await page.waitForFunction(() => document.querySelector('#load-status').textContent.startsWith('Loaded'), null, { timeout: 60_000 });
+}
+
+test('playground: train, save, reload, use, compare, merge, download', async () => {
+  const { page } = b;
+  await page.waitForFunction(() => window.app?.ready);
+  await loadTiny(page);
+  // r (in + out) over q (64->64) and v (64->32) of 2 layers, then all 7 linears
+  await page.waitForFunction(() => document.querySelector('#param-count').textContent.includes('trainable params: 3,584'));
+  await page.selectOption('#lora-targets', 'all-linear');
+  await page.waitForFunction(() => document.querySelector('#param-count').textContent.includes('trainable params: 16,384'));
+
+  await page.click('#sample-button');
+  await page.waitForFunction(() => document.querySelector('#data-status').textContent.includes('200 examples + 30 for validation'));
+  assert.match(await page.textContent('#data-preview'), /"messages"/);
+  for (const [id, value] of [['#train-lr', '0.05'], ['#train-steps', '4'], ['#train-batch', '2'], ['#train-eval', '2'], ['#train-seq', '128'], ['#train-name', 'ui-robot'], ['#lora-dropout', '0']]) {
+    await page.fill(id, value);
+  }
+  await page.click('#train-button');
+  await page.waitForFunction(() => /^(Done|Training failed)/.test(document.querySelector('#train-status').textContent), null, { timeout: 300_000 });
+  assert.match(await page.textContent('#train-status'), /^Done: 4 steps, \d+ tokens, best validation loss [\d.]+\. Saved as "ui-robot" and active\./);
+  // 4 training points and 3 evaluations (before the first step, at 2 and at 4)
+  assert.equal(await page.evaluate(() => window.app.chart.points), 7);
+  await b.screenshot('site-trained');
+  await page.waitForSelector('#adapter-table tr[data-name="ui-robot"].active');
+
+  // a new visit: the adapter is in IndexedDB
+  await page.reload();
+  await page.waitForFunction(() => window.app?.ready);
+  const row = page.locator('#adapter-table tr[data-name="ui-robot"]');
+  assert.match(await row.textContent(), /ui-robot.*tiny-chat.*16 ?kB|ui-robot.*tiny-chat/);
+  await loadTiny(page);
+  await row.locator('button[data-action="use"]').click();
+  await page.waitForSelector('#adapter-table tr[data-name="ui-robot"].active');
+  assert.match(await page.textContent('#adapters-status'), /"ui-robot" is active/);
+
+  await page.click('#chat-panel summary');
+  await page.fill('#max-new-tokens', '12');
+  await page.click('#compare-button');
+  await page.waitForSelector('.compare[data-done="true"]', { timeout: 120_000 });
+  const [base, adapted] = [await page.textContent('#compare-base'), await page.textContent('#compare-adapter')];
+  assert.ok(base.length > 0 && adapted.length > 0);
+  assert.notEqual(adapted, base, 'the adapter changes the answer');
+  await b.screenshot('site-compare');
+
+  await page.click('#merge-button');
+  await page.waitForFunction(() => document.querySelector('#merge-status').dataset.maxDiff);
+  const diff = Number(await page.getAttribute('#merge-status', 'data-max-diff'));
+  assert.ok(diff < 1e-3, `merged vs adapter: ${diff}`);
+  assert.match(await page.textContent('#merge-status'), /matches within 1e-3/);
+  await page.click('#download-button');
+  await page.waitForSelector('#merge-files a[download="model.safetensors"]');
+  const [download] = await Promise.all([page.waitForEvent('download'), page.click('#merge-files a[download="model.safetensors"]')]);
+  const bytes = readFileSync(await download.path());
+  const header = JSON.parse(bytes.subarray(8, 8 + Number(bytes.readBigUInt64LE(0))).toString());
+  assert.deepEqual(header['model.layers.0.self_attn.q_proj.weight'].shape, [64, 64]);
+  assert.deepEqual((await page.locator('#merge-files a').evaluateAll((as) => as.map((a) => a.download))).sort(),
+    ['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json']);
+  await b.screenshot('site-merged');
+
+  // a narrow window: nothing wider than the screen
+  await page.setViewportSize({ width: 360, height: 800 });
+  assert.ok(await page.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth + 1), 'no horizontal scrolling at 360 px');
+  await b.screenshot('site-narrow');
+  assert.deepEqual(b.errors, []);
+});

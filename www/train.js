@@ -1,0 +1,111 @@
+// The Train panel: data (a file or the sample dataset) with a preview, LoRA and training settings
+// with the live trainable-parameter count, Start/Cancel, the loss chart, progress, and the result
+// saved to IndexedDB.
+import { LossChart } from './chart.js';
+
+const $ = (id) => document.getElementById(id);
+
+export function setupTraining(app) {
+  const chart = new LossChart($('loss-chart'));
+  app.chart = chart;
+  let data = null; // {name, text, validation}
+  let controller = null;
+
+  const loraConfig = () => ({
+    r: Number($('lora-r').value),
+    loraAlpha: Number($('lora-alpha').value),
+    loraDropout: Number($('lora-dropout').value),
+    targetModules: $('lora-targets').value.split(','),
+    initLoraWeights: $('lora-init').value,
+    useRslora: $('lora-rslora').checked,
+  });
+
+  async function updateCount() {
+    if (!app.model) return void ($('param-count').textContent = 'Load a model to see how many parameters train.');
+    try {
+      const { trainable, all } = await app.model.loraParameterCount(loraConfig());
+      $('param-count').textContent = `trainable params: ${trainable.toLocaleString('en')} || all params: ${all.toLocaleString('en')} || trainable%: ${(100 * trainable / all).toFixed(4)}`;
+    } catch (e) {
+      $('param-count').textContent = e.message;
+    }
+  }
+  for (const id of ['lora-r', 'lora-targets', 'lora-rslora', 'lora-alpha']) $(id).addEventListener('input', updateCount);
+  app.onModel.push(() => { updateCount(); refreshButton(); });
+
+  function showData(name, text, validation = null) {
+    const lines = text.split('\n').filter((l) => l.trim());
+    data = { name, text, validation };
+    $('data-status').textContent = `${name}: ${lines.length} examples${validation ? ` + ${validation.split('\n').filter((l) => l.trim()).length} for validation` : ''}.`;
+    $('data-preview').textContent = lines.slice(0, 3).map((l) => (l.length > 300 ? l.slice(0, 300) + '…' : l)).join('\n');
+    refreshButton();
+  }
+
+  $('train-file').addEventListener('change', async () => {
+    const file = $('train-file').files[0];
+    if (file) showData(file.name, await file.text());
+  });
+  $('sample-button').addEventListener('click', async () => {
+    try {
+      const get = async (f) => {
+        const r = await fetch(new URL(`data/robot/${f}`, location.href));
+        if (!r.ok) throw new Error(`data/robot/${f}: HTTP ${r.status}`);
+        return r.text();
+      };
+      showData('robot/train.jsonl', await get('train.jsonl'), await get('val.jsonl'));
+    } catch (e) {
+      $('data-status').textContent = `Could not fetch the sample dataset: ${e.message}`;
+    }
+  });
+
+  function refreshButton() {
+    $('train-button').disabled = !(app.model && data) || controller !== null;
+  }
+
+  $('train-button').addEventListener('click', async () => {
+    controller = new AbortController();
+    refreshButton();
+    $('cancel-button').disabled = false;
+    chart.reset();
+    const maxSteps = Number($('train-steps').value);
+    const name = $('train-name').value.trim() || 'my-adapter';
+    const progress = $('train-progress');
+    progress.max = maxSteps;
+    progress.value = 0;
+    $('train-status').textContent = 'Preparing the data…';
+    $('train-status').classList.remove('error');
+    try {
+      const report = await app.model.train({
+        data: data.text,
+        validation: data.validation,
+        dataName: data.name,
+        adapterName: name,
+        loraConfig: loraConfig(),
+        trainingArgs: {
+          lr: Number($('train-lr').value), maxSteps, batchSize: Number($('train-batch').value),
+          evalEvery: Number($('train-eval').value), maxSeqLen: Number($('train-seq').value),
+          ...(data.validation ? {} : { valSplit: Number($('train-val').value) || undefined }),
+          truncate: true,
+        },
+        onStep: (m) => {
+          chart.add('train', m.step, m.loss);
+          progress.value = m.step;
+          $('train-status').textContent = `step ${m.step} of ${maxSteps} · loss ${m.loss.toFixed(3)} · ${m.tokens_per_s.toFixed(0)} tokens/s · about ${Math.ceil(m.eta_s)} s left`;
+        },
+        onEval: (e) => chart.add('val', e.step, e.val_loss),
+        signal: controller.signal,
+      });
+      await app.model.saveAdapter(name, { overwrite: true });
+      const s = report.summary;
+      $('train-status').textContent = `${s.end === 'completed' ? 'Done' : `Stopped (${s.end})`}: ${s.steps} steps, ${s.tokens} tokens, best validation loss ${s.best_val_loss?.toFixed(3) ?? '-'}. Saved as "${name}" and active.`;
+      await app.refreshAdapters();
+    } catch (e) {
+      $('train-status').textContent = `Training failed: ${e.message}`;
+      $('train-status').classList.add('error');
+    } finally {
+      controller = null;
+      $('cancel-button').disabled = true;
+      refreshButton();
+    }
+  });
+  $('cancel-button').addEventListener('click', () => controller?.abort());
+}

@@ -1,12 +1,14 @@
 // The playground end to end through its UI, clicks and typing only: load the tiny chat model,
 // watch the live parameter count, train a few steps on WebGPU on the sample dataset with the loss
 // chart filling in, the adapter saved; reload the page, find it, use it, compare base and adapter
-// answers, merge (merged = adapter within 1e-3), download the merged model. Fails on any console
-// error; screenshots in test-results/.
+// answers, disable and enable, export, import PEFT files, rename, delete, merge (merged = adapter
+// within 1e-3), download the merged model, a narrow window. Fails on any console error;
+// screenshots in test-results/.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
-import { start } from './helpers.mjs';
+import { join } from 'node:path';
+import { start, root } from './helpers.mjs';
 
 let b;
 before(async () => { b = await start(); });
@@ -18,7 +20,7 @@ async function loadTiny(page) {
   await page.waitForFunction(() => document.querySelector('#load-status').textContent.startsWith('Loaded'), null, { timeout: 60_000 });
 }
 
-test('playground: train, save, reload, use, compare, merge, download', async () => {
+test('playground: train, save, reload, use, compare, disable, export, import, rename, delete, merge, download', async () => {
   const { page } = b;
   await page.waitForFunction(() => window.app?.ready);
   await loadTiny(page);
@@ -59,6 +61,25 @@ test('playground: train, save, reload, use, compare, merge, download', async () 
   assert.ok(base.length > 0 && adapted.length > 0);
   assert.notEqual(adapted, base, 'the adapter changes the answer');
   await b.screenshot('site-compare');
+
+  await page.click('#disable-button');
+  await page.waitForFunction(() => document.querySelector('#adapters-status').textContent.startsWith('Adapters disabled'));
+  assert.equal(await page.evaluate(() => window.app.model.disabled), true);
+  await page.click('#enable-button');
+  await page.waitForFunction(() => /"ui-robot" is active again/.test(document.querySelector('#adapters-status').textContent));
+
+  // the stored adapter's files, then PEFT files imported, renamed and deleted through the table
+  await row.locator('button[data-action="export"]').click();
+  await page.waitForSelector('#adapter-downloads a');
+  assert.deepEqual(await page.locator('#adapter-downloads a').evaluateAll((as) => as.map((a) => a.download)), ['adapter_config.json', 'adapter_model.safetensors']);
+  await page.setInputFiles('#import-files', ['adapter_config.json', 'adapter_model.safetensors'].map((f) => join(root, 'tests/fixtures/peft/qv-r8', f)));
+  await page.waitForSelector('#adapter-table tr[data-name="imported-1"]');
+  page.once('dialog', (d) => d.accept('peft-qv'));
+  await page.locator('#adapter-table tr[data-name="imported-1"] button[data-action="rename"]').click();
+  await page.waitForSelector('#adapter-table tr[data-name="peft-qv"]');
+  await page.locator('#adapter-table tr[data-name="peft-qv"] button[data-action="delete"]').click();
+  await page.waitForFunction(() => document.querySelector('#adapters-status').textContent === 'Deleted "peft-qv".');
+  assert.deepEqual(await page.locator('#adapter-table tbody tr').evaluateAll((rows) => rows.map((r) => r.dataset.name)), ['ui-robot']);
 
   await page.click('#merge-button');
   await page.waitForFunction(() => document.querySelector('#merge-status').dataset.maxDiff);

@@ -14,7 +14,7 @@ use crate::io::HostTensor;
 use crate::model::LlamaModel;
 use crate::peft::AdapterFiles;
 use crate::train::data::{Batch, Dataset, epoch_batches};
-use crate::train::loss::summed_token_loss;
+use crate::train::loss::{LOSS_ROWS, head_loss_backward, summed_token_loss};
 use crate::train::optimizer::{AdamW, Schedule, clip_factor, global_norm};
 
 /// Settings of a training run.
@@ -196,10 +196,10 @@ async fn group_gradients(model: &mut LlamaModel, adapter: &str, params: &[Param]
     let mut outcome = Ok(());
     for (i, batch) in group.iter().enumerate() {
         model.device().seed(seed ^ i as u64);
-        let logits = model.forward(model.ids_batch(&batch.ids, batch.batch, batch.seq), None);
-        let loss = summed_token_loss(logits, batch).0.div_scalar(step_count as f64);
-        let g = loss.backward();
-        match read_scalar(loss.inner()).await {
+        let hidden = model.hidden_states(model.ids_batch(&batch.ids, batch.batch, batch.seq), None);
+        let (surrogate, loss) = head_loss_backward(model, hidden, batch, 1.0 / step_count as f64, LOSS_ROWS);
+        let g = surrogate.backward();
+        match read_scalar(loss).await {
             Ok(v) => loss_sum += v,
             Err(e) => {
                 outcome = Err(e);

@@ -96,12 +96,7 @@ export class LoraModel {
     }
     const engine = new Worker_(workerUrl);
     try {
-      let files = source;
-      if (typeof source !== 'string') {
-        files = {};
-        for (const [file, value] of Object.entries(source ?? {})) files[file] = await toBytes(value, file);
-      }
-      const config = await engine.call('load', [absolute(files), { cache }], onProgress);
+      const config = await engine.call('load', [absolute(source ?? {}), { cache }], onProgress);
       const base = baseIdentity(name ?? modelName(source) ?? config._name_or_path ?? 'local model', config);
       return new LoraModel(engine, base, config);
     } catch (e) {
@@ -144,9 +139,10 @@ export class LoraModel {
       if (record.trainingSummary) this.#summaries.set(name ?? source, record.trainingSummary);
       return;
     }
-    if (typeof source === 'string') return this.#engine.call('loadAdapter', [name ?? 'default', absolute(source)]);
-    const { configText, weights } = await checkAdapterFiles(source, 'the given adapter files');
-    return this.#engine.call('loadAdapter', [name ?? 'default', { [ADAPTER_CONFIG]: configText, [ADAPTER_WEIGHTS]: weights }]);
+    const files = typeof source === 'string' ? absolute(source) : await checkAdapterFiles(source, 'the given adapter files')
+      .then(({ configText, weights }) => ({ [ADAPTER_CONFIG]: configText, [ADAPTER_WEIGHTS]: weights }));
+    await this.#engine.call('loadAdapter', [name ?? 'default', files]);
+    this.#summaries.delete(name ?? 'default'); // files carry no training summary
   }
 
   setAdapter(name) { return this.#engine.call('setAdapter', [name]); }
@@ -154,12 +150,16 @@ export class LoraModel {
   enableAdapter() { return this.#engine.call('enableAdapter'); }
   async deleteAdapter(name) { await this.#engine.call('deleteAdapter', [name]); this.#summaries.delete(name); }
   /** Removes every adapter (undoing merges): back to the base model. */
-  unload() { return this.#engine.call('unload'); }
+  async unload() { await this.#engine.call('unload'); this.#summaries.clear(); }
   /** Merges adapters (default: the active one) into the base weights; resolves to {merged, skipped}. */
   mergeAdapter(names = [], { safeMerge = false } = {}) { return this.#engine.call('merge', [names, safeMerge, false]); }
   unmergeAdapter() { return this.#engine.call('unmergeAdapter'); }
   /** Merges and then removes every adapter: a plain model with the merged weights. */
-  mergeAndUnload({ adapterNames = [], safeMerge = false } = {}) { return this.#engine.call('merge', [adapterNames, safeMerge, true]); }
+  async mergeAndUnload({ adapterNames = [], safeMerge = false } = {}) {
+    const report = await this.#engine.call('merge', [adapterNames, safeMerge, true]);
+    this.#summaries.clear();
+    return report;
+  }
   /** PEFT's add_weighted_adapter; combination "svd" (default, with {svdRank}), "linear" or "cat". */
   addWeightedAdapter(names, weights, newName, combination = 'svd', { svdRank } = {}) {
     return this.#engine.call('addWeightedAdapter', [names, weights, newName, combination, svdRank]);

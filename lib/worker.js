@@ -3,6 +3,7 @@
 // operation runs, then {id, result, state} or {id, error}. Operations run one at a time, in order;
 // only `cancel` jumps the queue (it stops the running generation or training step loop).
 import init, { Engine } from './pkg/webgpu_lora.js';
+import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, toBytes } from './store.js';
 
 const OPTIONAL_FILES = ['tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja', 'generation_config.json'];
 const CACHE_NAME = 'webgpu-lora-models-v1';
@@ -18,11 +19,6 @@ function engine() {
   enginePromise ??= init({ module_or_path: new URL('./pkg/webgpu_lora_bg.wasm', import.meta.url) }).then(() => Engine.create());
   return enginePromise;
 }
-
-const bytesOf = async (x) =>
-  x instanceof Uint8Array ? x : x instanceof ArrayBuffer ? new Uint8Array(x) : typeof x === 'string' ? new TextEncoder().encode(x)
-    : x instanceof Blob ? new Uint8Array(await x.arrayBuffer()) : ArrayBuffer.isView(x) ? new Uint8Array(x.buffer, x.byteOffset, x.byteLength)
-      : (() => { throw new Error(`expected an ArrayBuffer, Blob, Uint8Array or string, got ${Object.prototype.toString.call(x)}`); })();
 
 async function openCache(useCache) {
   if (!useCache || typeof caches === 'undefined') return null;
@@ -88,7 +84,7 @@ async function readFiles(base, opened, cache, emit) {
 async function modelFiles(source, useCache, emit) {
   if (typeof source !== 'string') {
     const files = {};
-    for (const [name, value] of Object.entries(source)) files[name] = await bytesOf(value);
+    for (const [name, value] of Object.entries(source)) files[name] = await toBytes(value, name);
     return { origin: 'the given files', files };
   }
   const base = source.endsWith('/') ? source : source + '/';
@@ -127,23 +123,18 @@ const ops = {
     return JSON.parse(e.modelConfig());
   },
 
+  // `source`: the URL of a PEFT directory, or its two files (checked by the page: both present)
   async loadAdapter(name, source, emit) {
     const e = await engine();
     let files = source;
     let origin = 'the given files';
     if (typeof source === 'string') {
-      const base = source.endsWith('/') ? source : source + '/';
-      origin = base;
+      origin = source.endsWith('/') ? source : source + '/';
       const opened = [];
-      for (const file of ['adapter_config.json', 'adapter_model.safetensors']) opened.push([file, await openFile(base + file, null, false)]);
-      files = await readFiles(base, opened, null, emit);
+      for (const file of [ADAPTER_CONFIG, ADAPTER_WEIGHTS]) opened.push([file, await openFile(origin + file, null, false)]);
+      files = await readFiles(origin, opened, null, emit);
     }
-    const config = files['adapter_config.json'];
-    const weights = files['adapter_model.safetensors'];
-    if (config == null || weights == null) {
-      throw new Error(`${origin}: an adapter needs both adapter_config.json and adapter_model.safetensors (got: ${Object.keys(files).join(', ') || 'nothing'})`);
-    }
-    await e.loadAdapter(name, await bytesOf(config), await bytesOf(weights), origin);
+    await e.loadAdapter(name, await toBytes(files[ADAPTER_CONFIG], ADAPTER_CONFIG), await toBytes(files[ADAPTER_WEIGHTS], ADAPTER_WEIGHTS), origin);
   },
 
   async setAdapter(name) { (await engine()).setAdapter(name); },
@@ -164,7 +155,6 @@ const ops = {
     const [trainable, all] = (await engine()).loraParameterCount(loraConfig);
     return { trainable, all };
   },
-  async state() { return null; },
 
   async logits(ids) {
     const e = await engine();
@@ -190,7 +180,7 @@ const ops = {
   async train(dataName, data, val, options, emit) {
     const e = await engine();
     cancelled = false;
-    const result = await e.train(dataName, await bytesOf(data), val == null ? undefined : await bytesOf(val), options ?? {}, (json, files) => {
+    const result = await e.train(dataName, await toBytes(data, dataName), val == null ? undefined : await toBytes(val, 'validation data'), options ?? {}, (json, files) => {
       emit(files ? { ...JSON.parse(json), files } : JSON.parse(json));
       return !cancelled;
     });

@@ -196,13 +196,13 @@ pub async fn generate(
     Ok(Generation { tokens, stop_reason })
 }
 
-/// Reads a tensor back to the host as f32 (asynchronously: the browser cannot block).
 /// A tensor read back as a host tensor of the same shape.
 pub async fn read_host<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<crate::io::HostTensor> {
     let shape = t.dims().to_vec();
     Ok(crate::io::HostTensor::new(shape, read_f32(t).await?))
 }
 
+/// Reads a tensor back to the host as f32 (asynchronously: the browser cannot block).
 pub async fn read_f32<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec<f32>> {
     let data = t.into_data_async().await.map_err(|e| Error::Backend(format!("reading a result back failed: {e:?}")))?;
     data.try_into_vec::<f32>().map_err(|e| Error::Backend(format!("unexpected result type: {e:?}")))
@@ -322,4 +322,3 @@ mod tests {
         assert!(err.contains("temperature"), "{err}");
     }
 }
-

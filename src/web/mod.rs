@@ -65,6 +65,20 @@ fn parse_options<T: serde::de::DeserializeOwned + Default>(value: JsValue, what:
     serde_json::from_value(json).map_err(|e| bad(&e))
 }
 
+/// A plain JS object from (key, value) pairs.
+fn object(entries: Vec<(&str, JsValue)>) -> Result<JsValue, JsValue> {
+    let out = js_sys::Object::new();
+    for (key, value) in entries {
+        js_sys::Reflect::set(&out, &key.into(), &value)?;
+    }
+    Ok(out.into())
+}
+
+/// A (trainable, all) parameter count as [trainable, all] for JS.
+fn counts((trainable, all): (usize, usize)) -> Vec<f64> {
+    vec![trainable as f64, all as f64]
+}
+
 fn busy() -> JsValue {
     js_error(Error::invalid("the model is busy with another operation (training or generating): wait for it to finish or cancel it"))
 }
@@ -133,6 +147,13 @@ impl Engine {
         self.state.borrow().llm.clone().ok_or_else(|| js_error(Error::invalid("no model is loaded: call loadModel first")))
     }
 
+    /// Runs a quick look at the model, refused while a long change (training) holds it.
+    fn read<T>(&self, f: impl FnOnce(&Llm) -> crate::Result<T>) -> Result<T, JsValue> {
+        let llm = self.llm()?;
+        let llm = llm.try_borrow().map_err(|_| busy())?;
+        f(&llm).map_err(js_error)
+    }
+
     /// Runs a quick change of the model, refused while a long operation holds it.
     fn change<T>(&self, f: impl FnOnce(&mut Llm) -> crate::Result<T>) -> Result<T, JsValue> {
         let llm = self.llm()?;
@@ -143,16 +164,16 @@ impl Engine {
     /// The adapters as JSON: {names, active, disabled, merged}.
     #[wasm_bindgen(js_name = adapterState)]
     pub fn adapter_state(&self) -> Result<String, JsValue> {
-        let llm = self.llm()?;
-        let llm = llm.try_borrow().map_err(|_| busy())?;
-        let m = &llm.model;
-        Ok(serde_json::json!({"names": m.adapter_names(), "active": m.active_adapter(), "disabled": m.adapters_disabled(), "merged": m.merged_adapters()}).to_string())
+        self.read(|llm| {
+            let m = &llm.model;
+            Ok(serde_json::json!({"names": m.adapter_names(), "active": m.active_adapter(), "disabled": m.adapters_disabled(), "merged": m.merged_adapters()}).to_string())
+        })
     }
 
     /// A loaded adapter's adapter_config.json.
     #[wasm_bindgen(js_name = adapterConfig)]
     pub fn adapter_config(&self, name: &str) -> Result<String, JsValue> {
-        self.change(|llm| llm.model.adapter_config(name).map(|c| c.to_json()).ok_or_else(|| Error::invalid(format!("no adapter named {name:?}"))))
+        self.read(|llm| llm.model.adapter_config(name).map(|c| c.to_json()).ok_or_else(|| Error::invalid(format!("no adapter named {name:?}"))))
     }
 
     /// Loads PEFT files as adapter `name` (not activated, as in PEFT); `origin` labels errors.
@@ -211,10 +232,7 @@ impl Engine {
                 llm.model.merge_adapter(&names, safe_merge).await
             }
             .map_err(js_error)?;
-            let result = js_sys::Object::new();
-            js_sys::Reflect::set(&result, &"merged".into(), &serde_wasm_bindgen::to_value(&report.merged)?)?;
-            js_sys::Reflect::set(&result, &"skipped".into(), &serde_wasm_bindgen::to_value(&report.skipped)?)?;
-            Ok(result.into())
+            object(vec![("merged", serde_wasm_bindgen::to_value(&report.merged)?), ("skipped", serde_wasm_bindgen::to_value(&report.skipped)?)])
         })
     }
 
@@ -238,10 +256,7 @@ impl Engine {
     /// [trainable, all] parameter counts, as PEFT's get_nb_trainable_parameters.
     #[wasm_bindgen(js_name = trainableParameters)]
     pub fn trainable_parameters(&self) -> Result<Vec<f64>, JsValue> {
-        self.change(|llm| {
-            let (trainable, all) = llm.model.trainable_parameters();
-            Ok(vec![trainable as f64, all as f64])
-        })
+        self.read(|llm| Ok(counts(llm.model.trainable_parameters())))
     }
 
     /// [trainable, all] for a new adapter with these LoRA settings (TrainOptions' camelCase keys:
@@ -250,10 +265,7 @@ impl Engine {
     pub fn lora_parameter_count(&self, options: JsValue) -> Result<Vec<f64>, JsValue> {
         let options: TrainOptions = parse_options(options, "LoRA settings")?;
         let lora = options.to_fine_tune().map_err(js_error)?.lora;
-        self.change(|llm| {
-            let (trainable, all) = llm.model.count_new_adapter(&lora)?;
-            Ok(vec![trainable as f64, all as f64])
-        })
+        self.read(|llm| llm.model.count_new_adapter(&lora).map(counts))
     }
 
     /// Adapter `name` as PEFT files: resolves to {config: string, weights: Uint8Array}.
@@ -264,10 +276,7 @@ impl Engine {
             let llm = llm?;
             let llm = llm.try_borrow().map_err(|_| busy())?;
             let files = llm.model.save_adapter(&name).await.map_err(js_error)?;
-            let result = js_sys::Object::new();
-            js_sys::Reflect::set(&result, &"config".into(), &files.config_json.into())?;
-            js_sys::Reflect::set(&result, &"weights".into(), &Uint8Array::from(files.safetensors.as_slice()))?;
-            Ok(result.into())
+            object(vec![("config", files.config_json.into()), ("weights", Uint8Array::from(files.safetensors.as_slice()).into())])
         })
     }
 
@@ -280,24 +289,20 @@ impl Engine {
             let llm = llm?;
             let llm = llm.try_borrow().map_err(|_| busy())?;
             let files = llm.merged_files(merge.as_deref()).await.map_err(js_error)?;
-            let result = js_sys::Object::new();
-            for (name, bytes) in files {
-                js_sys::Reflect::set(&result, &name.into(), &Uint8Array::from(bytes.as_slice()))?;
-            }
-            Ok(result.into())
+            object(files.iter().map(|(name, bytes)| (name.as_str(), Uint8Array::from(bytes.as_slice()).into())).collect())
         })
     }
 
     /// The model's config.json as loaded.
     #[wasm_bindgen(js_name = modelConfig)]
     pub fn model_config(&self) -> Result<String, JsValue> {
-        Ok(self.llm()?.try_borrow().map_err(|_| busy())?.model.config.to_json())
+        self.read(|llm| Ok(llm.model.config.to_json()))
     }
 
     /// Prompt token ids: `chat` wraps the text as a user message in the chat template.
     #[wasm_bindgen(js_name = promptIds)]
     pub fn prompt_ids(&self, text: &str, chat: bool) -> Result<Vec<u32>, JsValue> {
-        self.llm()?.try_borrow().map_err(|_| busy())?.prompt_ids(text, chat).map_err(js_error)
+        self.read(|llm| llm.prompt_ids(text, chat))
     }
 
     /// Prompt ids for a conversation ([{role, content}, ...]) rendered with the chat template.
@@ -305,12 +310,12 @@ impl Engine {
     pub fn chat_ids(&self, messages: JsValue) -> Result<Vec<u32>, JsValue> {
         let messages: Vec<ChatMessage> = serde_wasm_bindgen::from_value(messages)
             .map_err(|e| js_error(Error::invalid(format!("messages must be [{{role, content}}, ...] with string values: {e}"))))?;
-        self.llm()?.try_borrow().map_err(|_| busy())?.chat_ids(&messages).map_err(js_error)
+        self.read(|llm| llm.chat_ids(&messages))
     }
 
     /// Generates after `prompt_ids`; `options` is a GenerationConfig in camelCase
     /// (maxNewTokens, temperature, topK, topP, repetitionPenalty, seed, stopTokenIds, stop);
-    /// `on_text(piece, tokenId)` gets each decoded piece and returns false to stop.
+    /// `on_text(piece)` gets each decoded piece and returns false to stop.
     /// Resolves to {tokens, text, stopReason}.
     pub fn generate(&self, prompt_ids: Vec<u32>, options: JsValue, on_text: Function) -> Promise {
         let llm = self.llm();
@@ -324,12 +329,11 @@ impl Engine {
                 })
                 .await
                 .map_err(js_error)?;
-            let result = js_sys::Object::new();
-            let set = |k: &str, v: JsValue| js_sys::Reflect::set(&result, &k.into(), &v);
-            set("tokens", serde_wasm_bindgen::to_value(&generation.tokens)?)?;
-            set("text", text.into())?;
-            set("stopReason", serde_wasm_bindgen::to_value(&generation.stop_reason)?)?;
-            Ok(result.into())
+            object(vec![
+                ("tokens", serde_wasm_bindgen::to_value(&generation.tokens)?),
+                ("text", text.into()),
+                ("stopReason", serde_wasm_bindgen::to_value(&generation.stop_reason)?),
+            ])
         })
     }
 
@@ -361,13 +365,12 @@ impl Engine {
             let clock = || js_sys::Date::now() / 1000.0;
             let mut on_event = |event: TrainEvent| {
                 let files = match &event {
-                    TrainEvent::Checkpoint { adapter, state, .. } => {
-                        let files = js_sys::Object::new();
-                        let _ = js_sys::Reflect::set(&files, &"adapterConfig".into(), &adapter.config_json.clone().into());
-                        let _ = js_sys::Reflect::set(&files, &"adapterWeights".into(), &Uint8Array::from(adapter.safetensors.as_slice()));
-                        let _ = js_sys::Reflect::set(&files, &"state".into(), &Uint8Array::from(state.as_slice()));
-                        files.into()
-                    }
+                    TrainEvent::Checkpoint { adapter, state, .. } => object(vec![
+                        ("adapterConfig", adapter.config_json.clone().into()),
+                        ("adapterWeights", Uint8Array::from(adapter.safetensors.as_slice()).into()),
+                        ("state", Uint8Array::from(state.as_slice()).into()),
+                    ])
+                    .unwrap_or(JsValue::UNDEFINED),
                     _ => JsValue::UNDEFINED,
                 };
                 match on_event.call2(&JsValue::NULL, &event.to_json().to_string().into(), &files) {
@@ -380,12 +383,11 @@ impl Engine {
             let val_name = if data_name.ends_with(".jsonl") { "validation.jsonl" } else { "validation.txt" };
             let val_file = val.as_deref().map(|v| (val_name, v));
             let (report, files) = fine_tune(&mut llm, &spec, (&data_name, &data), val_file, None, &clock, &mut on_event).await.map_err(js_error)?;
-            let result = js_sys::Object::new();
-            let set = |k: &str, v: JsValue| js_sys::Reflect::set(&result, &k.into(), &v);
-            set("report", report.to_json().into())?;
-            set("adapterConfig", files.config_json.into())?;
-            set("adapterWeights", Uint8Array::from(files.safetensors.as_slice()).into())?;
-            Ok(result.into())
+            object(vec![
+                ("report", report.to_json().into()),
+                ("adapterConfig", files.config_json.into()),
+                ("adapterWeights", Uint8Array::from(files.safetensors.as_slice()).into()),
+            ])
         })
     }
 }

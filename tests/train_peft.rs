@@ -97,31 +97,58 @@ fn gradients_match_peft() {
     }
 }
 
-/// The chunked head loss (a few positions' logits at a time, each slice backpropagated to detached
-/// hidden rows, then the surrogate sum(h * dL/dh)) gives the plain loss and the plain gradient of
-/// the hidden states, whatever the slice size: an identity of the chain rule.
+/// The head loss (a few positions' logits at a time, the gradient taken as softmax - onehot without
+/// autodiff, then the surrogate sum(h * dL/dh)) gives the loss and the gradient of the hidden
+/// states that autodiff of transformers' formula (log_softmax, gather at the shifted labels,
+/// ignoring -100) gives, whatever the slice size, with and without ignored positions.
 #[test]
-fn chunked_head_loss_equals_the_plain_loss() {
-    use burn::tensor::{Distribution, Tensor};
+fn head_loss_equals_autodiff_of_the_plain_loss() {
+    use burn::tensor::activation::log_softmax;
+    use burn::tensor::{Distribution, Int, Tensor, TensorData};
+    use webgpu_lora::train::data::IGNORE;
     use webgpu_lora::train::loss::{head_loss_backward, summed_token_loss};
     let t = trajectory();
     let model = tiny_with_adapter();
-    let batch = batch(&t["grad_batch"]);
-    let hidden = Tensor::<3>::random([batch.batch, batch.seq, model.config.hidden_size], Distribution::Normal(0.0, 1.0), &cpu());
+    let mut batch = batch(&t["grad_batch"]);
     let host = |t: Tensor<3>| t.into_data().try_to_vec::<f32>().unwrap();
-    let leaf = hidden.clone().autodiff().require_grad();
-    let (plain, _) = summed_token_loss(model.lm_head(leaf.clone()), &batch);
-    let g = plain.clone().mul_scalar(0.5).backward();
-    let expected_grad = host(leaf.grad(&g).unwrap());
-    let expected_loss = plain.inner().into_data().try_to_vec::<f32>().unwrap()[0] * 0.5;
-    for rows in [1, 5, 7, 1000] {
+    for masked in [false, true] {
+        if masked {
+            // ignore every third label and the whole second row's first half
+            for (i, l) in batch.labels.iter_mut().enumerate() {
+                if i % 3 == 0 || (i / batch.seq == 1 && i % batch.seq < batch.seq / 2) {
+                    *l = IGNORE;
+                }
+            }
+        }
+        let (b, seq) = (batch.batch, batch.seq);
+        let hidden = Tensor::<3>::random([b, seq, model.config.hidden_size], Distribution::Normal(0.0, 1.0), &cpu());
+        // the reference: autodiff through log_softmax over every shifted position, masked
         let leaf = hidden.clone().autodiff().require_grad();
-        let (surrogate, loss) = head_loss_backward(&model, leaf.clone(), &batch, 0.5, rows);
-        let g = surrogate.backward();
-        let loss = loss.into_data().try_to_vec::<f32>().unwrap()[0];
-        assert!((loss - expected_loss).abs() < 1e-5 * expected_loss.abs(), "{rows} rows: loss {loss} vs {expected_loss}");
-        let diff = max_abs_diff(&host(leaf.grad(&g).unwrap()), &expected_grad);
-        assert!(diff < 1e-6, "{rows} rows: max |dh chunked - dh plain| = {diff}");
+        let vocab = model.config.vocab_size;
+        let logits = model.lm_head(leaf.clone()).narrow(1, 0, seq - 1).reshape([b * (seq - 1), vocab]);
+        let next: Vec<i32> = batch.labels.chunks(seq).flat_map(|row| row[1..].to_vec()).collect();
+        let mask: Vec<f32> = next.iter().map(|&l| if l == IGNORE { 0.0 } else { 1.0 }).collect();
+        let index: Vec<i32> = next.iter().map(|&l| l.max(0)).collect();
+        let n = next.len();
+        let index = Tensor::<2, Int>::from_data(TensorData::new(index, [n, 1]), &cpu());
+        let mask = Tensor::<2>::from_data(TensorData::new(mask, [n, 1]), &cpu());
+        let plain = (log_softmax(logits, 1).gather(1, index) * mask).sum().neg();
+        let g = plain.clone().mul_scalar(0.5).backward();
+        let expected_grad = host(leaf.grad(&g).unwrap());
+        let expected_loss = plain.inner().into_data().try_to_vec::<f32>().unwrap()[0] * 0.5;
+        let (summed, count) = summed_token_loss(&model, hidden.clone(), &batch, 7);
+        assert_eq!(count, batch.trainable_tokens());
+        let summed = summed.into_data().try_to_vec::<f32>().unwrap()[0] * 0.5;
+        assert!((summed - expected_loss).abs() < 1e-5 * expected_loss.abs(), "masked {masked}: loss {summed} vs {expected_loss}");
+        for rows in [1, 5, 7, 1000] {
+            let leaf = hidden.clone().autodiff().require_grad();
+            let (surrogate, loss) = head_loss_backward(&model, leaf.clone(), &batch, 0.5, rows);
+            let g = surrogate.backward();
+            let loss = loss.into_data().try_to_vec::<f32>().unwrap()[0];
+            assert!((loss - expected_loss).abs() < 1e-5 * expected_loss.abs(), "masked {masked}, {rows} rows: loss {loss} vs {expected_loss}");
+            let diff = max_abs_diff(&host(leaf.grad(&g).unwrap()), &expected_grad);
+            assert!(diff < 1e-6, "masked {masked}, {rows} rows: max |dh - dh autodiff| = {diff}");
+        }
     }
 }
 

@@ -120,7 +120,8 @@ impl LoraLinear {
         } else {
             x2
         };
-        let update = x2.matmul(lora.a_t.clone()).matmul(lora.b_t.clone()).mul_scalar(lora.scaling);
+        // scaled at rank r, where it is a pass over [tokens, r] rather than [tokens, d_out]
+        let update = x2.matmul(lora.a_t.clone()).mul_scalar(lora.scaling).matmul(lora.b_t.clone());
         let d_out = self.base.weight_t.dims()[1];
         (base + update).reshape([batch, seq, d_out])
     }

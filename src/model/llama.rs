@@ -12,7 +12,6 @@
 //! gradient. Linear weights are kept transposed ([in, out]) so that every projection is `x @ W^T`
 //! as one plain matmul.
 
-use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::{LlamaConfig, PROJECTIONS};
@@ -20,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::io::{HostTensor, SafetensorsWeights};
 use crate::lora::{LoraLinear, LoraRun};
 use crate::model::KvCache;
+use crate::model::ops::{attend, swiglu};
 
 /// A linear layer without bias; `weight_t` is the Hugging Face weight transposed: [in, out].
 pub struct Linear {
@@ -47,10 +47,13 @@ impl RmsNorm {
     }
 }
 
-/// cos and sin of the rotary angles for a run of positions, [1, 1, seq, head_dim].
+/// cos and sin of the rotary angles for a run of positions, [1, 1, seq, head_dim]; the queries'
+/// tables also carry attention's 1 / sqrt(head_dim), which so costs no pass over the scores.
 struct Rotary {
     cos: Tensor<4>,
     sin: Tensor<4>,
+    query_cos: Tensor<4>,
+    query_sin: Tensor<4>,
 }
 
 impl Rotary {
@@ -71,18 +74,29 @@ impl Rotary {
                 }
             }
         }
-        let table = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [1, 1, seq, d]), device);
-        Rotary { cos: table(cos), sin: table(sin) }
+        let scale = 1.0 / (d as f32).sqrt();
+        let table = |v: &[f32], scale: f32| Tensor::<4>::from_data(TensorData::new(v.iter().map(|x| x * scale).collect(), [1, 1, seq, d]), device);
+        Rotary { cos: table(&cos, 1.0), sin: table(&sin, 1.0), query_cos: table(&cos, scale), query_sin: table(&sin, scale) }
     }
 
-    /// x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] (HF Llama's layout).
+    /// rope(k).
     fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let half = x.dims()[3] / 2;
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
+        rotate(x, &self.cos, &self.sin)
     }
+
+    /// rope(q) / sqrt(head_dim).
+    fn apply_query(&self, x: Tensor<4>) -> Tensor<4> {
+        rotate(x, &self.query_cos, &self.query_sin)
+    }
+}
+
+/// x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] (HF Llama's layout).
+fn rotate(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let half = x.dims()[3] / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone() + rotated * sin.clone()
 }
 
 /// Additive causal mask [1, 1, groups * seq, start + seq] for queries grouped per key/value head
@@ -114,7 +128,7 @@ impl Attention {
     fn forward(&self, x: Tensor<3>, rotary: &Rotary, mask: Option<Tensor<4>>, cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
         let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
-        let q = rotary.apply(heads(self.q_proj.forward(x.clone(), lora), self.num_heads));
+        let q = rotary.apply_query(heads(self.q_proj.forward(x.clone(), lora), self.num_heads));
         let k = rotary.apply(heads(self.k_proj.forward(x.clone(), lora), self.num_kv_heads));
         let v = heads(self.v_proj.forward(x, lora), self.num_kv_heads);
         let (k, v) = match cache {
@@ -126,12 +140,7 @@ impl Attention {
         let groups = self.num_heads / self.num_kv_heads;
         let q = q.reshape([batch, self.num_kv_heads, groups * seq, self.head_dim]);
 
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (self.head_dim as f64).sqrt());
-        let scores = match mask {
-            Some(mask) => scores + mask,
-            None => scores,
-        };
-        let out = softmax(scores, 3).matmul(v).reshape([batch, self.num_heads, seq, self.head_dim]);
+        let out = attend(q.matmul(k.swap_dims(2, 3)), mask, v).reshape([batch, self.num_heads, seq, self.head_dim]);
         self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, seq, self.num_heads * self.head_dim]), lora)
     }
 }
@@ -145,7 +154,7 @@ pub struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: Tensor<3>, lora: Option<LoraRun>) -> Tensor<3> {
-        self.down_proj.forward(silu(self.gate_proj.forward(x.clone(), lora)) * self.up_proj.forward(x, lora), lora)
+        self.down_proj.forward(swiglu(self.gate_proj.forward(x.clone(), lora), self.up_proj.forward(x, lora)), lora)
     }
 }
 
@@ -227,6 +236,14 @@ impl LlamaModel {
             None => self.embed_tokens.clone().matmul(h.transpose()).transpose(),
         };
         logits.reshape([batch, seq, self.config.vocab_size])
+    }
+
+    /// dL/dhidden [rows, hidden] from dL/dlogits [rows, vocab]: the head is linear, so dL/dlogits · W.
+    pub fn lm_head_input_grad(&self, dlogits: Tensor<2>) -> Tensor<2> {
+        match &self.lm_head {
+            Some(head_t) => dlogits.matmul(head_t.clone().transpose()),
+            None => dlogits.matmul(self.embed_tokens.clone()),
+        }
     }
 
     /// Logits [batch, seq, vocab] for every position.

@@ -2,6 +2,7 @@
 
 mod kv_cache;
 mod llama;
+mod ops;
 
 pub use kv_cache::KvCache;
 pub use llama::{DecoderLayer, Linear, LlamaModel, transpose};

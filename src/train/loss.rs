@@ -1,69 +1,100 @@
 //! The causal-LM loss as transformers computes it: logits at position t predict the label at
 //! t + 1; labels of -100 are ignored; cross-entropy in f32.
+//!
+//! The frozen head never runs under autodiff: the loss and its gradient with respect to the
+//! logits, softmax(z) - onehot(label), come from one softmax, a slice of positions at a time, and
+//! only positions whose label counts are put through the head at all.
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::activation::softmax;
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::model::LlamaModel;
 use crate::train::data::{Batch, IGNORE};
 
-/// The shifted targets of `batch` as gather indices [n, 1] and a mask [n, 1] (0 where ignored),
-/// n = batch * (seq - 1), and how many tokens count.
-fn targets(batch: &Batch, device: &burn::tensor::Device) -> (Tensor<2, Int>, Tensor<2>, usize) {
-    let seq = batch.seq;
-    let targets: Vec<i32> = batch.labels.chunks(seq).flat_map(|row| row[1..].iter().copied()).collect();
-    let n = targets.len();
-    let count = targets.iter().filter(|&&t| t != IGNORE).count();
-    let mask: Vec<f32> = targets.iter().map(|&t| if t == IGNORE { 0.0 } else { 1.0 }).collect();
-    let index: Vec<i32> = targets.iter().map(|&t| t.max(0)).collect();
-    (Tensor::from_data(TensorData::new(index, [n, 1]), device), Tensor::from_data(TensorData::new(mask, [n, 1]), device), count)
-}
-
-/// -sum of the log-probabilities of the picked targets, over rows of logits [rows, vocab].
-fn picked_loss(logits: Tensor<2>, index: Tensor<2, Int>, mask: Tensor<2>) -> Tensor<1> {
-    let log_probs = burn::tensor::activation::log_softmax(logits, 1);
-    (log_probs.gather(1, index) * mask).sum().neg()
-}
-
-/// The summed token losses of `batch` ([1]) given its logits [batch, seq, vocab], and how many
-/// tokens they cover. Divide by the tokens of the whole optimizer step for the mean.
-pub fn summed_token_loss(logits: Tensor<3>, batch: &Batch) -> (Tensor<1>, usize) {
-    let [b, seq, vocab] = logits.dims();
-    let (index, mask, count) = targets(batch, &logits.device());
-    let logits = logits.narrow(1, 0, seq - 1).reshape([b * (seq - 1), vocab]);
-    (picked_loss(logits, index, mask), count)
-}
-
-/// Positions whose logits exist at once in [`head_loss_backward`] during training: 128 x a 49152-word vocabulary
-/// is 25 MB instead of the 100 MB a 4 x 128 batch's logits take (three times over, with the
-/// softmax and its gradient).
+/// Positions whose logits exist at once: 128 x a 49152-word vocabulary is 25 MB (twice: the
+/// logits and their softmax) instead of the 100 MB of a 4 x 128 batch's logits.
 pub const LOSS_ROWS: usize = 128;
 
-/// The loss of `batch` from its final hidden states [batch, seq, hidden] (autodiff), times
-/// `scale`, without ever holding the whole [positions, vocab] logits: the frozen head and the
-/// loss run `rows` positions at a time on a detached copy of the hidden rows, each slice
-/// backpropagated at once to give dLoss/dh for its rows. Returns the surrogate sum(h * dLoss/dh),
-/// whose backward gives every earlier parameter its true gradient, and the loss value ([1], plain).
-pub fn head_loss_backward(model: &LlamaModel, hidden: Tensor<3>, batch: &Batch, scale: f64, rows_at_once: usize) -> (Tensor<1>, Tensor<1>) {
+/// The positions of `batch` whose next token counts, as rows of the flattened
+/// [batch * (seq - 1)] positions, and those next tokens.
+fn counted_targets(batch: &Batch) -> (Vec<i32>, Vec<i32>) {
+    let seq = batch.seq;
+    let next = batch.labels.chunks(seq).flat_map(|row| row[1..].iter().copied());
+    next.enumerate().filter(|&(_, t)| t != IGNORE).map(|(row, t)| (row as i32, t)).unzip()
+}
+
+/// The hidden states [batch, seq, hidden] of the positions that count, [rows, hidden], and their
+/// targets [rows, 1]; `None` when no position counts.
+fn counted_rows(hidden: Tensor<3>, batch: &Batch) -> Option<(Tensor<2>, Tensor<2, Int>)> {
     let [b, seq, width] = hidden.dims();
     let n = b * (seq - 1);
-    let (index, mask, _) = targets(batch, &hidden.device());
-    let rows = hidden.narrow(1, 0, seq - 1).reshape([n, width]);
-    let detached = rows.clone().inner();
-    let mut grads = Vec::new();
+    let (rows, targets) = counted_targets(batch);
+    if rows.is_empty() {
+        return None;
+    }
+    let device = hidden.device();
+    let hidden = hidden.narrow(1, 0, seq - 1).reshape([n, width]);
+    let k = rows.len();
+    let hidden = if k == n { hidden } else { hidden.select(0, Tensor::<1, Int>::from_data(TensorData::new(rows, [k]), &device)) };
+    Some((hidden, Tensor::from_data(TensorData::new(targets, [k, 1]), &device)))
+}
+
+/// Summed cross-entropy of the rows of `logits` [rows, vocab] against `targets` [rows, 1], and
+/// the softmax. The log-sum-exp is read off the softmax at each row's maximum, where
+/// p = exp(z_max - lse) >= 1 / vocab cannot underflow: lse = z_max - ln p_max.
+fn cross_entropy(logits: Tensor<2>, targets: Tensor<2, Int>) -> (Tensor<1>, Tensor<2>) {
+    let probs = softmax(logits.clone(), 1);
+    let lse = logits.clone().max_dim(1) - probs.clone().max_dim(1).log();
+    ((lse - logits.gather(1, targets)).sum(), probs)
+}
+
+/// The loss of `hidden` ([rows, hidden], plain) against `targets`, `rows_at_once` positions at a
+/// time, and with `grad` also dLoss/dhidden: (softmax - onehot) · W for the linear head W.
+fn head_loss_slices(model: &LlamaModel, hidden: Tensor<2>, targets: Tensor<2, Int>, rows_at_once: usize, grad: bool) -> (Tensor<1>, Option<Tensor<2>>) {
+    let [n, width] = hidden.dims();
     let mut loss: Option<Tensor<1>> = None;
+    let mut grads = Vec::new();
     for start in (0..n).step_by(rows_at_once) {
         let len = rows_at_once.min(n - start);
-        let h = detached.clone().narrow(0, start, len).autodiff().require_grad();
-        let logits = model.lm_head(h.clone().reshape([1, len, width])).reshape([len, model.config.vocab_size]);
-        let part = picked_loss(logits, index.clone().narrow(0, start, len), mask.clone().narrow(0, start, len)).mul_scalar(scale);
-        let g = part.backward();
-        grads.push(h.grad(&g).expect("the hidden rows are a leaf of this slice's loss"));
-        let value = part.inner();
+        let h = hidden.clone().narrow(0, start, len);
+        let targets = targets.clone().narrow(0, start, len);
+        let logits = model.lm_head(h.reshape([1, len, width])).reshape([len, model.config.vocab_size]);
+        let (part, probs) = cross_entropy(logits, targets.clone());
+        if grad {
+            let minus_one = Tensor::<2>::ones([len, 1], &probs.device()).neg();
+            grads.push(model.lm_head_input_grad(probs.scatter(1, targets, minus_one, IndexingUpdateOp::Add)));
+        }
         loss = Some(match loss {
-            None => value,
-            Some(sum) => sum + value,
+            None => part,
+            Some(sum) => sum + part,
         });
     }
-    let surrogate = (rows * Tensor::cat(grads, 0)).sum();
-    (surrogate, loss.expect("a batch has a position"))
+    (loss.expect("at least one row"), grad.then(|| Tensor::cat(grads, 0)))
+}
+
+/// The summed token loss of `batch` ([1]) given its final hidden states [batch, seq, hidden]
+/// (no gradients), and how many tokens it covers. Divide by the tokens for the mean.
+pub fn summed_token_loss(model: &LlamaModel, hidden: Tensor<3>, batch: &Batch, rows_at_once: usize) -> (Tensor<1>, usize) {
+    let device = hidden.device();
+    match counted_rows(hidden, batch) {
+        None => (Tensor::zeros([1], &device), 0),
+        Some((rows, targets)) => {
+            let count = rows.dims()[0];
+            (head_loss_slices(model, rows, targets, rows_at_once, false).0, count)
+        }
+    }
+}
+
+/// The loss of `batch` from its final hidden states [batch, seq, hidden] (autodiff), times
+/// `scale`: returns the surrogate sum(h * dLoss/dh), whose backward gives every earlier parameter
+/// its true gradient, and the loss value ([1], plain).
+pub fn head_loss_backward(model: &LlamaModel, hidden: Tensor<3>, batch: &Batch, scale: f64, rows_at_once: usize) -> (Tensor<1>, Tensor<1>) {
+    let device = hidden.device();
+    let Some((rows, targets)) = counted_rows(hidden.clone(), batch) else {
+        // nothing counts: a zero loss whose gradient is zero everywhere
+        return (hidden.sum().mul_scalar(0.0), Tensor::zeros([1], &device.inner()));
+    };
+    let (loss, grad) = head_loss_slices(model, rows.clone().inner(), targets, rows_at_once, true);
+    let grad = grad.expect("asked for").mul_scalar(scale);
+    ((rows * grad).sum(), loss.mul_scalar(scale))
 }

@@ -275,8 +275,8 @@ async fn record_eval(model: &LlamaModel, batches: &[Batch], header: &mut StateHe
 pub async fn evaluate(model: &LlamaModel, batches: &[Batch]) -> Result<f64> {
     let (mut sum, mut count) = (0.0, 0);
     for batch in batches {
-        let logits = model.forward(model.ids_batch(&batch.ids, batch.batch, batch.seq), None);
-        let (loss, n) = summed_token_loss(logits, batch);
+        let hidden = model.hidden_states(model.ids_batch(&batch.ids, batch.batch, batch.seq), None);
+        let (loss, n) = summed_token_loss(model, hidden, batch, LOSS_ROWS);
         sum += read_scalar(loss).await?;
         count += n;
     }

@@ -82,15 +82,20 @@ The wgpu and browser rows run the same training loop on WGSL compute shaders, on
 (Mesa lavapipe natively, SwiftShader in Chromium): they show the path works end to end and say
 nothing about GPU speed. Their batches are small so a step finishes in seconds, not hours.
 
-Notes (from `perf record` of the CPU training run): ~55% of a step is the gemm crate's AVX2 f32
-microkernel (its AVX-512 path needs nightly Rust; torch uses oneDNN/MKL with AVX-512 here), two
-threads give 1.3x over one, and the 49152-wide softmax's exp is ~7%. The CLI keeps freed memory
-(glibc mallopt; the bench sets the same through MALLOC_* variables): without it ~15% of a step was
-page faults. Peak memory includes loading (file bytes + device copy of 538 MB of f32 weights) and
-the autograd graph's activations; the loss runs the frozen head on 128 positions at a time (25 MB
-of logits instead of three 100 MB buffers; ~210 MB less peak than before). Paths to the targets
-(>= 1.0x PEFT's tokens/s, <= 0.5x its memory): activation checkpointing, f16/bf16 base weights
-with f32 accumulation, a streamed load, a faster f32 GEMM.""")
+Notes (from `perf record` of the CPU training run, 2026-11-28): the CPU backend's GEMM is the
+gemm crate with its AVX-512 kernels (burn-flex feature `x86-v4`, picked at run time; AVX2 alone
+gave ~0.7x of today's speed). A step is about 45% GEMM on two threads and 55% elementwise work
+that burn's CPU backend runs on one thread (scalar exp, copies, allocations), which is where the
+gap to PEFT is; torch runs those ops vectorised on both cores. What was taken out of that part:
+the head's loss and its gradient (softmax - onehot) come from one fused softmax per 128 positions
+instead of autodiff through log_softmax; attention's softmax and SwiGLU have hand-written
+gradients (src/model/ops.rs), so each exp runs once and the backward keeps 1 instead of 3 (attention)
+and 2 instead of 4 (MLP) activation tensors per layer. Peak memory is now the load's own peak
+(file bytes + the 538 MB of f32 weights), no longer training's: training fits in what loading
+freed. The CLI keeps freed memory (glibc mallopt; the bench sets the same through MALLOC_*
+variables): without it ~15% of a step was page faults. Run-to-run noise on this shared 2-core
+machine is large (PEFT's own q,v figure moved between 214 and 320 tokens/s across sessions):
+read the ratios, which come from the same run.""")
 
 if browser_rows:
     b = browser_rows[0]["browser"]

@@ -150,6 +150,14 @@ fn head_loss_equals_autodiff_of_the_plain_loss() {
             assert!(diff < 1e-6, "masked {masked}, {rows} rows: max |dh - dh autodiff| = {diff}");
         }
     }
+    // no position counts: zero loss, zero gradient, nothing through the head
+    batch.labels.iter_mut().for_each(|l| *l = IGNORE);
+    let leaf = Tensor::<3>::ones([batch.batch, batch.seq, model.config.hidden_size], &cpu()).autodiff().require_grad();
+    let (surrogate, loss) = head_loss_backward(&model, leaf.clone(), &batch, 0.5, 7);
+    let g = surrogate.backward();
+    assert_eq!(loss.into_data().try_to_vec::<f32>().unwrap(), vec![0.0]);
+    assert!(host(leaf.grad(&g).unwrap()).iter().all(|&x| x == 0.0));
+    assert_eq!(summed_token_loss(&model, leaf.inner(), &batch, 7).1, 0);
 }
 
 /// 20 AdamW steps (2 micro-batches each, clipping, cosine with warmup): PEFT's loss curve within

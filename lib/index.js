@@ -4,7 +4,7 @@
 // module starts; every method here posts a request to it and returns a promise, so the page never
 // blocks. Requests run one at a time, in order. Adapters are PEFT files (adapter_config.json +
 // adapter_model.safetensors) and are kept across visits in IndexedDB by AdapterStore.
-import { AdapterStore, ADAPTER_CONFIG, ADAPTER_WEIGHTS, baseIdentity, checkAdapterFiles, checkSameBase, toBytes } from './store.js';
+import { AdapterStore, ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapterBlobs, baseIdentity, checkAdapterFiles, checkSameBase, toBytes } from './store.js';
 
 export { AdapterStore };
 
@@ -248,10 +248,7 @@ export class LoraModel {
   /** The adapter's PEFT files as Blobs: {"adapter_config.json", "adapter_model.safetensors"}. */
   async exportAdapter(name) {
     const { config, weights } = await this.#engine.call('saveAdapter', [name]);
-    return {
-      [ADAPTER_CONFIG]: new Blob([config], { type: 'application/json' }),
-      [ADAPTER_WEIGHTS]: new Blob([weights], { type: 'application/octet-stream' }),
-    };
+    return adapterBlobs(config, weights);
   }
 
   /**
@@ -272,7 +269,8 @@ export class LoraModel {
    */
   async exportMerged({ adapterName } = {}) {
     const s = this.#engine.state;
-    const merge = adapterName ?? (s && !s.disabled && s.active && !s.merged.includes(s.active) ? s.active : null);
+    // an adapter already merged is skipped by the engine
+    const merge = adapterName ?? (s && !s.disabled ? s.active : null);
     const files = await this.#engine.call('mergedFiles', [merge]);
     return Object.fromEntries(Object.entries(files).map(([n, bytes]) => [n, new Blob([bytes])]));
   }

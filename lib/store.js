@@ -24,6 +24,14 @@ export async function toBytes(x, what) {
   throw new Error(`${what}: expected an ArrayBuffer, typed array, Blob or string, got ${x === null ? 'null' : typeof x}`);
 }
 
+/** PEFT files as Blobs: {"adapter_config.json", "adapter_model.safetensors"}. */
+export function adapterBlobs(config, weights) {
+  return {
+    [ADAPTER_CONFIG]: new Blob([config], { type: 'application/json' }),
+    [ADAPTER_WEIGHTS]: new Blob([weights], { type: 'application/octet-stream' }),
+  };
+}
+
 /**
  * Checks PEFT files before they are stored: adapter_config.json is a LoRA config and the weights
  * are a complete safetensors file. Returns {config (parsed), configText, weights (Uint8Array)}.
@@ -217,10 +225,7 @@ export class AdapterStore {
   async export(name) {
     const record = await this.get(name);
     if (!record) throw new Error(`no stored adapter named "${name}"`);
-    return {
-      [ADAPTER_CONFIG]: new Blob([record.config], { type: 'application/json' }),
-      [ADAPTER_WEIGHTS]: new Blob([record.weights], { type: 'application/octet-stream' }),
-    };
+    return adapterBlobs(record.config, record.weights);
   }
 
   /** {adapters, bytes} stored here, and the origin's {usage, quota} as the browser estimates them. */

@@ -1,30 +1,10 @@
 // The Adapters panel: the adapters stored in IndexedDB with their metadata; use (load + set
 // active), delete, rename, export; import PEFT files by drag and drop or a file picker; disable
 // and enable; base vs adapter answers side by side.
-const $ = (id) => document.getElementById(id);
-
-/**
- * Offers files (name -> Blob) as download links in `container`: one link a file, each a click of
- * its own (browsers block several downloads started by one click).
- */
-export function offerDownloads(files, container, label) {
-  container.replaceChildren(document.createTextNode(`${label}: `));
-  for (const [name, blob] of Object.entries(files)) {
-    const a = document.createElement('a');
-    a.href = URL.createObjectURL(blob);
-    a.download = name;
-    a.textContent = `${name} (${kb(blob.size)})`;
-    container.append(a, ' ');
-  }
-}
-
-function kb(n) { return n >= 1e6 ? `${(n / 1e6).toFixed(1)} MB` : `${Math.max(1, Math.round(n / 1e3))} kB`; }
+import { $, formatBytes, offerDownloads, statusLine } from './ui.js';
 
 export function setupAdapters(app) {
-  const say = (text, isError = false) => {
-    $('adapters-status').textContent = text;
-    $('adapters-status').classList.toggle('error', isError);
-  };
+  const say = statusLine('adapters-status');
   const guard = (f) => async (...args) => {
     try { await f(...args); } catch (e) { say(e.message, true); }
   };
@@ -46,7 +26,7 @@ export function setupAdapters(app) {
       row.dataset.name = a.name;
       if (app.model?.activeAdapter === a.name) row.classList.add('active');
       const targets = Array.isArray(a.targetModules) ? a.targetModules.join(', ') : String(a.targetModules);
-      for (const text of [a.name, a.baseModel?.name ?? '?', a.r, targets, kb(a.size), new Date(a.created).toLocaleString(), a.trainingSummary?.final_loss?.toFixed(3) ?? '-']) {
+      for (const text of [a.name, a.baseModel?.name ?? '?', a.r, targets, formatBytes(a.size), new Date(a.created).toLocaleString(), a.trainingSummary?.final_loss?.toFixed(3) ?? '-']) {
         const td = document.createElement('td');
         td.textContent = text;
         row.append(td);

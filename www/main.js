@@ -5,21 +5,14 @@ import * as webgpuLora from './lib/index.js';
 import { setupTraining } from './train.js';
 import { setupAdapters } from './adapters.js';
 import { setupMerge } from './merge.js';
+import { $, formatBytes, statusLine } from './ui.js';
 
-const $ = (id) => document.getElementById(id);
 // for the end-to-end tests and the curious: the package's API, the loaded model, the store
 const app = { webgpuLora, model: null, store: null, onModel: [], refreshAdapters: async () => {} };
 window.app = app;
 let stopper = null;
 
-function formatBytes(n) {
-  return n >= 1e9 ? `${(n / 1e9).toFixed(2)} GB` : n >= 1e6 ? `${(n / 1e6).toFixed(1)} MB` : `${Math.round(n / 1e3)} kB`;
-}
-
-function setStatus(text, isError = false) {
-  $('load-status').textContent = text;
-  $('load-status').classList.toggle('error', isError);
-}
+const setStatus = statusLine('load-status');
 
 if (!navigator.gpu) {
   $('gpu-status').textContent = 'WebGPU is not available in this browser. Use Chrome or Edge 113+ (or Chromium started with --enable-unsafe-webgpu), on a secure origin (https or localhost).';

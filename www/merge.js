@@ -1,15 +1,11 @@
 // The Merge panel: merge the active adapter, compare the merged model with the adapter (max logit
 // difference on a probe prompt), download the merged model as a Hugging Face directory.
-import { offerDownloads } from './adapters.js';
+import { $, offerDownloads, statusLine } from './ui.js';
 
-const $ = (id) => document.getElementById(id);
 const PROBE = 'Tell me about LoRA.';
 
 export function setupMerge(app) {
-  const say = (text, isError = false) => {
-    $('merge-status').textContent = text;
-    $('merge-status').classList.toggle('error', isError);
-  };
+  const say = statusLine('merge-status');
   const probeIds = async () => {
     // the probe prompt's ids: the first tokens the chat template and a generation give back
     const stream = app.model.generate(PROBE, { maxNewTokens: 1 });

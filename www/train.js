@@ -2,8 +2,7 @@
 // with the live trainable-parameter count, Start/Cancel, the loss chart, progress, and the result
 // saved to IndexedDB.
 import { LossChart } from './chart.js';
-
-const $ = (id) => document.getElementById(id);
+import { $ } from './ui.js';
 
 export function setupTraining(app) {
   const chart = new LossChart($('loss-chart'));

@@ -77,6 +77,9 @@ impl Llm {
     /// tokenizer, chat template and generation config it was loaded with. transformers and
     /// [`Llm::load`] both load it.
     pub async fn merged_files(&self, merge: Option<&str>) -> Result<Vec<(String, Vec<u8>)>> {
+        if let Some(name) = merge.filter(|name| self.model.adapter_config(name).is_none()) {
+            return Err(Error::invalid(format!("no adapter named {name:?} to merge (loaded: {:?})", self.model.adapter_names())));
+        }
         let config = &self.model.config;
         let dtype = config.raw.get("torch_dtype").or_else(|| config.raw.get("dtype")).and_then(|v| v.as_str()).map_or(Ok(StoreDtype::F32), StoreDtype::parse)?;
         let tensors = self.model.hf_tensors(merge).await?;

@@ -482,3 +482,22 @@ fn from_pretrained_activates_the_adapter() {
     let diff = max_abs_diff(&logits(&llm.model), &expected_logits(fixture("peft/qv-r8/expected_logits.safetensors")));
     assert!(diff < TOLERANCE, "{diff}");
 }
+
+/// The merged model's files (adapter folded in on the way out, the model untouched) load back as a
+/// model whose logits are PEFT's merge_and_unload logits; an unknown adapter name is refused.
+#[test]
+fn merged_files_load_as_peft_merged_model() {
+    let mut llm = load(&fixture("tiny-llama"), &cpu());
+    load_adapter(&mut llm.model, "a", "qv-r8").unwrap();
+    llm.model.set_adapter("a").unwrap();
+    let err = pollster::block_on(llm.merged_files(Some("nope"))).unwrap_err().to_string();
+    assert!(err.contains("no adapter named \"nope\"") && err.contains("\"a\""), "{err}");
+    let files = pollster::block_on(llm.merged_files(Some("a"))).unwrap();
+    assert_eq!(llm.model.merged_adapters(), Vec::<String>::new(), "the model is not changed");
+    let mut model_files = webgpu_lora::io::ModelFiles::new("merged");
+    files.into_iter().for_each(|(name, bytes)| model_files.insert(name, bytes));
+    let merged = webgpu_lora::Llm::load(model_files, &cpu(), &mut |_, _, _| {}).unwrap();
+    let expected = expected_logits(fixture("peft").join("qv-r8").join("expected_merged_logits.safetensors"));
+    let diff = max_abs_diff(&logits(&merged.model), &expected);
+    assert!(diff < TOLERANCE, "merged export: max |ours - PEFT merged| = {diff}");
+}

@@ -139,12 +139,14 @@ test('exportMerged(): a Hugging Face directory with the adapter merged in, the m
     await m.loadAdapter('/fixtures/peft/qv-r8/', 'qv');
     await m.setAdapter('qv');
     const files = await m.exportMerged();
+    const unknown = await m.exportMerged({ adapterName: 'nope' }).then(() => null, (e) => e.message);
     const after = { merged: m.mergedAdapters, active: m.activeAdapter, logits: (await window.logitsOf(ids)).data };
     const reloaded = await window.app.webgpuLora.LoraModel.fromPretrained(files);
     const logits = Array.from((await reloaded.logits(ids)).data);
     reloaded.dispose();
-    return { names: Object.keys(files).sort(), config: JSON.parse(await files['config.json'].text()), after, logits };
+    return { names: Object.keys(files).sort(), config: JSON.parse(await files['config.json'].text()), after, logits, unknown };
   }, ids);
+  assert.match(out.unknown ?? '', /no adapter named "nope" to merge/);
   assert.deepEqual(out.names, ['config.json', 'model.safetensors']);
   assert.equal(out.config.hidden_size, 64);
   close(out.logits, peft('qv-r8', 'expected_merged_logits'), 'the exported merged model');

@@ -109,7 +109,7 @@ fn main() {
             let t = Instant::now();
             pollster::block_on(m.merge_and_unload(&[], false)).unwrap();
             // the merged weights must exist, not just be queued
-            pollster::block_on(webgpu_lora::generate::read_f32(m.layers[0].self_attn.q_proj.base.weight_t.clone().sum())).unwrap();
+            pollster::block_on(webgpu_lora::generate::read_f32(m.layers[0].self_attn.q_proj.base.weight_t.value().sum())).unwrap();
             merges.push(t.elapsed().as_secs_f64());
         }
         model.unload();

@@ -3,7 +3,9 @@
 // q,v adapter (the one bench/adapters.rs wrote) in IndexedDB; a second visit on the same profile
 // measures the cold start (wasm + model from the Cache API + upload + the first forward pass, which
 // compiles the shaders), loading the adapter from IndexedDB, setAdapter's round trip to the
-// worker, mergeAndUnload, and greedy decoding. Prints one JSON line for bench/report.py.
+// worker, mergeAndUnload, and greedy decoding; a third visit loads the model with dtype "f16" (its
+// memory footprint, first forward, decode, and how far its logits are from f32's). Prints one JSON
+// line for bench/report.py.
 //
 //   node bench/browser_api.mjs ADAPTER_DIR [NEW_TOKENS]
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -20,6 +22,21 @@ const server = await serve(0, '127.0.0.1', [['/models/', join(root, 'models')], 
 const origin = `http://127.0.0.1:${server.address().port}`;
 const profile = mkdtempSync(join(tmpdir(), 'webgpu-lora-bench-'));
 const MODEL = '/models/SmolLM2-135M-Instruct/';
+
+// In the page: greedy decoding's speed (the first piece comes after the prefill; the rest are one
+// decode step each) and a fixed prompt of token ids for comparing logits.
+async function defineDecode(page) {
+  await page.evaluate(() => {
+    window.PROMPT_IDS = [1, 504, 3458, 282, 4649, 314, 5149, 47];
+    window.decode = async (m, maxNewTokens) => {
+      const pieces = [];
+      const stream = m.generate('What is the capital of France?', { maxNewTokens });
+      for await (const _ of stream) pieces.push(performance.now());
+      const result = await stream.result;
+      return { tokens: result.tokens.length, perSecond: (pieces.length - 1) / ((pieces.at(-1) - pieces[0]) / 1000) };
+    };
+  });
+}
 try {
   let browser = await launchChromium(profile);
   await browser.page.goto(`${origin}/`);
@@ -37,6 +54,7 @@ try {
   browser = await launchChromium(profile);
   await browser.page.goto(`${origin}/`);
   await browser.page.waitForFunction(() => window.app);
+  await defineDecode(browser.page);
   const second = await browser.page.evaluate(async ({ MODEL, newTokens }) => {
     const adapter = await navigator.gpu.requestAdapter();
     const info = adapter.info ?? {};
@@ -50,6 +68,8 @@ try {
     const firstForward = now() - t;
     // performance.now() counts from the start of the navigation
     const coldStart = now();
+    const footprint = await m.getMemoryFootprint();
+    const logits = Array.from((await m.logits(PROMPT_IDS)).data);
     const loads = [];
     for (let i = 0; i < 5; i++) {
       t = now();
@@ -71,19 +91,33 @@ try {
       await m.setAdapter(`qv${i % 2}`);
       sets.push(now() - t);
     }
-    const pieces = [];
-    const stream = m.generate('What is the capital of France?', { maxNewTokens: newTokens });
-    for await (const _ of stream) pieces.push(now());
-    const result = await stream.result;
+    const decode = await window.decode(m, newTokens);
     t = now();
     await m.mergeAndUnload();
     const merge = now() - t;
     return {
       adapter: [info.vendor, info.architecture, info.description].filter(Boolean).join(' / '),
-      cached, modelReady, firstForward, coldStart, loads, pings, sets, merge, decoded: result.tokens.length,
-      decodeSeconds: (pieces.at(-1) - pieces[0]) / 1000, pieceCount: pieces.length,
+      cached, modelReady, firstForward, coldStart, loads, pings, sets, merge, decode, footprint, logits,
     };
   }, { MODEL, newTokens });
+  await browser.close();
+
+  // a third visit: the same model with its matrices stored in f16
+  browser = await launchChromium(profile);
+  await browser.page.goto(`${origin}/`);
+  await browser.page.waitForFunction(() => window.app);
+  await defineDecode(browser.page);
+  const half = await browser.page.evaluate(async ({ MODEL, newTokens, f32Logits }) => {
+    const now = () => performance.now();
+    let t = now();
+    const m = await window.app.webgpuLora.LoraModel.fromPretrained(MODEL, { dtype: 'f16' });
+    const modelReady = now() - t;
+    t = now();
+    const logits = (await m.logits(PROMPT_IDS)).data;
+    const firstForward = now() - t;
+    const maxDiff = logits.reduce((d, v, i) => Math.max(d, Math.abs(v - f32Logits[i])), 0);
+    return { modelReady, firstForward, maxDiff, footprint: await m.getMemoryFootprint(), decode: await window.decode(m, newTokens) };
+  }, { MODEL, newTokens, f32Logits: second.logits });
   await browser.close();
   const wasm = readFileSync(join(root, 'lib/pkg/webgpu_lora_bg.wasm'));
   const median_of = (xs) => Math.round(median(xs) * 1000) / 1000;
@@ -99,9 +133,17 @@ try {
       set_adapter_round_trip_ms: median_of(second.sets),
       empty_worker_round_trip_ms: median_of(second.pings),
       merge_and_unload_ms: second.merge,
-      // the first piece comes after the prefill; the rest are one decode step each
-      decode_tokens_per_s: (second.pieceCount - 1) / second.decodeSeconds,
-      decoded_tokens: second.decoded,
+      decode_tokens_per_s: second.decode.perSecond,
+      decoded_tokens: second.decode.tokens,
+      footprint_mb: second.footprint / 1e6,
+      f16: {
+        model_ready_s: half.modelReady / 1000,
+        first_forward_s: half.firstForward / 1000,
+        footprint_mb: half.footprint / 1e6,
+        decode_tokens_per_s: half.decode.perSecond,
+        decoded_tokens: half.decode.tokens,
+        max_logit_diff_vs_f32: half.maxDiff,
+      },
       wasm_mb: wasm.length / 1e6,
       wasm_gzip_mb: gzipSync(wasm, { level: 9 }).length / 1e6,
     },

@@ -1,6 +1,6 @@
 //! Training-speed benchmark (not a test): LoRA SFT steps on a real base model.
 //!
-//! cargo bench --bench training -- --model DIR --targets qv|all-linear [--backend cpu|wgpu] [--steps 5]
+//! cargo bench --bench training -- --model DIR --targets qv|all-linear [--backend cpu|wgpu] [--steps 5] [--threads N]
 //!     [--batch 4] [--seq 128]
 //!
 //! r=8 (alpha 16, no dropout), AdamW lr 2e-4, batches of 4 x 128 random in-vocabulary tokens (by
@@ -48,7 +48,10 @@ fn main() {
         vec![Batch { labels: ids.iter().map(|&i| i as i32).collect(), ids, batch, seq, tokens: batch * seq }]
     };
     let plan: Vec<Vec<Batch>> = (0..steps + 1).map(|_| make()).collect();
-    let train = TrainConfig { optimizer: AdamW { lr: 2e-4, ..Default::default() }, schedule: Schedule::Constant, max_grad_norm: None, batch_size: batch, ..Default::default() };
+    // as the CLI does: on the CPU backend, a micro-batch's rows split across the cores
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads: usize = arg("--threads").map_or(if backend == "wgpu" { 1 } else { cores }, |v| v.parse().unwrap());
+    let train = TrainConfig { optimizer: AdamW { lr: 2e-4, ..Default::default() }, schedule: Schedule::Constant, max_grad_norm: None, batch_size: batch, threads, ..Default::default() };
     let start = Instant::now();
     let clock = move || start.elapsed().as_secs_f64();
     let mut times = Vec::new();
@@ -67,7 +70,7 @@ fn main() {
         "{}",
         serde_json::json!({
             "engine": format!("webgpu-lora ({backend})"), "training": targets, "trainable_params": trainable, "batch": format!("{batch} x {seq}"),
-            "tokens_per_s": (steps * batch * seq) as f64 / timed, "peak_rss_mb": peak_rss_mb(), "steps": steps,
+            "tokens_per_s": (steps * batch * seq) as f64 / timed, "peak_rss_mb": peak_rss_mb(), "steps": steps, "threads": threads,
         })
     );
 }

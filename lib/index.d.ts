@@ -17,7 +17,11 @@ export type LoadProgress =
   | { stage: 'upload'; done: number; total: number };
 
 export interface FromPretrainedOptions {
-  /** Only "f32" for now: f16/bf16 files are converted to f32 when loaded. */
+  /**
+   * How the base model's matrices are kept on the GPU: "f32" (default) or "f16" (half the memory;
+   * still computed with in f32, so only the weights' rounding differs; merging into an f16 base
+   * rounds to f16, as PEFT's merge does). Adapters are always f32.
+   */
   dtype?: 'f32' | 'f16';
   onProgress?: (event: LoadProgress) => void;
   /** Keep downloaded files in the Cache API and reuse them while the server reports the same size (default true). */
@@ -172,6 +176,8 @@ export class LoraModel {
   unmergeAdapter(): Promise<void>;
   mergeAndUnload(options?: { adapterNames?: string[]; safeMerge?: boolean }): Promise<{ merged: string[]; skipped: string[] }>;
   addWeightedAdapter(names: string[], weights: number[], newName: string, combination?: 'svd' | 'linear' | 'cat', options?: { svdRank?: number }): Promise<void>;
+  /** Bytes the weights (base and adapters) occupy on the GPU, as transformers' get_memory_footprint. */
+  getMemoryFootprint(): Promise<number>;
   trainableParameters(): Promise<{ trainable: number; all: number }>;
   loraParameterCount(loraConfig: LoraConfigOptions): Promise<{ trainable: number; all: number }>;
   logits(ids: Int32Array | Uint32Array | number[]): Promise<{ data: Float32Array; dims: [number, number] }>;

@@ -85,18 +85,17 @@ export class LoraModel {
    * Options: onProgress({stage: "download", file, loaded, total, fileLoaded, fileTotal, cached} |
    * {stage: "upload", done, total}), cache (default true: files are kept in the Cache API and
    * reused while the server reports the same size), name (the base model's name for stored
-   * adapters), dtype ("f32"), workerUrl.
+   * adapters), dtype ("f32", the default, or "f16": the base model's matrices stored in f16, half the
+   * memory, still computed with in f32; f16 rounding changes logits slightly, and merging into an
+   * f16 base rounds, as in PEFT), workerUrl.
    */
   static async fromPretrained(source, { dtype = 'f32', onProgress, cache = true, name, workerUrl } = {}) {
-    if (dtype !== 'f32') {
-      throw new Error(`dtype "${dtype}" is not supported yet: weights are computed in f32 (f16 and bf16 files are converted when loaded); use dtype "f32"`);
-    }
     if (typeof navigator === 'undefined' || !navigator.gpu) {
       throw new Error('WebGPU is not available in this browser: use Chrome or Edge 113+ (or Chromium started with --enable-unsafe-webgpu) on https or localhost');
     }
     const engine = new Worker_(workerUrl);
     try {
-      const config = await engine.call('load', [absolute(source ?? {}), { cache }], onProgress);
+      const config = await engine.call('load', [absolute(source ?? {}), { cache, dtype }], onProgress);
       const base = baseIdentity(name ?? modelName(source) ?? config._name_or_path ?? 'local model', config);
       return new LoraModel(engine, base, config);
     } catch (e) {
@@ -164,6 +163,9 @@ export class LoraModel {
   addWeightedAdapter(names, weights, newName, combination = 'svd', { svdRank } = {}) {
     return this.#engine.call('addWeightedAdapter', [names, weights, newName, combination, svdRank]);
   }
+  /** Bytes the weights (base and adapters) occupy on the GPU: transformers' get_memory_footprint. */
+  getMemoryFootprint() { return this.#engine.call('memoryFootprint'); }
+
   /** {trainable, all}: PEFT's get_nb_trainable_parameters for the active adapter. */
   trainableParameters() { return this.#engine.call('trainableParameters'); }
 

@@ -109,15 +109,16 @@ async function modelFiles(source, useCache, emit) {
 }
 
 const ops = {
-  async load(source, { cache = true } = {}, emit) {
+  async load(source, { cache = true, dtype = 'f32' } = {}, emit) {
     const e = await engine();
+    Engine.checkDtype(dtype);
     const { origin, files } = await modelFiles(source, cache, emit);
     e.beginModel(origin);
     for (const [name, bytes] of Object.entries(files)) e.addFile(name, bytes);
     emit({ stage: 'upload', done: 0, total: 1 });
     // yield once so the progress message goes out before the (synchronous) upload
     await new Promise((r) => setTimeout(r, 0));
-    e.loadModel((stage, done, total) => emit({ stage: 'upload', done, total }));
+    e.loadModel((stage, done, total) => emit({ stage: 'upload', done, total }), dtype);
     loaded = true;
     configsSent.clear();
     return JSON.parse(e.modelConfig());
@@ -147,6 +148,10 @@ const ops = {
   async addWeightedAdapter(names, weights, newName, combination, svdRank) {
     await (await engine()).addWeightedAdapter(names, Float64Array.from(weights), newName, combination, svdRank);
   },
+  async memoryFootprint() {
+    return (await engine()).memoryFootprint();
+  },
+
   async trainableParameters() {
     const [trainable, all] = (await engine()).trainableParameters();
     return { trainable, all };

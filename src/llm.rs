@@ -7,7 +7,7 @@ use crate::generate::{Generation, GenerationConfig, StopReason, StopText, genera
 use crate::io::model_files::{CONFIG_FILE, TEXT_FILES};
 use crate::io::safetensors::{SINGLE_FILE, write_safetensors};
 use crate::io::{ChatMessage, ModelFiles, StoreDtype, TextTokenizer};
-use crate::model::LlamaModel;
+use crate::model::{LlamaModel, WeightDtype};
 use crate::peft::AdapterSource;
 
 /// PEFT's name for an adapter loaded without one.
@@ -27,12 +27,17 @@ pub struct Llm {
 pub const STAGE_WEIGHTS: &str = "weights";
 
 impl Llm {
-    /// Loads from the files of a Hugging Face model directory.
-    pub fn load(mut files: ModelFiles, device: &Device, progress: &mut dyn FnMut(&str, usize, usize)) -> Result<Self> {
+    /// Loads from the files of a Hugging Face model directory, weights in f32.
+    pub fn load(files: ModelFiles, device: &Device, progress: &mut dyn FnMut(&str, usize, usize)) -> Result<Self> {
+        Self::load_as(files, WeightDtype::F32, device, progress)
+    }
+
+    /// Loads with the base model's matrices stored in `dtype` (computed with in f32 either way).
+    pub fn load_as(mut files: ModelFiles, dtype: WeightDtype, device: &Device, progress: &mut dyn FnMut(&str, usize, usize)) -> Result<Self> {
         let config = files.config()?;
         let tokenizer = files.tokenizer()?;
         let weights = files.take_weights()?;
-        let model = LlamaModel::load(config, &weights, device, &mut |done, total| progress(STAGE_WEIGHTS, done, total))?;
+        let model = LlamaModel::load(config, &weights, dtype, device, &mut |done, total| progress(STAGE_WEIGHTS, done, total))?;
         let text_files = TEXT_FILES.iter().filter_map(|&name| files.get(name).map(|b| (name.to_string(), b.to_vec()))).collect();
         Ok(Llm { model, tokenizer, text_files })
     }

@@ -435,13 +435,13 @@ fn olora_and_pissa_init_and_conversion() {
 fn pissa_takes_the_principal_singular_part() {
     use webgpu_lora::config::LoraConfig;
     let mut model = load(&fixture("tiny-llama"), &cpu()).model;
-    let w = model.layers[0].self_attn.q_proj.base.weight_t.clone();
+    let w = model.layers[0].self_attn.q_proj.base.weight_t.value();
     let [d_in, d_out] = w.dims();
     let host = webgpu_lora::io::HostTensor::new(vec![d_in, d_out], pollster::block_on(read_f32(w)).unwrap());
     let s = webgpu_lora::linalg::thin_svd(&host).unwrap().s;
     let config = LoraConfig::from_json(br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":["q_proj"],"init_lora_weights":"pissa"}"#, "c").unwrap();
     pollster::block_on(model.add_adapter("p", config, 0)).unwrap();
-    let residual = model.layers[0].self_attn.q_proj.base.weight_t.clone();
+    let residual = model.layers[0].self_attn.q_proj.base.weight_t.value();
     let norm2: f32 = pollster::block_on(read_f32(residual.clone().mul(residual).sum())).unwrap()[0];
     let rest: f32 = s[4..].iter().map(|v| v * v).sum();
     assert!((norm2 - rest).abs() < 1e-4 * rest, "|W_res|^2 = {norm2}, sum of the other S^2 = {rest}");

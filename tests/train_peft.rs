@@ -25,7 +25,10 @@ fn batch(value: &serde_json::Value) -> Batch {
 }
 
 fn tiny_with_adapter() -> LlamaModel {
-    let mut model = load(&fixture("tiny-llama"), &cpu()).model;
+    with_adapter(load(&fixture("tiny-llama"), &cpu()).model)
+}
+
+fn with_adapter(mut model: LlamaModel) -> LlamaModel {
     pollster::block_on(model.load_adapter("a", AdapterSource::from_dir(&fixture("peft/all7-r4")).unwrap())).unwrap();
     model.set_adapter("a").unwrap();
     model
@@ -179,6 +182,100 @@ fn trajectory_matches_peft_and_base_is_untouched() {
     assert_eq!(pollster::block_on(model.hf_tensors(None)).unwrap(), base_before, "the base is bit-identical");
 }
 
+/// Training on a base stored in f16 is training on the f16-rounded base: five of the trajectory's
+/// steps on tiny-llama loaded as f16 give the losses of the same run on the model whose matrices
+/// were rounded beforehand and loaded in f32 (1e-6), and the f16 base is bit-identical afterwards.
+#[test]
+fn training_on_an_f16_base() {
+    let t = trajectory();
+    let steps = &steps(&t)[..5];
+    let f16_files = webgpu_lora::io::ModelFiles::from_dir(&fixture("tiny-llama")).unwrap();
+    let f16_model = webgpu_lora::Llm::load_as(f16_files, webgpu_lora::model::WeightDtype::F16, &cpu(), &mut |_, _, _| {}).unwrap().model;
+    let mut f16 = with_adapter(f16_model);
+    let mut rounded = with_adapter(webgpu_lora::Llm::load(rounded_to_f16_files(&fixture("tiny-llama")), &cpu(), &mut |_, _, _| {}).unwrap().model);
+    let base_before = pollster::block_on(f16.hf_tensors(None)).unwrap();
+    let (ours, result, _) = run(&mut f16, steps, &reference_config(&t), None, None);
+    result.unwrap();
+    let (reference, ..) = run(&mut rounded, steps, &reference_config(&t), None, None);
+    assert_eq!(ours.len(), 5);
+    for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
+        assert!((a - b).abs() < 1e-6, "step {}: loss {a} on the f16 base vs {b}", i + 1);
+    }
+    f16.disable_adapter();
+    assert_eq!(pollster::block_on(f16.hf_tensors(None)).unwrap(), base_before, "the f16 base is bit-identical");
+}
+
+/// Micro-batches split across threads (`TrainConfig::threads`, what the CLI does on the CPU
+/// backend) give the unsplit run's losses and adapter (1e-6: only the summation order differs);
+/// the replicas the threads ran are gone afterwards.
+#[test]
+fn micro_batches_split_across_threads_train_the_same() {
+    let t = trajectory();
+    let steps = &steps(&t)[..6];
+    let mut config = reference_config(&t);
+    let mut whole = tiny_with_adapter();
+    let (expected, ..) = run(&mut whole, steps, &config, None, None);
+    config.threads = 2;
+    let mut split = tiny_with_adapter();
+    let (losses, result, _) = run(&mut split, steps, &config, None, None);
+    result.unwrap();
+    assert_eq!(losses.len(), expected.len());
+    for (i, (a, b)) in losses.iter().zip(&expected).enumerate() {
+        assert!((a - b).abs() < 1e-6, "step {}: loss {a} split vs {b}", i + 1);
+    }
+    let adapter = |model: &LlamaModel| pollster::block_on(model.save_adapter("a")).unwrap();
+    let (ours, theirs) = (adapter(&split), adapter(&whole));
+    let read = |f: &webgpu_lora::peft::AdapterFiles| webgpu_lora::io::SafetensorsWeights::new(vec![("a".into(), f.safetensors.clone())]).unwrap();
+    let (ours, theirs) = (read(&ours), read(&theirs));
+    for name in theirs.names() {
+        let diff = max_abs_diff(&ours.tensor(name).unwrap().data, &theirs.tensor(name).unwrap().data);
+        assert!(diff < 1e-6, "{name}: {diff}");
+    }
+    assert_eq!(split.adapter_names(), vec!["a"]);
+    assert!(split.layers.iter().all(|l| l.linears().iter().all(|(_, linear)| linear.adapters.len() == 1)), "no replica is left behind");
+}
+
+/// With LoRA dropout, a split micro-batch applies the masks the unsplit pass draws (each layer's
+/// mask drawn once, in layer order, each part taking its rows): the same losses split or not, and
+/// dropout does change them.
+#[test]
+fn dropout_masks_do_not_depend_on_the_split() {
+    use webgpu_lora::config::LoraConfig;
+    let t = trajectory();
+    let steps = &steps(&t)[..4];
+    let fresh = |dropout: f64| {
+        let mut model = load(&fixture("tiny-llama"), &cpu()).model;
+        let json = format!(r#"{{"peft_type":"LORA","r":4,"lora_alpha":8,"lora_dropout":{dropout},"target_modules":"all-linear","init_lora_weights":"gaussian"}}"#);
+        pollster::block_on(model.add_adapter("a", LoraConfig::from_json(json.as_bytes(), "test").unwrap(), 0)).unwrap();
+        model
+    };
+    let mut config = reference_config(&t);
+    let (unsplit, ..) = run(&mut fresh(0.3), steps, &config, None, None);
+    let (no_dropout, ..) = run(&mut fresh(0.0), steps, &config, None, None);
+    config.threads = 2;
+    let (split, result, _) = run(&mut fresh(0.3), steps, &config, None, None);
+    result.unwrap();
+    for (i, (a, b)) in split.iter().zip(&unsplit).enumerate() {
+        assert!((a - b).abs() < 1e-6, "step {}: loss {a} split vs {b}", i + 1);
+    }
+    let effect = split.iter().zip(&no_dropout).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(effect > 1e-4, "dropout 0.3 changes the losses ({effect})");
+}
+
+/// A batch split by rows: consecutive rows, sizes differing by at most one, every row once, the
+/// token count shared out exactly; never more parts than rows.
+#[test]
+fn split_rows_partitions_a_batch() {
+    let b = Batch { ids: (0..5 * 3).collect(), labels: (0..5 * 3).map(|l| l as i32).collect(), batch: 5, seq: 3, tokens: 14 };
+    let parts = b.split_rows(2);
+    assert_eq!(parts.iter().map(|p| p.batch).collect::<Vec<_>>(), [3, 2]);
+    assert_eq!(parts.iter().flat_map(|p| p.ids.clone()).collect::<Vec<_>>(), b.ids);
+    assert_eq!(parts.iter().flat_map(|p| p.labels.clone()).collect::<Vec<_>>(), b.labels);
+    assert_eq!(parts.iter().map(|p| p.tokens).sum::<usize>(), 14);
+    assert_eq!(b.split_rows(9).len(), 5);
+    assert_eq!(b.split_rows(1)[0].ids, b.ids);
+}
+
 /// A run resumed from a checkpoint (its adapter + trainer state) gives the same losses as the
 /// uninterrupted run; a cancelled run stops where asked.
 #[test]
@@ -212,14 +309,15 @@ fn resume_and_cancel() {
 fn a_diverging_loss_stops_training() {
     let t = trajectory();
     let mut model = tiny_with_adapter();
-    let config = TrainConfig { optimizer: AdamW { lr: 1e30, ..Default::default() }, schedule: Schedule::Constant, max_grad_norm: None, ..Default::default() };
+    // split across threads: the replicas must go on the error path too
+    let config = TrainConfig { optimizer: AdamW { lr: 1e30, ..Default::default() }, schedule: Schedule::Constant, max_grad_norm: None, threads: 2, ..Default::default() };
     let (_, result, _) = run(&mut model, &steps(&t)[..5], &config, None, None);
     let err = result.unwrap_err().to_string();
     assert!(err.contains("the loss became") && err.contains("adapter is as it was after step"), "{err}");
     let a = &model.layers[0].self_attn.q_proj.adapters["a"].a_t;
     let values = pollster::block_on(webgpu_lora::generate::read_f32(a.clone())).unwrap();
     assert!(values.iter().all(|v| v.is_finite()));
-    assert!(model.adapters.training == false);
+    assert!(model.layers.iter().all(|l| l.linears().iter().all(|(_, linear)| linear.adapters.len() == 1)), "no replica is left behind");
 }
 
 /// Early stopping: with a validation set and patience 1, a run that gets worse stops and keeps the

@@ -34,6 +34,7 @@ $('load-form').addEventListener('submit', async (event) => {
     app.model?.dispose();
     app.model = null;
     const model = await webgpuLora.LoraModel.fromPretrained(url, {
+      dtype: $('model-dtype').value,
       onProgress(e) {
         if (e.stage === 'download') {
           const rate = e.loaded / ((performance.now() - started) / 1000);
@@ -52,7 +53,8 @@ $('load-form').addEventListener('submit', async (event) => {
     const config = model.config;
     progress.max = 1;
     progress.value = 1;
-    setStatus(`Loaded: ${config.num_hidden_layers} layers, hidden size ${config.hidden_size}, vocabulary ${config.vocab_size} (${((performance.now() - started) / 1000).toFixed(1)} s).`);
+    const footprint = formatBytes(await model.getMemoryFootprint());
+    setStatus(`Loaded: ${config.num_hidden_layers} layers, hidden size ${config.hidden_size}, vocabulary ${config.vocab_size}, ${footprint} of ${$('model-dtype').value} weights on the GPU (${((performance.now() - started) / 1000).toFixed(1)} s).`);
     $('prompt').disabled = false;
     $('send-button').disabled = false;
     for (const f of app.onModel) await f();

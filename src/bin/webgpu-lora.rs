@@ -238,7 +238,11 @@ fn train(args: TrainArgs) -> Result<()> {
         truncate: args.truncate,
         skip_bad_lines: args.skip_bad_lines,
     };
-    let spec = options.to_fine_tune()?;
+    let mut spec = options.to_fine_tune()?;
+    if let BackendArg::Cpu = args.backend {
+        // the CPU backend's elementwise kernels are single-threaded: split micro-batches across the cores
+        spec.train.threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    }
     let mut llm = load(&args.model, args.backend)?;
     let data = read(&args.data)?;
     let val = args.val.as_ref().map(|p| read(p).map(|b| (p.display().to_string(), b))).transpose()?;

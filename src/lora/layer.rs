@@ -12,14 +12,15 @@ use std::collections::BTreeMap;
 
 use burn::tensor::Tensor;
 
+use crate::lora::PartDropout;
 use crate::model::Linear;
 
-/// Which adapter a forward pass runs, and the LoRA dropout probability to apply before A (0
-/// outside training).
-#[derive(Debug, Clone, Copy)]
+/// Which adapter a forward pass runs, and the LoRA dropout to apply before A (none outside
+/// training).
+#[derive(Clone, Copy)]
 pub struct LoraRun<'a> {
     pub adapter: &'a str,
-    pub dropout: f64,
+    pub dropout: Option<&'a PartDropout<'a>>,
 }
 
 /// One adapter's matrices for one layer.
@@ -66,12 +67,9 @@ impl LoraLinear {
         lora.a_t.clone().mul_scalar(lora.scaling).matmul(lora.b_t.clone())
     }
 
-    /// W^T <- W^T + sign * delta_t. The base weight is taken out first, so the backend can add
-    /// into its buffer instead of allocating a second full-size matrix.
+    /// W^T <- W^T + sign * delta_t, in the base's storage precision.
     fn update_base(&mut self, delta_t: Tensor<2>, sign: f64) {
-        let placeholder = Tensor::empty([1, 1], &delta_t.device());
-        let weight_t = std::mem::replace(&mut self.base.weight_t, placeholder);
-        self.base.weight_t = if sign > 0.0 { weight_t + delta_t } else { weight_t - delta_t };
+        self.base.weight_t.add(delta_t, sign);
     }
 
     /// Folds the named adapter into the base (W <- W + scaling B A); false if this layer does
@@ -112,13 +110,10 @@ impl LoraLinear {
         let Some((lora, dropout)) = run.and_then(|run| self.adapters.get(run.adapter).map(|l| (l, run.dropout))) else { return self.base.forward(x) };
         let [batch, seq, d_in] = x.dims();
         let x2 = x.reshape([batch * seq, d_in]);
-        let base = x2.clone().matmul(self.base.weight_t.clone());
-        let x2 = if dropout > 0.0 {
-            // inverted dropout, as torch.nn.Dropout in training mode
-            let keep = Tensor::<2>::random([batch * seq, d_in], burn::tensor::Distribution::Bernoulli(1.0 - dropout), &x2.device());
-            x2 * keep.mul_scalar(1.0 / (1.0 - dropout))
-        } else {
-            x2
+        let base = x2.clone().matmul(self.base.weight_t.value());
+        let x2 = match dropout {
+            Some(dropout) => dropout.apply(x2),
+            None => x2,
         };
         // scaled at rank r, where it is a pass over [tokens, r] rather than [tokens, d_out]
         let update = x2.matmul(lora.a_t.clone()).mul_scalar(lora.scaling).matmul(lora.b_t.clone());

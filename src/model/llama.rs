@@ -19,18 +19,19 @@ use crate::error::{Error, Result};
 use crate::io::{HostTensor, SafetensorsWeights};
 use crate::lora::{LoraLinear, LoraRun};
 use crate::model::KvCache;
+use crate::model::weight::{Weight, WeightDtype};
 use crate::model::ops::{attend, swiglu};
 
 /// A linear layer without bias; `weight_t` is the Hugging Face weight transposed: [in, out].
 pub struct Linear {
-    pub weight_t: Tensor<2>,
+    pub weight_t: Weight,
 }
 
 impl Linear {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [batch, seq, d_in] = x.dims();
         let d_out = self.weight_t.dims()[1];
-        x.reshape([batch * seq, d_in]).matmul(self.weight_t.clone()).reshape([batch, seq, d_out])
+        x.reshape([batch * seq, d_in]).matmul(self.weight_t.value()).reshape([batch, seq, d_out])
     }
 }
 
@@ -191,19 +192,25 @@ impl DecoderLayer {
 pub struct LlamaModel {
     pub config: LlamaConfig,
     /// [vocab, hidden]
-    pub embed_tokens: Tensor<2>,
+    pub embed_tokens: Weight,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     /// [hidden, vocab]; `None` when tied to `embed_tokens`.
-    pub lm_head: Option<Tensor<2>>,
+    pub lm_head: Option<Weight>,
     /// The adapters loaded, which one runs, and whether adapters are disabled (see `peft`).
     pub adapters: crate::peft::AdapterState,
 }
 
 impl LlamaModel {
-    /// Hidden states after the final norm, [batch, seq, hidden]. With a cache, the ids continue
-    /// the sequence it holds and their keys/values are added to it.
-    pub fn hidden_states(&self, input_ids: Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    /// Hidden states after the final norm, [batch, seq, hidden], with the running adapter. With
+    /// a cache, the ids continue the sequence it holds and their keys/values are added to it.
+    pub fn hidden_states(&self, input_ids: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        self.hidden_states_with(input_ids, cache, self.adapters.running())
+    }
+
+    /// [`hidden_states`](Self::hidden_states) with the adapter (and dropout) given: training runs
+    /// copies of the adapter under other names on other threads.
+    pub fn hidden_states_with(&self, input_ids: Tensor<2, Int>, mut cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Tensor<3> {
         let [batch, seq] = input_ids.dims();
         let device = self.embed_tokens.device();
         let start = cache.as_ref().map_or(0, |c| c.seen());
@@ -211,12 +218,7 @@ impl LlamaModel {
         // one new token sees every cached position: no mask needed
         let mask = (seq > 1).then(|| causal_mask(start, seq, self.config.kv_groups(), &device));
 
-        let mut h = self
-            .embed_tokens
-            .clone()
-            .select(0, input_ids.reshape([batch * seq]))
-            .reshape([batch, seq, self.config.hidden_size]);
-        let lora = self.adapters.running();
+        let mut h = self.embed_tokens.rows(input_ids.reshape([batch * seq])).reshape([batch, seq, self.config.hidden_size]);
         for layer in &self.layers {
             h = layer.forward(h, &rotary, mask.clone(), cache.as_deref_mut(), lora);
         }
@@ -231,9 +233,9 @@ impl LlamaModel {
         let [batch, seq, hidden_size] = hidden.dims();
         let h = hidden.reshape([batch * seq, hidden_size]);
         let logits = match &self.lm_head {
-            Some(head_t) => h.matmul(head_t.clone()),
+            Some(head_t) => h.matmul(head_t.value()),
             // tied: (E h^T)^T, so only the small h is transposed, never the [vocab, hidden] table
-            None => self.embed_tokens.clone().matmul(h.transpose()).transpose(),
+            None => self.embed_tokens.value().matmul(h.transpose()).transpose(),
         };
         logits.reshape([batch, seq, self.config.vocab_size])
     }
@@ -241,8 +243,8 @@ impl LlamaModel {
     /// dL/dhidden [rows, hidden] from dL/dlogits [rows, vocab]: the head is linear, so dL/dlogits · W.
     pub fn lm_head_input_grad(&self, dlogits: Tensor<2>) -> Tensor<2> {
         match &self.lm_head {
-            Some(head_t) => dlogits.matmul(head_t.clone().transpose()),
-            None => dlogits.matmul(self.embed_tokens.clone()),
+            Some(head_t) => dlogits.matmul(head_t.value().transpose()),
+            None => dlogits.matmul(self.embed_tokens.value()),
         }
     }
 
@@ -256,6 +258,23 @@ impl LlamaModel {
         let hidden = self.hidden_states(input_ids, cache);
         let [batch, seq, _] = hidden.dims();
         self.lm_head(hidden.narrow(1, seq - 1, 1)).reshape([batch, self.config.vocab_size])
+    }
+
+    /// Bytes the weights occupy on the device, as transformers' `get_memory_footprint`: the base's
+    /// matrices in their dtype, norms and adapters (OLoRA/PiSSA initial values included) in f32.
+    pub fn memory_footprint(&self) -> usize {
+        let f32_bytes = |dims: &[usize]| 4 * dims.iter().product::<usize>();
+        let mut bytes = self.embed_tokens.bytes() + self.lm_head.as_ref().map_or(0, Weight::bytes) + f32_bytes(&self.norm.weight.dims());
+        for layer in &self.layers {
+            bytes += f32_bytes(&layer.input_layernorm.weight.dims()) + f32_bytes(&layer.post_attention_layernorm.weight.dims());
+            for (_, linear) in layer.linears() {
+                bytes += linear.base.weight_t.bytes();
+                for lora in linear.adapters.values().chain(linear.initial.values()) {
+                    bytes += f32_bytes(&lora.a_t.dims()) + f32_bytes(&lora.b_t.dims());
+                }
+            }
+        }
+        bytes
     }
 
     /// A new, empty cache for this model.
@@ -299,10 +318,10 @@ impl LlamaModel {
             crate::generate::read_host(t.clone()).await
         }
         let mut out = std::collections::BTreeMap::new();
-        out.insert("model.embed_tokens.weight".to_string(), host(&self.embed_tokens).await?);
+        out.insert("model.embed_tokens.weight".to_string(), host(&self.embed_tokens.value()).await?);
         out.insert("model.norm.weight".to_string(), host(&self.norm.weight).await?);
         if let Some(head_t) = &self.lm_head {
-            out.insert("lm_head.weight".to_string(), transpose(&host(head_t).await?));
+            out.insert("lm_head.weight".to_string(), transpose(&host(&head_t.value()).await?));
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -310,21 +329,24 @@ impl LlamaModel {
             out.insert(format!("{p}.post_attention_layernorm.weight"), host(&layer.post_attention_layernorm.weight).await?);
             for (name, linear) in layer.linears() {
                 let delta = merge.filter(|m| !linear.merged.iter().any(|done| done == m)).and_then(|m| linear.delta_t(m));
-                let weight_t = match delta {
-                    Some(delta) => linear.base.weight_t.clone() + delta,
-                    None => linear.base.weight_t.clone(),
-                };
-                out.insert(format!("{p}.{name}.weight"), transpose(&host(&weight_t).await?));
+                // merged as merge_and_unload would: in the storage precision
+                let mut weight_t = linear.base.weight_t.clone();
+                if let Some(delta) = delta {
+                    weight_t.add(delta, 1.0);
+                }
+                out.insert(format!("{p}.{name}.weight"), transpose(&host(&weight_t.value()).await?));
             }
         }
         Ok(out)
     }
 
     /// Builds the model from Hugging Face weights, checking every tensor's shape against the config.
-    /// `progress(done, total)` is called after each tensor is on the device.
+    /// Matrices are stored in `dtype` (norm weights always in f32). `progress(done, total)` is
+    /// called after each tensor is on the device.
     pub fn load(
         config: LlamaConfig,
         weights: &SafetensorsWeights,
+        dtype: WeightDtype,
         device: &Device,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
@@ -332,9 +354,9 @@ impl LlamaModel {
         let (hidden, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
         let per_layer = 9;
         let total = 2 + per_layer * c.num_hidden_layers + usize::from(!c.tie_word_embeddings);
-        let mut loader = Loader { weights, device, done: 0, total, progress };
+        let mut loader = Loader { weights, dtype, device, done: 0, total, progress };
 
-        let embed_tokens = loader.tensor("model.embed_tokens.weight", [c.vocab_size, hidden])?;
+        let embed_tokens = loader.matrix("model.embed_tokens.weight", [c.vocab_size, hidden])?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -374,6 +396,7 @@ impl LlamaModel {
 /// Moves named host tensors to the device, shape-checked, counting progress.
 struct Loader<'a> {
     weights: &'a SafetensorsWeights,
+    dtype: WeightDtype,
     device: &'a Device,
     done: usize,
     total: usize,
@@ -392,23 +415,24 @@ impl Loader<'_> {
         Ok(t)
     }
 
-    fn upload<const D: usize>(&mut self, t: HostTensor) -> Tensor<D> {
-        let shape: [usize; D] = t.shape.clone().try_into().expect("rank checked by the caller");
-        let tensor = Tensor::from_data(TensorData::new(t.data, shape), self.device);
+    fn uploaded<T>(&mut self, tensor: T) -> T {
         self.done += 1;
         (self.progress)(self.done, self.total);
         tensor
     }
 
-    fn tensor(&mut self, name: &str, shape: [usize; 2]) -> Result<Tensor<2>> {
+    /// A matrix in the model's weight dtype.
+    fn matrix(&mut self, name: &str, shape: [usize; 2]) -> Result<Weight> {
         let t = self.host(name, &shape)?;
-        Ok(self.upload(t))
+        let weight = Weight::upload(&t, self.dtype, name, self.device)?;
+        Ok(self.uploaded(weight))
     }
 
     /// A Hugging Face [out, in] weight, stored transposed.
     fn linear(&mut self, name: &str, d_out: usize, d_in: usize) -> Result<Linear> {
-        let t = self.host(name, &[d_out, d_in])?;
-        Ok(Linear { weight_t: self.upload(transpose(&t)) })
+        let t = transpose(&self.host(name, &[d_out, d_in])?);
+        let weight_t = Weight::upload(&t, self.dtype, name, self.device)?;
+        Ok(self.uploaded(Linear { weight_t }))
     }
 
     fn lora_linear(&mut self, name: &str, d_out: usize, d_in: usize) -> Result<LoraLinear> {
@@ -417,7 +441,8 @@ impl Loader<'_> {
 
     fn norm(&mut self, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
         let t = self.host(name, &[size])?;
-        Ok(RmsNorm { weight: self.upload(t), eps })
+        let weight = Tensor::from_data(TensorData::new(t.data, [size]), self.device);
+        Ok(self.uploaded(RmsNorm { weight, eps }))
     }
 }
 

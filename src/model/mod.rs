@@ -3,6 +3,8 @@
 mod kv_cache;
 mod llama;
 mod ops;
+pub mod weight;
 
 pub use kv_cache::KvCache;
 pub use llama::{DecoderLayer, Linear, LlamaModel, transpose};
+pub use weight::{Weight, WeightDtype};

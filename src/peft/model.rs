@@ -30,16 +30,14 @@ pub struct AdapterState {
     configs: BTreeMap<String, LoraConfig>,
     active: Option<String>,
     disabled: bool,
-    /// Training mode: the active adapter's lora_dropout applies.
-    pub training: bool,
 }
 
 impl AdapterState {
-    /// The adapter the forward pass runs: the active one unless adapters are disabled.
+    /// The adapter the forward pass runs (without dropout: training sets its own runs): the
+    /// active one unless adapters are disabled.
     pub fn running(&self) -> Option<LoraRun<'_>> {
         let adapter = if self.disabled { None } else { self.active.as_deref() }?;
-        let dropout = if self.training { self.configs[adapter].lora_dropout } else { 0.0 };
-        Some(LoraRun { adapter, dropout })
+        Some(LoraRun { adapter, dropout: None })
     }
 }
 
@@ -111,7 +109,7 @@ impl LlamaModel {
         }
         for module in modules {
             let layer = self.linear_ref(module).expect("listed by the config");
-            let weights = init_from_weight(config.init_lora_weights, &layer.base.weight_t, config.rank_for(module), config.scaling_for(module), module).await?;
+            let weights = init_from_weight(config.init_lora_weights, &layer.base.weight_t.value(), config.rank_for(module), config.scaling_for(module), module).await?;
             initial.insert(module.clone(), weights);
         }
         Ok(initial)
@@ -359,11 +357,11 @@ impl LlamaModel {
         let numel = |t: &Tensor<2>| t.dims().iter().product::<usize>();
         let c = &self.config;
         let mut base = c.vocab_size * c.hidden_size + c.hidden_size;
-        base += self.lm_head.as_ref().map_or(0, numel);
+        base += self.lm_head.as_ref().map_or(0, |head| head.dims().iter().product());
         base += self.layers.len() * 2 * c.hidden_size;
         let (mut trainable, mut adapters) = (0, 0);
         for layer in self.lora_layers() {
-            base += numel(&layer.base.weight_t);
+            base += layer.base.weight_t.dims().iter().product::<usize>();
             for (name, lora) in &layer.adapters {
                 let n = numel(&lora.a_t) + numel(&lora.b_t);
                 adapters += n;

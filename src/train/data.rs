@@ -282,6 +282,24 @@ impl Batch {
         Batch { ids, labels, batch: examples.len(), seq, tokens: examples.iter().map(|e| e.ids.len()).sum() }
     }
 
+    /// The rows split into up to `parts` batches of consecutive rows (sizes differing by at most
+    /// one; fewer parts when there are fewer rows), for running parts of one micro-batch on
+    /// separate threads. A part's `tokens` is its rows' share of the batch's, rounded: only whole
+    /// batches' counts are reported.
+    pub fn split_rows(&self, parts: usize) -> Vec<Batch> {
+        let parts = parts.clamp(1, self.batch.max(1));
+        let mut start = 0;
+        (0..parts)
+            .map(|k| {
+                let rows = self.batch / parts + usize::from(k < self.batch % parts);
+                let span = start * self.seq..(start + rows) * self.seq;
+                let tokens = (self.tokens * (start + rows)) / self.batch - (self.tokens * start) / self.batch;
+                start += rows;
+                Batch { ids: self.ids[span.clone()].to_vec(), labels: self.labels[span].to_vec(), batch: rows, seq: self.seq, tokens }
+            })
+            .collect()
+    }
+
     /// Tokens that are trained on (labels after the shift).
     pub fn trainable_tokens(&self) -> usize {
         self.labels.chunks(self.seq).map(|row| row.iter().skip(1).filter(|&&l| l != IGNORE).count()).sum()

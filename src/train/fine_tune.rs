@@ -146,6 +146,7 @@ impl TrainOptions {
                 early_stopping_patience: self.patience,
                 checkpoint_every: self.checkpoint_every,
                 seed: self.seed,
+                threads: 1,
             },
             val_split: self.val_split,
             packing: self.packing,

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::generate::{read_f32, read_host};
 use crate::io::HostTensor;
+use crate::lora::{DropoutMasks, LoraRun};
 use crate::model::LlamaModel;
 use crate::peft::AdapterFiles;
 use crate::train::data::{Batch, Dataset, epoch_batches};
@@ -38,12 +39,20 @@ pub struct TrainConfig {
     pub checkpoint_every: Option<usize>,
     /// Data order and LoRA dropout.
     pub seed: u64,
+    /// Run each micro-batch as up to this many parts of its rows on as many threads, each part
+    /// with its own copy of the adapter's leaves (and so its own autodiff graph); gradients are
+    /// summed. For the CPU backend, whose elementwise kernels are single-threaded; 1 (the
+    /// default) elsewhere. Equal to the unsplit step up to float rounding, and as deterministic.
+    pub threads: usize,
 }
 
 impl TrainConfig {
     /// Refuses settings that cannot train, naming the setting.
     pub fn check(&self) -> Result<()> {
         self.optimizer.check()?;
+        if self.threads == 0 {
+            return Err(Error::invalid("threads must be at least 1"));
+        }
         if self.batch_size == 0 || self.grad_accum == 0 {
             return Err(Error::invalid(format!("batch size {} and gradient accumulation {} must be at least 1", self.batch_size, self.grad_accum)));
         }
@@ -72,6 +81,7 @@ impl Default for TrainConfig {
             early_stopping_patience: None,
             checkpoint_every: None,
             seed: 42,
+            threads: 1,
         }
     }
 }
@@ -184,38 +194,94 @@ async fn read_scalar(t: Tensor<1>) -> Result<f64> {
 /// One optimizer step's loss and gradients (in `params` order) at the adapter's current values:
 /// a forward/backward per micro-batch with the adapter's matrices as the only autodiff leaves,
 /// each micro-batch's summed token loss divided by the whole group's trainable tokens, gradients
-/// summed. The adapter is left as it was.
-async fn group_gradients(model: &mut LlamaModel, adapter: &str, params: &[Param], group: &[Batch], seed: u64, dropout: bool) -> Result<(f64, Vec<Tensor<2>>)> {
+/// summed. With `threads` > 1 each micro-batch's rows are split across threads, thread k running
+/// its own leaves as adapter replica k. `dropout`: apply the adapter's lora_dropout (the masks
+/// the unsplit pass would draw, see `lora::dropout`). The adapter is left as it was.
+async fn group_gradients(model: &mut LlamaModel, adapter: &str, params: &[Param], group: &[Batch], seed: u64, dropout: bool, threads: usize) -> Result<(f64, Vec<Tensor<2>>)> {
     let values = adapter_values(model, params, adapter);
-    let leaves: Vec<Tensor<2>> = values.iter().map(|v| v.clone().autodiff().require_grad()).collect();
-    set_adapter_values(model, params, adapter, &leaves);
+    let p = if dropout { model.adapter_config(adapter).map_or(0.0, |c| c.lora_dropout) } else { 0.0 };
+    let names: Vec<String> = (0..threads).map(|k| if k == 0 { adapter.to_string() } else { format!("{adapter}\u{0}replica {k}") }).collect();
+    let mut leaves = Vec::with_capacity(threads);
+    for name in &names {
+        if name != adapter {
+            add_replica(model, adapter, name);
+        }
+        let these: Vec<Tensor<2>> = values.iter().map(|v| v.clone().autodiff().require_grad()).collect();
+        set_adapter_values(model, params, name, &these);
+        leaves.push(these);
+    }
     let step_count = group.iter().map(Batch::trainable_tokens).sum::<usize>().max(1);
-    model.adapters.training = dropout;
+    let scale = 1.0 / step_count as f64;
     let mut grads: Option<Vec<Tensor<2>>> = None;
     let mut loss_sum = 0.0;
     let mut outcome = Ok(());
-    for (i, batch) in group.iter().enumerate() {
+    'batches: for (i, batch) in group.iter().enumerate() {
         model.device().seed(seed ^ i as u64);
-        let hidden = model.hidden_states(model.ids_batch(&batch.ids, batch.batch, batch.seq), None);
-        let (surrogate, loss) = head_loss_backward(model, hidden, batch, 1.0 / step_count as f64, LOSS_ROWS);
-        let g = surrogate.backward();
-        match read_scalar(loss).await {
-            Ok(v) => loss_sum += v,
-            Err(e) => {
-                outcome = Err(e);
-                break;
+        let parts = batch.split_rows(threads);
+        let starts: Vec<usize> = parts.iter().scan(0, |start, part| Some(std::mem::replace(start, *start + part.batch * part.seq))).collect();
+        let masks = (p > 0.0).then(|| DropoutMasks::new(p, batch.batch * batch.seq, parts.len()));
+        let model: &LlamaModel = model;
+        let run = |k: usize, part: &Batch| {
+            let dropout = masks.as_ref().map(|m| m.part(starts[k]..starts[k] + part.batch * part.seq));
+            part_gradients(model, LoraRun { adapter: &names[k], dropout: dropout.as_ref() }, &leaves[k], part, scale)
+        };
+        let results: Vec<(Tensor<1>, Vec<Tensor<2>>)> = if parts.len() == 1 {
+            vec![run(0, &parts[0])]
+        } else {
+            std::thread::scope(|scope| {
+                let others: Vec<_> = parts.iter().enumerate().skip(1).map(|(k, part)| scope.spawn(move || run(k, part))).collect();
+                let first = run(0, &parts[0]);
+                std::iter::once(first).chain(others.into_iter().map(|h| h.join().expect("a training thread panicked"))).collect()
+            })
+        };
+        for (loss, these) in results {
+            match read_scalar(loss).await {
+                Ok(v) => loss_sum += v,
+                Err(e) => {
+                    outcome = Err(e);
+                    break 'batches;
+                }
             }
+            grads = Some(match grads {
+                None => these,
+                Some(acc) => acc.into_iter().zip(these).map(|(a, b)| a + b).collect(),
+            });
         }
-        let these: Vec<Tensor<2>> = leaves.iter().map(|l| l.grad(&g).expect("a trainable leaf has a gradient")).collect();
-        grads = Some(match grads {
-            None => these,
-            Some(acc) => acc.into_iter().zip(these).map(|(a, b)| a + b).collect(),
-        });
     }
-    model.adapters.training = false;
+    for name in names.iter().filter(|name| *name != adapter) {
+        remove_replica(model, name);
+    }
     set_adapter_values(model, params, adapter, &values);
     outcome?;
     Ok((loss_sum, grads.expect("a step has a batch")))
+}
+
+/// The summed token loss of `batch` (times `scale` in the gradient) and the gradient of each of
+/// `leaves`, which `run` reads.
+fn part_gradients(model: &LlamaModel, run: LoraRun, leaves: &[Tensor<2>], batch: &Batch, scale: f64) -> (Tensor<1>, Vec<Tensor<2>>) {
+    let hidden = model.hidden_states_with(model.ids_batch(&batch.ids, batch.batch, batch.seq), None, Some(run));
+    let (surrogate, loss) = head_loss_backward(model, hidden, batch, scale, LOSS_ROWS);
+    let g = surrogate.backward();
+    (loss, leaves.iter().map(|l| l.grad(&g).expect("a trainable leaf has a gradient")).collect())
+}
+
+/// A copy of `adapter`'s matrices in every layer under the name `replica`.
+fn add_replica(model: &mut LlamaModel, adapter: &str, replica: &str) {
+    for layer in &mut model.layers {
+        for (_, linear) in layer.linears_mut() {
+            if let Some(lora) = linear.adapters.get(adapter).cloned() {
+                linear.adapters.insert(replica.to_string(), lora);
+            }
+        }
+    }
+}
+
+fn remove_replica(model: &mut LlamaModel, replica: &str) {
+    for layer in &mut model.layers {
+        for (_, linear) in layer.linears_mut() {
+            linear.adapters.remove(replica);
+        }
+    }
 }
 
 /// The adapter's params in model order, with zero moments.
@@ -242,7 +308,7 @@ pub async fn adapter_gradients(model: &mut LlamaModel, adapter: &str, batch: &Ba
     let params = adapter_params(model, adapter);
     let active = model.active_adapter().map(str::to_string);
     model.set_adapter(adapter)?;
-    let outcome = group_gradients(model, adapter, &params, std::slice::from_ref(batch), 0, false).await;
+    let outcome = group_gradients(model, adapter, &params, std::slice::from_ref(batch), 0, false, 1).await;
     if let Some(active) = active {
         model.set_adapter(&active)?;
     }
@@ -349,7 +415,7 @@ pub async fn train_steps(
     'steps: for (index, group) in steps.iter().enumerate().skip(done) {
         let t = index + 1;
         let before = adapter_values(model, &params, adapter);
-        let (loss_sum, grads) = group_gradients(model, adapter, &params, group, config.seed ^ ((t as u64) << 8), true).await?;
+        let (loss_sum, grads) = group_gradients(model, adapter, &params, group, config.seed ^ ((t as u64) << 8), true, config.threads).await?;
         header.tokens += group.iter().map(|b| b.tokens).sum::<usize>();
         if !loss_sum.is_finite() {
             return Err(Error::invalid(format!(

@@ -12,6 +12,7 @@ use wasm_bindgen_futures::future_to_promise;
 
 use crate::generate::{GenerationConfig, read_f32};
 use crate::io::{ChatMessage, ModelFiles};
+use crate::model::WeightDtype;
 use crate::peft::{AdapterFiles, AdapterSource, Combination};
 use crate::train::fine_tune::{TrainOptions, fine_tune};
 use crate::train::{Control, TrainEvent};
@@ -125,15 +126,23 @@ impl Engine {
         ModelFiles::weight_file_names(index_json.as_deref().map(str::as_bytes)).map_err(js_error)
     }
 
-    /// Builds the model from the added files; `on_progress(stage, done, total)` after each tensor.
+    /// Checks a weight dtype name ("f32" or "f16") before anything is downloaded.
+    #[wasm_bindgen(js_name = checkDtype)]
+    pub fn check_dtype(dtype: &str) -> Result<(), JsValue> {
+        WeightDtype::parse(dtype).map(|_| ()).map_err(js_error)
+    }
+
+    /// Builds the model from the added files, its matrices stored in `dtype` ("f32" or "f16");
+    /// `on_progress(stage, done, total)` after each tensor.
     #[wasm_bindgen(js_name = loadModel)]
-    pub fn load_model(&self, on_progress: Option<Function>) -> Result<(), JsValue> {
+    pub fn load_model(&self, on_progress: Option<Function>, dtype: &str) -> Result<(), JsValue> {
+        let dtype = WeightDtype::parse(dtype).map_err(js_error)?;
         let (files, device) = {
             let mut state = self.state.borrow_mut();
             let files = state.pending.take().ok_or_else(|| js_error(Error::invalid("no model files: call beginModel and addFile first")))?;
             (files, state.device.clone())
         };
-        let llm = Llm::load(files, &device, &mut |stage, done, total| {
+        let llm = Llm::load_as(files, dtype, &device, &mut |stage, done, total| {
             if let Some(f) = &on_progress {
                 let _ = f.call3(&JsValue::NULL, &stage.into(), &(done as u32).into(), &(total as u32).into());
             }
@@ -251,6 +260,13 @@ impl Engine {
             llm.model.add_weighted_adapter(&names, &weights, &new_name, combination).await.map_err(js_error)?;
             Ok(JsValue::UNDEFINED)
         })
+    }
+
+    /// Bytes the model's weights (base and adapters) occupy on the device, as transformers'
+    /// get_memory_footprint.
+    #[wasm_bindgen(js_name = memoryFootprint)]
+    pub fn memory_footprint(&self) -> Result<f64, JsValue> {
+        self.read(|llm| Ok(llm.model.memory_footprint() as f64))
     }
 
     /// [trainable, all] parameter counts, as PEFT's get_nb_trainable_parameters.

@@ -197,6 +197,42 @@ test('generate(): an async iterator of text; messages, stop strings and AbortSig
   assert.equal(out.left.stopReason, 'cancelled');
 });
 
+test('dtype "f16": transformers\' logits of the f16 model (1e-4) in half the memory; an adapter on the f16 base, merged (rounded to f16) and unmerged', async () => {
+  const expected = readSafetensors(join(fixtures, 'tiny-llama-f16', 'expected.safetensors')).logits.data;
+  const out = await b.page.evaluate(async (ids) => {
+    const { LoraModel } = window.app.webgpuLora;
+    const logits = async (m) => Array.from((await m.logits(Int32Array.from(ids))).data);
+    const m16 = await LoraModel.fromPretrained('/fixtures/tiny-llama-f16/', { dtype: 'f16' });
+    const m32 = await LoraModel.fromPretrained('/fixtures/tiny-llama-f16/', { dtype: 'f32' });
+    const r = { f16: await logits(m16), f32: await logits(m32), bytes16: await m16.getMemoryFootprint(), bytes32: await m32.getMemoryFootprint() };
+    await m16.loadAdapter('/fixtures/peft/qv-r8/', 'a');
+    await m16.setAdapter('a');
+    r.adapter = await logits(m16);
+    r.report = await m16.mergeAdapter([], { safeMerge: true });
+    r.merged = await logits(m16);
+    await m16.unmergeAdapter();
+    r.unmerged = await logits(m16);
+    await m16.disableAdapter();
+    r.disabled = await logits(m16);
+    m16.dispose();
+    m32.dispose();
+    return r;
+  }, ids);
+  close(out.f16, expected, 'f16 weights');
+  close(out.f32, expected, 'the same file in f32');
+  const norms = 4 * 64 * (2 * 2 + 1); // RMSNorm weights stay f32: hidden 64, 2 layers
+  assert.equal(out.bytes32 - norms, 2 * (out.bytes16 - norms), `matrices in f16 take half the bytes (${out.bytes16} vs ${out.bytes32})`);
+  assert.deepEqual(out.report.merged, ['a']);
+  const effect = maxAbsDiff(out.adapter, out.f16);
+  assert.ok(effect > 0.05, `the adapter changes the logits (${effect})`);
+  for (const [what, actual, reference] of [['merged vs unmerged adapter', out.merged, out.adapter], ['unmerged vs base', out.disabled, out.f16]]) {
+    const diff = maxAbsDiff(actual, reference);
+    assert.ok(diff < 1e-2, `${what}: ${diff} (f16 rounding only)`);
+  }
+  assert.ok(maxAbsDiff(out.unmerged, out.adapter) < 1e-2);
+  assert.deepEqual(b.errors, []);
+});
+
 test('bad input rejects with a clear message and the model keeps working', async () => {
   b.expected404.push('/fixtures/peft/no-such-adapter/adapter_config.json');
   const out = await b.page.evaluate(async (ids) => {
@@ -219,7 +255,7 @@ test('bad input rejects with a clear message and the model keeps working', async
       duplicate: await fail(m.loadAdapter('/fixtures/peft/qv-r8/', 'good')),
       badIds: await fail(m.logits([1, 100000])),
       badOptions: await fail(m.train({ data: '{"text": "hi"}', trainingArgs: { learningRat: 1 } })),
-      dtype: await fail(window.app.webgpuLora.LoraModel.fromPretrained('/fixtures/tiny-llama/', { dtype: 'f16' })),
+      dtype: await fail(window.app.webgpuLora.LoraModel.fromPretrained('/fixtures/tiny-llama/', { dtype: 'bf16' })),
     };
     return { errors, after: (await window.logitsOf(ids)).data, before, adapters: m.adapters(), active: m.activeAdapter };
   }, ids);
@@ -234,7 +270,7 @@ test('bad input rejects with a clear message and the model keeps working', async
   assert.match(e.duplicate, /good/);
   assert.equal(e.badIds, 'token id 100000 is out of the vocabulary (size 256)');
   assert.match(e.badOptions, /training options: unknown field `learningRat`/);
-  assert.match(e.dtype, /dtype "f16" is not supported yet/);
+  assert.equal(e.dtype, 'unknown weight dtype "bf16": use "f32" or "f16"');
   assert.deepEqual(out.after, out.before, 'the model is unchanged');
   assert.deepEqual([out.adapters, out.active], [['good'], 'good']);
   assert.deepEqual(b.errors, []);

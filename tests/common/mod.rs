@@ -36,6 +36,29 @@ pub fn load(dir: &PathBuf, device: &Device) -> Llm {
     Llm::load(ModelFiles::from_dir(dir).unwrap(), device, &mut |_, _, _| {}).unwrap()
 }
 
+/// The files of the model in `dir` (a single model.safetensors) with every matrix rounded to f16
+/// by `half` (to nearest, ties to even) and stored in f32; norm weights as they are. What loading
+/// `dir` with `WeightDtype::F16` must compute.
+pub fn rounded_to_f16_files(dir: &PathBuf) -> ModelFiles {
+    let weights = SafetensorsWeights::new(vec![("m".into(), std::fs::read(dir.join("model.safetensors")).unwrap())]).unwrap();
+    let rounded: std::collections::BTreeMap<String, _> = weights
+        .names()
+        .into_iter()
+        .map(|name| {
+            let mut t = weights.tensor(name).unwrap();
+            if !name.contains("norm") {
+                t.data.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+            }
+            (name.to_string(), t)
+        })
+        .collect();
+    let mut files = ModelFiles::new("rounded to f16");
+    files.insert("config.json", std::fs::read(dir.join("config.json")).unwrap());
+    let bytes = webgpu_lora::io::safetensors::write_safetensors(&rounded, webgpu_lora::io::StoreDtype::F32, None).unwrap();
+    files.insert("model.safetensors", bytes);
+    files
+}
+
 /// The `logits` tensor of a reference file, flat.
 pub fn expected_logits(path: PathBuf) -> Vec<f32> {
     let bytes = std::fs::read(&path).unwrap();

@@ -1,0 +1,61 @@
+//! LoRA dropout for a micro-batch whose rows may run as parts on several threads: each adapted
+//! layer's keep-mask is drawn once for the whole micro-batch, in layer order, by whichever part
+//! gets there first, and every part uses its own rows of it. The device's random stream is thus
+//! consumed exactly as by one unsplit forward pass, whatever the threads' timing: a seeded run
+//! draws the same masks split or not.
+
+use std::cell::Cell;
+use std::ops::Range;
+use std::sync::Mutex;
+
+use burn::tensor::{Distribution, Tensor};
+
+/// The masks of one micro-batch, shared by its parts.
+pub struct DropoutMasks {
+    p: f64,
+    /// Rows (tokens) of the whole micro-batch.
+    tokens: usize,
+    parts: usize,
+    /// Per draw, in order: the scaled keep-mask and how many parts have not taken their rows yet
+    /// (the mask is let go when all have, so only the parts' autodiff graphs keep it alive).
+    drawn: Mutex<Vec<(Option<Tensor<2>>, usize)>>,
+}
+
+impl DropoutMasks {
+    /// Dropout probability `p` (0 < p < 1) for `tokens` rows split into `parts`.
+    pub fn new(p: f64, tokens: usize, parts: usize) -> Self {
+        DropoutMasks { p, tokens, parts, drawn: Mutex::new(Vec::new()) }
+    }
+
+    /// What part `rows` (token rows of the micro-batch) of a forward pass applies.
+    pub fn part(&self, rows: Range<usize>) -> PartDropout<'_> {
+        PartDropout { masks: self, rows, next: Cell::new(0) }
+    }
+}
+
+/// One part's view: its rows, and how many layers it has passed.
+pub struct PartDropout<'a> {
+    masks: &'a DropoutMasks,
+    rows: Range<usize>,
+    next: Cell<usize>,
+}
+
+impl PartDropout<'_> {
+    /// Inverted dropout (torch.nn.Dropout in training mode) of the next adapted layer's input
+    /// `x` [this part's tokens, d_in].
+    pub fn apply(&self, x: Tensor<2>) -> Tensor<2> {
+        let m = self.masks;
+        let index = self.next.replace(self.next.get() + 1);
+        let mut drawn = m.drawn.lock().expect("no thread panics holding the masks");
+        if drawn.len() == index {
+            let keep = Tensor::<2>::random([m.tokens, x.dims()[1]], Distribution::Bernoulli(1.0 - m.p), &x.device());
+            drawn.push((Some(keep.mul_scalar(1.0 / (1.0 - m.p))), m.parts));
+        }
+        let (mask, waiting) = &mut drawn[index];
+        *waiting -= 1;
+        let full = if *waiting == 0 { mask.take() } else { mask.clone() }.expect("a part takes its rows once");
+        drop(drawn);
+        let rows = if self.rows.len() == m.tokens { full } else { full.narrow(0, self.rows.start, self.rows.len()) };
+        x * rows
+    }
+}

@@ -1,0 +1,155 @@
+//! `Weight`: a frozen matrix of the base model, stored in f32 or in f16 (half the memory, like
+//! transformers' `torch_dtype=float16`), and always computed with in f32: an f16 matrix is
+//! converted where it is used, so every product accumulates in f32 and activations stay f32.
+//!
+//! f16 storage is burn's f16 dtype where the device has one (the CPU backend, GPUs with
+//! `shader-f16`) and otherwise two halves packed in a 32-bit word ([`packed_f16`]), which any
+//! WebGPU device can hold. Updates (merging an adapter) round the sum to the storage precision,
+//! as PEFT's merge into an f16 base does.
+
+pub mod packed_f16;
+
+use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
+
+use crate::error::{Error, Result};
+use crate::io::HostTensor;
+
+/// How the base model's matrices are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDtype {
+    #[default]
+    F32,
+    F16,
+}
+
+impl WeightDtype {
+    /// Parses "f32"/"float32" or "f16"/"float16".
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "float32" => Ok(WeightDtype::F32),
+            "f16" | "float16" => Ok(WeightDtype::F16),
+            other => Err(Error::invalid(format!("unknown weight dtype {other:?}: use \"f32\" or \"f16\""))),
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Stored {
+    F32(Tensor<2>),
+    /// burn's f16 dtype.
+    F16(Tensor<2>),
+    /// f16 halves two to a word: [rows, cols / 2].
+    PackedF16(Tensor<2, Int>),
+}
+
+/// A base-model matrix (constant: it never requires a gradient).
+#[derive(Clone)]
+pub struct Weight {
+    stored: Stored,
+}
+
+impl Weight {
+    /// An f32 matrix as it is.
+    pub fn f32(value: Tensor<2>) -> Self {
+        Weight { stored: Stored::F32(value) }
+    }
+
+    /// Uploads a 2-D host matrix in `dtype`; `name` goes into the error when a value does not fit
+    /// in f16.
+    pub fn upload(t: &HostTensor, dtype: WeightDtype, name: &str, device: &Device) -> Result<Self> {
+        let shape = [t.shape[0], t.shape[1]];
+        match dtype {
+            WeightDtype::F32 => Ok(Weight::f32(Tensor::from_data(TensorData::new(t.data.clone(), shape), device))),
+            WeightDtype::F16 if device.supports_dtype(FloatDType::F16) => {
+                let halves = to_f16(t, name)?;
+                Ok(Weight { stored: Stored::F16(Tensor::from_data(TensorData::new(halves, shape), (device, DType::F16))) })
+            }
+            WeightDtype::F16 => Self::packed_f16(t, name, device),
+        }
+    }
+
+    /// Uploads in f16 packed two to a word, whatever the device supports (WebGPU devices only:
+    /// the packing kernels run on burn's cubecl backend).
+    pub fn packed_f16(t: &HostTensor, name: &str, device: &Device) -> Result<Self> {
+        let [rows, cols] = [t.shape[0], t.shape[1]];
+        if cols % 2 != 0 {
+            return Err(Error::invalid(format!("{name} has an odd number of columns ({cols}); load the model with dtype \"f32\"")));
+        }
+        let bits: Vec<u16> = to_f16(t, name)?.iter().map(|h| h.to_bits()).collect();
+        let words = TensorData::new(packed_f16::words_of(&bits), [rows, cols / 2]);
+        Ok(Weight { stored: Stored::PackedF16(Tensor::from_data(words, (device, DType::I32))) })
+    }
+
+    /// The matrix in f32.
+    pub fn value(&self) -> Tensor<2> {
+        match &self.stored {
+            Stored::F32(w) => w.clone(),
+            Stored::F16(w) => w.clone().cast(FloatDType::F32),
+            Stored::PackedF16(words) => packed_f16::unpack(words.clone()),
+        }
+    }
+
+    /// Rows `ids` of the matrix in f32 (an embedding lookup): only those rows are converted.
+    pub fn rows(&self, ids: Tensor<1, Int>) -> Tensor<2> {
+        match &self.stored {
+            Stored::F32(w) => w.clone().select(0, ids),
+            Stored::F16(w) => w.clone().select(0, ids).cast(FloatDType::F32),
+            Stored::PackedF16(words) => packed_f16::unpack(words.clone().select(0, ids)),
+        }
+    }
+
+    /// W <- W + sign * delta, rounded to the storage precision. An f32 matrix is taken out first,
+    /// so the backend can add into its buffer instead of allocating a second one.
+    pub fn add(&mut self, delta: Tensor<2>, sign: f64) {
+        let placeholder = Stored::F32(Tensor::empty([1, 1], &delta.device()));
+        let delta = if sign > 0.0 { delta } else { delta.neg() };
+        self.stored = match std::mem::replace(&mut self.stored, placeholder) {
+            Stored::F32(w) => Stored::F32(w + delta),
+            Stored::F16(w) => Stored::F16((w.cast(FloatDType::F32) + delta).cast(FloatDType::F16)),
+            Stored::PackedF16(words) => Stored::PackedF16(packed_f16::pack(packed_f16::unpack(words) + delta)),
+        };
+    }
+
+    /// [rows, cols].
+    pub fn dims(&self) -> [usize; 2] {
+        match &self.stored {
+            Stored::F32(w) | Stored::F16(w) => w.dims(),
+            Stored::PackedF16(words) => {
+                let [rows, half_cols] = words.dims();
+                [rows, 2 * half_cols]
+            }
+        }
+    }
+
+    pub fn dtype(&self) -> WeightDtype {
+        match self.stored {
+            Stored::F32(_) => WeightDtype::F32,
+            Stored::F16(_) | Stored::PackedF16(_) => WeightDtype::F16,
+        }
+    }
+
+    /// Bytes the matrix occupies on the device.
+    pub fn bytes(&self) -> usize {
+        let [rows, cols] = self.dims();
+        rows * cols * if self.dtype() == WeightDtype::F16 { 2 } else { 4 }
+    }
+
+    pub fn device(&self) -> Device {
+        match &self.stored {
+            Stored::F32(w) | Stored::F16(w) => w.device(),
+            Stored::PackedF16(words) => words.device(),
+        }
+    }
+}
+
+/// `t`'s values rounded to f16 (to nearest, ties to even); a finite value beyond f16's range
+/// (|x| >= 65520 rounds to infinity) is refused rather than stored as infinity.
+fn to_f16(t: &HostTensor, name: &str) -> Result<Vec<half::f16>> {
+    let halves: Vec<half::f16> = t.data.iter().map(|&v| half::f16::from_f32(v)).collect();
+    if let Some((i, v)) = t.data.iter().enumerate().find(|&(i, v)| v.is_finite() && halves[i].is_infinite()) {
+        return Err(Error::invalid(format!(
+            "{name}[{i}] = {v} is beyond f16's range (largest finite value 65504); load the model with dtype \"f32\""
+        )));
+    }
+    Ok(halves)
+}

@@ -67,8 +67,8 @@ if training_rows:
     print("\n## LoRA training: SmolLM2-135M-Instruct, r=8, batch 4 x 128 tokens, AdamW\n")
     print("Every token trained on; one warm-up step, then the mean of the timed steps. Peak memory is the "
           "process's peak resident set (VmHWM / ru_maxrss), model load included. Ratios are against PEFT in the same run.\n")
-    print("| targets | engine | batch | trainable params | tokens/s | vs PEFT | peak RSS MB | vs PEFT |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("| targets | engine | batch | threads | trainable params | tokens/s | vs PEFT | peak RSS MB | vs PEFT |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for targets in ["qv", "all-linear"]:
         peft_row = next((r for r in training_rows if r["training"] == targets and r["engine"].startswith("PEFT")), None)
         for r in (r for r in training_rows if r["training"] == targets):
@@ -76,7 +76,7 @@ if training_rows:
             speed = f"{r['tokens_per_s'] / peft_row['tokens_per_s']:.2f}x" if same else "n/a"
             memory = f"{r['peak_rss_mb'] / peft_row['peak_rss_mb']:.2f}x" if same and r.get("peak_rss_mb") else "n/a"
             rss = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-"
-            print(f"| {targets} | {r['engine']} | {r.get('batch', '4 x 128')} | {r['trainable_params']:,} | {r['tokens_per_s']:.1f} | {speed} | {rss} | {memory} |")
+            print(f"| {targets} | {r['engine']} | {r.get('batch', '4 x 128')} | {r.get('threads', '-')} | {r['trainable_params']:,} | {r['tokens_per_s']:.1f} | {speed} | {rss} | {memory} |")
     print("""
 The wgpu and browser rows run the same training loop on WGSL compute shaders, on CPU renderers
 (Mesa lavapipe natively, SwiftShader in Chromium): they show the path works end to end and say
@@ -84,9 +84,13 @@ nothing about GPU speed. Their batches are small so a step finishes in seconds, 
 
 Notes (from `perf record` of the CPU training run, 2026-11-28): the CPU backend's GEMM is the
 gemm crate with its AVX-512 kernels (burn-flex feature `x86-v4`, picked at run time; AVX2 alone
-gave ~0.7x of today's speed). A step is about 45% GEMM on two threads and 55% elementwise work
-that burn's CPU backend runs on one thread (scalar exp, copies, allocations), which is where the
-gap to PEFT is; torch runs those ops vectorised on both cores. What was taken out of that part:
+gave ~0.7x of today's speed). burn's CPU backend runs everything but GEMM (elementwise ops,
+copies, allocations) on one thread, so the trainer splits each micro-batch's rows across the
+cores (`threads` column: two halves of 2 x 128 on two threads, each with its own adapter leaves
+and autodiff graph): 1.2x on q,v and 1.5x on all-linear in the same minute. After that split a
+step's CPU time is ~63% GEMM (its AVX-512 micro-kernel ~53% alone, at roughly 60% of the cores'
+FMA peak for ~280 GFLOP a step) and the rest elementwise work: the remaining gap to PEFT is
+mostly GEMM efficiency (torch uses oneDNN/MKL here). What was taken out of the elementwise part earlier:
 the head's loss and its gradient (softmax - onehot) come from one fused softmax per 128 positions
 instead of autodiff through log_softmax; attention's softmax and SwiGLU have hand-written
 gradients (src/model/ops.rs), so each exp runs once and the backward keeps 1 instead of 3 (attention)

@@ -39,10 +39,12 @@ pub struct TrainConfig {
     pub checkpoint_every: Option<usize>,
     /// Data order and LoRA dropout.
     pub seed: u64,
-    /// Run each micro-batch as up to this many parts of its rows on as many threads, each part
-    /// with its own copy of the adapter's leaves (and so its own autodiff graph); gradients are
-    /// summed. For the CPU backend, whose elementwise kernels are single-threaded; 1 (the
-    /// default) elsewhere. Equal to the unsplit step up to float rounding, and as deterministic.
+    /// Run each micro-batch as up to this many parts of its rows in parallel on rayon's pool
+    /// (the one burn's CPU GEMM uses, so the parts' matrix products share the cores rather than
+    /// oversubscribe them), each part with its own copy of the adapter's leaves (and so its own
+    /// autodiff graph); gradients are summed. For the CPU backend, whose elementwise kernels are
+    /// single-threaded; 1 (the default) elsewhere. Equal to the unsplit step up to float
+    /// rounding, and as deterministic.
     pub threads: usize,
 }
 
@@ -194,8 +196,8 @@ async fn read_scalar(t: Tensor<1>) -> Result<f64> {
 /// One optimizer step's loss and gradients (in `params` order) at the adapter's current values:
 /// a forward/backward per micro-batch with the adapter's matrices as the only autodiff leaves,
 /// each micro-batch's summed token loss divided by the whole group's trainable tokens, gradients
-/// summed. With `threads` > 1 each micro-batch's rows are split across threads, thread k running
-/// its own leaves as adapter replica k. `dropout`: apply the adapter's lora_dropout (the masks
+/// summed. With `threads` > 1 each micro-batch's rows are split into parts run in parallel,
+/// part k running its own leaves as adapter replica k. `dropout`: apply the adapter's lora_dropout (the masks
 /// the unsplit pass would draw, see `lora::dropout`). The adapter is left as it was.
 async fn group_gradients(model: &mut LlamaModel, adapter: &str, params: &[Param], group: &[Batch], seed: u64, dropout: bool, threads: usize) -> Result<(f64, Vec<Tensor<2>>)> {
     let values = adapter_values(model, params, adapter);
@@ -228,11 +230,8 @@ async fn group_gradients(model: &mut LlamaModel, adapter: &str, params: &[Param]
         let results: Vec<(Tensor<1>, Vec<Tensor<2>>)> = if parts.len() == 1 {
             vec![run(0, &parts[0])]
         } else {
-            std::thread::scope(|scope| {
-                let others: Vec<_> = parts.iter().enumerate().skip(1).map(|(k, part)| scope.spawn(move || run(k, part))).collect();
-                let first = run(0, &parts[0]);
-                std::iter::once(first).chain(others.into_iter().map(|h| h.join().expect("a training thread panicked"))).collect()
-            })
+            use rayon::prelude::*;
+            parts.par_iter().enumerate().map(|(k, part)| run(k, part)).collect()
         };
         for (loss, these) in results {
             match read_scalar(loss).await {

@@ -105,17 +105,20 @@ Notes (from `perf record` of the CPU training run, 2026-11-28): the CPU backend'
 gemm crate with its AVX-512 kernels (burn-flex feature `x86-v4`, picked at run time; AVX2 alone
 gave ~0.7x of today's speed). burn's CPU backend runs everything but GEMM (elementwise ops,
 copies, allocations) on one thread, so the trainer splits each micro-batch's rows across the
-cores (`threads` column: two halves of 2 x 128 on two threads, each with its own adapter leaves
-and autodiff graph): 1.2x on q,v and 1.5x on all-linear in the same minute. After that split a
-step's CPU time is ~63% GEMM (its AVX-512 micro-kernel ~53% alone, at roughly 60% of the cores'
-FMA peak for ~280 GFLOP a step) and the rest elementwise work: the remaining gap to PEFT is
-mostly GEMM efficiency (torch uses oneDNN/MKL here). What was taken out of the elementwise part earlier:
+cores (`threads` column: two halves of 2 x 128 run in parallel on rayon's pool, each with its own
+adapter leaves and autodiff graph): unsplit -> split went 181 -> 263 tokens/s on q,v and 143 -> 258
+on all-linear in single runs minutes apart (OS threads instead of rayon's pool gave only 215 and
+213: the parts' GEMMs oversubscribed the cores). After the split a step's CPU time is ~62% GEMM
+(its AVX-512 micro-kernel ~51% alone, ~11% packing, which the split does once per part) for
+~290 GFLOP a step, ~5% scalar expf (SwiGLU's sigmoid) and the rest elementwise work and copies;
+PEFT's step does the same FLOPs 5-15% faster (oneDNN/MKL). Our figure also moves more from run
+to run than PEFT's (see the ranges). What was taken out of the elementwise part earlier:
 the head's loss and its gradient (softmax - onehot) come from one fused softmax per 128 positions
 instead of autodiff through log_softmax; attention's softmax and SwiGLU have hand-written
 gradients (src/model/ops.rs), so each exp runs once and the backward keeps 1 instead of 3 (attention)
-and 2 instead of 4 (MLP) activation tensors per layer. Peak memory is now the load's own peak
-(file bytes + the 538 MB of f32 weights), no longer training's: training fits in what loading
-freed. The CLI keeps freed memory (glibc mallopt; the bench sets the same through MALLOC_*
+and 2 instead of 4 (MLP) activation tensors per layer. Peak memory is mostly the load's own
+peak (~1080 MB: file bytes + the 538 MB of f32 weights); the split step, with two parts' graphs
+alive at once, adds ~100 MB on q,v and ~150 MB on all-linear above it. The CLI keeps freed memory (glibc mallopt; the bench sets the same through MALLOC_*
 variables): without it ~15% of a step was page faults. Run-to-run noise on this shared 2-core
 machine is large (PEFT's own q,v figure moved between 214 and 320 tokens/s across sessions, and
 ours between 209 and 300 within ten minutes): read the medians' ratios, from the same run.""")

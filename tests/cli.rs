@@ -24,6 +24,26 @@ fn logits_command_writes_the_golden_logits() {
     assert!(diff < 1e-4, "max diff {diff}");
 }
 
+/// `--dtype f16`: the f16 tiny model with its matrices kept in f16 gives transformers' logits; the
+/// f32 tiny model's logits move by its matrices' f16 rounding (a little, but they do).
+#[test]
+fn logits_command_with_f16_weights() {
+    let input = ids(&read_json(fixture("tiny-llama/expected.json"))["ids"]);
+    let ids_arg = input.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let logits = |model: &str, dtype: &str| {
+        let out = std::env::temp_dir().join(format!("webgpu-lora-cli-logits-{model}-{dtype}-{}.safetensors", std::process::id()));
+        let status = cli().args(["logits", "--dtype", dtype, "--model"]).arg(fixture(model)).args(["--ids", &ids_arg, "--out"]).arg(&out).status().unwrap();
+        assert!(status.success());
+        let values = expected_logits(out.clone());
+        std::fs::remove_file(&out).unwrap();
+        values
+    };
+    let diff = max_abs_diff(&logits("tiny-llama-f16", "f16"), &expected_logits(fixture("tiny-llama-f16/expected.safetensors")));
+    assert!(diff < 1e-4, "max diff {diff}");
+    let rounding = max_abs_diff(&logits("tiny-llama", "f16"), &logits("tiny-llama", "f32"));
+    assert!(rounding > 1e-6 && rounding < 1e-2, "f16 rounding moved the logits by {rounding}");
+}
+
 #[test]
 fn errors_exit_nonzero_with_the_message() {
     let output = cli().args(["logits", "--model", "/nonexistent/model", "--ids", "1", "--out", "/tmp/x.safetensors"]).output().unwrap();

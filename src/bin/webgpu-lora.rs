@@ -16,6 +16,7 @@ use webgpu_lora::config::LoraConfig;
 use webgpu_lora::io::model_files::write_files;
 use webgpu_lora::io::{HostTensor, ModelFiles, StoreDtype};
 use webgpu_lora::peft::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, AdapterSource};
+use webgpu_lora::model::WeightDtype;
 use webgpu_lora::{Error, GenerationConfig, Llm, Result};
 
 #[derive(Parser)]
@@ -31,6 +32,23 @@ enum BackendArg {
     Cpu,
     /// burn's wgpu backend: the WGSL compute shaders the browser runs (Vulkan natively)
     Wgpu,
+}
+
+/// How the base model's matrices are stored (computed with in f32 either way).
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    /// half the memory; the weights rounded to f16
+    F16,
+}
+
+impl From<DtypeArg> for WeightDtype {
+    fn from(dtype: DtypeArg) -> Self {
+        match dtype {
+            DtypeArg::F32 => WeightDtype::F32,
+            DtypeArg::F16 => WeightDtype::F16,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -71,6 +89,9 @@ enum Command {
         seed: u64,
         #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendArg,
+        /// Storage of the base model's matrices.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DtypeArg,
     },
     /// Write the f32 logits [seq, vocab] of one forward pass to a safetensors file (key `logits`).
     Logits {
@@ -92,6 +113,9 @@ enum Command {
         out: PathBuf,
         #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendArg,
+        /// Storage of the base model's matrices.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DtypeArg,
     },
     /// Merge a PEFT adapter into the base and write the merged model as a Hugging Face directory.
     Merge {
@@ -197,6 +221,9 @@ struct TrainArgs {
     packing: bool,
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendArg,
+    /// Storage of the base model's matrices.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
     /// Write every event (steps, evaluations, checkpoints) as JSON lines here.
     #[arg(long)]
     log: Option<PathBuf>,
@@ -243,7 +270,7 @@ fn train(args: TrainArgs) -> Result<()> {
         // the CPU backend's elementwise kernels are single-threaded: split micro-batches across the cores
         spec.train.threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     }
-    let mut llm = load(&args.model, args.backend)?;
+    let mut llm = load(&args.model, args.backend, args.dtype)?;
     let data = read(&args.data)?;
     let val = args.val.as_ref().map(|p| read(p).map(|b| (p.display().to_string(), b))).transpose()?;
     let resume = match &args.resume {
@@ -315,10 +342,10 @@ fn device(backend: BackendArg) -> Device {
     }
 }
 
-fn load(dir: &PathBuf, backend: BackendArg) -> Result<Llm> {
+fn load(dir: &PathBuf, backend: BackendArg, dtype: DtypeArg) -> Result<Llm> {
     let files = ModelFiles::from_dir(dir)?;
     let interactive = std::io::stderr().is_terminal();
-    Llm::load(files, &device(backend), &mut |stage, done, total| {
+    Llm::load_as(files, dtype.into(), &device(backend), &mut |stage, done, total| {
         if interactive {
             eprint!("\rloading {stage}: {done}/{total}");
             if done == total {
@@ -344,8 +371,8 @@ fn run(cli: Cli) -> Result<()> {
             model.write_dir(&out_dir, dtype)?;
             eprintln!("wrote {} ({} tensors, {})", out_dir.display(), model.tensors.len(), dtype.torch_name());
         }
-        Command::Generate { model, adapter, prompt, chat, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, backend } => {
-            let mut llm = load(&model, backend)?;
+        Command::Generate { model, adapter, prompt, chat, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, backend, dtype } => {
+            let mut llm = load(&model, backend, dtype)?;
             load_adapters(&mut llm, &adapter)?;
             let ids = llm.prompt_ids(&prompt, chat)?;
             let config = GenerationConfig { max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, ..Default::default() };
@@ -357,8 +384,8 @@ fn run(cli: Cli) -> Result<()> {
             }))?;
             println!();
         }
-        Command::Logits { model, adapter, merge, ids, text, out, backend } => {
-            let mut llm = load(&model, backend)?;
+        Command::Logits { model, adapter, merge, ids, text, out, backend, dtype } => {
+            let mut llm = load(&model, backend, dtype)?;
             load_adapters(&mut llm, &adapter)?;
             if merge {
                 pollster::block_on(llm.model.merge_and_unload(&[], false))?;
@@ -395,7 +422,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("(give --model DIR to count parameters against a base model)");
                 return Ok(());
             };
-            let mut llm = load(&base, BackendArg::Cpu)?;
+            let mut llm = load(&base, BackendArg::Cpu, DtypeArg::F32)?;
             load_adapters(&mut llm, std::slice::from_ref(&adapter))?;
             let modules: Vec<String> = llm.model.config.linear_module_names().into_iter().filter(|m| config.targets(m, true)).collect();
             println!("target modules: {} layers, e.g. {}", modules.len(), modules.first().map_or("-", String::as_str));

@@ -424,14 +424,14 @@ impl Loader<'_> {
     /// A matrix in the model's weight dtype.
     fn matrix(&mut self, name: &str, shape: [usize; 2]) -> Result<Weight> {
         let t = self.host(name, &shape)?;
-        let weight = Weight::upload(&t, self.dtype, name, self.device)?;
+        let weight = Weight::upload(t, self.dtype, name, self.device)?;
         Ok(self.uploaded(weight))
     }
 
     /// A Hugging Face [out, in] weight, stored transposed.
     fn linear(&mut self, name: &str, d_out: usize, d_in: usize) -> Result<Linear> {
         let t = transpose(&self.host(name, &[d_out, d_in])?);
-        let weight_t = Weight::upload(&t, self.dtype, name, self.device)?;
+        let weight_t = Weight::upload(t, self.dtype, name, self.device)?;
         Ok(self.uploaded(Linear { weight_t }))
     }
 

@@ -202,6 +202,8 @@ async fn read_scalar(t: Tensor<1>) -> Result<f64> {
 async fn group_gradients(model: &mut LlamaModel, adapter: &str, params: &[Param], group: &[Batch], seed: u64, dropout: bool, threads: usize) -> Result<(f64, Vec<Tensor<2>>)> {
     let values = adapter_values(model, params, adapter);
     let p = if dropout { model.adapter_config(adapter).map_or(0.0, |c| c.lora_dropout) } else { 0.0 };
+    // no more replicas than the largest micro-batch has rows to give them
+    let threads = threads.clamp(1, group.iter().map(|b| b.batch).max().unwrap_or(1).max(1));
     let names: Vec<String> = (0..threads).map(|k| if k == 0 { adapter.to_string() } else { format!("{adapter}\u{0}replica {k}") }).collect();
     let mut leaves = Vec::with_capacity(threads);
     for name in &names {

@@ -54,17 +54,17 @@ impl Weight {
         Weight { stored: Stored::F32(value) }
     }
 
-    /// Uploads a 2-D host matrix in `dtype`; `name` goes into the error when a value does not fit
-    /// in f16.
-    pub fn upload(t: &HostTensor, dtype: WeightDtype, name: &str, device: &Device) -> Result<Self> {
+    /// Uploads a 2-D host matrix in `dtype` (taken, so f32 values move to the device without a
+    /// copy); `name` goes into the error when a value does not fit in f16.
+    pub fn upload(t: HostTensor, dtype: WeightDtype, name: &str, device: &Device) -> Result<Self> {
         let shape = [t.shape[0], t.shape[1]];
         match dtype {
-            WeightDtype::F32 => Ok(Weight::f32(Tensor::from_data(TensorData::new(t.data.clone(), shape), device))),
+            WeightDtype::F32 => Ok(Weight::f32(Tensor::from_data(TensorData::new(t.data, shape), device))),
             WeightDtype::F16 if device.supports_dtype(FloatDType::F16) => {
-                let halves = to_f16(t, name)?;
+                let halves = to_f16(&t, name)?;
                 Ok(Weight { stored: Stored::F16(Tensor::from_data(TensorData::new(halves, shape), (device, DType::F16))) })
             }
-            WeightDtype::F16 => Self::packed_f16(t, name, device),
+            WeightDtype::F16 => Self::packed_f16(&t, name, device),
         }
     }
 

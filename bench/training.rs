@@ -5,7 +5,8 @@
 //!
 //! r=8 (alpha 16, no dropout), AdamW lr 2e-4, batches of 4 x 128 random in-vocabulary tokens (by
 //! default), every token trained on (as bench/peft_train_baseline.py does); one warm-up step, then
-//! `--steps` timed steps. Prints one JSON line: tokens/s and the process's peak RSS (VmHWM).
+//! `--steps` timed steps. Prints one JSON line: tokens/s, CPU seconds per step (all threads: steadier
+//! than tokens/s on a shared machine, for comparing changes) and the process's peak RSS (VmHWM).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -26,6 +27,15 @@ fn arg(name: &str) -> Option<String> {
 fn peak_rss_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// CPU seconds (user + system, all threads) this process has used: /proc/self/stat's utime and stime.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // the fields after the command name, which is in parentheses and may hold spaces
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn main() {
@@ -56,21 +66,27 @@ fn main() {
     let clock = move || start.elapsed().as_secs_f64();
     let mut times = Vec::new();
     let mut last = 0.0;
+    let mut cpu_at_first_step = 0.0;
     pollster::block_on(train_steps(&mut llm.model, "bench", &plan, plan.len(), None, &train, None, &clock, &mut |event| {
         if let webgpu_lora::train::TrainEvent::Step(m) = event {
             times.push(m.elapsed_s - last);
             last = m.elapsed_s;
+            if times.len() == 1 {
+                cpu_at_first_step = cpu_seconds();
+            }
         }
         Control::Continue
     }))
     .unwrap();
     let timed: f64 = times[1..].iter().sum();
+    let cpu_per_step = (cpu_seconds() - cpu_at_first_step) / steps as f64;
     let (trainable, _) = llm.model.trainable_parameters();
     println!(
         "{}",
         serde_json::json!({
             "engine": format!("webgpu-lora ({backend})"), "training": targets, "trainable_params": trainable, "batch": format!("{batch} x {seq}"),
             "tokens_per_s": (steps * batch * seq) as f64 / timed, "peak_rss_mb": peak_rss_mb(), "steps": steps, "threads": threads,
+            "cpu_s_per_step": cpu_per_step,
         })
     );
 }

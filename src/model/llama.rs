@@ -240,6 +240,16 @@ impl LlamaModel {
         logits.reshape([batch, seq, self.config.vocab_size])
     }
 
+    /// Logits [rows, vocab] of hidden states [rows, hidden], laid out row by row (as the loss reads
+    /// them): with a tied head, `h E^T` through a strided view of E rather than [`lm_head`](Self::lm_head)'s
+    /// transposed result, which a reshape would copy (25 MB per 128 rows).
+    pub fn lm_head_rows(&self, h: Tensor<2>) -> Tensor<2> {
+        match &self.lm_head {
+            Some(head_t) => h.matmul(head_t.value()),
+            None => h.matmul(self.embed_tokens.value().transpose()),
+        }
+    }
+
     /// dL/dhidden [rows, hidden] from dL/dlogits [rows, vocab]: the head is linear, so dL/dlogits · W.
     pub fn lm_head_input_grad(&self, dlogits: Tensor<2>) -> Tensor<2> {
         match &self.lm_head {

@@ -2,7 +2,7 @@
 
 mod kv_cache;
 mod llama;
-mod ops;
+pub mod ops;
 pub mod weight;
 
 pub use kv_cache::KvCache;

@@ -5,10 +5,10 @@
 //! logits, softmax(z) - onehot(label), come from one softmax, a slice of positions at a time, and
 //! only positions whose label counts are put through the head at all.
 
-use burn::tensor::activation::softmax;
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::model::LlamaModel;
+use crate::model::ops::cross_entropy;
 use crate::train::data::{Batch, IGNORE};
 
 /// Positions whose logits exist at once: 128 x a 49152-word vocabulary is 25 MB (twice: the
@@ -36,33 +36,25 @@ fn counted_rows(hidden: Tensor<3>, batch: &Batch) -> Option<(Tensor<2>, Tensor<2
     let hidden = hidden.narrow(1, 0, seq - 1).reshape([n, width]);
     let k = rows.len();
     let hidden = if k == n { hidden } else { hidden.select(0, Tensor::<1, Int>::from_data(TensorData::new(rows, [k]), &device)) };
-    Some((hidden, Tensor::from_data(TensorData::new(targets, [k, 1]), &device)))
-}
-
-/// Summed cross-entropy of the rows of `logits` [rows, vocab] against `targets` [rows, 1], and
-/// the softmax. The log-sum-exp is read off the softmax at each row's maximum, where
-/// p = exp(z_max - lse) >= 1 / vocab cannot underflow: lse = z_max - ln p_max.
-fn cross_entropy(logits: Tensor<2>, targets: Tensor<2, Int>) -> (Tensor<1>, Tensor<2>) {
-    let probs = softmax(logits.clone(), 1);
-    let lse = logits.clone().max_dim(1) - probs.clone().max_dim(1).log();
-    ((lse - logits.gather(1, targets)).sum(), probs)
+    // the targets only meet the plain logits: on an autodiff device they would route the loss
+    // through autodiff's composed operations
+    Some((hidden, Tensor::from_data(TensorData::new(targets, [k, 1]), &device.inner())))
 }
 
 /// The loss of `hidden` ([rows, hidden], plain) against `targets`, `rows_at_once` positions at a
 /// time, and with `grad` also dLoss/dhidden: (softmax - onehot) · W for the linear head W.
 fn head_loss_slices(model: &LlamaModel, hidden: Tensor<2>, targets: Tensor<2, Int>, rows_at_once: usize, grad: bool) -> (Tensor<1>, Option<Tensor<2>>) {
-    let [n, width] = hidden.dims();
+    let n = hidden.dims()[0];
     let mut loss: Option<Tensor<1>> = None;
     let mut grads = Vec::new();
     for start in (0..n).step_by(rows_at_once) {
         let len = rows_at_once.min(n - start);
         let h = hidden.clone().narrow(0, start, len);
         let targets = targets.clone().narrow(0, start, len);
-        let logits = model.lm_head(h.reshape([1, len, width])).reshape([len, model.config.vocab_size]);
-        let (part, probs) = cross_entropy(logits, targets.clone());
+        let (rows, dlogits) = cross_entropy(model.lm_head_rows(h), targets);
+        let part = rows.sum();
         if grad {
-            let minus_one = Tensor::<2>::ones([len, 1], &probs.device()).neg();
-            grads.push(model.lm_head_input_grad(probs.scatter(1, targets, minus_one, IndexingUpdateOp::Add)));
+            grads.push(model.lm_head_input_grad(dlogits));
         }
         loss = Some(match loss {
             None => part,

@@ -1,0 +1,168 @@
+//! The fused operations (`model::ops`): SwiGLU, attention's masked softmax and the head's
+//! cross-entropy, values and gradients, on the CPU backend (its own vectorised kernels) and on
+//! wgpu (the composed default bodies), against the math in f64 on the host; gradients against
+//! central finite differences of that f64 math, so no derivative formula is shared with the code.
+//! Sizes are odd and large enough that the CPU kernels split their work and leave vector tails.
+
+mod common;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use common::{cpu, wgpu};
+use rand::{Rng, SeedableRng};
+use webgpu_lora::model::ops::{attend, cross_entropy, swiglu};
+
+fn random(n: usize, scale: f32, seed: u64) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+/// Checks `ours` against `reference` within `tol` relative to max(1, |reference|).
+fn assert_close(what: &str, ours: &[f32], reference: &[f64], tol: f64) {
+    assert_eq!(ours.len(), reference.len(), "{what}: length");
+    for (i, (&a, &b)) in ours.iter().zip(reference).enumerate() {
+        assert!((a as f64 - b).abs() <= tol * b.abs().max(1.0), "{what}[{i}]: {a} vs {b}");
+    }
+}
+
+/// d/dx f at x by central differences in f64.
+fn derivative(mut f: impl FnMut(f64) -> f64, x: f64) -> f64 {
+    let h = 1e-5 * x.abs().max(1.0);
+    (f(x + h) - f(x - h)) / (2.0 * h)
+}
+
+fn silu_f64(x: f64) -> f64 {
+    x / (1.0 + (-x).exp())
+}
+
+fn swiglu_matches(device: &Device) {
+    let shape = [2, 37, 1001]; // 74074 elements: several parallel tasks, a tail of 10
+    let n: usize = shape.iter().product();
+    let (g, u, w) = (random(n, 12.0, 1), random(n, 3.0, 2), random(n, 1.0, 3));
+    let tracked = |v: &[f32]| Tensor::<3>::from_data(TensorData::new(v.to_vec(), shape), &device.clone().autodiff()).require_grad();
+    let (gate, up) = (tracked(&g), tracked(&u));
+    let out = swiglu(gate.clone(), up.clone());
+    let expected: Vec<f64> = g.iter().zip(&u).map(|(&g, &u)| silu_f64(g as f64) * u as f64).collect();
+    assert_close("swiglu", &values(out.clone().inner()), &expected, 1e-6);
+
+    // L = sum(out * w): dL/dgate = w u silu'(gate), dL/dup = w silu(gate)
+    let grads = (out * Tensor::from_data(TensorData::new(w.clone(), shape), &device.clone().autodiff())).sum().backward();
+    let d_gate: Vec<f64> = (0..n).map(|i| w[i] as f64 * u[i] as f64 * derivative(silu_f64, g[i] as f64)).collect();
+    let d_up: Vec<f64> = (0..n).map(|i| w[i] as f64 * silu_f64(g[i] as f64)).collect();
+    assert_close("dL/dgate", &values(gate.grad(&grads).unwrap()), &d_gate, 1e-5);
+    assert_close("dL/dup", &values(up.grad(&grads).unwrap()), &d_up, 1e-6);
+
+    // untracked (inference): the same values
+    let plain = |v: &[f32]| Tensor::<3>::from_data(TensorData::new(v.to_vec(), shape), device);
+    assert_close("swiglu (plain)", &values(swiglu(plain(&g), plain(&u))), &expected, 1e-6);
+}
+
+/// softmax over a row of `keys` scores with an additive mask, in f64.
+fn softmax_f64(scores: &[f64], mask: &[f64]) -> Vec<f64> {
+    let z: Vec<f64> = scores.iter().zip(mask).map(|(s, m)| s + m).collect();
+    let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = z.iter().map(|z| (z - max).exp()).collect();
+    let total: f64 = e.iter().sum();
+    e.iter().map(|e| e / total).collect()
+}
+
+fn masked_softmax_matches(device: &Device) {
+    // 4 x 9 heads x 67 queries x 101 keys; query i sees keys 0..=34 + i (a cache of 34 before it)
+    let (b, h, q, k) = (4, 9, 67, 101);
+    let scores = random(b * h * q * k, 8.0, 4);
+    let mask: Vec<f32> = (0..q * k).map(|at| if at % k > 34 + at / k { f32::NEG_INFINITY } else { 0.0 }).collect();
+    let w = random(b * h * q * k, 1.0, 5);
+    let ad = device.clone().autodiff();
+    let s = Tensor::<4>::from_data(TensorData::new(scores.clone(), [b, h, q, k]), &ad).require_grad();
+    let m = Tensor::<4>::from_data(TensorData::new(mask.clone(), [1, 1, q, k]), device);
+    // P v with v = identity is P itself
+    let eye: Vec<f32> = (0..k * k).map(|at| if at / k == at % k { 1.0 } else { 0.0 }).collect();
+    let v = Tensor::<4>::from_data(TensorData::new(eye, [1, 1, k, k]), device).expand([b, h, k, k]);
+    let probs = attend(s.clone(), Some(m), v);
+    let grads = (probs.clone() * Tensor::from_data(TensorData::new(w.clone(), [b, h, q, k]), &ad)).sum().backward();
+    let (probs, d_scores) = (values(probs.inner()), values(s.grad(&grads).unwrap()));
+
+    let mask64: Vec<f64> = mask.iter().map(|&m| m as f64).collect();
+    for row in 0..b * h * q {
+        let at = row * k..(row + 1) * k;
+        let x: Vec<f64> = scores[at.clone()].iter().map(|&v| v as f64).collect();
+        let m = &mask64[(row % q) * k..][..k];
+        assert_close(&format!("probs row {row}"), &probs[at.clone()], &softmax_f64(&x, m), 1e-6);
+        // L = sum_j w_j p_j: dL/dscore_i by differences, masked keys get exactly nothing
+        let loss = |i: usize, xi: f64| {
+            let mut x = x.clone();
+            x[i] = xi;
+            softmax_f64(&x, m).iter().zip(&w[at.clone()]).map(|(p, &w)| p * w as f64).sum::<f64>()
+        };
+        let expected: Vec<f64> = (0..k).map(|i| if m[i].is_finite() { derivative(|xi| loss(i, xi), x[i]) } else { 0.0 }).collect();
+        assert_close(&format!("dL/dscores row {row}"), &d_scores[at], &expected, 1e-5);
+    }
+}
+
+fn cross_entropy_matches(device: &Device) {
+    let (rows, vocab) = (5, 3001);
+    let mut z = random(rows * vocab, 15.0, 6);
+    let targets: Vec<i32> = vec![0, 3000, 17, 1500, 2];
+    z[3 * vocab + 7] = f32::NAN; // a NaN logit makes that row's loss NaN, not silently finite
+    let logits = Tensor::<2>::from_data(TensorData::new(z.clone(), [rows, vocab]), device);
+    let (loss, grad) = cross_entropy(logits, Tensor::<2, Int>::from_data(TensorData::new(targets.clone(), [rows, 1]), device));
+    let (loss, grad) = (values(loss), values(grad));
+    for row in 0..rows {
+        let x: Vec<f64> = z[row * vocab..][..vocab].iter().map(|&v| v as f64).collect();
+        if x.iter().any(|v| v.is_nan()) {
+            assert!(loss[row].is_nan(), "row {row}: loss {} from a NaN logit", loss[row]);
+            continue;
+        }
+        let t = targets[row] as usize;
+        let ce = |x: &[f64]| {
+            let max = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            max + x.iter().map(|v| (v - max).exp()).sum::<f64>().ln() - x[t]
+        };
+        assert_close(&format!("loss row {row}"), &loss[row..row + 1], &[ce(&x)], 1e-6);
+        // dL/dz by differences at a sample of positions (the target's among them)
+        for i in (0..vocab).step_by(97).chain([t]) {
+            let mut y = x.clone();
+            let expected = derivative(
+                |zi| {
+                    y[i] = zi;
+                    ce(&y)
+                },
+                x[i],
+            );
+            assert!((grad[row * vocab + i] as f64 - expected).abs() < 1e-6, "row {row} dL/dz[{i}]: {} vs {expected}", grad[row * vocab + i]);
+        }
+    }
+}
+
+#[test]
+fn swiglu_on_cpu() {
+    swiglu_matches(&cpu());
+}
+
+#[test]
+fn swiglu_on_wgpu() {
+    swiglu_matches(&wgpu());
+}
+
+#[test]
+fn masked_softmax_on_cpu() {
+    masked_softmax_matches(&cpu());
+}
+
+#[test]
+fn masked_softmax_on_wgpu() {
+    masked_softmax_matches(&wgpu());
+}
+
+#[test]
+fn cross_entropy_on_cpu() {
+    cross_entropy_matches(&cpu());
+}
+
+#[test]
+fn cross_entropy_on_wgpu() {
+    cross_entropy_matches(&wgpu());
+}

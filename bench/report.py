@@ -108,15 +108,15 @@ copies, allocations) on one thread, so the trainer splits each micro-batch's row
 cores (`threads` column: two halves of 2 x 128 run in parallel on rayon's pool, each with its own
 adapter leaves and autodiff graph): unsplit -> split went 181 -> 263 tokens/s on q,v and 143 -> 258
 on all-linear in single runs minutes apart (OS threads instead of rayon's pool gave only 215 and
-213: the parts' GEMMs oversubscribed the cores). After the split a step's CPU time is ~62% GEMM
-(its AVX-512 micro-kernel ~51% alone, ~11% packing, which the split does once per part) for
-~290 GFLOP a step, ~5% scalar expf (SwiGLU's sigmoid) and the rest elementwise work and copies;
-PEFT's step does the same FLOPs 5-15% faster (oneDNN/MKL). Our figure also moves more from run
-to run than PEFT's (see the ranges). What was taken out of the elementwise part earlier:
-the head's loss and its gradient (softmax - onehot) come from one fused softmax per 128 positions
-instead of autodiff through log_softmax; attention's softmax and SwiGLU have hand-written
-gradients (src/model/ops.rs), so each exp runs once and the backward keeps 1 instead of 3 (attention)
-and 2 instead of 4 (MLP) activation tensors per layer. Peak memory is mostly the load's own
+213: the parts' GEMMs oversubscribed the cores). SwiGLU, attention's masked softmax and the
+head's cross-entropy are fused operations (src/model/ops/: a burn backend extension whose CPU
+kernels are single vectorised passes with a polynomial exp, split across rayon's pool, and whose
+autodiff nodes keep the inputs or the output and run a written-out backward); the tied head's
+logits come out row-major. That took a q,v step from ~4.2 to ~2.9-3.4 CPU seconds: burn-flex computes
+exp one element at a time and runs elementwise work on one thread, and the composed versions
+made ~10 passes over [tokens, 1536] per MLP. A step is now ~53% GEMM micro-kernel, ~14% GEMM
+packing, the rest copies, allocation and the remaining elementwise work (RMSNorm, RoPE, adds).
+Peak memory is mostly the load's own
 peak (~1080 MB: file bytes + the 538 MB of f32 weights); the split step, with two parts' graphs
 alive at once, adds ~100 MB on q,v and ~150 MB on all-linear above it. The CLI keeps freed memory (glibc mallopt; the bench sets the same through MALLOC_*
 variables): without it ~15% of a step was page faults. Run-to-run noise on this shared 2-core

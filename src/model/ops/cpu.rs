@@ -132,17 +132,15 @@ kernel!(SwigluBackwardKernel { gate: &'a [f32], up: &'a [f32], grad: &'a [f32], 
 
 // Rows of `keys` scores, the first at the mask's first row: out = softmax(scores + mask) row by
 // row (`mask` as long as `scores`).
-kernel!(MaskedSoftmaxKernel { scores: &'a [f32], mask: &'a [f32], keys: &'a usize, out: &'a mut [f32] } -> (), |k| {
-    let keys = *k.keys;
-    for ((out, scores), mask) in k.out.chunks_exact_mut(keys).zip(k.scores.chunks_exact(keys)).zip(k.mask.chunks_exact(keys)) {
+kernel!(MaskedSoftmaxKernel { scores: &'a [f32], mask: &'a [f32], keys: usize, out: &'a mut [f32] } -> (), |k| {
+    for ((out, scores), mask) in k.out.chunks_exact_mut(k.keys).zip(k.scores.chunks_exact(k.keys)).zip(k.mask.chunks_exact(k.keys)) {
         softmax_row(scores, Some(mask), out);
     }
 });
 
 // Consecutive rows of `keys` values: out = p * (g - sum(g * p)) row by row.
-kernel!(SoftmaxBackwardKernel { probs: &'a [f32], grad: &'a [f32], keys: &'a usize, out: &'a mut [f32] } -> (), |k| {
-    let keys = *k.keys;
-    for ((out, p), dy) in k.out.chunks_exact_mut(keys).zip(k.probs.chunks_exact(keys)).zip(k.grad.chunks_exact(keys)) {
+kernel!(SoftmaxBackwardKernel { probs: &'a [f32], grad: &'a [f32], keys: usize, out: &'a mut [f32] } -> (), |k| {
+    for ((out, p), dy) in k.out.chunks_exact_mut(k.keys).zip(k.probs.chunks_exact(k.keys)).zip(k.grad.chunks_exact(k.keys)) {
         out.iter_mut().zip(p).zip(dy).for_each(|((o, &p), &g)| *o = g * p);
         let dot = sum(out);
         out.iter_mut().zip(p).zip(dy).for_each(|((o, &p), &g)| *o = p * (g - dot));
@@ -207,7 +205,7 @@ impl FusedOps for Flex {
         let task = mask_len * (GRAIN / mask_len).max(1);
         out.par_chunks_mut(task).zip(x.par_chunks(task)).for_each(|(out, scores)| {
             for (out, scores) in out.chunks_mut(mask_len).zip(scores.chunks(mask_len)) {
-                vectorised(MaskedSoftmaxKernel { scores, mask: &m[..scores.len()], keys: &keys, out });
+                vectorised(MaskedSoftmaxKernel { scores, mask: &m[..scores.len()], keys, out });
             }
         });
         tensor(out, shape)
@@ -223,7 +221,7 @@ impl FusedOps for Flex {
         let mut out = vec![0.0f32; p.len()];
         let task = keys * (GRAIN / keys).max(1);
         out.par_chunks_mut(task).zip(p.par_chunks(task)).zip(dy.par_chunks(task)).for_each(|((out, probs), grad)| {
-            vectorised(SoftmaxBackwardKernel { probs, grad, keys: &keys, out })
+            vectorised(SoftmaxBackwardKernel { probs, grad, keys, out })
         });
         tensor(out, shape)
     }

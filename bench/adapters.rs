@@ -15,11 +15,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::tensor::Device;
-use webgpu_lora::config::LoraConfig;
-use webgpu_lora::io::ModelFiles;
-use webgpu_lora::io::model_files::write_files;
-use webgpu_lora::peft::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, AdapterSource};
-use webgpu_lora::{Llm, LlamaModel};
+use webgpu_lora::io::{ModelFiles, write_files};
+use webgpu_lora::lora::{AdapterFiles, AdapterSource, LoraConfig};
+use webgpu_lora::nn::WeightDtype;
+use webgpu_lora::{LlamaModel, Llm, LoraModel};
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -32,47 +31,60 @@ fn median_ms(mut v: Vec<f64>) -> f64 {
 }
 
 fn time(repeats: usize, mut f: impl FnMut()) -> f64 {
-    median_ms((0..repeats).map(|_| {
-        let t = Instant::now();
-        f();
-        t.elapsed().as_secs_f64()
-    }).collect())
+    median_ms(
+        (0..repeats)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
 }
 
 /// Token ids of the logits check (any in-vocabulary ids do).
 const IDS: [u32; 8] = [1, 504, 3458, 314, 260, 2489, 282, 4649];
 
 /// Writes the files of an adapter and our logits with it active into `dir`.
-fn write_adapter(dir: &std::path::Path, files: &webgpu_lora::peft::AdapterFiles, logits: Vec<f32>) {
+fn write_adapter(dir: &std::path::Path, files: &AdapterFiles, logits: Vec<f32>) {
     let vocab = logits.len() / IDS.len();
-    let tensors = std::collections::BTreeMap::from([("logits".to_string(), webgpu_lora::io::HostTensor::new(vec![IDS.len(), vocab], logits))]);
+    let tensors =
+        std::collections::BTreeMap::from([("logits".to_string(), webgpu_lora::tensor::HostTensor::new(vec![IDS.len(), vocab], logits))]);
     let logits = webgpu_lora::io::safetensors::write_safetensors(&tensors, webgpu_lora::io::StoreDtype::F32, None).unwrap();
-    write_files(dir, vec![(ADAPTER_CONFIG_FILE, files.config_json.clone().into_bytes()), (ADAPTER_WEIGHTS_FILE, files.safetensors.clone()), ("logits.safetensors", logits)]).unwrap();
+    let mut out = files.clone().into_named();
+    out.push(("logits.safetensors", logits));
+    write_files(dir, out).unwrap();
 }
 
 fn logits(model: &LlamaModel) -> Vec<f32> {
-    pollster::block_on(webgpu_lora::generate::read_f32(model.forward(model.ids_tensor(&IDS), None))).unwrap()
+    pollster::block_on(model.logits(&IDS)).unwrap()
 }
 
 fn main() {
     let model_dir = PathBuf::from(arg("--model").expect("--model DIR"));
     let out = PathBuf::from(arg("--out").expect("--out DIR"));
     let repeats: usize = arg("--repeats").map_or(7, |v| v.parse().unwrap());
-    let load_model = || Llm::load(ModelFiles::from_dir(&model_dir).unwrap(), &Device::flex(), &mut |_, _, _| {}).unwrap().model;
+    let load_model =
+        || Llm::load(ModelFiles::from_dir(&model_dir).unwrap(), WeightDtype::F32, &Device::flex(), &mut |_, _, _| {}).unwrap().model;
     let mut model = load_model();
 
     let mut results = serde_json::Map::new();
     for (name, targets) in [("qv", r#"["q_proj","v_proj"]"#), ("all_linear", r#""all-linear""#)] {
-        let config = format!(r#"{{"peft_type":"LORA","task_type":"CAUSAL_LM","r":8,"lora_alpha":16,"target_modules":{targets},"init_lora_weights":false}}"#);
+        let config = format!(
+            r#"{{"peft_type":"LORA","task_type":"CAUSAL_LM","r":8,"lora_alpha":16,"target_modules":{targets},"init_lora_weights":false}}"#
+        );
         let config = LoraConfig::from_json(config.as_bytes(), "bench").unwrap();
         pollster::block_on(model.add_adapter(name, config, 0)).unwrap();
-        let files = pollster::block_on(model.save_adapter(name)).unwrap();
+        let files = pollster::block_on(model.export_adapter(name)).unwrap();
         model.set_adapter(name).unwrap();
         write_adapter(&out.join(name), &files, logits(&model));
         model.delete_adapter(name).unwrap();
 
         let load = |model: &mut LlamaModel, adapter: &str| {
-            let source = AdapterSource { config: ("c".into(), files.config_json.clone().into_bytes()), weights: ("w".into(), files.safetensors.clone()) };
+            let source = AdapterSource {
+                config: ("c".into(), files.config_json.clone().into_bytes()),
+                weights: ("w".into(), files.safetensors.clone()),
+            };
             pollster::block_on(model.load_adapter(adapter, source)).unwrap()
         };
         let load_ms = time(repeats, || {
@@ -91,7 +103,7 @@ fn main() {
             model.enable_adapter();
         });
         let save_ms = time(repeats, || {
-            pollster::block_on(model.save_adapter("x")).unwrap();
+            pollster::block_on(model.export_adapter("x")).unwrap();
         });
         let mut unloads = Vec::new();
         for _ in 0..repeats {
@@ -109,21 +121,26 @@ fn main() {
             let t = Instant::now();
             pollster::block_on(m.merge_and_unload(&[], false)).unwrap();
             // the merged weights must exist, not just be queued
-            pollster::block_on(webgpu_lora::generate::read_f32(m.layers[0].self_attn.q_proj.base.weight_t.value().sum())).unwrap();
+            pollster::block_on(webgpu_lora::tensor::read_f32(m.layers[0].self_attn.q_proj.base.weight_t.value().sum())).unwrap();
             merges.push(t.elapsed().as_secs_f64());
         }
         model.unload();
-        results.insert(name.to_string(), serde_json::json!({
-            "load_ms": load_ms, "set_adapter_ms": set_ms, "disable_enable_ms": disable_ms,
-            "unload_ms": median_ms(unloads), "merge_and_unload_ms": median_ms(merges), "save_ms": save_ms,
-            "adapter_bytes": files.safetensors.len(),
-        }));
+        results.insert(
+            name.to_string(),
+            serde_json::json!({
+                "load_ms": load_ms, "set_adapter_ms": set_ms, "disable_enable_ms": disable_ms,
+                "unload_ms": median_ms(unloads), "merge_and_unload_ms": median_ms(merges), "save_ms": save_ms,
+                "adapter_bytes": files.safetensors.len(),
+            }),
+        );
     }
 
     // OLoRA / PiSSA init time on q,v; then an OLoRA adapter "trained" (a fixed change of A and B)
     // and saved converted, for PEFT to load on the original base
     for init in ["olora", "pissa"] {
-        let config = format!(r#"{{"peft_type":"LORA","task_type":"CAUSAL_LM","r":8,"lora_alpha":16,"target_modules":["q_proj","v_proj"],"init_lora_weights":"{init}"}}"#);
+        let config = format!(
+            r#"{{"peft_type":"LORA","task_type":"CAUSAL_LM","r":8,"lora_alpha":16,"target_modules":["q_proj","v_proj"],"init_lora_weights":"{init}"}}"#
+        );
         let config = LoraConfig::from_json(config.as_bytes(), "bench").unwrap();
         let mut times = Vec::new();
         for _ in 0..repeats.min(3) {
@@ -144,7 +161,7 @@ fn main() {
         }
     }
     model.set_adapter("olora").unwrap();
-    let files = pollster::block_on(model.save_adapter_as_lora("olora")).unwrap();
+    let files = pollster::block_on(model.export_adapter_as_lora("olora")).unwrap();
     write_adapter(&out.join("olora_as_lora"), &files, logits(&model));
     println!("{}", serde_json::json!({"engine": "webgpu-lora (cpu)", "adapters": results}));
 }

@@ -29,7 +29,7 @@ try {
   const metrics = result.events.filter((e) => e.event === 'step').map((e) => e.metrics);
   // the first step compiles the shaders: time the rest
   const timed = metrics.slice(1);
-  const seconds = timed.at(-1).elapsed_s - metrics[0].elapsed_s;
+  const seconds = timed.at(-1).elapsedS - metrics[0].elapsedS;
   const tokens = result.report.summary.tokens * (timed.length / metrics.length);
   console.log(JSON.stringify({
     engine: `webgpu-lora (browser WebGPU: ${result.adapter || 'adapter info hidden'})`,

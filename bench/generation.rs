@@ -10,9 +10,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::tensor::{Device, DeviceKind};
-use webgpu_lora::generate::{argmax, read_f32};
-use webgpu_lora::io::ModelFiles;
 use webgpu_lora::Llm;
+use webgpu_lora::generate::argmax;
+use webgpu_lora::io::ModelFiles;
+use webgpu_lora::nn::WeightDtype;
+use webgpu_lora::tensor::read_f32;
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -35,7 +37,7 @@ fn main() {
         other => panic!("unknown backend {other}"),
     };
     let started = Instant::now();
-    let llm = Llm::load(ModelFiles::from_dir(&model).unwrap(), &device, &mut |_, _, _| {}).unwrap();
+    let llm = Llm::load(ModelFiles::from_dir(&model).unwrap(), WeightDtype::F32, &device, &mut |_, _, _| {}).unwrap();
     let load_s = started.elapsed().as_secs_f64();
     let prompt = llm.prompt_ids("What is the capital of France?", true).unwrap();
     let m = &llm.model;

@@ -13,11 +13,12 @@ use std::time::Instant;
 
 use burn::tensor::{Device, DeviceKind};
 use rand::{Rng, SeedableRng};
-use webgpu_lora::config::LoraConfig;
 use webgpu_lora::io::ModelFiles;
+use webgpu_lora::lora::LoraConfig;
+use webgpu_lora::nn::WeightDtype;
 use webgpu_lora::train::trainer::train_steps;
-use webgpu_lora::train::{AdamW, Batch, Control, Schedule, TrainConfig};
-use webgpu_lora::Llm;
+use webgpu_lora::train::{Batch, Control, Schedule, TrainOptions};
+use webgpu_lora::{Llm, LoraModel};
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -26,7 +27,11 @@ fn arg(name: &str) -> Option<String> {
 
 fn peak_rss_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).map_or(0.0, |kb| kb / 1024.0)
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// CPU seconds (user + system, all threads) this process has used: /proc/self/stat's utime and stime.
@@ -44,7 +49,7 @@ fn main() {
     let backend = arg("--backend").unwrap_or_else(|| "cpu".into());
     let steps: usize = arg("--steps").map_or(5, |v| v.parse().unwrap());
     let device = if backend == "wgpu" { Device::wgpu(DeviceKind::DefaultDevice) } else { Device::flex() };
-    let mut llm = Llm::load(ModelFiles::from_dir(&model_dir).unwrap(), &device, &mut |_, _, _| {}).unwrap();
+    let mut llm = Llm::load(ModelFiles::from_dir(&model_dir).unwrap(), WeightDtype::F32, &device, &mut |_, _, _| {}).unwrap();
     let target_json = if targets == "qv" { r#"["q_proj","v_proj"]"# } else { r#""all-linear""# };
     let config = format!(r#"{{"peft_type":"LORA","task_type":"CAUSAL_LM","r":8,"lora_alpha":16,"target_modules":{target_json}}}"#);
     pollster::block_on(llm.model.add_adapter("bench", LoraConfig::from_json(config.as_bytes(), "bench").unwrap(), 0)).unwrap();
@@ -61,7 +66,14 @@ fn main() {
     // as the CLI does: on the CPU backend, a micro-batch's rows split across the cores
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads: usize = arg("--threads").map_or(if backend == "wgpu" { 1 } else { cores }, |v| v.parse().unwrap());
-    let train = TrainConfig { optimizer: AdamW { lr: 2e-4, ..Default::default() }, schedule: Schedule::Constant, max_grad_norm: None, batch_size: batch, threads, ..Default::default() };
+    let train = TrainOptions {
+        lr: 2e-4,
+        schedule: Schedule::Constant,
+        max_grad_norm: 0.0,
+        batch_size: batch,
+        threads: Some(threads),
+        ..Default::default()
+    };
     let start = Instant::now();
     let clock = move || start.elapsed().as_secs_f64();
     let mut times = Vec::new();

@@ -1,4 +1,7 @@
-// Types of the webgpu-lora package (lib/index.js).
+// Types of the webgpu-lora package (lib/index.js). Everything the package hands out is camelCase
+// (options, events, reports, stored metadata); file contents keep their own format's keys
+// (config.json, adapter_config.json). tests/browser/types.test.mjs compares these declarations
+// with the objects a real session emits, both ways.
 
 /** Bytes in any of the forms the browser hands out. */
 export type Bytes = ArrayBuffer | ArrayBufferView | Blob | string;
@@ -35,7 +38,12 @@ export interface FromPretrainedOptions {
 /** A base model's identity: stored adapters remember it and refuse another base. */
 export interface BaseModel {
   name: string;
-  shapes: { hidden_size: number; intermediate_size: number; num_hidden_layers: number; num_attention_heads: number; num_key_value_heads: number; vocab_size: number } | null;
+  shapes: BaseShapes | null;
+}
+
+/** The config.json values an adapter's shapes depend on. */
+export interface BaseShapes {
+  hiddenSize: number; intermediateSize: number; numHiddenLayers: number; numAttentionHeads: number; numKeyValueHeads: number; vocabSize: number;
 }
 
 export interface ChatMessage { role: 'system' | 'user' | 'assistant' | string; content: string }
@@ -77,6 +85,8 @@ export interface LoraConfigOptions {
   targetModules?: string[];
   initLoraWeights?: 'default' | 'gaussian' | 'olora' | 'pissa';
   useRslora?: boolean;
+  /** Recorded in adapter_config.json (default: the loaded base model's name). */
+  baseModelNameOrPath?: string;
 }
 
 /** The CLI's training flags in camelCase; transformers' names (learningRate, numTrainEpochs, ...) also work. */
@@ -89,6 +99,9 @@ export interface TrainingArgs {
   warmupSteps?: number;
   schedule?: 'cosine' | 'linear' | 'constant'; lrSchedulerType?: 'cosine' | 'linear' | 'constant';
   weightDecay?: number;
+  adamBeta1?: number;
+  adamBeta2?: number;
+  adamEpsilon?: number;
   maxGradNorm?: number;
   maxSeqLen?: number;
   seed?: number;
@@ -102,16 +115,35 @@ export interface TrainingArgs {
   skipBadLines?: boolean;
 }
 
+/** One optimizer step. */
 export interface StepMetrics {
-  step: number; epoch: number; loss: number; lr: number; grad_norm: number;
-  tokens: number; tokens_per_s: number; elapsed_s: number; eta_s: number;
+  step: number; totalSteps: number; epoch: number; loss: number; lr: number;
+  /** Before clipping. */
+  gradNorm: number;
+  tokensPerS: number; elapsedS: number; etaS: number;
 }
+
+/** One evaluation on the validation set (step 0 is before training). */
+export interface EvalEvent { event: 'eval'; step: number; valLoss: number; best: boolean }
 
 export interface TrainingSummary {
-  steps: number; tokens: number; best_val_loss: number | null; seconds: number; end: string; [key: string]: unknown;
+  steps: number; tokens: number; finalLoss: number | null; bestValLoss: number | null; bestStep: number | null;
+  elapsedS: number; end: 'completed' | 'earlyStopped' | 'cancelled';
 }
 
-export interface TrainReport { summary: TrainingSummary; train_data: Record<string, number>; val_data: Record<string, number> | null; [key: string]: unknown }
+/** What reading a data file did. */
+export interface DataReport {
+  examples: number;
+  /** [line, problem] of lines skipped with skipBadLines. */
+  skipped: [number, string][];
+  truncated: number; tokens: number; trainableTokens: number;
+}
+
+export interface TrainReport { summary: TrainingSummary; trainData: DataReport; valData: DataReport | null }
+
+export interface CheckpointFiles {
+  step: number; 'adapter_config.json': string; 'adapter_model.safetensors': Uint8Array; 'trainer_state.safetensors': Uint8Array;
+}
 
 export type TrainData = string | Bytes | object[];
 
@@ -123,9 +155,10 @@ export interface TrainOptions {
   adapterName?: string;
   loraConfig?: LoraConfigOptions;
   trainingArgs?: TrainingArgs;
+  /** A callback that throws stops the run; train() rejects with its error. */
   onStep?: (metrics: StepMetrics) => void;
-  onEval?: (event: { event: 'eval'; step: number; val_loss: number }) => void;
-  onCheckpoint?: (files: { step: number; 'adapter_config.json': string; 'adapter_model.safetensors': Uint8Array; 'trainer_state.safetensors': Uint8Array }) => void;
+  onEval?: (event: EvalEvent) => void;
+  onCheckpoint?: (files: CheckpointFiles) => void;
   signal?: AbortSignal;
 }
 
@@ -135,7 +168,7 @@ export interface StoredAdapter {
   r: number;
   loraAlpha: number;
   targetModules: string[] | string;
-  initLoraWeights: unknown;
+  initLoraWeights: boolean | string;
   /** Bytes of the adapter's files. */
   size: number;
   /** Milliseconds since the epoch. */
@@ -184,7 +217,8 @@ export class LoraModel {
   generate(prompt: string | ChatMessage[], options?: GenerateOptions): TextStream;
   train(options: TrainOptions): Promise<TrainReport>;
   saveAdapter(name: string, options?: { as?: string; overwrite?: boolean; store?: AdapterStore }): Promise<StoredAdapter>;
-  exportAdapter(name: string): Promise<AdapterFiles>;
+  /** {asLora: true}: an OLoRA/PiSSA adapter as a plain LoRA of rank 2r for the unmodified base. */
+  exportAdapter(name: string, options?: { asLora?: boolean }): Promise<AdapterFiles>;
   exportMerged(options?: { adapterName?: string }): Promise<Record<string, Blob>>;
   dispose(): void;
 }

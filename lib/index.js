@@ -4,7 +4,7 @@
 // module starts; every method here posts a request to it and returns a promise, so the page never
 // blocks. Requests run one at a time, in order. Adapters are PEFT files (adapter_config.json +
 // adapter_model.safetensors) and are kept across visits in IndexedDB by AdapterStore.
-import { AdapterStore, ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapterBlobs, baseIdentity, checkAdapterFiles, checkSameBase, toBytes } from './store.js';
+import { AdapterStore, ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapterBlobs, baseIdentity, adapterFilesByName, checkSameBase, toBytes } from './store.js';
 
 export { AdapterStore };
 
@@ -138,8 +138,8 @@ export class LoraModel {
       if (record.trainingSummary) this.#summaries.set(name ?? source, record.trainingSummary);
       return;
     }
-    const files = typeof source === 'string' ? absolute(source) : await checkAdapterFiles(source, 'the given adapter files')
-      .then(({ configText, weights }) => ({ [ADAPTER_CONFIG]: configText, [ADAPTER_WEIGHTS]: weights }));
+    // the engine checks the files (and everything else) before it changes the model
+    const files = typeof source === 'string' ? absolute(source) : adapterFilesByName(source, 'the given adapter files');
     await this.#engine.call('loadAdapter', [name ?? 'default', files]);
     this.#summaries.delete(name ?? 'default'); // files carry no training summary
   }
@@ -151,11 +151,11 @@ export class LoraModel {
   /** Removes every adapter (undoing merges): back to the base model. */
   async unload() { await this.#engine.call('unload'); this.#summaries.clear(); }
   /** Merges adapters (default: the active one) into the base weights; resolves to {merged, skipped}. */
-  mergeAdapter(names = [], { safeMerge = false } = {}) { return this.#engine.call('merge', [names, safeMerge, false]); }
+  mergeAdapter(names = [], { safeMerge = false } = {}) { return this.#engine.call('mergeAdapter', [names, safeMerge]); }
   unmergeAdapter() { return this.#engine.call('unmergeAdapter'); }
   /** Merges and then removes every adapter: a plain model with the merged weights. */
   async mergeAndUnload({ adapterNames = [], safeMerge = false } = {}) {
-    const report = await this.#engine.call('merge', [adapterNames, safeMerge, true]);
+    const report = await this.#engine.call('mergeAndUnload', [adapterNames, safeMerge]);
     this.#summaries.clear();
     return report;
   }
@@ -164,7 +164,7 @@ export class LoraModel {
     return this.#engine.call('addWeightedAdapter', [names, weights, newName, combination, svdRank]);
   }
   /** Bytes the weights (base and adapters) occupy on the GPU: transformers' get_memory_footprint. */
-  getMemoryFootprint() { return this.#engine.call('memoryFootprint'); }
+  getMemoryFootprint() { return this.#engine.call('getMemoryFootprint'); }
 
   /** {trainable, all}: PEFT's get_nb_trainable_parameters for the active adapter. */
   trainableParameters() { return this.#engine.call('trainableParameters'); }
@@ -223,8 +223,9 @@ export class LoraModel {
    * text). `loraConfig` {r, loraAlpha, loraDropout, targetModules, initLoraWeights, useRslora} and
    * `trainingArgs` {lr | learningRate, maxSteps, epochs, batchSize, gradAccum, warmupSteps,
    * schedule, weightDecay, maxGradNorm, maxSeqLen, evalEvery, valSplit, patience, seed, ...} as the
-   * CLI's flags in camelCase. onStep(metrics), onEval({step, val_loss}), onCheckpoint(files);
-   * `signal` cancels after the current step (the adapter so far is kept). Resolves to the report.
+   * CLI's flags in camelCase. onStep(metrics), onEval({step, valLoss, best}), onCheckpoint(files);
+   * `signal` cancels after the current step (the adapter so far is kept). A callback that throws
+   * stops the run, and train() rejects with that error. Resolves to the report.
    */
   async train({ data, validation, dataName, adapterName = 'default', loraConfig = {}, trainingArgs = {}, onStep, onEval, onCheckpoint, signal } = {}) {
     if (data == null) throw new Error('train: "data" is required (JSONL text, a File, or an array of examples)');
@@ -234,12 +235,19 @@ export class LoraModel {
     const cancel = () => this.#engine.call('cancel');
     if (signal?.aborted) throw new DOMException('training was aborted before it started', 'AbortError');
     signal?.addEventListener('abort', cancel);
+    let thrown = null;
+    const deliver = (callback, value) => {
+      if (thrown) return;
+      try { callback?.(value); } catch (e) { thrown = { error: e }; cancel(); }
+    };
     try {
-      const out = await this.#engine.call('train', [name, bytes, val, { ...loraConfig, ...trainingArgs, adapterName }], (e) => {
-        if (e.event === 'step') onStep?.(e.metrics);
-        else if (e.event === 'eval') onEval?.(e);
-        else if (e.event === 'checkpoint') onCheckpoint?.({ step: e.step, [ADAPTER_CONFIG]: e.files.adapterConfig, [ADAPTER_WEIGHTS]: e.files.adapterWeights, 'trainer_state.safetensors': e.files.state });
-      });
+      const options = { baseModelNameOrPath: this.#base.name, ...loraConfig, ...trainingArgs, adapterName };
+      const out = await this.#engine.call('train', [name, bytes, val, options], (e) => {
+        if (e.event === 'step') deliver(onStep, e.metrics);
+        else if (e.event === 'eval') deliver(onEval, e);
+        else if (e.event === 'checkpoint') deliver(onCheckpoint, { step: e.step, [ADAPTER_CONFIG]: e.files.adapterConfig, [ADAPTER_WEIGHTS]: e.files.adapterWeights, 'trainer_state.safetensors': e.files.state });
+      }).catch((e) => { if (!thrown) throw e; });
+      if (thrown) throw thrown.error;
       this.#summaries.set(adapterName, out.report.summary);
       return out.report;
     } finally {
@@ -247,9 +255,13 @@ export class LoraModel {
     }
   }
 
-  /** The adapter's PEFT files as Blobs: {"adapter_config.json", "adapter_model.safetensors"}. */
-  async exportAdapter(name) {
-    const { config, weights } = await this.#engine.call('saveAdapter', [name]);
+  /**
+   * The adapter's PEFT files as Blobs: {"adapter_config.json", "adapter_model.safetensors"}.
+   * With {asLora: true}, an OLoRA/PiSSA adapter as a plain LoRA of rank 2r that loads on the
+   * unmodified base (PEFT's path_initial_model_for_weight_conversion).
+   */
+  async exportAdapter(name, { asLora = false } = {}) {
+    const { config, weights } = await this.#engine.call('exportAdapter', [name, asLora]);
     return adapterBlobs(config, weights);
   }
 
@@ -258,7 +270,7 @@ export class LoraModel {
    * this base model and its training summary. All or nothing. Resolves to the stored metadata.
    */
   async saveAdapter(name, { as, overwrite = false, store } = {}) {
-    const { config, weights } = await this.#engine.call('saveAdapter', [name]);
+    const { config, weights } = await this.#engine.call('exportAdapter', [name, false]);
     const s = await this.#store(store);
     return s.save({ name: as ?? name, config, weights, baseModel: this.#base, trainingSummary: this.#summaries.get(name) ?? null }, { overwrite });
   }
@@ -273,7 +285,7 @@ export class LoraModel {
     const s = this.#engine.state;
     // an adapter already merged is skipped by the engine
     const merge = adapterName ?? (s && !s.disabled ? s.active : null);
-    const files = await this.#engine.call('mergedFiles', [merge]);
+    const files = await this.#engine.call('exportMerged', [merge]);
     return Object.fromEntries(Object.entries(files).map(([n, bytes]) => [n, new Blob([bytes])]));
   }
 

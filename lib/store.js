@@ -4,7 +4,8 @@
 // the base model, adapter_config.json, sizes, dates, the training summary) and "weights" (the
 // adapter_model.safetensors bytes), so listing never reads weights. Every change is one readwrite
 // transaction with durability "strict": a save is all or nothing, and once it resolves it
-// survives a crash.
+// survives a crash. Metadata keys are camelCase (records written before that are read the same).
+import init, { Engine } from './pkg/webgpu_lora.js';
 
 const DB_VERSION = 1;
 const META = 'adapters';
@@ -33,40 +34,55 @@ export function adapterBlobs(config, weights) {
 }
 
 /**
- * Checks PEFT files before they are stored: adapter_config.json is a LoRA config and the weights
- * are a complete safetensors file. Returns {config (parsed), configText, weights (Uint8Array)}.
- * The engine checks the rest (targets, shapes) when the adapter is loaded.
+ * PEFT files given as {name: bytes}, a Map, a FileList or File[]: the two files by name, or an
+ * error saying which is missing.
  */
-export async function checkAdapterFiles(files, origin) {
+export function adapterFilesByName(files, origin) {
   const byName = files instanceof Map ? Object.fromEntries(files) : Array.isArray(files) || (typeof FileList !== 'undefined' && files instanceof FileList)
     ? Object.fromEntries(Array.from(files, (f) => [f.name, f])) : files ?? {};
   const missing = [ADAPTER_CONFIG, ADAPTER_WEIGHTS].filter((n) => byName[n] == null);
   if (missing.length) throw new Error(`${origin}: ${missing.join(' and ')} missing; a PEFT adapter is ${ADAPTER_CONFIG} + ${ADAPTER_WEIGHTS} (got: ${Object.keys(byName).join(', ') || 'nothing'})`);
-  const configText = new TextDecoder().decode(await toBytes(byName[ADAPTER_CONFIG], `${origin}/${ADAPTER_CONFIG}`));
-  let config;
-  try { config = JSON.parse(configText); } catch (e) { throw new Error(`${origin}/${ADAPTER_CONFIG}: not valid JSON (${e.message})`); }
-  if (config?.peft_type !== undefined && config.peft_type !== 'LORA') throw new Error(`${origin}/${ADAPTER_CONFIG}: peft_type is ${JSON.stringify(config.peft_type)}; only LoRA adapters ("LORA") are supported`);
-  if (!(config?.r > 0)) throw new Error(`${origin}/${ADAPTER_CONFIG}: "r" must be a positive integer`);
-  const weights = await toBytes(byName[ADAPTER_WEIGHTS], `${origin}/${ADAPTER_WEIGHTS}`);
-  const bad = (why) => new Error(`${origin}/${ADAPTER_WEIGHTS}: invalid safetensors (${why})`);
-  if (weights.length < 8) throw bad(`only ${weights.length} bytes`);
-  const headerLength = Number(new DataView(weights.buffer, weights.byteOffset, 8).getBigUint64(0, true));
-  if (8 + headerLength > weights.length) throw bad(`the header says ${headerLength} bytes but the file has ${weights.length}: truncated`);
-  let header;
-  try { header = JSON.parse(new TextDecoder().decode(weights.subarray(8, 8 + headerLength))); } catch { throw bad('the header is not JSON'); }
-  const dataLength = weights.length - 8 - headerLength;
-  for (const [key, info] of Object.entries(header)) {
-    if (key !== '__metadata__' && !(info?.data_offsets?.[1] <= dataLength)) throw bad(`tensor ${key} ends past the end of the file: truncated`);
-  }
-  return { config, configText, weights };
+  return { [ADAPTER_CONFIG]: byName[ADAPTER_CONFIG], [ADAPTER_WEIGHTS]: byName[ADAPTER_WEIGHTS] };
 }
 
-/** A base model's identity: its name and the shapes an adapter depends on. */
+// The engine's wasm module on this thread, for the checks that need no model and no GPU (the
+// worker has its own instance). Loaded on first use.
+let core = null;
+function engineCore() {
+  globalThis.__webgpuLoraPanic ??= () => { core = null; }; // a panic poisons the instance: load it again next time
+  core ??= init({ module_or_path: new URL('./pkg/webgpu_lora_bg.wasm', import.meta.url) }).then(() => Engine, (e) => {
+    core = null;
+    throw new Error(`cannot load the webgpu-lora engine to check adapter files (${e.message}): is the package served with its pkg/ folder?`);
+  });
+  return core;
+}
+
+/**
+ * Checks PEFT files before they are stored, with the engine's own checks (the config, the
+ * safetensors structure, LoRA keys; shapes are checked against a model when it loads them).
+ * Returns {configText, weights (Uint8Array)}.
+ */
+export async function checkAdapterFiles(files, origin) {
+  const byName = adapterFilesByName(files, origin);
+  const config = await toBytes(byName[ADAPTER_CONFIG], `${origin}/${ADAPTER_CONFIG}`);
+  const weights = await toBytes(byName[ADAPTER_WEIGHTS], `${origin}/${ADAPTER_WEIGHTS}`);
+  const configText = (await engineCore()).checkAdapterFiles(config, weights, origin);
+  return { configText, weights };
+}
+
+const camel = (key) => key.replace(/_([a-z0-9])/g, (_, c) => c.toUpperCase());
+/** An object with its keys (at every depth) in camelCase. */
+const camelKeys = (x) => (x && typeof x === 'object' && !Array.isArray(x) ? Object.fromEntries(Object.entries(x).map(([k, v]) => [camel(k), camelKeys(v)])) : x);
+
+/** A base model's identity: its name and the shapes (from config.json) an adapter depends on. */
 export function baseIdentity(name, config) {
   const shapes = {};
-  for (const k of ['hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'vocab_size']) shapes[k] = config[k];
+  for (const k of ['hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'vocab_size']) shapes[camel(k)] = config[k];
   return { name, shapes };
 }
+
+/** A stored record as this version names things (older records used config.json's snake_case). */
+const current = (record) => record && { ...record, baseModel: camelKeys(record.baseModel), trainingSummary: camelKeys(record.trainingSummary) };
 
 const shortName = (name) => String(name ?? '').replace(/\/+$/, '').split('/').pop().toLowerCase();
 
@@ -76,7 +92,8 @@ export function checkSameBase(record, base) {
   if (!saved?.shapes) return;
   const differ = Object.keys(saved.shapes).filter((k) => saved.shapes[k] !== base.shapes[k]);
   if (differ.length || (saved.name && base.name && shortName(saved.name) !== shortName(base.name))) {
-    const detail = differ.length ? differ.map((k) => `${k} ${saved.shapes[k]} vs ${base.shapes[k]}`).join(', ') : 'another model name';
+    const configKey = (k) => k.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`); // as config.json names it
+    const detail = differ.length ? differ.map((k) => `${configKey(k)} ${saved.shapes[k]} vs ${base.shapes[k]}`).join(', ') : 'another model name';
     throw new Error(`adapter "${record.name}" was made for base model "${saved.name}" but the loaded model is "${base.name}" (${detail}): load ${saved.name} first, or pass {allowOtherBase: true} if the two really are the same model`);
   }
 }
@@ -130,14 +147,14 @@ export class AdapterStore {
   /** Every adapter's metadata (no weights), oldest first. */
   async list() {
     const all = await this.#transaction('readonly', ({ meta }) => request(meta.getAll()));
-    return all.sort((a, b) => a.created - b.created).map(({ config, ...m }) => m);
+    return all.sort((a, b) => a.created - b.created).map(({ config, ...m }) => current(m));
   }
 
   /** One adapter's metadata plus its files ({config: text, weights: Uint8Array}), or null. */
   async get(name) {
     return this.#transaction('readonly', async ({ meta, weights }) => {
       const [record, bytes] = await Promise.all([request(meta.get(name)), request(weights.get(name))]);
-      return record ? { ...record, weights: new Uint8Array(bytes) } : null;
+      return record ? { ...current(record), weights: new Uint8Array(bytes) } : null;
     });
   }
 

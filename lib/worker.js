@@ -5,7 +5,6 @@
 import init, { Engine } from './pkg/webgpu_lora.js';
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, toBytes } from './store.js';
 
-const OPTIONAL_FILES = ['tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja', 'generation_config.json'];
 const CACHE_NAME = 'webgpu-lora-models-v1';
 let enginePromise = null;
 let cancelled = false;
@@ -88,6 +87,7 @@ async function modelFiles(source, useCache, emit) {
     return { origin: 'the given files', files };
   }
   const base = source.endsWith('/') ? source : source + '/';
+  const layout = JSON.parse(Engine.modelLayout()); // the core's names of a model directory's files
   const cache = await openCache(useCache);
   const opened = [];
   const open = async (name, optional = false) => {
@@ -95,16 +95,18 @@ async function modelFiles(source, useCache, emit) {
     if (o) opened.push([name, o]);
     return o;
   };
-  await open('config.json');
+  await open(layout.config);
   // probe only for what the usual files leave open: the browser logs every 404 as an error
-  if (!(await open('model.safetensors', true))) {
-    const index = await open('model.safetensors.index.json', true);
-    if (!index) throw new Error(`${base}: no model weights: neither model.safetensors nor model.safetensors.index.json is there`);
+  if (!(await open(layout.weights, true))) {
+    const index = await open(layout.index, true);
+    if (!index) throw new Error(`${base}: no model weights: neither ${layout.weights} nor ${layout.index} is there`);
     await Promise.all(Engine.weightFiles(await index.response.clone().text()).map((n) => open(n)));
   }
   const tokenizerConfig = await open('tokenizer_config.json', true);
+  // a chat template inside tokenizer_config.json makes chat_template.jinja unnecessary
   const template = tokenizerConfig && (await tokenizerConfig.response.clone().json().then((c) => c?.chat_template, () => null));
-  await Promise.all(OPTIONAL_FILES.filter((n) => n !== 'tokenizer_config.json' && !(template && n === 'chat_template.jinja')).map((n) => open(n, true)));
+  const optional = layout.optional.filter((n) => n !== 'tokenizer_config.json' && !(template && n.endsWith('.jinja')));
+  await Promise.all(optional.map((n) => open(n, true)));
   return { origin: base, files: await readFiles(base, opened, cache, emit) };
 }
 
@@ -144,12 +146,13 @@ const ops = {
   async deleteAdapter(name) { (await engine()).deleteAdapter(name); },
   async unload() { (await engine()).unload(); },
   async unmergeAdapter() { (await engine()).unmergeAdapter(); },
-  async merge(names, safeMerge, andUnload) { return (await engine()).merge(names, safeMerge, andUnload); },
+  async mergeAdapter(names, safeMerge) { return (await engine()).mergeAdapter(names, safeMerge); },
+  async mergeAndUnload(names, safeMerge) { return (await engine()).mergeAndUnload(names, safeMerge); },
   async addWeightedAdapter(names, weights, newName, combination, svdRank) {
     await (await engine()).addWeightedAdapter(names, Float64Array.from(weights), newName, combination, svdRank);
   },
-  async memoryFootprint() {
-    return (await engine()).memoryFootprint();
+  async getMemoryFootprint() {
+    return (await engine()).getMemoryFootprint();
   },
 
   async trainableParameters() {
@@ -192,28 +195,25 @@ const ops = {
     return { ...result, report: JSON.parse(result.report) };
   },
 
-  async saveAdapter(name) { return (await engine()).saveAdapter(name); },
-  async mergedFiles(adapter) { return (await engine()).mergedFiles(adapter ?? undefined); },
+  async exportAdapter(name, asLora) { return (await engine()).exportAdapter(name, asLora); },
+  async exportMerged(adapter) { return (await engine()).exportMerged(adapter ?? undefined); },
 };
 
 // Every result carries the adapters' state, so the page's view of it is never stale; an
-// adapter's config goes along once, when the adapter first appears.
+// adapter's config goes along once, when the adapter first appears. null only before a model is
+// loaded; a failure to read it is an error like any other.
 const configsSent = new Set();
 async function adapterState() {
   if (!loaded) return null;
-  try {
-    const e = await engine();
-    const state = JSON.parse(e.adapterState());
-    state.configs = {};
-    for (const name of state.names) {
-      if (!configsSent.has(name)) state.configs[name] = JSON.parse(e.adapterConfig(name));
-    }
-    configsSent.clear();
-    state.names.forEach((n) => configsSent.add(n));
-    return state;
-  } catch {
-    return null;
+  const e = await engine();
+  const state = JSON.parse(e.adapterState());
+  state.configs = {};
+  for (const name of state.names) {
+    if (!configsSent.has(name)) state.configs[name] = JSON.parse(e.adapterConfig(name));
   }
+  configsSent.clear();
+  state.names.forEach((n) => configsSent.add(n));
+  return state;
 }
 
 let queue = Promise.resolve();
@@ -225,14 +225,17 @@ self.onmessage = ({ data: { id, op, args = [] } }) => {
       const result = await ops[op](...args, (event) => self.postMessage({ id, event }));
       // hand big byte arrays over instead of copying them
       const transfer = Object.values(ArrayBuffer.isView(result) ? { result } : result ?? {}).filter(ArrayBuffer.isView).map((v) => v.buffer);
-      self.postMessage({ id, result, state: await adapterState() }, [...new Set(transfer)]);
+      // `cancel` runs beside the operation it stops, which holds the model: it changes no state
+      const state = op === 'cancel' ? undefined : await adapterState();
+      self.postMessage({ id, result, state }, [...new Set(transfer)]);
     } catch (e) {
       if (crashed || e instanceof WebAssembly.RuntimeError) {
         crashed ??= String(e?.message ?? e);
         const error = `the engine crashed (${crashed}): this is a bug in webgpu-lora, please report it; the model is gone, load it again with LoraModel.fromPretrained`;
         return self.postMessage({ id, error, state: null });
       }
-      self.postMessage({ id, error: String(e?.message ?? e), state: await adapterState() });
+      const state = await adapterState().catch(() => undefined); // the error being reported says more
+      self.postMessage({ id, error: String(e?.message ?? e), state });
     }
   };
   if (op === 'cancel') run();

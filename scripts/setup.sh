@@ -12,6 +12,11 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknow
   rustup target add wasm32-unknown-unknown
 fi
 
+if ! rustup component list --installed 2>/dev/null | grep -q '^rustfmt'; then
+  say "adding rustfmt (npm test checks the formatting)"
+  rustup component add rustfmt
+fi
+
 want=$(awk '/^name = "wasm-bindgen"$/{getline; gsub(/[^0-9.]/, ""); print; exit}' Cargo.lock)
 have=$(wasm-bindgen --version 2>/dev/null | awk '{print $2}' || true)
 if [ "$have" != "$want" ]; then

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # `npm test`: the whole suite. Installs what is missing (Chromium included), builds, fetches the
-# model, then runs the native tests (CPU and wgpu backends) and the browser tests (headless Chromium).
+# model, then checks the formatting and runs the native tests (CPU and wgpu backends; the
+# layering test among them) and the browser tests (headless Chromium; the index.d.ts check among them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 bash scripts/prepare.sh --test
+echo "[test] formatting (cargo fmt --check, rustfmt.toml)"
+cargo fmt --check
 echo "[test] native tests (cargo test --release)"
 # one test at a time: the wgpu tests share one device, and the real-model tests are memory-heavy
 cargo test --release -- --test-threads=1

@@ -35,6 +35,11 @@ impl Error {
     pub fn invalid(message: impl fmt::Display) -> Self {
         Error::Invalid(message.to_string())
     }
+
+    /// A failed read or write of `file`.
+    pub fn io(file: impl fmt::Display, source: std::io::Error) -> Self {
+        Error::Io { file: file.to_string(), source }
+    }
 }
 
 /// Result with this crate's [`Error`].

@@ -8,24 +8,39 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::LlamaModel;
+use crate::tensor::read_f32;
 
-/// How to pick tokens. `temperature == 0` means greedy.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// How to pick tokens. `temperature == 0` means greedy. The CLI's `generate` flags derive from
+/// it (clap); JS passes it in camelCase (serde; unknown keys are refused).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct GenerationConfig {
+    #[arg(long, default_value_t = defaults().max_new_tokens)]
     pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = defaults().temperature)]
     pub temperature: f32,
     /// Keep only the k most likely tokens (0: all).
+    #[arg(long, default_value_t = defaults().top_k)]
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probability reaches p (1: all).
+    #[arg(long, default_value_t = defaults().top_p)]
     pub top_p: f32,
     /// > 1 discourages tokens already in the sequence (1: off).
+    #[arg(long, default_value_t = defaults().repetition_penalty)]
     pub repetition_penalty: f32,
+    #[arg(long, default_value_t = defaults().seed)]
     pub seed: u64,
     /// Generation ends (without emitting it) at any of these; the model's EOS ids are added.
+    #[arg(long, value_delimiter = ',')]
     pub stop_token_ids: Vec<u32>,
     /// Text generation ends where any of these strings appears; the text stops before it.
+    #[arg(long)]
     pub stop: Vec<String>,
+}
+
+fn defaults() -> GenerationConfig {
+    GenerationConfig::default()
 }
 
 impl Default for GenerationConfig {
@@ -107,8 +122,7 @@ impl Sampler {
         if self.config.temperature == 0.0 {
             return argmax(logits);
         }
-        let mut candidates: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, l / self.config.temperature)).collect();
+        let mut candidates: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / self.config.temperature)).collect();
         candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
         if self.config.top_k > 0 {
             candidates.truncate(self.config.top_k);
@@ -196,18 +210,6 @@ pub async fn generate(
     Ok(Generation { tokens, stop_reason })
 }
 
-/// A tensor read back as a host tensor of the same shape.
-pub async fn read_host<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<crate::io::HostTensor> {
-    let shape = t.dims().to_vec();
-    Ok(crate::io::HostTensor::new(shape, read_f32(t).await?))
-}
-
-/// Reads a tensor back to the host as f32 (asynchronously: the browser cannot block).
-pub async fn read_f32<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec<f32>> {
-    let data = t.into_data_async().await.map_err(|e| Error::Backend(format!("reading a result back failed: {e:?}")))?;
-    data.try_into_vec::<f32>().map_err(|e| Error::Backend(format!("unexpected result type: {e:?}")))
-}
-
 /// Cuts streamed text at the first stop string. Text that could be the start of a stop string is
 /// held back until the next piece decides, so a stop string is never streamed, not even in part.
 pub struct StopText<'a> {
@@ -264,7 +266,10 @@ mod tests {
     #[test]
     fn stop_strings_cut_the_text_and_are_never_streamed() {
         // a stop string split over pieces: its first part is held back, then dropped
-        assert_eq!(stream(&["\nUser:"], &["Hi", " there\n", "Us", "er: more"]), (vec!["Hi".into(), " there".into(), "".into(), "".into()], true));
+        assert_eq!(
+            stream(&["\nUser:"], &["Hi", " there\n", "Us", "er: more"]),
+            (vec!["Hi".into(), " there".into(), "".into(), "".into()], true)
+        );
         // a held-back prefix that turns out not to be a stop string is released in order
         assert_eq!(stream(&["END"], &["a E", "N", "d b"]), (vec!["a ".into(), "".into(), "ENd b".into(), "".into()], false));
         // the earliest of several stop strings wins; multi-byte text is cut on char boundaries
@@ -302,7 +307,10 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
         let c = GenerationConfig { temperature: 1.0, seed: 7, ..Default::default() };
         assert_eq!(sample_many(c.clone(), &logits, 30), sample_many(c.clone(), &logits, 30));
-        assert_ne!(sample_many(c, &logits, 30), sample_many(GenerationConfig { temperature: 1.0, seed: 8, ..Default::default() }, &logits, 30));
+        assert_ne!(
+            sample_many(c, &logits, 30),
+            sample_many(GenerationConfig { temperature: 1.0, seed: 8, ..Default::default() }, &logits, 30)
+        );
     }
 
     #[test]

@@ -5,13 +5,22 @@
 //! backends). One core, tested natively; the CLI (`src/bin`) and the wasm bindings (`src/web`) only
 //! translate.
 //!
+//! The modules, each importing only those above it in this list (tests/architecture.rs checks):
+//!
+//! - [`error`]: the one error type; messages name the file or option and the fix.
+//! - [`tensor`]: host tensors, reading device tensors back, uploading.
+//! - [`linalg`]: host QR and SVD (faer) for OLoRA, PiSSA and the "svd" combination.
 //! - [`config`]: `LlamaConfig` from a Hugging Face `config.json`.
-//! - [`model`]: the Llama forward pass with a KV cache.
 //! - [`io`]: safetensors (single or sharded, F32/F16/BF16), GGUF reading and conversion, the
-//!   tokenizer and chat template.
+//!   model directory's files, the tokenizer and chat template.
+//! - [`nn`]: layers below any model: f32/f16 weight matrices, `Linear`, fused operations.
+//! - [`lora`]: LoRA as PEFT's `tuners/lora/`: `LoraConfig`, `LoraLinear`, initialisation, dropout,
+//!   PEFT's files, and the model-level verbs of the [`LoraModel`] trait.
+//! - [`model`]: the Llama forward pass with a KV cache; its linear layers carry adapters.
 //! - [`generate`]: greedy and sampled generation, streamed.
 //! - [`llm`]: a model with its tokenizer, loaded from [`io::ModelFiles`].
-//! - [`lora`], [`peft`]: LoRA layers and PEFT adapters on the base model (loading, switching).
+//! - [`train`]: SFT of an adapter: options, data, loss, AdamW, the loop, a whole job.
+//! - `web` (wasm32 only): the wasm-bindgen edge.
 
 pub mod config;
 pub mod error;
@@ -21,7 +30,8 @@ pub mod linalg;
 pub mod llm;
 pub mod lora;
 pub mod model;
-pub mod peft;
+pub mod nn;
+pub mod tensor;
 pub mod train;
 
 #[cfg(target_arch = "wasm32")]
@@ -31,4 +41,5 @@ pub use config::LlamaConfig;
 pub use error::{Error, Result};
 pub use generate::{Generation, GenerationConfig, StopReason};
 pub use llm::Llm;
+pub use lora::LoraModel;
 pub use model::{KvCache, LlamaModel};

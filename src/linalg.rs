@@ -5,7 +5,7 @@
 //! decomposes it here, in f32 as PEFT's `torch.linalg` on f32 weights.
 
 use crate::error::{Error, Result};
-use crate::io::HostTensor;
+use crate::tensor::HostTensor;
 
 /// `a = u diag(s) v^T` with k = min(m, n) singular values in descending order.
 pub struct Svd {

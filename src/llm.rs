@@ -7,8 +7,9 @@ use crate::generate::{Generation, GenerationConfig, StopReason, StopText, genera
 use crate::io::model_files::{CONFIG_FILE, TEXT_FILES};
 use crate::io::safetensors::{SINGLE_FILE, write_safetensors};
 use crate::io::{ChatMessage, ModelFiles, StoreDtype, TextTokenizer};
-use crate::model::{LlamaModel, WeightDtype};
-use crate::peft::AdapterSource;
+use crate::lora::{AdapterSource, LoraModel};
+use crate::model::LlamaModel;
+use crate::nn::WeightDtype;
 
 /// PEFT's name for an adapter loaded without one.
 pub const DEFAULT_ADAPTER: &str = "default";
@@ -27,13 +28,9 @@ pub struct Llm {
 pub const STAGE_WEIGHTS: &str = "weights";
 
 impl Llm {
-    /// Loads from the files of a Hugging Face model directory, weights in f32.
-    pub fn load(files: ModelFiles, device: &Device, progress: &mut dyn FnMut(&str, usize, usize)) -> Result<Self> {
-        Self::load_as(files, WeightDtype::F32, device, progress)
-    }
-
-    /// Loads with the base model's matrices stored in `dtype` (computed with in f32 either way).
-    pub fn load_as(mut files: ModelFiles, dtype: WeightDtype, device: &Device, progress: &mut dyn FnMut(&str, usize, usize)) -> Result<Self> {
+    /// Loads from the files of a Hugging Face model directory, the base model's matrices stored
+    /// in `dtype` (computed with in f32 either way).
+    pub fn load(mut files: ModelFiles, dtype: WeightDtype, device: &Device, progress: &mut dyn FnMut(&str, usize, usize)) -> Result<Self> {
         let config = files.config()?;
         let tokenizer = files.tokenizer()?;
         let weights = files.take_weights()?;
@@ -42,33 +39,27 @@ impl Llm {
         Ok(Llm { model, tokenizer, text_files })
     }
 
-    /// PEFT's `PeftModel.from_pretrained(base, adapter)`: the base with the adapter loaded as
-    /// "default" and active.
+    /// PEFT's `PeftModel.from_pretrained(base, adapter)`: the base (in f32) with the adapter
+    /// loaded as "default" and active.
     pub async fn from_pretrained(
         base: ModelFiles,
         adapter: AdapterSource,
         device: &Device,
         progress: &mut dyn FnMut(&str, usize, usize),
     ) -> Result<Self> {
-        let mut llm = Self::load(base, device, progress)?;
+        let mut llm = Self::load(base, WeightDtype::F32, device, progress)?;
         llm.model.load_adapter(DEFAULT_ADAPTER, adapter).await?;
         llm.model.set_adapter(DEFAULT_ADAPTER)?;
         Ok(llm)
     }
 
     pub fn tokenizer(&self) -> Result<&TextTokenizer> {
-        self.tokenizer
-            .as_ref()
-            .ok_or_else(|| Error::invalid("this model has no tokenizer.json: give token ids instead of text"))
+        self.tokenizer.as_ref().ok_or_else(|| Error::invalid("this model has no tokenizer.json: give token ids instead of text"))
     }
 
     /// Prompt ids for `text`: rendered with the chat template as one user message when `chat`.
     pub fn prompt_ids(&self, text: &str, chat: bool) -> Result<Vec<u32>> {
-        if chat {
-            self.chat_ids(&[ChatMessage::new("user", text)])
-        } else {
-            self.tokenizer()?.encode(text, true)
-        }
+        if chat { self.chat_ids(&[ChatMessage::new("user", text)]) } else { self.tokenizer()?.encode(text, true) }
     }
 
     /// Prompt ids for a conversation, rendered with the chat template and its generation prompt.
@@ -86,7 +77,12 @@ impl Llm {
             return Err(Error::invalid(format!("no adapter named {name:?} to merge (loaded: {:?})", self.model.adapter_names())));
         }
         let config = &self.model.config;
-        let dtype = config.raw.get("torch_dtype").or_else(|| config.raw.get("dtype")).and_then(|v| v.as_str()).map_or(Ok(StoreDtype::F32), StoreDtype::parse)?;
+        let dtype = config
+            .raw
+            .get("torch_dtype")
+            .or_else(|| config.raw.get("dtype"))
+            .and_then(|v| v.as_str())
+            .map_or(Ok(StoreDtype::F32), StoreDtype::parse)?;
         let tensors = self.model.hf_tensors(merge).await?;
         let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
         let mut files = vec![

@@ -9,12 +9,12 @@ use common::*;
 use webgpu_lora::io::ModelFiles;
 use webgpu_lora::io::gguf::GgufFile;
 use webgpu_lora::io::gguf_convert::HfModel;
+use webgpu_lora::nn::WeightDtype;
 use webgpu_lora::{Error, Llm};
 
 /// A scratch copy of the tiny model that a test may damage.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("webgpu-lora-bad-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
+fn damaged_copy(name: &str) -> PathBuf {
+    let dir = scratch(&format!("bad-{name}"));
     fs::create_dir_all(&dir).unwrap();
     for file in ["config.json", "model.safetensors"] {
         fs::copy(fixture("tiny-llama").join(file), dir.join(file)).unwrap();
@@ -23,7 +23,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn load_error(dir: &Path) -> String {
-    let result = ModelFiles::from_dir(dir).and_then(|files| Llm::load(files, &cpu(), &mut |_, _, _| {}));
+    let result = ModelFiles::from_dir(dir).and_then(|files| Llm::load(files, WeightDtype::F32, &cpu(), &mut |_, _, _| {}));
     match result {
         Ok(_) => panic!("{} loaded but should not", dir.display()),
         Err(e) => e.to_string(),
@@ -32,7 +32,7 @@ fn load_error(dir: &Path) -> String {
 
 #[test]
 fn truncated_safetensors() {
-    let dir = scratch("truncated");
+    let dir = damaged_copy("truncated");
     let path = dir.join("model.safetensors");
     let bytes = fs::read(&path).unwrap();
     fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
@@ -43,7 +43,7 @@ fn truncated_safetensors() {
 
 #[test]
 fn header_that_lies_about_offsets() {
-    let dir = scratch("offsets");
+    let dir = damaged_copy("offsets");
     let path = dir.join("model.safetensors");
     let mut bytes = fs::read(&path).unwrap();
     let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
@@ -64,7 +64,7 @@ fn header_that_lies_about_offsets() {
 
 #[test]
 fn config_of_an_unsupported_architecture() {
-    let dir = scratch("arch");
+    let dir = damaged_copy("arch");
     fs::write(dir.join("config.json"), r#"{"architectures": ["MistralForCausalLM"], "model_type": "mistral"}"#).unwrap();
     let err = load_error(&dir);
     assert!(err.starts_with(&format!("{}: unsupported architecture", dir.join("config.json").display())), "{err}");
@@ -73,7 +73,7 @@ fn config_of_an_unsupported_architecture() {
 
 #[test]
 fn directory_without_weights() {
-    let dir = scratch("noweights");
+    let dir = damaged_copy("noweights");
     fs::remove_file(dir.join("model.safetensors")).unwrap();
     let err = load_error(&dir);
     assert!(err.contains("no model weights") && err.contains("model.safetensors"), "{err}");
@@ -82,7 +82,7 @@ fn directory_without_weights() {
 
 #[test]
 fn weights_that_do_not_fit_the_config() {
-    let dir = scratch("shape");
+    let dir = damaged_copy("shape");
     let config = fs::read_to_string(dir.join("config.json")).unwrap().replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
     fs::write(dir.join("config.json"), config).unwrap();
     let err = load_error(&dir);

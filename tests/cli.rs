@@ -14,7 +14,7 @@ fn cli() -> Command {
 fn logits_command_writes_the_golden_logits() {
     let dir = fixture("tiny-llama");
     let input = ids(&read_json(dir.join("expected.json"))["ids"]);
-    let out = std::env::temp_dir().join(format!("webgpu-lora-cli-logits-{}.safetensors", std::process::id()));
+    let out = scratch("cli-logits.safetensors");
     let ids_arg = input.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     let status = cli().args(["logits", "--model"]).arg(&dir).args(["--ids", &ids_arg, "--out"]).arg(&out).status().unwrap();
     assert!(status.success());
@@ -31,8 +31,14 @@ fn logits_command_with_f16_weights() {
     let input = ids(&read_json(fixture("tiny-llama/expected.json"))["ids"]);
     let ids_arg = input.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     let logits = |model: &str, dtype: &str| {
-        let out = std::env::temp_dir().join(format!("webgpu-lora-cli-logits-{model}-{dtype}-{}.safetensors", std::process::id()));
-        let status = cli().args(["logits", "--dtype", dtype, "--model"]).arg(fixture(model)).args(["--ids", &ids_arg, "--out"]).arg(&out).status().unwrap();
+        let out = scratch(&format!("cli-logits-{model}-{dtype}.safetensors"));
+        let status = cli()
+            .args(["logits", "--dtype", dtype, "--model"])
+            .arg(fixture(model))
+            .args(["--ids", &ids_arg, "--out"])
+            .arg(&out)
+            .status()
+            .unwrap();
         assert!(status.success());
         let values = expected_logits(out.clone());
         std::fs::remove_file(&out).unwrap();
@@ -65,7 +71,7 @@ fn logits_via_cli(args: &[&std::ffi::OsStr]) -> Vec<f32> {
     let dir = fixture("tiny-llama");
     let input = ids(&read_json(dir.join("expected.json"))["ids"]);
     let ids_arg = input.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    let out = std::env::temp_dir().join(format!("webgpu-lora-cli-{}-{}.safetensors", std::process::id(), args.len()));
+    let out = scratch(&format!("cli-{}.safetensors", args.len()));
     let output = cli().arg("logits").args(args).args(["--ids", &ids_arg, "--out"]).arg(&out).output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let logits = expected_logits(out.clone());
@@ -78,14 +84,15 @@ fn logits_via_cli(args: &[&std::ffi::OsStr]) -> Vec<f32> {
 fn adapter_and_merge_commands_match_peft() {
     let base = fixture("tiny-llama");
     let adapter = fixture("peft/all7-r4");
-    let with_adapter = logits_via_cli(&[ "--model".as_ref(), base.as_os_str(), "--adapter".as_ref(), adapter.as_os_str()]);
+    let with_adapter = logits_via_cli(&["--model".as_ref(), base.as_os_str(), "--adapter".as_ref(), adapter.as_os_str()]);
     assert!(max_abs_diff(&with_adapter, &expected_logits(adapter.join("expected_logits.safetensors"))) < 1e-4);
     let merged = logits_via_cli(&["--model".as_ref(), base.as_os_str(), "--adapter".as_ref(), adapter.as_os_str(), "--merge".as_ref()]);
     let peft_merged = expected_logits(adapter.join("expected_merged_logits.safetensors"));
     assert!(max_abs_diff(&merged, &peft_merged) < 1e-4);
 
-    let out = std::env::temp_dir().join(format!("webgpu-lora-cli-merged-{}", std::process::id()));
-    let status = cli().args(["merge", "--safe", "--model"]).arg(&base).arg("--adapter").arg(&adapter).arg("--out").arg(&out).status().unwrap();
+    let out = scratch("cli-merged");
+    let status =
+        cli().args(["merge", "--safe", "--model"]).arg(&base).arg("--adapter").arg(&adapter).arg("--out").arg(&out).status().unwrap();
     assert!(status.success());
     let from_dir = logits_via_cli(&["--model".as_ref(), out.as_os_str()]);
     std::fs::remove_dir_all(&out).unwrap();
@@ -106,16 +113,18 @@ fn adapter_info_prints_peft_counts() {
 /// JSONL log) that `logits --adapter` loads; a bad learning rate is refused before anything runs.
 #[test]
 fn train_command_writes_a_peft_adapter() {
-    let out = std::env::temp_dir().join(format!("webgpu-lora-cli-train-{}", std::process::id()));
+    let out = scratch("cli-train");
     let log = out.with_extension("jsonl");
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/robot/train.jsonl");
-    let status = cli()
-        .args(["train", "--model"]).arg(real_model_dir()).arg("--data").arg(&data).arg("--out").arg(&out)
-        .args(["--val-split", "0.05", "--r", "4", "--alpha", "8", "--dropout", "0.0", "--targets", "q_proj,v_proj", "--lr", "1e-3"])
-        .args(["--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--max-seq-len", "128", "--warmup", "1", "--seed", "3", "--backend", "cpu", "--log"])
-        .arg(&log)
-        .status()
-        .unwrap();
+    // the real model, the sample data, and `out`
+    let train = || {
+        let mut command = cli();
+        command.args(["train", "--model"]).arg(real_model_dir()).arg("--data").arg(&data).arg("--out").arg(&out);
+        command
+    };
+    let flags = "--val-split 0.05 --r 4 --alpha 8 --dropout 0.0 --targets q_proj,v_proj --lr 1e-3 --max-steps 2 --batch-size 2 \
+                 --grad-accum 1 --max-seq-len 128 --warmup 1 --seed 3 --backend cpu --log";
+    let status = train().args(flags.split_whitespace()).arg(&log).status().unwrap();
     assert!(status.success());
     for file in ["adapter_config.json", "adapter_model.safetensors", "training_summary.json"] {
         assert!(out.join(file).is_file(), "{file}");
@@ -128,13 +137,51 @@ fn train_command_writes_a_peft_adapter() {
     let config = read_json(out.join("adapter_config.json"));
     assert_eq!((config["r"].as_u64(), config["peft_type"].as_str()), (Some(4), Some("LORA")));
     let logits = out.join("logits.safetensors");
-    let status = cli().args(["logits", "--model"]).arg(real_model_dir()).arg("--adapter").arg(&out).args(["--ids", "1,2,3", "--out"]).arg(&logits).status().unwrap();
+    let status = cli()
+        .args(["logits", "--model"])
+        .arg(real_model_dir())
+        .arg("--adapter")
+        .arg(&out)
+        .args(["--ids", "1,2,3", "--out"])
+        .arg(&logits)
+        .status()
+        .unwrap();
     assert!(status.success());
 
-    let output = cli().args(["train", "--model"]).arg(real_model_dir()).arg("--data").arg(&data).arg("--out").arg(&out).args(["--lr", "0"]).output().unwrap();
+    let output = train().args(["--lr", "0"]).output().unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.starts_with("error: learning rate 0: must be a positive number"), "{stderr}");
     std::fs::remove_dir_all(&out).unwrap();
     std::fs::remove_file(&log).unwrap();
+}
+
+/// `convert-to-lora`: PEFT's OLoRA adapter becomes a plain LoRA of rank 2r that, on the unmodified
+/// base, gives PEFT's logits of the fine-tuned model; a plain LoRA is refused with exit status 1.
+#[test]
+fn convert_to_lora_gives_peft_logits() {
+    let (base, olora, out) = (fixture("tiny-llama"), fixture("peft/olora"), scratch("cli-to-lora"));
+    let status =
+        cli().args(["convert-to-lora", "--model"]).arg(&base).arg("--adapter").arg(&olora).arg("--out").arg(&out).status().unwrap();
+    assert!(status.success());
+    let (config, original) = (read_json(out.join("adapter_config.json")), read_json(olora.join("adapter_config.json")));
+    assert_eq!(config["r"].as_u64().unwrap(), 2 * original["r"].as_u64().unwrap());
+    assert_eq!(config["init_lora_weights"], serde_json::json!(true));
+    let logits = logits_via_cli(&["--model".as_ref(), base.as_os_str(), "--adapter".as_ref(), out.as_os_str()]);
+    std::fs::remove_dir_all(&out).unwrap();
+    let diff = max_abs_diff(&logits, &expected_logits(olora.join("expected_logits.safetensors")));
+    assert!(diff < 1e-4, "converted OLoRA: max |ours - PEFT| = {diff}");
+
+    let output = cli()
+        .args(["convert-to-lora", "--model"])
+        .arg(&base)
+        .arg("--adapter")
+        .arg(fixture("peft/qv-r8"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("already a plain LoRA"), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(!out.exists(), "nothing is written");
 }

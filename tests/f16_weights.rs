@@ -10,26 +10,22 @@ use std::collections::BTreeMap;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use common::*;
 use half::f16;
-use webgpu_lora::generate::{read_f32, read_host};
-use webgpu_lora::io::{HostTensor, ModelFiles, SafetensorsWeights, StoreDtype};
-use webgpu_lora::model::weight::packed_f16;
-use webgpu_lora::model::{LlamaModel, Weight, WeightDtype};
-use webgpu_lora::peft::AdapterSource;
-use webgpu_lora::Llm;
+use webgpu_lora::io::{ModelFiles, SafetensorsWeights, StoreDtype};
+use webgpu_lora::lora::AdapterSource;
+use webgpu_lora::nn::weight::packed_f16;
+use webgpu_lora::nn::{Weight, WeightDtype};
+use webgpu_lora::tensor::{HostTensor, read_f32, read_host};
+use webgpu_lora::{LlamaModel, Llm, LoraModel};
 
 /// Stated tolerance: max absolute logit difference against transformers in f32 (as golden_tiny).
 const TOLERANCE: f32 = 1e-4;
 
 fn load_f16(files: ModelFiles, device: &Device) -> Llm {
-    Llm::load_as(files, WeightDtype::F16, device, &mut |_, _, _| {}).unwrap()
-}
-
-fn fixture_ids() -> Vec<u32> {
-    ids(&read_json(fixture("tiny-llama/expected.json"))["ids"])
+    Llm::load(files, WeightDtype::F16, device, &mut |_, _, _| {}).unwrap()
 }
 
 fn logits(model: &LlamaModel) -> Vec<f32> {
-    pollster::block_on(read_f32(model.forward(model.ids_tensor(&fixture_ids()), None))).unwrap()
+    logits_of(model, &tiny_ids())
 }
 
 /// A model saved in f16 loads in f16 without any rounding: transformers' logits (f16 weights,
@@ -47,22 +43,14 @@ fn f16_model_matches_transformers(device: &Device) {
     assert_eq!(full - norm_bytes, 2 * (half - norm_bytes), "matrices: f16 takes half of f32 ({full} vs {half} bytes)");
 }
 
-#[test]
-fn f16_model_matches_transformers_on_cpu() {
-    f16_model_matches_transformers(&cpu());
-}
-
-#[test]
-fn f16_model_matches_transformers_on_wgpu() {
-    f16_model_matches_transformers(&wgpu());
-}
+on_cpu_and_wgpu!(f16_model_matches_transformers, merge_rounds_to_f16);
 
 /// An f32 model loaded in f16 computes exactly what the same model with its matrices rounded to
 /// f16 beforehand (by `half`, to nearest even) computes in f32. Norm weights stay f32.
 #[test]
 fn loading_in_f16_rounds_the_matrices_only() {
     let dir = fixture("tiny-llama");
-    let reference = Llm::load(rounded_to_f16_files(&dir), &cpu(), &mut |_, _, _| {}).unwrap();
+    let reference = Llm::load(rounded_to_f16_files(&dir), WeightDtype::F32, &cpu(), &mut |_, _, _| {}).unwrap();
     let ours = load_f16(ModelFiles::from_dir(&dir).unwrap(), &cpu());
     let diff = max_abs_diff(&logits(&ours.model), &logits(&reference.model));
     assert!(diff <= 1e-6, "{diff}");
@@ -81,9 +69,9 @@ fn a_value_beyond_f16_range_is_refused() {
         files.insert("model.safetensors", webgpu_lora::io::safetensors::write_safetensors(&tensors, StoreDtype::F32, None).unwrap());
         files
     };
-    let err = Llm::load_as(files(), WeightDtype::F16, &cpu(), &mut |_, _, _| {}).err().expect("refused").to_string();
+    let err = Llm::load(files(), WeightDtype::F16, &cpu(), &mut |_, _, _| {}).err().expect("refused").to_string();
     assert!(err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("70000") && err.contains("\"f32\""), "{err}");
-    assert!(Llm::load_as(files(), WeightDtype::F32, &cpu(), &mut |_, _, _| {}).is_ok());
+    assert!(Llm::load(files(), WeightDtype::F32, &cpu(), &mut |_, _, _| {}).is_ok());
     assert!(WeightDtype::parse("bf16").unwrap_err().to_string().contains("\"f16\""));
 }
 
@@ -117,16 +105,6 @@ fn merge_rounds_to_f16(device: &Device) {
     }
 }
 
-#[test]
-fn merge_rounds_to_f16_on_cpu() {
-    merge_rounds_to_f16(&cpu());
-}
-
-#[test]
-fn merge_rounds_to_f16_on_wgpu() {
-    merge_rounds_to_f16(&wgpu());
-}
-
 /// The packing kernels (WebGPU devices without shader-f16), run on native wgpu: unpacking every
 /// one of the 65536 f16 bit patterns gives `half`'s f32 value, bit for bit.
 #[test]
@@ -146,7 +124,8 @@ fn unpacking_every_f16_bit_pattern_is_exact() {
 #[test]
 fn packing_rounds_to_nearest_even() {
     let finite: Vec<f32> = (0..0x7c00u16).map(|h| f16::from_bits(h).to_f32()).collect();
-    let mut values = vec![0.0, 65504.0, 65519.99, 65520.0, 65536.0, 1e30, f32::MAX, f32::INFINITY, f32::NAN, 1e-40, 2f32.powi(-25), 2f32.powi(-26)];
+    let mut values =
+        vec![0.0, 65504.0, 65519.99, 65520.0, 65536.0, 1e30, f32::MAX, f32::INFINITY, f32::NAN, 1e-40, 2f32.powi(-25), 2f32.powi(-26)];
     values.extend(&finite);
     for pair in finite.windows(2) {
         let mid = (pair[0] + pair[1]) / 2.0;
@@ -160,7 +139,11 @@ fn packing_rounds_to_nearest_even() {
     let halves = words.iter().flat_map(|&w| [(w as u32 & 0xffff) as u16, (w as u32 >> 16) as u16]);
     for (v, h) in values.iter().zip(halves) {
         let expected = f16::from_f32(*v);
-        assert!(h == expected.to_bits() || (f16::from_bits(h).is_nan() && expected.is_nan()), "{v:e}: {h:#06x} instead of {:#06x}", expected.to_bits());
+        assert!(
+            h == expected.to_bits() || (f16::from_bits(h).is_nan() && expected.is_nan()),
+            "{v:e}: {h:#06x} instead of {:#06x}",
+            expected.to_bits()
+        );
     }
 }
 
@@ -188,5 +171,11 @@ fn packed_weight_values_rows_and_updates() {
     assert_eq!(host(weight.value()), plus);
     weight.add(delta_t(), -1.0);
     assert_eq!(host(weight.value()), plus.iter().zip(&delta).map(|(w, d)| round(w - d)).collect::<Vec<_>>());
-    assert!(Weight::packed_f16(&HostTensor::new(vec![2, 3], vec![0.0; 6]), "odd", &device).err().unwrap().to_string().contains("odd number of columns"));
+    assert!(
+        Weight::packed_f16(&HostTensor::new(vec![2, 3], vec![0.0; 6]), "odd", &device)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("odd number of columns")
+    );
 }

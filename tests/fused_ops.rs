@@ -7,9 +7,8 @@
 mod common;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use common::{cpu, wgpu};
 use rand::{Rng, SeedableRng};
-use webgpu_lora::model::ops::{attend, cross_entropy, swiglu};
+use webgpu_lora::nn::ops::{attend, cross_entropy, swiglu};
 
 fn random(n: usize, scale: f32, seed: u64) -> Vec<f32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -17,7 +16,7 @@ fn random(n: usize, scale: f32, seed: u64) -> Vec<f32> {
 }
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec().unwrap()
+    t.into_data().convert::<f32>().try_to_vec().unwrap()
 }
 
 /// Checks `ours` against `reference` within `tol` relative to max(1, |reference|).
@@ -132,37 +131,13 @@ fn cross_entropy_matches(device: &Device) {
                 },
                 x[i],
             );
-            assert!((grad[row * vocab + i] as f64 - expected).abs() < 1e-6, "row {row} dL/dz[{i}]: {} vs {expected}", grad[row * vocab + i]);
+            assert!(
+                (grad[row * vocab + i] as f64 - expected).abs() < 1e-6,
+                "row {row} dL/dz[{i}]: {} vs {expected}",
+                grad[row * vocab + i]
+            );
         }
     }
 }
 
-#[test]
-fn swiglu_on_cpu() {
-    swiglu_matches(&cpu());
-}
-
-#[test]
-fn swiglu_on_wgpu() {
-    swiglu_matches(&wgpu());
-}
-
-#[test]
-fn masked_softmax_on_cpu() {
-    masked_softmax_matches(&cpu());
-}
-
-#[test]
-fn masked_softmax_on_wgpu() {
-    masked_softmax_matches(&wgpu());
-}
-
-#[test]
-fn cross_entropy_on_cpu() {
-    cross_entropy_matches(&cpu());
-}
-
-#[test]
-fn cross_entropy_on_wgpu() {
-    cross_entropy_matches(&wgpu());
-}
+on_cpu_and_wgpu!(swiglu_matches, masked_softmax_matches, cross_entropy_matches);

@@ -4,36 +4,26 @@
 mod common;
 
 use common::*;
-use webgpu_lora::generate::read_f32;
+use webgpu_lora::tensor::read_f32;
 
 /// Stated tolerance: max absolute logit difference against transformers in f32.
 const TOLERANCE: f32 = 1e-4;
 const VARIANTS: [&str; 5] = ["tiny-llama", "tiny-llama-sharded", "tiny-llama-f16", "tiny-llama-bf16", "tiny-llama-untied"];
 
-fn check(variant: &str, device: &burn::tensor::Device) {
-    let dir = fixture(variant);
-    let llm = load(&dir, device);
-    assert!(llm.tokenizer.is_none(), "the tiny fixtures have no tokenizer: ids only");
-    let input = ids(&read_json(dir.join("expected.json"))["ids"]);
-    let logits = pollster::block_on(read_f32(llm.model.forward(llm.model.ids_tensor(&input), None))).unwrap();
-    let expected = expected_logits(dir.join("expected.safetensors"));
-    let diff = max_abs_diff(&logits, &expected);
-    assert!(diff < TOLERANCE, "{variant}: max |ours - transformers| = {diff}");
-}
-
-#[test]
-fn tiny_llama_matches_transformers_on_cpu() {
+fn tiny_llama_matches_transformers(device: &burn::tensor::Device) {
     for variant in VARIANTS {
-        check(variant, &cpu());
+        let dir = fixture(variant);
+        let llm = load(&dir, device);
+        assert!(llm.tokenizer.is_none(), "the tiny fixtures have no tokenizer: ids only");
+        let input = ids(&read_json(dir.join("expected.json"))["ids"]);
+        let logits = logits_of(&llm.model, &input);
+        let expected = expected_logits(dir.join("expected.safetensors"));
+        let diff = max_abs_diff(&logits, &expected);
+        assert!(diff < TOLERANCE, "{variant}: max |ours - transformers| = {diff}");
     }
 }
 
-#[test]
-fn tiny_llama_matches_transformers_on_wgpu() {
-    for variant in VARIANTS {
-        check(variant, &wgpu());
-    }
-}
+on_cpu_and_wgpu!(tiny_llama_matches_transformers);
 
 /// Decoding token by token through the KV cache gives the logits of one full forward pass.
 #[test]
@@ -42,11 +32,10 @@ fn kv_cache_decoding_equals_full_forward() {
     let llm = load(&dir, &cpu());
     let input = ids(&read_json(dir.join("expected.json"))["ids"]);
     let vocab = llm.model.config.vocab_size;
-    let full = pollster::block_on(read_f32(llm.model.forward(llm.model.ids_tensor(&input), None))).unwrap();
+    let full = logits_of(&llm.model, &input);
     let mut cache = llm.model.new_cache();
     // a prefill of 5 tokens, then one at a time
-    let mut incremental =
-        pollster::block_on(read_f32(llm.model.forward(llm.model.ids_tensor(&input[..5]), Some(&mut cache)))).unwrap();
+    let mut incremental = pollster::block_on(read_f32(llm.model.forward(llm.model.ids_tensor(&input[..5]), Some(&mut cache)))).unwrap();
     for &id in &input[5..] {
         let step = llm.model.forward_last(llm.model.ids_tensor(&[id]), Some(&mut cache));
         incremental.extend(pollster::block_on(read_f32(step)).unwrap());
@@ -62,9 +51,9 @@ fn kv_cache_decoding_equals_full_forward() {
 #[test]
 fn gguf_of_the_tiny_model_converts_back_exactly() {
     use webgpu_lora::io::SafetensorsWeights;
+    use webgpu_lora::io::StoreDtype;
     use webgpu_lora::io::gguf::GgufFile;
     use webgpu_lora::io::gguf_convert::HfModel;
-    use webgpu_lora::io::StoreDtype;
 
     let dir = fixture("tiny-llama");
     let st = SafetensorsWeights::new(vec![("m".into(), std::fs::read(dir.join("model.safetensors")).unwrap())]).unwrap();
@@ -94,10 +83,7 @@ fn gguf_of_the_tiny_model_converts_back_exactly() {
         .f32("llama.rope.freq_base", 50000.0)
         .f32("llama.attention.layer_norm_rms_epsilon", 1e-5)
         .u32("tokenizer.ggml.eos_token_id", 2);
-    let gguf_names = [
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-    ];
+    let gguf_names = [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight")];
     for (hf, gg) in gguf_names {
         let t = st.tensor(hf).unwrap();
         g.f32_tensor(gg, &t.shape, &t.data);
@@ -125,11 +111,11 @@ fn gguf_of_the_tiny_model_converts_back_exactly() {
     }
     let bytes = g.bytes();
     let gguf = GgufFile::parse(&bytes, "tiny.gguf").unwrap();
-    let out = std::env::temp_dir().join(format!("webgpu-lora-tiny-gguf-{}", std::process::id()));
+    let out = scratch("tiny-gguf");
     HfModel::from_gguf(&gguf).unwrap().write_dir(&out, StoreDtype::F32).unwrap();
     let llm = load(&out, &cpu());
     let input = ids(&read_json(dir.join("expected.json"))["ids"]);
-    let logits = pollster::block_on(read_f32(llm.model.forward(llm.model.ids_tensor(&input), None))).unwrap();
+    let logits = logits_of(&llm.model, &input);
     let diff = max_abs_diff(&logits, &expected_logits(dir.join("expected.safetensors")));
     std::fs::remove_dir_all(&out).unwrap();
     assert!(diff < TOLERANCE, "converted GGUF: max |ours - transformers| = {diff}");

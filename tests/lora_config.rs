@@ -7,19 +7,19 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::*;
-use webgpu_lora::LlamaConfig;
-use webgpu_lora::config::LoraConfig;
+use webgpu_lora::LoraModel;
+use webgpu_lora::lora::LoraConfig;
 
 #[test]
 fn targets_ranks_and_scalings_equal_peft() {
-    let base = LlamaConfig::from_json(&std::fs::read(fixture("tiny-llama/config.json")).unwrap(), "config.json").unwrap();
+    let model = load(&fixture("tiny-llama"), &cpu()).model;
     let cases = read_json(fixture("peft/lora_targets.json"));
     for case in cases.as_array().unwrap() {
         let config_json = serde_json::to_vec(&case["adapter_config"]).unwrap();
         let config = LoraConfig::from_json(&config_json, "adapter_config.json").unwrap();
-        let ours: BTreeMap<String, (usize, f64)> = base
-            .linear_module_names()
-            .into_iter()
+        let ours: BTreeMap<String, (usize, f64)> = model
+            .lora_linears()
+            .map(|l| l.name.clone())
             .filter(|m| config.targets(m, true))
             .map(|m| {
                 let value = (config.rank_for(&m), config.scaling_for(&m));

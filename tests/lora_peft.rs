@@ -8,9 +8,9 @@ use std::path::Path;
 
 use burn::tensor::Device;
 use common::*;
-use webgpu_lora::LlamaModel;
-use webgpu_lora::generate::read_f32;
-use webgpu_lora::peft::AdapterSource;
+use webgpu_lora::lora::AdapterSource;
+use webgpu_lora::tensor::read_f32;
+use webgpu_lora::{LlamaModel, LoraModel};
 
 const ADAPTERS: [&str; 4] = ["all7-r4", "qv-r8", "rslora", "rank-pattern"];
 const TOLERANCE: f32 = 1e-4;
@@ -30,8 +30,7 @@ fn load_adapter(model: &mut LlamaModel, name: &str, adapter: &str) -> webgpu_lor
 }
 
 fn logits(model: &LlamaModel) -> Vec<f32> {
-    let input = ids(&read_json(fixture("tiny-llama/expected.json"))["ids"]);
-    pollster::block_on(read_f32(model.forward(model.ids_tensor(&input), None))).unwrap()
+    logits_of(model, &tiny_ids())
 }
 
 /// The tiny model with the fixture adapter `adapter` loaded as "a" and active, and its logits.
@@ -43,7 +42,7 @@ fn tiny_with_active(adapter: &str) -> (LlamaModel, Vec<f32>) {
     (model, logits)
 }
 
-fn check_against_peft(device: &Device) {
+fn adapter_logits_match_peft(device: &Device) {
     let base_logits = expected_logits(fixture("tiny-llama/expected.safetensors"));
     for adapter in ADAPTERS {
         let mut model = load(&fixture("tiny-llama"), device).model;
@@ -62,15 +61,7 @@ fn check_against_peft(device: &Device) {
     }
 }
 
-#[test]
-fn adapter_logits_match_peft_on_cpu() {
-    check_against_peft(&cpu());
-}
-
-#[test]
-fn adapter_logits_match_peft_on_wgpu() {
-    check_against_peft(&wgpu());
-}
+on_cpu_and_wgpu!(adapter_logits_match_peft);
 
 #[test]
 fn switching_and_disabling_are_exact() {
@@ -103,7 +94,8 @@ fn bad_adapters_leave_the_model_unchanged() {
     let mut model = load(&fixture("tiny-llama"), &cpu()).model;
     let base = logits(&model);
     let (cf, config, wf, weights) = files(&fixture("peft/all7-r4"));
-    let mut attempt = |config: &[u8], weights: Vec<u8>| load_source(&mut model, "bad", (&cf, config), (&wf, weights)).unwrap_err().to_string();
+    let mut attempt =
+        |config: &[u8], weights: Vec<u8>| load_source(&mut model, "bad", (&cf, config), (&wf, weights)).unwrap_err().to_string();
 
     let truncated = attempt(&config, weights[..weights.len() / 2].to_vec());
     assert!(truncated.starts_with(&format!("{wf}: invalid safetensors")), "{truncated}");
@@ -207,7 +199,11 @@ fn trainable_parameters_as_peft_counts_them() {
     for adapter in ADAPTERS {
         let mut model = load(&fixture("tiny-llama"), &cpu()).model;
         // counted from the config alone, before the adapter exists (PEFT's counts once added)
-        let config = webgpu_lora::config::LoraConfig::from_json(&std::fs::read(fixture("peft").join(adapter).join("adapter_config.json")).unwrap(), "config").unwrap();
+        let config = webgpu_lora::lora::LoraConfig::from_json(
+            &std::fs::read(fixture("peft").join(adapter).join("adapter_config.json")).unwrap(),
+            "config",
+        )
+        .unwrap();
         let predicted = model.count_new_adapter(&config).unwrap();
         load_adapter(&mut model, "a", adapter).unwrap();
         model.set_adapter("a").unwrap();
@@ -223,13 +219,13 @@ fn trainable_parameters_as_peft_counts_them() {
     assert_eq!(model.trainable_parameters_line(), "trainable params: 8,192 || all params: 98,624 || trainable%: 8.3063");
 }
 
-/// save_adapter -> load_adapter round trip gives the same logits (PEFT's check: 1e-5), and the
+/// export_adapter -> load_adapter round trip gives the same logits (PEFT's check: 1e-5), and the
 /// files carry PEFT's keys, shapes and metadata.
 #[test]
 fn save_and_load_round_trip() {
     for adapter in ADAPTERS {
         let (mut model, before) = tiny_with_active(adapter);
-        let saved = pollster::block_on(model.save_adapter("a")).unwrap();
+        let saved = pollster::block_on(model.export_adapter("a")).unwrap();
         // same tensors, names and shapes as the file PEFT wrote
         let ours = webgpu_lora::io::SafetensorsWeights::new(vec![("ours".into(), saved.safetensors.clone())]).unwrap();
         let (_, _, wf, peft_bytes) = files(&fixture("peft").join(adapter));
@@ -249,7 +245,7 @@ fn save_and_load_round_trip() {
 /// init false it changes them; the same seed gives the same adapter.
 #[test]
 fn add_adapter_initialisations() {
-    use webgpu_lora::config::{LoraConfig, TargetModules};
+    use webgpu_lora::lora::{LoraConfig, TargetModules};
     let mut model = load(&fixture("tiny-llama"), &cpu()).model;
     let base = logits(&model);
     let targets = TargetModules::AllLinear;
@@ -258,7 +254,9 @@ fn add_adapter_initialisations() {
     assert_eq!(logits(&model), base, "B = 0: the adapter starts as a no-op");
     assert_eq!(model.trainable_parameters().0, 2 * (8 * (64 + 64) * 2 + 8 * (64 + 32) * 2 + 8 * (64 + 128) * 3));
 
-    let random: LoraConfig = LoraConfig::from_json(br#"{"peft_type":"LORA","r":4,"target_modules":["q_proj","v_proj"],"init_lora_weights":false}"#, "c").unwrap();
+    let random: LoraConfig =
+        LoraConfig::from_json(br#"{"peft_type":"LORA","r":4,"target_modules":["q_proj","v_proj"],"init_lora_weights":false}"#, "c")
+            .unwrap();
     pollster::block_on(model.add_adapter("r1", random.clone(), 7)).unwrap();
     pollster::block_on(model.add_adapter("r2", random.clone(), 7)).unwrap();
     pollster::block_on(model.add_adapter("r3", random, 8)).unwrap();
@@ -276,10 +274,14 @@ fn add_adapter_initialisations() {
 /// so the model's output is unchanged at init (1e-5, PEFT's check); B has orthonormal columns.
 #[test]
 fn olora_init_leaves_the_output_unchanged() {
-    use webgpu_lora::config::LoraConfig;
+    use webgpu_lora::lora::LoraConfig;
     let mut model = load(&fixture("tiny-llama"), &cpu()).model;
     let base = logits(&model);
-    let config = LoraConfig::from_json(br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":"all-linear","init_lora_weights":"olora"}"#, "c").unwrap();
+    let config = LoraConfig::from_json(
+        br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":"all-linear","init_lora_weights":"olora"}"#,
+        "c",
+    )
+    .unwrap();
     pollster::block_on(model.add_adapter("olora", config, 0)).unwrap();
     model.set_adapter("olora").unwrap();
     assert!(max_abs_diff(&logits(&model), &base) < 1e-5);
@@ -299,7 +301,7 @@ fn olora_init_leaves_the_output_unchanged() {
 /// equal-rank adapters is PEFT's (sum of scaled A) x (sum of scaled B).
 #[test]
 fn weighted_adapters() {
-    use webgpu_lora::peft::Combination;
+    use webgpu_lora::lora::Combination;
     let mut model = load(&fixture("tiny-llama"), &cpu()).model;
     let base = logits(&model);
     load_adapter(&mut model, "a", "all7-r4").unwrap();
@@ -326,7 +328,7 @@ fn weighted_adapters() {
 /// Our add_weighted_adapter against PEFT's logits (tests/fixtures/peft/weighted_logits.safetensors).
 #[test]
 fn weighted_adapters_match_peft() {
-    use webgpu_lora::peft::Combination;
+    use webgpu_lora::lora::Combination;
     let bytes = std::fs::read(fixture("peft/weighted_logits.safetensors")).unwrap();
     let expected = webgpu_lora::io::SafetensorsWeights::new(vec![("weighted_logits".into(), bytes)]).unwrap();
     let mut model = load(&fixture("tiny-llama"), &cpu()).model;
@@ -337,14 +339,19 @@ fn weighted_adapters_match_peft() {
     pollster::block_on(model.add_weighted_adapter(&["a", "b"], &[0.5, 2.0], "cat", Combination::Cat)).unwrap();
     pollster::block_on(model.add_weighted_adapter(&["a", "b"], &[0.5, 2.0], "svd", Combination::Svd { rank: None })).unwrap();
     pollster::block_on(model.add_weighted_adapter(&["a", "b"], &[1.5, -0.5], "svd-r3", Combination::Svd { rank: Some(3) })).unwrap();
-    assert_eq!((model.adapter_config("svd").unwrap().r, model.adapter_config("svd-r3").unwrap().r), (8, 3), "svd: the largest rank, or the one asked for");
+    assert_eq!(
+        (model.adapter_config("svd").unwrap().r, model.adapter_config("svd-r3").unwrap().r),
+        (8, 3),
+        "svd: the largest rank, or the one asked for"
+    );
     for name in ["linear", "cat", "svd", "svd-r3"] {
         model.set_adapter(name).unwrap();
         let diff = max_abs_diff(&logits(&model), &expected.tensor(name).unwrap().data);
         assert!(diff < TOLERANCE, "{name}: max |ours - PEFT| = {diff}");
     }
     // PEFT refuses a linear combination whose per-module ranks differ; so do we, changing nothing
-    let err = pollster::block_on(model.add_weighted_adapter(&["b", "c"], &[0.6, -0.3], "bad", Combination::Linear)).unwrap_err().to_string();
+    let err =
+        pollster::block_on(model.add_weighted_adapter(&["b", "c"], &[0.6, -0.3], "bad", Combination::Linear)).unwrap_err().to_string();
     assert!(err.contains("ranks differ"), "{err}");
     assert!(!model.adapter_names().contains(&"bad"));
 }
@@ -353,7 +360,7 @@ fn weighted_adapters_match_peft() {
 /// perturbation standing in for training: loaded on the original base they give PEFT's logits,
 /// as they are (the residual base is derived again on load, as PEFT does) and converted to a
 /// plain LoRA of rank 2r. Unloading gives the original base back.
-fn check_init_adapters_against_peft(device: &Device) {
+fn olora_and_pissa_adapters_match_peft(device: &Device) {
     let base_logits = expected_logits(fixture("tiny-llama/expected.safetensors"));
     for adapter in ["olora", "olora-as-lora", "pissa", "pissa-as-lora"] {
         let mut model = load(&fixture("tiny-llama"), device).model;
@@ -366,26 +373,16 @@ fn check_init_adapters_against_peft(device: &Device) {
     }
 }
 
-#[test]
-fn olora_and_pissa_adapters_match_peft_on_cpu() {
-    check_init_adapters_against_peft(&cpu());
-}
-
-#[test]
-fn olora_and_pissa_adapters_match_peft_on_wgpu() {
-    check_init_adapters_against_peft(&wgpu());
-}
+on_cpu_and_wgpu!(olora_and_pissa_adapters_match_peft);
 
 /// Adds `step` times a fixed pattern to every A and B of adapter `name`: a stand-in for training.
 fn perturb(model: &mut LlamaModel, name: &str, step: f32) {
-    for layer in &mut model.layers {
-        for (_, linear) in layer.linears_mut() {
-            if let Some(lora) = linear.adapters.get_mut(name) {
-                for t in [&mut lora.a_t, &mut lora.b_t] {
-                    let [rows, cols] = t.dims();
-                    let pattern: Vec<f32> = (0..rows * cols).map(|i| step * ((i * 7919 % 101) as f32 / 50.0 - 1.0)).collect();
-                    *t = t.clone() + burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(pattern, [rows, cols]), &t.device());
-                }
+    for linear in model.lora_linears_mut() {
+        if let Some(lora) = linear.adapters.get_mut(name) {
+            for t in [&mut lora.a_t, &mut lora.b_t] {
+                let [rows, cols] = t.dims();
+                let pattern: Vec<f32> = (0..rows * cols).map(|i| step * ((i * 7919 % 101) as f32 / 50.0 - 1.0)).collect();
+                *t = t.clone() + burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(pattern, [rows, cols]), &t.device());
             }
         }
     }
@@ -396,11 +393,13 @@ fn perturb(model: &mut LlamaModel, name: &str, step: f32) {
 /// original base; deleting the adapter gives the base back; PiSSA's B A is the top-r SVD part.
 #[test]
 fn olora_and_pissa_init_and_conversion() {
-    use webgpu_lora::config::LoraConfig;
+    use webgpu_lora::lora::LoraConfig;
     for init in ["olora", "pissa"] {
         let mut model = load(&fixture("tiny-llama"), &cpu()).model;
         let base = logits(&model);
-        let json = format!(r#"{{"peft_type":"LORA","r":4,"lora_alpha":16,"target_modules":["q_proj","v_proj","down_proj"],"init_lora_weights":"{init}"}}"#);
+        let json = format!(
+            r#"{{"peft_type":"LORA","r":4,"lora_alpha":16,"target_modules":["q_proj","v_proj","down_proj"],"init_lora_weights":"{init}"}}"#
+        );
         pollster::block_on(model.add_adapter("x", LoraConfig::from_json(json.as_bytes(), "c").unwrap(), 0)).unwrap();
         model.set_adapter("x").unwrap();
         assert!(max_abs_diff(&logits(&model), &base) < 1e-5, "{init}: unchanged at init");
@@ -408,10 +407,10 @@ fn olora_and_pissa_init_and_conversion() {
         let trained = logits(&model);
         assert!(max_abs_diff(&trained, &base) > 1e-3, "{init}: the perturbation matters");
 
-        let plain = pollster::block_on(model.save_adapter("x")).unwrap();
-        let converted = pollster::block_on(model.save_adapter_as_lora("x")).unwrap();
+        let plain = pollster::block_on(model.export_adapter("x")).unwrap();
+        let converted = pollster::block_on(model.export_adapter_as_lora("x")).unwrap();
         let config = LoraConfig::from_json(converted.config_json.as_bytes(), "converted").unwrap();
-        assert_eq!((config.r, config.lora_alpha, config.init_lora_weights), (8, 32.0, webgpu_lora::config::LoraInit::Default));
+        assert_eq!((config.r, config.lora_alpha, config.init_lora_weights), (8, 32.0, webgpu_lora::lora::LoraInit::Default));
         for (how, files) in [("as it is", plain), ("converted", converted)] {
             let mut fresh = load(&fixture("tiny-llama"), &cpu()).model;
             pollster::block_on(fresh.load_adapter("x", AdapterSource::from_files(files, how))).unwrap();
@@ -424,7 +423,7 @@ fn olora_and_pissa_init_and_conversion() {
     }
     // a plain LoRA has nothing to convert
     let (model, _) = tiny_with_active("qv-r8");
-    let err = pollster::block_on(model.save_adapter_as_lora("a")).err().unwrap().to_string();
+    let err = pollster::block_on(model.export_adapter_as_lora("a")).err().unwrap().to_string();
     assert!(err.contains("already a plain LoRA"), "{err}");
 }
 
@@ -433,13 +432,15 @@ fn olora_and_pissa_init_and_conversion() {
 /// rest of S^2).
 #[test]
 fn pissa_takes_the_principal_singular_part() {
-    use webgpu_lora::config::LoraConfig;
+    use webgpu_lora::lora::LoraConfig;
     let mut model = load(&fixture("tiny-llama"), &cpu()).model;
     let w = model.layers[0].self_attn.q_proj.base.weight_t.value();
     let [d_in, d_out] = w.dims();
-    let host = webgpu_lora::io::HostTensor::new(vec![d_in, d_out], pollster::block_on(read_f32(w)).unwrap());
+    let host = webgpu_lora::tensor::HostTensor::new(vec![d_in, d_out], pollster::block_on(read_f32(w)).unwrap());
     let s = webgpu_lora::linalg::thin_svd(&host).unwrap().s;
-    let config = LoraConfig::from_json(br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":["q_proj"],"init_lora_weights":"pissa"}"#, "c").unwrap();
+    let config =
+        LoraConfig::from_json(br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":["q_proj"],"init_lora_weights":"pissa"}"#, "c")
+            .unwrap();
     pollster::block_on(model.add_adapter("p", config, 0)).unwrap();
     let residual = model.layers[0].self_attn.q_proj.base.weight_t.value();
     let norm2: f32 = pollster::block_on(read_f32(residual.clone().mul(residual).sum())).unwrap()[0];
@@ -451,7 +452,8 @@ fn pissa_takes_the_principal_singular_part() {
 /// the error says which base it was made for, and the model is unchanged.
 #[test]
 fn adapter_for_another_base_is_refused() {
-    use webgpu_lora::io::{HostTensor, StoreDtype, safetensors::write_safetensors};
+    use webgpu_lora::io::{StoreDtype, safetensors::write_safetensors};
+    use webgpu_lora::tensor::HostTensor;
     let mut model = load(&fixture("tiny-llama"), &cpu()).model;
     let base = logits(&model);
     let (r, wide) = (8, 2 * model.config.hidden_size);
@@ -459,13 +461,15 @@ fn adapter_for_another_base_is_refused() {
     for layer in 0..model.config.num_hidden_layers {
         for proj in ["q_proj", "v_proj"] {
             let module = format!("model.layers.{layer}.self_attn.{proj}");
-            tensors.insert(webgpu_lora::peft::lora_key(&module, "lora_A"), HostTensor::new(vec![r, wide], vec![0.01; r * wide]));
-            tensors.insert(webgpu_lora::peft::lora_key(&module, "lora_B"), HostTensor::new(vec![wide, r], vec![0.01; r * wide]));
+            tensors.insert(webgpu_lora::lora::lora_key(&module, "lora_A"), HostTensor::new(vec![r, wide], vec![0.01; r * wide]));
+            tensors.insert(webgpu_lora::lora::lora_key(&module, "lora_B"), HostTensor::new(vec![wide, r], vec![0.01; r * wide]));
         }
     }
     let weights = write_safetensors(&tensors, StoreDtype::F32, None).unwrap();
     let config = br#"{"peft_type":"LORA","r":8,"lora_alpha":16,"target_modules":["q_proj","v_proj"],"base_model_name_or_path":"HuggingFaceTB/SmolLM2-360M-Instruct"}"#;
-    let err = load_source(&mut model, "other", ("other/adapter_config.json", config), ("other/adapter_model.safetensors", weights)).unwrap_err().to_string();
+    let err = load_source(&mut model, "other", ("other/adapter_config.json", config), ("other/adapter_model.safetensors", weights))
+        .unwrap_err()
+        .to_string();
     assert!(err.starts_with("other/adapter_model.safetensors: "), "{err}");
     assert!(err.contains("does not fit this model") && err.contains("made for HuggingFaceTB/SmolLM2-360M-Instruct"), "{err}");
     assert!(model.adapter_names().is_empty());
@@ -496,7 +500,7 @@ fn merged_files_load_as_peft_merged_model() {
     assert_eq!(llm.model.merged_adapters(), Vec::<String>::new(), "the model is not changed");
     let mut model_files = webgpu_lora::io::ModelFiles::new("merged");
     files.into_iter().for_each(|(name, bytes)| model_files.insert(name, bytes));
-    let merged = webgpu_lora::Llm::load(model_files, &cpu(), &mut |_, _, _| {}).unwrap();
+    let merged = webgpu_lora::Llm::load(model_files, webgpu_lora::nn::WeightDtype::F32, &cpu(), &mut |_, _, _| {}).unwrap();
     let expected = expected_logits(fixture("peft").join("qv-r8").join("expected_merged_logits.safetensors"));
     let diff = max_abs_diff(&logits(&merged.model), &expected);
     assert!(diff < TOLERANCE, "merged export: max |ours - PEFT merged| = {diff}");

@@ -8,8 +8,8 @@ use std::sync::OnceLock;
 
 use common::*;
 use serde_json::Value;
-use webgpu_lora::generate::read_f32;
 use webgpu_lora::io::ChatMessage;
+use webgpu_lora::tensor::read_f32;
 use webgpu_lora::{GenerationConfig, Llm, StopReason};
 
 fn llm() -> &'static Llm {

@@ -29,7 +29,12 @@ fn labels_cover_exactly_the_trained_part() {
     let d = read_dataset("d.jsonl", data, &tok, &DataOptions::default()).unwrap();
     assert_eq!(d.report.examples, 3);
     let chat = &d.examples[0];
-    let messages = [ChatMessage::new("user", "Hi?"), ChatMessage::new("assistant", "Beep boop! Hello."), ChatMessage::new("user", "2+2?"), ChatMessage::new("assistant", "Four.")];
+    let messages = [
+        ChatMessage::new("user", "Hi?"),
+        ChatMessage::new("assistant", "Beep boop! Hello."),
+        ChatMessage::new("user", "2+2?"),
+        ChatMessage::new("assistant", "Four."),
+    ];
     assert_eq!(chat.ids, tok.encode_chat(&messages, false).unwrap());
     assert_eq!(trained_text(&tok, &chat.ids, &chat.labels), "Beep boop! Hello.<|im_end|>\nFour.<|im_end|>\n");
     let pc = &d.examples[1];
@@ -93,13 +98,15 @@ fn bad_data_errors_name_file_line_and_problem() {
 /// Settings that cannot train are refused before anything runs.
 #[test]
 fn bad_settings_are_refused() {
-    use webgpu_lora::train::{AdamW, TrainConfig};
-    let bad_lr = TrainConfig { optimizer: AdamW { lr: 0.0, ..Default::default() }, ..Default::default() };
+    use webgpu_lora::train::TrainOptions;
+    let bad_lr = TrainOptions { lr: 0.0, ..Default::default() };
     assert!(bad_lr.check().unwrap_err().to_string().contains("learning rate 0"));
-    let negative = TrainConfig { optimizer: AdamW { lr: -1e-4, ..Default::default() }, ..Default::default() };
+    let negative = TrainOptions { lr: -1e-4, ..Default::default() };
     assert!(negative.check().is_err());
-    let zero_batch = TrainConfig { batch_size: 0, ..Default::default() };
+    let zero_batch = TrainOptions { batch_size: 0, ..Default::default() };
     assert!(zero_batch.check().unwrap_err().to_string().contains("batch size 0"));
-    let r0 = webgpu_lora::config::LoraConfig::from_json(br#"{"peft_type": "LORA", "r": 0, "target_modules": ["q_proj"]}"#, "options").unwrap_err().to_string();
+    let r0 = webgpu_lora::lora::LoraConfig::from_json(br#"{"peft_type": "LORA", "r": 0, "target_modules": ["q_proj"]}"#, "options")
+        .unwrap_err()
+        .to_string();
     assert!(r0.contains("r = 0"), "{r0}");
 }

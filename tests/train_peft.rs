@@ -5,11 +5,15 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+
 use common::*;
-use webgpu_lora::LlamaModel;
-use webgpu_lora::peft::AdapterSource;
-use webgpu_lora::train::trainer::{adapter_gradients, train_steps};
-use webgpu_lora::train::{AdamW, Batch, Control, Schedule, TrainConfig, TrainEnd, TrainEvent};
+use webgpu_lora::lora::{AdapterSource, AdapterWeights, LoraRun, LoraWeights};
+use webgpu_lora::nn::WeightDtype;
+use webgpu_lora::tensor::{HostTensor, read_host};
+use webgpu_lora::train::trainer::{part_gradients, train_steps};
+use webgpu_lora::train::{Batch, Control, Schedule, TrainEnd, TrainEvent, TrainOptions};
+use webgpu_lora::{LlamaModel, LoraModel};
 
 fn batch(value: &serde_json::Value) -> Batch {
     let rows = |key: &str| -> Vec<Vec<i64>> { serde_json::from_value(value[key].clone()).unwrap() };
@@ -38,21 +42,42 @@ fn trajectory() -> serde_json::Value {
     read_json(fixture("train/trajectory.json"))
 }
 
-fn reference_config(t: &serde_json::Value) -> TrainConfig {
+fn reference_config(t: &serde_json::Value) -> TrainOptions {
     let c = &t["config"];
-    TrainConfig {
-        optimizer: AdamW {
-            lr: c["lr"].as_f64().unwrap(),
-            beta1: c["betas"][0].as_f64().unwrap(),
-            beta2: c["betas"][1].as_f64().unwrap(),
-            eps: c["eps"].as_f64().unwrap(),
-            weight_decay: c["weight_decay"].as_f64().unwrap(),
-        },
+    TrainOptions {
+        lr: c["lr"].as_f64().unwrap(),
+        adam_beta1: c["betas"][0].as_f64().unwrap(),
+        adam_beta2: c["betas"][1].as_f64().unwrap(),
+        adam_epsilon: c["eps"].as_f64().unwrap(),
+        weight_decay: c["weight_decay"].as_f64().unwrap(),
         schedule: Schedule::Cosine,
         warmup_steps: c["warmup"].as_u64().unwrap() as usize,
-        max_grad_norm: Some(c["max_grad_norm"].as_f64().unwrap()),
+        max_grad_norm: c["max_grad_norm"].as_f64().unwrap(),
         ..Default::default()
     }
+}
+
+/// The mean token loss of `batch` and its gradient for every lora_A / lora_B of `adapter`, under
+/// PEFT's names and layout (`model.layers.0.self_attn.q_proj.lora_A.weight`, [r, in]): what PEFT
+/// computes with `loss.backward()` (no dropout), through the trainer's own gradient step.
+fn adapter_gradients(model: &LlamaModel, adapter: &str, batch: &Batch) -> (f64, BTreeMap<String, HostTensor>) {
+    let leaf = |t: &burn::tensor::Tensor<2>| t.clone().autodiff().require_grad();
+    let leaves: AdapterWeights = model
+        .adapter_weights(adapter)
+        .unwrap()
+        .into_iter()
+        .map(|(m, w)| (m, LoraWeights { a_t: leaf(&w.a_t), b_t: leaf(&w.b_t), scaling: w.scaling }))
+        .collect();
+    let named: Vec<(String, burn::tensor::Tensor<2>)> = leaves
+        .iter()
+        .flat_map(|(m, w)| [(format!("{m}.lora_A.weight"), w.a_t.clone()), (format!("{m}.lora_B.weight"), w.b_t.clone())])
+        .collect();
+    let run = LoraRun { adapter, weights: Some(&leaves), dropout: None };
+    let tensors: Vec<_> = named.iter().map(|(_, t)| t.clone()).collect();
+    let (loss, grads) = part_gradients(model, run, &tensors, batch, 1.0 / batch.trainable_tokens() as f64);
+    let loss = pollster::block_on(webgpu_lora::tensor::read_scalar(loss)).unwrap();
+    let grads = named.into_iter().zip(grads).map(|((name, _), g)| (name, pollster::block_on(read_host(g)).unwrap().transpose())).collect();
+    (loss, grads)
 }
 
 fn steps(t: &serde_json::Value) -> Vec<Vec<Batch>> {
@@ -60,7 +85,13 @@ fn steps(t: &serde_json::Value) -> Vec<Vec<Batch>> {
 }
 
 /// Runs `steps` and returns the losses the step events report.
-fn run(model: &mut LlamaModel, steps: &[Vec<Batch>], config: &TrainConfig, resume: Option<&[u8]>, stop_at: Option<usize>) -> (Vec<f64>, webgpu_lora::Result<webgpu_lora::train::TrainSummary>, Vec<(usize, Vec<u8>, webgpu_lora::peft::AdapterFiles)>) {
+fn run(
+    model: &mut LlamaModel,
+    steps: &[Vec<Batch>],
+    config: &TrainOptions,
+    resume: Option<&[u8]>,
+    stop_at: Option<usize>,
+) -> (Vec<f64>, webgpu_lora::Result<webgpu_lora::train::TrainSummary>, Vec<(usize, Vec<u8>, webgpu_lora::lora::AdapterFiles)>) {
     let mut losses = Vec::new();
     let mut checkpoints = Vec::new();
     let clock = || 0.0;
@@ -84,8 +115,8 @@ fn run(model: &mut LlamaModel, steps: &[Vec<Batch>], config: &TrainConfig, resum
 #[test]
 fn gradients_match_peft() {
     let t = trajectory();
-    let mut model = tiny_with_adapter();
-    let (loss, grads) = pollster::block_on(adapter_gradients(&mut model, "a", &batch(&t["grad_batch"]))).unwrap();
+    let model = tiny_with_adapter();
+    let (loss, grads) = adapter_gradients(&model, "a", &batch(&t["grad_batch"]));
     let bytes = std::fs::read(fixture("train/grads.safetensors")).unwrap();
     let peft = webgpu_lora::io::SafetensorsWeights::new(vec![("grads".into(), bytes)]).unwrap();
     let peft_loss = peft.tensor("loss").unwrap().data[0] as f64;
@@ -128,7 +159,7 @@ fn head_loss_equals_autodiff_of_the_plain_loss() {
         // the reference: autodiff through log_softmax over every shifted position, masked
         let leaf = hidden.clone().autodiff().require_grad();
         let vocab = model.config.vocab_size;
-        let logits = model.lm_head(leaf.clone()).narrow(1, 0, seq - 1).reshape([b * (seq - 1), vocab]);
+        let logits = model.head(leaf.clone()).narrow(1, 0, seq - 1).reshape([b * (seq - 1), vocab]);
         let next: Vec<i32> = batch.labels.chunks(seq).flat_map(|row| row[1..].to_vec()).collect();
         let mask: Vec<f32> = next.iter().map(|&l| if l == IGNORE { 0.0 } else { 1.0 }).collect();
         let index: Vec<i32> = next.iter().map(|&l| l.max(0)).collect();
@@ -148,7 +179,10 @@ fn head_loss_equals_autodiff_of_the_plain_loss() {
             let (surrogate, loss) = head_loss_backward(&model, leaf.clone(), &batch, 0.5, rows);
             let g = surrogate.backward();
             let loss = loss.into_data().try_to_vec::<f32>().unwrap()[0];
-            assert!((loss - expected_loss).abs() < 1e-5 * expected_loss.abs(), "masked {masked}, {rows} rows: loss {loss} vs {expected_loss}");
+            assert!(
+                (loss - expected_loss).abs() < 1e-5 * expected_loss.abs(),
+                "masked {masked}, {rows} rows: loss {loss} vs {expected_loss}"
+            );
             let diff = max_abs_diff(&host(leaf.grad(&g).unwrap()), &expected_grad);
             assert!(diff < 1e-6, "masked {masked}, {rows} rows: max |dh - dh autodiff| = {diff}");
         }
@@ -190,9 +224,10 @@ fn training_on_an_f16_base() {
     let t = trajectory();
     let steps = &steps(&t)[..5];
     let f16_files = webgpu_lora::io::ModelFiles::from_dir(&fixture("tiny-llama")).unwrap();
-    let f16_model = webgpu_lora::Llm::load_as(f16_files, webgpu_lora::model::WeightDtype::F16, &cpu(), &mut |_, _, _| {}).unwrap().model;
+    let f16_model = webgpu_lora::Llm::load(f16_files, WeightDtype::F16, &cpu(), &mut |_, _, _| {}).unwrap().model;
     let mut f16 = with_adapter(f16_model);
-    let mut rounded = with_adapter(webgpu_lora::Llm::load(rounded_to_f16_files(&fixture("tiny-llama")), &cpu(), &mut |_, _, _| {}).unwrap().model);
+    let rounded_files = rounded_to_f16_files(&fixture("tiny-llama"));
+    let mut rounded = with_adapter(webgpu_lora::Llm::load(rounded_files, WeightDtype::F32, &cpu(), &mut |_, _, _| {}).unwrap().model);
     let base_before = pollster::block_on(f16.hf_tensors(None)).unwrap();
     let (ours, result, _) = run(&mut f16, steps, &reference_config(&t), None, None);
     result.unwrap();
@@ -205,7 +240,7 @@ fn training_on_an_f16_base() {
     assert_eq!(pollster::block_on(f16.hf_tensors(None)).unwrap(), base_before, "the f16 base is bit-identical");
 }
 
-/// Micro-batches split across threads (`TrainConfig::threads`, what the CLI does on the CPU
+/// Micro-batches split across threads (`TrainOptions::threads`, what the CLI does on the CPU
 /// backend) give the unsplit run's losses and adapter (1e-6: only the summation order differs);
 /// the replicas the threads ran are gone afterwards.
 #[test]
@@ -215,7 +250,7 @@ fn micro_batches_split_across_threads_train_the_same() {
     let mut config = reference_config(&t);
     let mut whole = tiny_with_adapter();
     let (expected, ..) = run(&mut whole, steps, &config, None, None);
-    config.threads = 2;
+    config.threads = Some(2);
     let mut split = tiny_with_adapter();
     let (losses, result, _) = run(&mut split, steps, &config, None, None);
     result.unwrap();
@@ -223,16 +258,17 @@ fn micro_batches_split_across_threads_train_the_same() {
     for (i, (a, b)) in losses.iter().zip(&expected).enumerate() {
         assert!((a - b).abs() < 1e-6, "step {}: loss {a} split vs {b}", i + 1);
     }
-    let adapter = |model: &LlamaModel| pollster::block_on(model.save_adapter("a")).unwrap();
+    let adapter = |model: &LlamaModel| pollster::block_on(model.export_adapter("a")).unwrap();
     let (ours, theirs) = (adapter(&split), adapter(&whole));
-    let read = |f: &webgpu_lora::peft::AdapterFiles| webgpu_lora::io::SafetensorsWeights::new(vec![("a".into(), f.safetensors.clone())]).unwrap();
+    let read =
+        |f: &webgpu_lora::lora::AdapterFiles| webgpu_lora::io::SafetensorsWeights::new(vec![("a".into(), f.safetensors.clone())]).unwrap();
     let (ours, theirs) = (read(&ours), read(&theirs));
     for name in theirs.names() {
         let diff = max_abs_diff(&ours.tensor(name).unwrap().data, &theirs.tensor(name).unwrap().data);
         assert!(diff < 1e-6, "{name}: {diff}");
     }
     assert_eq!(split.adapter_names(), vec!["a"]);
-    assert!(split.layers.iter().all(|l| l.linears().iter().all(|(_, linear)| linear.adapters.len() == 1)), "no replica is left behind");
+    assert!(split.layers.iter().all(|l| l.linears().iter().all(|linear| linear.adapters.len() == 1)), "no replica is left behind");
 }
 
 /// With LoRA dropout, a split micro-batch applies the masks the unsplit pass draws (each layer's
@@ -240,19 +276,21 @@ fn micro_batches_split_across_threads_train_the_same() {
 /// dropout does change them.
 #[test]
 fn dropout_masks_do_not_depend_on_the_split() {
-    use webgpu_lora::config::LoraConfig;
+    use webgpu_lora::lora::LoraConfig;
     let t = trajectory();
     let steps = &steps(&t)[..4];
     let fresh = |dropout: f64| {
         let mut model = load(&fixture("tiny-llama"), &cpu()).model;
-        let json = format!(r#"{{"peft_type":"LORA","r":4,"lora_alpha":8,"lora_dropout":{dropout},"target_modules":"all-linear","init_lora_weights":"gaussian"}}"#);
+        let json = format!(
+            r#"{{"peft_type":"LORA","r":4,"lora_alpha":8,"lora_dropout":{dropout},"target_modules":"all-linear","init_lora_weights":"gaussian"}}"#
+        );
         pollster::block_on(model.add_adapter("a", LoraConfig::from_json(json.as_bytes(), "test").unwrap(), 0)).unwrap();
         model
     };
     let mut config = reference_config(&t);
     let (unsplit, ..) = run(&mut fresh(0.3), steps, &config, None, None);
     let (no_dropout, ..) = run(&mut fresh(0.0), steps, &config, None, None);
-    config.threads = 2;
+    config.threads = Some(2);
     let (split, result, _) = run(&mut fresh(0.3), steps, &config, None, None);
     result.unwrap();
     for (i, (a, b)) in split.iter().zip(&unsplit).enumerate() {
@@ -282,7 +320,7 @@ fn split_rows_partitions_a_batch() {
 fn resume_and_cancel() {
     let t = trajectory();
     let steps = &steps(&t)[..6];
-    let config = TrainConfig { checkpoint_every: Some(3), ..reference_config(&t) };
+    let config = TrainOptions { checkpoint_every: Some(3), ..reference_config(&t) };
     let (full, result, checkpoints) = run(&mut tiny_with_adapter(), steps, &config, None, None);
     result.unwrap();
     assert_eq!(checkpoints.len(), 1);
@@ -310,14 +348,14 @@ fn a_diverging_loss_stops_training() {
     let t = trajectory();
     let mut model = tiny_with_adapter();
     // split across threads: the replicas must go on the error path too
-    let config = TrainConfig { optimizer: AdamW { lr: 1e30, ..Default::default() }, schedule: Schedule::Constant, max_grad_norm: None, threads: 2, ..Default::default() };
+    let config = TrainOptions { lr: 1e30, schedule: Schedule::Constant, max_grad_norm: 0.0, threads: Some(2), ..Default::default() };
     let (_, result, _) = run(&mut model, &steps(&t)[..5], &config, None, None);
     let err = result.unwrap_err().to_string();
     assert!(err.contains("the loss became") && err.contains("adapter is as it was after step"), "{err}");
     let a = &model.layers[0].self_attn.q_proj.adapters["a"].a_t;
-    let values = pollster::block_on(webgpu_lora::generate::read_f32(a.clone())).unwrap();
+    let values = pollster::block_on(webgpu_lora::tensor::read_f32(a.clone())).unwrap();
     assert!(values.iter().all(|v| v.is_finite()));
-    assert!(model.layers.iter().all(|l| l.linears().iter().all(|(_, linear)| linear.adapters.len() == 1)), "no replica is left behind");
+    assert!(model.layers.iter().all(|l| l.linears().iter().all(|linear| linear.adapters.len() == 1)), "no replica is left behind");
 }
 
 /// Early stopping: with a validation set and patience 1, a run that gets worse stops and keeps the
@@ -328,16 +366,19 @@ fn early_stopping_restores_the_best_adapter() {
     let mut model = tiny_with_adapter();
     let steps = steps(&t);
     let val: Vec<Batch> = steps[..2].iter().flatten().cloned().collect();
-    let config = TrainConfig {
-        optimizer: AdamW { lr: 0.5, ..Default::default() },
+    let config = TrainOptions {
+        lr: 0.5,
         schedule: Schedule::Constant,
-        max_grad_norm: None,
+        max_grad_norm: 0.0,
         eval_every: Some(1),
-        early_stopping_patience: Some(1),
+        patience: Some(1),
         ..Default::default()
     };
     let clock = || 0.0;
-    let summary = pollster::block_on(train_steps(&mut model, "a", &steps, steps.len(), Some(&val), &config, None, &clock, &mut |_| Control::Continue)).unwrap();
+    let summary = pollster::block_on(train_steps(&mut model, "a", &steps, steps.len(), Some(&val), &config, None, &clock, &mut |_| {
+        Control::Continue
+    }))
+    .unwrap();
     assert_eq!(summary.end, TrainEnd::EarlyStopped, "{summary:?}");
     let now = pollster::block_on(webgpu_lora::train::evaluate(&model, &val)).unwrap();
     let best = summary.best_val_loss.unwrap();

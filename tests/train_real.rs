@@ -4,10 +4,9 @@
 mod common;
 
 use common::*;
-use webgpu_lora::GenerationConfig;
-use webgpu_lora::config::LoraConfig;
 use webgpu_lora::io::ChatMessage;
-use webgpu_lora::train::{AdamW, Control, DataOptions, FineTune, Schedule, TrainConfig, TrainEvent, fine_tune};
+use webgpu_lora::train::{Control, Schedule, TrainEvent, TrainOptions, fine_tune};
+use webgpu_lora::{GenerationConfig, LoraModel};
 
 fn data(name: &str) -> Vec<u8> {
     std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/robot").join(name)).unwrap()
@@ -19,36 +18,35 @@ fn data(name: &str) -> Vec<u8> {
 #[test]
 fn fine_tuning_teaches_the_persona() {
     let mut llm = load(&real_model_dir(), &cpu());
-    let lora = LoraConfig::from_json(br#"{"peft_type":"LORA","task_type":"CAUSAL_LM","r":8,"lora_alpha":16,"lora_dropout":0.05,"target_modules":"all-linear"}"#, "test").unwrap();
-    let spec = FineTune {
+    let spec = TrainOptions {
         adapter_name: "robot".into(),
-        lora,
-        data: DataOptions { max_seq_len: 128, ..Default::default() },
-        train: TrainConfig {
-            optimizer: AdamW { lr: 2e-3, ..Default::default() },
-            schedule: Schedule::Cosine,
-            warmup_steps: 2,
-            batch_size: 4,
-            max_steps: Some(20),
-            eval_every: Some(20),
-            seed: 0,
-            ..Default::default()
-        },
-        val_split: None,
-        packing: false,
+        r: 8,
+        lora_alpha: 16.0,
+        lora_dropout: 0.05,
+        target_modules: vec!["all-linear".into()],
+        max_seq_len: 128,
+        lr: 2e-3,
+        schedule: Schedule::Cosine,
+        warmup_steps: 2,
+        batch_size: 4,
+        max_steps: Some(20),
+        eval_every: Some(20),
+        seed: 0,
+        ..Default::default()
     };
     let (train, val) = (data("train.jsonl"), data("val.jsonl"));
     let mut evals = Vec::new();
     let start = std::time::Instant::now();
     let clock = move || start.elapsed().as_secs_f64();
-    let (report, _) = pollster::block_on(fine_tune(&mut llm, &spec, ("train.jsonl", &train), Some(("val.jsonl", &val)), None, &clock, &mut |event| {
-        if let TrainEvent::Eval { step, val_loss, .. } = event {
-            eprintln!("step {step}: val_loss {val_loss:.4}");
-            evals.push(val_loss);
-        }
-        Control::Continue
-    }))
-    .unwrap();
+    let (report, _) =
+        pollster::block_on(fine_tune(&mut llm, &spec, ("train.jsonl", &train), Some(("val.jsonl", &val)), None, &clock, &mut |event| {
+            if let TrainEvent::Eval { step, val_loss, .. } = event {
+                eprintln!("step {step}: val_loss {val_loss:.4}");
+                evals.push(val_loss);
+            }
+            Control::Continue
+        }))
+        .unwrap();
     let (first, last) = (evals[0], *evals.last().unwrap());
     assert!(last <= 0.7 * first, "validation loss {first:.3} -> {last:.3}: less than a 30% drop ({report:?})");
 

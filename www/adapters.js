@@ -26,7 +26,7 @@ export function setupAdapters(app) {
       row.dataset.name = a.name;
       if (app.model?.activeAdapter === a.name) row.classList.add('active');
       const targets = Array.isArray(a.targetModules) ? a.targetModules.join(', ') : String(a.targetModules);
-      for (const text of [a.name, a.baseModel?.name ?? '?', a.r, targets, formatBytes(a.size), new Date(a.created).toLocaleString(), a.trainingSummary?.final_loss?.toFixed(3) ?? '-']) {
+      for (const text of [a.name, a.baseModel?.name ?? '?', a.r, targets, formatBytes(a.size), new Date(a.created).toLocaleString(), a.trainingSummary?.finalLoss?.toFixed(3) ?? '-']) {
         const td = document.createElement('td');
         td.textContent = text;
         row.append(td);

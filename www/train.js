@@ -88,14 +88,14 @@ export function setupTraining(app) {
         onStep: (m) => {
           chart.add('train', m.step, m.loss);
           progress.value = m.step;
-          $('train-status').textContent = `step ${m.step} of ${maxSteps} · loss ${m.loss.toFixed(3)} · ${m.tokens_per_s.toFixed(0)} tokens/s · about ${Math.ceil(m.eta_s)} s left`;
+          $('train-status').textContent = `step ${m.step} of ${maxSteps} · loss ${m.loss.toFixed(3)} · ${m.tokensPerS.toFixed(0)} tokens/s · about ${Math.ceil(m.etaS)} s left`;
         },
-        onEval: (e) => chart.add('val', e.step, e.val_loss),
+        onEval: (e) => chart.add('val', e.step, e.valLoss),
         signal: controller.signal,
       });
       await app.model.saveAdapter(name, { overwrite: true });
       const s = report.summary;
-      $('train-status').textContent = `${s.end === 'completed' ? 'Done' : `Stopped (${s.end})`}: ${s.steps} steps, ${s.tokens} tokens, best validation loss ${s.best_val_loss?.toFixed(3) ?? '-'}. Saved as "${name}" and active.`;
+      $('train-status').textContent = `${s.end === 'completed' ? 'Done' : `Stopped (${s.end})`}: ${s.steps} steps, ${s.tokens} tokens, best validation loss ${s.bestValLoss?.toFixed(3) ?? '-'}. Saved as "${name}" and active.`;
       await app.refreshAdapters();
     } catch (e) {
       $('train-status').textContent = `Training failed: ${e.message}`;

@@ -11,18 +11,6 @@ use crate::error::{Error, Result};
 /// The architecture this crate runs.
 pub const LLAMA_ARCHITECTURE: &str = "LlamaForCausalLM";
 
-/// The linear layers of one decoder block, by their Hugging Face names relative to the block, in
-/// model order.
-pub const PROJECTIONS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
-
 /// The shape and constants of a Llama-architecture causal LM.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -84,14 +72,13 @@ const DEFAULT_ROPE_THETA: f64 = 10000.0;
 impl LlamaConfig {
     /// Parses config.json; `file` names it in errors.
     pub fn from_json(bytes: &[u8], file: &str) -> Result<Self> {
-        let value: Value = serde_json::from_slice(bytes)
-            .map_err(|e| Error::file(file, format!("not valid JSON: {e}")))?;
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| Error::file(file, format!("not valid JSON: {e}")))?;
         let Value::Object(raw) = value else {
             return Err(Error::file(file, "expected a JSON object"));
         };
         check_architecture(&raw, file)?;
-        let c: RawConfig = serde_json::from_value(Value::Object(raw.clone()))
-            .map_err(|e| Error::file(file, format!("not a Llama config: {e}")))?;
+        let c: RawConfig =
+            serde_json::from_value(Value::Object(raw.clone())).map_err(|e| Error::file(file, format!("not a Llama config: {e}")))?;
         let bad = |m: String| Err(Error::file(file, m));
 
         if c.attention_bias || c.mlp_bias {
@@ -115,10 +102,7 @@ impl LlamaConfig {
         }
         let num_key_value_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
         if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 && c.head_dim.is_none() {
-            return bad(format!(
-                "hidden_size {} is not divisible by num_attention_heads {}",
-                c.hidden_size, c.num_attention_heads
-            ));
+            return bad(format!("hidden_size {} is not divisible by num_attention_heads {}", c.hidden_size, c.num_attention_heads));
         }
         if num_key_value_heads == 0 || c.num_attention_heads % num_key_value_heads != 0 {
             return bad(format!(
@@ -159,14 +143,6 @@ impl LlamaConfig {
         serde_json::to_string_pretty(&Value::Object(self.raw.clone())).expect("a JSON map serializes")
     }
 
-    /// The Hugging Face names of the linear layers inside the decoder blocks, in model order
-    /// (`model.layers.{i}.self_attn.q_proj`, ...): what LoRA can target. The output head is not one.
-    pub fn linear_module_names(&self) -> Vec<String> {
-        (0..self.num_hidden_layers)
-            .flat_map(|i| PROJECTIONS.iter().map(move |p| format!("model.layers.{i}.{p}")))
-            .collect()
-    }
-
     /// Query heads per key/value head (grouped-query attention).
     pub fn kv_groups(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
@@ -175,17 +151,10 @@ impl LlamaConfig {
 
 /// Refuses anything but a Llama causal LM, naming what was found.
 fn check_architecture(raw: &Map<String, Value>, file: &str) -> Result<()> {
-    let architectures: Vec<&str> = raw
-        .get("architectures")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
+    let architectures: Vec<&str> =
+        raw.get("architectures").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
     let model_type = raw.get("model_type").and_then(Value::as_str);
-    let is_llama = if architectures.is_empty() {
-        model_type == Some("llama")
-    } else {
-        architectures.contains(&LLAMA_ARCHITECTURE)
-    };
+    let is_llama = if architectures.is_empty() { model_type == Some("llama") } else { architectures.contains(&LLAMA_ARCHITECTURE) };
     if is_llama {
         return Ok(());
     }
@@ -194,10 +163,7 @@ fn check_architecture(raw: &Map<String, Value>, file: &str) -> Result<()> {
     } else {
         format!("architectures {architectures:?}")
     };
-    Err(Error::file(
-        file,
-        format!("unsupported architecture: {found}; only {LLAMA_ARCHITECTURE} (model_type \"llama\") is supported"),
-    ))
+    Err(Error::file(file, format!("unsupported architecture: {found}; only {LLAMA_ARCHITECTURE} (model_type \"llama\") is supported")))
 }
 
 /// Only plain rotary embeddings are implemented; scaled variants would silently give wrong logits.
@@ -205,10 +171,7 @@ fn check_rope_type(params: &Value, key: &str, file: &str) -> Result<()> {
     let kind = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str);
     match kind {
         None | Some("default") => Ok(()),
-        Some(other) => Err(Error::file(
-            file,
-            format!("{key}.rope_type {other:?} is not supported; only the default rotary embedding"),
-        )),
+        Some(other) => Err(Error::file(file, format!("{key}.rope_type {other:?} is not supported; only the default rotary embedding"))),
     }
 }
 
@@ -246,9 +209,7 @@ mod tests {
         assert!(err.contains("config.json") && err.contains("llama3"), "{err}");
         let err = parse(r#","attention_bias":true"#).unwrap_err().to_string();
         assert!(err.contains("attention_bias"), "{err}");
-        let err = LlamaConfig::from_json(br#"{"architectures":["GPT2LMHeadModel"]}"#, "m/config.json")
-            .unwrap_err()
-            .to_string();
+        let err = LlamaConfig::from_json(br#"{"architectures":["GPT2LMHeadModel"]}"#, "m/config.json").unwrap_err().to_string();
         assert!(err.starts_with("m/config.json: unsupported architecture") && err.contains("GPT2LMHeadModel"), "{err}");
         assert!(LlamaConfig::from_json(b"{", "c.json").unwrap_err().to_string().contains("not valid JSON"));
     }

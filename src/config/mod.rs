@@ -1,7 +1,5 @@
-//! Configuration files: the base model's Hugging Face `config.json` and PEFT's `adapter_config.json`.
+//! The base model's Hugging Face `config.json`.
 
 mod llama;
-mod lora;
 
-pub use llama::{LLAMA_ARCHITECTURE, LlamaConfig, PROJECTIONS};
-pub use lora::{LoraConfig, LoraInit, TargetModules};
+pub use llama::{LLAMA_ARCHITECTURE, LlamaConfig};

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
-use crate::io::HostTensor;
+use crate::tensor::HostTensor;
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -97,9 +97,8 @@ impl GgmlType {
 /// Names of the GGML type ids, for error messages.
 fn ggml_type_name(id: u32) -> String {
     const NAMES: [&str; 31] = [
-        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K",
-        "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS",
-        "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
+        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K",
+        "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
     ];
     NAMES.get(id as usize).map_or_else(|| format!("unknown type {id}"), |n| format!("{n} (type {id})"))
 }
@@ -155,9 +154,10 @@ impl<'a> Cursor<'a> {
     }
     fn len(&mut self, what: &str) -> Result<usize> {
         let n = self.u64(what)?;
-        usize::try_from(n).ok().filter(|&n| n <= self.bytes.len()).ok_or_else(|| {
-            Error::file(self.file, format!("{what} at byte {} claims length {n}, more than the file holds", self.pos - 8))
-        })
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= self.bytes.len())
+            .ok_or_else(|| Error::file(self.file, format!("{what} at byte {} claims length {n}, more than the file holds", self.pos - 8)))
     }
     fn string(&mut self, what: &str) -> Result<String> {
         let n = self.len(what)?;
@@ -249,10 +249,6 @@ impl<'a> GgufFile<'a> {
         self.meta(key).ok_or_else(|| Error::file(&self.file, format!("metadata {key:?} is missing")))
     }
 
-    pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
-        self.tensors.iter().find(|t| t.name == name)
-    }
-
     /// Dequantizes one tensor to f32 in its row-major shape.
     pub fn tensor_f32(&self, info: &TensorInfo) -> Result<HostTensor> {
         let kind = GgmlType::from_id(info.ggml_type).ok_or_else(|| {
@@ -269,7 +265,10 @@ impl<'a> GgufFile<'a> {
         let count: usize = shape.iter().product();
         let (per_block, block_bytes) = kind.block();
         if info.dims.first().is_some_and(|&row| row as usize % per_block != 0) {
-            return Err(Error::file(&self.file, format!("tensor {}: row length {} is not a multiple of the block size {per_block}", info.name, info.dims[0])));
+            return Err(Error::file(
+                &self.file,
+                format!("tensor {}: row length {} is not a multiple of the block size {per_block}", info.name, info.dims[0]),
+            ));
         }
         let size = count / per_block * block_bytes;
         let start = info.offset as usize;

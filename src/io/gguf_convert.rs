@@ -11,7 +11,8 @@ use crate::config::LLAMA_ARCHITECTURE;
 use crate::error::{Error, Result};
 use crate::io::gguf::{GgufFile, MetaValue, unpermute_rotary_rows};
 use crate::io::model_files::{CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, write_files};
-use crate::io::safetensors::{HostTensor, SINGLE_FILE, StoreDtype, write_safetensors};
+use crate::io::safetensors::{SINGLE_FILE, StoreDtype, write_safetensors};
+use crate::tensor::HostTensor;
 
 /// A model converted to the Hugging Face layout, in memory.
 pub struct HfModel {
@@ -58,17 +59,17 @@ impl HfModel {
         }
         let vocab_size = match g.meta("llama.vocab_size").and_then(MetaValue::as_u64) {
             Some(v) => v as usize,
-            None => tensors.get("model.embed_tokens.weight").map(|t| t.shape[0]).ok_or_else(|| Error::file(&g.file, "no token_embd.weight tensor"))?,
+            None => tensors
+                .get("model.embed_tokens.weight")
+                .map(|t| t.shape[0])
+                .ok_or_else(|| Error::file(&g.file, "no token_embd.weight tensor"))?,
         };
         let tied = !tensors.contains_key("lm_head.weight");
         // f32 metadata widened to f64 prints as 9.999999747378752e-06; keep the value the author wrote
         let shortest = |v: f64| format!("{}", v as f32).parse::<f64>().unwrap_or(v);
         let token_id = |key: &str| g.meta(key).and_then(MetaValue::as_u64);
-        let (bos, eos, pad) = (
-            token_id("tokenizer.ggml.bos_token_id"),
-            token_id("tokenizer.ggml.eos_token_id"),
-            token_id("tokenizer.ggml.padding_token_id"),
-        );
+        let (bos, eos, pad) =
+            (token_id("tokenizer.ggml.bos_token_id"), token_id("tokenizer.ggml.eos_token_id"), token_id("tokenizer.ggml.padding_token_id"));
         let config = json!({
             "architectures": [LLAMA_ARCHITECTURE],
             "model_type": "llama",
@@ -99,7 +100,10 @@ impl HfModel {
                 (Some(tok), Some(tok_config))
             }
             Some(other) => {
-                return Err(Error::file(&g.file, format!("tokenizer.ggml.model {other:?} is not supported; only \"gpt2\" (byte-level BPE)")));
+                return Err(Error::file(
+                    &g.file,
+                    format!("tokenizer.ggml.model {other:?} is not supported; only \"gpt2\" (byte-level BPE)"),
+                ));
             }
         };
         Ok(HfModel { config, tensors, tokenizer, tokenizer_config, generation_config })

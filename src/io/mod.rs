@@ -7,6 +7,13 @@ pub mod model_files;
 pub mod safetensors;
 pub mod tokenizer;
 
-pub use model_files::ModelFiles;
-pub use safetensors::{HostTensor, SafetensorsWeights, StoreDtype};
+pub use model_files::{ModelFiles, write_files};
+pub use safetensors::{SafetensorsWeights, StoreDtype};
 pub use tokenizer::{ChatMessage, TextTokenizer};
+
+use crate::error::{Error, Result};
+
+/// The bytes of the file at `path`.
+pub fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| Error::io(path.display(), source))
+}

@@ -44,6 +44,12 @@ impl ModelFiles {
         if self.origin.is_empty() { name.to_string() } else { format!("{}/{name}", self.origin) }
     }
 
+    /// The file names of a model directory, as JSON for the browser's downloader: {config,
+    /// weights (single file), index (of shards), optional: [tokenizer and generation files]}.
+    pub fn layout() -> serde_json::Value {
+        serde_json::json!({"config": CONFIG_FILE, "weights": SINGLE_FILE, "index": INDEX_FILE, "optional": TEXT_FILES})
+    }
+
     /// The weight files a model needs: the shards an index lists, or `model.safetensors`.
     pub fn weight_file_names(index_json: Option<&[u8]>) -> Result<Vec<String>> {
         match index_json {
@@ -60,7 +66,7 @@ impl ModelFiles {
         }
         let mut files = ModelFiles::new(origin);
         let label = |name: &str| format!("{}/{name}", dir.display());
-        let read = |name: &str| std::fs::read(dir.join(name)).map_err(|source| Error::Io { file: label(name), source });
+        let read = |name: &str| crate::io::read_file(&dir.join(name));
         let mut wanted = vec![CONFIG_FILE.to_string()];
         let index = dir.join(INDEX_FILE);
         if index.is_file() {
@@ -72,7 +78,9 @@ impl ModelFiles {
         } else {
             return Err(Error::file(
                 label(SINGLE_FILE),
-                format!("no model weights: neither {SINGLE_FILE} nor {INDEX_FILE} is in this directory (a GGUF file can be converted with `webgpu-lora convert-gguf`)"),
+                format!(
+                    "no model weights: neither {SINGLE_FILE} nor {INDEX_FILE} is in this directory (a GGUF file can be converted with `webgpu-lora convert-gguf`)"
+                ),
             ));
         }
         for name in wanted {
@@ -91,7 +99,9 @@ impl ModelFiles {
     /// Puts the origin in front of an error that names one of these files by its bare name.
     fn relabel(&self, e: Error) -> Error {
         match e {
-            Error::File { file, message } if self.files.contains_key(&file) || TEXT_FILES.contains(&file.as_str()) || file == INDEX_FILE => {
+            Error::File { file, message }
+                if self.files.contains_key(&file) || TEXT_FILES.contains(&file.as_str()) || file == INDEX_FILE =>
+            {
                 Error::File { file: self.label(&file), message }
             }
             other => other,
@@ -100,9 +110,8 @@ impl ModelFiles {
 
     /// Parses config.json.
     pub fn config(&self) -> Result<LlamaConfig> {
-        let bytes = self
-            .get(CONFIG_FILE)
-            .ok_or_else(|| Error::file(self.label(CONFIG_FILE), "missing: every model needs its config.json"))?;
+        let bytes =
+            self.get(CONFIG_FILE).ok_or_else(|| Error::file(self.label(CONFIG_FILE), "missing: every model needs its config.json"))?;
         LlamaConfig::from_json(bytes, &self.label(CONFIG_FILE))
     }
 
@@ -134,7 +143,7 @@ impl ModelFiles {
 pub fn write_files<S: AsRef<str>>(dir: &Path, files: Vec<(S, Vec<u8>)>) -> Result<()> {
     let io = |file: &Path| {
         let file = file.display().to_string();
-        move |source| Error::Io { file, source }
+        move |source| Error::io(file, source)
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     for (name, bytes) in files {

@@ -4,29 +4,19 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use safetensors::{Dtype, SafeTensors, tensor::{TensorInfo, TensorView}};
+use safetensors::{
+    Dtype, SafeTensors,
+    tensor::{TensorInfo, TensorView},
+};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::tensor::HostTensor;
 
 /// The name of the index file of a sharded checkpoint.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// The name of a single-file checkpoint.
 pub const SINGLE_FILE: &str = "model.safetensors";
-
-/// A tensor on the host: f32, row-major.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostTensor {
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-}
-
-impl HostTensor {
-    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
-        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        HostTensor { shape, data }
-    }
-}
 
 /// Storage type of tensors written to safetensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,12 +79,8 @@ impl SafetensorsWeights {
 
     /// The shard file names listed by a `model.safetensors.index.json`, in order of first use.
     pub fn shard_names(index_json: &[u8]) -> Result<Vec<String>> {
-        let value: Value = serde_json::from_slice(index_json)
-            .map_err(|e| Error::file(INDEX_FILE, format!("not valid JSON: {e}")))?;
-        let map = value
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| Error::file(INDEX_FILE, "no \"weight_map\" object"))?;
+        let value: Value = serde_json::from_slice(index_json).map_err(|e| Error::file(INDEX_FILE, format!("not valid JSON: {e}")))?;
+        let map = value.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::file(INDEX_FILE, "no \"weight_map\" object"))?;
         let mut names: Vec<String> = Vec::new();
         for file in map.values() {
             let file = file.as_str().ok_or_else(|| Error::file(INDEX_FILE, "weight_map values must be file names"))?;
@@ -155,12 +141,10 @@ fn describe(file: &str, len: usize, e: safetensors::SafeTensorError) -> Error {
         E::MetadataIncompleteBuffer | E::HeaderTooSmall | E::InvalidHeaderLength => {
             format!("; the file ({len} bytes) looks truncated or is not safetensors: download it again")
         }
-        E::InvalidOffset(_) | E::TensorInvalidInfo => {
-            "; the header's offsets do not match the data: the file is corrupt".to_string()
-        }
+        E::InvalidOffset(_) | E::TensorInvalidInfo => "; the header's offsets do not match the data: the file is corrupt".to_string(),
         _ => String::new(),
     };
-    Error::file(file, format!("invalid safetensors: {e}{hint}"))
+    Error::file(file, format!("invalid safetensors ({e}){hint}"))
 }
 
 /// Serializes named f32 tensors to safetensors bytes in `dtype`, with `metadata` (e.g. {"format": "pt"}).
@@ -169,10 +153,8 @@ pub fn write_safetensors(
     dtype: StoreDtype,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
-    let encoded: Vec<(&String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(name, t)| (name, t.shape.clone(), encode(&t.data, dtype)))
-        .collect();
+    let encoded: Vec<(&String, Vec<usize>, Vec<u8>)> =
+        tensors.iter().map(|(name, t)| (name, t.shape.clone(), encode(&t.data, dtype))).collect();
     let st_dtype = match dtype {
         StoreDtype::F32 => Dtype::F32,
         StoreDtype::F16 => Dtype::F16,

@@ -31,23 +31,17 @@ pub struct TextTokenizer {
 impl TextTokenizer {
     /// Builds from `tokenizer.json` bytes, and optionally `tokenizer_config.json` and a
     /// `chat_template.jinja` (which wins over the config's template, as in transformers).
-    pub fn from_files(
-        tokenizer_json: &[u8],
-        tokenizer_config_json: Option<&[u8]>,
-        chat_template_jinja: Option<&[u8]>,
-    ) -> Result<Self> {
+    pub fn from_files(tokenizer_json: &[u8], tokenizer_config_json: Option<&[u8]>, chat_template_jinja: Option<&[u8]>) -> Result<Self> {
         let tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json)
             .map_err(|e| Error::file("tokenizer.json", format!("cannot load tokenizer: {e}")))?;
         let config: Value = match tokenizer_config_json {
-            Some(bytes) => serde_json::from_slice(bytes)
-                .map_err(|e| Error::file("tokenizer_config.json", format!("not valid JSON: {e}")))?,
+            Some(bytes) => {
+                serde_json::from_slice(bytes).map_err(|e| Error::file("tokenizer_config.json", format!("not valid JSON: {e}")))?
+            }
             None => Value::Null,
         };
         let chat_template = match chat_template_jinja {
-            Some(bytes) => Some(
-                String::from_utf8(bytes.to_vec())
-                    .map_err(|_| Error::file("chat_template.jinja", "not UTF-8 text"))?,
-            ),
+            Some(bytes) => Some(String::from_utf8(bytes.to_vec()).map_err(|_| Error::file("chat_template.jinja", "not UTF-8 text"))?),
             None => template_from_config(&config),
         };
         Ok(TextTokenizer {
@@ -60,18 +54,13 @@ impl TextTokenizer {
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (BOS etc.).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let encoding = self
-            .tokenizer
-            .encode(text, add_special_tokens)
-            .map_err(|e| Error::invalid(format!("cannot tokenize: {e}")))?;
+        let encoding = self.tokenizer.encode(text, add_special_tokens).map_err(|e| Error::invalid(format!("cannot tokenize: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// Text of `ids`, special tokens skipped or not.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.tokenizer
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| Error::invalid(format!("cannot decode token ids: {e}")))
+        self.tokenizer.decode(ids, skip_special_tokens).map_err(|e| Error::invalid(format!("cannot decode token ids: {e}")))
     }
 
     /// The id of a token string (e.g. "<|im_end|>").
@@ -91,18 +80,16 @@ impl TextTokenizer {
     /// Renders the conversation with the chat template, as transformers'
     /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`.
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let source = self
-            .chat_template
-            .as_deref()
-            .ok_or_else(|| Error::invalid("this model has no chat template (no chat_template.jinja and none in tokenizer_config.json); use a plain prompt"))?;
+        let source = self.chat_template.as_deref().ok_or_else(|| {
+            Error::invalid("this model has no chat template (no chat_template.jinja and none in tokenizer_config.json); use a plain prompt")
+        })?;
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
         });
-        env.add_template("chat", source)
-            .map_err(|e| Error::file("chat template", format!("cannot parse: {e}")))?;
+        env.add_template("chat", source).map_err(|e| Error::file("chat template", format!("cannot parse: {e}")))?;
         let template = env.get_template("chat").expect("just added");
         template
             .render(minijinja::context! {

@@ -15,17 +15,14 @@
 //! Both products B A are independent of the sign conventions of QR and SVD, so the residual base
 //! is PEFT's exactly (to rounding) even where A and B differ from PEFT's in sign.
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::LoraInit;
 use crate::error::{Error, Result};
-use crate::io::HostTensor;
-use crate::generate::read_host;
 use crate::linalg::{leading_columns, thin_qr, thin_svd};
-use crate::model::transpose;
-use crate::lora::LoraWeights;
+use crate::lora::{LoraInit, LoraWeights};
+use crate::tensor::{HostTensor, read_host, upload};
 
 fn uniform(rng: &mut ChaCha8Rng, shape: [usize; 2], bound: f32) -> HostTensor {
     let data = (0..shape[0] * shape[1]).map(|_| rng.random_range(-bound..bound)).collect();
@@ -63,29 +60,6 @@ pub fn init_lora(init: LoraInit, d_in: usize, d_out: usize, r: usize, rng: &mut 
     })
 }
 
-/// A host matrix on `device`.
-pub fn upload(t: HostTensor, device: &burn::tensor::Device) -> Tensor<2> {
-    let shape = [t.shape[0], t.shape[1]];
-    Tensor::from_data(TensorData::new(t.data, shape), device)
-}
-
-/// Uploads several host matrices in one transfer: one device buffer, and each matrix a view into
-/// it. On WebGPU every upload has a fixed cost that dwarfs a small LoRA matrix (an r=8 q,v adapter
-/// of SmolLM2 loaded in ~100 ms one matrix at a time).
-pub fn upload_all<'a>(ts: impl Iterator<Item = &'a HostTensor> + Clone, device: &burn::tensor::Device) -> Vec<Tensor<2>> {
-    let data: Vec<f32> = ts.clone().flat_map(|t| t.data.iter().copied()).collect();
-    let total = data.len();
-    let flat = Tensor::<1>::from_data(TensorData::new(data, [total]), device);
-    let mut offset = 0;
-    ts.map(|t| {
-        let n = t.data.len();
-        let view = flat.clone().slice(offset..offset + n).reshape([t.shape[0], t.shape[1]]);
-        offset += n;
-        view
-    })
-    .collect()
-}
-
 /// OLoRA's or PiSSA's initial adapter for a base weight `weight_t` (W^T, [in, out]) at rank `r`.
 /// The caller subtracts its update from the base.
 pub async fn init_from_weight(init: LoraInit, weight_t: &Tensor<2>, r: usize, scaling: f64, module: &str) -> Result<LoraWeights> {
@@ -96,9 +70,9 @@ pub async fn init_from_weight(init: LoraInit, weight_t: &Tensor<2>, r: usize, sc
     match init {
         LoraInit::Olora => {
             // QR of W [out, in] (the transpose of weight_t): B = Q[:, :r], A = R[:r]
-            let (q, r_mat) = thin_qr(&transpose(&read_host(weight_t.clone()).await?));
-            let b_t = transpose(&leading_columns(&q, r, &vec![1.0; r]));
-            let a_t = transpose(&HostTensor::new(vec![r, d_in], r_mat.data[..r * d_in].to_vec()));
+            let (q, r_mat) = thin_qr(&read_host(weight_t.clone()).await?.transpose());
+            let b_t = leading_columns(&q, r, &vec![1.0; r]).transpose();
+            let a_t = HostTensor::new(vec![r, d_in], r_mat.data[..r * d_in].to_vec()).transpose();
             let device = weight_t.device();
             Ok(LoraWeights { a_t: upload(a_t, &device), b_t: upload(b_t, &device), scaling })
         }
@@ -108,7 +82,7 @@ pub async fn init_from_weight(init: LoraInit, weight_t: &Tensor<2>, r: usize, sc
             let root: Vec<f32> = svd.s[..r].iter().map(|s| (s / scaling as f32).sqrt()).collect();
             let device = weight_t.device();
             let a_t = leading_columns(&svd.u, r, &root);
-            let b_t = transpose(&leading_columns(&svd.v, r, &root));
+            let b_t = leading_columns(&svd.v, r, &root).transpose();
             Ok(LoraWeights { a_t: upload(a_t, &device), b_t: upload(b_t, &device), scaling })
         }
         other => Err(Error::invalid(format!("init_lora_weights {other:?} does not derive the adapter from the base weight"))),

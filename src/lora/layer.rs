@@ -13,14 +13,24 @@ use std::collections::BTreeMap;
 use burn::tensor::Tensor;
 
 use crate::lora::PartDropout;
-use crate::model::Linear;
+use crate::nn::Linear;
 
 /// Which adapter a forward pass runs, and the LoRA dropout to apply before A (none outside
 /// training).
 #[derive(Clone, Copy)]
 pub struct LoraRun<'a> {
     pub adapter: &'a str,
+    /// The matrices to run instead of the adapter's stored ones, by module name: training runs
+    /// its own autodiff copies (one per thread) without touching the model.
+    pub weights: Option<&'a AdapterWeights>,
     pub dropout: Option<&'a PartDropout<'a>>,
+}
+
+impl<'a> LoraRun<'a> {
+    /// The stored adapter `adapter`, without dropout.
+    pub fn stored(adapter: &'a str) -> Self {
+        LoraRun { adapter, weights: None, dropout: None }
+    }
 }
 
 /// One adapter's matrices for one layer.
@@ -40,8 +50,14 @@ impl LoraWeights {
     }
 }
 
+/// One adapter's matrices in every layer it adapts, by module name.
+pub type AdapterWeights = BTreeMap<String, LoraWeights>;
+
 /// A base linear layer and the adapters loaded for it, by adapter name.
 pub struct LoraLinear {
+    /// The module's Hugging Face name (`model.layers.3.self_attn.q_proj`): what PEFT's
+    /// `target_modules` and adapter keys refer to.
+    pub name: String,
     pub base: Linear,
     pub adapters: BTreeMap<String, LoraWeights>,
     /// Adapters whose update is folded into `base`, in merge order.
@@ -52,8 +68,8 @@ pub struct LoraLinear {
 }
 
 impl LoraLinear {
-    pub fn new(base: Linear) -> Self {
-        LoraLinear { base, adapters: BTreeMap::new(), merged: Vec::new(), initial: BTreeMap::new() }
+    pub fn new(name: String, base: Linear) -> Self {
+        LoraLinear { name, base, adapters: BTreeMap::new(), merged: Vec::new(), initial: BTreeMap::new() }
     }
 
     /// scaling * (B A)^T = scaling * A^T B^T: the adapter's update of `weight_t`, [in, out], in f32.
@@ -107,7 +123,12 @@ impl LoraLinear {
     /// already merged into the base.
     pub fn forward(&self, x: Tensor<3>, run: Option<LoraRun>) -> Tensor<3> {
         let run = run.filter(|run| !self.merged.iter().any(|m| m == run.adapter));
-        let Some((lora, dropout)) = run.and_then(|run| self.adapters.get(run.adapter).map(|l| (l, run.dropout))) else { return self.base.forward(x) };
+        let lora = run.and_then(|run| match run.weights {
+            Some(weights) => weights.get(&self.name),
+            None => self.adapters.get(run.adapter),
+        });
+        let Some(lora) = lora else { return self.base.forward(x) };
+        let dropout = run.and_then(|run| run.dropout);
         let [batch, seq, d_in] = x.dims();
         let x2 = x.reshape([batch * seq, d_in]);
         let base = x2.clone().matmul(self.base.weight_t.value());
@@ -123,7 +144,6 @@ impl LoraLinear {
 
     /// (d_in, d_out) of the base layer.
     pub fn shape(&self) -> (usize, usize) {
-        let [d_in, d_out] = self.base.weight_t.dims();
-        (d_in, d_out)
+        self.base.shape()
     }
 }

@@ -12,28 +12,18 @@
 //! gradient. Linear weights are kept transposed ([in, out]) so that every projection is `x @ W^T`
 //! as one plain matmul.
 
+use std::collections::BTreeMap;
+
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::config::{LlamaConfig, PROJECTIONS};
+use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
-use crate::io::{HostTensor, SafetensorsWeights};
-use crate::lora::{LoraLinear, LoraRun};
+use crate::io::SafetensorsWeights;
+use crate::lora::{AdapterState, LoraLinear, LoraModel, LoraRun};
 use crate::model::KvCache;
-use crate::model::weight::{Weight, WeightDtype};
-use crate::model::ops::{attend, swiglu};
-
-/// A linear layer without bias; `weight_t` is the Hugging Face weight transposed: [in, out].
-pub struct Linear {
-    pub weight_t: Weight,
-}
-
-impl Linear {
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let [batch, seq, d_in] = x.dims();
-        let d_out = self.weight_t.dims()[1];
-        x.reshape([batch * seq, d_in]).matmul(self.weight_t.value()).reshape([batch, seq, d_out])
-    }
-}
+use crate::nn::ops::{attend, swiglu};
+use crate::nn::{Linear, Weight, WeightDtype};
+use crate::tensor::{HostTensor, read_f32, read_host};
 
 /// Root-mean-square normalisation: x / sqrt(mean(x^2) + eps) * weight.
 pub struct RmsNorm {
@@ -76,7 +66,8 @@ impl Rotary {
             }
         }
         let scale = 1.0 / (d as f32).sqrt();
-        let table = |v: &[f32], scale: f32| Tensor::<4>::from_data(TensorData::new(v.iter().map(|x| x * scale).collect(), [1, 1, seq, d]), device);
+        let table =
+            |v: &[f32], scale: f32| Tensor::<4>::from_data(TensorData::new(v.iter().map(|x| x * scale).collect(), [1, 1, seq, d]), device);
         Rotary { cos: table(&cos, 1.0), sin: table(&sin, 1.0), query_cos: table(&cos, scale), query_sin: table(&sin, scale) }
     }
 
@@ -126,7 +117,14 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: Tensor<3>, rotary: &Rotary, mask: Option<Tensor<4>>, cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Tensor<3> {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        rotary: &Rotary,
+        mask: Option<Tensor<4>>,
+        cache: Option<&mut KvCache>,
+        lora: Option<LoraRun>,
+    ) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
         let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
         let q = rotary.apply_query(heads(self.q_proj.forward(x.clone(), lora), self.num_heads));
@@ -168,23 +166,28 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(&self, x: Tensor<3>, rotary: &Rotary, mask: Option<Tensor<4>>, cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Tensor<3> {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        rotary: &Rotary,
+        mask: Option<Tensor<4>>,
+        cache: Option<&mut KvCache>,
+        lora: Option<LoraRun>,
+    ) -> Tensor<3> {
         let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rotary, mask, cache, lora);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h), lora)
     }
 
-    /// The block's linear layers with their Hugging Face names relative to the block ([`PROJECTIONS`]).
-    pub fn linears(&self) -> [(&'static str, &LoraLinear); 7] {
+    /// The block's linear layers in model order.
+    pub fn linears(&self) -> [&LoraLinear; 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
-        let layers = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
-        std::array::from_fn(|i| (PROJECTIONS[i], layers[i]))
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
     }
 
     /// The same, mutable.
-    pub fn linears_mut(&mut self) -> [(&'static str, &mut LoraLinear); 7] {
+    pub fn linears_mut(&mut self) -> [&mut LoraLinear; 7] {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
-        let mut layers = [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj].into_iter();
-        std::array::from_fn(|i| (PROJECTIONS[i], layers.next().expect("seven layers")))
+        [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
     }
 }
 
@@ -197,8 +200,8 @@ pub struct LlamaModel {
     pub norm: RmsNorm,
     /// [hidden, vocab]; `None` when tied to `embed_tokens`.
     pub lm_head: Option<Weight>,
-    /// The adapters loaded, which one runs, and whether adapters are disabled (see `peft`).
-    pub adapters: crate::peft::AdapterState,
+    /// The adapters loaded, which one runs, and whether adapters are disabled (see [`LoraModel`]).
+    pub adapters: AdapterState,
 }
 
 impl LlamaModel {
@@ -208,8 +211,8 @@ impl LlamaModel {
         self.hidden_states_with(input_ids, cache, self.adapters.running())
     }
 
-    /// [`hidden_states`](Self::hidden_states) with the adapter (and dropout) given: training runs
-    /// copies of the adapter under other names on other threads.
+    /// [`hidden_states`](Self::hidden_states) with the adapter given: training runs its own copies
+    /// of the adapter's matrices, with dropout.
     pub fn hidden_states_with(&self, input_ids: Tensor<2, Int>, mut cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Tensor<3> {
         let [batch, seq] = input_ids.dims();
         let device = self.embed_tokens.device();
@@ -229,7 +232,7 @@ impl LlamaModel {
     }
 
     /// Logits [batch, seq, vocab] from hidden states.
-    pub fn lm_head(&self, hidden: Tensor<3>) -> Tensor<3> {
+    pub fn head(&self, hidden: Tensor<3>) -> Tensor<3> {
         let [batch, seq, hidden_size] = hidden.dims();
         let h = hidden.reshape([batch * seq, hidden_size]);
         let logits = match &self.lm_head {
@@ -241,9 +244,9 @@ impl LlamaModel {
     }
 
     /// Logits [rows, vocab] of hidden states [rows, hidden], laid out row by row (as the loss reads
-    /// them): with a tied head, `h E^T` through a strided view of E rather than [`lm_head`](Self::lm_head)'s
+    /// them): with a tied head, `h E^T` through a strided view of E rather than [`head`](Self::head)'s
     /// transposed result, which a reshape would copy (25 MB per 128 rows).
-    pub fn lm_head_rows(&self, h: Tensor<2>) -> Tensor<2> {
+    pub fn head_rows(&self, h: Tensor<2>) -> Tensor<2> {
         match &self.lm_head {
             Some(head_t) => h.matmul(head_t.value()),
             None => h.matmul(self.embed_tokens.value().transpose()),
@@ -251,7 +254,7 @@ impl LlamaModel {
     }
 
     /// dL/dhidden [rows, hidden] from dL/dlogits [rows, vocab]: the head is linear, so dL/dlogits · W.
-    pub fn lm_head_input_grad(&self, dlogits: Tensor<2>) -> Tensor<2> {
+    pub fn head_input_grad(&self, dlogits: Tensor<2>) -> Tensor<2> {
         match &self.lm_head {
             Some(head_t) => dlogits.matmul(head_t.value().transpose()),
             None => dlogits.matmul(self.embed_tokens.value()),
@@ -260,14 +263,21 @@ impl LlamaModel {
 
     /// Logits [batch, seq, vocab] for every position.
     pub fn forward(&self, input_ids: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
-        self.lm_head(self.hidden_states(input_ids, cache))
+        self.head(self.hidden_states(input_ids, cache))
     }
 
     /// Logits [batch, vocab] of the last position only (what generation needs).
     pub fn forward_last(&self, input_ids: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<2> {
         let hidden = self.hidden_states(input_ids, cache);
         let [batch, seq, _] = hidden.dims();
-        self.lm_head(hidden.narrow(1, seq - 1, 1)).reshape([batch, self.config.vocab_size])
+        self.head(hidden.narrow(1, seq - 1, 1)).reshape([batch, self.config.vocab_size])
+    }
+
+    /// The logits [ids.len() * vocab] (row-major) of one forward pass over `ids`, read back;
+    /// ids outside the vocabulary are refused.
+    pub async fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.check_ids(ids)?;
+        read_f32(self.forward(self.ids_tensor(ids), None)).await
     }
 
     /// Bytes the weights occupy on the device, as transformers' `get_memory_footprint`: the base's
@@ -277,7 +287,7 @@ impl LlamaModel {
         let mut bytes = self.embed_tokens.bytes() + self.lm_head.as_ref().map_or(0, Weight::bytes) + f32_bytes(&self.norm.weight.dims());
         for layer in &self.layers {
             bytes += f32_bytes(&layer.input_layernorm.weight.dims()) + f32_bytes(&layer.post_attention_layernorm.weight.dims());
-            for (_, linear) in layer.linears() {
+            for linear in layer.linears() {
                 bytes += linear.base.weight_t.bytes();
                 for lora in linear.adapters.values().chain(linear.initial.values()) {
                     bytes += f32_bytes(&lora.a_t.dims()) + f32_bytes(&lora.b_t.dims());
@@ -323,29 +333,29 @@ impl LlamaModel {
     /// The weights under their Hugging Face names and layout ([out, in] linears), read back from
     /// the device: merged adapters included, unmerged ones not, plus adapter `merge` (if given)
     /// added on the way out without touching the model. The inverse of [`load`](Self::load).
-    pub async fn hf_tensors(&self, merge: Option<&str>) -> Result<std::collections::BTreeMap<String, HostTensor>> {
+    pub async fn hf_tensors(&self, merge: Option<&str>) -> Result<BTreeMap<String, HostTensor>> {
         async fn host<const D: usize>(t: &Tensor<D>) -> Result<HostTensor> {
-            crate::generate::read_host(t.clone()).await
+            read_host(t.clone()).await
         }
-        let mut out = std::collections::BTreeMap::new();
+        let mut out = BTreeMap::new();
         out.insert("model.embed_tokens.weight".to_string(), host(&self.embed_tokens.value()).await?);
         out.insert("model.norm.weight".to_string(), host(&self.norm.weight).await?);
         if let Some(head_t) = &self.lm_head {
-            out.insert("lm_head.weight".to_string(), transpose(&host(&head_t.value()).await?));
+            out.insert("lm_head.weight".to_string(), host(&head_t.value()).await?.transpose());
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             out.insert(format!("{p}.input_layernorm.weight"), host(&layer.input_layernorm.weight).await?);
             out.insert(format!("{p}.post_attention_layernorm.weight"), host(&layer.post_attention_layernorm.weight).await?);
-            for (name, linear) in layer.linears() {
-                let delta = merge.filter(|m| !linear.merged.iter().any(|done| done == m)).and_then(|m| linear.delta_t(m));
-                // merged as merge_and_unload would: in the storage precision
-                let mut weight_t = linear.base.weight_t.clone();
-                if let Some(delta) = delta {
-                    weight_t.add(delta, 1.0);
-                }
-                out.insert(format!("{p}.{name}.weight"), transpose(&host(&weight_t.value()).await?));
+        }
+        for linear in self.lora_linears() {
+            let delta = merge.filter(|m| !linear.merged.iter().any(|done| done == m)).and_then(|m| linear.delta_t(m));
+            // merged as merge_and_unload would: in the storage precision
+            let mut weight_t = linear.base.weight_t.clone();
+            if let Some(delta) = delta {
+                weight_t.add(delta, 1.0);
             }
+            out.insert(format!("{}.weight", linear.name), host(&weight_t.value()).await?.transpose());
         }
         Ok(out)
     }
@@ -370,7 +380,7 @@ impl LlamaModel {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let mut linear = |name: &str, d_out: usize, d_in: usize| loader.lora_linear(&format!("{p}.{name}.weight"), d_out, d_in);
+            let mut linear = |name: &str, d_out: usize, d_in: usize| loader.lora_linear(&format!("{p}.{name}"), d_out, d_in);
             let self_attn = Attention {
                 q_proj: linear("self_attn.q_proj", c.num_attention_heads * hd, hidden)?,
                 k_proj: linear("self_attn.k_proj", c.num_key_value_heads * hd, hidden)?,
@@ -394,12 +404,39 @@ impl LlamaModel {
             });
         }
         let norm = loader.norm("model.norm.weight", hidden, c.rms_norm_eps)?;
-        let lm_head = if c.tie_word_embeddings {
-            None
-        } else {
-            Some(loader.linear("lm_head.weight", c.vocab_size, hidden)?.weight_t)
-        };
+        let lm_head = if c.tie_word_embeddings { None } else { Some(loader.linear("lm_head.weight", c.vocab_size, hidden)?.weight_t) };
         Ok(LlamaModel { config, embed_tokens, layers, norm, lm_head, adapters: Default::default() })
+    }
+}
+
+impl LoraModel for LlamaModel {
+    fn lora_linears(&self) -> impl Iterator<Item = &LoraLinear> {
+        self.layers.iter().flat_map(DecoderLayer::linears)
+    }
+
+    fn lora_linears_mut(&mut self) -> impl Iterator<Item = &mut LoraLinear> {
+        self.layers.iter_mut().flat_map(DecoderLayer::linears_mut)
+    }
+
+    fn adapter_state(&self) -> &AdapterState {
+        &self.adapters
+    }
+
+    fn adapter_state_mut(&mut self) -> &mut AdapterState {
+        &mut self.adapters
+    }
+
+    /// Embeddings, norms, every linear layer and an untied head.
+    fn base_parameters(&self) -> usize {
+        let c = &self.config;
+        let numel = |dims: [usize; 2]| dims[0] * dims[1];
+        let linears: usize = self.lora_linears().map(|l| numel(l.base.weight_t.dims())).sum();
+        let norms = (2 * self.layers.len() + 1) * c.hidden_size;
+        numel(self.embed_tokens.dims()) + norms + linears + self.lm_head.as_ref().map_or(0, |head| numel(head.dims()))
+    }
+
+    fn device(&self) -> Device {
+        self.embed_tokens.device()
     }
 }
 
@@ -440,13 +477,14 @@ impl Loader<'_> {
 
     /// A Hugging Face [out, in] weight, stored transposed.
     fn linear(&mut self, name: &str, d_out: usize, d_in: usize) -> Result<Linear> {
-        let t = transpose(&self.host(name, &[d_out, d_in])?);
+        let t = self.host(name, &[d_out, d_in])?.transpose();
         let weight_t = Weight::upload(t, self.dtype, name, self.device)?;
         Ok(self.uploaded(Linear { weight_t }))
     }
 
-    fn lora_linear(&mut self, name: &str, d_out: usize, d_in: usize) -> Result<LoraLinear> {
-        self.linear(name, d_out, d_in).map(LoraLinear::new)
+    /// An adaptable linear layer, named after its module (`name` without `.weight`).
+    fn lora_linear(&mut self, module: &str, d_out: usize, d_in: usize) -> Result<LoraLinear> {
+        self.linear(&format!("{module}.weight"), d_out, d_in).map(|linear| LoraLinear::new(module.to_string(), linear))
     }
 
     fn norm(&mut self, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
@@ -454,16 +492,4 @@ impl Loader<'_> {
         let weight = Tensor::from_data(TensorData::new(t.data, [size]), self.device);
         Ok(self.uploaded(RmsNorm { weight, eps }))
     }
-}
-
-/// Transposes a 2-D host tensor.
-pub fn transpose(t: &HostTensor) -> HostTensor {
-    let (rows, cols) = (t.shape[0], t.shape[1]);
-    let mut out = vec![0.0; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = t.data[r * cols + c];
-        }
-    }
-    HostTensor::new(vec![cols, rows], out)
 }

@@ -1,10 +1,8 @@
-//! The base model: a Llama-architecture causal LM on burn tensors.
+//! The base model: a Llama-architecture causal LM on burn tensors, whose linear layers carry
+//! LoRA adapters ([`crate::lora`]).
 
 mod kv_cache;
 mod llama;
-pub mod ops;
-pub mod weight;
 
 pub use kv_cache::KvCache;
-pub use llama::{DecoderLayer, Linear, LlamaModel, transpose};
-pub use weight::{Weight, WeightDtype};
+pub use llama::{Attention, DecoderLayer, LlamaModel, Mlp, RmsNorm};

@@ -20,7 +20,7 @@ use crate::io::{ChatMessage, TextTokenizer};
 /// The label of a token that is not trained on (PyTorch's ignore_index).
 pub const IGNORE: i32 = -100;
 
-/// How examples are made from the file.
+/// How examples are made from the file (a part of [`TrainOptions`](crate::train::TrainOptions)).
 #[derive(Debug, Clone)]
 pub struct DataOptions {
     pub max_seq_len: usize,
@@ -33,8 +33,9 @@ pub struct DataOptions {
 }
 
 impl Default for DataOptions {
+    /// [`TrainOptions`](crate::train::TrainOptions)' defaults.
     fn default() -> Self {
-        DataOptions { max_seq_len: 512, train_on_everything: false, truncate: false, skip_bad_lines: false }
+        crate::train::TrainOptions::default().data_options()
     }
 }
 
@@ -54,6 +55,7 @@ impl Example {
 
 /// What reading a file did.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct DataReport {
     pub examples: usize,
     /// (line number, problem) of lines skipped with `skip_bad_lines`.
@@ -100,7 +102,10 @@ pub fn read_dataset(file: &str, bytes: &[u8], tokenizer: &TextTokenizer, options
     report.tokens = examples.iter().map(|e| e.ids.len()).sum();
     report.trainable_tokens = examples.iter().map(Example::trainable_tokens).sum();
     if report.trainable_tokens == 0 {
-        return Err(Error::file(file, "no trainable tokens: every label is masked (no assistant turn or completion?); add them, or train on everything"));
+        return Err(Error::file(
+            file,
+            "no trainable tokens: every label is masked (no assistant turn or completion?); add them, or train on everything",
+        ));
     }
     Ok(Dataset { examples, report })
 }
@@ -128,7 +133,11 @@ fn read_jsonl(file: &str, text: &str, tokenizer: &TextTokenizer, eos: u32, optio
             if !options.truncate {
                 return Err(Error::file(
                     format!("{file}:{number}"),
-                    format!("the example has {} tokens, more than max_seq_len = {}: raise max_seq_len or allow truncation", example.ids.len(), options.max_seq_len),
+                    format!(
+                        "the example has {} tokens, more than max_seq_len = {}: raise max_seq_len or allow truncation",
+                        example.ids.len(),
+                        options.max_seq_len
+                    ),
                 ));
             }
             report.truncated += 1;
@@ -151,7 +160,9 @@ fn tokenize_line(value: &Value, tokenizer: &TextTokenizer, eos: u32, options: &D
     if let Some(messages) = value.get("messages") {
         let messages = parse_messages(messages)?;
         if !tokenizer.has_chat_template() {
-            return Err("\"messages\" needs the model's chat template, and this model has none: use \"prompt\"/\"completion\" or \"text\"".into());
+            return Err(
+                "\"messages\" needs the model's chat template, and this model has none: use \"prompt\"/\"completion\" or \"text\"".into()
+            );
         }
         // each assistant turn is what the template adds after the conversation so far plus the
         // generation prompt; everything else is context

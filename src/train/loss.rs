@@ -8,7 +8,7 @@
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::model::LlamaModel;
-use crate::model::ops::cross_entropy;
+use crate::nn::ops::cross_entropy;
 use crate::train::data::{Batch, IGNORE};
 
 /// Positions whose logits exist at once: 128 x a 49152-word vocabulary is 25 MB (twice: the
@@ -43,7 +43,13 @@ fn counted_rows(hidden: Tensor<3>, batch: &Batch) -> Option<(Tensor<2>, Tensor<2
 
 /// The loss of `hidden` ([rows, hidden], plain) against `targets`, `rows_at_once` positions at a
 /// time, and with `grad` also dLoss/dhidden: (softmax - onehot) · W for the linear head W.
-fn head_loss_slices(model: &LlamaModel, hidden: Tensor<2>, targets: Tensor<2, Int>, rows_at_once: usize, grad: bool) -> (Tensor<1>, Option<Tensor<2>>) {
+fn head_loss_slices(
+    model: &LlamaModel,
+    hidden: Tensor<2>,
+    targets: Tensor<2, Int>,
+    rows_at_once: usize,
+    grad: bool,
+) -> (Tensor<1>, Option<Tensor<2>>) {
     let n = hidden.dims()[0];
     let mut loss: Option<Tensor<1>> = None;
     let mut grads = Vec::new();
@@ -51,10 +57,10 @@ fn head_loss_slices(model: &LlamaModel, hidden: Tensor<2>, targets: Tensor<2, In
         let len = rows_at_once.min(n - start);
         let h = hidden.clone().narrow(0, start, len);
         let targets = targets.clone().narrow(0, start, len);
-        let (rows, dlogits) = cross_entropy(model.lm_head_rows(h), targets);
+        let (rows, dlogits) = cross_entropy(model.head_rows(h), targets);
         let part = rows.sum();
         if grad {
-            grads.push(model.lm_head_input_grad(dlogits));
+            grads.push(model.head_input_grad(dlogits));
         }
         loss = Some(match loss {
             None => part,

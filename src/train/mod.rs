@@ -1,14 +1,17 @@
-//! Supervised fine-tuning of a LoRA adapter: data ([`data`]), the loss ([`loss`]), AdamW and
-//! schedules ([`optimizer`]) the loop with its events ([`trainer`]) and a whole job from files ([`fine_tune`]). The same code runs
-//! natively and in the browser; the caller supplies the clock and receives checkpoints as files.
+//! Supervised fine-tuning of a LoRA adapter: its settings ([`TrainOptions`]), the data
+//! ([`data`]), the loss ([`loss`]), AdamW and schedules ([`optimizer`]), the loop with its events
+//! ([`trainer`]) and a whole job from files ([`fine_tune`]). The same code runs natively and in
+//! the browser; the caller supplies the clock and receives checkpoints as files.
 
 pub mod data;
 pub mod fine_tune;
 pub mod loss;
 pub mod optimizer;
+mod options;
 pub mod trainer;
 
 pub use data::{Batch, DataOptions, DataReport, Dataset, Example, read_dataset};
+pub use fine_tune::{FineTuneReport, fine_tune};
 pub use optimizer::{AdamW, Schedule};
-pub use fine_tune::{FineTune, FineTuneReport, fine_tune};
-pub use trainer::{Control, StepMetrics, TrainConfig, TrainEnd, TrainEvent, TrainSummary, evaluate, train_steps};
+pub use options::{INIT_LORA_WEIGHTS, TrainOptions};
+pub use trainer::{Control, StepMetrics, TrainEnd, TrainEvent, TrainSummary, evaluate, train_steps};

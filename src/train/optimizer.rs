@@ -40,7 +40,15 @@ impl AdamW {
 
     /// One step for one parameter at optimizer step `t` (from 1) with learning rate `lr`:
     /// returns the new (parameter, m, v).
-    pub fn update(&self, param: Tensor<2>, grad: Tensor<2>, m: Tensor<2>, v: Tensor<2>, t: usize, lr: f64) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
+    pub fn update(
+        &self,
+        param: Tensor<2>,
+        grad: Tensor<2>,
+        m: Tensor<2>,
+        v: Tensor<2>,
+        t: usize,
+        lr: f64,
+    ) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
         let param = param.mul_scalar(1.0 - lr * self.weight_decay);
         let m = m.mul_scalar(self.beta1) + grad.clone().mul_scalar(1.0 - self.beta1);
         let v = v.mul_scalar(self.beta2) + (grad.clone() * grad).mul_scalar(1.0 - self.beta2);
@@ -52,24 +60,26 @@ impl AdamW {
     }
 }
 
-/// How the learning rate moves after warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How the learning rate moves after warmup ("cosine", "linear" or "constant" in options).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum Schedule {
     Constant,
     Linear,
     Cosine,
 }
 
-impl Schedule {
-    pub fn parse(text: &str) -> Result<Self> {
-        match text {
-            "constant" => Ok(Schedule::Constant),
-            "linear" => Ok(Schedule::Linear),
-            "cosine" => Ok(Schedule::Cosine),
-            other => Err(Error::invalid(format!("schedule {other:?}: use \"cosine\", \"linear\" or \"constant\""))),
-        }
+impl std::fmt::Display for Schedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Schedule::Constant => "constant",
+            Schedule::Linear => "linear",
+            Schedule::Cosine => "cosine",
+        })
     }
+}
 
+impl Schedule {
     /// The factor of the base learning rate at optimizer step `step` (from 0) of `total`, after
     /// `warmup` steps of linear warmup from 0 (transformers' lambdas).
     pub fn factor(self, step: usize, warmup: usize, total: usize) -> f64 {

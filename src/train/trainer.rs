@@ -5,91 +5,25 @@
 //! with best-adapter restore, checkpoints (handed to the caller as files), cancel, resume and a
 //! NaN/Inf guard that keeps the last good adapter.
 
-use burn::tensor::Tensor;
+use std::collections::{BTreeMap, HashMap};
+
+use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::generate::{read_f32, read_host};
-use crate::io::HostTensor;
-use crate::lora::{DropoutMasks, LoraRun};
+use crate::io::safetensors::write_safetensors;
+use crate::io::{SafetensorsWeights, StoreDtype};
+use crate::lora::{AdapterFiles, AdapterWeights, DropoutMasks, LoraModel, LoraRun, LoraWeights};
 use crate::model::LlamaModel;
-use crate::peft::AdapterFiles;
+use crate::tensor::{read_host, read_scalar, upload};
+use crate::train::TrainOptions;
 use crate::train::data::{Batch, Dataset, epoch_batches};
 use crate::train::loss::{LOSS_ROWS, head_loss_backward, summed_token_loss};
-use crate::train::optimizer::{AdamW, Schedule, clip_factor, global_norm};
-
-/// Settings of a training run.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TrainConfig {
-    pub optimizer: AdamW,
-    pub schedule: Schedule,
-    pub warmup_steps: usize,
-    /// Clip gradients to this global L2 norm (`None`: no clipping).
-    pub max_grad_norm: Option<f64>,
-    pub batch_size: usize,
-    pub grad_accum: usize,
-    pub epochs: usize,
-    /// Stop after this many optimizer steps (wins over `epochs`).
-    pub max_steps: Option<usize>,
-    /// Evaluate on the validation set every N steps (and before the first step and at the end).
-    pub eval_every: Option<usize>,
-    /// Stop after this many evaluations without a better validation loss; the best adapter is
-    /// restored.
-    pub early_stopping_patience: Option<usize>,
-    pub checkpoint_every: Option<usize>,
-    /// Data order and LoRA dropout.
-    pub seed: u64,
-    /// Run each micro-batch as up to this many parts of its rows in parallel on rayon's pool
-    /// (the one burn's CPU GEMM uses, so the parts' matrix products share the cores rather than
-    /// oversubscribe them), each part with its own copy of the adapter's leaves (and so its own
-    /// autodiff graph); gradients are summed. For the CPU backend, whose elementwise kernels are
-    /// single-threaded; 1 (the default) elsewhere. Equal to the unsplit step up to float
-    /// rounding, and as deterministic.
-    pub threads: usize,
-}
-
-impl TrainConfig {
-    /// Refuses settings that cannot train, naming the setting.
-    pub fn check(&self) -> Result<()> {
-        self.optimizer.check()?;
-        if self.threads == 0 {
-            return Err(Error::invalid("threads must be at least 1"));
-        }
-        if self.batch_size == 0 || self.grad_accum == 0 {
-            return Err(Error::invalid(format!("batch size {} and gradient accumulation {} must be at least 1", self.batch_size, self.grad_accum)));
-        }
-        if self.max_steps.unwrap_or(self.epochs) == 0 {
-            return Err(Error::invalid("nothing to train: epochs and max_steps must be at least 1"));
-        }
-        if self.max_grad_norm.is_some_and(|n| !(n > 0.0)) {
-            return Err(Error::invalid("max_grad_norm must be positive (or none for no clipping)"));
-        }
-        Ok(())
-    }
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        TrainConfig {
-            optimizer: AdamW::default(),
-            schedule: Schedule::Cosine,
-            warmup_steps: 0,
-            max_grad_norm: Some(1.0),
-            batch_size: 4,
-            grad_accum: 1,
-            epochs: 1,
-            max_steps: None,
-            eval_every: None,
-            early_stopping_patience: None,
-            checkpoint_every: None,
-            seed: 42,
-            threads: 1,
-        }
-    }
-}
+use crate::train::optimizer::{clip_factor, global_norm};
 
 /// Metrics of one optimizer step.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StepMetrics {
     pub step: usize,
     pub total_steps: usize,
@@ -107,9 +41,17 @@ pub struct StepMetrics {
 #[derive(Clone)]
 pub enum TrainEvent {
     Step(StepMetrics),
-    Eval { step: usize, val_loss: f64, best: bool },
+    Eval {
+        step: usize,
+        val_loss: f64,
+        best: bool,
+    },
     /// The adapter and the trainer state after `step`: save both to resume from here.
-    Checkpoint { step: usize, adapter: Box<AdapterFiles>, state: Vec<u8> },
+    Checkpoint {
+        step: usize,
+        adapter: Box<AdapterFiles>,
+        state: Vec<u8>,
+    },
 }
 
 impl TrainEvent {
@@ -117,7 +59,9 @@ impl TrainEvent {
     pub fn to_json(&self) -> serde_json::Value {
         match self {
             TrainEvent::Step(m) => serde_json::json!({"event": "step", "metrics": m}),
-            TrainEvent::Eval { step, val_loss, best } => serde_json::json!({"event": "eval", "step": step, "val_loss": val_loss, "best": best}),
+            TrainEvent::Eval { step, val_loss, best } => {
+                serde_json::json!({"event": "eval", "step": step, "valLoss": val_loss, "best": best})
+            }
             TrainEvent::Checkpoint { step, .. } => serde_json::json!({"event": "checkpoint", "step": step}),
         }
     }
@@ -132,7 +76,7 @@ pub enum Control {
 
 /// Why training ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "camelCase")]
 pub enum TrainEnd {
     Completed,
     EarlyStopped,
@@ -141,6 +85,7 @@ pub enum TrainEnd {
 
 /// The outcome, stored beside the adapter (training_summary.json).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct TrainSummary {
     pub steps: usize,
     pub tokens: usize,
@@ -162,72 +107,75 @@ struct StateHeader {
     evals_without_improvement: usize,
 }
 
-/// One trainable matrix: where it lives in the model and its AdamW moments.
-struct Param {
-    layer: usize,
-    projection: &'static str,
-    is_a: bool,
-    m: Tensor<2>,
-    v: Tensor<2>,
+/// The adapter being trained, held by the run (the model only sees its values between steps):
+/// its modules in model order and AdamW's moments (m, v) of each matrix, A then B per module.
+struct Trainee {
+    adapter: String,
+    modules: Vec<String>,
+    moments: Vec<(Tensor<2>, Tensor<2>)>,
 }
 
-fn tensor_of<'m>(model: &'m mut LlamaModel, p: &Param, adapter: &str) -> &'m mut Tensor<2> {
-    let (_, linear) = model.layers[p.layer].linears_mut().into_iter().find(|(n, _)| *n == p.projection).expect("a projection");
-    let lora = linear.adapters.get_mut(adapter).expect("the trained adapter");
-    if p.is_a { &mut lora.a_t } else { &mut lora.b_t }
-}
+impl Trainee {
+    /// Adapter `adapter` of `model`, with zero moments.
+    fn new(model: &LlamaModel, adapter: &str) -> Result<Self> {
+        let weights = model.adapter_weights(adapter)?;
+        let modules: Vec<String> = model.lora_linears().filter(|l| weights.contains_key(&l.name)).map(|l| l.name.clone()).collect();
+        let zeros = |t: &Tensor<2>| Tensor::zeros(t.dims(), &t.device());
+        let moments = modules.iter().flat_map(|m| [&weights[m].a_t, &weights[m].b_t]).map(|t| (zeros(t), zeros(t))).collect();
+        Ok(Trainee { adapter: adapter.to_string(), modules, moments })
+    }
 
-/// The adapter's current matrices, in `params` order.
-fn adapter_values(model: &mut LlamaModel, params: &[Param], adapter: &str) -> Vec<Tensor<2>> {
-    params.iter().map(|p| tensor_of(model, p, adapter).clone()).collect()
-}
+    /// The adapter's matrices in moment order.
+    fn flat(&self, weights: &AdapterWeights) -> Vec<Tensor<2>> {
+        self.modules.iter().flat_map(|m| [weights[m].a_t.clone(), weights[m].b_t.clone()]).collect()
+    }
 
-/// Puts `values` (in `params` order) in place of the adapter's matrices.
-fn set_adapter_values(model: &mut LlamaModel, params: &[Param], adapter: &str, values: &[Tensor<2>]) {
-    for (p, v) in params.iter().zip(values) {
-        *tensor_of(model, p, adapter) = v.clone();
+    /// `weights` with its matrices replaced by `flat` (in moment order).
+    fn unflat(&self, weights: &AdapterWeights, flat: Vec<Tensor<2>>) -> AdapterWeights {
+        let mut flat = flat.into_iter();
+        let mut next = || flat.next().expect("one tensor per matrix");
+        self.modules.iter().map(|m| (m.clone(), LoraWeights { a_t: next(), b_t: next(), scaling: weights[m].scaling })).collect()
     }
 }
 
-async fn read_scalar(t: Tensor<1>) -> Result<f64> {
-    Ok(read_f32(t).await?[0] as f64)
-}
-
-/// One optimizer step's loss and gradients (in `params` order) at the adapter's current values:
-/// a forward/backward per micro-batch with the adapter's matrices as the only autodiff leaves,
-/// each micro-batch's summed token loss divided by the whole group's trainable tokens, gradients
-/// summed. With `threads` > 1 each micro-batch's rows are split into parts run in parallel,
-/// part k running its own leaves as adapter replica k. `dropout`: apply the adapter's lora_dropout (the masks
-/// the unsplit pass would draw, see `lora::dropout`). The adapter is left as it was.
-async fn group_gradients(model: &mut LlamaModel, adapter: &str, params: &[Param], group: &[Batch], seed: u64, dropout: bool, threads: usize) -> Result<(f64, Vec<Tensor<2>>)> {
-    let values = adapter_values(model, params, adapter);
-    let p = if dropout { model.adapter_config(adapter).map_or(0.0, |c| c.lora_dropout) } else { 0.0 };
-    // no more replicas than the largest micro-batch has rows to give them
+/// One optimizer step's summed loss and gradients (in moment order) at `weights`: a
+/// forward/backward per micro-batch with the adapter's matrices as the only autodiff leaves, each
+/// micro-batch's summed token loss divided by the whole group's trainable tokens, gradients
+/// summed. With `threads` > 1 each micro-batch's rows are split into parts run in parallel on
+/// rayon's pool (the one burn's CPU GEMM uses, so the parts share the cores rather than
+/// oversubscribe them), each part with its own leaves (and so its own autodiff graph).
+/// `dropout`: LoRA dropout's p (the masks the unsplit pass would draw, see `lora::dropout`).
+/// The model is not changed.
+async fn group_gradients(
+    model: &LlamaModel,
+    trainee: &Trainee,
+    weights: &AdapterWeights,
+    group: &[Batch],
+    seed: u64,
+    dropout: f64,
+    threads: usize,
+) -> Result<(f64, Vec<Tensor<2>>)> {
+    // no more parts than the largest micro-batch has rows to give them
     let threads = threads.clamp(1, group.iter().map(|b| b.batch).max().unwrap_or(1).max(1));
-    let names: Vec<String> = (0..threads).map(|k| if k == 0 { adapter.to_string() } else { format!("{adapter}\u{0}replica {k}") }).collect();
-    let mut leaves = Vec::with_capacity(threads);
-    for name in &names {
-        if name != adapter {
-            add_replica(model, adapter, name);
-        }
-        let these: Vec<Tensor<2>> = values.iter().map(|v| v.clone().autodiff().require_grad()).collect();
-        set_adapter_values(model, params, name, &these);
-        leaves.push(these);
-    }
-    let step_count = group.iter().map(Batch::trainable_tokens).sum::<usize>().max(1);
-    let scale = 1.0 / step_count as f64;
+    let leaf = |t: &Tensor<2>| t.clone().autodiff().require_grad();
+    let leaves: Vec<AdapterWeights> = (0..threads)
+        .map(|_| {
+            weights.iter().map(|(m, w)| (m.clone(), LoraWeights { a_t: leaf(&w.a_t), b_t: leaf(&w.b_t), scaling: w.scaling })).collect()
+        })
+        .collect();
+    let scale = 1.0 / group.iter().map(Batch::trainable_tokens).sum::<usize>().max(1) as f64;
     let mut grads: Option<Vec<Tensor<2>>> = None;
     let mut loss_sum = 0.0;
-    let mut outcome = Ok(());
-    'batches: for (i, batch) in group.iter().enumerate() {
+    for (i, batch) in group.iter().enumerate() {
         model.device().seed(seed ^ i as u64);
         let parts = batch.split_rows(threads);
-        let starts: Vec<usize> = parts.iter().scan(0, |start, part| Some(std::mem::replace(start, *start + part.batch * part.seq))).collect();
-        let masks = (p > 0.0).then(|| DropoutMasks::new(p, batch.batch * batch.seq, parts.len()));
-        let model: &LlamaModel = model;
+        let starts: Vec<usize> =
+            parts.iter().scan(0, |start, part| Some(std::mem::replace(start, *start + part.batch * part.seq))).collect();
+        let masks = (dropout > 0.0).then(|| DropoutMasks::new(dropout, batch.batch * batch.seq, parts.len()));
         let run = |k: usize, part: &Batch| {
             let dropout = masks.as_ref().map(|m| m.part(starts[k]..starts[k] + part.batch * part.seq));
-            part_gradients(model, LoraRun { adapter: &names[k], dropout: dropout.as_ref() }, &leaves[k], part, scale)
+            let run = LoraRun { adapter: &trainee.adapter, weights: Some(&leaves[k]), dropout: dropout.as_ref() };
+            part_gradients(model, run, &trainee.flat(&leaves[k]), part, scale)
         };
         let results: Vec<(Tensor<1>, Vec<Tensor<2>>)> = if parts.len() == 1 {
             vec![run(0, &parts[0])]
@@ -236,106 +184,23 @@ async fn group_gradients(model: &mut LlamaModel, adapter: &str, params: &[Param]
             parts.par_iter().enumerate().map(|(k, part)| run(k, part)).collect()
         };
         for (loss, these) in results {
-            match read_scalar(loss).await {
-                Ok(v) => loss_sum += v,
-                Err(e) => {
-                    outcome = Err(e);
-                    break 'batches;
-                }
-            }
+            loss_sum += read_scalar(loss).await?;
             grads = Some(match grads {
                 None => these,
                 Some(acc) => acc.into_iter().zip(these).map(|(a, b)| a + b).collect(),
             });
         }
     }
-    for name in names.iter().filter(|name| *name != adapter) {
-        remove_replica(model, name);
-    }
-    set_adapter_values(model, params, adapter, &values);
-    outcome?;
     Ok((loss_sum, grads.expect("a step has a batch")))
 }
 
-/// The summed token loss of `batch` (times `scale` in the gradient) and the gradient of each of
-/// `leaves`, which `run` reads.
-fn part_gradients(model: &LlamaModel, run: LoraRun, leaves: &[Tensor<2>], batch: &Batch, scale: f64) -> (Tensor<1>, Vec<Tensor<2>>) {
+/// The summed token loss of `batch` (times `scale` in the gradient) under `run`, and the
+/// gradient of each of `leaves` (the autodiff matrices `run` reads).
+pub fn part_gradients(model: &LlamaModel, run: LoraRun, leaves: &[Tensor<2>], batch: &Batch, scale: f64) -> (Tensor<1>, Vec<Tensor<2>>) {
     let hidden = model.hidden_states_with(model.ids_batch(&batch.ids, batch.batch, batch.seq), None, Some(run));
     let (surrogate, loss) = head_loss_backward(model, hidden, batch, scale, LOSS_ROWS);
     let g = surrogate.backward();
     (loss, leaves.iter().map(|l| l.grad(&g).expect("a trainable leaf has a gradient")).collect())
-}
-
-/// A copy of `adapter`'s matrices in every layer under the name `replica`.
-fn add_replica(model: &mut LlamaModel, adapter: &str, replica: &str) {
-    for layer in &mut model.layers {
-        for (_, linear) in layer.linears_mut() {
-            if let Some(lora) = linear.adapters.get(adapter).cloned() {
-                linear.adapters.insert(replica.to_string(), lora);
-            }
-        }
-    }
-}
-
-fn remove_replica(model: &mut LlamaModel, replica: &str) {
-    for layer in &mut model.layers {
-        for (_, linear) in layer.linears_mut() {
-            linear.adapters.remove(replica);
-        }
-    }
-}
-
-/// The adapter's params in model order, with zero moments.
-fn adapter_params(model: &LlamaModel, adapter: &str) -> Vec<Param> {
-    let mut params = Vec::new();
-    for (layer, block) in model.layers.iter().enumerate() {
-        for (projection, linear) in block.linears() {
-            if let Some(lora) = linear.adapters.get(adapter) {
-                for (is_a, t) in [(true, &lora.a_t), (false, &lora.b_t)] {
-                    let zeros = Tensor::zeros(t.dims(), &t.device());
-                    params.push(Param { layer, projection, is_a, m: zeros.clone(), v: zeros });
-                }
-            }
-        }
-    }
-    params
-}
-
-/// The mean token loss of `batch` and its gradient for every lora_A / lora_B of `adapter`, under
-/// PEFT's names and layout (`model.layers.0.self_attn.q_proj.lora_A.weight`, [r, in]): what PEFT
-/// computes with `loss.backward()` (no dropout).
-pub async fn adapter_gradients(model: &mut LlamaModel, adapter: &str, batch: &Batch) -> Result<(f64, std::collections::BTreeMap<String, HostTensor>)> {
-    model.check_known(adapter)?;
-    let params = adapter_params(model, adapter);
-    let active = model.active_adapter().map(str::to_string);
-    model.set_adapter(adapter)?;
-    let outcome = group_gradients(model, adapter, &params, std::slice::from_ref(batch), 0, false, 1).await;
-    if let Some(active) = active {
-        model.set_adapter(&active)?;
-    }
-    let (loss, grads) = outcome?;
-    let mut out = std::collections::BTreeMap::new();
-    for (p, g) in params.iter().zip(grads) {
-        let module = format!("model.layers.{}.{}", p.layer, p.projection);
-        let key = format!("{module}.{}.weight", if p.is_a { "lora_A" } else { "lora_B" });
-        out.insert(key, crate::model::transpose(&read_host(g).await?));
-    }
-    Ok((loss, out))
-}
-
-/// Evaluates, updates the best-loss bookkeeping and reports it: Some(improved), or None when the
-/// caller asked to stop.
-async fn record_eval(model: &LlamaModel, batches: &[Batch], header: &mut StateHeader, step: usize, on_event: &mut dyn FnMut(TrainEvent) -> Control) -> Result<Option<bool>> {
-    let val_loss = evaluate(model, batches).await?;
-    let improved = header.best_val_loss.is_none_or(|b| val_loss < b);
-    if improved {
-        header.best_val_loss = Some(val_loss);
-        header.best_step = Some(step);
-        header.evals_without_improvement = 0;
-    } else {
-        header.evals_without_improvement += 1;
-    }
-    Ok((on_event(TrainEvent::Eval { step, val_loss, best: improved }) == Control::Continue).then_some(improved))
 }
 
 /// The mean token loss of `batches` under the model as it is (no dropout, no gradients).
@@ -355,19 +220,108 @@ pub async fn evaluate(model: &LlamaModel, batches: &[Batch]) -> Result<f64> {
 
 /// The run's optimizer steps, each a group of up to `grad_accum` micro-batches: epochs of
 /// shuffled batches (seeded), cut at `max_steps`; and how many steps make an epoch.
-pub fn plan_steps(train: &Dataset, config: &TrainConfig, pad: u32) -> (Vec<Vec<Batch>>, usize) {
-    let micro_per_epoch = train.examples.len().div_ceil(config.batch_size);
-    let steps_per_epoch = micro_per_epoch.div_ceil(config.grad_accum);
-    let total = config.max_steps.unwrap_or(config.epochs * steps_per_epoch);
+pub fn plan_steps(train: &Dataset, options: &TrainOptions, pad: u32) -> (Vec<Vec<Batch>>, usize) {
+    let micro_per_epoch = train.examples.len().div_ceil(options.batch_size);
+    let steps_per_epoch = micro_per_epoch.div_ceil(options.grad_accum);
+    let total = options.max_steps.unwrap_or(options.epochs * steps_per_epoch);
     let mut steps = Vec::with_capacity(total);
     for epoch in 0.. {
         if steps.len() >= total || steps_per_epoch == 0 {
             break;
         }
-        let batches = epoch_batches(&train.examples, config.batch_size, config.seed, epoch, pad);
-        steps.extend(batches.chunks(config.grad_accum).map(<[Batch]>::to_vec).take(total - steps.len()));
+        let batches = epoch_batches(&train.examples, options.batch_size, options.seed, epoch, pad);
+        steps.extend(batches.chunks(options.grad_accum).map(<[Batch]>::to_vec).take(total - steps.len()));
     }
     (steps, steps_per_epoch)
+}
+
+/// A training run in progress: the model, the adapter, the settings and the bookkeeping a
+/// checkpoint saves.
+struct Run<'a> {
+    model: &'a mut LlamaModel,
+    trainee: Trainee,
+    options: &'a TrainOptions,
+    header: StateHeader,
+    total_steps: usize,
+    /// Only labels events.
+    steps_per_epoch: usize,
+    /// Where this run (re)started: (step, tokens).
+    started_at: (usize, usize),
+}
+
+impl Run<'_> {
+    /// Optimizer step `t` (from 1) over `group`: the adapter moves only if the loss is finite.
+    /// Returns (loss, grad_norm before clipping, lr).
+    async fn step(&mut self, t: usize, group: &[Batch]) -> Result<(f64, f64, f64)> {
+        let options = self.options;
+        let adapter = &self.trainee.adapter;
+        let dropout = self.model.known_adapter(adapter)?.lora_dropout;
+        let weights = self.model.adapter_weights(adapter)?;
+        let seed = options.seed ^ ((t as u64) << 8);
+        let threads = options.threads.unwrap_or(1);
+        let (loss, grads) = group_gradients(self.model, &self.trainee, &weights, group, seed, dropout, threads).await?;
+        self.header.tokens += group.iter().map(|b| b.tokens).sum::<usize>();
+        if !loss.is_finite() {
+            return Err(Error::invalid(format!(
+                "the loss became {loss} at step {t}: training stopped and the adapter is as it was after step {} (lower the learning rate or check the data)",
+                t - 1
+            )));
+        }
+        let grad_norm = read_scalar(global_norm(&grads)).await?;
+        let factor = options.clip_norm().map_or(1.0, |max| clip_factor(grad_norm, max));
+        let lr = options.lr * options.schedule.factor(t - 1, options.warmup_steps, self.total_steps);
+        let optimizer = options.optimizer();
+        let mut updated = Vec::with_capacity(grads.len());
+        for ((value, g), (m, v)) in self.trainee.flat(&weights).into_iter().zip(grads).zip(self.trainee.moments.iter_mut()) {
+            let g = if factor < 1.0 { g.mul_scalar(factor) } else { g };
+            let (new, new_m, new_v) = optimizer.update(value, g, m.clone(), v.clone(), t, lr);
+            (*m, *v) = (new_m, new_v);
+            updated.push(new);
+        }
+        let updated = self.trainee.unflat(&weights, updated);
+        self.model.set_adapter_weights(&self.trainee.adapter, &updated)?;
+        self.header.step = t;
+        Ok((loss, grad_norm, lr))
+    }
+
+    /// Evaluates after step `step`, updates the best-loss bookkeeping and reports it:
+    /// Some(improved), or None when the caller asked to stop.
+    async fn eval(&mut self, batches: &[Batch], step: usize, on_event: &mut dyn FnMut(TrainEvent) -> Control) -> Result<Option<bool>> {
+        let val_loss = evaluate(self.model, batches).await?;
+        let header = &mut self.header;
+        let improved = header.best_val_loss.is_none_or(|b| val_loss < b);
+        if improved {
+            header.best_val_loss = Some(val_loss);
+            header.best_step = Some(step);
+            header.evals_without_improvement = 0;
+        } else {
+            header.evals_without_improvement += 1;
+        }
+        Ok((on_event(TrainEvent::Eval { step, val_loss, best: improved }) == Control::Continue).then_some(improved))
+    }
+
+    /// The adapter's files and the trainer state after `step`, to continue from there.
+    async fn checkpoint(&self, step: usize) -> Result<TrainEvent> {
+        let adapter = self.model.export_adapter(&self.trainee.adapter).await?;
+        let state = save_state(&self.header, &self.trainee.moments).await?;
+        Ok(TrainEvent::Checkpoint { step, adapter: Box::new(adapter), state })
+    }
+
+    /// The metrics of the step just done, `elapsed` seconds after the run (re)started.
+    fn metrics(&self, (loss, grad_norm, lr): (f64, f64, f64), elapsed: f64) -> StepMetrics {
+        let (t, (first_step, first_tokens)) = (self.header.step, self.started_at);
+        StepMetrics {
+            step: t,
+            total_steps: self.total_steps,
+            epoch: t as f64 / self.steps_per_epoch.max(1) as f64,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s: (self.header.tokens - first_tokens) as f64 / elapsed.max(1e-9),
+            elapsed_s: elapsed,
+            eta_s: elapsed / (t - first_step).max(1) as f64 * (self.total_steps - t) as f64,
+        }
+    }
 }
 
 /// Trains adapter `adapter` of `model` (made active) over the planned optimizer steps,
@@ -381,108 +335,73 @@ pub async fn train_steps(
     steps: &[Vec<Batch>],
     steps_per_epoch: usize,
     val_batches: Option<&[Batch]>,
-    config: &TrainConfig,
+    options: &TrainOptions,
     resume: Option<&[u8]>,
     clock: &dyn Fn() -> f64,
     on_event: &mut dyn FnMut(TrainEvent) -> Control,
 ) -> Result<TrainSummary> {
-    config.check()?;
+    options.check()?;
     model.set_adapter(adapter)?;
     let total_steps = steps.len();
     if total_steps == 0 {
         return Err(Error::invalid("nothing to do: 0 epochs or max_steps 0"));
     }
-    let mut params = adapter_params(model, adapter);
+    let mut trainee = Trainee::new(model, adapter)?;
     let mut header = StateHeader { step: 0, tokens: 0, best_val_loss: None, best_step: None, evals_without_improvement: 0 };
     if let Some(bytes) = resume {
-        header = restore_state(bytes, &mut params, &model.device())?;
+        header = restore_state(bytes, &mut trainee.moments, &model.device())?;
     }
-    let mut best: Option<Vec<Tensor<2>>> = None;
+    let started_at = (header.step, header.tokens);
+    let mut run = Run { model, trainee, options, header, total_steps, steps_per_epoch, started_at };
+    let mut best: Option<AdapterWeights> = None;
     let start = clock();
-    let (start_tokens, first_step) = (header.tokens, header.step);
     let mut final_loss = None;
     let mut end = TrainEnd::Completed;
     // the starting point of the validation curve (and the adapter early stopping falls back to)
-    if let (0, Some(batches)) = (header.step, val_batches) {
-        match record_eval(model, batches, &mut header, 0, on_event).await? {
-            Some(_) => best = Some(adapter_values(model, &params, adapter)),
+    if let (0, Some(batches)) = (run.header.step, val_batches) {
+        match run.eval(batches, 0, on_event).await? {
+            Some(_) => best = Some(run.model.adapter_weights(adapter)?),
             None => end = TrainEnd::Cancelled,
         }
     }
 
     // a resumed run skips the steps its checkpoint has done; a run cancelled at the first
     // evaluation skips them all
-    let done = if end == TrainEnd::Cancelled { total_steps } else { header.step };
-    'steps: for (index, group) in steps.iter().enumerate().skip(done) {
+    let done = if end == TrainEnd::Cancelled { total_steps } else { run.header.step };
+    for (index, group) in steps.iter().enumerate().skip(done) {
         let t = index + 1;
-        let before = adapter_values(model, &params, adapter);
-        let (loss_sum, grads) = group_gradients(model, adapter, &params, group, config.seed ^ ((t as u64) << 8), true, config.threads).await?;
-        header.tokens += group.iter().map(|b| b.tokens).sum::<usize>();
-        if !loss_sum.is_finite() {
-            return Err(Error::invalid(format!(
-                "the loss became {loss_sum} at step {t}: training stopped and the adapter is as it was after step {} (lower the learning rate or check the data)",
-                t - 1
-            )));
-        }
-        let grad_norm = read_scalar(global_norm(&grads)).await?;
-        let factor = config.max_grad_norm.map_or(1.0, |max| clip_factor(grad_norm, max));
-        let lr = config.optimizer.lr * config.schedule.factor(t - 1, config.warmup_steps, total_steps);
-        let mut updated = Vec::with_capacity(params.len());
-        for ((p, value), g) in params.iter_mut().zip(before).zip(grads) {
-            let g = if factor < 1.0 { g.mul_scalar(factor) } else { g };
-            let (new, m, v) = config.optimizer.update(value, g, p.m.clone(), p.v.clone(), t, lr);
-            (p.m, p.v) = (m, v);
-            updated.push(new);
-        }
-        set_adapter_values(model, &params, adapter, &updated);
-        final_loss = Some(loss_sum);
-        header.step = t;
-
-        let elapsed = clock() - start;
-        let steps_this_run = t - first_step;
-        let metrics = StepMetrics {
-            step: t,
-            total_steps,
-            epoch: t as f64 / steps_per_epoch.max(1) as f64,
-            loss: loss_sum,
-            lr,
-            grad_norm,
-            tokens_per_s: (header.tokens - start_tokens) as f64 / elapsed.max(1e-9),
-            elapsed_s: elapsed,
-            eta_s: elapsed / steps_this_run.max(1) as f64 * (total_steps - t) as f64,
-        };
-        if on_event(TrainEvent::Step(metrics)) == Control::Stop {
+        let outcome = run.step(t, group).await?;
+        final_loss = Some(outcome.0);
+        if on_event(TrainEvent::Step(run.metrics(outcome, clock() - start))) == Control::Stop {
             end = TrainEnd::Cancelled;
-            break 'steps;
+            break;
         }
-        let eval_now = config.eval_every.is_some_and(|n| t % n == 0) || t == total_steps;
+        let eval_now = options.eval_every.is_some_and(|n| t % n == 0) || t == total_steps;
         if let (true, Some(batches)) = (eval_now, val_batches) {
-            let improved = record_eval(model, batches, &mut header, t, on_event).await?;
-            if improved.is_some_and(|better| better) {
-                best = Some(adapter_values(model, &params, adapter));
+            match run.eval(batches, t, on_event).await? {
+                None => {
+                    end = TrainEnd::Cancelled;
+                    break;
+                }
+                Some(true) => best = Some(run.model.adapter_weights(adapter)?),
+                Some(false) => {}
             }
-            if improved.is_none() {
-                end = TrainEnd::Cancelled;
-                break 'steps;
-            }
-            if config.early_stopping_patience.is_some_and(|p| header.evals_without_improvement >= p) {
+            if options.patience.is_some_and(|p| run.header.evals_without_improvement >= p) {
                 end = TrainEnd::EarlyStopped;
-                break 'steps;
+                break;
             }
         }
-        if config.checkpoint_every.is_some_and(|n| t % n == 0) && t < total_steps {
-            let files = model.save_adapter(adapter).await?;
-            let state = save_state(&header, &params).await?;
-            if on_event(TrainEvent::Checkpoint { step: t, adapter: Box::new(files), state }) == Control::Stop {
-                end = TrainEnd::Cancelled;
-                break 'steps;
-            }
+        let checkpoint_now = options.checkpoint_every.is_some_and(|n| t % n == 0) && t < total_steps;
+        if checkpoint_now && on_event(run.checkpoint(t).await?) == Control::Stop {
+            end = TrainEnd::Cancelled;
+            break;
         }
     }
     // early stopping keeps the best adapter, as load_best_model_at_end does
     if let (TrainEnd::EarlyStopped, Some(best)) = (end, best) {
-        set_adapter_values(model, &params, adapter, &best);
+        run.model.set_adapter_weights(adapter, &best)?;
     }
+    let header = run.header;
     Ok(TrainSummary {
         steps: header.step,
         tokens: header.tokens,
@@ -496,39 +415,41 @@ pub async fn train_steps(
 
 const STATE_KEY: &str = "webgpu_lora_train_state";
 
-async fn save_state(header: &StateHeader, params: &[Param]) -> Result<Vec<u8>> {
-    let mut tensors = std::collections::BTreeMap::new();
-    for (i, p) in params.iter().enumerate() {
-        tensors.insert(format!("{i:05}.m"), read_host(p.m.clone()).await?);
-        tensors.insert(format!("{i:05}.v"), read_host(p.v.clone()).await?);
+async fn save_state(header: &StateHeader, moments: &[(Tensor<2>, Tensor<2>)]) -> Result<Vec<u8>> {
+    let mut tensors = BTreeMap::new();
+    for (i, (m, v)) in moments.iter().enumerate() {
+        tensors.insert(format!("{i:05}.m"), read_host(m.clone()).await?);
+        tensors.insert(format!("{i:05}.v"), read_host(v.clone()).await?);
     }
-    let metadata = std::collections::HashMap::from([(STATE_KEY.to_string(), serde_json::to_string(header).expect("serializable"))]);
-    crate::io::safetensors::write_safetensors(&tensors, crate::io::StoreDtype::F32, Some(metadata))
+    let metadata = HashMap::from([(STATE_KEY.to_string(), serde_json::to_string(header).expect("serializable"))]);
+    write_safetensors(&tensors, StoreDtype::F32, Some(metadata))
 }
 
 fn state_header(bytes: &[u8]) -> Result<StateHeader> {
-    let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::file("trainer state", format!("not a trainer state file: {e}")))?;
+    let not_state = |why: String| Error::file("trainer state", why);
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| not_state(format!("not a trainer state file: {e}")))?;
     let text = metadata
         .metadata()
         .as_ref()
         .and_then(|m| m.get(STATE_KEY))
-        .ok_or_else(|| Error::file("trainer state", "not a trainer state file (no step information)"))?;
-    serde_json::from_str(text).map_err(|e| Error::file("trainer state", format!("unreadable step information: {e}")))
+        .ok_or_else(|| not_state("not a trainer state file (no step information)".into()))?;
+    serde_json::from_str(text).map_err(|e| not_state(format!("unreadable step information: {e}")))
 }
 
-fn restore_state(bytes: &[u8], params: &mut [Param], device: &burn::tensor::Device) -> Result<StateHeader> {
+fn restore_state(bytes: &[u8], moments: &mut [(Tensor<2>, Tensor<2>)], device: &Device) -> Result<StateHeader> {
     let header = state_header(bytes)?;
-    let weights = crate::io::SafetensorsWeights::new(vec![("trainer state".into(), bytes.to_vec())])?;
-    if weights.names().len() != 2 * params.len() {
-        return Err(Error::file("trainer state", format!("it holds {} moments but this adapter has {} matrices: it belongs to another adapter", weights.names().len() / 2, params.len())));
+    let weights = SafetensorsWeights::new(vec![("trainer state".into(), bytes.to_vec())])?;
+    let (saved, matrices) = (weights.names().len() / 2, moments.len());
+    if weights.names().len() != 2 * matrices {
+        let why = format!("it holds {saved} moments but this adapter has {matrices} matrices: it belongs to another adapter");
+        return Err(Error::file("trainer state", why));
     }
-    for (i, p) in params.iter_mut().enumerate() {
-        let (m, v) = (weights.tensor(&format!("{i:05}.m"))?, weights.tensor(&format!("{i:05}.v"))?);
-        if m.shape != p.m.dims().to_vec() || v.shape != p.v.dims().to_vec() {
+    for (i, (m, v)) in moments.iter_mut().enumerate() {
+        let (saved_m, saved_v) = (weights.tensor(&format!("{i:05}.m"))?, weights.tensor(&format!("{i:05}.v"))?);
+        if saved_m.shape != m.dims().to_vec() || saved_v.shape != v.dims().to_vec() {
             return Err(Error::file("trainer state", "moment shapes differ from this adapter's: it belongs to another adapter"));
         }
-        p.m = crate::lora::upload(m, device);
-        p.v = crate::lora::upload(v, device);
+        (*m, *v) = (upload(saved_m, device), upload(saved_v, device));
     }
     Ok(header)
 }

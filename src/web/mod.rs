@@ -10,12 +10,11 @@ use js_sys::{Function, Promise, Uint8Array};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::future_to_promise;
 
-use crate::generate::{GenerationConfig, read_f32};
+use crate::generate::GenerationConfig;
 use crate::io::{ChatMessage, ModelFiles};
-use crate::model::WeightDtype;
-use crate::peft::{AdapterFiles, AdapterSource, Combination};
-use crate::train::fine_tune::{TrainOptions, fine_tune};
-use crate::train::{Control, TrainEvent};
+use crate::lora::{AdapterFiles, AdapterSource, Combination, LoraModel};
+use crate::nn::WeightDtype;
+use crate::train::{Control, TrainEvent, TrainOptions, fine_tune};
 use crate::{Error, Llm};
 
 unsafe extern "C" {
@@ -120,10 +119,27 @@ impl Engine {
         Ok(())
     }
 
+    /// The file names of a Hugging Face model directory, as JSON: {config, weights, index,
+    /// optional: [...]} (what the worker downloads).
+    #[wasm_bindgen(js_name = modelLayout)]
+    pub fn model_layout() -> String {
+        ModelFiles::layout().to_string()
+    }
+
     /// The weight files a model needs, given its `model.safetensors.index.json` text (or null).
     #[wasm_bindgen(js_name = weightFiles)]
     pub fn weight_files(index_json: Option<String>) -> Result<Vec<String>, JsValue> {
         ModelFiles::weight_file_names(index_json.as_deref().map(str::as_bytes)).map_err(js_error)
+    }
+
+    /// Checks PEFT adapter files as far as they can be without a base model (the config, the
+    /// safetensors structure, LoRA keys); `origin` labels errors. Returns adapter_config.json's
+    /// text. Needs no WebGPU.
+    #[wasm_bindgen(js_name = checkAdapterFiles)]
+    pub fn check_adapter_files(config: &Uint8Array, weights: &Uint8Array, origin: &str) -> Result<String, JsValue> {
+        let files = AdapterFiles { config_json: String::from_utf8_lossy(&config.to_vec()).into_owned(), safetensors: weights.to_vec() };
+        let contents = AdapterSource::from_files(files, origin).read().map_err(js_error)?;
+        Ok(contents.config.to_json())
     }
 
     /// Checks a weight dtype name ("f32" or "f16") before anything is downloaded.
@@ -139,10 +155,11 @@ impl Engine {
         let dtype = WeightDtype::parse(dtype).map_err(js_error)?;
         let (files, device) = {
             let mut state = self.state.borrow_mut();
-            let files = state.pending.take().ok_or_else(|| js_error(Error::invalid("no model files: call beginModel and addFile first")))?;
+            let files =
+                state.pending.take().ok_or_else(|| js_error(Error::invalid("no model files: call beginModel and addFile first")))?;
             (files, state.device.clone())
         };
-        let llm = Llm::load_as(files, dtype, &device, &mut |stage, done, total| {
+        let llm = Llm::load(files, dtype, &device, &mut |stage, done, total| {
             if let Some(f) = &on_progress {
                 let _ = f.call3(&JsValue::NULL, &stage.into(), &(done as u32).into(), &(total as u32).into());
             }
@@ -182,7 +199,9 @@ impl Engine {
     /// A loaded adapter's adapter_config.json.
     #[wasm_bindgen(js_name = adapterConfig)]
     pub fn adapter_config(&self, name: &str) -> Result<String, JsValue> {
-        self.read(|llm| llm.model.adapter_config(name).map(|c| c.to_json()).ok_or_else(|| Error::invalid(format!("no adapter named {name:?}"))))
+        self.read(|llm| {
+            llm.model.adapter_config(name).map(|c| c.to_json()).ok_or_else(|| Error::invalid(format!("no adapter named {name:?}")))
+        })
     }
 
     /// Loads PEFT files as adapter `name` (not activated, as in PEFT); `origin` labels errors.
@@ -227,27 +246,47 @@ impl Engine {
         self.change(|llm| Ok(llm.model.unmerge_adapter()))
     }
 
-    /// Merges `names` (empty: the active adapter); with `and_unload`, then drops every adapter.
-    /// Resolves to {merged, skipped}.
-    pub fn merge(&self, names: Vec<String>, safe_merge: bool, and_unload: bool) -> Promise {
+    /// Merges `names` (empty: the active adapter) into the base weights. Resolves to
+    /// {merged, skipped}.
+    #[wasm_bindgen(js_name = mergeAdapter)]
+    pub fn merge_adapter(&self, names: Vec<String>, safe_merge: bool) -> Promise {
+        self.merge(names, safe_merge, false)
+    }
+
+    /// Merges `names` (empty: the active adapter), then drops every adapter. Resolves to
+    /// {merged, skipped}.
+    #[wasm_bindgen(js_name = mergeAndUnload)]
+    pub fn merge_and_unload(&self, names: Vec<String>, safe_merge: bool) -> Promise {
+        self.merge(names, safe_merge, true)
+    }
+
+    fn merge(&self, names: Vec<String>, safe_merge: bool, and_unload: bool) -> Promise {
         let llm = self.llm();
         future_to_promise(async move {
             let llm = llm?;
             let mut llm = llm.try_borrow_mut().map_err(|_| busy())?;
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            let report = if and_unload {
-                llm.model.merge_and_unload(&names, safe_merge).await
-            } else {
-                llm.model.merge_adapter(&names, safe_merge).await
-            }
-            .map_err(js_error)?;
-            object(vec![("merged", serde_wasm_bindgen::to_value(&report.merged)?), ("skipped", serde_wasm_bindgen::to_value(&report.skipped)?)])
+            let model = &mut llm.model;
+            let report =
+                if and_unload { model.merge_and_unload(&names, safe_merge).await } else { model.merge_adapter(&names, safe_merge).await };
+            let report = report.map_err(js_error)?;
+            object(vec![
+                ("merged", serde_wasm_bindgen::to_value(&report.merged)?),
+                ("skipped", serde_wasm_bindgen::to_value(&report.skipped)?),
+            ])
         })
     }
 
     /// PEFT's add_weighted_adapter; `combination` is "svd" (default), "linear" or "cat".
     #[wasm_bindgen(js_name = addWeightedAdapter)]
-    pub fn add_weighted_adapter(&self, names: Vec<String>, weights: Vec<f64>, new_name: String, combination: Option<String>, svd_rank: Option<usize>) -> Promise {
+    pub fn add_weighted_adapter(
+        &self,
+        names: Vec<String>,
+        weights: Vec<f64>,
+        new_name: String,
+        combination: Option<String>,
+        svd_rank: Option<usize>,
+    ) -> Promise {
         let llm = self.llm();
         future_to_promise(async move {
             let llm = llm?;
@@ -264,8 +303,8 @@ impl Engine {
 
     /// Bytes the model's weights (base and adapters) occupy on the device, as transformers'
     /// get_memory_footprint.
-    #[wasm_bindgen(js_name = memoryFootprint)]
-    pub fn memory_footprint(&self) -> Result<f64, JsValue> {
+    #[wasm_bindgen(js_name = getMemoryFootprint)]
+    pub fn get_memory_footprint(&self) -> Result<f64, JsValue> {
         self.read(|llm| Ok(llm.model.memory_footprint() as f64))
     }
 
@@ -280,26 +319,27 @@ impl Engine {
     #[wasm_bindgen(js_name = loraParameterCount)]
     pub fn lora_parameter_count(&self, options: JsValue) -> Result<Vec<f64>, JsValue> {
         let options: TrainOptions = parse_options(options, "LoRA settings")?;
-        let lora = options.to_fine_tune().map_err(js_error)?.lora;
+        let lora = options.lora_config().map_err(js_error)?;
         self.read(|llm| llm.model.count_new_adapter(&lora).map(counts))
     }
 
-    /// Adapter `name` as PEFT files: resolves to {config: string, weights: Uint8Array}.
-    #[wasm_bindgen(js_name = saveAdapter)]
-    pub fn save_adapter(&self, name: String) -> Promise {
+    /// Adapter `name` as PEFT files; with `as_lora`, an OLoRA/PiSSA adapter as the plain LoRA of
+    /// rank 2r for the original base. Resolves to {config: string, weights: Uint8Array}.
+    #[wasm_bindgen(js_name = exportAdapter)]
+    pub fn export_adapter(&self, name: String, as_lora: bool) -> Promise {
         let llm = self.llm();
         future_to_promise(async move {
             let llm = llm?;
             let llm = llm.try_borrow().map_err(|_| busy())?;
-            let files = llm.model.save_adapter(&name).await.map_err(js_error)?;
-            object(vec![("config", files.config_json.into()), ("weights", Uint8Array::from(files.safetensors.as_slice()).into())])
+            let files = if as_lora { llm.model.export_adapter_as_lora(&name).await } else { llm.model.export_adapter(&name).await };
+            adapter_files(files.map_err(js_error)?)
         })
     }
 
     /// The model as a Hugging Face directory ({file name: Uint8Array}), with adapter `merge`
     /// folded in (the model itself is not changed).
-    #[wasm_bindgen(js_name = mergedFiles)]
-    pub fn merged_files(&self, merge: Option<String>) -> Promise {
+    #[wasm_bindgen(js_name = exportMerged)]
+    pub fn export_merged(&self, merge: Option<String>) -> Promise {
         let llm = self.llm();
         future_to_promise(async move {
             let llm = llm?;
@@ -359,8 +399,7 @@ impl Engine {
         future_to_promise(async move {
             let llm = llm?;
             let llm = llm.try_borrow().map_err(|_| busy())?;
-            llm.model.check_ids(&ids).map_err(js_error)?;
-            let values = read_f32(llm.model.forward(llm.model.ids_tensor(&ids), None)).await.map_err(js_error)?;
+            let values = llm.model.logits(&ids).await.map_err(js_error)?;
             Ok(js_sys::Float32Array::from(values.as_slice()).into())
         })
     }
@@ -368,37 +407,44 @@ impl Engine {
     /// Fine-tunes a new LoRA adapter (see `train::fine_tune`). `options` are TrainOptions in
     /// camelCase; `data_name` decides the format (`.jsonl` or plain text) and labels errors.
     /// `on_event(json, files)` gets every step / eval / checkpoint as JSON text (a checkpoint also
-    /// gets {adapterConfig, adapterWeights, state}); returning false cancels. Resolves to
-    /// {report, adapterConfig, adapterWeights} and leaves the adapter loaded and active.
+    /// gets {adapterConfig, adapterWeights, state}); returning false cancels, and an exception
+    /// stops the run and rejects with it. Resolves to {report, adapterConfig, adapterWeights} and
+    /// leaves the adapter loaded and active.
     pub fn train(&self, data_name: String, data: Uint8Array, val: Option<Uint8Array>, options: JsValue, on_event: Function) -> Promise {
         let llm = self.llm();
         future_to_promise(async move {
             let llm = llm?;
             let mut llm = llm.try_borrow_mut().map_err(|_| busy())?;
             let options: TrainOptions = parse_options(options, "training options")?;
-            let spec = options.to_fine_tune().map_err(js_error)?;
             let (data, val) = (data.to_vec(), val.map(|v| v.to_vec()));
             let clock = || js_sys::Date::now() / 1000.0;
+            let mut thrown: Option<JsValue> = None;
             let mut on_event = |event: TrainEvent| {
                 let files = match &event {
                     TrainEvent::Checkpoint { adapter, state, .. } => object(vec![
                         ("adapterConfig", adapter.config_json.clone().into()),
                         ("adapterWeights", Uint8Array::from(adapter.safetensors.as_slice()).into()),
                         ("state", Uint8Array::from(state.as_slice()).into()),
-                    ])
-                    .unwrap_or(JsValue::UNDEFINED),
-                    _ => JsValue::UNDEFINED,
+                    ]),
+                    _ => Ok(JsValue::UNDEFINED),
                 };
-                match on_event.call2(&JsValue::NULL, &event.to_json().to_string().into(), &files) {
+                match files.and_then(|files| on_event.call2(&JsValue::NULL, &event.to_json().to_string().into(), &files)) {
                     Ok(v) if v.as_bool() == Some(false) => Control::Stop,
                     Ok(_) => Control::Continue,
-                    Err(_) => Control::Stop,
+                    Err(e) => {
+                        thrown = Some(e);
+                        Control::Stop
+                    }
                 }
             };
             // the validation data is in the training data's format
             let val_name = if data_name.ends_with(".jsonl") { "validation.jsonl" } else { "validation.txt" };
             let val_file = val.as_deref().map(|v| (val_name, v));
-            let (report, files) = fine_tune(&mut llm, &spec, (&data_name, &data), val_file, None, &clock, &mut on_event).await.map_err(js_error)?;
+            let result = fine_tune(&mut llm, &options, (&data_name, &data), val_file, None, &clock, &mut on_event).await;
+            if let Some(e) = thrown {
+                return Err(e);
+            }
+            let (report, files) = result.map_err(js_error)?;
             object(vec![
                 ("report", report.to_json().into()),
                 ("adapterConfig", files.config_json.into()),
@@ -406,4 +452,9 @@ impl Engine {
             ])
         })
     }
+}
+
+/// PEFT files for JS: {config: string, weights: Uint8Array}.
+fn adapter_files(files: AdapterFiles) -> Result<JsValue, JsValue> {
+    object(vec![("config", files.config_json.into()), ("weights", Uint8Array::from(files.safetensors.as_slice()).into())])
 }

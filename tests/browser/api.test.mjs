@@ -275,3 +275,22 @@ test('bad input rejects with a clear message and the model keeps working', async
   assert.deepEqual([out.adapters, out.active], [['good'], 'good']);
   assert.deepEqual(b.errors, []);
 });
+
+test('exportAdapter(name, {asLora: true}): an OLoRA adapter as a plain LoRA of rank 2r that gives PEFT logits on the unmodified base', async () => {
+  const out = await b.page.evaluate(async (ids) => {
+    const m = window.tiny;
+    await m.loadAdapter('/fixtures/peft/olora/', 'olora');
+    const files = await m.exportAdapter('olora', { asLora: true });
+    const config = JSON.parse(await files['adapter_config.json'].text());
+    await m.deleteAdapter('olora'); // the base is the original again
+    await m.loadAdapter(files, 'plain');
+    await m.setAdapter('plain');
+    const logits = (await window.logitsOf(ids)).data;
+    const refused = await m.exportAdapter('plain', { asLora: true }).then(() => 'exported', (e) => e.message);
+    return { config, logits, refused };
+  }, ids);
+  assert.deepEqual([out.config.r, out.config.lora_alpha, out.config.init_lora_weights], [8, 16, true]);
+  close(out.logits, peft('olora'), 'olora converted to LoRA');
+  assert.match(out.refused, /already a plain LoRA/);
+  assert.deepEqual(b.errors, []);
+});

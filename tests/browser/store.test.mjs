@@ -75,7 +75,7 @@ test('saved adapters survive a relaunch and a SIGKILL; a quota failure writes no
   await browser.kill();
   assert.equal(second.listed.length, 1);
   const meta = second.listed[0];
-  assert.deepEqual([meta.name, meta.r, meta.loraAlpha, meta.baseModel.name, meta.baseModel.shapes.hidden_size], ['saved-qv', 8, 16, 'tiny-llama', 64]);
+  assert.deepEqual([meta.name, meta.r, meta.loraAlpha, meta.baseModel.name, meta.baseModel.shapes.hiddenSize], ['saved-qv', 8, 16, 'tiny-llama', 64]);
   assert.ok(meta.size > 1000 && meta.created > 0 && meta.created <= Date.now(), JSON.stringify(meta));
   assert.deepEqual(second.logits, first.logits, 'identical logits after the relaunch');
   assert.equal(second.weightsCached, true, 'the base weights come from the cache on the next visit');

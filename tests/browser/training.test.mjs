@@ -50,7 +50,7 @@ test('a LoRA adapter trains on WebGPU and matches the native CLI; one the CLI tr
   const steps = result.events.filter((e) => e.event === 'step');
   const evals = result.events.filter((e) => e.event === 'eval');
   assert.equal(steps.length, 4);
-  assert.ok(steps.every((s) => Number.isFinite(s.metrics.loss) && s.metrics.tokens_per_s > 0), JSON.stringify(steps));
+  assert.ok(steps.every((s) => Number.isFinite(s.metrics.loss) && s.metrics.tokensPerS > 0), JSON.stringify(steps));
   assert.deepEqual(evals.map((e) => e.step), [0, 2, 4]);
   assert.equal(result.report.summary.steps, 4);
   assert.equal(result.report.summary.end, 'completed');
@@ -61,7 +61,7 @@ test('a LoRA adapter trains on WebGPU and matches the native CLI; one the CLI tr
   assert.deepEqual([result.listed.r, result.listed.baseModel.name, result.saved.name], [4, 'tiny-chat', 'robot-trained']);
   assert.match(result.bad, /robot\.jsonl:1: message 0 has role "wizard"/);
   assert.deepEqual(result.after, result.logits, 'a refused job changes nothing');
-  console.log(`browser training (tiny-chat, WebGPU): ${steps.map((s) => s.metrics.tokens_per_s.toFixed(0)).join(', ')} tokens/s`);
+  console.log(`browser training (tiny-chat, WebGPU): ${steps.map((s) => s.metrics.tokensPerS.toFixed(0)).join(', ')} tokens/s`);
 
   // native parity: the browser's adapter, loaded by the CLI, gives the browser's logits
   const dir = mkdtempSync(join(tmpdir(), 'webgpu-lora-browser-adapter-'));
@@ -100,5 +100,28 @@ test('a LoRA adapter trains on WebGPU and matches the native CLI; one the CLI tr
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
+  assert.deepEqual(b.errors, []);
+});
+
+test('a callback that throws stops training, train() rejects with that error, and the model stays usable', async () => {
+  const data = readFileSync(join(root, 'data/robot/train.jsonl'), 'utf8').split('\n').slice(0, 12).join('\n');
+  const result = await b.page.evaluate(async (data) => {
+    const { LoraModel } = window.app.webgpuLora;
+    const m = await LoraModel.fromPretrained('/fixtures/tiny-chat/');
+    let steps = 0;
+    const error = await m.train({
+      data, dataName: 'robot.jsonl', adapterName: 'thrower', loraConfig: { r: 2 }, trainingArgs: { maxSteps: 6, batchSize: 2 },
+      onStep: () => { steps += 1; if (steps === 2) throw new RangeError('stop at step 2'); },
+    }).then(() => null, (e) => ({ name: e.name, message: e.message }));
+    const logits = (await m.logits([1, 2, 3])).data.length;
+    const adapters = m.adapters();
+    const vocab = m.config.vocab_size;
+    m.dispose();
+    return { error, steps, logits, adapters, vocab };
+  }, data);
+  assert.deepEqual(result.error, { name: 'RangeError', message: 'stop at step 2' });
+  assert.equal(result.steps, 2, 'no step is reported after the callback threw');
+  assert.equal(result.logits, 3 * result.vocab, 'the model still runs');
+  assert.deepEqual(result.adapters, ['thrower'], 'the adapter trained so far is kept, as with a cancel');
   assert.deepEqual(b.errors, []);
 });

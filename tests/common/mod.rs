@@ -1,12 +1,35 @@
-//! Shared helpers of the integration tests: fixture paths, devices, comparisons, and a small GGUF
-//! writer for building test files.
+//! Shared helpers of the integration tests: fixture paths, devices (and tests run on both),
+//! loading, logits, scratch directories, comparisons, and a small GGUF writer for building test
+//! files.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
 
 use burn::tensor::{Device, DeviceKind};
 use webgpu_lora::io::{ModelFiles, SafetensorsWeights};
-use webgpu_lora::Llm;
+use webgpu_lora::nn::WeightDtype;
+use webgpu_lora::{LlamaModel, Llm};
+
+/// For each `fn NAME(device: &Device)`, a module `NAME` with the tests `on_cpu` and `on_wgpu`
+/// that run it on each backend.
+#[macro_export]
+macro_rules! on_cpu_and_wgpu {
+    ($($name:ident),+ $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn on_cpu() {
+                    super::$name(&crate::common::cpu());
+                }
+
+                #[test]
+                fn on_wgpu() {
+                    super::$name(&crate::common::wgpu());
+                }
+            }
+        )+
+    };
+}
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -32,8 +55,32 @@ pub fn wgpu() -> Device {
     Device::wgpu(DeviceKind::DefaultDevice)
 }
 
+/// The model in `dir` with its matrices in f32.
 pub fn load(dir: &PathBuf, device: &Device) -> Llm {
-    Llm::load(ModelFiles::from_dir(dir).unwrap(), device, &mut |_, _, _| {}).unwrap()
+    load_as(dir, WeightDtype::F32, device)
+}
+
+pub fn load_as(dir: &PathBuf, dtype: WeightDtype, device: &Device) -> Llm {
+    Llm::load(ModelFiles::from_dir(dir).unwrap(), dtype, device, &mut |_, _, _| {}).unwrap()
+}
+
+/// The logits [ids.len() * vocab] of one forward pass.
+pub fn logits_of(model: &LlamaModel, ids: &[u32]) -> Vec<f32> {
+    pollster::block_on(model.logits(ids)).unwrap()
+}
+
+/// The token ids of the tiny model's reference logits (tests/fixtures/tiny-llama/expected.json).
+pub fn tiny_ids() -> Vec<u32> {
+    ids(&read_json(fixture("tiny-llama/expected.json"))["ids"])
+}
+
+/// A fresh path under the system's temp directory for `name` (this process's, so parallel runs
+/// of the suite do not collide); nothing is created.
+pub fn scratch(name: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("webgpu-lora-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&path);
+    let _ = std::fs::remove_file(&path);
+    path
 }
 
 /// The files of the model in `dir` (a single model.safetensors) with every matrix rounded to f16

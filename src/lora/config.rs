@@ -100,11 +100,128 @@ fn parse_targets(v: &Value, file: &str, key: &str) -> Result<Option<TargetModule
         Value::Array(items) => Some(TargetModules::Names(
             items
                 .iter()
-                .map(|i| i.as_str().map(str::to_string).ok_or_else(|| Error::file(file, format!("{key} must list module names (strings), got {i}"))))
+                .map(|i| {
+                    i.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| Error::file(file, format!("{key} must list module names (strings), got {i}")))
+                })
                 .collect::<Result<_>>()?,
         )),
         other => return Err(Error::file(file, format!("{key} must be a list of names, a regex or \"all-linear\", got {other}"))),
     })
+}
+
+/// The keys of an adapter_config.json being parsed, with errors that name the file, key and value.
+struct Keys<'a> {
+    raw: &'a Map<String, Value>,
+    file: &'a str,
+}
+
+impl Keys<'_> {
+    fn get(&self, key: &str) -> &Value {
+        self.raw.get(key).unwrap_or(&Value::Null)
+    }
+
+    fn bad<T>(&self, key: &str, why: &str) -> Result<T> {
+        Err(Error::file(self.file, format!("{key} = {}: {why}", self.get(key))))
+    }
+
+    /// Refuses adapter kinds and settings we cannot honour (PEFT's defaults are fine).
+    fn check_supported(&self) -> Result<()> {
+        if self.get("peft_type").as_str() != Some("LORA") {
+            return self.bad("peft_type", "only LORA adapters are supported");
+        }
+        if !matches!(self.get("task_type"), Value::Null) && self.get("task_type") != "CAUSAL_LM" {
+            return self.bad("task_type", "only CAUSAL_LM is supported");
+        }
+        if !matches!(self.get("bias").as_str(), None | Some("none")) {
+            return self.bad("bias", "only \"none\" is supported");
+        }
+        match MUST_BE_DEFAULT.iter().find(|(key, ok)| !ok(self.get(key))) {
+            Some((key, _)) => self.bad(key, "this setting is not supported; remove it or use PEFT's default"),
+            None => Ok(()),
+        }
+    }
+
+    fn rank(&self) -> Result<usize> {
+        match self.get("r").as_u64() {
+            Some(r) if r > 0 => Ok(r as usize),
+            _ => self.bad("r", "the rank must be a positive integer"),
+        }
+    }
+
+    /// A number that `ok` accepts, or `default` when the key is absent.
+    fn number(&self, key: &str, default: f64, ok: impl Fn(f64) -> bool, why: &str) -> Result<f64> {
+        match self.get(key) {
+            Value::Null => Ok(default),
+            v => match v.as_f64() {
+                Some(x) if ok(x) => Ok(x),
+                _ => self.bad(key, why),
+            },
+        }
+    }
+
+    fn init(&self) -> Result<LoraInit> {
+        Ok(match self.get("init_lora_weights") {
+            Value::Null | Value::Bool(true) => LoraInit::Default,
+            Value::Bool(false) => LoraInit::Random,
+            Value::String(s) if s == "gaussian" => LoraInit::Gaussian,
+            Value::String(s) if s == "olora" => LoraInit::Olora,
+            Value::String(s) if s == "pissa" => LoraInit::Pissa,
+            _ => {
+                let supported =
+                    "supported: true, false, \"gaussian\", \"olora\", \"pissa\" (for \"pissa_niter_N\" use the exact \"pissa\")";
+                return self.bad("init_lora_weights", supported);
+            }
+        })
+    }
+
+    /// rank_pattern / alpha_pattern: {regex: number}, in file order.
+    fn pattern(&self, key: &str) -> Result<Vec<(String, f64)>> {
+        match self.get(key) {
+            Value::Null => Ok(vec![]),
+            Value::Object(map) => map
+                .iter()
+                .map(|(p, v)| {
+                    compile(p, SUFFIX_PATTERN, self.file, key)?;
+                    v.as_f64().map(|v| (p.clone(), v)).ok_or_else(|| Error::file(self.file, format!("{key}[{p:?}] must be a number")))
+                })
+                .collect(),
+            _ => Err(Error::file(self.file, format!("{key} must map regexes to numbers"))),
+        }
+    }
+
+    fn rank_pattern(&self) -> Result<Vec<(String, usize)>> {
+        self.pattern("rank_pattern")?
+            .into_iter()
+            .map(|(p, v)| match v >= 1.0 && v.fract() == 0.0 {
+                true => Ok((p, v as usize)),
+                false => Err(Error::file(self.file, format!("rank_pattern[{p:?}] = {v}: ranks are positive integers"))),
+            })
+            .collect()
+    }
+
+    /// (layers_to_transform, layers_pattern).
+    fn layers(&self) -> Result<(Option<Vec<usize>>, Option<Vec<String>>)> {
+        let index =
+            |v: &Value| v.as_u64().map(|i| i as usize).ok_or_else(|| Error::file(self.file, "layers_to_transform must be layer indices"));
+        let layers_to_transform = match self.get("layers_to_transform") {
+            Value::Null => None,
+            v @ Value::Number(_) => Some(vec![index(v)?]),
+            Value::Array(a) => Some(a.iter().map(index).collect::<Result<_>>()?),
+            _ => return self.bad("layers_to_transform", "must be a layer index or a list of them"),
+        };
+        let layers_pattern = match self.get("layers_pattern") {
+            Value::Null => None,
+            Value::String(s) => Some(vec![s.clone()]),
+            Value::Array(a) => Some(a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()),
+            _ => return self.bad("layers_pattern", "must be a name or a list of names"),
+        };
+        if layers_pattern.is_some() && layers_to_transform.is_none() {
+            return self.bad("layers_pattern", "only has a meaning together with layers_to_transform");
+        }
+        Ok((layers_to_transform, layers_pattern))
+    }
 }
 
 impl TargetModules {
@@ -128,7 +245,14 @@ impl TargetModules {
             return Ok(TargetModules::Names(names));
         }
         if all.iter().all(|t| matches!(t, TargetModules::Regex(..))) {
-            let joined = all.iter().map(|t| match t { TargetModules::Regex(p, _) => format!("({p})"), _ => unreachable!() }).collect::<Vec<_>>().join("|");
+            let joined = all
+                .iter()
+                .map(|t| match t {
+                    TargetModules::Regex(p, _) => format!("({p})"),
+                    _ => unreachable!(),
+                })
+                .collect::<Vec<_>>()
+                .join("|");
             let re = compile(&joined, "^(?:{})$", "combined adapters", "target_modules")?;
             return Ok(TargetModules::Regex(joined, re));
         }
@@ -173,93 +297,21 @@ impl LoraConfig {
 
     fn from_value(value: Value, file: &str) -> Result<Self> {
         let Value::Object(raw) = value else { return Err(Error::file(file, "expected a JSON object")) };
-        let get = |k: &str| raw.get(k).unwrap_or(&Value::Null);
-        let bad = |key: &str, why: &str| Err(Error::file(file, format!("{key} = {}: {why}", get(key))));
-
-        match get("peft_type").as_str() {
-            Some("LORA") => {}
-            _ => return bad("peft_type", "only LORA adapters are supported"),
-        }
-        match get("task_type") {
-            Value::Null => {}
-            v if v == "CAUSAL_LM" => {}
-            _ => return bad("task_type", "only CAUSAL_LM is supported"),
-        }
-        match get("bias").as_str() {
-            None | Some("none") => {}
-            _ => return bad("bias", "only \"none\" is supported"),
-        }
-        for (key, ok) in MUST_BE_DEFAULT {
-            if !ok(get(key)) {
-                return bad(key, "this setting is not supported; remove it or use PEFT's default");
-            }
-        }
-        let r = match get("r").as_u64() {
-            Some(r) if r > 0 => r as usize,
-            _ => return bad("r", "the rank must be a positive integer"),
-        };
-        let lora_alpha = match get("lora_alpha") {
-            Value::Null => 8.0,
-            v => match v.as_f64() {
-                Some(a) if a.is_finite() => a,
-                _ => return bad("lora_alpha", "must be a number"),
-            },
-        };
-        let lora_dropout = match get("lora_dropout") {
-            Value::Null => 0.0,
-            v => match v.as_f64() {
-                Some(p) if (0.0..1.0).contains(&p) => p,
-                _ => return bad("lora_dropout", "must be a probability in [0, 1)"),
-            },
-        };
-        let target_modules = match parse_targets(get("target_modules"), file, "target_modules")? {
+        let keys = Keys { raw: &raw, file };
+        keys.check_supported()?;
+        let r = keys.rank()?;
+        let lora_alpha = keys.number("lora_alpha", 8.0, |a| a.is_finite(), "must be a number")?;
+        let lora_dropout = keys.number("lora_dropout", 0.0, |p| (0.0..1.0).contains(&p), "must be a probability in [0, 1)")?;
+        let target_modules = match parse_targets(keys.get("target_modules"), file, "target_modules")? {
             Some(t) => t,
-            None => return bad("target_modules", "name the modules to adapt (a list, a regex or \"all-linear\")"),
+            None => return keys.bad("target_modules", "name the modules to adapt (a list, a regex or \"all-linear\")"),
         };
-        let exclude_modules = parse_targets(get("exclude_modules"), file, "exclude_modules")?;
-        let use_rslora = get("use_rslora").as_bool().unwrap_or(false);
-        let init_lora_weights = match get("init_lora_weights") {
-            Value::Null | Value::Bool(true) => LoraInit::Default,
-            Value::Bool(false) => LoraInit::Random,
-            Value::String(s) if s == "gaussian" => LoraInit::Gaussian,
-            Value::String(s) if s == "olora" => LoraInit::Olora,
-            Value::String(s) if s == "pissa" => LoraInit::Pissa,
-            _ => return bad("init_lora_weights", "supported: true, false, \"gaussian\", \"olora\", \"pissa\" (for \"pissa_niter_N\" use the exact \"pissa\")"),
-        };
-        let pattern = |key: &str| -> Result<Vec<(String, f64)>> {
-            match get(key) {
-                Value::Null => Ok(vec![]),
-                Value::Object(map) => map
-                    .iter()
-                    .map(|(p, v)| {
-                        compile(p, SUFFIX_PATTERN, file, key)?;
-                        v.as_f64().map(|v| (p.clone(), v)).ok_or_else(|| Error::file(file, format!("{key}[{p:?}] must be a number")))
-                    })
-                    .collect(),
-                _ => Err(Error::file(file, format!("{key} must map regexes to numbers"))),
-            }
-        };
-        let rank_pattern = pattern("rank_pattern")?
-            .into_iter()
-            .map(|(p, v)| if v >= 1.0 && v.fract() == 0.0 { Ok((p, v as usize)) } else { Err(Error::file(file, format!("rank_pattern[{p:?}] = {v}: ranks are positive integers"))) })
-            .collect::<Result<_>>()?;
-        let alpha_pattern = pattern("alpha_pattern")?;
-        let layers_to_transform = match get("layers_to_transform") {
-            Value::Null => None,
-            Value::Number(n) => Some(vec![n.as_u64().ok_or_else(|| Error::file(file, "layers_to_transform must be layer indices"))? as usize]),
-            Value::Array(a) => Some(a.iter().map(|v| v.as_u64().map(|i| i as usize).ok_or_else(|| Error::file(file, "layers_to_transform must be layer indices"))).collect::<Result<_>>()?),
-            _ => return bad("layers_to_transform", "must be a layer index or a list of them"),
-        };
-        let layers_pattern = match get("layers_pattern") {
-            Value::Null => None,
-            Value::String(s) => Some(vec![s.clone()]),
-            Value::Array(a) => Some(a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()),
-            _ => return bad("layers_pattern", "must be a name or a list of names"),
-        };
-        if layers_pattern.is_some() && layers_to_transform.is_none() {
-            return bad("layers_pattern", "only has a meaning together with layers_to_transform");
-        }
-        let base_model_name_or_path = get("base_model_name_or_path").as_str().map(str::to_string);
+        let exclude_modules = parse_targets(keys.get("exclude_modules"), file, "exclude_modules")?;
+        let use_rslora = keys.get("use_rslora").as_bool().unwrap_or(false);
+        let init_lora_weights = keys.init()?;
+        let (rank_pattern, alpha_pattern) = (keys.rank_pattern()?, keys.pattern("alpha_pattern")?);
+        let (layers_to_transform, layers_pattern) = keys.layers()?;
+        let base_model_name_or_path = keys.get("base_model_name_or_path").as_str().map(str::to_string);
         Ok(LoraConfig {
             r,
             lora_alpha,
@@ -303,9 +355,7 @@ impl LoraConfig {
         }
         // PEFT applies layers_to_transform to name lists only
         match (&self.target_modules, &self.layers_to_transform) {
-            (TargetModules::Names(_), Some(layers)) if !layers.is_empty() => {
-                self.layer_index(module).is_some_and(|i| layers.contains(&i))
-            }
+            (TargetModules::Names(_), Some(layers)) if !layers.is_empty() => self.layer_index(module).is_some_and(|i| layers.contains(&i)),
             _ => true,
         }
     }
@@ -386,7 +436,8 @@ mod tests {
     fn layers_to_transform_and_exclusions() {
         let c = parse(r#"{"peft_type":"LORA","r":4,"target_modules":["q_proj"],"layers_to_transform":[3,5]}"#).unwrap();
         assert!(c.targets(Q, true) && !c.targets("model.layers.4.self_attn.q_proj", true));
-        let c = parse(r#"{"peft_type":"LORA","r":4,"target_modules":["q_proj"],"layers_to_transform":3,"layers_pattern":"layers"}"#).unwrap();
+        let c =
+            parse(r#"{"peft_type":"LORA","r":4,"target_modules":["q_proj"],"layers_to_transform":3,"layers_pattern":"layers"}"#).unwrap();
         assert!(c.targets(Q, true));
         let c = parse(r#"{"peft_type":"LORA","r":4,"target_modules":"all-linear","exclude_modules":["up_proj"]}"#).unwrap();
         assert!(c.targets(Q, true) && !c.targets(UP, true));
@@ -394,8 +445,11 @@ mod tests {
 
     #[test]
     fn rank_alpha_and_scaling_follow_the_patterns() {
-        let c = parse(r#"{"peft_type":"LORA","r":8,"lora_alpha":16,"target_modules":"all-linear",
-            "rank_pattern":{"q_proj":4,"layers\\.10\\..*":2},"alpha_pattern":{"v_proj":32}}"#).unwrap();
+        let c = parse(
+            r#"{"peft_type":"LORA","r":8,"lora_alpha":16,"target_modules":"all-linear",
+            "rank_pattern":{"q_proj":4,"layers\\.10\\..*":2},"alpha_pattern":{"v_proj":32}}"#,
+        )
+        .unwrap();
         assert_eq!((c.rank_for(Q), c.rank_for(V), c.rank_for(UP)), (4, 8, 2));
         assert_eq!(c.scaling_for(Q), 16.0 / 4.0);
         assert_eq!(c.scaling_for(V), 32.0 / 8.0);

@@ -164,7 +164,9 @@ pub fn swiglu(gate: Tensor<3>, up: Tensor<3>) -> Tensor<3> {
 /// [1, 1, queries, keys]; none where every query sees every key (one new token after a cache).
 pub fn attend(scores: Tensor<4>, mask: Option<Tensor<4>>, v: Tensor<4>) -> Tensor<4> {
     let probs = match mask {
-        Some(mask) => Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::masked_softmax(scores.into_dispatch(), mask.into_dispatch())),
+        Some(mask) => {
+            Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::masked_softmax(scores.into_dispatch(), mask.into_dispatch()))
+        }
         None => burn::tensor::activation::softmax(scores, 3),
     };
     probs.matmul(v)

@@ -175,7 +175,10 @@ impl FusedOps for Flex {
         }
         let (g, u) = (values(&gate), values(&up));
         let mut out = vec![0.0f32; g.len()];
-        out.par_chunks_mut(GRAIN).zip(g.par_chunks(GRAIN)).zip(u.par_chunks(GRAIN)).for_each(|((out, gate), up)| vectorised(SwigluKernel { gate, up, out }));
+        out.par_chunks_mut(GRAIN)
+            .zip(g.par_chunks(GRAIN))
+            .zip(u.par_chunks(GRAIN))
+            .for_each(|((out, gate), up)| vectorised(SwigluKernel { gate, up, out }));
         tensor(out, gate.shape())
     }
 
@@ -186,9 +189,13 @@ impl FusedOps for Flex {
         let shape = gate.shape();
         let (g, u, dy) = (values(&gate), values(&up), values(&grad));
         let (mut d_gate, mut d_up) = (vec![0.0f32; g.len()], vec![0.0f32; g.len()]);
-        d_gate.par_chunks_mut(GRAIN).zip(d_up.par_chunks_mut(GRAIN)).zip(g.par_chunks(GRAIN)).zip(u.par_chunks(GRAIN)).zip(dy.par_chunks(GRAIN)).for_each(
-            |((((d_gate, d_up), gate), up), grad)| vectorised(SwigluBackwardKernel { gate, up, grad, d_gate, d_up }),
-        );
+        d_gate
+            .par_chunks_mut(GRAIN)
+            .zip(d_up.par_chunks_mut(GRAIN))
+            .zip(g.par_chunks(GRAIN))
+            .zip(u.par_chunks(GRAIN))
+            .zip(dy.par_chunks(GRAIN))
+            .for_each(|((((d_gate, d_up), gate), up), grad)| vectorised(SwigluBackwardKernel { gate, up, grad, d_gate, d_up }));
         (tensor(d_gate, shape.clone()), tensor(d_up, shape))
     }
 
@@ -220,9 +227,10 @@ impl FusedOps for Flex {
         let (p, dy) = (values(&probs), values(&grad));
         let mut out = vec![0.0f32; p.len()];
         let task = keys * (GRAIN / keys).max(1);
-        out.par_chunks_mut(task).zip(p.par_chunks(task)).zip(dy.par_chunks(task)).for_each(|((out, probs), grad)| {
-            vectorised(SoftmaxBackwardKernel { probs, grad, keys, out })
-        });
+        out.par_chunks_mut(task)
+            .zip(p.par_chunks(task))
+            .zip(dy.par_chunks(task))
+            .for_each(|((out, probs), grad)| vectorised(SoftmaxBackwardKernel { probs, grad, keys, out }));
         tensor(out, shape)
     }
 

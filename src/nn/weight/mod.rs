@@ -12,7 +12,7 @@ pub mod packed_f16;
 use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
-use crate::io::HostTensor;
+use crate::tensor::HostTensor;
 
 /// How the base model's matrices are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -153,11 +153,9 @@ fn main() {
     }
     let config = LoraConfig::from_json(br#"{"peft_type":"LORA","task_type":"CAUSAL_LM","r":8,"lora_alpha":16,"target_modules":["q_proj","v_proj"],"init_lora_weights":"olora"}"#, "bench").unwrap();
     pollster::block_on(model.add_adapter("olora", config, 0)).unwrap();
-    for layer in &mut model.layers {
-        for (_, linear) in layer.linears_mut() {
-            if let Some(lora) = linear.adapters.get_mut("olora") {
-                lora.b_t = lora.b_t.clone().mul_scalar(1.5);
-            }
+    for linear in model.lora_linears_mut() {
+        if let Some(lora) = linear.adapters.get_mut("olora") {
+            lora.b_t = lora.b_t.clone().mul_scalar(1.5);
         }
     }
     model.set_adapter("olora").unwrap();

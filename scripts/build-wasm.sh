@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Builds the wasm module (Cargo profile `wasm`: size first, with LTO) and its ES-module bindings
+# Builds the wasm module (Cargo profile `wasm`: opt-level "s", fat LTO) and its ES-module bindings
 # into lib/pkg (the npm package's engine), then shrinks it with wasm-opt (binaryen from the npm
-# registry: node_modules/.bin, no other download). -O1 is the measured sweet spot: -Oz and -Os
-# take 3-6 times as long and give a larger gzipped file (BENCHMARKS.md).
+# registry: node_modules/.bin, no other download). -O1 takes ~1 minute here; -Os and -Oz took 3 to
+# 6 times as long and gave a larger gzipped file (BENCHMARKS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh

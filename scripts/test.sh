@@ -11,6 +11,8 @@ cargo fmt --check
 echo "[test] native tests (cargo test --release)"
 # one test at a time: the wgpu tests share one device, and the real-model tests are memory-heavy
 cargo test --release -- --test-threads=1
+echo "[test] the benchmarks still build (cargo bench --no-run)"
+cargo bench --no-run
 bash scripts/build-wasm.sh
 echo "[test] browser tests (headless Chromium, WebGPU)"
 node --test --test-concurrency=1 tests/browser/

@@ -18,7 +18,7 @@ use burn::tensor::Device;
 use webgpu_lora::io::{ModelFiles, write_files};
 use webgpu_lora::lora::{AdapterFiles, AdapterSource, LoraConfig};
 use webgpu_lora::nn::WeightDtype;
-use webgpu_lora::{LlamaModel, Llm, LoraModel};
+use webgpu_lora::{LlamaModel, Llm, LoraLayers, LoraModel};
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();

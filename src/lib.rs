@@ -15,7 +15,8 @@
 //!   model directory's files, the tokenizer and chat template.
 //! - [`nn`]: layers below any model: f32/f16 weight matrices, `Linear`, fused operations.
 //! - [`lora`]: LoRA as PEFT's `tuners/lora/`: `LoraConfig`, `LoraLinear`, initialisation, dropout,
-//!   PEFT's files, and the model-level verbs of the [`LoraModel`] trait.
+//!   PEFT's files, what a model shows of its layers ([`LoraLayers`]) and the model-level verbs of
+//!   the [`LoraModel`] trait.
 //! - [`model`]: the Llama forward pass with a KV cache; its linear layers carry adapters.
 //! - [`generate`]: greedy and sampled generation, streamed.
 //! - [`llm`]: a model with its tokenizer, loaded from [`io::ModelFiles`].
@@ -41,5 +42,5 @@ pub use config::LlamaConfig;
 pub use error::{Error, Result};
 pub use generate::{Generation, GenerationConfig, StopReason};
 pub use llm::Llm;
-pub use lora::LoraModel;
+pub use lora::{LoraLayers, LoraModel};
 pub use model::{KvCache, LlamaModel};

@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::*;
-use webgpu_lora::LoraModel;
+use webgpu_lora::LoraLayers;
 use webgpu_lora::lora::LoraConfig;
 
 #[test]

@@ -10,7 +10,7 @@ use burn::tensor::Device;
 use common::*;
 use webgpu_lora::lora::AdapterSource;
 use webgpu_lora::tensor::read_f32;
-use webgpu_lora::{LlamaModel, LoraModel};
+use webgpu_lora::{LlamaModel, LoraLayers, LoraModel};
 
 const ADAPTERS: [&str; 4] = ["all7-r4", "qv-r8", "rslora", "rank-pattern"];
 const TOLERANCE: f32 = 1e-4;

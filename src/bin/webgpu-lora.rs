@@ -13,7 +13,7 @@ use webgpu_lora::io::gguf::GgufFile;
 use webgpu_lora::io::gguf_convert::HfModel;
 use webgpu_lora::io::safetensors::write_safetensors;
 use webgpu_lora::io::{ModelFiles, StoreDtype, read_file, write_files};
-use webgpu_lora::lora::{ADAPTER_CONFIG_FILE, AdapterSource, LoraConfig, LoraModel};
+use webgpu_lora::lora::{ADAPTER_CONFIG_FILE, AdapterSource, LoraConfig, LoraLayers, LoraModel};
 use webgpu_lora::nn::WeightDtype;
 use webgpu_lora::tensor::HostTensor;
 use webgpu_lora::train::fine_tune::{STATE_FILE, SUMMARY_FILE};

@@ -3,39 +3,21 @@
 //! disable, merge / unmerge / unload, delete, export, combine, count.
 //!
 //! As PEFT's tuners work on any `nn.Module` through `named_modules()`, these verbs work on any
-//! model that lists its adaptable linear layers ([`LoraModel::lora_linears`]) and keeps an
-//! [`AdapterState`]; the base model implements those two and gets every verb. Loading checks
+//! model that shows its adaptable linear layers and keeps an [`AdapterState`] ([`LoraLayers`]):
+//! the base model implements that and gets every verb, without depending on them. Loading checks
 //! everything (targets, names, shapes) before it touches the model, so a bad adapter leaves the
 //! model as it was. As in PEFT, `load_adapter` does not activate the adapter.
 
 use std::collections::BTreeMap;
 
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Bool, Tensor};
 
 use crate::error::{Error, Result};
 use crate::lora::combine::{Combination, add_weighted_adapter};
 use crate::lora::files::{AdapterFiles, AdapterSource, write_adapter};
 use crate::lora::init::{init_from_weight, init_lora};
-use crate::lora::{AdapterWeights, LoraConfig, LoraInit, LoraLinear, LoraRun, LoraWeights};
+use crate::lora::{AdapterState, AdapterWeights, LoraConfig, LoraInit, LoraLayers, LoraWeights};
 use crate::tensor::{read_f32, upload, upload_all};
-
-/// Which adapters are loaded (with their configs), which one is active, and whether adapters are
-/// disabled.
-#[derive(Default)]
-pub struct AdapterState {
-    configs: BTreeMap<String, LoraConfig>,
-    active: Option<String>,
-    disabled: bool,
-}
-
-impl AdapterState {
-    /// The adapter the forward pass runs (stored weights, no dropout): the active one unless
-    /// adapters are disabled.
-    pub fn running(&self) -> Option<LoraRun<'_>> {
-        let adapter = if self.disabled { None } else { self.active.as_deref() }?;
-        Some(LoraRun::stored(adapter))
-    }
-}
 
 /// What [`LoraModel::merge_adapter`] did.
 #[derive(Debug, Default, PartialEq)]
@@ -45,27 +27,10 @@ pub struct MergeReport {
     pub skipped: Vec<String>,
 }
 
-/// PEFT's verbs on a model whose linear layers are [`LoraLinear`]s. A model implements the first
-/// six methods (how to reach its layers and its adapter state); the rest are provided.
+/// PEFT's verbs, for every model that shows its adaptable layers ([`LoraLayers`]).
 // The futures run on one thread (the browser's worker, pollster natively): no Send bound wanted.
 #[allow(async_fn_in_trait)]
-pub trait LoraModel {
-    /// The linear layers LoRA can adapt, in model order (the output head is not one).
-    fn lora_linears(&self) -> impl Iterator<Item = &LoraLinear>;
-
-    /// The same, mutable.
-    fn lora_linears_mut(&mut self) -> impl Iterator<Item = &mut LoraLinear>;
-
-    fn adapter_state(&self) -> &AdapterState;
-
-    fn adapter_state_mut(&mut self) -> &mut AdapterState;
-
-    /// The number of parameters of the base model (a tied head counted once).
-    fn base_parameters(&self) -> usize;
-
-    /// Where the model's tensors live.
-    fn device(&self) -> Device;
-
+pub trait LoraModel: LoraLayers {
     /// Loads a PEFT adapter under `name` without activating it. An OLoRA or PiSSA adapter
     /// (init_lora_weights "olora"/"pissa") is trained against a residual base: as PEFT does on
     /// load, the base is decomposed again and its principal part subtracted, so the files give
@@ -468,3 +433,5 @@ fn thousands(n: usize) -> String {
     }
     out
 }
+
+impl<M: LoraLayers + ?Sized> LoraModel for M {}

@@ -19,7 +19,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::io::SafetensorsWeights;
-use crate::lora::{AdapterState, LoraLinear, LoraModel, LoraRun};
+use crate::lora::{AdapterState, LoraLayers, LoraLinear, LoraRun};
 use crate::model::KvCache;
 use crate::nn::ops::{attend, swiglu};
 use crate::nn::{Linear, Weight, WeightDtype};
@@ -200,7 +200,7 @@ pub struct LlamaModel {
     pub norm: RmsNorm,
     /// [hidden, vocab]; `None` when tied to `embed_tokens`.
     pub lm_head: Option<Weight>,
-    /// The adapters loaded, which one runs, and whether adapters are disabled (see [`LoraModel`]).
+    /// The adapters loaded, which one runs, and whether adapters are disabled (see [`LoraLayers`]).
     pub adapters: AdapterState,
 }
 
@@ -409,7 +409,7 @@ impl LlamaModel {
     }
 }
 
-impl LoraModel for LlamaModel {
+impl LoraLayers for LlamaModel {
     fn lora_linears(&self) -> impl Iterator<Item = &LoraLinear> {
         self.layers.iter().flat_map(DecoderLayer::linears)
     }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::io::safetensors::write_safetensors;
 use crate::io::{SafetensorsWeights, StoreDtype};
-use crate::lora::{AdapterFiles, AdapterWeights, DropoutMasks, LoraModel, LoraRun, LoraWeights};
+use crate::lora::{AdapterFiles, AdapterWeights, DropoutMasks, LoraLayers, LoraModel, LoraRun, LoraWeights};
 use crate::model::LlamaModel;
 use crate::tensor::{read_host, read_scalar, upload};
 use crate::train::TrainOptions;

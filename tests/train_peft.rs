@@ -8,10 +8,10 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::*;
-use webgpu_lora::lora::{AdapterSource, AdapterWeights, LoraRun, LoraWeights};
+use webgpu_lora::lora::{AdapterSource, LoraRun};
 use webgpu_lora::nn::WeightDtype;
 use webgpu_lora::tensor::{HostTensor, read_host};
-use webgpu_lora::train::trainer::{part_gradients, train_steps};
+use webgpu_lora::train::trainer::{autodiff_leaves, part_gradients, train_steps};
 use webgpu_lora::train::{Batch, Control, Schedule, TrainEnd, TrainEvent, TrainOptions};
 use webgpu_lora::{LlamaModel, LoraModel};
 
@@ -61,13 +61,7 @@ fn reference_config(t: &serde_json::Value) -> TrainOptions {
 /// PEFT's names and layout (`model.layers.0.self_attn.q_proj.lora_A.weight`, [r, in]): what PEFT
 /// computes with `loss.backward()` (no dropout), through the trainer's own gradient step.
 fn adapter_gradients(model: &LlamaModel, adapter: &str, batch: &Batch) -> (f64, BTreeMap<String, HostTensor>) {
-    let leaf = |t: &burn::tensor::Tensor<2>| t.clone().autodiff().require_grad();
-    let leaves: AdapterWeights = model
-        .adapter_weights(adapter)
-        .unwrap()
-        .into_iter()
-        .map(|(m, w)| (m, LoraWeights { a_t: leaf(&w.a_t), b_t: leaf(&w.b_t), scaling: w.scaling }))
-        .collect();
+    let leaves = autodiff_leaves(&model.adapter_weights(adapter).unwrap());
     let named: Vec<(String, burn::tensor::Tensor<2>)> = leaves
         .iter()
         .flat_map(|(m, w)| [(format!("{m}.lora_A.weight"), w.a_t.clone()), (format!("{m}.lora_B.weight"), w.b_t.clone())])

@@ -157,12 +157,7 @@ async fn group_gradients(
 ) -> Result<(f64, Vec<Tensor<2>>)> {
     // no more parts than the largest micro-batch has rows to give them
     let threads = threads.clamp(1, group.iter().map(|b| b.batch).max().unwrap_or(1).max(1));
-    let leaf = |t: &Tensor<2>| t.clone().autodiff().require_grad();
-    let leaves: Vec<AdapterWeights> = (0..threads)
-        .map(|_| {
-            weights.iter().map(|(m, w)| (m.clone(), LoraWeights { a_t: leaf(&w.a_t), b_t: leaf(&w.b_t), scaling: w.scaling })).collect()
-        })
-        .collect();
+    let leaves: Vec<AdapterWeights> = (0..threads).map(|_| autodiff_leaves(weights)).collect();
     let scale = 1.0 / group.iter().map(Batch::trainable_tokens).sum::<usize>().max(1) as f64;
     let mut grads: Option<Vec<Tensor<2>>> = None;
     let mut loss_sum = 0.0;
@@ -192,6 +187,13 @@ async fn group_gradients(
         }
     }
     Ok((loss_sum, grads.expect("a step has a batch")))
+}
+
+/// A copy of an adapter's matrices as autodiff leaves that require a gradient (each copy has its
+/// own graph), to run through [`LoraRun::weights`].
+pub fn autodiff_leaves(weights: &AdapterWeights) -> AdapterWeights {
+    let leaf = |t: &Tensor<2>| t.clone().autodiff().require_grad();
+    weights.iter().map(|(m, w)| (m.clone(), LoraWeights { a_t: leaf(&w.a_t), b_t: leaf(&w.b_t), scaling: w.scaling })).collect()
 }
 
 /// The summed token loss of `batch` (times `scale` in the gradient) under `run`, and the

@@ -1,6 +1,7 @@
 //! Generation benchmark (not a test): prefill and decode tokens/s of a model on one backend.
 //!
-//! cargo bench --bench generation -- --model DIR [--backend cpu|wgpu] [--new-tokens 64] [--repeats 3]
+//! cargo bench --bench generation -- --model DIR|FILE.gguf [--backend cpu|wgpu] [--dtype auto|f32|f16|q8_0|...]
+//!                                    [--new-tokens 64] [--repeats 3]
 //!
 //! Prints one JSON line. The prompt is the chat-templated "What is the capital of France?" and
 //! decoding is greedy with end-of-sequence ignored, so every run decodes the same number of tokens
@@ -21,14 +22,26 @@ fn arg(name: &str) -> Option<String> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
 }
 
+/// What the weights are: "f32", "q8_0 (quantized on load)", "GGUF as shipped", ...
+fn weights_label(model: &std::path::Path, dtype: WeightDtype) -> String {
+    let gguf = model.extension().is_some_and(|e| e == "gguf");
+    match (gguf, dtype) {
+        (true, WeightDtype::Auto) => "GGUF as shipped".into(),
+        (false, WeightDtype::Auto) => "f32".into(),
+        (_, WeightDtype::Quant(_)) => format!("{} (quantized on load)", dtype.name()),
+        _ => dtype.name(),
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
 fn main() {
-    let model = PathBuf::from(arg("--model").expect("--model DIR"));
+    let model = PathBuf::from(arg("--model").expect("--model DIR|FILE.gguf"));
     let backend = arg("--backend").unwrap_or_else(|| "cpu".into());
+    let dtype = WeightDtype::parse(&arg("--dtype").unwrap_or_else(|| "auto".into())).unwrap();
     let new_tokens: usize = arg("--new-tokens").map_or(64, |v| v.parse().unwrap());
     let repeats: usize = arg("--repeats").map_or(3, |v| v.parse().unwrap());
     let device = match backend.as_str() {
@@ -37,7 +50,7 @@ fn main() {
         other => panic!("unknown backend {other}"),
     };
     let started = Instant::now();
-    let llm = Llm::load(ModelFiles::from_dir(&model).unwrap(), WeightDtype::F32, &device, &mut |_, _, _| {}).unwrap();
+    let llm = Llm::load(ModelFiles::from_path(&model).unwrap(), dtype, &device, &mut |_, _, _| {}).unwrap();
     let load_s = started.elapsed().as_secs_f64();
     let prompt = llm.prompt_ids("What is the capital of France?", true).unwrap();
     let m = &llm.model;
@@ -66,6 +79,8 @@ fn main() {
         "{}",
         serde_json::json!({
             "engine": format!("webgpu-lora ({backend})"),
+            "weights": weights_label(&model, dtype),
+            "weights_mb": llm.model.memory_footprint() as f64 / 1e6,
             "prompt_tokens": prompt.len(),
             "new_tokens": new_tokens,
             "repeats": repeats,

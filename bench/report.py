@@ -26,13 +26,59 @@ def merge_repeats(rows, key):
     return merged
 
 
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem_gb:.0f} GiB"
+
+
+def quantized_section(lines, command):
+    """The section of bench/quantized.sh: quantized bases beside f32 and transformers."""
+    gen = [r for r in lines if "decode_tokens_per_s" in r]
+    base = next((r for r in gen if r["engine"].startswith("transformers")), None)
+    f32 = next((r for r in gen if r.get("weights") == "f32"), None)
+    print("## Quantized bases: SmolLM2-135M-Instruct, CPU\n")
+    print(f"Machine: {machine()}.  ")
+    print(f"Date: {datetime.date.today().isoformat()}  ")
+    print(f"Command: `{command}`\n")
+    if gen:
+        print(f"Chat prompt \"What is the capital of France?\" ({gen[0]['prompt_tokens']} tokens), greedy decode of "
+              f"{gen[0]['new_tokens']} tokens with the KV cache, median of {gen[0]['repeats']} runs; bytes are the base's "
+              "weights on the device (`getMemoryFootprint`). Ratios against our f32 and transformers f32 in the same run.\n")
+        print("| weights | MB on the device | vs f32 | prefill tokens/s | decode tokens/s | decode vs transformers | load s |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for r in gen:
+            name = r.get("weights", r["engine"]) if not r["engine"].startswith("transformers") else r["engine"] + " (f32)"
+            mb = r.get("weights_mb")
+            size = f"{mb:.1f}" if mb else "-"
+            vs_f32 = f"{mb / f32['weights_mb']:.2f}x" if mb and f32 else "-"
+            vs = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x" if base else "n/a"
+            print(f"| {name} | {size} | {vs_f32} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | {vs} | {r['load_s']:.1f} |")
+    training = merge_repeats([r for r in lines if "training" in r], lambda r: (r["training"], r.get("weights"), r.get("weights_mb")))
+    ref = next((r for r in training if r.get("weights") == "f32"), None)
+    if training:
+        t = training[0]
+        print(f"\nLoRA training, r=8 on q,v, batch {t['batch']} random tokens, AdamW; runs alternate, median tokens/s "
+              "[range], largest peak RSS (model load included). Ratios against our f32 run.\n")
+        print("| base weights | MB on the device | tokens/s | vs f32 | peak RSS MB | vs f32 |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in training:
+            label = {"auto": "GGUF as shipped (Q4_1, Q8_0 embedding)"}.get(r["weights"], r["weights"])
+            vs = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
+            rss = f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x" if ref else "-"
+            print(f"| {label} | {r['weights_mb']:.1f} | {r['tokens_per_s']:.1f} [{r['low']:.0f}-{r['high']:.0f}] | {vs} | "
+                  f"{r['peak_rss_mb']:.0f} | {rss} |")
+
+
+if sys.argv[1] == "--quantized":
+    quantized_section(lines, sys.argv[2])
+    sys.exit(0)
+
+
 training_rows = merge_repeats([r for r in lines if "training" in r], lambda r: (r["training"], r["engine"], r.get("batch")))
 baseline = next((r for r in rows if r["engine"].startswith("transformers")), None)
-cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-
 print("# Benchmarks\n")
-print(f"Machine: {cpu}, {os.cpu_count()} cores, {mem_gb:.0f} GiB, no GPU (wgpu runs on Mesa lavapipe, a CPU Vulkan).  ")
+print(f"Machine: {machine()}, no GPU (wgpu runs on Mesa lavapipe, a CPU Vulkan).  ")
 print(f"Date: {datetime.date.today().isoformat()}  ")
 print(f"Command: `{sys.argv[1]}`\n")
 print("## Generation: SmolLM2-135M-Instruct, f32, chat prompt \"What is the capital of France?\"\n")

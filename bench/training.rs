@@ -1,6 +1,7 @@
 //! Training-speed benchmark (not a test): LoRA SFT steps on a real base model.
 //!
-//! cargo bench --bench training -- --model DIR --targets qv|all-linear [--backend cpu|wgpu] [--steps 5] [--threads N]
+//! cargo bench --bench training -- --model DIR|FILE.gguf --targets qv|all-linear [--dtype auto|f32|q4_0|...] [--backend cpu|wgpu]
+//!     [--steps 5] [--threads N]
 //!     [--batch 4] [--seq 128]
 //!
 //! r=8 (alpha 16, no dropout), AdamW lr 2e-4, batches of 4 x 128 random in-vocabulary tokens (by
@@ -44,12 +45,13 @@ fn cpu_seconds() -> f64 {
 }
 
 fn main() {
-    let model_dir = PathBuf::from(arg("--model").expect("--model DIR"));
+    let model_dir = PathBuf::from(arg("--model").expect("--model DIR|FILE.gguf"));
+    let dtype = WeightDtype::parse(&arg("--dtype").unwrap_or_else(|| "auto".into())).unwrap();
     let targets = arg("--targets").unwrap_or_else(|| "qv".into());
     let backend = arg("--backend").unwrap_or_else(|| "cpu".into());
     let steps: usize = arg("--steps").map_or(5, |v| v.parse().unwrap());
     let device = if backend == "wgpu" { Device::wgpu(DeviceKind::DefaultDevice) } else { Device::flex() };
-    let mut llm = Llm::load(ModelFiles::from_dir(&model_dir).unwrap(), WeightDtype::F32, &device, &mut |_, _, _| {}).unwrap();
+    let mut llm = Llm::load(ModelFiles::from_path(&model_dir).unwrap(), dtype, &device, &mut |_, _, _| {}).unwrap();
     let target_json = if targets == "qv" { r#"["q_proj","v_proj"]"# } else { r#""all-linear""# };
     let config = format!(r#"{{"peft_type":"LORA","task_type":"CAUSAL_LM","r":8,"lora_alpha":16,"target_modules":{target_json}}}"#);
     pollster::block_on(llm.model.add_adapter("bench", LoraConfig::from_json(config.as_bytes(), "bench").unwrap(), 0)).unwrap();
@@ -98,7 +100,7 @@ fn main() {
         serde_json::json!({
             "engine": format!("webgpu-lora ({backend})"), "training": targets, "trainable_params": trainable, "batch": format!("{batch} x {seq}"),
             "tokens_per_s": (steps * batch * seq) as f64 / timed, "peak_rss_mb": peak_rss_mb(), "steps": steps, "threads": threads,
-            "cpu_s_per_step": cpu_per_step,
+            "cpu_s_per_step": cpu_per_step, "weights": dtype.name(), "weights_mb": llm.model.memory_footprint() as f64 / 1e6,
         })
     );
 }

@@ -21,11 +21,14 @@ export type LoadProgress =
 
 export interface FromPretrainedOptions {
   /**
-   * How the base model's matrices are kept on the GPU: "f32" (default) or "f16" (half the memory;
-   * still computed with in f32, so only the weights' rounding differs; merging into an f16 base
-   * rounds to f16, as PEFT's merge does). Adapters are always f32.
+   * How the base model's matrices are kept on the GPU, always computed with in f32: "auto"
+   * (default: as the file stores them, a GGUF's quantized blocks stay quantized, safetensors load
+   * as f32), "f32", "f16" (half the memory; merging into an f16 base rounds to f16, as PEFT's merge
+   * does), or "q8_0" | "q4_0" | "q4_1" | "q5_0": the decoder layers' linear weights quantized on
+   * load with llama.cpp's rounding (transformers' load_in_8bit / load_in_4bit role); embeddings and
+   * norms stay as loaded. Adapters are always f32.
    */
-  dtype?: 'f32' | 'f16';
+  dtype?: 'auto' | 'f32' | 'f16' | 'q8_0' | 'q4_0' | 'q4_1' | 'q5_0';
   onProgress?: (event: LoadProgress) => void;
   /** Keep downloaded files in the Cache API and reuse them while the server reports the same size (default true). */
   cache?: boolean;
@@ -191,7 +194,7 @@ export class AdapterStore {
 }
 
 export class LoraModel {
-  static fromPretrained(source: string | Files, options?: FromPretrainedOptions): Promise<LoraModel>;
+  static fromPretrained(source: string | Blob | Files, options?: FromPretrainedOptions): Promise<LoraModel>;
   readonly config: Record<string, unknown> & { vocab_size: number; hidden_size: number; num_hidden_layers: number };
   readonly baseModel: BaseModel;
   readonly activeAdapter: string | null;

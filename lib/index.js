@@ -50,9 +50,14 @@ class Worker_ {
   }
 }
 
+// A GGUF file's model name: "SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct" (the
+// quantization is not part of the model's identity: adapters move between its files)
+const ggufModelName = (file) => file.replace(/\.gguf$/i, '').replace(/[.-](q\d\w*|f16|f32|bf16)$/i, '');
 const modelName = (source) => {
+  if (typeof Blob !== 'undefined' && source instanceof Blob) return source.name ? ggufModelName(source.name) : null;
   if (typeof source !== 'string') return null;
   const url = new URL(source, globalThis.location?.href ?? 'http://localhost/');
+  if (url.pathname.toLowerCase().endsWith('.gguf')) return ggufModelName(url.pathname.split('/').pop());
   const hub = url.pathname.match(/^\/([^/]+\/[^/]+)\/resolve\//); // https://huggingface.co/ORG/NAME/resolve/main/
   return hub ? hub[1] : url.pathname.replace(/\/+$/, '').split('/').pop() || url.host;
 };
@@ -81,15 +86,19 @@ export class LoraModel {
 
   /**
    * Loads a base model. `source`: the URL of a directory in Hugging Face layout ("/models/x/",
-   * "https://huggingface.co/ORG/NAME/resolve/main/") or its files as {name: ArrayBuffer|Blob}.
+   * "https://huggingface.co/ORG/NAME/resolve/main/"), the URL of a .gguf file (loaded as it ships:
+   * its quantized weights stay quantized on the GPU), a GGUF as a File or Blob, or a directory's
+   * files as {name: ArrayBuffer|Blob}.
    * Options: onProgress({stage: "download", file, loaded, total, fileLoaded, fileTotal, cached} |
    * {stage: "upload", done, total}), cache (default true: files are kept in the Cache API and
    * reused while the server reports the same size), name (the base model's name for stored
-   * adapters), dtype ("f32", the default, or "f16": the base model's matrices stored in f16, half the
-   * memory, still computed with in f32; f16 rounding changes logits slightly, and merging into an
-   * f16 base rounds, as in PEFT), workerUrl.
+   * adapters), dtype (how the base model's matrices are kept on the GPU, always computed with in
+   * f32: "auto", the default, as the file stores them (a GGUF stays quantized, safetensors load
+   * as f32); "f32"; "f16", half the memory; or "q8_0", "q4_0", "q4_1", "q5_0": the decoder layers'
+   * linear weights quantized on load, as transformers' load_in_8bit / load_in_4bit; rounding
+   * changes logits slightly, and merging into an f16 base rounds, as in PEFT), workerUrl.
    */
-  static async fromPretrained(source, { dtype = 'f32', onProgress, cache = true, name, workerUrl } = {}) {
+  static async fromPretrained(source, { dtype = 'auto', onProgress, cache = true, name, workerUrl } = {}) {
     if (typeof navigator === 'undefined' || !navigator.gpu) {
       throw new Error('WebGPU is not available in this browser: use Chrome or Edge 113+ (or Chromium started with --enable-unsafe-webgpu) on https or localhost');
     }

@@ -79,8 +79,19 @@ async function readFiles(base, opened, cache, emit) {
   return out;
 }
 
-// The files of a model: from a URL of a directory in Hugging Face layout, or given as {name: bytes}.
+// The files of a model: from a URL of a directory in Hugging Face layout or of a .gguf file, a
+// GGUF given as a Blob or File, or files given as {name: bytes}.
 async function modelFiles(source, useCache, emit) {
+  if (typeof Blob !== 'undefined' && source instanceof Blob) {
+    const name = source.name?.toLowerCase().endsWith('.gguf') ? source.name : 'model.gguf';
+    return { origin: source.name || 'the given GGUF file', files: { [name]: await toBytes(source, name) } };
+  }
+  if (typeof source === 'string' && new URL(source).pathname.toLowerCase().endsWith('.gguf')) {
+    const cut = source.lastIndexOf('/') + 1;
+    const [dir, name] = [source.slice(0, cut), source.slice(cut)];
+    const opened = [[name, await openFile(source, await openCache(useCache), false)]];
+    return { origin: source, files: await readFiles(dir, opened, await openCache(useCache), emit) };
+  }
   if (typeof source !== 'string') {
     const files = {};
     for (const [name, value] of Object.entries(source)) files[name] = await toBytes(value, name);
@@ -111,7 +122,7 @@ async function modelFiles(source, useCache, emit) {
 }
 
 const ops = {
-  async load(source, { cache = true, dtype = 'f32' } = {}, emit) {
+  async load(source, { cache = true, dtype = 'auto' } = {}, emit) {
     const e = await engine();
     Engine.checkDtype(dtype);
     const { origin, files } = await modelFiles(source, cache, emit);

@@ -45,4 +45,7 @@ run timeout 900 node bench/browser_api.mjs "$ADAPTERS/qv" 4
 # the raw lines too, to rebuild the report without rerunning: python3 bench/report.py CMD < FILE
 printf '%s\n' "${results[@]}" > .cache/bench-results.jsonl
 python3 bench/report.py "npm run bench" < .cache/bench-results.jsonl > BENCHMARKS.md
+# quantized bases: the shipped GGUF and quantizing on load, beside f32 and transformers
+echo >> BENCHMARKS.md
+VENV="$VENV" bash bench/quantized.sh >> BENCHMARKS.md
 cat BENCHMARKS.md

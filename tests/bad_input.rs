@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use webgpu_lora::io::ModelFiles;
-use webgpu_lora::io::gguf::GgufFile;
-use webgpu_lora::io::gguf_convert::HfModel;
+use webgpu_lora::io::gguf_convert::GgufModel;
 use webgpu_lora::nn::WeightDtype;
 use webgpu_lora::{Error, Llm};
 
@@ -91,20 +90,52 @@ fn weights_that_do_not_fit_the_config() {
 
 #[test]
 fn gguf_with_an_unknown_tensor_type() {
+    let mut g = one_layer_header();
+    // type 20 is IQ4_NL: a real GGML type this reader does not read
+    g.tensor("token_embd.weight", &[8, 256], 20, vec![0; 8 * 136]);
+    let err = GgufModel::parse("model.gguf", g.bytes()).err().unwrap().to_string();
+    assert!(err.starts_with("model.gguf: tensor token_embd.weight has GGML type IQ4_NL (type 20)"), "{err}");
+    assert!(err.contains("supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q5_K, Q6_K"), "{err}");
+}
+
+/// The header of a one-layer llama GGUF (hidden 32, 2 heads), without tensors.
+fn one_layer_header() -> GgufWriter {
     let mut g = GgufWriter::new();
     g.str("general.architecture", "llama")
         .u32("llama.block_count", 1)
         .u32("llama.context_length", 64)
         .u32("llama.embedding_length", 32)
         .u32("llama.feed_forward_length", 64)
-        .u32("llama.attention.head_count", 2)
-        // type 12 is Q4_K: a real GGML type this reader does not dequantize
-        .tensor("token_embd.weight", &[8, 256], 12, vec![0; 8 * 144]);
-    let bytes = g.bytes();
-    let gguf = GgufFile::parse(&bytes, "model.gguf").unwrap();
-    let err = HfModel::from_gguf(&gguf).err().unwrap().to_string();
-    assert!(err.starts_with("model.gguf: tensor token_embd.weight has GGML type Q4_K (type 12)"), "{err}");
-    assert!(err.contains("supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"), "{err}");
+        .u32("llama.attention.head_count", 2);
+    g
+}
+
+/// A GGUF whose header says it holds no tensors, or only some, is refused when it is read (before
+/// a conversion writes anything, or a load uploads anything), naming the first missing tensor.
+#[test]
+fn gguf_without_the_tensors_the_architecture_needs() {
+    let err = GgufModel::parse("empty.gguf", one_layer_header().bytes()).err().unwrap().to_string();
+    assert!(err.starts_with("empty.gguf: no token_embd.weight tensor"), "{err}");
+    let mut g = one_layer_header();
+    g.u32("llama.vocab_size", 8).f32_tensor("token_embd.weight", &[32, 8], &[0.5; 256]).f32_tensor("output_norm.weight", &[32], &[1.0; 32]);
+    let err = GgufModel::parse("partial.gguf", g.bytes()).err().unwrap().to_string();
+    assert!(err.contains("tensor blk.0.attn_norm.weight (model.layers.0.input_layernorm.weight) is missing"), "{err}");
+    assert!(err.contains("the file holds 2 tensors"), "{err}");
+    let path = scratch("partial").with_extension("gguf");
+    fs::write(&path, g.bytes()).unwrap();
+    let err = ModelFiles::from_path(&path).err().unwrap().to_string();
+    fs::remove_file(&path).unwrap();
+    assert!(err.contains("blk.0.attn_norm.weight"), "{err}");
+}
+
+/// A tensor whose header claims more bytes than the file holds (a Q8_0 matrix of 4 blocks with
+/// the bytes of 3) is refused when the file is read.
+#[test]
+fn gguf_that_lies_about_a_tensor_size() {
+    let mut g = one_layer_header();
+    g.tensor("token_embd.weight", &[4, 32], 8, vec![0; 3 * 34]);
+    let err = GgufModel::parse("short.gguf", g.bytes()).err().unwrap().to_string();
+    assert!(err.contains("tensor token_embd.weight lies past the end of the file"), "{err}");
 }
 
 #[test]

@@ -52,8 +52,7 @@ fn kv_cache_decoding_equals_full_forward() {
 fn gguf_of_the_tiny_model_converts_back_exactly() {
     use webgpu_lora::io::SafetensorsWeights;
     use webgpu_lora::io::StoreDtype;
-    use webgpu_lora::io::gguf::GgufFile;
-    use webgpu_lora::io::gguf_convert::HfModel;
+    use webgpu_lora::io::gguf_convert::GgufModel;
 
     let dir = fixture("tiny-llama");
     let st = SafetensorsWeights::new(vec![("m".into(), std::fs::read(dir.join("model.safetensors")).unwrap())]).unwrap();
@@ -109,10 +108,8 @@ fn gguf_of_the_tiny_model_converts_back_exactly() {
             g.f32_tensor(&format!("blk.{layer}.{gg}.weight"), &t.shape, &data);
         }
     }
-    let bytes = g.bytes();
-    let gguf = GgufFile::parse(&bytes, "tiny.gguf").unwrap();
     let out = scratch("tiny-gguf");
-    HfModel::from_gguf(&gguf).unwrap().write_dir(&out, StoreDtype::F32).unwrap();
+    GgufModel::parse("tiny.gguf", g.bytes()).unwrap().write_dir(&out, StoreDtype::F32).unwrap();
     let llm = load(&out, &cpu());
     let input = ids(&read_json(dir.join("expected.json"))["ids"]);
     let logits = logits_of(&llm.model, &input);

@@ -63,6 +63,27 @@ fn last_logits_match_transformers() {
     assert!(diff < 2e-3, "max |ours - transformers| = {diff}");
 }
 
+/// The shipped GGUF loaded as it is (Q4_1 layers and a Q8_0 embedding kept quantized on the
+/// device): the France answer, and transformers' last logits, which it computes from the same
+/// dequantized values (same tolerance); at most a fifth of the f32 model's bytes.
+#[test]
+fn the_shipped_gguf_loads_as_it_is() {
+    let files = webgpu_lora::io::ModelFiles::from_path(&real_gguf()).unwrap();
+    let gguf = Llm::load(files, webgpu_lora::nn::WeightDtype::Auto, &cpu(), &mut |_, _, _| {}).unwrap();
+    let (bytes, f32_bytes) = (gguf.model.memory_footprint(), llm().model.memory_footprint());
+    assert!(bytes * 5 <= f32_bytes, "{bytes} bytes on the device vs {f32_bytes} in f32");
+    let e = &expected()["france"];
+    let ids = gguf.prompt_ids(e["prompt"].as_str().unwrap(), true).unwrap();
+    assert_eq!(ids, ids_of(&e["prompt_ids"]));
+    let logits = pollster::block_on(read_f32(gguf.model.forward_last(gguf.model.ids_tensor(&ids), None))).unwrap();
+    let diff = max_abs_diff(&logits, &expected_logits(fixture("smollm2/france_last_logits.safetensors")));
+    assert!(diff < 2e-3, "max |ours - transformers| = {diff}");
+    let config = GenerationConfig { max_new_tokens: 32, ..Default::default() };
+    let (generation, text) = pollster::block_on(gguf.generate_text(&ids, &config, &mut |_| true)).unwrap();
+    assert_eq!(text, "The capital of France is Paris.");
+    assert_eq!(generation.tokens, ids_of(&e["greedy_ids"]));
+}
+
 #[test]
 fn gguf_tokenizer_encodes_hard_strings_like_transformers() {
     let tokenizer = llm().tokenizer().unwrap();

@@ -234,6 +234,42 @@ fn training_on_an_f16_base() {
     assert_eq!(pollster::block_on(f16.hf_tensors(None)).unwrap(), base_before, "the f16 base is bit-identical");
 }
 
+/// Training on a quantized base (the tiny model as a Q4_0 GGUF, kept quantized) is training on its
+/// dequantized values: the gradients of one batch and five of the trajectory's steps equal those
+/// of the same GGUF loaded as f32 (1e-5 relative, 1e-6 absolute), the quantized matrices stay on
+/// the device as they were (the products' backward dequantizes again: nothing f32 is kept), and
+/// the base is bit-identical afterwards.
+#[test]
+fn training_on_a_quantized_base() {
+    let t = trajectory();
+    let steps = &steps(&t)[..5];
+    let gguf = || webgpu_lora::io::ModelFiles::from_path(&fixture("quant/tiny-q4_0.gguf")).unwrap();
+    let load = |dtype| with_adapter(webgpu_lora::Llm::load(gguf(), dtype, &cpu(), &mut |_, _, _| {}).unwrap().model);
+    let (mut quantized, mut dequantized) = (load(WeightDtype::Auto), load(WeightDtype::F32));
+    assert!(quantized.memory_footprint() * 2 < dequantized.memory_footprint(), "the Q4_0 base stays quantized");
+    let batch = batch(&t["grad_batch"]);
+    let ((loss_q, grads_q), (loss_f, grads_f)) = (adapter_gradients(&quantized, "a", &batch), adapter_gradients(&dequantized, "a", &batch));
+    assert!((loss_q - loss_f).abs() < 1e-6, "loss {loss_q} on the Q4_0 base vs {loss_f} dequantized");
+    for (name, q) in &grads_q {
+        let f = &grads_f[name].data;
+        let scale = f.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&q.data, f);
+        assert!(diff <= 1e-5 * scale + 1e-7, "{name}: max diff {diff}, max |grad| {scale}");
+    }
+    let base_before = pollster::block_on(quantized.hf_tensors(None)).unwrap();
+    let footprint = quantized.memory_footprint();
+    let (ours, result, _) = run(&mut quantized, steps, &reference_config(&t), None, None);
+    result.unwrap();
+    let (reference, ..) = run(&mut dequantized, steps, &reference_config(&t), None, None);
+    assert_eq!(ours.len(), 5);
+    for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
+        assert!((a - b).abs() < 1e-6, "step {}: loss {a} on the Q4_0 base vs {b} dequantized", i + 1);
+    }
+    assert_eq!(quantized.memory_footprint(), footprint, "nothing was dequantized into the model");
+    quantized.disable_adapter();
+    assert_eq!(pollster::block_on(quantized.hf_tensors(None)).unwrap(), base_before, "the Q4_0 base is bit-identical");
+}
+
 /// Micro-batches split across threads (`TrainOptions::threads`, what the CLI does on the CPU
 /// backend) give the unsplit run's losses and adapter (1e-6: only the summation order differs);
 /// the replicas the threads ran are gone afterwards.

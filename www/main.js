@@ -54,7 +54,8 @@ $('load-form').addEventListener('submit', async (event) => {
     progress.max = 1;
     progress.value = 1;
     const footprint = formatBytes(await model.getMemoryFootprint());
-    setStatus(`Loaded: ${config.num_hidden_layers} layers, hidden size ${config.hidden_size}, vocabulary ${config.vocab_size}, ${footprint} of ${$('model-dtype').value} weights on the GPU (${((performance.now() - started) / 1000).toFixed(1)} s).`);
+    const dtype = $('model-dtype').value === 'auto' ? 'stored' : $('model-dtype').value;
+    setStatus(`Loaded: ${config.num_hidden_layers} layers, hidden size ${config.hidden_size}, vocabulary ${config.vocab_size}, ${footprint} of ${dtype} weights on the GPU (${((performance.now() - started) / 1000).toFixed(1)} s).`);
     $('prompt').disabled = false;
     $('send-button').disabled = false;
     for (const f of app.onModel) await f();

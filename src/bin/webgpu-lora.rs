@@ -9,8 +9,7 @@ use std::process::ExitCode;
 use burn::tensor::{Device, DeviceKind};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use webgpu_lora::io::gguf::GgufFile;
-use webgpu_lora::io::gguf_convert::HfModel;
+use webgpu_lora::io::gguf_convert::GgufModel;
 use webgpu_lora::io::safetensors::write_safetensors;
 use webgpu_lora::io::{ModelFiles, StoreDtype, read_file, write_files};
 use webgpu_lora::lora::{ADAPTER_CONFIG_FILE, AdapterSource, LoraConfig, LoraLayers, LoraModel};
@@ -35,33 +34,19 @@ enum BackendArg {
     Wgpu,
 }
 
-/// How the base model's matrices are stored (computed with in f32 either way).
-#[derive(Clone, Copy, ValueEnum)]
-enum DtypeArg {
-    F32,
-    /// half the memory; the weights rounded to f16
-    F16,
-}
-
-impl From<DtypeArg> for WeightDtype {
-    fn from(dtype: DtypeArg) -> Self {
-        match dtype {
-            DtypeArg::F32 => WeightDtype::F32,
-            DtypeArg::F16 => WeightDtype::F16,
-        }
-    }
-}
-
 /// Which model, on which backend, stored how.
 #[derive(clap::Args)]
 struct ModelArgs {
+    /// A Hugging Face model directory, or a .gguf file (loaded as it is).
     #[arg(long)]
     model: PathBuf,
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendArg,
-    /// Storage of the base model's matrices.
-    #[arg(long, value_enum, default_value = "f32")]
-    dtype: DtypeArg,
+    /// Storage of the base model's matrices (computed with in f32 either way): auto (as the
+    /// file stores them: a GGUF stays quantized, safetensors load as f32), f32, f16 (half the
+    /// memory), or q8_0, q4_0, q4_1, q5_0 (the decoder layers' linear weights quantized on load).
+    #[arg(long, default_value = "auto", value_parser = |s: &str| WeightDtype::parse(s).map_err(|e| e.to_string()))]
+    dtype: WeightDtype,
 }
 
 #[derive(Subcommand)]
@@ -254,9 +239,9 @@ fn device(backend: BackendArg) -> Device {
 }
 
 fn load(args: &ModelArgs) -> Result<Llm> {
-    let files = ModelFiles::from_dir(&args.model)?;
+    let files = ModelFiles::from_path(&args.model)?;
     let interactive = std::io::stderr().is_terminal();
-    Llm::load(files, args.dtype.into(), &device(args.backend), &mut |stage, done, total| {
+    Llm::load(files, args.dtype, &device(args.backend), &mut |stage, done, total| {
         if interactive {
             eprint!("\rloading {stage}: {done}/{total}");
             if done == total {
@@ -268,7 +253,7 @@ fn load(args: &ModelArgs) -> Result<Llm> {
 
 /// The base model in f32 on the CPU backend (for merging and converting).
 fn load_f32(model: &Path) -> Result<Llm> {
-    load(&ModelArgs { model: model.to_path_buf(), backend: BackendArg::Cpu, dtype: DtypeArg::F32 })
+    load(&ModelArgs { model: model.to_path_buf(), backend: BackendArg::Cpu, dtype: WeightDtype::F32 })
 }
 
 fn parse_ids(text: &str) -> Result<Vec<u32>> {
@@ -281,11 +266,9 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::ConvertGguf { input, out_dir, dtype } => {
             let dtype = StoreDtype::parse(&dtype)?;
-            let bytes = read_file(&input)?;
-            let gguf = GgufFile::parse(&bytes, &input.display().to_string())?;
-            let model = HfModel::from_gguf(&gguf)?;
+            let model = GgufModel::parse(&input.display().to_string(), read_file(&input)?)?;
             model.write_dir(&out_dir, dtype)?;
-            eprintln!("wrote {} ({} tensors, {})", out_dir.display(), model.tensors.len(), dtype.torch_name());
+            eprintln!("wrote {} ({} tensors, {})", out_dir.display(), model.weights.names().count(), dtype.torch_name());
         }
         Command::Generate { model, adapter, prompt, chat, generation } => {
             let mut llm = load(&model)?;

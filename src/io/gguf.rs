@@ -1,15 +1,15 @@
-//! A GGUF (v2/v3) reader: header, metadata, tensor infos, and dequantization to f32 of the types
-//! small Llama checkpoints use (F32, F16, BF16, Q8_0, Q4_0, Q4_1), computed as gguf-py does.
+//! A GGUF (v2/v3) reader: header, metadata, tensor infos, and the tensors: F32, F16 and BF16 as
+//! f32 values, the quantized types of [`crate::io::quant`] as they are stored or dequantized to
+//! f32 (bit for bit as gguf-py computes it).
 
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
+use crate::io::quant::{QuantMatrix, QuantType, names};
 use crate::tensor::HostTensor;
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
-/// Elements per block of the quantized types read here.
-const BLOCK: usize = 32;
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,15 +58,13 @@ impl MetaValue {
     }
 }
 
-/// GGML tensor types this reader dequantizes.
+/// GGML tensor types this reader reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlType {
     F32,
     F16,
     BF16,
-    Q4_0,
-    Q4_1,
-    Q8_0,
+    Quant(QuantType),
 }
 
 impl GgmlType {
@@ -74,11 +72,8 @@ impl GgmlType {
         Some(match id {
             0 => GgmlType::F32,
             1 => GgmlType::F16,
-            2 => GgmlType::Q4_0,
-            3 => GgmlType::Q4_1,
-            8 => GgmlType::Q8_0,
             30 => GgmlType::BF16,
-            _ => return None,
+            _ => GgmlType::Quant(QuantType::from_ggml_id(id)?),
         })
     }
 
@@ -87,11 +82,15 @@ impl GgmlType {
         match self {
             GgmlType::F32 => (1, 4),
             GgmlType::F16 | GgmlType::BF16 => (1, 2),
-            GgmlType::Q4_0 => (BLOCK, 2 + BLOCK / 2),
-            GgmlType::Q4_1 => (BLOCK, 4 + BLOCK / 2),
-            GgmlType::Q8_0 => (BLOCK, 2 + BLOCK),
+            GgmlType::Quant(kind) => kind.ggml_block(),
         }
     }
+}
+
+/// A tensor as the file stores it: float values, or quantized blocks (repacked).
+pub enum StoredTensor {
+    Dense(HostTensor),
+    Quant(QuantMatrix),
 }
 
 /// Names of the GGML type ids, for error messages.
@@ -127,6 +126,8 @@ pub struct GgufFile<'a> {
     pub version: u32,
     pub metadata: BTreeMap<String, MetaValue>,
     pub tensors: Vec<TensorInfo>,
+    /// Where the tensor data starts in the file.
+    pub data_start: usize,
     data: &'a [u8],
 }
 
@@ -236,8 +237,8 @@ impl<'a> GgufFile<'a> {
             return Err(Error::file(file, "general.alignment is 0"));
         }
         let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
-        let data = bytes.get(data_start as usize..).unwrap_or(&[]);
-        Ok(GgufFile { file: file.to_string(), version, metadata, tensors, data })
+        let data_start = usize::try_from(data_start).unwrap_or(usize::MAX).min(bytes.len());
+        Ok(GgufFile { file: file.to_string(), version, metadata, tensors, data_start, data: &bytes[data_start..] })
     }
 
     pub fn meta(&self, key: &str) -> Option<&MetaValue> {
@@ -249,128 +250,114 @@ impl<'a> GgufFile<'a> {
         self.meta(key).ok_or_else(|| Error::file(&self.file, format!("metadata {key:?} is missing")))
     }
 
+    /// Checks that a tensor's type can be read and that its bytes lie within the file.
+    pub fn check_tensor(&self, info: &TensorInfo) -> Result<()> {
+        tensor_bytes(&self.file, self.data, info).map(|_| ())
+    }
+
+    /// One tensor as stored: quantized matrices repacked (not dequantized), float types as f32.
+    pub fn tensor(&self, info: &TensorInfo) -> Result<StoredTensor> {
+        read_tensor(&self.file, self.data, info)
+    }
+
     /// Dequantizes one tensor to f32 in its row-major shape.
     pub fn tensor_f32(&self, info: &TensorInfo) -> Result<HostTensor> {
-        let kind = GgmlType::from_id(info.ggml_type).ok_or_else(|| {
-            Error::file(
-                &self.file,
-                format!(
-                    "tensor {} has GGML type {}, which cannot be read; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1",
-                    info.name,
-                    ggml_type_name(info.ggml_type)
-                ),
+        Ok(match self.tensor(info)? {
+            StoredTensor::Dense(t) => t,
+            StoredTensor::Quant(q) => HostTensor::new(info.shape(), q.dequantize().data),
+        })
+    }
+}
+
+/// One tensor's type and bytes in the data section `data` of `file`, checked against its shape
+/// and the data's length.
+fn tensor_bytes<'a>(file: &str, data: &'a [u8], info: &TensorInfo) -> Result<(GgmlType, &'a [u8])> {
+    let kind = GgmlType::from_id(info.ggml_type).ok_or_else(|| {
+        Error::file(
+            file,
+            format!(
+                "tensor {} has GGML type {}, which cannot be read; supported: F32, F16, BF16, {}",
+                info.name,
+                ggml_type_name(info.ggml_type),
+                names(&QuantType::ALL)
+            ),
+        )
+    })?;
+    let (per_block, block_bytes) = kind.block();
+    if info.dims.first().is_some_and(|&row| row as usize % per_block != 0) {
+        return Err(Error::file(
+            file,
+            format!("tensor {}: row length {} is not a multiple of the block size {per_block}", info.name, info.dims[0]),
+        ));
+    }
+    let count = info.dims.iter().try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?));
+    let size = count.map(|n| n / per_block).and_then(|blocks| blocks.checked_mul(block_bytes));
+    let bytes = size
+        .zip(usize::try_from(info.offset).ok())
+        .and_then(|(size, start)| data.get(start..start.checked_add(size)?))
+        .ok_or_else(|| Error::file(file, format!("tensor {} lies past the end of the file (truncated?)", info.name)))?;
+    Ok((kind, bytes))
+}
+
+/// One tensor of the data section `data` of `file` as stored: quantized matrices repacked (not
+/// dequantized), float types as f32.
+pub fn read_tensor(file: &str, data: &[u8], info: &TensorInfo) -> Result<StoredTensor> {
+    let (kind, bytes) = tensor_bytes(file, data, info)?;
+    let shape = info.shape();
+    Ok(match kind {
+        GgmlType::F32 => StoredTensor::Dense(HostTensor::new(
+            shape,
+            bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        )),
+        GgmlType::F16 => StoredTensor::Dense(HostTensor::new(
+            shape,
+            bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        )),
+        GgmlType::BF16 => StoredTensor::Dense(HostTensor::new(
+            shape,
+            bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        )),
+        GgmlType::Quant(kind) => {
+            let cols = shape.last().copied().unwrap_or(1);
+            let rows = shape.iter().product::<usize>() / cols.max(1);
+            StoredTensor::Quant(
+                QuantMatrix::from_ggml(kind, rows, cols, bytes).map_err(|e| Error::file(file, format!("tensor {}: {e}", info.name)))?,
             )
-        })?;
-        let shape = info.shape();
-        let count: usize = shape.iter().product();
-        let (per_block, block_bytes) = kind.block();
-        if info.dims.first().is_some_and(|&row| row as usize % per_block != 0) {
-            return Err(Error::file(
-                &self.file,
-                format!("tensor {}: row length {} is not a multiple of the block size {per_block}", info.name, info.dims[0]),
-            ));
         }
-        let size = count / per_block * block_bytes;
-        let start = info.offset as usize;
-        let bytes = start
-            .checked_add(size)
-            .and_then(|end| self.data.get(start..end))
-            .ok_or_else(|| Error::file(&self.file, format!("tensor {} lies past the end of the file (truncated?)", info.name)))?;
-        Ok(HostTensor::new(shape, dequantize(kind, bytes)))
-    }
+    })
 }
 
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
-}
-
-/// Dequantizes whole blocks, as gguf-py does (f32 products, no fused multiply-add).
-fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
-    let (_, block_bytes) = kind.block();
-    match kind {
-        GgmlType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        GgmlType::F16 => bytes.chunks_exact(2).map(|b| f16_at(b, 0)).collect(),
-        GgmlType::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        GgmlType::Q8_0 => bytes
-            .chunks_exact(block_bytes)
-            .flat_map(|b| {
-                let d = f16_at(b, 0);
-                b[2..].iter().map(move |&q| d * (q as i8) as f32)
-            })
-            .collect(),
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            let mut out = Vec::with_capacity(bytes.len() / block_bytes * BLOCK);
-            for b in bytes.chunks_exact(block_bytes) {
-                let d = f16_at(b, 0);
-                // Q4_0 centres nibbles on 8; Q4_1 adds a per-block minimum m instead
-                let (qs, offset, m) = match kind {
-                    GgmlType::Q4_0 => (&b[2..], 8.0, None),
-                    _ => (&b[4..], 0.0, Some(f16_at(b, 2))),
-                };
-                let value = |q: u8| {
-                    let x = d * (q as f32 - offset);
-                    m.map_or(x, |m| x + m)
-                };
-                out.extend(qs.iter().map(|&q| value(q & 0x0F)));
-                out.extend(qs.iter().map(|&q| value(q >> 4)));
-            }
-            out
-        }
-    }
-}
-
-/// Undoes llama.cpp's rotary row permutation of attn_q / attn_k: within each head, llama.cpp
-/// interleaves the two halves (row 2i+j holds Hugging Face row j*half+i).
-pub fn unpermute_rotary_rows(t: &HostTensor, heads: usize) -> Result<HostTensor> {
-    let (rows, cols) = (t.shape[0], t.shape.get(1).copied().unwrap_or(1));
+/// The order of rows that undoes llama.cpp's rotary row permutation of attn_q / attn_k: within
+/// each head, llama.cpp interleaves the two halves (row 2i+j holds Hugging Face row j*half+i), so
+/// Hugging Face row `dst` is stored row `order[dst]`.
+pub fn rotary_row_order(rows: usize, heads: usize) -> Result<Vec<usize>> {
     if heads == 0 || rows % (2 * heads) != 0 {
         return Err(Error::invalid(format!("cannot split {rows} rows into {heads} rotary heads")));
     }
     let head_dim = rows / heads;
     let half = head_dim / 2;
-    let mut out = vec![0.0; t.data.len()];
+    let mut order = vec![0; rows];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
-                let src = h * head_dim + 2 * i + j;
-                let dst = h * head_dim + j * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
+                order[h * head_dim + j * half + i] = h * head_dim + 2 * i + j;
             }
         }
     }
-    Ok(HostTensor::new(t.shape.clone(), out))
+    Ok(order)
+}
+
+/// `t` with llama.cpp's rotary row permutation undone (see [`rotary_row_order`]).
+pub fn unpermute_rotary_rows(t: &HostTensor, heads: usize) -> Result<HostTensor> {
+    let cols = t.shape.get(1).copied().unwrap_or(1);
+    let order = rotary_row_order(t.shape[0], heads)?;
+    let data = order.iter().flat_map(|&src| t.data[src * cols..(src + 1) * cols].iter().copied()).collect();
+    Ok(HostTensor::new(t.shape.clone(), data))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn q4_0_and_q4_1_follow_the_ggml_formulas() {
-        // d = 0.5, nibbles: low = j % 16, high = 15 - j % 16
-        let mut block = half::f16::from_f32(0.5).to_le_bytes().to_vec();
-        block.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
-        let x = dequantize(GgmlType::Q4_0, &block);
-        for j in 0..16 {
-            assert_eq!(x[j], 0.5 * (j as f32 - 8.0));
-            assert_eq!(x[j + 16], 0.5 * ((15 - j) as f32 - 8.0));
-        }
-        let mut block1 = half::f16::from_f32(0.25).to_le_bytes().to_vec();
-        block1.extend(half::f16::from_f32(-1.0).to_le_bytes());
-        block1.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
-        let y = dequantize(GgmlType::Q4_1, &block1);
-        assert_eq!(y[3], 0.25 * 3.0 - 1.0);
-        assert_eq!(y[16 + 3], 0.25 * 12.0 - 1.0);
-    }
-
-    #[test]
-    fn q8_0_is_scale_times_signed_byte() {
-        let mut block = half::f16::from_f32(2.0).to_le_bytes().to_vec();
-        block.extend((0..32).map(|j: i32| (j - 16) as i8 as u8));
-        let x = dequantize(GgmlType::Q8_0, &block);
-        assert_eq!(x[0], -32.0);
-        assert_eq!(x[31], 30.0);
-    }
 
     #[test]
     fn unpermute_inverts_llama_cpp_permutation() {

@@ -1,6 +1,8 @@
 //! GGUF -> Hugging Face: the config, the weights under their HF names (rotary rows of q/k
-//! un-permuted) and a `tokenizer.json` rebuilt from the GGUF tokenizer metadata, built the way
-//! transformers builds its GGUF tokenizer (byte-level BPE, control tokens added as special).
+//! un-permuted, quantized blocks kept as stored until asked for f32) and a `tokenizer.json`
+//! rebuilt from the GGUF tokenizer metadata, built the way transformers builds its GGUF tokenizer
+//! (byte-level BPE, control tokens added as special). A GGUF loads directly through this
+//! ([`GgufModel`]), or converts to a Hugging Face directory ([`GgufModel::write_dir`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -9,31 +11,74 @@ use serde_json::{Value, json};
 
 use crate::config::LLAMA_ARCHITECTURE;
 use crate::error::{Error, Result};
-use crate::io::gguf::{GgufFile, MetaValue, unpermute_rotary_rows};
+use crate::io::gguf::{GgufFile, MetaValue, StoredTensor, TensorInfo, read_tensor, rotary_row_order, unpermute_rotary_rows};
 use crate::io::model_files::{CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, write_files};
 use crate::io::safetensors::{SINGLE_FILE, StoreDtype, write_safetensors};
 use crate::tensor::HostTensor;
 
-/// A model converted to the Hugging Face layout, in memory.
-pub struct HfModel {
+/// A GGUF model as a Hugging Face model: config, tokenizer and generation files made from its
+/// metadata, and its tensors under their Hugging Face names.
+pub struct GgufModel {
     pub config: Value,
-    pub tensors: BTreeMap<String, HostTensor>,
     /// `None` when the GGUF carries no tokenizer.
     pub tokenizer: Option<Value>,
     pub tokenizer_config: Option<Value>,
     pub generation_config: Value,
+    pub weights: GgufWeights,
 }
 
-/// GGUF token types (llama.cpp `llama_token_type`).
-const TOKEN_CONTROL: i64 = 3;
-const TOKEN_USER_DEFINED: i64 = 4;
+/// The tensors of a GGUF file under their Hugging Face names, read on demand.
+pub struct GgufWeights {
+    file: String,
+    bytes: Vec<u8>,
+    data_start: usize,
+    /// Hugging Face name -> (the tensor's entry, the heads its rotary rows are permuted by)
+    tensors: BTreeMap<String, (TensorInfo, Option<usize>)>,
+}
 
-impl HfModel {
-    /// Converts a parsed GGUF of architecture "llama".
-    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+impl GgufWeights {
+    /// The file, for error messages.
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// The tensor named `name` (Hugging Face name) as stored, q/k rows un-permuted.
+    pub fn tensor(&self, name: &str) -> Result<StoredTensor> {
+        let (info, heads) =
+            self.tensors.get(name).ok_or_else(|| Error::file(&self.file, format!("tensor {name} (Hugging Face name) is missing")))?;
+        let t = read_tensor(&self.file, &self.bytes[self.data_start..], info)?;
+        let Some(heads) = *heads else { return Ok(t) };
+        let named = |e: Error| Error::file(&self.file, format!("tensor {}: {e}", info.name));
+        Ok(match t {
+            StoredTensor::Dense(t) => StoredTensor::Dense(unpermute_rotary_rows(&t, heads).map_err(named)?),
+            StoredTensor::Quant(q) => StoredTensor::Quant(q.select_rows(&rotary_row_order(q.rows, heads).map_err(named)?)),
+        })
+    }
+
+    /// The tensor named `name` in f32 (dequantized).
+    pub fn tensor_f32(&self, name: &str) -> Result<HostTensor> {
+        Ok(match self.tensor(name)? {
+            StoredTensor::Dense(t) => t,
+            StoredTensor::Quant(q) => q.dequantize(),
+        })
+    }
+}
+
+impl GgufModel {
+    /// Reads a GGUF of architecture "llama"; `file` names it in errors.
+    pub fn parse(file: &str, bytes: Vec<u8>) -> Result<Self> {
+        let g = GgufFile::parse(&bytes, file)?;
         let arch = g.require("general.architecture")?.as_str().unwrap_or("");
         if arch != "llama" {
-            return Err(Error::file(&g.file, format!("unsupported architecture {arch:?}; only \"llama\" GGUF files convert")));
+            return Err(Error::file(&g.file, format!("unsupported architecture {arch:?}; only \"llama\" GGUF files load")));
         }
         let int = |key: &str| -> Result<usize> {
             g.require(key)?.as_u64().map(|v| v as usize).ok_or_else(|| Error::file(&g.file, format!("metadata {key:?} is not an integer")))
@@ -46,24 +91,41 @@ impl HfModel {
 
         let mut tensors = BTreeMap::new();
         for info in &g.tensors {
+            g.check_tensor(info)?;
             let Some(name) = hf_name(&info.name) else {
                 return Err(Error::file(&g.file, format!("tensor {} has no Hugging Face Llama counterpart", info.name)));
             };
-            let mut t = g.tensor_f32(info)?;
-            if info.name.ends_with("attn_q.weight") {
-                t = unpermute_rotary_rows(&t, heads)?;
+            let heads = if info.name.ends_with("attn_q.weight") {
+                Some(heads)
             } else if info.name.ends_with("attn_k.weight") {
-                t = unpermute_rotary_rows(&t, kv_heads)?;
-            }
-            tensors.insert(name, t);
+                Some(kv_heads)
+            } else {
+                None
+            };
+            tensors.insert(name, (info.clone(), heads));
         }
         let vocab_size = match g.meta("llama.vocab_size").and_then(MetaValue::as_u64) {
             Some(v) => v as usize,
             None => tensors
                 .get("model.embed_tokens.weight")
-                .map(|t| t.shape[0])
-                .ok_or_else(|| Error::file(&g.file, "no token_embd.weight tensor"))?,
+                .map(|(info, _)| info.shape()[0])
+                .ok_or_else(|| Error::file(&g.file, "no token_embd.weight tensor: the file holds no token embeddings"))?,
         };
+        // every tensor the architecture runs on, before anything is converted or loaded
+        let mut required = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
+        for i in 0..layers {
+            required.extend(LAYER_TENSORS.iter().map(|(_, hf)| format!("model.layers.{i}.{hf}")));
+        }
+        if let Some(missing) = required.iter().find(|name| !tensors.contains_key(*name)) {
+            let gguf_name = reverse_name(missing);
+            return Err(Error::file(
+                &g.file,
+                format!(
+                    "tensor {gguf_name} ({missing}) is missing: a {layers}-layer llama model needs it; the file holds {} tensors",
+                    g.tensors.len()
+                ),
+            ));
+        }
         let tied = !tensors.contains_key("lm_head.weight");
         // f32 metadata widened to f64 prints as 9.999999747378752e-06; keep the value the author wrote
         let shortest = |v: f64| format!("{}", v as f32).parse::<f64>().unwrap_or(v);
@@ -96,7 +158,7 @@ impl HfModel {
         let (tokenizer, tokenizer_config) = match g.meta("tokenizer.ggml.model").and_then(MetaValue::as_str) {
             None => (None, None),
             Some("gpt2") => {
-                let (tok, tok_config) = byte_level_tokenizer(g)?;
+                let (tok, tok_config) = byte_level_tokenizer(&g)?;
                 (Some(tok), Some(tok_config))
             }
             Some(other) => {
@@ -106,23 +168,33 @@ impl HfModel {
                 ));
             }
         };
-        Ok(HfModel { config, tensors, tokenizer, tokenizer_config, generation_config })
+        let (file, data_start) = (g.file.clone(), g.data_start);
+        drop(g);
+        let weights = GgufWeights { file, bytes, data_start, tensors };
+        Ok(GgufModel { config, tokenizer, tokenizer_config, generation_config, weights })
     }
 
-    /// Writes config.json, model.safetensors (in `dtype`), tokenizer files and generation_config.json.
-    pub fn write_dir(&self, dir: &Path, dtype: StoreDtype) -> Result<()> {
+    /// config.json, generation_config.json and, when the file has a tokenizer, tokenizer.json
+    /// and tokenizer_config.json: the Hugging Face files besides the weights.
+    pub fn text_files(&self, dtype: StoreDtype) -> Vec<(&'static str, Vec<u8>)> {
         let mut config = self.config.clone();
         config["torch_dtype"] = json!(dtype.torch_name());
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let mut files: Vec<(&str, Vec<u8>)> = vec![
-            (SINGLE_FILE, write_safetensors(&self.tensors, dtype, Some(metadata))?),
-            (CONFIG_FILE, pretty(&config)),
-            (GENERATION_CONFIG_FILE, pretty(&self.generation_config)),
-        ];
+        let mut files = vec![(CONFIG_FILE, pretty(&config)), (GENERATION_CONFIG_FILE, pretty(&self.generation_config))];
         if let (Some(tok), Some(tok_config)) = (&self.tokenizer, &self.tokenizer_config) {
             files.push((TOKENIZER_FILE, serde_json::to_vec(tok).expect("JSON")));
             files.push((TOKENIZER_CONFIG_FILE, pretty(tok_config)));
         }
+        files
+    }
+
+    /// Writes config.json, model.safetensors (dequantized, in `dtype`), tokenizer files and
+    /// generation_config.json.
+    pub fn write_dir(&self, dir: &Path, dtype: StoreDtype) -> Result<()> {
+        let tensors =
+            self.weights.names().map(|name| Ok((name.to_string(), self.weights.tensor_f32(name)?))).collect::<Result<BTreeMap<_, _>>>()?;
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let mut files = self.text_files(dtype);
+        files.push((SINGLE_FILE, write_safetensors(&tensors, dtype, Some(metadata))?));
         write_files(dir, files)
     }
 }
@@ -133,34 +205,53 @@ fn pretty(v: &Value) -> Vec<u8> {
     bytes
 }
 
+/// The tensors of each decoder layer: (llama.cpp name, Hugging Face name).
+const LAYER_TENSORS: [(&str, &str); 9] = [
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+];
+
+/// The tensors outside the layers: (llama.cpp name, Hugging Face name).
+const MODEL_TENSORS: [(&str, &str); 3] =
+    [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
+
 /// llama.cpp tensor names -> Hugging Face Llama names.
 fn hf_name(gguf_name: &str) -> Option<String> {
-    let fixed = match gguf_name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(name) = fixed {
-        return Some(name.to_string());
+    if let Some((_, hf)) = MODEL_TENSORS.iter().find(|(gg, _)| *gg == gguf_name) {
+        return Some(hf.to_string());
     }
     let rest = gguf_name.strip_prefix("blk.")?;
     let (layer, part) = rest.split_once('.')?;
     layer.parse::<usize>().ok()?;
-    let hf = match part {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
-    };
+    let (_, hf) = LAYER_TENSORS.iter().find(|(gg, _)| *gg == part)?;
     Some(format!("model.layers.{layer}.{hf}"))
 }
+
+/// Hugging Face Llama names -> llama.cpp tensor names (for messages).
+fn reverse_name(hf: &str) -> String {
+    if let Some((gg, _)) = MODEL_TENSORS.iter().find(|(_, h)| *h == hf) {
+        return gg.to_string();
+    }
+    let rest = hf.strip_prefix("model.layers.").unwrap_or(hf);
+    match rest.split_once('.') {
+        Some((layer, part)) => match LAYER_TENSORS.iter().find(|(_, h)| *h == part) {
+            Some((gg, _)) => format!("blk.{layer}.{gg}"),
+            None => hf.to_string(),
+        },
+        None => hf.to_string(),
+    }
+}
+
+/// GGUF token types (llama.cpp `llama_token_type`).
+const TOKEN_CONTROL: i64 = 3;
+const TOKEN_USER_DEFINED: i64 = 4;
 
 /// GPT-2's reversible map from bytes to printable characters.
 fn bytes_to_unicode() -> [char; 256] {

@@ -1,13 +1,14 @@
-//! Reading and writing model files: safetensors, GGUF, the Hugging Face directory layout, the
-//! tokenizer and its chat template.
+//! Reading and writing model files: safetensors, GGUF and ggml's quantized blocks, the Hugging
+//! Face directory layout, the tokenizer and its chat template.
 
 pub mod gguf;
 pub mod gguf_convert;
 pub mod model_files;
+pub mod quant;
 pub mod safetensors;
 pub mod tokenizer;
 
-pub use model_files::{ModelFiles, write_files};
+pub use model_files::{ModelFiles, WeightSource, write_files};
 pub use safetensors::{SafetensorsWeights, StoreDtype};
 pub use tokenizer::{ChatMessage, TextTokenizer};
 

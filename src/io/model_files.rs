@@ -1,12 +1,15 @@
-//! `ModelFiles`: the files of a Hugging Face model directory, held as bytes. The browser fills it
-//! from `fetch`, the native build from a directory; everything after that is one code path.
+//! `ModelFiles`: the files of a Hugging Face model directory, held as bytes, or of a GGUF file
+//! (its config and tokenizer files made from its metadata). The browser fills it from `fetch`,
+//! the native build from a directory or a file; everything after that is one code path.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
-use crate::io::safetensors::{INDEX_FILE, SINGLE_FILE, SafetensorsWeights};
+use crate::io::gguf::StoredTensor;
+use crate::io::gguf_convert::{GgufModel, GgufWeights};
+use crate::io::safetensors::{INDEX_FILE, SINGLE_FILE, SafetensorsWeights, StoreDtype};
 use crate::io::tokenizer::TextTokenizer;
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -23,12 +26,78 @@ pub struct ModelFiles {
     /// Where they came from (a directory or a URL), prefixed to file names in errors.
     origin: String,
     files: BTreeMap<String, Vec<u8>>,
+    /// The tensors of a GGUF model (its other files are in `files`).
+    gguf: Option<GgufWeights>,
+}
+
+/// Where a model's tensors come from.
+pub enum WeightSource {
+    Safetensors(SafetensorsWeights),
+    Gguf(GgufWeights),
+}
+
+impl WeightSource {
+    /// The tensor named `name` (its Hugging Face name) as the file stores it.
+    pub fn tensor(&self, name: &str) -> Result<StoredTensor> {
+        match self {
+            WeightSource::Safetensors(w) => w.tensor(name).map(StoredTensor::Dense),
+            WeightSource::Gguf(w) => w.tensor(name),
+        }
+    }
+
+    /// The file that holds `name`, for messages.
+    pub fn file_of(&self, name: &str) -> &str {
+        match self {
+            WeightSource::Safetensors(w) => w.file_of(name),
+            WeightSource::Gguf(w) => w.file(),
+        }
+    }
 }
 
 impl ModelFiles {
     /// An empty set; `origin` (a directory or URL) is shown in error messages.
     pub fn new(origin: impl Into<String>) -> Self {
-        ModelFiles { origin: origin.into().trim_end_matches('/').to_string(), files: BTreeMap::new() }
+        ModelFiles { origin: origin.into().trim_end_matches('/').to_string(), files: BTreeMap::new(), gguf: None }
+    }
+
+    /// The files of a GGUF model: config and tokenizer files made from its metadata, its tensors
+    /// kept in their stored types. `origin` (the file's path or URL) names it in errors.
+    pub fn from_gguf(origin: impl Into<String>, bytes: Vec<u8>) -> Result<Self> {
+        let origin = origin.into();
+        let model = GgufModel::parse(&origin, bytes)?;
+        let mut files = ModelFiles { origin, files: BTreeMap::new(), gguf: None };
+        for (name, bytes) in model.text_files(StoreDtype::F32) {
+            files.insert(name, bytes);
+        }
+        files.gguf = Some(model.weights);
+        Ok(files)
+    }
+
+    /// A model directory, or a `.gguf` file.
+    pub fn from_path(path: &Path) -> Result<Self> {
+        if path.is_file() && is_gguf(&path.display().to_string()) {
+            Self::from_gguf(path.display().to_string(), crate::io::read_file(path)?)
+        } else {
+            Self::from_dir(path)
+        }
+    }
+
+    /// These files, or, when they are one `.gguf` file (as the browser adds it), the files of
+    /// that GGUF model.
+    pub fn expand_gguf(mut self) -> Result<Self> {
+        let ggufs: Vec<String> = self.files.keys().filter(|name| is_gguf(name)).cloned().collect();
+        match ggufs.as_slice() {
+            [] => Ok(self),
+            [name] if self.files.len() == 1 => {
+                let bytes = self.files.remove(name).expect("listed");
+                let origin = if self.origin.ends_with(name.as_str()) { self.origin.clone() } else { self.label(name) };
+                Self::from_gguf(origin, bytes)
+            }
+            _ => Err(Error::file(
+                &self.origin,
+                format!("give one .gguf file on its own, not with {:?}", self.files.keys().collect::<Vec<_>>()),
+            )),
+        }
     }
 
     pub fn insert(&mut self, name: impl Into<String>, bytes: Vec<u8>) {
@@ -62,7 +131,10 @@ impl ModelFiles {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let origin = dir.display().to_string();
         if !dir.is_dir() {
-            return Err(Error::file(origin, "not a directory: give the folder that holds config.json and model.safetensors"));
+            return Err(Error::file(
+                origin,
+                "not a directory: give the folder that holds config.json and model.safetensors, or a .gguf file",
+            ));
         }
         let mut files = ModelFiles::new(origin);
         let label = |name: &str| format!("{}/{name}", dir.display());
@@ -79,7 +151,7 @@ impl ModelFiles {
             return Err(Error::file(
                 label(SINGLE_FILE),
                 format!(
-                    "no model weights: neither {SINGLE_FILE} nor {INDEX_FILE} is in this directory (a GGUF file can be converted with `webgpu-lora convert-gguf`)"
+                    "no model weights: neither {SINGLE_FILE} nor {INDEX_FILE} is in this directory (a GGUF file loads as it is: give its path)"
                 ),
             ));
         }
@@ -115,8 +187,15 @@ impl ModelFiles {
         LlamaConfig::from_json(bytes, &self.label(CONFIG_FILE))
     }
 
-    /// Moves the weight files out (they are the bulk of the memory) and checks their headers.
-    pub fn take_weights(&mut self) -> Result<SafetensorsWeights> {
+    /// Moves the weights out (they are the bulk of the memory) and checks their headers.
+    pub fn take_weights(&mut self) -> Result<WeightSource> {
+        match self.gguf.take() {
+            Some(gguf) => Ok(WeightSource::Gguf(gguf)),
+            None => self.take_safetensors().map(WeightSource::Safetensors),
+        }
+    }
+
+    fn take_safetensors(&mut self) -> Result<SafetensorsWeights> {
         let names = Self::weight_file_names(self.get(INDEX_FILE)).map_err(|e| self.relabel(e))?;
         let mut weights = Vec::with_capacity(names.len());
         for name in names {
@@ -136,6 +215,11 @@ impl ModelFiles {
             .map(Some)
             .map_err(|e| self.relabel(e))
     }
+}
+
+/// Whether a file name (or URL) names a GGUF file.
+pub fn is_gguf(name: &str) -> bool {
+    name.rsplit('.').next().is_some_and(|ext| ext.eq_ignore_ascii_case("gguf"))
 }
 
 /// Writes files into `dir` (created if needed), each to a temporary name first and then renamed,

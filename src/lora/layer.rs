@@ -131,7 +131,7 @@ impl LoraLinear {
         let dropout = run.and_then(|run| run.dropout);
         let [batch, seq, d_in] = x.dims();
         let x2 = x.reshape([batch * seq, d_in]);
-        let base = x2.clone().matmul(self.base.weight_t.value());
+        let base = self.base.weight_t.apply(x2.clone());
         let x2 = match dropout {
             Some(dropout) => dropout.apply(x2),
             None => x2,

@@ -18,7 +18,9 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
-use crate::io::SafetensorsWeights;
+use crate::io::WeightSource;
+use crate::io::gguf::StoredTensor;
+use crate::io::quant::QuantMatrix;
 use crate::lora::{AdapterState, LoraLayers, LoraLinear, LoraRun};
 use crate::model::KvCache;
 use crate::nn::ops::{attend, swiglu};
@@ -236,7 +238,8 @@ impl LlamaModel {
         let [batch, seq, hidden_size] = hidden.dims();
         let h = hidden.reshape([batch * seq, hidden_size]);
         let logits = match &self.lm_head {
-            Some(head_t) => h.matmul(head_t.value()),
+            Some(head_t) => head_t.apply(h),
+            None if self.embed_tokens.is_quantized() => self.embed_tokens.apply_transposed(h),
             // tied: (E h^T)^T, so only the small h is transposed, never the [vocab, hidden] table
             None => self.embed_tokens.value().matmul(h.transpose()).transpose(),
         };
@@ -248,8 +251,8 @@ impl LlamaModel {
     /// transposed result, which a reshape would copy (25 MB per 128 rows).
     pub fn head_rows(&self, h: Tensor<2>) -> Tensor<2> {
         match &self.lm_head {
-            Some(head_t) => h.matmul(head_t.value()),
-            None => h.matmul(self.embed_tokens.value().transpose()),
+            Some(head_t) => head_t.apply(h),
+            None => self.embed_tokens.apply_transposed(h),
         }
     }
 
@@ -361,11 +364,11 @@ impl LlamaModel {
     }
 
     /// Builds the model from Hugging Face weights, checking every tensor's shape against the config.
-    /// Matrices are stored in `dtype` (norm weights always in f32). `progress(done, total)` is
-    /// called after each tensor is on the device.
+    /// Matrices are stored in `dtype` (see [`WeightDtype`]; norm weights always in f32).
+    /// `progress(done, total)` is called after each tensor is on the device.
     pub fn load(
         config: LlamaConfig,
-        weights: &SafetensorsWeights,
+        weights: &WeightSource,
         dtype: WeightDtype,
         device: &Device,
         progress: &mut dyn FnMut(usize, usize),
@@ -376,7 +379,7 @@ impl LlamaModel {
         let total = 2 + per_layer * c.num_hidden_layers + usize::from(!c.tie_word_embeddings);
         let mut loader = Loader { weights, dtype, device, done: 0, total, progress };
 
-        let embed_tokens = loader.matrix("model.embed_tokens.weight", [c.vocab_size, hidden])?;
+        let embed_tokens = loader.weight("model.embed_tokens.weight", [c.vocab_size, hidden], false, false)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -404,7 +407,8 @@ impl LlamaModel {
             });
         }
         let norm = loader.norm("model.norm.weight", hidden, c.rms_norm_eps)?;
-        let lm_head = if c.tie_word_embeddings { None } else { Some(loader.linear("lm_head.weight", c.vocab_size, hidden)?.weight_t) };
+        let lm_head =
+            if c.tie_word_embeddings { None } else { Some(loader.weight("lm_head.weight", [c.vocab_size, hidden], true, false)?) };
         Ok(LlamaModel { config, embed_tokens, layers, norm, lm_head, adapters: Default::default() })
     }
 }
@@ -442,7 +446,7 @@ impl LoraLayers for LlamaModel {
 
 /// Moves named host tensors to the device, shape-checked, counting progress.
 struct Loader<'a> {
-    weights: &'a SafetensorsWeights,
+    weights: &'a WeightSource,
     dtype: WeightDtype,
     device: &'a Device,
     done: usize,
@@ -451,15 +455,25 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
-    fn host(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+    /// The tensor `name` as stored, checked against the shape the config implies.
+    fn stored(&mut self, name: &str, shape: &[usize]) -> Result<StoredTensor> {
         let t = self.weights.tensor(name)?;
-        if t.shape != shape {
-            return Err(Error::file(
-                self.weights.file_of(name),
-                format!("tensor {name} has shape {:?} but config.json implies {shape:?}", t.shape),
-            ));
+        let found = match &t {
+            StoredTensor::Dense(t) => t.shape.clone(),
+            StoredTensor::Quant(q) => vec![q.rows, q.cols()],
+        };
+        if found != shape {
+            let file = self.weights.file_of(name);
+            return Err(Error::file(file, format!("tensor {name} has shape {found:?} but config.json implies {shape:?}")));
         }
         Ok(t)
+    }
+
+    fn host(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        Ok(match self.stored(name, shape)? {
+            StoredTensor::Dense(t) => t,
+            StoredTensor::Quant(q) => q.dequantize(),
+        })
     }
 
     fn uploaded<T>(&mut self, tensor: T) -> T {
@@ -468,23 +482,33 @@ impl Loader<'_> {
         tensor
     }
 
-    /// A matrix in the model's weight dtype.
-    fn matrix(&mut self, name: &str, shape: [usize; 2]) -> Result<Weight> {
-        let t = self.host(name, &shape)?;
-        let weight = Weight::upload(t, self.dtype, name, self.device)?;
+    /// A Hugging Face [rows, cols] matrix, stored transposed when `transposed`. Quantized types
+    /// quantize only a decoder layer's linears (`quantize`); other matrices stay as loaded.
+    fn weight(&mut self, name: &str, shape: [usize; 2], transposed: bool, quantize: bool) -> Result<Weight> {
+        let stored = self.stored(name, &shape)?;
+        let weight = match (stored, self.dtype) {
+            (StoredTensor::Quant(q), WeightDtype::Auto) => Weight::quantized(q, transposed, self.device),
+            (StoredTensor::Quant(q), WeightDtype::Quant(kind)) if q.kind == kind || !quantize => {
+                Weight::quantized(q, transposed, self.device)
+            }
+            (StoredTensor::Quant(q), dtype) => self.dense(q.dequantize(), dtype, name, transposed, quantize)?,
+            (StoredTensor::Dense(t), dtype) => self.dense(t, dtype, name, transposed, quantize)?,
+        };
         Ok(self.uploaded(weight))
     }
 
-    /// A Hugging Face [out, in] weight, stored transposed.
-    fn linear(&mut self, name: &str, d_out: usize, d_in: usize) -> Result<Linear> {
-        let t = self.host(name, &[d_out, d_in])?.transpose();
-        let weight_t = Weight::upload(t, self.dtype, name, self.device)?;
-        Ok(self.uploaded(Linear { weight_t }))
+    fn dense(&self, t: HostTensor, dtype: WeightDtype, name: &str, transposed: bool, quantize: bool) -> Result<Weight> {
+        match dtype {
+            WeightDtype::Quant(kind) if quantize => Ok(Weight::quantized(QuantMatrix::quantize(kind, &t, name)?, transposed, self.device)),
+            WeightDtype::Quant(_) => Weight::upload(if transposed { t.transpose() } else { t }, WeightDtype::F32, name, self.device),
+            _ => Weight::upload(if transposed { t.transpose() } else { t }, dtype, name, self.device),
+        }
     }
 
     /// An adaptable linear layer, named after its module (`name` without `.weight`).
     fn lora_linear(&mut self, module: &str, d_out: usize, d_in: usize) -> Result<LoraLinear> {
-        self.linear(&format!("{module}.weight"), d_out, d_in).map(|linear| LoraLinear::new(module.to_string(), linear))
+        let weight_t = self.weight(&format!("{module}.weight"), [d_out, d_in], true, true)?;
+        Ok(LoraLinear::new(module.to_string(), Linear { weight_t }))
     }
 
     fn norm(&mut self, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {

@@ -14,7 +14,7 @@ impl Linear {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [batch, seq, d_in] = x.dims();
         let d_out = self.weight_t.dims()[1];
-        x.reshape([batch * seq, d_in]).matmul(self.weight_t.value()).reshape([batch, seq, d_out])
+        self.weight_t.apply(x.reshape([batch * seq, d_in])).reshape([batch, seq, d_out])
     }
 
     /// (d_in, d_out).

@@ -142,13 +142,13 @@ impl Engine {
         Ok(contents.config.to_json())
     }
 
-    /// Checks a weight dtype name ("f32" or "f16") before anything is downloaded.
+    /// Checks a weight dtype name ("auto", "f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0") before anything is downloaded.
     #[wasm_bindgen(js_name = checkDtype)]
     pub fn check_dtype(dtype: &str) -> Result<(), JsValue> {
         WeightDtype::parse(dtype).map(|_| ()).map_err(js_error)
     }
 
-    /// Builds the model from the added files, its matrices stored in `dtype` ("f32" or "f16");
+    /// Builds the model from the added files, its matrices stored in `dtype` (see `check_dtype`);
     /// `on_progress(stage, done, total)` after each tensor.
     #[wasm_bindgen(js_name = loadModel)]
     pub fn load_model(&self, on_progress: Option<Function>, dtype: &str) -> Result<(), JsValue> {

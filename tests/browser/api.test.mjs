@@ -270,7 +270,7 @@ test('bad input rejects with a clear message and the model keeps working', async
   assert.match(e.duplicate, /good/);
   assert.equal(e.badIds, 'token id 100000 is out of the vocabulary (size 256)');
   assert.match(e.badOptions, /training options: unknown field `learningRat`/);
-  assert.equal(e.dtype, 'unknown weight dtype "bf16": use "f32" or "f16"');
+  assert.equal(e.dtype, 'unknown weight dtype "bf16": use "auto", "f32", "f16" or a type to quantize to (q8_0, q4_0, q4_1, q5_0)');
   assert.deepEqual(out.after, out.before, 'the model is unchanged');
   assert.deepEqual([out.adapters, out.active], [['good'], 'good']);
   assert.deepEqual(b.errors, []);

@@ -61,6 +61,32 @@ export async function launchChromium(profile) {
   };
 }
 
+/**
+ * The static server and a browser profile kept between launches, for tests that quit, kill and
+ * relaunch the browser: {origin, errors, open(), close()}. open() starts Chromium on the profile
+ * with the demo page loaded; close() stops the server and deletes the profile.
+ */
+export async function relaunchable() {
+  const server = await serve(0);
+  const origin = `http://127.0.0.1:${server.address().port}`;
+  const profile = mkdtempSync(join(tmpdir(), 'webgpu-lora-profile-'));
+  const errors = [];
+  return {
+    origin,
+    errors,
+    async open() {
+      const browser = await launchChromium(profile);
+      watchConsole(browser.page, errors);
+      await browser.page.goto(`${origin}/`);
+      return browser;
+    },
+    close() {
+      server.close();
+      rmSync(profile, { recursive: true, force: true });
+    },
+  };
+}
+
 /** The static server (default: scripts/serve.mjs's mounts) and headless Chromium on its page. */
 export async function start({ mounts } = {}) {
   const server = await serve(0, '127.0.0.1', mounts);

@@ -4,34 +4,24 @@
 // base model's files come from the cache on the next visit.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { launchChromium, watchConsole, readSafetensors, readJson, root, maxAbsDiff } from './helpers.mjs';
-import { serve } from '../../scripts/serve.mjs';
+import { relaunchable, readSafetensors, readJson, root, maxAbsDiff } from './helpers.mjs';
 
 const fixtures = join(root, 'tests', 'fixtures');
 const { ids } = readJson(join(fixtures, 'tiny-llama', 'expected.json'));
-let server;
+let session;
 let origin;
-let profile;
-const errors = [];
+let errors;
 
 before(async () => {
-  server = await serve(0);
-  origin = `http://127.0.0.1:${server.address().port}`;
-  profile = mkdtempSync(join(tmpdir(), 'webgpu-lora-profile-'));
+  session = await relaunchable();
+  ({ origin, errors } = session);
 });
-after(() => {
-  server?.close();
-  rmSync(profile, { recursive: true, force: true });
-});
+after(() => session?.close());
 
 /** A browser on the shared profile with the demo page open (the package's API as window.app.webgpuLora). */
 async function open() {
-  const browser = await launchChromium(profile);
-  watchConsole(browser.page, errors);
-  await browser.page.goto(`${origin}/`);
+  const browser = await session.open();
   await browser.page.evaluate(() => {
     window.load = async (url) => {
       const progress = [];

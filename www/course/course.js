@@ -8,7 +8,7 @@ import { LossChart } from '../chart.js';
 const AsyncFunction = (async () => {}).constructor;
 const params = new URL(location.href).searchParams;
 const settings = {
-  model: params.get('model') ?? '../models/SmolLM2-135M-Instruct/',
+  model: params.get('model') ?? '../models/SmolLM2-135M-Instruct.Q4_1.gguf',
   data: params.get('data') ?? '../data/robot/',
   adapters: params.get('adapters')?.split(',').filter(Boolean) ?? [],
   steps: Number(params.get('steps') ?? 30),

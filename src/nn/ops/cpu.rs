@@ -3,12 +3,15 @@
 //! AVX2 or plain code at run time). Inputs that are not f32 take the trait's composed path.
 
 use burn::backend::flex::FlexTensor;
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{DType, Flex, TensorMetadata};
 use burn::tensor::{Shape, TensorData};
 use rayon::prelude::*;
 
+use super::quant::{QuantOps, layout};
 use super::{FusedOps, composed};
+use crate::io::quant::{QuantType, RowLayout};
 
 /// Elements one parallel task takes at least: below this, handing work out costs more than it saves.
 const GRAIN: usize = 1 << 14;
@@ -265,6 +268,151 @@ impl FusedOps for Flex {
             .collect();
         (tensor(loss, [rows].into()), tensor(grad, shape))
     }
+}
+
+/// Rows of x up to which a quantized product dequantizes one weight row at a time (decoding,
+/// short prompts); above it, dequantizing the matrix once and multiplying with gemm is faster.
+const ROW_BY_ROW: usize = 8;
+
+/// The words of a quantized matrix as u32 (a copy only where it is a strided view).
+fn words(t: &FlexTensor) -> std::borrow::Cow<'_, [u32]> {
+    match t.as_slice::<i32>() {
+        Some(w) => bytemuck::cast_slice(w).into(),
+        None => {
+            let t = t.to_contiguous();
+            match t.dtype() {
+                DType::I32 => t.as_slice::<i32>().expect("contiguous").iter().map(|&w| w as u32).collect(),
+                DType::I64 => t.as_slice::<i64>().expect("contiguous").iter().map(|&w| w as u32).collect(),
+                other => panic!("quantized words must be an Int tensor, not {other:?}"),
+            }
+        }
+    }
+}
+
+impl QuantOps for Flex {
+    fn dequantize_rows(words_t: IntTensor<Self>, kind: QuantType, cols: usize) -> FloatTensor<Self> {
+        let l = layout(kind, cols);
+        let w = words(&words_t);
+        let rows = w.len() / l.words;
+        let mut out = vec![0.0f32; rows * cols];
+        let task = QUANT_ROWS_PER_TASK;
+        out.par_chunks_mut(task * cols)
+            .zip(w.par_chunks(task * l.words))
+            .for_each(|(out, words)| vectorised(DequantizeRowsKernel { layout: &l, words, out }));
+        tensor(out, [rows, cols].into())
+    }
+
+    /// Few rows of x (decoding): each weight row's dot products taken group by group straight
+    /// from its codes, `Σ scale · (Σ q x) + Σ offset · (Σ x)` (x's sums per group computed once),
+    /// split across rayon's pool by runs of weight rows: nothing is dequantized into memory.
+    fn quant_matmul(x: FloatTensor<Self>, words_t: IntTensor<Self>, kind: QuantType, cols: usize) -> FloatTensor<Self> {
+        let [m, k] = x.shape().dims::<2>();
+        if m > ROW_BY_ROW || k != cols || !all_f32(&[&x]) {
+            let w = Self::dequantize_rows(words_t, kind, cols);
+            return Self::float_matmul(x, Self::float_transpose(w));
+        }
+        let layout = layout(kind, cols);
+        let (x, w) = (values(&x), words(&words_t));
+        let x_sums: Vec<f32> = x.chunks_exact(layout.group).map(|g| g.iter().sum()).collect();
+        let rows = w.len() / layout.words;
+        let mut out_t = vec![0.0f32; rows * m]; // [rows, m], transposed at the end
+        let task = QUANT_ROWS_PER_TASK;
+        out_t.par_chunks_mut(task * m).zip(w.par_chunks(task * layout.words)).for_each_init(
+            || vec![0.0f32; 2 * (cols / layout.group)],
+            |scratch, (out, words)| vectorised(QuantRowsKernel { layout: &layout, words, x: &x, x_sums: &x_sums, scratch, out }),
+        );
+        let out = (0..m).flat_map(|i| out_t.iter().skip(i).step_by(m).copied()).collect();
+        tensor(out, [m, rows].into())
+    }
+}
+
+/// Weight rows one parallel task takes (a few kB of words).
+const QUANT_ROWS_PER_TASK: usize = 32;
+
+// Consecutive quantized rows `words` into their values `out`.
+kernel!(DequantizeRowsKernel { layout: &'a RowLayout, words: &'a [u32], out: &'a mut [f32] } -> (), |k| {
+    for (row, out) in k.words.chunks_exact(k.layout.words).zip(k.out.chunks_exact_mut(k.layout.cols)) {
+        k.layout.dequantize_row(row, out);
+    }
+});
+
+// Consecutive quantized weight rows `words`: out[r, i] = row r · x[i] for every row i of x.
+kernel!(QuantRowsKernel { layout: &'a RowLayout, words: &'a [u32], x: &'a [f32], x_sums: &'a [f32], scratch: &'a mut [f32], out: &'a mut [f32] } -> (), |k| {
+    // one instance per code layout, each inlined here (a function pointer would not be vectorised)
+    match (k.layout.group, k.layout.low_bits, k.layout.high_bits) {
+        (32, 8, 0) => rows_dot::<32, 8, 0>(k),
+        (32, 4, 0) => rows_dot::<32, 4, 0>(k),
+        (32, 4, 1) => rows_dot::<32, 4, 1>(k),
+        (16, 4, 2) => rows_dot::<16, 4, 2>(k),
+        other => unreachable!("no quantized type has the codes {other:?}"),
+    }
+});
+
+#[inline(always)]
+fn rows_dot<const G: usize, const L: u32, const H: u32>(k: QuantRowsKernel) {
+    let l = k.layout;
+    let m = k.x.len() / l.cols;
+    let groups = l.cols / l.group;
+    let (scales, offsets) = k.scratch.split_at_mut(groups);
+    for (row, out) in k.words.chunks_exact(l.words).zip(k.out.chunks_exact_mut(m)) {
+        l.scales_into(row, 0, scales);
+        l.offsets_into(row, 0, scales, offsets);
+        for (i, o) in out.iter_mut().enumerate() {
+            let (x, x_sums) = (&k.x[i * l.cols..(i + 1) * l.cols], &k.x_sums[i * groups..(i + 1) * groups]);
+            *o = row_dot::<G, L, H>(l, row, x, scales) + dot(offsets, x_sums);
+        }
+    }
+}
+
+/// One quantized row · x without its offsets: per group of `G` codes of `L` low bits (and `H`
+/// high bits above the fourth), `scale · Σ q x`, kept in 8 lanes across groups and summed once.
+#[inline(always)]
+fn row_dot<const G: usize, const L: u32, const H: u32>(l: &RowLayout, row: &[u32], x: &[f32], scales: &[f32]) -> f32 {
+    let low_words = G * L as usize / 32;
+    let high_words = G * H as usize / 32;
+    let mut lanes = [0.0f32; 8];
+    for (g, (x, &scale)) in x.chunks_exact(G).zip(scales).enumerate() {
+        let low = &row[g * low_words..(g + 1) * low_words];
+        let high = &row[l.high_at + g * high_words..l.high_at + (g + 1) * high_words];
+        let qx = group_dot::<G, L, H>(low, high, x);
+        lanes.iter_mut().zip(qx).for_each(|(lane, qx)| *lane += scale * qx);
+    }
+    lanes.iter().sum()
+}
+
+/// Σ a b in 8 lanes.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
+    for (a, b) in a8.zip(b8) {
+        lanes.iter_mut().zip(a).zip(b).for_each(|((lane, x), y)| *lane += x * y);
+    }
+    tail + lanes.iter().sum::<f32>()
+}
+
+/// Σ q x over one group of `G` codes, in 8 lanes.
+#[inline(always)]
+fn group_dot<const G: usize, const L: u32, const H: u32>(low: &[u32], high: &[u32], x: &[f32]) -> [f32; 8] {
+    let mut q = [0u32; G];
+    let per_low = 32 / L as usize;
+    for (j, q) in q.iter_mut().enumerate() {
+        *q = (low[j / per_low] >> (L * (j % per_low) as u32)) & ((1 << L) - 1);
+    }
+    if H > 0 {
+        let per_high = 32 / H as usize;
+        for (j, q) in q.iter_mut().enumerate() {
+            *q |= ((high[j / per_high] >> (H * (j % per_high) as u32)) & ((1 << H) - 1)) << 4;
+        }
+    }
+    let mut acc = [0.0f32; 8];
+    for (q, x) in q.chunks_exact(8).zip(x.chunks_exact(8)) {
+        for ((acc, &q), &x) in acc.iter_mut().zip(q).zip(x) {
+            *acc += q as f32 * x;
+        }
+    }
+    acc
 }
 
 #[cfg(test)]

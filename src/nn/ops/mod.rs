@@ -12,6 +12,7 @@
 
 #[cfg(not(target_arch = "wasm32"))] // burn's CPU backend is built for native targets only (Cargo.toml)
 mod cpu;
+pub mod quant;
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;

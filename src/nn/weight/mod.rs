@@ -1,6 +1,8 @@
-//! `Weight`: a frozen matrix of the base model, stored in f32 or in f16 (half the memory, like
-//! transformers' `torch_dtype=float16`), and always computed with in f32: an f16 matrix is
-//! converted where it is used, so every product accumulates in f32 and activations stay f32.
+//! `Weight`: a frozen matrix of the base model, stored in f32, in f16 (half the memory, like
+//! transformers' `torch_dtype=float16`) or in quantized blocks (ggml's types, a quarter to an
+//! eighth of it, like bitsandbytes' `load_in_8bit`/`load_in_4bit`), and always computed with in
+//! f32: an f16 matrix is converted where it is used, a quantized one is dequantized inside its
+//! products ([`crate::nn::ops::quant`]), so every product accumulates in f32 and activations stay f32.
 //!
 //! f16 storage is burn's f16 dtype where the device has one (the CPU backend, GPUs with
 //! `shader-f16`) and otherwise two halves packed in a 32-bit word ([`packed_f16`]), which any
@@ -12,23 +14,50 @@ pub mod packed_f16;
 use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
+use crate::io::quant::{QuantMatrix, QuantType, names};
+use crate::nn::ops::quant::{dequantize, quant_matmul};
 use crate::tensor::HostTensor;
 
 /// How the base model's matrices are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightDtype {
+    /// As the file stores them: a GGUF's quantized and f16 tensors keep their type, everything
+    /// else (safetensors included) loads as f32.
     #[default]
+    Auto,
     F32,
     F16,
+    /// The decoder layers' linear weights quantized to this type (dequantized first if the file
+    /// stores them in another quantized type); embeddings, head and norms stay as loaded, as
+    /// bitsandbytes leaves them.
+    Quant(QuantType),
 }
 
 impl WeightDtype {
-    /// Parses "f32"/"float32" or "f16"/"float16".
+    /// Parses "auto", "f32"/"float32", "f16"/"float16", or a quantized type to quantize to
+    /// ("q8_0", "q4_0", "q4_1", "q5_0").
     pub fn parse(s: &str) -> Result<Self> {
         match s {
+            "auto" => Ok(WeightDtype::Auto),
             "f32" | "float32" => Ok(WeightDtype::F32),
             "f16" | "float16" => Ok(WeightDtype::F16),
-            other => Err(Error::invalid(format!("unknown weight dtype {other:?}: use \"f32\" or \"f16\""))),
+            other => match QuantType::parse(other).filter(|k| QuantType::QUANTIZABLE.contains(k)) {
+                Some(kind) => Ok(WeightDtype::Quant(kind)),
+                None => Err(Error::invalid(format!(
+                    "unknown weight dtype {other:?}: use \"auto\", \"f32\", \"f16\" or a type to quantize to ({})",
+                    names(&QuantType::QUANTIZABLE).to_lowercase()
+                ))),
+            },
+        }
+    }
+
+    /// The name `parse` takes.
+    pub fn name(self) -> String {
+        match self {
+            WeightDtype::Auto => "auto".into(),
+            WeightDtype::F32 => "f32".into(),
+            WeightDtype::F16 => "f16".into(),
+            WeightDtype::Quant(kind) => kind.name().to_lowercase(),
         }
     }
 }
@@ -40,6 +69,15 @@ enum Stored {
     F16(Tensor<2>),
     /// f16 halves two to a word: [rows, cols / 2].
     PackedF16(Tensor<2, Int>),
+    /// Quantized rows [rows, words per row] of a [rows, cols] matrix; the weight is that
+    /// matrix, or its transpose when `transposed` (a linear layer's [in, out] of a Hugging Face
+    /// [out, in] weight: blocks run along the input dimension, as in the file).
+    Quant {
+        words: Tensor<2, Int>,
+        kind: QuantType,
+        cols: usize,
+        transposed: bool,
+    },
 }
 
 /// A base-model matrix (constant: it never requires a gradient).
@@ -56,10 +94,12 @@ impl Weight {
 
     /// Uploads a 2-D host matrix in `dtype` (taken, so f32 values move to the device without a
     /// copy); `name` goes into the error when a value does not fit in f16.
+    /// A quantized `dtype` quantizes the matrix as it is (see [`QuantMatrix::quantize`]).
     pub fn upload(t: HostTensor, dtype: WeightDtype, name: &str, device: &Device) -> Result<Self> {
         let shape = [t.shape[0], t.shape[1]];
         match dtype {
-            WeightDtype::F32 => Ok(Weight::f32(Tensor::from_data(TensorData::new(t.data, shape), device))),
+            WeightDtype::Quant(kind) => Ok(Self::quantized(QuantMatrix::quantize(kind, &t, name)?, false, device)),
+            WeightDtype::F32 | WeightDtype::Auto => Ok(Weight::f32(Tensor::from_data(TensorData::new(t.data, shape), device))),
             WeightDtype::F16 if device.supports_dtype(FloatDType::F16) => {
                 let halves = to_f16(&t, name)?;
                 Ok(Weight { stored: Stored::F16(Tensor::from_data(TensorData::new(halves, shape), (device, DType::F16))) })
@@ -80,12 +120,40 @@ impl Weight {
         Ok(Weight { stored: Stored::PackedF16(Tensor::from_data(words, (device, DType::I32))) })
     }
 
-    /// The matrix in f32.
+    /// Uploads a quantized matrix as it is; the weight is its transpose when `transposed`.
+    pub fn quantized(q: QuantMatrix, transposed: bool, device: &Device) -> Self {
+        let shape = [q.rows, q.layout.words];
+        let words: Vec<i32> = q.words.into_iter().map(|w| w as i32).collect();
+        let words = Tensor::from_data(TensorData::new(words, shape), (device, DType::I32));
+        Weight { stored: Stored::Quant { words, kind: q.kind, cols: q.layout.cols, transposed } }
+    }
+
+    /// The matrix in f32 (for a quantized one, a transient dequantized copy).
     pub fn value(&self) -> Tensor<2> {
         match &self.stored {
             Stored::F32(w) => w.clone(),
             Stored::F16(w) => w.clone().cast(FloatDType::F32),
             Stored::PackedF16(words) => packed_f16::unpack(words.clone()),
+            Stored::Quant { words, kind, cols, transposed } => {
+                let w = dequantize(words.clone(), *kind, *cols);
+                if *transposed { w.transpose() } else { w }
+            }
+        }
+    }
+
+    /// x · W for x [m, rows]: a quantized W is dequantized inside the product.
+    pub fn apply(&self, x: Tensor<2>) -> Tensor<2> {
+        match &self.stored {
+            Stored::Quant { words, kind, cols, transposed: true } => quant_matmul(x, words.clone(), *kind, *cols),
+            _ => x.matmul(self.value()),
+        }
+    }
+
+    /// x · Wᵀ for x [m, cols]: a quantized W is dequantized inside the product.
+    pub fn apply_transposed(&self, x: Tensor<2>) -> Tensor<2> {
+        match &self.stored {
+            Stored::Quant { words, kind, cols, transposed: false } => quant_matmul(x, words.clone(), *kind, *cols),
+            _ => x.matmul(self.value().transpose()),
         }
     }
 
@@ -95,11 +163,14 @@ impl Weight {
             Stored::F32(w) => w.clone().select(0, ids),
             Stored::F16(w) => w.clone().select(0, ids).cast(FloatDType::F32),
             Stored::PackedF16(words) => packed_f16::unpack(words.clone().select(0, ids)),
+            Stored::Quant { words, kind, cols, transposed: false } => dequantize(words.clone().select(0, ids), *kind, *cols),
+            Stored::Quant { .. } => self.value().select(0, ids),
         }
     }
 
     /// W <- W + sign * delta, rounded to the storage precision. An f32 matrix is taken out first,
-    /// so the backend can add into its buffer instead of allocating a second one.
+    /// so the backend can add into its buffer instead of allocating a second one. A quantized
+    /// matrix becomes f32 (dequantized + delta, exact).
     pub fn add(&mut self, delta: Tensor<2>, sign: f64) {
         let placeholder = Stored::F32(Tensor::empty([1, 1], &delta.device()));
         let delta = if sign > 0.0 { delta } else { delta.neg() };
@@ -107,6 +178,7 @@ impl Weight {
             Stored::F32(w) => Stored::F32(w + delta),
             Stored::F16(w) => Stored::F16((w.cast(FloatDType::F32) + delta).cast(FloatDType::F16)),
             Stored::PackedF16(words) => Stored::PackedF16(packed_f16::pack(packed_f16::unpack(words) + delta)),
+            quant @ Stored::Quant { .. } => Stored::F32(Weight { stored: quant }.value() + delta),
         };
     }
 
@@ -118,26 +190,39 @@ impl Weight {
                 let [rows, half_cols] = words.dims();
                 [rows, 2 * half_cols]
             }
+            Stored::Quant { words, cols, transposed, .. } => {
+                let rows = words.dims()[0];
+                if *transposed { [*cols, rows] } else { [rows, *cols] }
+            }
         }
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.stored, Stored::Quant { .. })
     }
 
     pub fn dtype(&self) -> WeightDtype {
         match self.stored {
             Stored::F32(_) => WeightDtype::F32,
             Stored::F16(_) | Stored::PackedF16(_) => WeightDtype::F16,
+            Stored::Quant { kind, .. } => WeightDtype::Quant(kind),
         }
     }
 
     /// Bytes the matrix occupies on the device.
     pub fn bytes(&self) -> usize {
         let [rows, cols] = self.dims();
-        rows * cols * if self.dtype() == WeightDtype::F16 { 2 } else { 4 }
+        match &self.stored {
+            Stored::F32(_) => 4 * rows * cols,
+            Stored::F16(_) | Stored::PackedF16(_) => 2 * rows * cols,
+            Stored::Quant { words, .. } => 4 * words.dims().iter().product::<usize>(),
+        }
     }
 
     pub fn device(&self) -> Device {
         match &self.stored {
             Stored::F32(w) | Stored::F16(w) => w.device(),
-            Stored::PackedF16(words) => words.device(),
+            Stored::PackedF16(words) | Stored::Quant { words, .. } => words.device(),
         }
     }
 }

@@ -17,13 +17,14 @@ use cubecl::client::Client;
 use cubecl::prelude::{CubeCount, CubeDim, TensorArg};
 
 /// The kernels, in cubecl's Rust dialect (compiled to WGSL at first use).
-mod kernels {
+pub(crate) mod kernels {
     use cubecl::prelude::*;
     use cubecl::terminate;
 
-    /// The f32 value of the f16 bit pattern `h` (low 16 bits).
+    /// The f32 value of the f16 bit pattern `h` (low 16 bits); the quantized kernels' f16
+    /// scales use it too.
     #[cube]
-    fn half_to_f32(h: u32) -> f32 {
+    pub(crate) fn half_to_f32(h: u32) -> f32 {
         let sign = (h & 0x8000u32) << 16u32;
         let exp = (h >> 10u32) & 0x1fu32;
         let mant = h & 0x3ffu32;

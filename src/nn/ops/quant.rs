@@ -1,0 +1,220 @@
+//! Products with a quantized matrix that stays quantized: `y = x Wᵀ` and its input gradient
+//! `dL/dx = dL/dy · W`, for W [rows, cols] in the repacked row layout of [`crate::io::quant`]
+//! (one Int tensor [rows, words per row]).
+//!
+//! A backend extension ([`QuantOps`]) like the fused operations: the CPU backend multiplies a few
+//! rows (decoding) by dequantizing one weight row at a time into a buffer and taking its dot
+//! products, so the f32 matrix never exists; for many rows it dequantizes the matrix once into
+//! a transient and multiplies with gemm. WebGPU and wgpu dequantize with a cubecl kernel into a
+//! transient and multiply. The autodiff node keeps the quantized words (not an f32 copy) and
+//! dequantizes again for the backward pass, so at most one matrix's f32 transient exists at a
+//! time.
+
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Autodiff, Backend, Cube, DType, TensorMetadata, backend_extension};
+use burn::tensor::{Int, Tensor};
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::calculate_cube_count_elemwise;
+use cubecl::prelude::CubeDim;
+
+use crate::io::quant::{QuantType, RowLayout};
+
+#[backend_extension(Flex: cfg(not(target_arch = "wasm32")), Cube, Autodiff)]
+pub trait QuantOps: Backend {
+    /// The f32 matrix [rows, cols] of the repacked rows `words` [rows, words per row] of `kind`.
+    fn dequantize_rows(words: IntTensor<Self>, kind: QuantType, cols: usize) -> FloatTensor<Self>;
+
+    /// x [m, cols] · Wᵀ: [m, rows].
+    fn quant_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, kind: QuantType, cols: usize) -> FloatTensor<Self> {
+        let w = Self::dequantize_rows(words, kind, cols);
+        Self::float_matmul(x, Self::float_transpose(w))
+    }
+
+    /// grad [m, rows] · W: [m, cols] (the input gradient of [`quant_matmul`](Self::quant_matmul)).
+    fn quant_matmul_backward(grad: FloatTensor<Self>, words: IntTensor<Self>, kind: QuantType, cols: usize) -> FloatTensor<Self> {
+        let w = Self::dequantize_rows(words, kind, cols);
+        Self::float_matmul(grad, w)
+    }
+}
+
+/// The layout of `kind` rows of `cols` values (checked when the matrix was made).
+pub fn layout(kind: QuantType, cols: usize) -> RowLayout {
+    RowLayout::new(kind, cols).expect("a quantized matrix's layout was checked when it was made")
+}
+
+mod kernels {
+    use cubecl::prelude::*;
+    use cubecl::terminate;
+
+    use crate::io::quant::RowLayout;
+    use crate::nn::weight::packed_f16::kernels::half_to_f32;
+
+    /// Scale or offset `g` of a row whose scales (or offsets) start at word `at`.
+    #[cube]
+    fn scale_at(words: &Tensor<u32>, at: usize, g: usize, #[comptime] l: RowLayout) -> f32 {
+        if comptime!(l.half_scales) {
+            let word = words[at + g / 2];
+            half_to_f32((word >> (16u32 * u32::cast_from(g % 2))) & 0xffffu32)
+        } else {
+            f32::reinterpret(words[at + g])
+        }
+    }
+
+    /// The code of value `j` of the row whose words start at `base`.
+    #[cube]
+    fn code(words: &Tensor<u32>, base: usize, j: usize, #[comptime] l: RowLayout) -> u32 {
+        let (low_bits, high_bits) = (comptime!(l.low_bits as u32), comptime!(l.high_bits as u32));
+        let per_low = comptime!(32 / l.low_bits);
+        let mut q = (words[base + j / per_low] >> (u32::cast_from(j % per_low) * low_bits)) & comptime!((1u32 << low_bits) - 1);
+        if comptime!(high_bits > 0) {
+            let per_high = comptime!(32 / l.high_bits);
+            let at = base + comptime!(l.high_at) + j / per_high;
+            q |= ((words[at] >> (u32::cast_from(j % per_high) * high_bits)) & comptime!((1u32 << high_bits) - 1)) << 4u32;
+        }
+        q
+    }
+
+    /// The value of code `q` in group `g` of the row at `base` times `x` summed over the group,
+    /// from Σ q x and Σ x: `scale · Σ q x + offset · Σ x`, or `scale · (Σ q x - zero · Σ x)` (with
+    /// one value and x = 1, that value: `scale · (q - zero)` as gguf-py computes it).
+    #[cube]
+    fn group_value(words: &Tensor<u32>, base: usize, g: usize, qx: f32, x_sum: f32, #[comptime] l: RowLayout) -> f32 {
+        let scale = scale_at(words, base + comptime!(l.scales_at), g, l);
+        if comptime!(l.own_offsets) {
+            scale * qx + scale_at(words, base + comptime!(l.offsets_at), g, l) * x_sum
+        } else {
+            scale * (qx - f32::cast_from(comptime!(l.zero)) * x_sum)
+        }
+    }
+
+    /// One thread per value: x = scale · q + offset or scale · (q - zero) (see `crate::io::quant`).
+    #[cube(launch)]
+    pub fn dequantize_kernel(words: &Tensor<u32>, out: &mut Tensor<f32>, #[comptime] l: RowLayout) {
+        let i = ABSOLUTE_POS;
+        if i >= out.len() {
+            terminate!();
+        }
+        let cols = comptime!(l.cols);
+        let (base, j) = ((i / cols) * comptime!(l.words), i % cols);
+        let q = f32::cast_from(code(words, base, j, l));
+        out[i] = group_value(words, base, j / comptime!(l.group), q, 1.0f32, l);
+    }
+
+    /// x Wᵀ for a few rows of x (decoding): one thread per output value [i, r], the dot product of
+    /// row i of x with row r of W taken group by group straight from W's codes; no dequantized
+    /// matrix is written.
+    #[cube(launch)]
+    pub fn rows_dot_kernel(words: &Tensor<u32>, x: &Tensor<f32>, out: &mut Tensor<f32>, #[comptime] l: RowLayout) {
+        let i = ABSOLUTE_POS;
+        if i >= out.len() {
+            terminate!();
+        }
+        let (cols, group) = (comptime!(l.cols), comptime!(l.group));
+        let rows = out.shape(1);
+        let base = (i % rows) * comptime!(l.words);
+        let x_at = (i / rows) * cols;
+        let mut total = 0.0f32;
+        for g in 0..comptime!(l.cols / l.group) {
+            let mut qx = 0.0f32;
+            let mut x_sum = 0.0f32;
+            for k in 0..group {
+                let j = g * group + k;
+                let value = x[x_at + j];
+                qx += f32::cast_from(code(words, base, j, l)) * value;
+                x_sum += value;
+            }
+            total += group_value(words, base, g, qx, x_sum, l);
+        }
+        out[i] = total;
+    }
+}
+
+/// Rows of x up to which a product takes the dot products straight from the codes (decoding);
+/// above it, dequantizing once and a matmul is faster.
+const ROW_BY_ROW: usize = 8;
+
+/// Launches a quantized kernel of one thread per value of `out` [rows, cols], with the layout's
+/// constants after `inputs`.
+macro_rules! launch_quant {
+    ($kernel:ident, $client:expr, $count:expr, $layout:expr, $($input:expr),+) => {{
+        let (l, cube_dim) = ($layout, CubeDim::new($client, $count));
+        let cube_count = calculate_cube_count_elemwise($client, $count, cube_dim);
+        kernels::$kernel::launch($client, cube_count, cube_dim, $($input),+, l)
+    }};
+}
+
+impl QuantOps for Cube {
+    fn dequantize_rows(words: IntTensor<Self>, kind: QuantType, cols: usize) -> FloatTensor<Self> {
+        let words: CubeTensor = burn_cubecl::kernel::into_contiguous(words);
+        let rows = words.shape().dims::<2>()[0];
+        let client = words.client.clone();
+        let out = empty_device_dtype(client.clone(), words.device.clone(), [rows, cols].into(), DType::F32);
+        launch_quant!(dequantize_kernel, &client, rows * cols, layout(kind, cols), words.into_tensor_arg(), out.clone().into_tensor_arg());
+        out
+    }
+
+    fn quant_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, kind: QuantType, cols: usize) -> FloatTensor<Self> {
+        let [m, k] = x.shape().dims::<2>();
+        if m > ROW_BY_ROW || k != cols || x.dtype != DType::F32 {
+            let w = Self::dequantize_rows(words, kind, cols);
+            return Self::float_matmul(x, Self::float_transpose(w));
+        }
+        let (x, words): (CubeTensor, CubeTensor) = (burn_cubecl::kernel::into_contiguous(x), burn_cubecl::kernel::into_contiguous(words));
+        let rows = words.shape().dims::<2>()[0];
+        let client = words.client.clone();
+        let out = empty_device_dtype(client.clone(), words.device.clone(), [m, rows].into(), DType::F32);
+        let args = (words.into_tensor_arg(), x.into_tensor_arg(), out.clone().into_tensor_arg());
+        launch_quant!(rows_dot_kernel, &client, m * rows, layout(kind, cols), args.0, args.1, args.2);
+        out
+    }
+}
+
+/// [`QuantOps::quant_matmul`]'s autodiff node: keeps the quantized words, and runs
+/// [`QuantOps::quant_matmul_backward`]. The matrix is a constant.
+#[derive(Debug)]
+struct QuantMatmulBackward;
+
+impl<B: QuantOps> Backward<B, 1> for QuantMatmulBackward {
+    type State = (IntTensor<B>, QuantType, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [x_node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (words, kind, cols) = ops.state;
+        if let Some(node) = x_node {
+            grads.register::<B>(node.id, B::quant_matmul_backward(grad, words, kind, cols));
+        }
+    }
+}
+
+impl<B: QuantOps, C: CheckpointStrategy> QuantOps for Autodiff<B, C> {
+    /// A constant: nothing flows back into a base weight.
+    fn dequantize_rows(words: IntTensor<Self>, kind: QuantType, cols: usize) -> FloatTensor<Self> {
+        <FloatTensor<Self>>::new(B::dequantize_rows(words, kind, cols))
+    }
+
+    fn quant_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, kind: QuantType, cols: usize) -> FloatTensor<Self> {
+        match QuantMatmulBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::quant_matmul(x.into_primitive(), words.clone(), kind, cols);
+                prep.finish((words, kind, cols), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::quant_matmul(x.into_primitive(), words, kind, cols)),
+        }
+    }
+}
+
+/// The f32 matrix of quantized rows `words`.
+pub fn dequantize(words: Tensor<2, Int>, kind: QuantType, cols: usize) -> Tensor<2> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as QuantOps>::dequantize_rows(words.into_dispatch(), kind, cols))
+}
+
+/// x Wᵀ for the quantized W of `words` (differentiable in x).
+pub fn quant_matmul(x: Tensor<2>, words: Tensor<2, Int>, kind: QuantType, cols: usize) -> Tensor<2> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as QuantOps>::quant_matmul(x.into_dispatch(), words.into_dispatch(), kind, cols))
+}

@@ -1,0 +1,129 @@
+// Quantized bases in headless Chromium on WebGPU: GGUF files loaded as they ship (by URL and as a
+// Blob), their logits against transformers loading each GGUF itself and PEFT's with an adapter
+// (tests/fixtures/quant, made by make_fixtures.py); quantizing on load (dtype "q8_0" etc.) against
+// gguf-py's rounding; and an adapter trained on WebGPU over a Q4_0 base, saved to IndexedDB and
+// reloaded after a relaunch with identical logits.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { statSync } from 'node:fs';
+import { join } from 'node:path';
+import { relaunchable, readSafetensors, readJson, root, maxAbsDiff } from './helpers.mjs';
+
+const fixtures = join(root, 'tests', 'fixtures');
+const { ids, types } = readJson(join(fixtures, 'quant', 'expected.json'));
+const expected = readSafetensors(join(fixtures, 'quant', 'expected.safetensors'));
+const TOLERANCE = 1e-4;
+let session;
+let errors;
+const open = () => session.open();
+
+before(async () => {
+  session = await relaunchable();
+  errors = session.errors;
+});
+after(() => session?.close());
+
+const close = (actual, reference, what) => {
+  assert.equal(actual.length, reference.length, `${what}: length`);
+  const diff = maxAbsDiff(actual, reference);
+  assert.ok(diff < TOLERANCE, `${what}: max |ours - reference| = ${diff}`);
+};
+
+test('GGUFs load as they ship (URL and Blob): transformers\' logits, PEFT\'s with an adapter, in less memory; dtype "q8_0" etc. quantize on load', async () => {
+  const browser = await open();
+  try {
+    const out = await browser.page.evaluate(async ({ ids, types }) => {
+      const { LoraModel } = window.app.webgpuLora;
+      const logits = async (m) => Array.from((await m.logits(Int32Array.from(ids))).data);
+      const f32 = await LoraModel.fromPretrained('/fixtures/tiny-llama/');
+      const r = { f32Bytes: await f32.getMemoryFootprint(), gguf: {}, onLoad: {} };
+      f32.dispose();
+      for (const type of types) {
+        const url = `/fixtures/quant/tiny-${type.toLowerCase()}.gguf`;
+        const progress = [];
+        const m = await LoraModel.fromPretrained(url, { onProgress: (e) => progress.push(e) });
+        const entry = { base: await logits(m), bytes: await m.getMemoryFootprint(), name: m.baseModel.name };
+        entry.downloaded = progress.filter((e) => e.stage === 'download').pop()?.total;
+        await m.loadAdapter('/fixtures/peft/qv-r8/', 'a');
+        await m.setAdapter('a');
+        entry.adapter = await logits(m);
+        m.dispose();
+        const q = await LoraModel.fromPretrained('/fixtures/tiny-llama/', { dtype: type.toLowerCase() });
+        r.onLoad[type] = { logits: await logits(q), bytes: await q.getMemoryFootprint() };
+        q.dispose();
+        r.gguf[type] = entry;
+      }
+      // a GGUF given as a File (a file picker's), not a URL
+      const blob = await (await fetch('/fixtures/quant/tiny-q4_0.gguf')).blob();
+      const fromFile = await LoraModel.fromPretrained(new File([blob], 'tiny-q4_0.gguf'));
+      r.file = { logits: await logits(fromFile), name: fromFile.baseModel.name };
+      fromFile.dispose();
+      r.bad = await LoraModel.fromPretrained('/fixtures/tiny-llama/', { dtype: 'q4_k' }).then(() => 'loaded', (e) => e.message);
+      return r;
+    }, { ids, types });
+    for (const type of types) {
+      const e = out.gguf[type];
+      close(e.base, expected[`${type}.logits`].data, `${type} GGUF`);
+      close(e.adapter, expected[`${type}.qv-r8.logits`].data, `${type} GGUF + qv-r8`);
+      assert.ok(e.bytes * 3 < out.f32Bytes, `${type}: ${e.bytes} bytes on the GPU vs ${out.f32Bytes} in f32`);
+      assert.equal(e.downloaded, statSync(join(fixtures, 'quant', `tiny-${type.toLowerCase()}.gguf`)).size, 'one download: the GGUF file');
+      assert.equal(e.name, `tiny-${type.toLowerCase()}`.replace(/-q\d.*$/, ''), 'the quantization is not part of the base model\'s name');
+      close(out.onLoad[type].logits, expected[`load_in_${type}.logits`].data, `tiny-llama with dtype ${type}`);
+      assert.ok(out.onLoad[type].bytes < out.f32Bytes);
+    }
+    close(out.file.logits, expected['Q4_0.logits'].data, 'a GGUF File');
+    assert.match(out.bad, /unknown weight dtype "q4_k".*q8_0, q4_0, q4_1, q5_0/);
+    assert.deepEqual(errors, []);
+  } finally {
+    await browser.close();
+  }
+});
+
+test('an adapter trained on WebGPU over a Q4_0 GGUF base, saved to IndexedDB, gives identical logits after a relaunch; the base is untouched', async () => {
+  const data = Array.from({ length: 8 }, (_, i) => JSON.stringify({ text: `beep boop ${i}: I am a robot. ` + 'bzzt '.repeat(i % 3) })).join('\n');
+  let browser = await open();
+  const first = await browser.page.evaluate(async ({ data, ids }) => {
+    const { LoraModel } = window.app.webgpuLora;
+    const m = await LoraModel.fromPretrained('/fixtures/quant/tiny-q4_0.gguf');
+    const logits = async () => Array.from((await m.logits(Int32Array.from(ids))).data);
+    const base = await logits();
+    const bytes = await m.getMemoryFootprint();
+    const report = await m.train({
+      data, dataName: 'robot.jsonl', adapterName: 'q4-robot',
+      loraConfig: { r: 4, loraAlpha: 8, loraDropout: 0, targetModules: ['q_proj', 'v_proj'] },
+      trainingArgs: { learningRate: 1e-2, maxSteps: 3, batchSize: 2, seed: 1 },
+    });
+    const trained = await logits();
+    await m.saveAdapter('q4-robot');
+    await m.disableAdapter();
+    const disabled = await logits();
+    const r = { base, trained, disabled, bytes, afterBytes: await m.getMemoryFootprint(), losses: report.summary };
+    m.dispose();
+    return r;
+  }, { data, ids });
+  await browser.close();
+  assert.equal(first.losses.steps, 3);
+  assert.ok(maxAbsDiff(first.trained, first.base) > 1e-3, 'training changed the adapter');
+  assert.deepEqual(first.disabled, first.base, 'the quantized base is bit-identical after training');
+  close(first.base, expected['Q4_0.logits'].data, 'Q4_0 GGUF before training');
+
+  browser = await open();
+  try {
+    const second = await browser.page.evaluate(async (ids) => {
+      const { LoraModel, AdapterStore } = window.app.webgpuLora;
+      const m = await LoraModel.fromPretrained('/fixtures/quant/tiny-q4_0.gguf');
+      await m.loadAdapter('q4-robot');
+      await m.setAdapter('q4-robot');
+      const logits = Array.from((await m.logits(Int32Array.from(ids))).data);
+      m.dispose();
+      const store = await AdapterStore.open();
+      await store.delete('q4-robot');
+      store.close();
+      return logits;
+    }, ids);
+    assert.deepEqual(second, first.trained, 'identical logits after the relaunch');
+    assert.deepEqual(errors, []);
+  } finally {
+    await browser.close();
+  }
+});

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Writes the site as plain files for any static host into dist/site: www/ (the playground and the
 # course), the package (lib/, with the built wasm) under lib/, and the sample dataset under data/.
-# Models are not copied: put a converted model under dist/site/models/ or use a Hugging Face URL.
+# Models are not copied: put the default, SmolLM2-135M-Instruct.Q4_1.gguf, or a converted model under
+# dist/site/models/, or load a URL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f lib/pkg/webgpu_lora_bg.wasm ] || { echo "lib/pkg is not built: run npm run build" >&2; exit 1; }

@@ -36,7 +36,14 @@ export interface FromPretrainedOptions {
   name?: string;
   /** Where the engine's worker script is (default: worker.js next to this module). */
   workerUrl?: string | URL;
+  /** For a hub id: the branch, tag or commit (default "main"). */
+  revision?: string;
+  /** For a hub id: one file of the repository to load, e.g. "model.Q4_1.gguf" (default: the directory). */
+  file?: string;
 }
+
+/** Where hub ids resolve: `${remoteHost}ORG/NAME/resolve/REVISION/` (default https://huggingface.co/). */
+export const env: { remoteHost: string };
 
 /** A base model's identity: stored adapters remember it and refuse another base. */
 export interface BaseModel {
@@ -194,6 +201,7 @@ export class AdapterStore {
 }
 
 export class LoraModel {
+  /** `source`: a URL (directory ending in "/", or a .gguf file), a hub id "ORG/NAME", a GGUF File/Blob, or a directory's files. */
   static fromPretrained(source: string | Blob | Files, options?: FromPretrainedOptions): Promise<LoraModel>;
   readonly config: Record<string, unknown> & { vocab_size: number; hidden_size: number; num_hidden_layers: number };
   readonly baseModel: BaseModel;

@@ -8,6 +8,24 @@ import { AdapterStore, ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapterBlobs, baseIdenti
 
 export { AdapterStore };
 
+/**
+ * Where hub ids resolve, as transformers.js's `env`: `fromPretrained('ORG/NAME')` loads
+ * `${remoteHost}ORG/NAME/resolve/${revision}/` (or that directory's `file`). Change remoteHost to
+ * use a mirror or your own server with the same URL layout.
+ */
+export const env = { remoteHost: 'https://huggingface.co/' };
+
+// "ORG/NAME": two path segments, no scheme, no leading "/" or ".", no trailing "/" and no file
+// extension; anything else is a URL or a path (a directory ends in "/", a GGUF in ".gguf")
+const HUB_ID = /^[A-Za-z0-9][\w-]*\/[\w.-]*[\w-]$/;
+const isHubId = (source) => typeof source === 'string' && HUB_ID.test(source) && !/\.(gguf|json|safetensors)$/i.test(source);
+
+/** A hub id's URL under env.remoteHost: its directory at `revision`, or `file` in it. */
+function hubUrl(id, revision, file) {
+  const host = env.remoteHost.endsWith('/') ? env.remoteHost : `${env.remoteHost}/`;
+  return `${host}${id}/resolve/${encodeURIComponent(revision)}/${file ?? ''}`;
+}
+
 class Worker_ {
   constructor(url) {
     // spelled out literally so that bundlers (Vite, webpack) bundle the worker with its wasm
@@ -97,8 +115,15 @@ export class LoraModel {
    * as f32); "f32"; "f16", half the memory; or "q8_0", "q4_0", "q4_1", "q5_0": the decoder layers'
    * linear weights quantized on load, as transformers' load_in_8bit / load_in_4bit; rounding
    * changes logits slightly, and merging into an f16 base rounds, as in PEFT), workerUrl.
+   * `source` may also be a hub id, "ORG/NAME", as transformers.js takes it: the directory
+   * `${env.remoteHost}ORG/NAME/resolve/${revision}/` (revision defaults to "main"), or the file
+   * `file` in it (a .gguf).
    */
-  static async fromPretrained(source, { dtype = 'auto', onProgress, cache = true, name, workerUrl } = {}) {
+  static async fromPretrained(source, { dtype = 'auto', onProgress, cache = true, name, workerUrl, revision = 'main', file } = {}) {
+    if (isHubId(source)) {
+      name ??= source;
+      source = hubUrl(source, revision, file);
+    }
     if (typeof navigator === 'undefined' || !navigator.gpu) {
       throw new Error('WebGPU is not available in this browser: use Chrome or Edge 113+ (or Chromium started with --enable-unsafe-webgpu) on https or localhost');
     }

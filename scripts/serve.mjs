@@ -6,7 +6,7 @@ import { extname, join, normalize, resolve, sep } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = resolve(fileURLToPath(import.meta.url), '../..');
-const MOUNTS = [
+export const MOUNTS = [
   ['/models/', join(root, 'models')],
   ['/fixtures/', join(root, 'tests', 'fixtures')],
   ['/lib/', join(root, 'lib')],

@@ -64,10 +64,11 @@ export async function launchChromium(profile) {
 /**
  * The static server and a browser profile kept between launches, for tests that quit, kill and
  * relaunch the browser: {origin, errors, open(), close()}. open() starts Chromium on the profile
- * with the demo page loaded; close() stops the server and deletes the profile.
+ * with the demo page loaded; close() stops the server and deletes the profile. `mounts` as serve's
+ * (default: scripts/serve.mjs's).
  */
-export async function relaunchable() {
-  const server = await serve(0);
+export async function relaunchable({ mounts } = {}) {
+  const server = await serve(0, '127.0.0.1', mounts);
   const origin = `http://127.0.0.1:${server.address().port}`;
   const profile = mkdtempSync(join(tmpdir(), 'webgpu-lora-profile-'));
   const errors = [];

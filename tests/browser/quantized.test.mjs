@@ -1,13 +1,15 @@
 // Quantized bases in headless Chromium on WebGPU: GGUF files loaded as they ship (by URL and as a
 // Blob), their logits against transformers loading each GGUF itself and PEFT's with an adapter
 // (tests/fixtures/quant, made by make_fixtures.py); quantizing on load (dtype "q8_0" etc.) against
-// gguf-py's rounding; and an adapter trained on WebGPU over a Q4_0 base, saved to IndexedDB and
-// reloaded after a relaunch with identical logits.
+// gguf-py's rounding; an adapter trained on WebGPU over a Q4_0 base, saved to IndexedDB and
+// reloaded after a relaunch with identical logits; hub ids resolved under env.remoteHost (a local
+// server with the hub's URL layout).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { relaunchable, readSafetensors, readJson, root, maxAbsDiff } from './helpers.mjs';
+import { MOUNTS } from '../../scripts/serve.mjs';
 
 const fixtures = join(root, 'tests', 'fixtures');
 const { ids, types } = readJson(join(fixtures, 'quant', 'expected.json'));
@@ -18,7 +20,12 @@ let errors;
 const open = () => session.open();
 
 before(async () => {
-  session = await relaunchable();
+  // two repositories with the hub's URL layout, ORG/NAME/resolve/REVISION/FILE
+  const hub = [
+    ['/hub/test-org/tiny-llama/resolve/main/', join(fixtures, 'tiny-llama')],
+    ['/hub/test-org/tiny-quant/resolve/v1/', join(fixtures, 'quant')],
+  ];
+  session = await relaunchable({ mounts: [...hub, ...MOUNTS] });
   errors = session.errors;
 });
 after(() => session?.close());
@@ -122,6 +129,38 @@ test('an adapter trained on WebGPU over a Q4_0 GGUF base, saved to IndexedDB, gi
       return logits;
     }, ids);
     assert.deepEqual(second, first.trained, 'identical logits after the relaunch');
+    assert.deepEqual(errors, []);
+  } finally {
+    await browser.close();
+  }
+});
+
+test('hub ids resolve under env.remoteHost as transformers.js resolves them: a directory, and a GGUF file at a revision', async () => {
+  const browser = await open();
+  try {
+    const out = await browser.page.evaluate(async ({ ids, origin }) => {
+      const { LoraModel, env } = window.app.webgpuLora;
+      const defaultHost = env.remoteHost;
+      env.remoteHost = `${origin}/hub/`;
+      try {
+        const logits = async (m) => Array.from((await m.logits(Int32Array.from(ids))).data);
+        const files = [];
+        const dir = await LoraModel.fromPretrained('test-org/tiny-llama', { onProgress: (e) => e.stage === 'download' && files.push(e.file) });
+        const gguf = await LoraModel.fromPretrained('test-org/tiny-quant', { revision: 'v1', file: 'tiny-q8_0.gguf' });
+        const r = { defaultHost, dir: await logits(dir), dirName: dir.baseModel.name, gguf: await logits(gguf), ggufName: gguf.baseModel.name };
+        r.files = [...new Set(files)];
+        dir.dispose();
+        gguf.dispose();
+        return r;
+      } finally {
+        env.remoteHost = defaultHost;
+      }
+    }, { ids, origin: session.origin });
+    assert.equal(out.defaultHost, 'https://huggingface.co/');
+    close(out.dir, readSafetensors(join(fixtures, 'tiny-llama', 'expected.safetensors')).logits.data, 'hub id of a directory');
+    close(out.gguf, expected['Q8_0.logits'].data, 'hub id + revision + GGUF file');
+    assert.deepEqual([out.dirName, out.ggufName], ['test-org/tiny-llama', 'test-org/tiny-quant']);
+    assert.ok(out.files.includes('config.json') && out.files.includes('model.safetensors'), out.files.join(', '));
     assert.deepEqual(errors, []);
   } finally {
     await browser.close();

@@ -87,10 +87,12 @@ async function modelFiles(source, useCache, emit) {
     return { origin: source.name || 'the given GGUF file', files: { [name]: await toBytes(source, name) } };
   }
   if (typeof source === 'string' && new URL(source).pathname.toLowerCase().endsWith('.gguf')) {
-    const cut = source.lastIndexOf('/') + 1;
-    const [dir, name] = [source.slice(0, cut), source.slice(cut)];
-    const opened = [[name, await openFile(source, await openCache(useCache), false)]];
-    return { origin: source, files: await readFiles(dir, opened, await openCache(useCache), emit) };
+    // the file's name without any query (?download=true), so the core sees ".gguf"
+    const name = decodeURIComponent(new URL(source).pathname.split('/').pop());
+    const dir = new URL('.', source).href;
+    const cache = await openCache(useCache);
+    const opened = [[name, await openFile(source, cache, false)]];
+    return { origin: source, files: await readFiles(dir, opened, cache, emit) };
   }
   if (typeof source !== 'string') {
     const files = {};

@@ -20,7 +20,6 @@ use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::io::WeightSource;
 use crate::io::gguf::StoredTensor;
-use crate::io::quant::QuantMatrix;
 use crate::lora::{AdapterState, LoraLayers, LoraLinear, LoraRun};
 use crate::model::KvCache;
 use crate::nn::ops::{attend, swiglu};
@@ -491,18 +490,17 @@ impl Loader<'_> {
             (StoredTensor::Quant(q), WeightDtype::Quant(kind)) if q.kind == kind || !quantize => {
                 Weight::quantized(q, transposed, self.device)
             }
-            (StoredTensor::Quant(q), dtype) => self.dense(q.dequantize(), dtype, name, transposed, quantize)?,
-            (StoredTensor::Dense(t), dtype) => self.dense(t, dtype, name, transposed, quantize)?,
+            (stored, dtype) => {
+                let t = match stored {
+                    StoredTensor::Dense(t) => t,
+                    StoredTensor::Quant(q) => q.dequantize(),
+                };
+                // matrices other than the layers' linears stay as loaded under a quantized dtype
+                let dtype = if matches!(dtype, WeightDtype::Quant(_)) && !quantize { WeightDtype::F32 } else { dtype };
+                Weight::upload(t, dtype, transposed, name, self.device)?
+            }
         };
         Ok(self.uploaded(weight))
-    }
-
-    fn dense(&self, t: HostTensor, dtype: WeightDtype, name: &str, transposed: bool, quantize: bool) -> Result<Weight> {
-        match dtype {
-            WeightDtype::Quant(kind) if quantize => Ok(Weight::quantized(QuantMatrix::quantize(kind, &t, name)?, transposed, self.device)),
-            WeightDtype::Quant(_) => Weight::upload(if transposed { t.transpose() } else { t }, WeightDtype::F32, name, self.device),
-            _ => Weight::upload(if transposed { t.transpose() } else { t }, dtype, name, self.device),
-        }
     }
 
     /// An adaptable linear layer, named after its module (`name` without `.weight`).

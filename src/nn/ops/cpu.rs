@@ -9,7 +9,7 @@ use burn::backend::{DType, Flex, TensorMetadata};
 use burn::tensor::{Shape, TensorData};
 use rayon::prelude::*;
 
-use super::quant::{QuantOps, layout};
+use super::quant::{QuantOps, ROW_BY_ROW, layout};
 use super::{FusedOps, composed};
 use crate::io::quant::{QuantType, RowLayout};
 
@@ -269,10 +269,6 @@ impl FusedOps for Flex {
         (tensor(loss, [rows].into()), tensor(grad, shape))
     }
 }
-
-/// Rows of x up to which a quantized product dequantizes one weight row at a time (decoding,
-/// short prompts); above it, dequantizing the matrix once and multiplying with gemm is faster.
-const ROW_BY_ROW: usize = 8;
 
 /// The words of a quantized matrix as u32 (a copy only where it is a strided view).
 fn words(t: &FlexTensor) -> std::borrow::Cow<'_, [u32]> {

@@ -134,9 +134,9 @@ mod kernels {
     }
 }
 
-/// Rows of x up to which a product takes the dot products straight from the codes (decoding);
-/// above it, dequantizing once and a matmul is faster.
-const ROW_BY_ROW: usize = 8;
+/// Rows of x up to which a product takes the dot products straight from the codes (decoding),
+/// on every backend; above it, dequantizing once into a transient and a matmul is faster.
+pub(super) const ROW_BY_ROW: usize = 8;
 
 /// Launches a quantized kernel of one thread per value of `out` [rows, cols], with the layout's
 /// constants after `inputs`.

@@ -93,18 +93,26 @@ impl Weight {
     }
 
     /// Uploads a 2-D host matrix in `dtype` (taken, so f32 values move to the device without a
-    /// copy); `name` goes into the error when a value does not fit in f16.
-    /// A quantized `dtype` quantizes the matrix as it is (see [`QuantMatrix::quantize`]).
-    pub fn upload(t: HostTensor, dtype: WeightDtype, name: &str, device: &Device) -> Result<Self> {
-        let shape = [t.shape[0], t.shape[1]];
+    /// copy); the weight is its transpose when `transposed`. A quantized `dtype` quantizes the
+    /// matrix as it is, blocks along its rows (see [`QuantMatrix::quantize`]); `name` goes into
+    /// the error when a value does not fit in f16 or cannot be quantized.
+    pub fn upload(t: HostTensor, dtype: WeightDtype, transposed: bool, name: &str, device: &Device) -> Result<Self> {
+        let oriented = |t: HostTensor| if transposed { t.transpose() } else { t };
         match dtype {
-            WeightDtype::Quant(kind) => Ok(Self::quantized(QuantMatrix::quantize(kind, &t, name)?, false, device)),
-            WeightDtype::F32 | WeightDtype::Auto => Ok(Weight::f32(Tensor::from_data(TensorData::new(t.data, shape), device))),
-            WeightDtype::F16 if device.supports_dtype(FloatDType::F16) => {
-                let halves = to_f16(&t, name)?;
-                Ok(Weight { stored: Stored::F16(Tensor::from_data(TensorData::new(halves, shape), (device, DType::F16))) })
+            WeightDtype::Quant(kind) => Ok(Self::quantized(QuantMatrix::quantize(kind, &t, name)?, transposed, device)),
+            WeightDtype::F32 | WeightDtype::Auto => {
+                let t = oriented(t);
+                let shape = [t.shape[0], t.shape[1]];
+                Ok(Weight::f32(Tensor::from_data(TensorData::new(t.data, shape), device)))
             }
-            WeightDtype::F16 => Self::packed_f16(&t, name, device),
+            WeightDtype::F16 if device.supports_dtype(FloatDType::F16) => {
+                let t = oriented(t);
+                let halves = to_f16(&t, name)?;
+                Ok(Weight {
+                    stored: Stored::F16(Tensor::from_data(TensorData::new(halves, [t.shape[0], t.shape[1]]), (device, DType::F16))),
+                })
+            }
+            WeightDtype::F16 => Self::packed_f16(&oriented(t), name, device),
         }
     }
 

@@ -78,7 +78,7 @@ fn main() {
         let files = pollster::block_on(model.export_adapter(name)).unwrap();
         model.set_adapter(name).unwrap();
         write_adapter(&out.join(name), &files, logits(&model));
-        model.delete_adapter(name).unwrap();
+        pollster::block_on(model.delete_adapter(name)).unwrap();
 
         let load = |model: &mut LlamaModel, adapter: &str| {
             let source = AdapterSource {
@@ -89,7 +89,7 @@ fn main() {
         };
         let load_ms = time(repeats, || {
             load(&mut model, "x");
-            model.delete_adapter("x").unwrap();
+            pollster::block_on(model.delete_adapter("x")).unwrap();
         });
         load(&mut model, "x");
         load(&mut model, "y");
@@ -99,7 +99,7 @@ fn main() {
             model.set_adapter(if flip { "x" } else { "y" }).unwrap();
         });
         let disable_ms = time(repeats * 100, || {
-            model.disable_adapter();
+            pollster::block_on(model.disable_adapter()).unwrap();
             model.enable_adapter();
         });
         let save_ms = time(repeats, || {
@@ -108,7 +108,7 @@ fn main() {
         let mut unloads = Vec::new();
         for _ in 0..repeats {
             let t = Instant::now();
-            model.unload();
+            pollster::block_on(model.unload()).unwrap();
             unloads.push(t.elapsed().as_secs_f64());
             load(&mut model, "x");
         }
@@ -124,7 +124,7 @@ fn main() {
             pollster::block_on(webgpu_lora::tensor::read_f32(m.layers[0].self_attn.q_proj.base.weight_t.value().sum())).unwrap();
             merges.push(t.elapsed().as_secs_f64());
         }
-        model.unload();
+        pollster::block_on(model.unload()).unwrap();
         results.insert(
             name.to_string(),
             serde_json::json!({
@@ -147,7 +147,7 @@ fn main() {
             let t = Instant::now();
             pollster::block_on(model.add_adapter(init, config.clone(), 0)).unwrap();
             times.push(t.elapsed().as_secs_f64());
-            model.delete_adapter(init).unwrap();
+            pollster::block_on(model.delete_adapter(init)).unwrap();
         }
         results.insert(format!("{init}_init_qv"), serde_json::json!({"init_ms": median_ms(times)}));
     }

@@ -70,6 +70,33 @@ def quantized_section(lines, command):
                   f"{r['peak_rss_mb']:.0f} | {rss} |")
 
 
+def gpu_section(lines):
+    """The table of bench/gpu.sh: the browser's WebGPU adapter and native wgpu, per base storage."""
+    browser = [r for r in lines if r["engine"] == "browser WebGPU"]
+    native = {r["weights"]: r for r in lines if r["engine"].startswith("webgpu-lora (wgpu)")}
+    adapters = sorted({r["adapter"] for r in browser})
+    print("## GPU: SmolLM2-135M-Instruct\n")
+    print(f"Machine: {machine()}; WebGPU adapter (headless Chromium): {', '.join(adapters) or 'none ran'}.  ")
+    print(f"Date: {datetime.date.today().isoformat()}  ")
+    print("Command: `npm run bench:gpu`\n")
+    print("| weights | MB on the GPU | browser load s | first forward s | browser decode tokens/s | browser LoRA training tokens/s "
+          "| native wgpu decode tokens/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    native_of = {"f32": "f32", "f16": "f16", "q8_0 (on load)": "q8_0", "GGUF Q4_1 (as shipped)": "GGUF"}
+    fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)
+    for r in browser:
+        n = next((v for k, v in native.items() if native_of.get(r["weights"]) and k.startswith(native_of[r["weights"]])), None)
+        print(f"| {r['weights']} | {r['weights_mb']:.1f} | {r['load_s']:.1f} | {r['first_forward_s']:.2f} | "
+              f"{r['decode_tokens_per_s']:.1f} | {fmt(r['train_tokens_per_s'])} | {fmt(n and n['decode_tokens_per_s'])} |")
+    if not browser:
+        for k, n in native.items():
+            print(f"| {k} | {n['weights_mb']:.1f} | - | - | - | - | {n['decode_tokens_per_s']:.1f} |")
+
+
+if sys.argv[1] == "--gpu":
+    gpu_section(lines)
+    sys.exit(0)
+
 if sys.argv[1] == "--quantized":
     quantized_section(lines, sys.argv[2])
     sys.exit(0)

@@ -229,7 +229,12 @@ export class LoraModel {
   train(options: TrainOptions): Promise<TrainReport>;
   saveAdapter(name: string, options?: { as?: string; overwrite?: boolean; store?: AdapterStore }): Promise<StoredAdapter>;
   /** {asLora: true}: an OLoRA/PiSSA adapter as a plain LoRA of rank 2r for the unmodified base. */
-  exportAdapter(name: string, options?: { asLora?: boolean }): Promise<AdapterFiles>;
-  exportMerged(options?: { adapterName?: string }): Promise<Record<string, Blob>>;
+  exportAdapter(name: string, options?: { asLora?: boolean; format?: 'peft' }): Promise<AdapterFiles>;
+  /** {format: 'gguf'}: a llama.cpp GGUF LoRA adapter. */
+  exportAdapter(name: string, options: { format: 'gguf' }): Promise<{ 'adapter.gguf': Blob }>;
+  /** A Hugging Face directory's files. */
+  exportMerged(options?: { adapterName?: string; format?: 'hf' }): Promise<Record<string, Blob>>;
+  /** {format: 'gguf'}: one GGUF (the base must be a GGUF), its matrices in `outType` (default 'auto': as the base stores them). */
+  exportMerged(options: { adapterName?: string; format: 'gguf'; outType?: 'auto' | 'f32' | 'f16' | 'q8_0' | 'q4_0' | 'q4_1' | 'q5_0' }): Promise<{ 'model.gguf': Blob }>;
   dispose(): void;
 }

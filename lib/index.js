@@ -292,9 +292,12 @@ export class LoraModel {
   /**
    * The adapter's PEFT files as Blobs: {"adapter_config.json", "adapter_model.safetensors"}.
    * With {asLora: true}, an OLoRA/PiSSA adapter as a plain LoRA of rank 2r that loads on the
-   * unmodified base (PEFT's path_initial_model_for_weight_conversion).
+   * unmodified base (PEFT's path_initial_model_for_weight_conversion). With {format: 'gguf'},
+   * {"adapter.gguf"}: a llama.cpp LoRA adapter (llama.cpp's --lora, Ollama's ADAPTER, wllama).
    */
-  async exportAdapter(name, { asLora = false } = {}) {
+  async exportAdapter(name, { asLora = false, format = 'peft' } = {}) {
+    if (format === 'gguf') return { 'adapter.gguf': new Blob([await this.#engine.call('exportAdapterGguf', [name])]) };
+    if (format !== 'peft') throw new Error(`exportAdapter: format ${JSON.stringify(format)} is not "peft" or "gguf"`);
     const { config, weights } = await this.#engine.call('exportAdapter', [name, asLora]);
     return adapterBlobs(config, weights);
   }
@@ -313,12 +316,18 @@ export class LoraModel {
    * The files of a Hugging Face model directory (config.json, model.safetensors, tokenizer
    * files, generation config) as Blobs: the base with merged adapters, and with `adapterName`
    * (default: the active adapter unless disabled or already merged) merged in on the way out;
-   * the model itself is not changed. transformers and fromPretrained load the result.
+   * the model itself is not changed. transformers and fromPretrained load the result; a
+   * quantized base is dequantized (exactly) first. With {format: 'gguf'}, {"model.gguf"} for
+   * llama.cpp, Ollama, LM Studio and wllama (the base must be a GGUF: its tokenizer metadata is
+   * copied), its matrices in `outType` ('auto': as the base stores them, a merged quantized
+   * matrix requantized; or 'f32', 'f16', 'q8_0', 'q4_0', 'q4_1', 'q5_0').
    */
-  async exportMerged({ adapterName } = {}) {
+  async exportMerged({ adapterName, format = 'hf', outType = 'auto' } = {}) {
     const s = this.#engine.state;
     // an adapter already merged is skipped by the engine
     const merge = adapterName ?? (s && !s.disabled ? s.active : null);
+    if (format === 'gguf') return { 'model.gguf': new Blob([await this.#engine.call('exportMergedGguf', [merge, outType])]) };
+    if (format !== 'hf') throw new Error(`exportMerged: format ${JSON.stringify(format)} is not "hf" or "gguf"`);
     const files = await this.#engine.call('exportMerged', [merge]);
     return Object.fromEntries(Object.entries(files).map(([n, bytes]) => [n, new Blob([bytes])]));
   }

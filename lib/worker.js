@@ -15,7 +15,11 @@ let loaded = false;
 
 function engine() {
   // the wasm's URL spelled out here, relative, so bundlers (Vite, webpack) see and copy it
-  enginePromise ??= init({ module_or_path: new URL('./pkg/webgpu_lora_bg.wasm', import.meta.url) }).then(() => Engine.create());
+  enginePromise ??= init({ module_or_path: new URL('./pkg/webgpu_lora_bg.wasm', import.meta.url) }).then(async () => {
+    // the largest buffer a matrix may take: the engine's device requests the adapter's own limits
+    const limits = (await navigator.gpu?.requestAdapter())?.limits;
+    return Engine.create(limits ? Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize) : 0);
+  });
   return enginePromise;
 }
 
@@ -154,11 +158,11 @@ const ops = {
   },
 
   async setAdapter(name) { (await engine()).setAdapter(name); },
-  async disableAdapter() { (await engine()).disableAdapter(); },
+  async disableAdapter() { await (await engine()).disableAdapter(); },
   async enableAdapter() { (await engine()).enableAdapter(); },
-  async deleteAdapter(name) { (await engine()).deleteAdapter(name); },
-  async unload() { (await engine()).unload(); },
-  async unmergeAdapter() { (await engine()).unmergeAdapter(); },
+  async deleteAdapter(name) { await (await engine()).deleteAdapter(name); },
+  async unload() { await (await engine()).unload(); },
+  async unmergeAdapter() { await (await engine()).unmergeAdapter(); },
   async mergeAdapter(names, safeMerge) { return (await engine()).mergeAdapter(names, safeMerge); },
   async mergeAndUnload(names, safeMerge) { return (await engine()).mergeAndUnload(names, safeMerge); },
   async addWeightedAdapter(names, weights, newName, combination, svdRank) {
@@ -210,6 +214,8 @@ const ops = {
 
   async exportAdapter(name, asLora) { return (await engine()).exportAdapter(name, asLora); },
   async exportMerged(adapter) { return (await engine()).exportMerged(adapter ?? undefined); },
+  async exportMergedGguf(adapter, outType) { return (await engine()).exportMergedGguf(adapter ?? undefined, outType); },
+  async exportAdapterGguf(name) { return (await engine()).exportAdapterGguf(name); },
 };
 
 // Every result carries the adapters' state, so the page's view of it is never stale; an

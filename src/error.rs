@@ -1,6 +1,7 @@
 //! One error type for the whole core. Every message says what went wrong, where (the file or the
 //! argument), and, where there is one, what to do about it; the wasm edge turns it into a rejected
-//! promise carrying the same text.
+//! promise carrying the same text. Warnings (a rounding merge) go through `log` and are shown
+//! by the edges ([`show_warnings`]).
 
 use std::fmt;
 
@@ -44,3 +45,26 @@ impl Error {
 
 /// Result with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Shows this crate's warnings (what PEFT gives with `warnings.warn`: a merge into a quantized
+/// base rounds, ...) through `show`, once per process; other crates' log records stay quiet.
+/// The edges call it: the CLI prints to stderr, the wasm engine to the console.
+pub fn show_warnings(show: fn(&str)) {
+    struct Warnings(fn(&str));
+    impl log::Log for Warnings {
+        fn enabled(&self, metadata: &log::Metadata) -> bool {
+            metadata.level() <= log::Level::Warn && metadata.target().starts_with(env!("CARGO_CRATE_NAME"))
+        }
+        fn log(&self, record: &log::Record) {
+            if self.enabled(record.metadata()) {
+                (self.0)(&format!("warning: {}", record.args()));
+            }
+        }
+        fn flush(&self) {}
+    }
+    // leaked once: the logger lives as long as the process (log's `std` feature would rebuild
+    // every crate that logs)
+    if log::set_logger(Box::leak(Box::new(Warnings(show)))).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+}

@@ -11,8 +11,9 @@
 //! - [`tensor`]: host tensors, reading device tensors back, uploading.
 //! - [`linalg`]: host QR and SVD (faer) for OLoRA, PiSSA and the "svd" combination.
 //! - [`config`]: `LlamaConfig` from a Hugging Face `config.json`.
-//! - [`io`]: safetensors (single or sharded, F32/F16/BF16), GGUF reading, loading and conversion,
-//!   ggml's quantized block types, the model's files, the tokenizer and chat template.
+//! - [`io`]: safetensors (single or sharded, F32/F16/BF16), GGUF reading, loading, conversion and
+//!   writing (merged models, llama.cpp LoRA adapters), ggml's quantized block types, the model's
+//!   files, the tokenizer and chat template.
 //! - [`nn`]: layers below any model: f32/f16/quantized weight matrices, `Linear`, fused operations
 //!   (products with quantized matrices among them).
 //! - [`lora`]: LoRA as PEFT's `tuners/lora/`: `LoraConfig`, `LoraLinear`, initialisation, dropout,

@@ -4,10 +4,12 @@ use burn::tensor::Device;
 
 use crate::error::{Error, Result};
 use crate::generate::{Generation, GenerationConfig, StopReason, StopText, generate};
+use crate::io::gguf::RawMetadata;
+use crate::io::gguf_convert::{TensorType, write_model_gguf};
 use crate::io::model_files::{CONFIG_FILE, TEXT_FILES};
 use crate::io::safetensors::{SINGLE_FILE, write_safetensors};
 use crate::io::{ChatMessage, ModelFiles, StoreDtype, TextTokenizer};
-use crate::lora::{AdapterSource, LoraModel};
+use crate::lora::{AdapterSource, LoraInit, LoraModel};
 use crate::model::LlamaModel;
 use crate::nn::WeightDtype;
 
@@ -22,6 +24,9 @@ pub struct Llm {
     /// The directory's tokenizer, chat template and generation config, as loaded: a merged model
     /// is written out with them.
     pub text_files: Vec<(String, Vec<u8>)>,
+    /// A GGUF model's metadata as stored (tokenizer and chat template included): a GGUF of the
+    /// merged model copies it.
+    pub gguf_metadata: Option<RawMetadata>,
 }
 
 /// Stages of loading reported to a progress callback: (stage, done, total).
@@ -37,7 +42,7 @@ impl Llm {
         let weights = files.take_weights()?;
         let model = LlamaModel::load(config, &weights, dtype, device, &mut |done, total| progress(STAGE_WEIGHTS, done, total))?;
         let text_files = TEXT_FILES.iter().filter_map(|&name| files.get(name).map(|b| (name.to_string(), b.to_vec()))).collect();
-        Ok(Llm { model, tokenizer, text_files })
+        Ok(Llm { model, tokenizer, text_files, gguf_metadata: files.gguf_metadata.take() })
     }
 
     /// PEFT's `PeftModel.from_pretrained(base, adapter)`: the base (in f32) with the adapter
@@ -74,9 +79,7 @@ impl Llm {
     /// tokenizer, chat template and generation config it was loaded with. transformers and
     /// [`Llm::load`] both load it.
     pub async fn merged_files(&self, merge: Option<&str>) -> Result<Vec<(String, Vec<u8>)>> {
-        if let Some(name) = merge.filter(|name| self.model.adapter_config(name).is_none()) {
-            return Err(Error::invalid(format!("no adapter named {name:?} to merge (loaded: {:?})", self.model.adapter_names())));
-        }
+        self.check_merge(merge)?;
         let config = &self.model.config;
         let dtype = config
             .raw
@@ -92,6 +95,70 @@ impl Llm {
         ];
         files.extend(self.text_files.iter().cloned());
         Ok(files)
+    }
+
+    /// A GGUF of this model as it is now, with `merge` (an adapter's name) folded in as
+    /// merge_and_unload would, without changing the model: for llama.cpp, Ollama, LM Studio and
+    /// wllama. Metadata (tokenizer and chat template included) is the base GGUF's, as stored.
+    /// Every matrix is written in `out` (`Auto`: the type it has here, a merged quantized matrix
+    /// requantized to it; a k-quant, which is not written here, as
+    /// [`crate::io::quant::QuantType::requantized_as`]; f32 and f16: the dequantized values plus
+    /// the update, exactly, then rounded to f16 for f16).
+    pub async fn merged_gguf(&self, merge: Option<&str>, out: WeightDtype) -> Result<Vec<u8>> {
+        self.check_merge(merge)?;
+        let Some(metadata) = &self.gguf_metadata else {
+            return Err(Error::invalid(
+                "a GGUF export copies the base GGUF's tokenizer metadata, and this model was loaded from a Hugging Face directory: \
+                 load the base from its .gguf file (llama.cpp's convert_hf_to_gguf.py makes one), or export a Hugging Face directory",
+            ));
+        };
+        let tensor_type = |dtype: WeightDtype| match dtype {
+            WeightDtype::F16 => TensorType::F16,
+            WeightDtype::Quant(kind) => TensorType::Quant(kind),
+            WeightDtype::F32 | WeightDtype::Auto => TensorType::F32,
+        };
+        // into quantized matrices requantized as merge_and_unload would; into f32/f16 exactly
+        let quantized = matches!(out, WeightDtype::Auto | WeightDtype::Quant(_));
+        let mut tensors = Vec::new();
+        for (name, t) in self.model.hf_weights(merge, quantized).await? {
+            let dtype = match out {
+                WeightDtype::Auto => self.model.matrix(&name).map_or(WeightDtype::F32, |w| w.dtype()),
+                chosen => chosen,
+            };
+            tensors.push((name, t, tensor_type(dtype)));
+        }
+        // llama.cpp's LlamaFileType of a file mostly in the chosen type; as the base's otherwise
+        let file_type = match out {
+            WeightDtype::Auto => None,
+            WeightDtype::F32 => Some(0),
+            WeightDtype::F16 => Some(1),
+            WeightDtype::Quant(kind) => Some(kind.llama_file_type()),
+        };
+        let c = &self.model.config;
+        write_model_gguf(metadata, file_type, tensors, c.num_attention_heads, c.num_key_value_heads)
+    }
+
+    /// Adapter `name` as a GGUF LoRA in llama.cpp's adapter format (see
+    /// [`crate::lora::AdapterContents::to_gguf`]); an OLoRA/PiSSA adapter as the plain LoRA of the original
+    /// base that it amounts to ([`LoraModel::export_adapter_as_lora`]), since llama.cpp applies
+    /// adapters to the weights as loaded.
+    pub async fn adapter_gguf(&self, name: &str) -> Result<Vec<u8>> {
+        let config = self.model.known_adapter(name)?;
+        let files = if matches!(config.init_lora_weights, LoraInit::Olora | LoraInit::Pissa) {
+            self.model.export_adapter_as_lora(name).await?
+        } else {
+            self.model.export_adapter(name).await?
+        };
+        let contents = AdapterSource::from_files(files, name).read()?;
+        let c = &self.model.config;
+        contents.to_gguf(c.num_attention_heads, c.num_key_value_heads)
+    }
+
+    fn check_merge(&self, merge: Option<&str>) -> Result<()> {
+        if let Some(name) = merge.filter(|name| self.model.adapter_config(name).is_none()) {
+            return Err(Error::invalid(format!("no adapter named {name:?} to merge (loaded: {:?})", self.model.adapter_names())));
+        }
+        Ok(())
     }
 
     /// Generates after `prompt`, streaming decoded text to `on_text`; it returns false to stop.

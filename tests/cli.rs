@@ -185,3 +185,36 @@ fn convert_to_lora_gives_peft_logits() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("already a plain LoRA"), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(!out.exists(), "nothing is written");
 }
+
+/// `merge --out FILE.gguf` on a GGUF base writes the GGUF gguf-py writes from PEFT's merge
+/// (requantized, make_fixtures.py), with PEFT's rounding warning on stderr; `--out-type` without
+/// a .gguf is refused; `adapter-to-gguf` writes the llama.cpp LoRA adapter gguf-py writes.
+#[test]
+fn gguf_outputs_of_merge_and_adapter_to_gguf() {
+    let (base, adapter) = (fixture("quant/tiny-q4_0.gguf"), fixture("peft/qv-r8"));
+    let dir = scratch("cli-gguf");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("merged.gguf");
+    let output = cli().args(["merge", "--model"]).arg(&base).arg("--adapter").arg(&adapter).arg("--out").arg(&out).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("warning: Merging LoRA into the 14 quantized linear layers requantizes them"), "{stderr}");
+    assert_same_gguf(&std::fs::read(&out).unwrap(), "merged-q4_0.gguf");
+
+    let output = cli()
+        .args(["merge", "--model"])
+        .arg(&base)
+        .arg("--adapter")
+        .arg(&adapter)
+        .args(["--out", "/tmp/x", "--out-type", "q8_0"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--out-type is the type of a GGUF's matrices"));
+
+    let out = dir.join("adapter.gguf");
+    let status =
+        cli().args(["adapter-to-gguf", "--model"]).arg(&base).arg("--adapter").arg(&adapter).arg("--out").arg(&out).status().unwrap();
+    assert!(status.success());
+    assert_same_gguf(&std::fs::read(&out).unwrap(), "adapter-qv-r8.gguf");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

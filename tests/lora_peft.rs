@@ -77,7 +77,7 @@ fn switching_and_disabling_are_exact() {
     assert!(max_abs_diff(&first, &second) > 0.1, "two adapters must give different logits");
     model.set_adapter("first").unwrap();
     assert_eq!(logits(&model), first, "set_adapter back reproduces the first exactly");
-    model.disable_adapter();
+    pollster::block_on(model.disable_adapter()).unwrap();
     assert_eq!(logits(&model), base, "disabled equals the base exactly");
     assert_eq!(model.active_adapter(), Some("first"));
     model.enable_adapter();
@@ -134,7 +134,7 @@ fn merge_unmerge_and_merge_and_unload_agree_with_peft() {
         let again = pollster::block_on(model.merge_adapter(&["a"], true)).unwrap();
         assert_eq!((again.merged.len(), again.skipped), (0, vec!["a".to_string()]));
         assert_eq!(logits(&model), merged);
-        model.unmerge_adapter();
+        pollster::block_on(model.unmerge_adapter()).unwrap();
         assert!(max_abs_diff(&before, &logits(&model)) < TOLERANCE, "{adapter}: unmerged");
         pollster::block_on(model.merge_and_unload(&["a"], true)).unwrap();
         assert!(model.adapter_names().is_empty() && model.active_adapter().is_none());
@@ -152,7 +152,7 @@ fn unload_and_delete() {
     load_adapter(&mut model, "a", "all7-r4").unwrap();
     load_adapter(&mut model, "b", "qv-r8").unwrap();
     model.set_adapter("b").unwrap();
-    model.unload();
+    pollster::block_on(model.unload()).unwrap();
     assert!(model.adapter_names().is_empty());
     assert_eq!(logits(&model), base, "unload is the exact base");
 
@@ -160,15 +160,15 @@ fn unload_and_delete() {
     load_adapter(&mut model, "b", "qv-r8").unwrap();
     model.set_adapter("a").unwrap();
     pollster::block_on(model.merge_adapter(&[], false)).unwrap();
-    let err = model.delete_adapter("a").unwrap_err().to_string();
+    let err = pollster::block_on(model.delete_adapter("a")).unwrap_err().to_string();
     assert!(err.contains("merged"), "{err}");
-    assert!(model.delete_adapter("zzz").unwrap_err().to_string().contains("no adapter named \"zzz\""));
-    model.unmerge_adapter();
-    model.delete_adapter("a").unwrap();
+    assert!(pollster::block_on(model.delete_adapter("zzz")).unwrap_err().to_string().contains("no adapter named \"zzz\""));
+    pollster::block_on(model.unmerge_adapter()).unwrap();
+    pollster::block_on(model.delete_adapter("a")).unwrap();
     assert_eq!(model.adapter_names(), vec!["b"]);
     assert_eq!(model.active_adapter(), Some("b"), "the first remaining adapter becomes active");
     assert!(model.layers.iter().all(|l| !l.self_attn.q_proj.adapters.contains_key("a")), "removed everywhere");
-    model.delete_adapter("b").unwrap();
+    pollster::block_on(model.delete_adapter("b")).unwrap();
     assert!(max_abs_diff(&logits(&model), &base) < 1e-5);
 }
 
@@ -185,12 +185,12 @@ fn safe_merge_refuses_broken_adapters() {
     }
     load_source(&mut model, "broken", (&cf, &config), (&wf, broken)).unwrap();
     model.set_adapter("broken").unwrap();
-    model.disable_adapter();
+    pollster::block_on(model.disable_adapter()).unwrap();
     let base = logits(&model);
     model.enable_adapter();
     let err = pollster::block_on(model.merge_adapter(&[], true)).unwrap_err().to_string();
     assert_eq!(err, "NaNs detected in the merged weights. The adapter broken seems to be broken");
-    model.disable_adapter();
+    pollster::block_on(model.disable_adapter()).unwrap();
     assert_eq!(logits(&model), base, "a refused merge changes nothing");
 }
 
@@ -285,7 +285,7 @@ fn olora_init_leaves_the_output_unchanged() {
     pollster::block_on(model.add_adapter("olora", config, 0)).unwrap();
     model.set_adapter("olora").unwrap();
     assert!(max_abs_diff(&logits(&model), &base) < 1e-5);
-    model.disable_adapter();
+    pollster::block_on(model.disable_adapter()).unwrap();
     assert!(max_abs_diff(&logits(&model), &base) > 1e-3, "the residual base alone differs");
     let b_t = model.layers[0].self_attn.q_proj.adapters["olora"].b_t.clone(); // [r, out]
     let gram = pollster::block_on(read_f32(b_t.clone().matmul(b_t.transpose()))).unwrap();
@@ -368,7 +368,7 @@ fn olora_and_pissa_adapters_match_peft(device: &Device) {
         model.set_adapter("a").unwrap();
         let diff = max_abs_diff(&logits(&model), &expected_logits(fixture("peft").join(adapter).join("expected_logits.safetensors")));
         assert!(diff < TOLERANCE, "{adapter}: max |ours - PEFT| = {diff}");
-        model.unload();
+        pollster::block_on(model.unload()).unwrap();
         assert!(max_abs_diff(&logits(&model), &base_logits) < 1e-5, "{adapter}: unload restores the base");
     }
 }
@@ -418,7 +418,7 @@ fn olora_and_pissa_init_and_conversion() {
             let diff = max_abs_diff(&logits(&fresh), &trained);
             assert!(diff < TOLERANCE, "{init} {how}: max |loaded - trained| = {diff}");
         }
-        model.delete_adapter("x").unwrap();
+        pollster::block_on(model.delete_adapter("x")).unwrap();
         assert!(max_abs_diff(&logits(&model), &base) < 1e-5, "{init}: delete restores the base");
     }
     // a plain LoRA has nothing to convert

@@ -3,7 +3,9 @@
 //! host and on the device; quantizing gives gguf-py's blocks; tiny GGUFs in Q8_0, Q4_0, Q4_1 and
 //! Q5_0 give the logits of transformers loading each GGUF itself, with and without a PEFT adapter;
 //! quantizing on load gives the logits of the model whose linears went through gguf-py's
-//! quantize -> dequantize.
+//! quantize -> dequantize; merging requantizes as gguf-py requantizes PEFT's merge, unmerging
+//! gives the loaded blocks back; the merged model and LoRA adapters as GGUFs are the files
+//! gguf-py writes in llama.cpp's layouts.
 
 mod common;
 
@@ -15,7 +17,7 @@ use webgpu_lora::io::{ModelFiles, SafetensorsWeights};
 use webgpu_lora::lora::AdapterSource;
 use webgpu_lora::nn::{Weight, WeightDtype};
 use webgpu_lora::tensor::read_f32;
-use webgpu_lora::{Llm, LoraModel};
+use webgpu_lora::{Llm, LoraLayers, LoraModel};
 
 /// Logits of a quantized base against transformers' on the same blocks: the same f32 values, so
 /// only the order of summation differs.
@@ -79,7 +81,7 @@ fn blocks_dequantize_as_gguf_py_on_the_device(device: &Device) {
 on_cpu_and_wgpu!(blocks_dequantize_as_gguf_py_on_the_device);
 
 /// llama.cpp's reference rounding as gguf-py computes it: the same blocks, word for word (a zero
-/// block and a constant block included).
+/// block and a constant block included), written back as GGUF blocks byte for byte.
 #[test]
 fn quantizing_gives_gguf_py_blocks() {
     let bytes = blocks();
@@ -92,6 +94,9 @@ fn quantizing_gives_gguf_py_blocks() {
         assert_eq!(ours.words.len(), expected.words.len());
         let first = ours.words.iter().zip(&expected.words).position(|(a, b)| a != b);
         assert_eq!(first, None, "{kind:?}: word {first:?} differs");
+        let ggml = ours.to_ggml().unwrap();
+        let start = g.data_start + info(&format!("quantized.{}", kind.name())).offset as usize;
+        assert!(ggml == bytes[start..start + ggml.len()], "{kind:?}: the GGUF blocks gguf-py wrote");
     }
 }
 
@@ -105,8 +110,10 @@ fn load_files(files: ModelFiles, dtype: WeightDtype, device: &Device) -> Llm {
 }
 
 /// The tiny model as GGUFs of each type, loaded as they are: transformers' logits; the PEFT
-/// adapter on that base: PEFT's logits, active, merged (the base becomes f32, exactly the
-/// dequantized values plus the adapter's delta) and unloaded.
+/// adapter on that base: PEFT's logits. Merged, the adapted linears are requantized to the base's
+/// type: the logits of gguf-py's requantization of PEFT's merged weights, with the base as small
+/// as before; unmerged, the loaded blocks come back bit for bit; merged and unloaded, the same
+/// requantized model.
 fn tiny_ggufs_match_transformers_and_peft(device: &Device) {
     let f32_bytes = load(&fixture("tiny-llama"), device).model.memory_footprint();
     for kind in types("types") {
@@ -118,14 +125,25 @@ fn tiny_ggufs_match_transformers_and_peft(device: &Device) {
         assert!(bytes * 3 < f32_bytes, "{kind:?}: {bytes} bytes on the device, f32 {f32_bytes}");
 
         let model = &mut llm.model;
+        let loaded = pollster::block_on(model.hf_tensors(None)).unwrap();
         pollster::block_on(model.load_adapter("a", AdapterSource::from_dir(&fixture("peft/qv-r8")).unwrap())).unwrap();
         model.set_adapter("a").unwrap();
-        let peft = expected(&format!("{}.qv-r8.logits", kind.name()));
-        let diff = max_abs_diff(&logits_of(model, &ids), &peft);
+        let diff = max_abs_diff(&logits_of(model, &ids), &expected(&format!("{}.qv-r8.logits", kind.name())));
         assert!(diff < TOLERANCE, "{kind:?} + qv-r8: max |ours - PEFT| = {diff}");
+
+        let requantized = expected(&format!("{}.qv-r8.merged.logits", kind.name()));
+        let with_adapter = model.memory_footprint();
+        pollster::block_on(model.merge_adapter(&[], false)).unwrap();
+        let diff = max_abs_diff(&logits_of(model, &ids), &requantized);
+        assert!(diff < TOLERANCE, "{kind:?} + qv-r8 merged: max |ours - gguf-py's requantization| = {diff}");
+        assert_eq!(model.memory_footprint(), with_adapter, "{kind:?}: the merged base stays quantized");
+        pollster::block_on(model.unmerge_adapter()).unwrap();
+        assert!(pollster::block_on(model.hf_tensors(None)).unwrap() == loaded, "{kind:?}: unmerged, the loaded blocks are back");
+
         pollster::block_on(model.merge_and_unload(&[], true)).unwrap();
-        let diff = max_abs_diff(&logits_of(model, &ids), &peft);
-        assert!(diff < TOLERANCE, "{kind:?} + qv-r8 merged: max |ours - PEFT| = {diff}");
+        let diff = max_abs_diff(&logits_of(model, &ids), &requantized);
+        assert!(diff < TOLERANCE, "{kind:?} + qv-r8 merged and unloaded: max |ours - gguf-py's requantization| = {diff}");
+        assert_eq!(model.memory_footprint(), bytes, "{kind:?}: the merged base stays quantized");
     }
 }
 
@@ -190,3 +208,91 @@ fn products_equal_the_dequantized_product(device: &Device) {
 }
 
 on_cpu_and_wgpu!(products_equal_the_dequantized_product);
+
+/// The merged model as a GGUF (`merged_gguf`, the model itself unchanged): the Q4_0 base's
+/// metadata and blocks, q and v requantized after the merge: the GGUF gguf-py writes from PEFT's
+/// merge, which transformers loads (make_fixtures.py checks it); loaded back here, the logits of
+/// that requantized model. In f32 the merge is exact: PEFT's logits on the dequantized base.
+fn merged_gguf_is_the_requantized_merge(device: &Device) {
+    let mut llm = load_files(tiny_gguf(QuantType::Q4_0), WeightDtype::Auto, device);
+    pollster::block_on(llm.model.load_adapter("a", AdapterSource::from_dir(&fixture("peft/qv-r8")).unwrap())).unwrap();
+    let ours = pollster::block_on(llm.merged_gguf(Some("a"), WeightDtype::Auto)).unwrap();
+    assert_same_gguf(&ours, "merged-q4_0.gguf");
+    assert!(llm.model.merged_adapters().is_empty(), "the model is not changed");
+
+    let ids = tiny_ids();
+    let reloaded = load_files(ModelFiles::from_gguf("merged.gguf", ours).unwrap(), WeightDtype::Auto, device);
+    let diff = max_abs_diff(&logits_of(&reloaded.model, &ids), &expected("Q4_0.qv-r8.merged.logits"));
+    assert!(diff < TOLERANCE, "merged GGUF: max |ours - gguf-py's requantization| = {diff}");
+
+    let f32_gguf = pollster::block_on(llm.merged_gguf(Some("a"), WeightDtype::F32)).unwrap();
+    let reloaded = load_files(ModelFiles::from_gguf("merged-f32.gguf", f32_gguf).unwrap(), WeightDtype::Auto, device);
+    assert_eq!(reloaded.model.matrix("model.layers.0.self_attn.q_proj.weight").unwrap().dtype(), WeightDtype::F32);
+    let diff = max_abs_diff(&logits_of(&reloaded.model, &ids), &expected("Q4_0.qv-r8.logits"));
+    assert!(diff < TOLERANCE, "merged f32 GGUF: max |ours - PEFT| = {diff}");
+}
+
+on_cpu_and_wgpu!(merged_gguf_is_the_requantized_merge);
+
+/// PEFT adapters as llama.cpp LoRA adapters: the GGUF convert_lora_to_gguf.py's layout gives
+/// (built with gguf-py from PEFT's own matrices and scalings): q and k rows of B permuted, the
+/// rank_pattern / alpha_pattern / rsLoRA scaling folded into B. A merged GGUF needs a GGUF base.
+#[test]
+fn adapter_ggufs_are_llama_cpps() {
+    for adapter in ["qv-r8", "rank-pattern", "rslora"] {
+        let mut llm = load(&fixture("tiny-llama"), &cpu());
+        pollster::block_on(llm.model.load_adapter("a", AdapterSource::from_dir(&fixture("peft").join(adapter)).unwrap())).unwrap();
+        assert_same_gguf(&pollster::block_on(llm.adapter_gguf("a")).unwrap(), &format!("adapter-{adapter}.gguf"));
+        let err = pollster::block_on(llm.merged_gguf(Some("a"), WeightDtype::Auto)).unwrap_err().to_string();
+        assert!(err.contains("load the base from its .gguf file"), "{err}");
+    }
+}
+
+/// Merging a broken adapter (NaN in B) into a quantized base is refused, even without
+/// safe_merge (quantized blocks cannot hold NaN), and nothing changes. OLoRA on a quantized base
+/// writes its residual back requantized; deleting the adapter gives the loaded blocks back.
+#[test]
+fn nan_merges_are_refused_and_residuals_undone_on_a_quantized_base() {
+    let device = cpu();
+    let mut llm = load_files(tiny_gguf(QuantType::Q4_1), WeightDtype::Auto, &device);
+    let model = &mut llm.model;
+    let loaded = pollster::block_on(model.hf_weights(None, true)).unwrap();
+    pollster::block_on(model.load_adapter("a", AdapterSource::from_dir(&fixture("peft/qv-r8")).unwrap())).unwrap();
+    let layer = model.lora_linears_mut().next().unwrap();
+    let lora = layer.adapters.get_mut("a").unwrap();
+    lora.b_t = lora.b_t.clone().mul_scalar(f32::NAN);
+    let err = pollster::block_on(model.merge_adapter(&["a"], false)).unwrap_err().to_string();
+    assert!(err.contains("NaNs detected in the merged weights. The adapter a seems to be broken"), "{err}");
+    assert!(model.merged_adapters().is_empty());
+    assert!(pollster::block_on(model.hf_weights(None, true)).unwrap() == loaded, "nothing changed");
+    pollster::block_on(model.delete_adapter("a")).unwrap();
+
+    let config = webgpu_lora::lora::LoraConfig::from_json(
+        br#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": "olora"}"#,
+        "olora",
+    )
+    .unwrap();
+    let before = logits_of(model, &tiny_ids());
+    pollster::block_on(model.add_adapter("o", config, 0)).unwrap();
+    model.set_adapter("o").unwrap();
+    let q = |m: &webgpu_lora::LlamaModel| m.matrix("model.layers.0.self_attn.q_proj.weight").unwrap().dtype();
+    assert_eq!(q(model), WeightDtype::Quant(QuantType::Q4_1), "the residual is requantized");
+    assert!(pollster::block_on(model.hf_weights(None, true)).unwrap() != loaded, "the residual base differs from the loaded one");
+    // the residual plus the adapter is the base up to one more Q4_1 rounding (of the residual):
+    // the logits move less than twice as far as quantizing the f32 model to Q4_1 moved them
+    let diff = max_abs_diff(&logits_of(model, &tiny_ids()), &before);
+    let rounding = max_abs_diff(&logits_of(&load(&fixture("tiny-llama"), &device).model, &tiny_ids()), &before);
+    assert!(diff < 2.0 * rounding, "OLoRA on Q4_1: logits moved by {diff}; Q4_1 rounding of the model moved them by {rounding}");
+    pollster::block_on(model.delete_adapter("o")).unwrap();
+    assert!(pollster::block_on(model.hf_weights(None, true)).unwrap() == loaded, "deleting the adapter gives the loaded blocks back");
+}
+
+/// Written in gguf-py's order and layout, a GGUF LoRA adapter is gguf-py's file byte for byte
+/// (the browser test compares its exports with that file).
+#[test]
+fn adapter_gguf_bytes_are_gguf_pys() {
+    let mut llm = load(&fixture("tiny-llama"), &cpu());
+    pollster::block_on(llm.model.load_adapter("a", AdapterSource::from_dir(&fixture("peft/qv-r8")).unwrap())).unwrap();
+    let ours = pollster::block_on(llm.adapter_gguf("a")).unwrap();
+    assert!(ours == std::fs::read(fixture("quant/adapter-qv-r8.gguf")).unwrap());
+}

@@ -69,7 +69,7 @@ fn fine_tuning_teaches_the_persona() {
     let persona = |texts: &[String]| texts.iter().filter(|t| t.trim_start().to_lowercase().starts_with("beep boop")).count();
     let tuned = answers(&llm);
     assert!(persona(&tuned) >= 5, "the tuned model answers in persona: {tuned:?}");
-    llm.model.disable_adapter();
+    pollster::block_on(llm.model.disable_adapter()).unwrap();
     let base = answers(&llm);
     assert_eq!(persona(&base), 0, "the base model does not: {base:?}");
 }

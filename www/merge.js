@@ -1,5 +1,6 @@
 // The Merge panel: merge the active adapter, compare the merged model with the adapter (max logit
-// difference on a probe prompt), download the merged model as a Hugging Face directory.
+// difference on a probe prompt), download the merged model as a Hugging Face directory or, for a
+// GGUF base, as one GGUF for llama.cpp, Ollama, LM Studio and wllama.
 import { $, offerDownloads, statusLine } from './ui.js';
 
 const PROBE = 'Tell me about LoRA.';
@@ -23,11 +24,24 @@ export function setupMerge(app) {
       let diff = 0;
       for (let i = 0; i < before.length; i++) diff = Math.max(diff, Math.abs(before[i] - after[i]));
       $('merge-status').dataset.maxDiff = String(diff);
-      say(`Merged "${name}" into the base weights. Max |merged - adapter| logit difference over ${before.length.toLocaleString('en')} logits: ${diff.toExponential(2)} ${diff < 1e-3 ? '(matches within 1e-3)' : '(LARGER than 1e-3)'}.`);
+      const verdict = diff < 1e-3 ? '(matches within 1e-3)' : '(larger than 1e-3: a quantized base is requantized by the merge, so differences of its rounding are expected)';
+      say(`Merged "${name}" into the base weights. Max |merged - adapter| logit difference over ${before.length.toLocaleString('en')} logits: ${diff.toExponential(2)} ${verdict}.`);
       $('download-button').disabled = false;
+      $('download-gguf-button').disabled = false;
       $('merge-button').disabled = true;
     } catch (e) {
       say(`Merge failed: ${e.message}`, true);
+    }
+  });
+
+  $('download-gguf-button').addEventListener('click', async () => {
+    try {
+      say('Writing the merged model as a GGUF…');
+      const files = await app.model.exportMerged({ format: 'gguf' });
+      offerDownloads(files, $('merge-files'), 'A GGUF for llama.cpp (-m), Ollama (FROM), LM Studio and wllama');
+      say('The merged GGUF is ready.');
+    } catch (e) {
+      say(`GGUF export failed: ${e.message}`, true);
     }
   });
 

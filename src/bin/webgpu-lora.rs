@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use webgpu_lora::io::gguf_convert::GgufModel;
 use webgpu_lora::io::safetensors::write_safetensors;
-use webgpu_lora::io::{ModelFiles, StoreDtype, read_file, write_files};
+use webgpu_lora::io::{ModelFiles, StoreDtype, is_gguf, read_file, write_file, write_files};
 use webgpu_lora::lora::{ADAPTER_CONFIG_FILE, AdapterSource, LoraConfig, LoraLayers, LoraModel};
 use webgpu_lora::nn::WeightDtype;
 use webgpu_lora::tensor::HostTensor;
@@ -93,14 +93,24 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Merge a PEFT adapter into the base and write the merged model as a Hugging Face directory.
+    /// Merge a PEFT adapter into the base and write the merged model as a Hugging Face directory
+    /// (dequantized plus the update, exactly, for a quantized base).
+    /// With --out FILE.gguf, write a GGUF for llama.cpp, Ollama, LM Studio and wllama instead
+    /// (the base must be a .gguf: its tokenizer metadata is copied).
     Merge {
         #[command(flatten)]
         files: AdapterOnBase,
         /// Refuse (and write nothing) if the merged weights hold NaN or Inf.
         #[arg(long)]
         safe: bool,
+        /// The GGUF's matrix type: auto (each matrix as the base stores it, a quantized one
+        /// requantized after the merge), f32, f16, q8_0, q4_0, q4_1 or q5_0.
+        #[arg(long, value_parser = |s: &str| WeightDtype::parse(s).map_err(|e| e.to_string()))]
+        out_type: Option<WeightDtype>,
     },
+    /// Write a PEFT adapter as a GGUF LoRA adapter for llama.cpp (`--lora FILE.gguf`), Ollama
+    /// (`ADAPTER`) and wllama, as llama.cpp's convert_lora_to_gguf.py does.
+    AdapterToGguf(AdapterOnBase),
     /// Train a LoRA adapter with SFT on JSONL data ({"messages"}, {"prompt","completion"} or
     /// {"text"} per line) or a plain text file; writes a PEFT adapter directory.
     Train(TrainArgs),
@@ -296,14 +306,30 @@ fn run(cli: Cli) -> Result<()> {
             let values = pollster::block_on(llm.model.logits(&ids))?;
             let logits = HostTensor::new(vec![ids.len(), llm.model.config.vocab_size], values);
             let bytes = write_safetensors(&BTreeMap::from([("logits".to_string(), logits)]), StoreDtype::F32, None)?;
-            std::fs::write(&out, bytes).map_err(|source| Error::io(out.display(), source))?;
+            write_file(&out, bytes)?;
         }
-        Command::Merge { files: AdapterOnBase { model, adapter, out }, safe } => {
-            let mut llm = load_f32(&model)?;
+        Command::Merge { files: AdapterOnBase { model, adapter, out }, safe, out_type } => {
+            let gguf = is_gguf(&out.display().to_string());
+            if out_type.is_some() && !gguf {
+                return Err(Error::invalid("--out-type is the type of a GGUF's matrices: give --out FILE.gguf"));
+            }
+            // a GGUF keeps the base's storage (requantized); a Hugging Face directory is exact f32
+            let dtype = if gguf { WeightDtype::Auto } else { WeightDtype::F32 };
+            let mut llm = load(&ModelArgs { model, backend: BackendArg::Cpu, dtype })?;
             load_adapters(&mut llm, std::slice::from_ref(&adapter))?;
             pollster::block_on(llm.model.merge_and_unload(&[], safe))?;
-            write_files(&out, pollster::block_on(llm.merged_files(None))?)?;
+            if gguf {
+                write_file(&out, pollster::block_on(llm.merged_gguf(None, out_type.unwrap_or_default()))?)?;
+            } else {
+                write_files(&out, pollster::block_on(llm.merged_files(None))?)?;
+            }
             eprintln!("wrote {} (merged {})", out.display(), adapter.display());
+        }
+        Command::AdapterToGguf(AdapterOnBase { model, adapter, out }) => {
+            let mut llm = load(&ModelArgs { model, backend: BackendArg::Cpu, dtype: WeightDtype::Auto })?;
+            load_adapters(&mut llm, std::slice::from_ref(&adapter))?;
+            write_file(&out, pollster::block_on(llm.adapter_gguf("adapter0"))?)?;
+            eprintln!("wrote {} (a llama.cpp LoRA adapter)", out.display());
         }
         Command::Train(args) => train(args)?,
         Command::ConvertToLora(AdapterOnBase { model, adapter, out }) => {
@@ -363,6 +389,7 @@ fn keep_freed_memory() {
 
 fn main() -> ExitCode {
     keep_freed_memory();
+    webgpu_lora::error::show_warnings(|w| eprintln!("{w}"));
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

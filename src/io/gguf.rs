@@ -8,8 +8,12 @@ use crate::error::{Error, Result};
 use crate::io::quant::{QuantMatrix, QuantType, names};
 use crate::tensor::HostTensor;
 
-const MAGIC: &[u8; 4] = b"GGUF";
-const DEFAULT_ALIGNMENT: u64 = 32;
+pub(crate) const MAGIC: &[u8; 4] = b"GGUF";
+pub(crate) const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// Metadata entries as a file stores them: (key, value type id and value bytes), in file order:
+/// what a GGUF written from this one copies ([`crate::io::gguf_write`]).
+pub type RawMetadata = Vec<(String, Vec<u8>)>;
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,9 +92,20 @@ impl GgmlType {
 }
 
 /// A tensor as the file stores it: float values, or quantized blocks (repacked).
+#[derive(Debug, Clone, PartialEq)]
 pub enum StoredTensor {
     Dense(HostTensor),
     Quant(QuantMatrix),
+}
+
+impl StoredTensor {
+    /// The values in f32 (a quantized matrix dequantized, [rows, cols]).
+    pub fn into_f32(self) -> HostTensor {
+        match self {
+            StoredTensor::Dense(t) => t,
+            StoredTensor::Quant(q) => q.dequantize(),
+        }
+    }
 }
 
 /// Names of the GGML type ids, for error messages.
@@ -125,6 +140,7 @@ pub struct GgufFile<'a> {
     pub file: String,
     pub version: u32,
     pub metadata: BTreeMap<String, MetaValue>,
+    pub raw_metadata: RawMetadata,
     pub tensors: Vec<TensorInfo>,
     /// Where the tensor data starts in the file.
     pub data_start: usize,
@@ -213,11 +229,13 @@ impl<'a> GgufFile<'a> {
         }
         let tensor_count = c.len("tensor count")?;
         let kv_count = c.len("metadata count")?;
-        let mut metadata = BTreeMap::new();
+        let (mut metadata, mut raw_metadata) = (BTreeMap::new(), Vec::new());
         for _ in 0..kv_count {
             let key = c.string("metadata key")?;
+            let start = c.pos;
             let kind = c.u32(&key)?;
             let value = c.value(kind, &key)?;
+            raw_metadata.push((key.clone(), bytes[start..c.pos].to_vec()));
             metadata.insert(key, value);
         }
         let mut tensors = Vec::with_capacity(tensor_count);
@@ -238,7 +256,7 @@ impl<'a> GgufFile<'a> {
         }
         let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
         let data_start = usize::try_from(data_start).unwrap_or(usize::MAX).min(bytes.len());
-        Ok(GgufFile { file: file.to_string(), version, metadata, tensors, data_start, data: &bytes[data_start..] })
+        Ok(GgufFile { file: file.to_string(), version, metadata, raw_metadata, tensors, data_start, data: &bytes[data_start..] })
     }
 
     pub fn meta(&self, key: &str) -> Option<&MetaValue> {
@@ -262,10 +280,7 @@ impl<'a> GgufFile<'a> {
 
     /// Dequantizes one tensor to f32 in its row-major shape.
     pub fn tensor_f32(&self, info: &TensorInfo) -> Result<HostTensor> {
-        Ok(match self.tensor(info)? {
-            StoredTensor::Dense(t) => t,
-            StoredTensor::Quant(q) => HostTensor::new(info.shape(), q.dequantize().data),
-        })
+        Ok(HostTensor::new(info.shape(), self.tensor(info)?.into_f32().data))
     }
 }
 

@@ -3,6 +3,11 @@
 //! rebuilt from the GGUF tokenizer metadata, built the way transformers builds its GGUF tokenizer
 //! (byte-level BPE, control tokens added as special). A GGUF loads directly through this
 //! ([`GgufModel`]), or converts to a Hugging Face directory ([`GgufModel::write_dir`]).
+//!
+//! And back, Hugging Face -> GGUF, as llama.cpp's converters write it: a model's weights under
+//! llama.cpp's names, in its order, with q/k rows permuted again ([`write_model_gguf`]), and
+//! names, order and row orders for a LoRA adapter's GGUF ([`gguf_name`], [`gguf_order`],
+//! [`permute_rotary_rows`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -11,14 +16,18 @@ use serde_json::{Value, json};
 
 use crate::config::LLAMA_ARCHITECTURE;
 use crate::error::{Error, Result};
-use crate::io::gguf::{GgufFile, MetaValue, StoredTensor, TensorInfo, read_tensor, rotary_row_order, unpermute_rotary_rows};
+use crate::io::gguf::{GgufFile, MetaValue, RawMetadata, StoredTensor, TensorInfo, read_tensor, rotary_row_order, unpermute_rotary_rows};
+use crate::io::gguf_write::GgufWriter;
 use crate::io::model_files::{CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, write_files};
+use crate::io::quant::{QuantMatrix, QuantType};
 use crate::io::safetensors::{SINGLE_FILE, StoreDtype, write_safetensors};
 use crate::tensor::HostTensor;
 
 /// A GGUF model as a Hugging Face model: config, tokenizer and generation files made from its
 /// metadata, and its tensors under their Hugging Face names.
 pub struct GgufModel {
+    /// The file's metadata as stored: a GGUF written from this model copies it.
+    pub metadata: RawMetadata,
     pub config: Value,
     /// `None` when the GGUF carries no tokenizer.
     pub tokenizer: Option<Value>,
@@ -65,10 +74,7 @@ impl GgufWeights {
 
     /// The tensor named `name` in f32 (dequantized).
     pub fn tensor_f32(&self, name: &str) -> Result<HostTensor> {
-        Ok(match self.tensor(name)? {
-            StoredTensor::Dense(t) => t,
-            StoredTensor::Quant(q) => q.dequantize(),
-        })
+        Ok(self.tensor(name)?.into_f32())
     }
 }
 
@@ -168,10 +174,9 @@ impl GgufModel {
                 ));
             }
         };
-        let (file, data_start) = (g.file.clone(), g.data_start);
-        drop(g);
+        let (file, data_start, metadata) = (g.file.clone(), g.data_start, g.raw_metadata);
         let weights = GgufWeights { file, bytes, data_start, tensors };
-        Ok(GgufModel { config, tokenizer, tokenizer_config, generation_config, weights })
+        Ok(GgufModel { metadata, config, tokenizer, tokenizer_config, generation_config, weights })
     }
 
     /// config.json, generation_config.json and, when the file has a tokenizer, tokenizer.json
@@ -234,19 +239,119 @@ fn hf_name(gguf_name: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}"))
 }
 
-/// Hugging Face Llama names -> llama.cpp tensor names (for messages).
-fn reverse_name(hf: &str) -> String {
+/// Hugging Face Llama names -> llama.cpp tensor names.
+pub fn gguf_name(hf: &str) -> Option<String> {
     if let Some((gg, _)) = MODEL_TENSORS.iter().find(|(_, h)| *h == hf) {
-        return gg.to_string();
+        return Some(gg.to_string());
     }
-    let rest = hf.strip_prefix("model.layers.").unwrap_or(hf);
-    match rest.split_once('.') {
-        Some((layer, part)) => match LAYER_TENSORS.iter().find(|(_, h)| *h == part) {
-            Some((gg, _)) => format!("blk.{layer}.{gg}"),
-            None => hf.to_string(),
-        },
-        None => hf.to_string(),
+    let (layer, part) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    let (gg, _) = LAYER_TENSORS.iter().find(|(_, h)| *h == part)?;
+    Some(format!("blk.{layer}.{gg}"))
+}
+
+/// Where llama.cpp's converter writes the tensor `hf` (Hugging Face name): the embedding, each
+/// layer's tensors in order, the final norm, the head.
+pub fn gguf_order(hf: &str) -> (usize, usize) {
+    let layer_part = |rest: &str| {
+        let (layer, part) = rest.split_once('.')?;
+        Some((1 + layer.parse::<usize>().ok()?, LAYER_TENSORS.iter().position(|(_, h)| part.starts_with(h.trim_end_matches(".weight")))?))
+    };
+    match hf {
+        "model.embed_tokens.weight" => (0, 0),
+        "model.norm.weight" => (usize::MAX, 0),
+        "lm_head.weight" => (usize::MAX, 1),
+        _ => hf.strip_prefix("model.layers.").and_then(layer_part).unwrap_or((usize::MAX - 1, 0)),
     }
+}
+
+/// For messages: the llama.cpp name where there is one.
+fn reverse_name(hf: &str) -> String {
+    gguf_name(hf).unwrap_or_else(|| hf.to_string())
+}
+
+/// The heads whose rotary rows llama.cpp permutes in the tensor `hf` (q_proj: the attention
+/// heads, k_proj: the key/value heads), if it does.
+pub fn rotary_heads(hf: &str, heads: usize, kv_heads: usize) -> Option<usize> {
+    if hf.ends_with("self_attn.q_proj.weight") {
+        Some(heads)
+    } else if hf.ends_with("self_attn.k_proj.weight") {
+        Some(kv_heads)
+    } else {
+        None
+    }
+}
+
+/// Rows of a Hugging Face matrix in llama.cpp's rotary order (the permutation its converter
+/// applies to q/k; the inverse of [`rotary_row_order`]).
+pub fn permute_rotary_rows(t: &HostTensor, heads: usize) -> Result<HostTensor> {
+    let cols = t.shape.get(1).copied().unwrap_or(1);
+    let order = llama_cpp_row_order(t.shape[0], heads)?;
+    let data = order.iter().flat_map(|&src| t.data[src * cols..(src + 1) * cols].iter().copied()).collect();
+    Ok(HostTensor::new(t.shape.clone(), data))
+}
+
+/// Stored row s of llama.cpp's layout is Hugging Face row `order[s]`.
+fn llama_cpp_row_order(rows: usize, heads: usize) -> Result<Vec<usize>> {
+    let hf_to_stored = rotary_row_order(rows, heads)?;
+    let mut order = vec![0; rows];
+    for (hf, &stored) in hf_to_stored.iter().enumerate() {
+        order[stored] = hf;
+    }
+    Ok(order)
+}
+
+/// The type a tensor is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorType {
+    F32,
+    F16,
+    Quant(QuantType),
+}
+
+/// A model as a GGUF: `metadata` copied as stored (with `general.file_type` set to `file_type`,
+/// llama.cpp's `LlamaFileType`, where given), then every tensor (Hugging Face name -> value, type to write)
+/// under llama.cpp's name, q/k rows permuted for `heads`/`kv_heads` as llama.cpp's converter
+/// does. Vectors are written in F32; a quantized type that is not written here (a k-quant) is
+/// written as [`QuantType::requantized_as`]. The tensor is named in an error (a value that
+/// cannot be quantized).
+pub fn write_model_gguf(
+    metadata: &RawMetadata,
+    file_type: Option<u32>,
+    mut tensors: Vec<(String, StoredTensor, TensorType)>,
+    heads: usize,
+    kv_heads: usize,
+) -> Result<Vec<u8>> {
+    let mut w = GgufWriter::default();
+    w.copy_metadata(metadata);
+    if let Some(file_type) = file_type {
+        w.set_u32("general.file_type", file_type);
+    }
+    tensors.sort_by_key(|(hf, ..)| gguf_order(hf));
+    for (hf, t, kind) in tensors {
+        let name = gguf_name(&hf).ok_or_else(|| Error::invalid(format!("tensor {hf} has no llama.cpp name")))?;
+        let permuted = |t: StoredTensor| -> Result<StoredTensor> {
+            let Some(heads) = rotary_heads(&hf, heads, kv_heads) else { return Ok(t) };
+            Ok(match t {
+                StoredTensor::Dense(t) => StoredTensor::Dense(permute_rotary_rows(&t, heads)?),
+                StoredTensor::Quant(q) => StoredTensor::Quant(q.select_rows(&llama_cpp_row_order(q.rows, heads)?)),
+            })
+        };
+        let kind = match (&t, kind) {
+            (StoredTensor::Dense(d), _) if d.shape.len() == 1 => TensorType::F32,
+            (_, TensorType::Quant(k)) => TensorType::Quant(k.requantized_as()),
+            (_, other) => other,
+        };
+        match (permuted(t)?, kind) {
+            (StoredTensor::Quant(q), TensorType::Quant(k)) if q.kind == k => w.add_quant(&name, &q).expect("a type written here"),
+            (StoredTensor::Dense(d), TensorType::Quant(k)) => w.add_quant(&name, &QuantMatrix::quantize(k, &d, &name)?).expect("quantized"),
+            (StoredTensor::Quant(q), TensorType::Quant(k)) => {
+                w.add_quant(&name, &QuantMatrix::quantize(k, &q.dequantize(), &name)?).expect("quantized")
+            }
+            (StoredTensor::Dense(d), dense) => w.add_dense(&name, &d, dense == TensorType::F16),
+            (StoredTensor::Quant(q), dense) => w.add_dense(&name, &q.dequantize(), dense == TensorType::F16),
+        }
+    }
+    Ok(w.bytes())
 }
 
 /// GGUF token types (llama.cpp `llama_token_type`).

@@ -3,12 +3,13 @@
 
 pub mod gguf;
 pub mod gguf_convert;
+pub mod gguf_write;
 pub mod model_files;
 pub mod quant;
 pub mod safetensors;
 pub mod tokenizer;
 
-pub use model_files::{ModelFiles, WeightSource, write_files};
+pub use model_files::{ModelFiles, WeightSource, is_gguf, write_file, write_files};
 pub use safetensors::{SafetensorsWeights, StoreDtype};
 pub use tokenizer::{ChatMessage, TextTokenizer};
 

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
-use crate::io::gguf::StoredTensor;
+use crate::io::gguf::{RawMetadata, StoredTensor};
 use crate::io::gguf_convert::{GgufModel, GgufWeights};
 use crate::io::safetensors::{INDEX_FILE, SINGLE_FILE, SafetensorsWeights, StoreDtype};
 use crate::io::tokenizer::TextTokenizer;
@@ -28,6 +28,8 @@ pub struct ModelFiles {
     files: BTreeMap<String, Vec<u8>>,
     /// The tensors of a GGUF model (its other files are in `files`).
     gguf: Option<GgufWeights>,
+    /// A GGUF model's metadata as stored (what a GGUF export of the model copies).
+    pub gguf_metadata: Option<RawMetadata>,
 }
 
 /// Where a model's tensors come from.
@@ -57,7 +59,7 @@ impl WeightSource {
 impl ModelFiles {
     /// An empty set; `origin` (a directory or URL) is shown in error messages.
     pub fn new(origin: impl Into<String>) -> Self {
-        ModelFiles { origin: origin.into().trim_end_matches('/').to_string(), files: BTreeMap::new(), gguf: None }
+        ModelFiles { origin: origin.into().trim_end_matches('/').to_string(), files: BTreeMap::new(), gguf: None, gguf_metadata: None }
     }
 
     /// The files of a GGUF model: config and tokenizer files made from its metadata, its tensors
@@ -65,11 +67,12 @@ impl ModelFiles {
     pub fn from_gguf(origin: impl Into<String>, bytes: Vec<u8>) -> Result<Self> {
         let origin = origin.into();
         let model = GgufModel::parse(&origin, bytes)?;
-        let mut files = ModelFiles { origin, files: BTreeMap::new(), gguf: None };
+        let mut files = ModelFiles { origin, files: BTreeMap::new(), gguf: None, gguf_metadata: None };
         for (name, bytes) in model.text_files(StoreDtype::F32) {
             files.insert(name, bytes);
         }
         files.gguf = Some(model.weights);
+        files.gguf_metadata = Some(model.metadata);
         Ok(files)
     }
 
@@ -222,20 +225,20 @@ pub fn is_gguf(name: &str) -> bool {
     name.rsplit('.').next().is_some_and(|ext| ext.eq_ignore_ascii_case("gguf"))
 }
 
-/// Writes files into `dir` (created if needed), each to a temporary name first and then renamed,
-/// so an interrupted write never leaves a half-written file under the real name.
+/// Writes files into `dir` (created if needed), each as [`write_file`] does.
 pub fn write_files<S: AsRef<str>>(dir: &Path, files: Vec<(S, Vec<u8>)>) -> Result<()> {
-    let io = |file: &Path| {
-        let file = file.display().to_string();
-        move |source| Error::io(file, source)
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    std::fs::create_dir_all(dir).map_err(|source| Error::io(dir.display(), source))?;
     for (name, bytes) in files {
-        let name = name.as_ref();
-        let path = dir.join(name);
-        let tmp = dir.join(format!(".{name}.partial"));
-        std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        write_file(&dir.join(name.as_ref()), bytes)?;
     }
     Ok(())
+}
+
+/// Writes a file under a temporary name first and then renames it, so an interrupted write
+/// never leaves a half-written file under the real name.
+pub fn write_file(path: &Path, bytes: Vec<u8>) -> Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.partial"));
+    std::fs::write(&tmp, bytes).map_err(|source| Error::io(tmp.display(), source))?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::io(path.display(), source))
 }

@@ -65,6 +65,32 @@ impl QuantType {
         Self::ALL.into_iter().find(|t| t.name().eq_ignore_ascii_case(name))
     }
 
+    /// The type a matrix of this type is requantized to after a change (a merge): itself, or
+    /// for a k-quant, which is not quantized here, the type of the same kind (scales with or
+    /// without offsets) and at least its precision.
+    pub fn requantized_as(self) -> Self {
+        match self {
+            QuantType::Q4_K => QuantType::Q4_1,
+            QuantType::Q5_K => QuantType::Q5_0,
+            QuantType::Q6_K => QuantType::Q8_0,
+            other => other,
+        }
+    }
+
+    /// llama.cpp's `LlamaFileType` of a file mostly in this type (`general.file_type`; the
+    /// k-quants as their "_M" mixes).
+    pub fn llama_file_type(self) -> u32 {
+        match self {
+            QuantType::Q4_0 => 2,
+            QuantType::Q4_1 => 3,
+            QuantType::Q8_0 => 7,
+            QuantType::Q5_0 => 8,
+            QuantType::Q4_K => 15,
+            QuantType::Q5_K => 17,
+            QuantType::Q6_K => 18,
+        }
+    }
+
     /// The GGML type id in GGUF tensor infos.
     pub fn ggml_id(self) -> u32 {
         match self {
@@ -213,6 +239,24 @@ impl RowLayout {
                 }
             }
         }
+    }
+}
+
+impl RowLayout {
+    /// The code of value `j` of a repacked row (high bits included).
+    fn code(&self, row: &[u32], j: usize) -> u32 {
+        let per_low = 32 / self.low_bits;
+        let low = row[j / per_low] >> (j % per_low * self.low_bits) & ((1 << self.low_bits) - 1);
+        if self.high_bits == 0 {
+            return low;
+        }
+        let per_high = 32 / self.high_bits;
+        low | (row[self.high_at + j / per_high] >> (j % per_high * self.high_bits) & ((1 << self.high_bits) - 1)) << 4
+    }
+
+    /// The f16 bits of scale (or offset) `g` of a row whose scales start at word `at`.
+    fn half_bits(&self, row: &[u32], at: usize, g: usize) -> u16 {
+        (row[at + g / 2] >> (16 * (g % 2))) as u16
     }
 }
 
@@ -372,6 +416,36 @@ impl QuantMatrix {
             }
         }
         Ok(m)
+    }
+
+    /// The GGUF blocks of this matrix, the inverse of [`from_ggml`](Self::from_ggml), for the
+    /// types written here ([`QuantType::QUANTIZABLE`]); None for a k-quant, whose sub-block scales
+    /// the repacked layout keeps only multiplied out.
+    pub fn to_ggml(&self) -> Option<Vec<u8>> {
+        if !QuantType::QUANTIZABLE.contains(&self.kind) {
+            return None;
+        }
+        let l = &self.layout;
+        let (block, block_bytes) = self.kind.ggml_block();
+        let mut out = Vec::with_capacity(self.rows * l.cols / block * block_bytes);
+        for row in self.words.chunks_exact(l.words) {
+            for first in (0..l.cols).step_by(block) {
+                let code = |j: usize| l.code(row, first + j);
+                out.extend(l.half_bits(row, l.scales_at, first / block).to_le_bytes());
+                if self.kind == QuantType::Q8_0 {
+                    out.extend((0..32).map(|j| code(j) as u8 ^ 0x80));
+                    continue;
+                }
+                if self.kind == QuantType::Q4_1 {
+                    out.extend(l.half_bits(row, l.offsets_at, first / block).to_le_bytes());
+                }
+                if self.kind == QuantType::Q5_0 {
+                    out.extend((0..32).fold(0u32, |high, j| high | (code(j) >> 4) << j).to_le_bytes());
+                }
+                out.extend((0..16).map(|j| (code(j) & 0x0f | (code(j + 16) & 0x0f) << 4) as u8));
+            }
+        }
+        Some(out)
     }
 
     /// Quantizes `t` [rows, cols] by llama.cpp's reference rounding, as gguf-py's `quantize`

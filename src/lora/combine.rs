@@ -64,8 +64,7 @@ pub(super) async fn add_weighted_adapter<M: LoraModel + ?Sized>(
         let (a_t, b_t) = combine_layer(&parts, combination, new_rank, &layer.name).await?;
         built.insert(layer.name.clone(), LoraWeights { a_t, b_t, scaling: 1.0 });
     }
-    install_adapter(model, new_name, config, built, AdapterWeights::new());
-    Ok(())
+    install_adapter(model, new_name, config, built, AdapterWeights::new()).await
 }
 
 /// The rank of the combined adapter.

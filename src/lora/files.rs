@@ -2,6 +2,8 @@
 //! `adapter_model.safetensors`, whose keys are `base_model.model.<module>.lora_A.weight` [r, in]
 //! and `...lora_B.weight` [out, r], stored in F32 with metadata {"format": "pt"}.
 //!
+//! An adapter's files also convert to llama.cpp's GGUF LoRA ([`AdapterContents::to_gguf`]).
+//!
 //! Reading checks everything that does not depend on the base model (the config, the safetensors
 //! structure, that every tensor is a LoRA matrix); [`AdapterContents::matrices`] checks the rest
 //! against the layer it is for.
@@ -12,9 +14,11 @@ use std::path::Path;
 use burn::tensor::Tensor;
 
 use crate::error::{Error, Result};
+use crate::io::gguf_convert::{gguf_name, gguf_order, permute_rotary_rows, rotary_heads};
+use crate::io::gguf_write::GgufWriter;
 use crate::io::safetensors::write_safetensors;
 use crate::io::{SafetensorsWeights, StoreDtype};
-use crate::lora::LoraConfig;
+use crate::lora::{LoraConfig, LoraInit};
 use crate::tensor::{HostTensor, read_host};
 
 /// The file names of a PEFT adapter directory.
@@ -134,6 +138,52 @@ impl AdapterContents {
             }
         }
         Ok((a, b))
+    }
+}
+
+impl AdapterContents {
+    /// The adapter as a GGUF LoRA in llama.cpp's adapter format, as its convert_lora_to_gguf.py
+    /// writes it: general.architecture "llama", general.type "adapter", adapter.type "lora",
+    /// adapter.lora.alpha, and for each module `blk.N.<tensor>.weight.lora_a` (A, [r, in]) and
+    /// `.lora_b` (B, [out, r]) in F32, B's rows of q/k in llama.cpp's rotary order (`heads`,
+    /// `kv_heads`), as the converter permutes them with the weight's. llama.cpp scales every
+    /// module by alpha / r (1 where alpha is 0): where PEFT's scaling differs (rsLoRA,
+    /// rank_pattern, alpha_pattern), the ratio is folded into B. An OLoRA/PiSSA adapter is
+    /// refused: it is relative to a residual base that llama.cpp does not make.
+    pub fn to_gguf(&self, heads: usize, kv_heads: usize) -> Result<Vec<u8>> {
+        if matches!(self.config.init_lora_weights, LoraInit::Olora | LoraInit::Pissa) {
+            return Err(Error::file(
+                &self.config_file,
+                "an OLoRA/PiSSA adapter is relative to a residual base, which llama.cpp does not make: convert it to a plain LoRA first (convert-to-lora)",
+            ));
+        }
+        let alpha = self.config.lora_alpha;
+        let mut w = GgufWriter::default();
+        w.set_str("general.architecture", "llama");
+        w.set_str("general.type", "adapter");
+        w.set_u32("general.file_type", 0);
+        w.set_str("adapter.type", "lora");
+        w.set_f32("adapter.lora.alpha", alpha as f32);
+        let mut modules: Vec<&String> = self.modules.keys().collect();
+        modules.sort_by_key(|m| gguf_order(&format!("{m}.weight")));
+        for module in modules {
+            let weight = format!("{module}.weight");
+            let name = gguf_name(&weight)
+                .ok_or_else(|| Error::file(&self.weights_file, format!("module {module} has no llama.cpp tensor to adapt")))?;
+            let (a, mut b) = (self.tensors.tensor(&lora_key(module, "lora_A"))?, self.tensors.tensor(&lora_key(module, "lora_B"))?);
+            let rank = a.shape[0] as f64;
+            let llama_cpp_scaling = if alpha != 0.0 { alpha / rank } else { 1.0 };
+            let ratio = (self.config.scaling_for(module) / llama_cpp_scaling) as f32;
+            if ratio != 1.0 {
+                b.data.iter_mut().for_each(|v| *v *= ratio);
+            }
+            if let Some(heads) = rotary_heads(&weight, heads, kv_heads) {
+                b = permute_rotary_rows(&b, heads).map_err(|e| Error::file(&self.weights_file, format!("{module}: {e}")))?;
+            }
+            w.add_dense(&format!("{name}.lora_a"), &a, false);
+            w.add_dense(&format!("{name}.lora_b"), &b, false);
+        }
+        Ok(w.bytes())
     }
 }
 

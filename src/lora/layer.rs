@@ -7,13 +7,20 @@
 //!
 //! Like the base weight, A and B are kept transposed on the device ([in, r] and [r, out]). Which
 //! adapter runs is chosen per forward call by name, so switching adapters moves no weights.
+//!
+//! Merging (W <- W + scaling B A) and OLoRA/PiSSA's residual (W <- W - scaling B0 A0) change
+//! the base in its storage precision. A quantized base is requantized, as PEFT does for
+//! bitsandbytes layers, but always from the weight as loaded: W = requantize(W_loaded + Σ merged
+//! updates - Σ initial updates), so rounding never compounds and undoing every change gives the
+//! loaded weight back bit for bit.
 
 use std::collections::BTreeMap;
 
 use burn::tensor::Tensor;
 
+use crate::error::Result;
 use crate::lora::PartDropout;
-use crate::nn::Linear;
+use crate::nn::{Linear, Weight};
 
 /// Which adapter a forward pass runs, and the LoRA dropout to apply before A (none outside
 /// training).
@@ -65,11 +72,15 @@ pub struct LoraLinear {
     /// OLoRA/PiSSA adapters' initial values, whose update was subtracted from `base` when the
     /// adapter was added (so the output did not change); kept to undo that and to convert.
     pub initial: BTreeMap<String, LoraWeights>,
+    /// A quantized base as loaded (None for an f32 or f16 base): what every change is
+    /// requantized from.
+    loaded: Option<Weight>,
 }
 
 impl LoraLinear {
     pub fn new(name: String, base: Linear) -> Self {
-        LoraLinear { name, base, adapters: BTreeMap::new(), merged: Vec::new(), initial: BTreeMap::new() }
+        let loaded = base.weight_t.is_quantized().then(|| base.weight_t.clone());
+        LoraLinear { name, base, adapters: BTreeMap::new(), merged: Vec::new(), initial: BTreeMap::new(), loaded }
     }
 
     /// scaling * (B A)^T = scaling * A^T B^T: the adapter's update of `weight_t`, [in, out], in f32.
@@ -83,39 +94,74 @@ impl LoraLinear {
         lora.a_t.clone().mul_scalar(lora.scaling).matmul(lora.b_t.clone())
     }
 
-    /// W^T <- W^T + sign * delta_t, in the base's storage precision.
-    fn update_base(&mut self, delta_t: Tensor<2>, sign: f64) {
-        self.base.weight_t.add(delta_t, sign);
+    /// W^T <- W^T + sign * delta_t, in the base's storage precision, after `merged` and `initial`
+    /// were updated to say so: a quantized base is requantized from the loaded weight with every
+    /// change they list.
+    async fn update_base(&mut self, delta_t: Tensor<2>, sign: f64) -> Result<()> {
+        let Some(loaded) = &self.loaded else {
+            self.base.weight_t.add(delta_t, sign);
+            return Ok(());
+        };
+        let merged = self.merged.iter().map(|m| self.delta_t(m).expect("a merged adapter is loaded"));
+        let residuals = self.initial.values().map(|init| self.delta_of(init).neg());
+        self.base.weight_t = match merged.chain(residuals).reduce(|a, b| a + b) {
+            Some(changes) => loaded.plus(changes, &self.name).await?,
+            None => loaded.clone(),
+        };
+        Ok(())
     }
 
     /// Folds the named adapter into the base (W <- W + scaling B A); false if this layer does
-    /// not have it or it is already merged.
-    pub fn merge(&mut self, adapter: &str) -> bool {
-        let Some(delta) = self.delta_t(adapter).filter(|_| !self.merged.iter().any(|m| m == adapter)) else { return false };
-        self.update_base(delta, 1.0);
+    /// not have it or it is already merged. On an error (a value a quantized base cannot hold)
+    /// nothing changed.
+    pub async fn merge(&mut self, adapter: &str) -> Result<bool> {
+        let Some(delta) = self.delta_t(adapter).filter(|_| !self.merged.iter().any(|m| m == adapter)) else { return Ok(false) };
         self.merged.push(adapter.to_string());
-        true
+        if let Err(e) = self.update_base(delta, 1.0).await {
+            self.merged.pop();
+            return Err(e);
+        }
+        Ok(true)
     }
 
     /// Takes every merged adapter back out of the base, last merged first.
-    pub fn unmerge(&mut self) {
+    pub async fn unmerge(&mut self) -> Result<()> {
         while let Some(name) = self.merged.pop() {
             let delta = self.delta_t(&name).expect("a merged adapter is loaded");
-            self.update_base(delta, -1.0);
+            self.update_base(delta, -1.0).await?;
         }
+        Ok(())
     }
 
     /// Subtracts the update of an OLoRA/PiSSA adapter's initial values from the base: the
-    /// residual weight W - scaling * B0 A0 that the adapter trains on.
-    pub fn subtract_initial(&mut self, adapter: &str, initial: LoraWeights) {
-        self.update_base(self.delta_of(&initial), -1.0);
+    /// residual weight W - scaling * B0 A0 that the adapter trains on. On an error nothing changed.
+    pub async fn subtract_initial(&mut self, adapter: &str, initial: LoraWeights) -> Result<()> {
+        let delta = self.delta_of(&initial);
         self.initial.insert(adapter.to_string(), initial);
+        if let Err(e) = self.update_base(delta, -1.0).await {
+            self.initial.remove(adapter);
+            return Err(e);
+        }
+        Ok(())
     }
 
-    /// Undoes [`subtract_initial`](Self::subtract_initial) (to f32 rounding), if it was done.
-    pub fn restore_initial(&mut self, adapter: &str) {
+    /// Undoes [`subtract_initial`](Self::subtract_initial) (to f32 rounding; exactly for a
+    /// quantized base), if it was done.
+    pub async fn restore_initial(&mut self, adapter: &str) -> Result<()> {
         if let Some(initial) = self.initial.remove(adapter) {
-            self.update_base(self.delta_of(&initial), 1.0);
+            self.update_base(self.delta_of(&initial), 1.0).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops every adapter and keeps the base as it is now (merged updates and residuals
+    /// included): what a quantized base is requantized from from now on.
+    pub fn keep_base(&mut self) {
+        self.adapters.clear();
+        self.merged.clear();
+        self.initial.clear();
+        if self.loaded.is_some() {
+            self.loaded = Some(self.base.weight_t.clone());
         }
     }
 

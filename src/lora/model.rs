@@ -69,8 +69,7 @@ pub trait LoraModel: LoraLayers {
             })
             .collect();
         let initial = initial_from_base(self, &config, built.keys()).await?;
-        install_adapter(self, name, config, built, initial);
-        Ok(())
+        install_adapter(self, name, config, built, initial).await
     }
 
     /// Adds a new adapter `name` initialised as `config.init_lora_weights` says (PEFT's
@@ -98,8 +97,7 @@ pub trait LoraModel: LoraLayers {
         } else {
             initial.clone()
         };
-        install_adapter(self, name, config, built, initial);
-        Ok(())
+        install_adapter(self, name, config, built, initial).await
     }
 
     /// Makes `name` the adapter that runs. Moves no weights.
@@ -131,9 +129,10 @@ pub trait LoraModel: LoraLayers {
 
     /// Runs the base model alone until [`enable_adapter`](Self::enable_adapter). Merged adapters
     /// are unmerged first (as PEFT does), so disabled really means the base.
-    fn disable_adapter(&mut self) {
-        self.unmerge_adapter();
+    async fn disable_adapter(&mut self) -> Result<()> {
+        self.unmerge_adapter().await?;
         self.adapter_state_mut().disabled = true;
+        Ok(())
     }
 
     fn enable_adapter(&mut self) {
@@ -156,7 +155,8 @@ pub trait LoraModel: LoraLayers {
     /// Folds adapters into the base weights: W <- W + scaling * B A (in f32). `names` empty means
     /// the active adapter. With `safe_merge`, the adapters' A and B are checked for NaN/Inf first
     /// (one read-back) and nothing changes if any is found. Already merged adapters are skipped,
-    /// as PEFT does.
+    /// as PEFT does. A quantized base is requantized (with PEFT's warning that generations may
+    /// differ by rounding) and always checked first: quantized blocks cannot hold NaN.
     async fn merge_adapter(&mut self, names: &[&str], safe_merge: bool) -> Result<MergeReport> {
         let names: Vec<String> = if names.is_empty() {
             let active = self.active_adapter();
@@ -169,24 +169,32 @@ pub trait LoraModel: LoraLayers {
         }
         let already = self.merged_adapters();
         let (skipped, to_merge): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| already.contains(n));
-        if safe_merge {
+        let quantized = self.lora_linears().filter(|l| l.base.weight_t.is_quantized()).count();
+        if safe_merge || quantized > 0 {
             for name in &to_merge {
                 check_finite(self, name).await?;
             }
         }
+        if quantized > 0 && !to_merge.is_empty() {
+            log::warn!(
+                "Merging LoRA into the {quantized} quantized linear layers requantizes them: generations may differ from the unmerged adapter's due to rounding errors."
+            );
+        }
         for name in &to_merge {
             for layer in self.lora_linears_mut() {
-                layer.merge(name);
+                layer.merge(name).await?;
             }
         }
         Ok(MergeReport { merged: to_merge, skipped })
     }
 
-    /// Takes every merged adapter back out of the base weights (W <- W - scaling * B A).
-    fn unmerge_adapter(&mut self) {
+    /// Takes every merged adapter back out of the base weights (W <- W - scaling * B A; a
+    /// quantized base gets its requantized weights before the merge back exactly).
+    async fn unmerge_adapter(&mut self) -> Result<()> {
         for layer in self.lora_linears_mut() {
-            layer.unmerge();
+            layer.unmerge().await?;
         }
+        Ok(())
     }
 
     /// Merges (see [`merge_adapter`](Self::merge_adapter)) and then removes every adapter: the
@@ -200,27 +208,28 @@ pub trait LoraModel: LoraLayers {
 
     /// Removes every adapter and undoes every merge and every OLoRA/PiSSA residual shift: back to
     /// the base model (PEFT keeps the residual base here; we give the base back).
-    fn unload(&mut self) {
-        self.unmerge_adapter();
+    async fn unload(&mut self) -> Result<()> {
+        self.unmerge_adapter().await?;
         for layer in self.lora_linears_mut() {
             let names: Vec<String> = layer.initial.keys().cloned().collect();
             for name in names {
-                layer.restore_initial(&name);
+                layer.restore_initial(&name).await?;
             }
         }
         drop_adapters(self);
+        Ok(())
     }
 
     /// Removes one adapter (and, for OLoRA/PiSSA, its shift of the base). A merged adapter cannot
     /// be deleted (unmerge first). If it was active, the first remaining adapter (by name) becomes
     /// active, as PEFT does.
-    fn delete_adapter(&mut self, name: &str) -> Result<()> {
+    async fn delete_adapter(&mut self, name: &str) -> Result<()> {
         self.known_adapter(name)?;
         if self.merged_adapters().iter().any(|m| m == name) {
             return Err(Error::invalid(format!("adapter {name:?} is merged into the base weights: unmerge_adapter before deleting it")));
         }
         for layer in self.lora_linears_mut() {
-            layer.restore_initial(name);
+            layer.restore_initial(name).await?;
             layer.adapters.remove(name);
         }
         let state = self.adapter_state_mut();
@@ -377,30 +386,48 @@ async fn initial_from_base<'a, M: LoraModel + ?Sized>(
     Ok(initial)
 }
 
-/// Puts a fully built adapter in place (nothing can fail from here on).
-pub(super) fn install_adapter<M: LoraModel + ?Sized>(
+/// Puts a fully built adapter in place. Only a quantized base's residual can fail here (a
+/// value quantized blocks cannot hold, which finite weights never give); then the layers
+/// already shifted are shifted back and the model is as it was.
+pub(super) async fn install_adapter<M: LoraModel + ?Sized>(
     model: &mut M,
     name: &str,
     config: LoraConfig,
     mut built: AdapterWeights,
     mut initial: AdapterWeights,
-) {
+) -> Result<()> {
+    if model.lora_linears().any(|l| initial.contains_key(&l.name) && l.base.weight_t.is_quantized()) {
+        log::warn!(
+            "the OLoRA/PiSSA initialisation of adapter {name:?} writes the residual base weights back requantized: the adapter starts from a base that differs from the quantized one by rounding."
+        );
+    }
+    let mut failure = None;
+    for layer in model.lora_linears_mut() {
+        if let Some(weights) = initial.remove(&layer.name) {
+            if let Err(e) = layer.subtract_initial(name, weights).await {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    if let Some(e) = failure {
+        for layer in model.lora_linears_mut() {
+            layer.restore_initial(name).await?;
+        }
+        return Err(e);
+    }
     for layer in model.lora_linears_mut() {
         if let Some(weights) = built.remove(&layer.name) {
             layer.adapters.insert(name.to_string(), weights);
         }
-        if let Some(weights) = initial.remove(&layer.name) {
-            layer.subtract_initial(name, weights);
-        }
     }
     model.adapter_state_mut().configs.insert(name.to_string(), config);
+    Ok(())
 }
 
 fn drop_adapters<M: LoraModel + ?Sized>(model: &mut M) {
     for layer in model.lora_linears_mut() {
-        layer.adapters.clear();
-        layer.merged.clear();
-        layer.initial.clear();
+        layer.keep_base();
     }
     *model.adapter_state_mut() = AdapterState::default();
 }

@@ -20,9 +20,11 @@ use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::io::WeightSource;
 use crate::io::gguf::StoredTensor;
+use crate::io::quant::QuantMatrix;
 use crate::lora::{AdapterState, LoraLayers, LoraLinear, LoraRun};
 use crate::model::KvCache;
 use crate::nn::ops::{attend, swiglu};
+use crate::nn::weight::check_buffer_size;
 use crate::nn::{Linear, Weight, WeightDtype};
 use crate::tensor::{HostTensor, read_f32, read_host};
 
@@ -333,31 +335,50 @@ impl LlamaModel {
     }
 
     /// The weights under their Hugging Face names and layout ([out, in] linears), read back from
-    /// the device: merged adapters included, unmerged ones not, plus adapter `merge` (if given)
-    /// added on the way out without touching the model. The inverse of [`load`](Self::load).
+    /// the device in f32: merged adapters included, unmerged ones not, plus adapter `merge` (if
+    /// given) added on the way out without touching the model (into a quantized matrix exactly:
+    /// its dequantized values plus the update). The inverse of [`load`](Self::load).
     pub async fn hf_tensors(&self, merge: Option<&str>) -> Result<BTreeMap<String, HostTensor>> {
-        async fn host<const D: usize>(t: &Tensor<D>) -> Result<HostTensor> {
-            read_host(t.clone()).await
+        Ok(self.hf_weights(merge, false).await?.into_iter().map(|(name, t)| (name, t.into_f32())).collect())
+    }
+
+    /// The matrix stored under the Hugging Face name `name`, if it is one.
+    pub fn matrix(&self, name: &str) -> Option<&Weight> {
+        match name {
+            "model.embed_tokens.weight" => Some(&self.embed_tokens),
+            "lm_head.weight" => self.lm_head.as_ref(),
+            _ => self.lora_linears().find(|l| name.strip_suffix(".weight") == Some(l.name.as_str())).map(|l| &l.base.weight_t),
         }
+    }
+
+    /// As [`hf_tensors`](Self::hf_tensors), quantized matrices read as their blocks when
+    /// `quantized`; `merge` is then requantized into them, as merge_and_unload would.
+    pub async fn hf_weights(&self, merge: Option<&str>, quantized: bool) -> Result<BTreeMap<String, StoredTensor>> {
+        let kept = |t: StoredTensor| if quantized { t } else { StoredTensor::Dense(t.into_f32()) };
+        let vector = async |t: &Tensor<1>| read_host(t.clone()).await.map(StoredTensor::Dense);
         let mut out = BTreeMap::new();
-        out.insert("model.embed_tokens.weight".to_string(), host(&self.embed_tokens.value()).await?);
-        out.insert("model.norm.weight".to_string(), host(&self.norm.weight).await?);
+        out.insert("model.embed_tokens.weight".to_string(), kept(self.embed_tokens.read(false).await?));
+        out.insert("model.norm.weight".to_string(), vector(&self.norm.weight).await?);
         if let Some(head_t) = &self.lm_head {
-            out.insert("lm_head.weight".to_string(), host(&head_t.value()).await?.transpose());
+            out.insert("lm_head.weight".to_string(), kept(head_t.read(true).await?));
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            out.insert(format!("{p}.input_layernorm.weight"), host(&layer.input_layernorm.weight).await?);
-            out.insert(format!("{p}.post_attention_layernorm.weight"), host(&layer.post_attention_layernorm.weight).await?);
+            out.insert(format!("{p}.input_layernorm.weight"), vector(&layer.input_layernorm.weight).await?);
+            out.insert(format!("{p}.post_attention_layernorm.weight"), vector(&layer.post_attention_layernorm.weight).await?);
         }
         for linear in self.lora_linears() {
             let delta = merge.filter(|m| !linear.merged.iter().any(|done| done == m)).and_then(|m| linear.delta_t(m));
-            // merged as merge_and_unload would: in the storage precision
-            let mut weight_t = linear.base.weight_t.clone();
-            if let Some(delta) = delta {
-                weight_t.add(delta, 1.0);
-            }
-            out.insert(format!("{}.weight", linear.name), host(&weight_t.value()).await?.transpose());
+            let weight_t = match delta {
+                Some(delta) if quantized => linear.base.weight_t.plus(delta, &linear.name).await?,
+                Some(delta) => {
+                    let mut sum = linear.base.weight_t.clone();
+                    sum.add(delta, 1.0);
+                    sum
+                }
+                None => linear.base.weight_t.clone(),
+            };
+            out.insert(format!("{}.weight", linear.name), kept(weight_t.read(true).await?));
         }
         Ok(out)
     }
@@ -485,11 +506,10 @@ impl Loader<'_> {
     /// quantize only a decoder layer's linears (`quantize`); other matrices stay as loaded.
     fn weight(&mut self, name: &str, shape: [usize; 2], transposed: bool, quantize: bool) -> Result<Weight> {
         let stored = self.stored(name, &shape)?;
+        let as_stored = |q: QuantMatrix| check_buffer_size(q.bytes(), name).map(|()| Weight::quantized(q, transposed, self.device));
         let weight = match (stored, self.dtype) {
-            (StoredTensor::Quant(q), WeightDtype::Auto) => Weight::quantized(q, transposed, self.device),
-            (StoredTensor::Quant(q), WeightDtype::Quant(kind)) if q.kind == kind || !quantize => {
-                Weight::quantized(q, transposed, self.device)
-            }
+            (StoredTensor::Quant(q), WeightDtype::Auto) => as_stored(q)?,
+            (StoredTensor::Quant(q), WeightDtype::Quant(kind)) if q.kind == kind || !quantize => as_stored(q)?,
             (stored, dtype) => {
                 let t = match stored {
                     StoredTensor::Dense(t) => t,

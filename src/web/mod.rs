@@ -34,6 +34,7 @@ fn start() {
         console_error_panic_hook::hook(info);
         report_panic(&info.to_string());
     }));
+    crate::error::show_warnings(|w| web_sys::console::warn_1(&w.into()));
 }
 
 #[wasm_bindgen]
@@ -92,7 +93,10 @@ pub struct Engine {
 #[wasm_bindgen]
 impl Engine {
     /// Initialises WebGPU and resolves to an Engine; rejects with what to do when WebGPU is missing.
-    pub fn create() -> Promise {
+    /// `max_buffer_bytes`: the adapter's min(maxStorageBufferBindingSize, maxBufferSize), which
+    /// loading checks every matrix against (0: unknown).
+    pub fn create(max_buffer_bytes: f64) -> Promise {
+        crate::nn::weight::set_max_buffer_bytes(max_buffer_bytes as usize);
         future_to_promise(async {
             let device = Device::wgpu_options().init_async().await.map_err(|e| {
                 js_error(Error::Backend(format!(
@@ -187,6 +191,18 @@ impl Engine {
         f(&mut llm).map_err(js_error)
     }
 
+    /// Runs a change of the base weights (which may read them back) as a promise; refused
+    /// while a long operation holds the model.
+    fn change_base(&self, f: impl AsyncFnOnce(&mut Llm) -> crate::Result<()> + 'static) -> Promise {
+        let llm = self.llm();
+        future_to_promise(async move {
+            let llm = llm?;
+            let mut llm = llm.try_borrow_mut().map_err(|_| busy())?;
+            f(&mut llm).await.map_err(js_error)?;
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
     /// The adapters as JSON: {names, active, disabled, merged}.
     #[wasm_bindgen(js_name = adapterState)]
     pub fn adapter_state(&self) -> Result<String, JsValue> {
@@ -223,8 +239,8 @@ impl Engine {
     }
 
     #[wasm_bindgen(js_name = disableAdapter)]
-    pub fn disable_adapter(&self) -> Result<(), JsValue> {
-        self.change(|llm| Ok(llm.model.disable_adapter()))
+    pub fn disable_adapter(&self) -> Promise {
+        self.change_base(async |llm| llm.model.disable_adapter().await)
     }
 
     #[wasm_bindgen(js_name = enableAdapter)]
@@ -232,18 +248,19 @@ impl Engine {
         self.change(|llm| Ok(llm.model.enable_adapter()))
     }
 
+    /// Promises, like every change of the base weights: a quantized base is requantized.
     #[wasm_bindgen(js_name = deleteAdapter)]
-    pub fn delete_adapter(&self, name: &str) -> Result<(), JsValue> {
-        self.change(|llm| llm.model.delete_adapter(name))
+    pub fn delete_adapter(&self, name: String) -> Promise {
+        self.change_base(async move |llm| llm.model.delete_adapter(&name).await)
     }
 
-    pub fn unload(&self) -> Result<(), JsValue> {
-        self.change(|llm| Ok(llm.model.unload()))
+    pub fn unload(&self) -> Promise {
+        self.change_base(async |llm| llm.model.unload().await)
     }
 
     #[wasm_bindgen(js_name = unmergeAdapter)]
-    pub fn unmerge_adapter(&self) -> Result<(), JsValue> {
-        self.change(|llm| Ok(llm.model.unmerge_adapter()))
+    pub fn unmerge_adapter(&self) -> Promise {
+        self.change_base(async |llm| llm.model.unmerge_adapter().await)
     }
 
     /// Merges `names` (empty: the active adapter) into the base weights. Resolves to
@@ -346,6 +363,32 @@ impl Engine {
             let llm = llm.try_borrow().map_err(|_| busy())?;
             let files = llm.merged_files(merge.as_deref()).await.map_err(js_error)?;
             object(files.iter().map(|(name, bytes)| (name.as_str(), Uint8Array::from(bytes.as_slice()).into())).collect())
+        })
+    }
+
+    /// Adapter `name` as a llama.cpp GGUF LoRA adapter (Uint8Array).
+    #[wasm_bindgen(js_name = exportAdapterGguf)]
+    pub fn export_adapter_gguf(&self, name: String) -> Promise {
+        let llm = self.llm();
+        future_to_promise(async move {
+            let llm = llm?;
+            let llm = llm.try_borrow().map_err(|_| busy())?;
+            let bytes = llm.adapter_gguf(&name).await.map_err(js_error)?;
+            Ok(Uint8Array::from(bytes.as_slice()).into())
+        })
+    }
+
+    /// The model as a GGUF (Uint8Array), with adapter `merge` folded in (the model itself is not
+    /// changed); `out_type` ("auto", "f32", "f16", "q8_0", ...) is its matrices' type.
+    #[wasm_bindgen(js_name = exportMergedGguf)]
+    pub fn export_merged_gguf(&self, merge: Option<String>, out_type: String) -> Promise {
+        let llm = self.llm();
+        future_to_promise(async move {
+            let llm = llm?;
+            let llm = llm.try_borrow().map_err(|_| busy())?;
+            let out = WeightDtype::parse(&out_type).map_err(js_error)?;
+            let bytes = llm.merged_gguf(merge.as_deref(), out).await.map_err(js_error)?;
+            Ok(Uint8Array::from(bytes.as_slice()).into())
         })
     }
 

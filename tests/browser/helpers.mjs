@@ -14,6 +14,8 @@ const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 const FLAGS = [
   '--enable-unsafe-webgpu', '--no-sandbox', '--no-first-run', '--disable-background-networking',
   '--disable-component-update', '--disable-sync', '--disable-quic',
+  // a real GPU's flags, from bench/gpu.sh
+  ...(process.env.WEBGPU_LORA_CHROMIUM_FLAGS ?? '').split(' ').filter(Boolean),
 ];
 
 /**

@@ -2,11 +2,12 @@
 // Blob), their logits against transformers loading each GGUF itself and PEFT's with an adapter
 // (tests/fixtures/quant, made by make_fixtures.py); quantizing on load (dtype "q8_0" etc.) against
 // gguf-py's rounding; an adapter trained on WebGPU over a Q4_0 base, saved to IndexedDB and
-// reloaded after a relaunch with identical logits; hub ids resolved under env.remoteHost (a local
-// server with the hub's URL layout).
+// reloaded after a relaunch with identical logits; merging into a quantized base requantizes as
+// gguf-py does, and the GGUF exports (merged model, LoRA adapter) are the files gguf-py writes;
+// hub ids resolved under env.remoteHost (a local server with the hub's URL layout).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { statSync } from 'node:fs';
+import { readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { relaunchable, readSafetensors, readJson, root, maxAbsDiff } from './helpers.mjs';
 import { MOUNTS } from '../../scripts/serve.mjs';
@@ -130,6 +131,39 @@ test('an adapter trained on WebGPU over a Q4_0 GGUF base, saved to IndexedDB, gi
       return logits;
     }, ids);
     assert.deepEqual(second, first.trained, 'identical logits after the relaunch');
+    assert.deepEqual(errors, []);
+  } finally {
+    await browser.close();
+  }
+});
+
+test('on a Q4_0 GGUF base: merging requantizes as gguf-py does and unmerging restores the base; GGUF exports load back and match gguf-py\'s files', async () => {
+  const browser = await open();
+  try {
+    const out = await browser.page.evaluate(async (ids) => {
+      const { LoraModel } = window.app.webgpuLora;
+      const logits = async (m) => Array.from((await m.logits(Int32Array.from(ids))).data);
+      const m = await LoraModel.fromPretrained('/fixtures/quant/tiny-q4_0.gguf');
+      const base = await logits(m);
+      await m.loadAdapter('/fixtures/peft/qv-r8/', 'a');
+      await m.setAdapter('a');
+      const adapterGguf = Array.from(new Uint8Array(await (await m.exportAdapter('a', { format: 'gguf' }))['adapter.gguf'].arrayBuffer()));
+      const mergedFile = (await m.exportMerged({ format: 'gguf' }))['model.gguf'];
+      await m.mergeAdapter(['a']);
+      const merged = await logits(m);
+      await m.unmergeAdapter();
+      await m.disableAdapter();
+      const unmerged = await logits(m);
+      m.dispose();
+      const reloaded = await LoraModel.fromPretrained(new File([mergedFile], 'merged.gguf'));
+      const r = { base, merged, unmerged, adapterGguf, reloaded: await logits(reloaded) };
+      reloaded.dispose();
+      return r;
+    }, ids);
+    close(out.merged, expected['Q4_0.qv-r8.merged.logits'].data, 'merged into Q4_0');
+    assert.deepEqual(out.unmerged, out.base, 'unmerged: the loaded blocks are back');
+    close(out.reloaded, expected['Q4_0.qv-r8.merged.logits'].data, 'the merged GGUF, loaded back');
+    assert.ok(Buffer.from(out.adapterGguf).equals(readFileSync(join(fixtures, 'quant', 'adapter-qv-r8.gguf'))), 'the GGUF LoRA is gguf-py\'s file');
     assert.deepEqual(errors, []);
   } finally {
     await browser.close();

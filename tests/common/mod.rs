@@ -196,3 +196,26 @@ impl GgufWriter {
         out
     }
 }
+
+/// A GGUF and tests/fixtures/quant/`reference` hold the same metadata (keys, types and values) and the same tensors (names,
+/// dims, types and values).
+pub fn assert_same_gguf(ours: &[u8], reference: &str) {
+    use webgpu_lora::io::gguf::{GgufFile, TensorInfo};
+    let theirs = std::fs::read(fixture("quant").join(reference)).unwrap();
+    let (a, b) = (GgufFile::parse(ours, "ours").unwrap(), GgufFile::parse(&theirs, reference).unwrap());
+    let sorted = |g: &GgufFile| g.raw_metadata.iter().cloned().collect::<std::collections::BTreeMap<_, _>>();
+    assert_eq!(sorted(&a).keys().collect::<Vec<_>>(), sorted(&b).keys().collect::<Vec<_>>(), "{reference}: metadata keys");
+    assert!(sorted(&a) == sorted(&b), "{reference}: metadata values");
+    // in any order: readers find tensors by name
+    let infos = |g: &GgufFile| {
+        let mut infos = g.tensors.clone();
+        infos.sort_by(|x, y| x.name.cmp(&y.name));
+        infos
+    };
+    let (x, y) = (infos(&a), infos(&b));
+    let names = |infos: &[TensorInfo]| infos.iter().map(|t| (t.name.clone(), t.dims.clone(), t.ggml_type)).collect::<Vec<_>>();
+    assert_eq!(names(&x), names(&y), "{reference}: tensors");
+    for (x, y) in x.iter().zip(&y) {
+        assert!(a.tensor(x).unwrap() == b.tensor(y).unwrap(), "{reference}: tensor {} differs", x.name);
+    }
+}

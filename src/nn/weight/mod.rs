@@ -11,12 +11,15 @@
 
 pub mod packed_f16;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
-use crate::io::quant::{QuantMatrix, QuantType, names};
+use crate::io::gguf::StoredTensor;
+use crate::io::quant::{QuantMatrix, QuantType, RowLayout, names};
 use crate::nn::ops::quant::{dequantize, quant_matmul};
-use crate::tensor::HostTensor;
+use crate::tensor::{HostTensor, read_host};
 
 /// How the base model's matrices are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -95,24 +98,33 @@ impl Weight {
     /// Uploads a 2-D host matrix in `dtype` (taken, so f32 values move to the device without a
     /// copy); the weight is its transpose when `transposed`. A quantized `dtype` quantizes the
     /// matrix as it is, blocks along its rows (see [`QuantMatrix::quantize`]); `name` goes into
-    /// the error when a value does not fit in f16 or cannot be quantized.
+    /// the error when a value does not fit in f16 or cannot be quantized, or the matrix in no
+    /// buffer of the device ([`check_buffer_size`]).
     pub fn upload(t: HostTensor, dtype: WeightDtype, transposed: bool, name: &str, device: &Device) -> Result<Self> {
         let oriented = |t: HostTensor| if transposed { t.transpose() } else { t };
         match dtype {
-            WeightDtype::Quant(kind) => Ok(Self::quantized(QuantMatrix::quantize(kind, &t, name)?, transposed, device)),
+            WeightDtype::Quant(kind) => {
+                let q = QuantMatrix::quantize(kind, &t, name)?;
+                check_buffer_size(q.bytes(), name)?;
+                Ok(Self::quantized(q, transposed, device))
+            }
             WeightDtype::F32 | WeightDtype::Auto => {
+                check_buffer_size(4 * t.data.len(), name)?;
                 let t = oriented(t);
                 let shape = [t.shape[0], t.shape[1]];
                 Ok(Weight::f32(Tensor::from_data(TensorData::new(t.data, shape), device)))
             }
-            WeightDtype::F16 if device.supports_dtype(FloatDType::F16) => {
+            WeightDtype::F16 => {
+                check_buffer_size(2 * t.data.len(), name)?;
+                if !device.supports_dtype(FloatDType::F16) {
+                    return Self::packed_f16(&oriented(t), name, device);
+                }
                 let t = oriented(t);
                 let halves = to_f16(&t, name)?;
                 Ok(Weight {
                     stored: Stored::F16(Tensor::from_data(TensorData::new(halves, [t.shape[0], t.shape[1]]), (device, DType::F16))),
                 })
             }
-            WeightDtype::F16 => Self::packed_f16(&oriented(t), name, device),
         }
     }
 
@@ -190,6 +202,36 @@ impl Weight {
         };
     }
 
+    /// This weight plus `delta` as a new weight in the same storage: a quantized one is
+    /// dequantized, added to in f32 on the device, read back and quantized again on the host
+    /// (llama.cpp's rounding, to [`QuantType::requantized_as`]); `name` goes into the error when a
+    /// value cannot be quantized (NaN or infinity).
+    pub async fn plus(&self, delta: Tensor<2>, name: &str) -> Result<Weight> {
+        let Stored::Quant { kind, transposed, .. } = self.stored else {
+            let mut sum = self.clone();
+            sum.add(delta, 1.0);
+            return Ok(sum);
+        };
+        let sum = read_host(self.value() + delta).await?;
+        let rows = if transposed { sum.transpose() } else { sum };
+        Ok(Self::quantized(QuantMatrix::quantize(kind.requantized_as(), &rows, name)?, transposed, &self.device()))
+    }
+
+    /// The matrix read back in the Hugging Face orientation (`transposed`: this weight is the
+    /// transpose of the Hugging Face matrix, as a linear layer's is): quantized blocks as they
+    /// are, other storage as f32.
+    pub async fn read(&self, transposed: bool) -> Result<StoredTensor> {
+        let Stored::Quant { words, kind, cols, .. } = &self.stored else {
+            let t = read_host(self.value()).await?;
+            return Ok(StoredTensor::Dense(if transposed { t.transpose() } else { t }));
+        };
+        let rows = words.dims()[0];
+        let data = words.clone().into_data_async().await.map_err(|e| Error::Backend(format!("reading a result back failed: {e:?}")))?;
+        let words = data.convert::<i32>().try_into_vec::<i32>().map_err(|e| Error::Backend(format!("unexpected result type: {e:?}")))?;
+        let words = words.into_iter().map(|w| w as u32).collect();
+        Ok(StoredTensor::Quant(QuantMatrix { kind: *kind, rows, layout: RowLayout::new(*kind, *cols)?, words }))
+    }
+
     /// [rows, cols].
     pub fn dims(&self) -> [usize; 2] {
         match &self.stored {
@@ -233,6 +275,33 @@ impl Weight {
             Stored::PackedF16(words) | Stored::Quant { words, .. } => words.device(),
         }
     }
+}
+
+/// The largest buffer the device can bind, in bytes (0: no limit known). The web edge sets it from
+/// the WebGPU adapter's limits; one device per process (a worker), so one value.
+static MAX_BUFFER_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets the largest buffer a matrix may occupy: WebGPU's `min(maxStorageBufferBindingSize,
+/// maxBufferSize)` of the device (which requests the adapter's own limits, not the defaults).
+pub fn set_max_buffer_bytes(bytes: usize) {
+    MAX_BUFFER_BYTES.store(bytes, Ordering::Relaxed);
+}
+
+/// Refuses a matrix of `bytes` that no buffer of the device can hold, before anything is
+/// allocated (the allocation would abort the engine), saying which limit and what to do.
+pub fn check_buffer_size(bytes: usize, name: &str) -> Result<()> {
+    let limit = MAX_BUFFER_BYTES.load(Ordering::Relaxed);
+    if limit == 0 || bytes <= limit {
+        return Ok(());
+    }
+    let size = |b: usize| format!("{b} bytes ({:.1} MiB)", b as f64 / (1 << 20) as f64);
+    Err(Error::invalid(format!(
+        "{name} needs {} in one GPU buffer, but this GPU binds at most {} (WebGPU's maxStorageBufferBindingSize / maxBufferSize): \
+         load the model with a smaller dtype (\"q8_0\" needs about a quarter of f32, \"q4_0\" an eighth), or from a quantized GGUF, \
+         or use a browser/GPU with higher limits",
+        size(bytes),
+        size(limit)
+    )))
 }
 
 /// `t`'s values rounded to f16 (to nearest, ties to even); a finite value beyond f16's range

@@ -87,10 +87,10 @@ def gpu_section(lines):
     for r in browser:
         n = next((v for k, v in native.items() if native_of.get(r["weights"]) and k.startswith(native_of[r["weights"]])), None)
         print(f"| {r['weights']} | {r['weights_mb']:.1f} | {r['load_s']:.1f} | {r['first_forward_s']:.2f} | "
-              f"{r['decode_tokens_per_s']:.1f} | {fmt(r['train_tokens_per_s'])} | {fmt(n and n['decode_tokens_per_s'])} |")
+              f"{r['decode_tokens_per_s']:.2f} | {fmt(r['train_tokens_per_s'])} | {fmt(n and n['decode_tokens_per_s'], '{:.2f}')} |")
     if not browser:
         for k, n in native.items():
-            print(f"| {k} | {n['weights_mb']:.1f} | - | - | - | - | {n['decode_tokens_per_s']:.1f} |")
+            print(f"| {k} | {n['weights_mb']:.1f} | - | - | - | - | {n['decode_tokens_per_s']:.2f} |")
 
 
 if sys.argv[1] == "--gpu":

@@ -247,22 +247,16 @@ impl LlamaModel {
         logits.reshape([batch, seq, self.config.vocab_size])
     }
 
-    /// Logits [rows, vocab] of hidden states [rows, hidden], laid out row by row (as the loss reads
-    /// them): with a tied head, `h E^T` through a strided view of E rather than [`head`](Self::head)'s
-    /// transposed result, which a reshape would copy (25 MB per 128 rows).
-    pub fn head_rows(&self, h: Tensor<2>) -> Tensor<2> {
-        match &self.lm_head {
-            Some(head_t) => head_t.apply(h),
-            None => self.embed_tokens.apply_transposed(h),
-        }
-    }
-
-    /// dL/dhidden [rows, hidden] from dL/dlogits [rows, vocab]: the head is linear, so dL/dlogits · W.
-    pub fn head_input_grad(&self, dlogits: Tensor<2>) -> Tensor<2> {
-        match &self.lm_head {
-            Some(head_t) => dlogits.matmul(head_t.value().transpose()),
-            None => dlogits.matmul(self.embed_tokens.value()),
-        }
+    /// The head for a run of products over slices of positions (the loss): the weight it
+    /// multiplies by, a quantized one dequantized once here rather than in every product (a
+    /// transient of the head's f32 size, as long as the run holds it).
+    pub fn head_for_slices(&self) -> Head {
+        let (weight, tied) = match &self.lm_head {
+            Some(head_t) => (head_t, false),
+            None => (&self.embed_tokens, true),
+        };
+        let weight = if weight.is_quantized() { Weight::f32(weight.value()) } else { weight.clone() };
+        Head { weight, tied }
     }
 
     /// Logits [batch, seq, vocab] for every position.
@@ -465,6 +459,27 @@ impl LoraLayers for LlamaModel {
 }
 
 /// Moves named host tensors to the device, shape-checked, counting progress.
+/// The output head as [`LlamaModel::head_for_slices`] gives it: the untied head's W^T [hidden,
+/// vocab], or the tied embedding E [vocab, hidden].
+pub struct Head {
+    weight: Weight,
+    tied: bool,
+}
+
+impl Head {
+    /// Logits [rows, vocab] of hidden states [rows, hidden], laid out row by row (as the loss reads
+    /// them): with a tied head, `h E^T` through a strided view of E rather than a transposed result,
+    /// which a reshape would copy (25 MB per 128 rows).
+    pub fn logits(&self, h: Tensor<2>) -> Tensor<2> {
+        if self.tied { self.weight.apply_transposed(h) } else { self.weight.apply(h) }
+    }
+
+    /// dL/dhidden [rows, hidden] from dL/dlogits [rows, vocab]: the head is linear, so dL/dlogits · W.
+    pub fn input_grad(&self, dlogits: Tensor<2>) -> Tensor<2> {
+        if self.tied { dlogits.matmul(self.weight.value()) } else { dlogits.matmul(self.weight.value().transpose()) }
+    }
+}
+
 struct Loader<'a> {
     weights: &'a WeightSource,
     dtype: WeightDtype,

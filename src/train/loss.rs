@@ -53,14 +53,15 @@ fn head_loss_slices(
     let n = hidden.dims()[0];
     let mut loss: Option<Tensor<1>> = None;
     let mut grads = Vec::new();
+    let head = model.head_for_slices();
     for start in (0..n).step_by(rows_at_once) {
         let len = rows_at_once.min(n - start);
         let h = hidden.clone().narrow(0, start, len);
         let targets = targets.clone().narrow(0, start, len);
-        let (rows, dlogits) = cross_entropy(model.head_rows(h), targets);
+        let (rows, dlogits) = cross_entropy(head.logits(h), targets);
         let part = rows.sum();
         if grad {
-            grads.push(model.head_input_grad(dlogits));
+            grads.push(head.input_grad(dlogits));
         }
         loss = Some(match loss {
             None => part,

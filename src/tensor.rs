@@ -2,7 +2,7 @@
 //! to and what host linear algebra works on), reading device tensors back (always asynchronously:
 //! the browser cannot block), and uploading host matrices.
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Element, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
 
@@ -34,8 +34,18 @@ impl HostTensor {
 
 /// Reads a tensor back to the host as f32.
 pub async fn read_f32<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
-    let data = t.into_data_async().await.map_err(|e| Error::Backend(format!("reading a result back failed: {e:?}")))?;
-    data.try_into_vec::<f32>().map_err(|e| Error::Backend(format!("unexpected result type: {e:?}")))
+    values(t.into_data_async().await)
+}
+
+/// Reads an integer tensor back to the host as i32 (whatever integer type the backend keeps).
+pub async fn read_i32<const D: usize>(t: Tensor<D, Int>) -> Result<Vec<i32>> {
+    values(t.into_data_async().await.map(|data| data.convert::<i32>()))
+}
+
+/// The values of a read-back, or what went wrong.
+fn values<E: Element, F: std::fmt::Debug>(read: std::result::Result<TensorData, F>) -> Result<Vec<E>> {
+    let data = read.map_err(|e| Error::Backend(format!("reading a result back failed: {e:?}")))?;
+    data.try_into_vec::<E>().map_err(|e| Error::Backend(format!("unexpected result type: {e:?}")))
 }
 
 /// Reads a tensor back as a host tensor of the same shape.

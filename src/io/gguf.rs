@@ -364,10 +364,14 @@ pub fn rotary_row_order(rows: usize, heads: usize) -> Result<Vec<usize>> {
 
 /// `t` with llama.cpp's rotary row permutation undone (see [`rotary_row_order`]).
 pub fn unpermute_rotary_rows(t: &HostTensor, heads: usize) -> Result<HostTensor> {
+    Ok(rows_in_order(t, &rotary_row_order(t.shape[0], heads)?))
+}
+
+/// The rows `order` of a matrix: row i of the result is row `order[i]` of `t`.
+pub fn rows_in_order(t: &HostTensor, order: &[usize]) -> HostTensor {
     let cols = t.shape.get(1).copied().unwrap_or(1);
-    let order = rotary_row_order(t.shape[0], heads)?;
     let data = order.iter().flat_map(|&src| t.data[src * cols..(src + 1) * cols].iter().copied()).collect();
-    Ok(HostTensor::new(t.shape.clone(), data))
+    HostTensor::new(t.shape.clone(), data)
 }
 
 #[cfg(test)]

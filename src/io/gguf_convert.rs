@@ -16,7 +16,9 @@ use serde_json::{Value, json};
 
 use crate::config::LLAMA_ARCHITECTURE;
 use crate::error::{Error, Result};
-use crate::io::gguf::{GgufFile, MetaValue, RawMetadata, StoredTensor, TensorInfo, read_tensor, rotary_row_order, unpermute_rotary_rows};
+use crate::io::gguf::{
+    GgufFile, MetaValue, RawMetadata, StoredTensor, TensorInfo, read_tensor, rotary_row_order, rows_in_order, unpermute_rotary_rows,
+};
 use crate::io::gguf_write::GgufWriter;
 use crate::io::model_files::{CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, write_files};
 use crate::io::quant::{QuantMatrix, QuantType};
@@ -254,7 +256,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 pub fn gguf_order(hf: &str) -> (usize, usize) {
     let layer_part = |rest: &str| {
         let (layer, part) = rest.split_once('.')?;
-        Some((1 + layer.parse::<usize>().ok()?, LAYER_TENSORS.iter().position(|(_, h)| part.starts_with(h.trim_end_matches(".weight")))?))
+        Some((1 + layer.parse::<usize>().ok()?, LAYER_TENSORS.iter().position(|(_, h)| *h == part)?))
     };
     match hf {
         "model.embed_tokens.weight" => (0, 0),
@@ -284,10 +286,7 @@ pub fn rotary_heads(hf: &str, heads: usize, kv_heads: usize) -> Option<usize> {
 /// Rows of a Hugging Face matrix in llama.cpp's rotary order (the permutation its converter
 /// applies to q/k; the inverse of [`rotary_row_order`]).
 pub fn permute_rotary_rows(t: &HostTensor, heads: usize) -> Result<HostTensor> {
-    let cols = t.shape.get(1).copied().unwrap_or(1);
-    let order = llama_cpp_row_order(t.shape[0], heads)?;
-    let data = order.iter().flat_map(|&src| t.data[src * cols..(src + 1) * cols].iter().copied()).collect();
-    Ok(HostTensor::new(t.shape.clone(), data))
+    Ok(rows_in_order(t, &llama_cpp_row_order(t.shape[0], heads)?))
 }
 
 /// Stored row s of llama.cpp's layout is Hugging Face row `order[s]`.
@@ -343,12 +342,8 @@ pub fn write_model_gguf(
         };
         match (permuted(t)?, kind) {
             (StoredTensor::Quant(q), TensorType::Quant(k)) if q.kind == k => w.add_quant(&name, &q).expect("a type written here"),
-            (StoredTensor::Dense(d), TensorType::Quant(k)) => w.add_quant(&name, &QuantMatrix::quantize(k, &d, &name)?).expect("quantized"),
-            (StoredTensor::Quant(q), TensorType::Quant(k)) => {
-                w.add_quant(&name, &QuantMatrix::quantize(k, &q.dequantize(), &name)?).expect("quantized")
-            }
-            (StoredTensor::Dense(d), dense) => w.add_dense(&name, &d, dense == TensorType::F16),
-            (StoredTensor::Quant(q), dense) => w.add_dense(&name, &q.dequantize(), dense == TensorType::F16),
+            (t, TensorType::Quant(k)) => w.add_quant(&name, &QuantMatrix::quantize(k, &t.into_f32(), &name)?).expect("quantized"),
+            (t, dense) => w.add_dense(&name, &t.into_f32(), dense == TensorType::F16),
         }
     }
     Ok(w.bytes())

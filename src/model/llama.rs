@@ -505,10 +505,7 @@ impl Loader<'_> {
     }
 
     fn host(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
-        Ok(match self.stored(name, shape)? {
-            StoredTensor::Dense(t) => t,
-            StoredTensor::Quant(q) => q.dequantize(),
-        })
+        Ok(self.stored(name, shape)?.into_f32())
     }
 
     fn uploaded<T>(&mut self, tensor: T) -> T {
@@ -526,10 +523,7 @@ impl Loader<'_> {
             (StoredTensor::Quant(q), WeightDtype::Auto) => as_stored(q)?,
             (StoredTensor::Quant(q), WeightDtype::Quant(kind)) if q.kind == kind || !quantize => as_stored(q)?,
             (stored, dtype) => {
-                let t = match stored {
-                    StoredTensor::Dense(t) => t,
-                    StoredTensor::Quant(q) => q.dequantize(),
-                };
+                let t = stored.into_f32();
                 // matrices other than the layers' linears stay as loaded under a quantized dtype
                 let dtype = if matches!(dtype, WeightDtype::Quant(_)) && !quantize { WeightDtype::F32 } else { dtype };
                 Weight::upload(t, dtype, transposed, name, self.device)?

@@ -191,9 +191,10 @@ impl Engine {
         f(&mut llm).map_err(js_error)
     }
 
-    /// Runs a change of the base weights (which may read them back) as a promise; refused
-    /// while a long operation holds the model.
-    fn change_base(&self, f: impl AsyncFnOnce(&mut Llm) -> crate::Result<()> + 'static) -> Promise {
+    /// Runs a change of the model that may read from the device (a quantized base is
+    /// requantized, an OLoRA/PiSSA init decomposes the base) as a promise; refused while a long
+    /// operation holds the model.
+    fn change_async(&self, f: impl AsyncFnOnce(&mut Llm) -> crate::Result<()> + 'static) -> Promise {
         let llm = self.llm();
         future_to_promise(async move {
             let llm = llm?;
@@ -223,14 +224,8 @@ impl Engine {
     /// Loads PEFT files as adapter `name` (not activated, as in PEFT); `origin` labels errors.
     #[wasm_bindgen(js_name = loadAdapter)]
     pub fn load_adapter(&self, name: String, config: Uint8Array, weights: Uint8Array, origin: String) -> Promise {
-        let llm = self.llm();
-        future_to_promise(async move {
-            let llm = llm?;
-            let mut llm = llm.try_borrow_mut().map_err(|_| busy())?;
-            let files = AdapterFiles { config_json: String::from_utf8_lossy(&config.to_vec()).into_owned(), safetensors: weights.to_vec() };
-            llm.model.load_adapter(&name, AdapterSource::from_files(files, &origin)).await.map_err(js_error)?;
-            Ok(JsValue::UNDEFINED)
-        })
+        let files = AdapterFiles { config_json: String::from_utf8_lossy(&config.to_vec()).into_owned(), safetensors: weights.to_vec() };
+        self.change_async(async move |llm| llm.model.load_adapter(&name, AdapterSource::from_files(files, &origin)).await)
     }
 
     #[wasm_bindgen(js_name = setAdapter)]
@@ -240,7 +235,7 @@ impl Engine {
 
     #[wasm_bindgen(js_name = disableAdapter)]
     pub fn disable_adapter(&self) -> Promise {
-        self.change_base(async |llm| llm.model.disable_adapter().await)
+        self.change_async(async |llm| llm.model.disable_adapter().await)
     }
 
     #[wasm_bindgen(js_name = enableAdapter)]
@@ -251,16 +246,16 @@ impl Engine {
     /// Promises, like every change of the base weights: a quantized base is requantized.
     #[wasm_bindgen(js_name = deleteAdapter)]
     pub fn delete_adapter(&self, name: String) -> Promise {
-        self.change_base(async move |llm| llm.model.delete_adapter(&name).await)
+        self.change_async(async move |llm| llm.model.delete_adapter(&name).await)
     }
 
     pub fn unload(&self) -> Promise {
-        self.change_base(async |llm| llm.model.unload().await)
+        self.change_async(async |llm| llm.model.unload().await)
     }
 
     #[wasm_bindgen(js_name = unmergeAdapter)]
     pub fn unmerge_adapter(&self) -> Promise {
-        self.change_base(async |llm| llm.model.unmerge_adapter().await)
+        self.change_async(async |llm| llm.model.unmerge_adapter().await)
     }
 
     /// Merges `names` (empty: the active adapter) into the base weights. Resolves to
@@ -304,17 +299,13 @@ impl Engine {
         combination: Option<String>,
         svd_rank: Option<usize>,
     ) -> Promise {
-        let llm = self.llm();
-        future_to_promise(async move {
-            let llm = llm?;
-            let mut llm = llm.try_borrow_mut().map_err(|_| busy())?;
-            let combination = match Combination::parse(combination.as_deref().unwrap_or("svd")).map_err(js_error)? {
+        self.change_async(async move |llm| {
+            let combination = match Combination::parse(combination.as_deref().unwrap_or("svd"))? {
                 Combination::Svd { .. } => Combination::Svd { rank: svd_rank },
                 other => other,
             };
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            llm.model.add_weighted_adapter(&names, &weights, &new_name, combination).await.map_err(js_error)?;
-            Ok(JsValue::UNDEFINED)
+            llm.model.add_weighted_adapter(&names, &weights, &new_name, combination).await
         })
     }
 

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::io::gguf::StoredTensor;
 use crate::io::quant::{QuantMatrix, QuantType, RowLayout, names};
 use crate::nn::ops::quant::{dequantize, quant_matmul};
-use crate::tensor::{HostTensor, read_host};
+use crate::tensor::{HostTensor, read_host, read_i32};
 
 /// How the base model's matrices are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -226,9 +226,7 @@ impl Weight {
             return Ok(StoredTensor::Dense(if transposed { t.transpose() } else { t }));
         };
         let rows = words.dims()[0];
-        let data = words.clone().into_data_async().await.map_err(|e| Error::Backend(format!("reading a result back failed: {e:?}")))?;
-        let words = data.convert::<i32>().try_into_vec::<i32>().map_err(|e| Error::Backend(format!("unexpected result type: {e:?}")))?;
-        let words = words.into_iter().map(|w| w as u32).collect();
+        let words = read_i32(words.clone()).await?.into_iter().map(|w| w as u32).collect();
         Ok(StoredTensor::Quant(QuantMatrix { kind: *kind, rows, layout: RowLayout::new(*kind, *cols)?, words }))
     }
 

@@ -52,6 +52,7 @@ fn main() {
     let steps: usize = arg("--steps").map_or(5, |v| v.parse().unwrap());
     let device = if backend == "wgpu" { Device::wgpu(DeviceKind::DefaultDevice) } else { Device::flex() };
     let mut llm = Llm::load(ModelFiles::from_path(&model_dir).unwrap(), dtype, &device, &mut |_, _, _| {}).unwrap();
+    let load_peak_rss = peak_rss_mb();
     let target_json = if targets == "qv" { r#"["q_proj","v_proj"]"# } else { r#""all-linear""# };
     let config = format!(r#"{{"peft_type":"LORA","task_type":"CAUSAL_LM","r":8,"lora_alpha":16,"target_modules":{target_json}}}"#);
     pollster::block_on(llm.model.add_adapter("bench", LoraConfig::from_json(config.as_bytes(), "bench").unwrap(), 0)).unwrap();
@@ -99,7 +100,7 @@ fn main() {
         "{}",
         serde_json::json!({
             "engine": format!("webgpu-lora ({backend})"), "training": targets, "trainable_params": trainable, "batch": format!("{batch} x {seq}"),
-            "tokens_per_s": (steps * batch * seq) as f64 / timed, "peak_rss_mb": peak_rss_mb(), "steps": steps, "threads": threads,
+            "tokens_per_s": (steps * batch * seq) as f64 / timed, "peak_rss_mb": peak_rss_mb(), "load_peak_rss_mb": load_peak_rss, "steps": steps, "threads": threads,
             "cpu_s_per_step": cpu_per_step, "weights": dtype.name(), "weights_mb": llm.model.memory_footprint() as f64 / 1e6,
         })
     );

@@ -67,7 +67,7 @@ fn blocks_dequantize_as_gguf_py_on_the_device(device: &Device) {
     for kind in types("block_types") {
         let (q, expected) = blocks_of(&g, kind);
         let cols = q.cols();
-        let weight = Weight::quantized(q, false, device);
+        let weight = Weight::quantized(q, false, "w", device).unwrap();
         let ours = pollster::block_on(read_f32(weight.value())).unwrap();
         let first = ours.iter().zip(&expected).position(|(a, b)| a.to_bits() != b.to_bits());
         assert_eq!(first, None, "{kind:?}: value {first:?} differs: {:?}", first.map(|i| (ours[i], expected[i])));
@@ -187,7 +187,8 @@ fn products_equal_the_dequantized_product(device: &Device) {
         let (q, values) = blocks_of(&g, kind);
         let (rows, cols) = (q.rows, q.cols());
         let w = Tensor::<2>::from_data(burn::tensor::TensorData::new(values, [rows, cols]), device);
-        let (plain, transposed) = (Weight::quantized(q.clone(), false, device), Weight::quantized(q, true, device));
+        let (plain, transposed) =
+            (Weight::quantized(q.clone(), false, "w", device).unwrap(), Weight::quantized(q, true, "w", device).unwrap());
         for m in [1, 3, 8, 9, 20] {
             let close = |ours: Tensor<2>, reference: Tensor<2>, what: &str| {
                 let (ours, reference) = (pollster::block_on(read_f32(ours)).unwrap(), pollster::block_on(read_f32(reference)).unwrap());

@@ -5,28 +5,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
 use common::*;
-use webgpu_lora::lora::{AdapterSource, LoraRun};
+use webgpu_lora::lora::AdapterSource;
 use webgpu_lora::nn::WeightDtype;
-use webgpu_lora::tensor::{HostTensor, read_host};
-use webgpu_lora::train::trainer::{autodiff_leaves, part_gradients, train_steps};
+use webgpu_lora::train::trainer::train_steps;
 use webgpu_lora::train::{Batch, Control, Schedule, TrainEnd, TrainEvent, TrainOptions};
 use webgpu_lora::{LlamaModel, LoraModel};
-
-fn batch(value: &serde_json::Value) -> Batch {
-    let rows = |key: &str| -> Vec<Vec<i64>> { serde_json::from_value(value[key].clone()).unwrap() };
-    let (ids, labels) = (rows("ids"), rows("labels"));
-    let seq = ids[0].len();
-    Batch {
-        ids: ids.iter().flatten().map(|&i| i as u32).collect(),
-        labels: labels.iter().flatten().map(|&l| l as i32).collect(),
-        batch: ids.len(),
-        seq,
-        tokens: ids.len() * seq,
-    }
-}
 
 fn tiny_with_adapter() -> LlamaModel {
     with_adapter(load(&fixture("tiny-llama"), &cpu()).model)
@@ -55,23 +39,6 @@ fn reference_config(t: &serde_json::Value) -> TrainOptions {
         max_grad_norm: c["max_grad_norm"].as_f64().unwrap(),
         ..Default::default()
     }
-}
-
-/// The mean token loss of `batch` and its gradient for every lora_A / lora_B of `adapter`, under
-/// PEFT's names and layout (`model.layers.0.self_attn.q_proj.lora_A.weight`, [r, in]): what PEFT
-/// computes with `loss.backward()` (no dropout), through the trainer's own gradient step.
-fn adapter_gradients(model: &LlamaModel, adapter: &str, batch: &Batch) -> (f64, BTreeMap<String, HostTensor>) {
-    let leaves = autodiff_leaves(&model.adapter_weights(adapter).unwrap());
-    let named: Vec<(String, burn::tensor::Tensor<2>)> = leaves
-        .iter()
-        .flat_map(|(m, w)| [(format!("{m}.lora_A.weight"), w.a_t.clone()), (format!("{m}.lora_B.weight"), w.b_t.clone())])
-        .collect();
-    let run = LoraRun { adapter, weights: Some(&leaves), dropout: None };
-    let tensors: Vec<_> = named.iter().map(|(_, t)| t.clone()).collect();
-    let (loss, grads) = part_gradients(model, run, &tensors, batch, 1.0 / batch.trainable_tokens() as f64);
-    let loss = pollster::block_on(webgpu_lora::tensor::read_scalar(loss)).unwrap();
-    let grads = named.into_iter().zip(grads).map(|((name, _), g)| (name, pollster::block_on(read_host(g)).unwrap().transpose())).collect();
-    (loss, grads)
 }
 
 fn steps(t: &serde_json::Value) -> Vec<Vec<Batch>> {
@@ -108,21 +75,7 @@ fn run(
 /// PEFT's loss and the gradient of every lora_A / lora_B for one batch (1e-4 relative).
 #[test]
 fn gradients_match_peft() {
-    let t = trajectory();
-    let model = tiny_with_adapter();
-    let (loss, grads) = adapter_gradients(&model, "a", &batch(&t["grad_batch"]));
-    let bytes = std::fs::read(fixture("train/grads.safetensors")).unwrap();
-    let peft = webgpu_lora::io::SafetensorsWeights::new(vec![("grads".into(), bytes)]).unwrap();
-    let peft_loss = peft.tensor("loss").unwrap().data[0] as f64;
-    assert!((loss - peft_loss).abs() < 1e-5 * peft_loss.abs(), "loss {loss} vs PEFT {peft_loss}");
-    assert_eq!(grads.len(), peft.names().len() - 1, "one gradient per lora_A / lora_B");
-    for (name, ours) in &grads {
-        let theirs = peft.tensor(name).unwrap();
-        assert_eq!(ours.shape, theirs.shape, "{name}");
-        let scale = theirs.data.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let diff = max_abs_diff(&ours.data, &theirs.data);
-        assert!(diff <= 1e-4 * scale, "{name}: max diff {diff}, max |grad| {scale}");
-    }
+    assert_gradients_match_peft(&tiny_with_adapter());
 }
 
 /// The head loss (a few positions' logits at a time, the gradient taken as softmax - onehot without

@@ -24,7 +24,6 @@ use crate::io::quant::QuantMatrix;
 use crate::lora::{AdapterState, LoraLayers, LoraLinear, LoraRun};
 use crate::model::KvCache;
 use crate::nn::ops::{attend, swiglu};
-use crate::nn::weight::check_buffer_size;
 use crate::nn::{Linear, Weight, WeightDtype};
 use crate::tensor::{HostTensor, read_f32, read_host};
 
@@ -240,9 +239,7 @@ impl LlamaModel {
         let h = hidden.reshape([batch * seq, hidden_size]);
         let logits = match &self.lm_head {
             Some(head_t) => head_t.apply(h),
-            None if self.embed_tokens.is_quantized() => self.embed_tokens.apply_transposed(h),
-            // tied: (E h^T)^T, so only the small h is transposed, never the [vocab, hidden] table
-            None => self.embed_tokens.value().matmul(h.transpose()).transpose(),
+            None => self.embed_tokens.apply_transposed(h),
         };
         logits.reshape([batch, seq, self.config.vocab_size])
     }
@@ -255,8 +252,7 @@ impl LlamaModel {
             Some(head_t) => (head_t, false),
             None => (&self.embed_tokens, true),
         };
-        let weight = if weight.is_quantized() { Weight::f32(weight.value()) } else { weight.clone() };
-        Head { weight, tied }
+        Head { weight: weight.dequantized(), tied }
     }
 
     /// Logits [batch, seq, vocab] for every position.
@@ -351,10 +347,10 @@ impl LlamaModel {
         let kept = |t: StoredTensor| if quantized { t } else { StoredTensor::Dense(t.into_f32()) };
         let vector = async |t: &Tensor<1>| read_host(t.clone()).await.map(StoredTensor::Dense);
         let mut out = BTreeMap::new();
-        out.insert("model.embed_tokens.weight".to_string(), kept(self.embed_tokens.read(false).await?));
+        out.insert("model.embed_tokens.weight".to_string(), kept(self.embed_tokens.read().await?));
         out.insert("model.norm.weight".to_string(), vector(&self.norm.weight).await?);
         if let Some(head_t) = &self.lm_head {
-            out.insert("lm_head.weight".to_string(), kept(head_t.read(true).await?));
+            out.insert("lm_head.weight".to_string(), kept(head_t.read().await?));
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -372,7 +368,7 @@ impl LlamaModel {
                 }
                 None => linear.base.weight_t.clone(),
             };
-            out.insert(format!("{}.weight", linear.name), kept(weight_t.read(true).await?));
+            out.insert(format!("{}.weight", linear.name), kept(weight_t.read().await?));
         }
         Ok(out)
     }
@@ -458,7 +454,6 @@ impl LoraLayers for LlamaModel {
     }
 }
 
-/// Moves named host tensors to the device, shape-checked, counting progress.
 /// The output head as [`LlamaModel::head_for_slices`] gives it: the untied head's W^T [hidden,
 /// vocab], or the tied embedding E [vocab, hidden].
 pub struct Head {
@@ -476,10 +471,11 @@ impl Head {
 
     /// dL/dhidden [rows, hidden] from dL/dlogits [rows, vocab]: the head is linear, so dL/dlogits · W.
     pub fn input_grad(&self, dlogits: Tensor<2>) -> Tensor<2> {
-        if self.tied { dlogits.matmul(self.weight.value()) } else { dlogits.matmul(self.weight.value().transpose()) }
+        if self.tied { self.weight.apply(dlogits) } else { self.weight.apply_transposed(dlogits) }
     }
 }
 
+/// Moves named host tensors to the device, shape-checked, counting progress.
 struct Loader<'a> {
     weights: &'a WeightSource,
     dtype: WeightDtype,
@@ -518,7 +514,7 @@ impl Loader<'_> {
     /// quantize only a decoder layer's linears (`quantize`); other matrices stay as loaded.
     fn weight(&mut self, name: &str, shape: [usize; 2], transposed: bool, quantize: bool) -> Result<Weight> {
         let stored = self.stored(name, &shape)?;
-        let as_stored = |q: QuantMatrix| check_buffer_size(q.bytes(), name).map(|()| Weight::quantized(q, transposed, self.device));
+        let as_stored = |q: QuantMatrix| Weight::quantized(q, transposed, name, self.device);
         let weight = match (stored, self.dtype) {
             (StoredTensor::Quant(q), WeightDtype::Auto) => as_stored(q)?,
             (StoredTensor::Quant(q), WeightDtype::Quant(kind)) if q.kind == kind || !quantize => as_stored(q)?,

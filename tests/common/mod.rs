@@ -3,12 +3,17 @@
 //! files.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use burn::tensor::{Device, DeviceKind};
 use webgpu_lora::io::{ModelFiles, SafetensorsWeights};
+use webgpu_lora::lora::LoraRun;
 use webgpu_lora::nn::WeightDtype;
-use webgpu_lora::{LlamaModel, Llm};
+use webgpu_lora::tensor::{HostTensor, read_host};
+use webgpu_lora::train::Batch;
+use webgpu_lora::train::trainer::{autodiff_leaves, part_gradients};
+use webgpu_lora::{LlamaModel, Llm, LoraModel};
 
 /// For each `fn NAME(device: &Device)`, a module `NAME` with the tests `on_cpu` and `on_wgpu`
 /// that run it on each backend.
@@ -217,5 +222,55 @@ pub fn assert_same_gguf(ours: &[u8], reference: &str) {
     assert_eq!(names(&x), names(&y), "{reference}: tensors");
     for (x, y) in x.iter().zip(&y) {
         assert!(a.tensor(x).unwrap() == b.tensor(y).unwrap(), "{reference}: tensor {} differs", x.name);
+    }
+}
+
+/// A batch of the training fixtures (tests/fixtures/train/trajectory.json): rows of ids and labels.
+pub fn batch(value: &serde_json::Value) -> Batch {
+    let rows = |key: &str| -> Vec<Vec<i64>> { serde_json::from_value(value[key].clone()).unwrap() };
+    let (ids, labels) = (rows("ids"), rows("labels"));
+    let seq = ids[0].len();
+    Batch {
+        ids: ids.iter().flatten().map(|&i| i as u32).collect(),
+        labels: labels.iter().flatten().map(|&l| l as i32).collect(),
+        batch: ids.len(),
+        seq,
+        tokens: ids.len() * seq,
+    }
+}
+
+/// The mean token loss of `batch` and its gradient for every lora_A / lora_B of `adapter`, under
+/// PEFT's names and layout (`model.layers.0.self_attn.q_proj.lora_A.weight`, [r, in]): what PEFT
+/// computes with `loss.backward()` (no dropout), through the trainer's own gradient step.
+pub fn adapter_gradients(model: &LlamaModel, adapter: &str, batch: &Batch) -> (f64, BTreeMap<String, HostTensor>) {
+    let leaves = autodiff_leaves(&model.adapter_weights(adapter).unwrap());
+    let named: Vec<(String, burn::tensor::Tensor<2>)> = leaves
+        .iter()
+        .flat_map(|(m, w)| [(format!("{m}.lora_A.weight"), w.a_t.clone()), (format!("{m}.lora_B.weight"), w.b_t.clone())])
+        .collect();
+    let run = LoraRun { adapter, weights: Some(&leaves), dropout: None };
+    let tensors: Vec<_> = named.iter().map(|(_, t)| t.clone()).collect();
+    let (loss, grads) = part_gradients(model, run, &tensors, batch, 1.0 / batch.trainable_tokens() as f64);
+    let loss = pollster::block_on(webgpu_lora::tensor::read_scalar(loss)).unwrap();
+    let grads = named.into_iter().zip(grads).map(|((name, _), g)| (name, pollster::block_on(read_host(g)).unwrap().transpose())).collect();
+    (loss, grads)
+}
+
+/// PEFT's loss and the gradient of every lora_A / lora_B for one batch (tests/fixtures/train,
+/// 1e-4 relative), `model` carrying the all7-r4 adapter as "a".
+pub fn assert_gradients_match_peft(model: &LlamaModel) {
+    let t = read_json(fixture("train/trajectory.json"));
+    let (loss, grads) = adapter_gradients(model, "a", &batch(&t["grad_batch"]));
+    let bytes = std::fs::read(fixture("train/grads.safetensors")).unwrap();
+    let peft = webgpu_lora::io::SafetensorsWeights::new(vec![("grads".into(), bytes)]).unwrap();
+    let peft_loss = peft.tensor("loss").unwrap().data[0] as f64;
+    assert!((loss - peft_loss).abs() < 1e-5 * peft_loss.abs(), "loss {loss} vs PEFT {peft_loss}");
+    assert_eq!(grads.len(), peft.names().len() - 1, "one gradient per lora_A / lora_B");
+    for (name, ours) in &grads {
+        let theirs = peft.tensor(name).unwrap();
+        assert_eq!(ours.shape, theirs.shape, "{name}");
+        let scale = theirs.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&ours.data, &theirs.data);
+        assert!(diff <= 1e-4 * scale, "{name}: max diff {diff}, max |grad| {scale}");
     }
 }

@@ -3,7 +3,7 @@
 # `npm run build`): SmolLM2-135M-Instruct on the CPU backend as f32, as the shipped GGUF (Q4_1
 # layers, Q8_0 embedding) and quantized on load (q8_0, q4_0): bytes on the device, prefill and
 # decode tokens/s beside transformers f32 in the same run; LoRA training (q,v r=8, batch 4 x 128)
-# on a Q4_0 base beside our f32 run: tokens/s and peak RSS. Writes .cache/bench-quantized.jsonl and
+# on a Q4_0 base beside our f32 run, with and without gradient checkpointing: tokens/s and peak RSS. Writes .cache/bench-quantized.jsonl and
 # prints the section. VENV: a Python with torch + transformers (scripts/bench.sh makes one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,9 +23,11 @@ gen --model "$MODEL" --dtype q4_0
 run "$VENV/bin/python" bench/transformers_baseline.py "$MODEL" "$NEW_TOKENS" "$REPEATS"
 train() { run env MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824 cargo bench --bench training -- --targets qv "$@"; }
 for _ in 1 2; do
-  train --model "$MODEL" --dtype f32
-  train --model "$MODEL" --dtype q4_0
-  train --model "$GGUF"
+  for checkpointing in "" --gradient-checkpointing; do
+    train --model "$MODEL" --dtype f32 $checkpointing
+    train --model "$MODEL" --dtype q4_0 $checkpointing
+    train --model "$GGUF" $checkpointing
+  done
 done
 mkdir -p .cache
 printf '%s\n' "${results[@]}" > .cache/bench-quantized.jsonl

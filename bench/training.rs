@@ -1,13 +1,14 @@
 //! Training-speed benchmark (not a test): LoRA SFT steps on a real base model.
 //!
 //! cargo bench --bench training -- --model DIR|FILE.gguf --targets qv|all-linear [--dtype auto|f32|q4_0|...] [--backend cpu|wgpu]
-//!     [--steps 5] [--threads N]
+//!     [--steps 5] [--threads N] [--gradient-checkpointing]
 //!     [--batch 4] [--seq 128]
 //!
 //! r=8 (alpha 16, no dropout), AdamW lr 2e-4, batches of 4 x 128 random in-vocabulary tokens (by
 //! default), every token trained on (as bench/peft_train_baseline.py does); one warm-up step, then
 //! `--steps` timed steps. Prints one JSON line: tokens/s, CPU seconds per step (all threads: steadier
-//! than tokens/s on a shared machine, for comparing changes) and the process's peak RSS (VmHWM).
+//! than tokens/s on a shared machine, for comparing changes) and the process's peak RSS (VmHWM), after
+//! loading and in all.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -75,6 +76,7 @@ fn main() {
         max_grad_norm: 0.0,
         batch_size: batch,
         threads: Some(threads),
+        gradient_checkpointing: std::env::args().any(|a| a == "--gradient-checkpointing"),
         ..Default::default()
     };
     let start = Instant::now();
@@ -101,7 +103,7 @@ fn main() {
         serde_json::json!({
             "engine": format!("webgpu-lora ({backend})"), "training": targets, "trainable_params": trainable, "batch": format!("{batch} x {seq}"),
             "tokens_per_s": (steps * batch * seq) as f64 / timed, "peak_rss_mb": peak_rss_mb(), "load_peak_rss_mb": load_peak_rss, "steps": steps, "threads": threads,
-            "cpu_s_per_step": cpu_per_step, "weights": dtype.name(), "weights_mb": llm.model.memory_footprint() as f64 / 1e6,
+            "cpu_s_per_step": cpu_per_step, "gradient_checkpointing": train.gradient_checkpointing, "weights": dtype.name(), "weights_mb": llm.model.memory_footprint() as f64 / 1e6,
         })
     );
 }

@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
 use common::*;
 use webgpu_lora::lora::AdapterSource;
 use webgpu_lora::nn::WeightDtype;
@@ -45,6 +47,14 @@ fn steps(t: &serde_json::Value) -> Vec<Vec<Batch>> {
     t["steps"].as_array().unwrap().iter().map(|group| group.as_array().unwrap().iter().map(batch).collect()).collect()
 }
 
+/// The device's random stream is one per process: tests that seed it and draw from it (adapter
+/// initialisation, dropout, every training step) take turns.
+static DEVICE_RNG: Mutex<()> = Mutex::new(());
+
+fn rng_turn() -> MutexGuard<'static, ()> {
+    DEVICE_RNG.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Runs `steps` and returns the losses the step events report.
 fn run(
     model: &mut LlamaModel,
@@ -53,6 +63,7 @@ fn run(
     resume: Option<&[u8]>,
     stop_at: Option<usize>,
 ) -> (Vec<f64>, webgpu_lora::Result<webgpu_lora::train::TrainSummary>, Vec<(usize, Vec<u8>, webgpu_lora::lora::AdapterFiles)>) {
+    let _turn = rng_turn();
     let mut losses = Vec::new();
     let mut checkpoints = Vec::new();
     let clock = || 0.0;
@@ -204,7 +215,8 @@ fn training_on_a_quantized_base() {
     let (mut quantized, mut dequantized) = (load(WeightDtype::Auto), load(WeightDtype::F32));
     assert!(quantized.memory_footprint() * 2 < dequantized.memory_footprint(), "the Q4_0 base stays quantized");
     let batch = batch(&t["grad_batch"]);
-    let ((loss_q, grads_q), (loss_f, grads_f)) = (adapter_gradients(&quantized, "a", &batch), adapter_gradients(&dequantized, "a", &batch));
+    let ((loss_q, grads_q), (loss_f, grads_f)) =
+        (adapter_gradients(&quantized, "a", &batch, false), adapter_gradients(&dequantized, "a", &batch, false));
     assert!((loss_q - loss_f).abs() < 1e-6, "loss {loss_q} on the Q4_0 base vs {loss_f} dequantized");
     for (name, q) in &grads_q {
         let f = &grads_f[name].data;
@@ -272,14 +284,15 @@ fn micro_batches_split_across_threads_train_the_same() {
 }
 
 /// With LoRA dropout, a split micro-batch applies the masks the unsplit pass draws (each layer's
-/// mask drawn once, in layer order, each part taking its rows): the same losses split or not, and
-/// dropout does change them.
+/// mask drawn once, in layer order, each part taking its rows): the same losses split or not,
+/// checkpointed or not, and dropout does change them.
 #[test]
 fn dropout_masks_do_not_depend_on_the_split() {
     use webgpu_lora::lora::LoraConfig;
     let t = trajectory();
     let steps = &steps(&t)[..4];
     let fresh = |dropout: f64| {
+        let _turn = rng_turn();
         let mut model = load(&fixture("tiny-llama"), &cpu()).model;
         let json = format!(
             r#"{{"peft_type":"LORA","r":4,"lora_alpha":8,"lora_dropout":{dropout},"target_modules":"all-linear","init_lora_weights":"gaussian"}}"#
@@ -295,6 +308,13 @@ fn dropout_masks_do_not_depend_on_the_split() {
     result.unwrap();
     for (i, (a, b)) in split.iter().zip(&unsplit).enumerate() {
         assert!((a - b).abs() < 1e-6, "step {}: loss {a} split vs {b}", i + 1);
+    }
+    // gradient checkpointing runs each layer again with the masks of its first run
+    config.gradient_checkpointing = true;
+    let (checkpointed, result, _) = run(&mut fresh(0.3), steps, &config, None, None);
+    result.unwrap();
+    for (i, (a, b)) in checkpointed.iter().zip(&unsplit).enumerate() {
+        assert!((a - b).abs() < 1e-6, "step {}: loss {a} split and checkpointed vs {b}", i + 1);
     }
     let effect = split.iter().zip(&no_dropout).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     assert!(effect > 1e-4, "dropout 0.3 changes the losses ({effect})");

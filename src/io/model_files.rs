@@ -3,13 +3,13 @@
 //! the native build from a directory or a file; everything after that is one code path.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::io::gguf::{RawMetadata, StoredTensor};
 use crate::io::gguf_convert::{GgufModel, GgufWeights};
-use crate::io::safetensors::{INDEX_FILE, SINGLE_FILE, SafetensorsWeights, StoreDtype};
+use crate::io::safetensors::{INDEX_FILE, SINGLE_FILE, SafetensorsWeights, StoreDtype, WeightFile};
 use crate::io::tokenizer::TextTokenizer;
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -26,6 +26,8 @@ pub struct ModelFiles {
     /// Where they came from (a directory or a URL), prefixed to file names in errors.
     origin: String,
     files: BTreeMap<String, Vec<u8>>,
+    /// Weight files left on disk, read a tensor at a time while loading (a directory's).
+    on_disk: BTreeMap<String, PathBuf>,
     /// The tensors of a GGUF model (its other files are in `files`).
     gguf: Option<GgufWeights>,
     /// A GGUF model's metadata as stored (what a GGUF export of the model copies).
@@ -59,7 +61,13 @@ impl WeightSource {
 impl ModelFiles {
     /// An empty set; `origin` (a directory or URL) is shown in error messages.
     pub fn new(origin: impl Into<String>) -> Self {
-        ModelFiles { origin: origin.into().trim_end_matches('/').to_string(), files: BTreeMap::new(), gguf: None, gguf_metadata: None }
+        ModelFiles {
+            origin: origin.into().trim_end_matches('/').to_string(),
+            files: BTreeMap::new(),
+            on_disk: BTreeMap::new(),
+            gguf: None,
+            gguf_metadata: None,
+        }
     }
 
     /// The files of a GGUF model: config and tokenizer files made from its metadata, its tensors
@@ -67,7 +75,7 @@ impl ModelFiles {
     pub fn from_gguf(origin: impl Into<String>, bytes: Vec<u8>) -> Result<Self> {
         let origin = origin.into();
         let model = GgufModel::parse(&origin, bytes)?;
-        let mut files = ModelFiles { origin, files: BTreeMap::new(), gguf: None, gguf_metadata: None };
+        let mut files = ModelFiles::new(origin);
         for (name, bytes) in model.text_files(StoreDtype::F32) {
             files.insert(name, bytes);
         }
@@ -142,14 +150,14 @@ impl ModelFiles {
         let mut files = ModelFiles::new(origin);
         let label = |name: &str| format!("{}/{name}", dir.display());
         let read = |name: &str| crate::io::read_file(&dir.join(name));
-        let mut wanted = vec![CONFIG_FILE.to_string()];
+        let mut weights = Vec::new();
         let index = dir.join(INDEX_FILE);
         if index.is_file() {
             let bytes = read(INDEX_FILE)?;
-            wanted.extend(Self::weight_file_names(Some(&bytes))?);
+            weights.extend(Self::weight_file_names(Some(&bytes))?);
             files.insert(INDEX_FILE, bytes);
         } else if dir.join(SINGLE_FILE).is_file() {
-            wanted.push(SINGLE_FILE.to_string());
+            weights.push(SINGLE_FILE.to_string());
         } else {
             return Err(Error::file(
                 label(SINGLE_FILE),
@@ -158,9 +166,13 @@ impl ModelFiles {
                 ),
             ));
         }
-        for name in wanted {
-            let bytes = read(&name)?;
-            files.insert(name, bytes);
+        files.insert(CONFIG_FILE, read(CONFIG_FILE)?);
+        for name in weights {
+            let path = dir.join(&name);
+            if !path.is_file() {
+                return Err(Error::file(label(&name), format!("missing: {INDEX_FILE} lists it")));
+            }
+            files.on_disk.insert(name, path);
         }
         for name in TEXT_FILES {
             if dir.join(name).is_file() {
@@ -203,12 +215,19 @@ impl ModelFiles {
         let mut weights = Vec::with_capacity(names.len());
         for name in names {
             let label = self.label(&name);
-            let bytes = self.files.remove(&name).ok_or_else(|| {
-                Error::file(&label, format!("missing: the model's weights are not loaded ({SINGLE_FILE} or the shards of {INDEX_FILE})"))
-            })?;
-            weights.push((label, bytes));
+            let file = match (self.files.remove(&name), self.on_disk.remove(&name)) {
+                (Some(bytes), _) => WeightFile::Memory(bytes),
+                (None, Some(path)) => WeightFile::Disk(path),
+                (None, None) => {
+                    return Err(Error::file(
+                        &label,
+                        format!("missing: the model's weights are not loaded ({SINGLE_FILE} or the shards of {INDEX_FILE})"),
+                    ));
+                }
+            };
+            weights.push((label, file));
         }
-        SafetensorsWeights::new(weights)
+        SafetensorsWeights::open(weights)
     }
 
     /// The tokenizer, when tokenizer.json is present (a model without one runs on token ids).

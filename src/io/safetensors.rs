@@ -1,12 +1,18 @@
 //! Safetensors in and out: the weights of a Hugging Face model (one file or shards with
-//! `model.safetensors.index.json`), read from bytes so that the browser and the native build share
-//! one path. Tensors come out as f32 whatever their storage type (F32, F16, BF16).
+//! `model.safetensors.index.json`), from bytes in memory (the browser's downloads) or from files
+//! on disk read a tensor at a time (so loading never holds a whole checkpoint besides the model),
+//! through one path. Tensors come out as f32 whatever their storage type (F32, F16, BF16).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::Mutex;
 
 use safetensors::{
-    Dtype, SafeTensors,
-    tensor::{TensorInfo, TensorView},
+    Dtype, SafeTensorError, SafeTensors,
+    tensor::{Metadata, TensorInfo, TensorView},
 };
 use serde_json::Value;
 
@@ -47,10 +53,40 @@ impl StoreDtype {
     }
 }
 
+/// Where a checkpoint file's bytes are.
+pub enum WeightFile {
+    Memory(Vec<u8>),
+    /// A file on disk, read a tensor at a time.
+    Disk(PathBuf),
+}
+
+/// An open [`WeightFile`].
+enum Bytes {
+    Memory(Vec<u8>),
+    Disk(Mutex<File>),
+}
+
+impl Bytes {
+    /// Bytes `range` of the file (`name` for errors).
+    fn read(&self, range: (usize, usize), name: &str) -> Result<Cow<'_, [u8]>> {
+        match self {
+            Bytes::Memory(bytes) => Ok(Cow::Borrowed(&bytes[range.0..range.1])),
+            Bytes::Disk(file) => {
+                let mut out = vec![0; range.1 - range.0];
+                let mut file = file.lock().expect("no thread panics holding a weight file");
+                file.seek(SeekFrom::Start(range.0 as u64))
+                    .and_then(|_| file.read_exact(&mut out))
+                    .map_err(|source| Error::io(name, source))?;
+                Ok(Cow::Owned(out))
+            }
+        }
+    }
+}
+
 /// The weights of a model: one or more safetensors files, validated on construction and decoded
 /// tensor by tensor on demand (so at most one tensor is held twice in memory while loading).
 pub struct SafetensorsWeights {
-    files: Vec<(String, Vec<u8>)>,
+    files: Vec<(String, Bytes)>,
     /// tensor name -> (index into `files`, its entry in that file's header, with data offsets
     /// made absolute), so decoding a tensor does not parse the header again
     location: HashMap<String, (usize, TensorInfo)>,
@@ -60,12 +96,23 @@ impl SafetensorsWeights {
     /// Takes the files (name, bytes) of one checkpoint; every header is checked here, so a truncated
     /// or inconsistent file fails before anything is built.
     pub fn new(files: Vec<(String, Vec<u8>)>) -> Result<Self> {
+        Self::open(files.into_iter().map(|(name, bytes)| (name, WeightFile::Memory(bytes))).collect())
+    }
+
+    /// As [`new`](Self::new), from bytes or files on disk (of which only the headers are read here).
+    pub fn open(files: Vec<(String, WeightFile)>) -> Result<Self> {
+        let files: Vec<(String, Bytes)> = files
+            .into_iter()
+            .map(|(name, file)| match file {
+                WeightFile::Memory(bytes) => Ok((name, Bytes::Memory(bytes))),
+                WeightFile::Disk(path) => {
+                    File::open(&path).map(|f| (name, Bytes::Disk(Mutex::new(f)))).map_err(|source| Error::io(path.display(), source))
+                }
+            })
+            .collect::<Result<_>>()?;
         let mut location = HashMap::new();
         for (index, (name, bytes)) in files.iter().enumerate() {
-            // deserialize validates the header against the buffer (offsets, sizes, overlaps)
-            SafeTensors::deserialize(bytes).map_err(|e| describe(name, bytes.len(), e))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| describe(name, bytes.len(), e))?;
-            let data_start = 8 + header_len;
+            let (data_start, metadata) = header(name, bytes)?;
             for (tensor, info) in metadata.tensors() {
                 let mut info = info.clone();
                 info.data_offsets = (data_start + info.data_offsets.0, data_start + info.data_offsets.1);
@@ -117,10 +164,41 @@ impl SafetensorsWeights {
             Error::file(files.join(", "), format!("tensor {name} is missing"))
         })?;
         let (file, bytes) = &self.files[*index];
-        let data = decode(info.dtype, &bytes[info.data_offsets.0..info.data_offsets.1])
+        let data = decode(info.dtype, &bytes.read(info.data_offsets, file)?)
             .ok_or_else(|| Error::file(file, format!("tensor {name} has dtype {:?}; only F32, F16 and BF16 are supported", info.dtype)))?;
         Ok(HostTensor::new(info.shape.clone(), data))
     }
+}
+
+/// Where a file's tensor data starts, and its header, checked against the file (offsets, sizes,
+/// overlaps, and that the data ends where the file does).
+fn header(name: &str, bytes: &Bytes) -> Result<(usize, Metadata)> {
+    let file = match bytes {
+        Bytes::Memory(bytes) => {
+            SafeTensors::deserialize(bytes).map_err(|e| describe(name, bytes.len(), e))?;
+            let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| describe(name, bytes.len(), e))?;
+            return Ok((8 + header_len, metadata));
+        }
+        Bytes::Disk(file) => file,
+    };
+    let len =
+        file.lock().expect("no thread panics holding a weight file").metadata().map_err(|source| Error::io(name, source))?.len() as usize;
+    if len < 8 {
+        return Err(describe(name, len, SafeTensorError::HeaderTooSmall));
+    }
+    let header_len = u64::from_le_bytes(bytes.read((0, 8), name)?.as_ref().try_into().expect("8 bytes")) as usize;
+    if header_len > len - 8 {
+        return Err(describe(name, len, SafeTensorError::InvalidHeaderLength));
+    }
+    // parsing the header validates its offsets and sizes (read_metadata would want the whole file)
+    let text = bytes.read((8, 8 + header_len), name)?;
+    let text = std::str::from_utf8(&text).map_err(|e| describe(name, len, SafeTensorError::InvalidHeader(e)))?;
+    let metadata: Metadata =
+        serde_json::from_str(text).map_err(|e| describe(name, len, SafeTensorError::InvalidHeaderDeserialization(e)))?;
+    if 8 + header_len + metadata.data_len() != len {
+        return Err(describe(name, len, SafeTensorError::MetadataIncompleteBuffer));
+    }
+    Ok((8 + header_len, metadata))
 }
 
 /// Little-endian bytes of F32/F16/BF16 to f32 values; `None` for other types.
@@ -135,8 +213,8 @@ fn decode(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
 }
 
 /// Explains a safetensors error in terms of the file a user has in hand.
-fn describe(file: &str, len: usize, e: safetensors::SafeTensorError) -> Error {
-    use safetensors::SafeTensorError as E;
+fn describe(file: &str, len: usize, e: SafeTensorError) -> Error {
+    use SafeTensorError as E;
     let hint = match &e {
         E::MetadataIncompleteBuffer | E::HeaderTooSmall | E::InvalidHeaderLength => {
             format!("; the file ({len} bytes) looks truncated or is not safetensors: download it again")
@@ -202,6 +280,22 @@ mod tests {
         bytes.truncate(bytes.len() - 4);
         let err = SafetensorsWeights::new(vec![("model.safetensors".into(), bytes)]).err().unwrap().to_string();
         assert!(err.starts_with("model.safetensors: invalid safetensors") && err.contains("truncated"), "{err}");
+    }
+
+    /// From disk, a tensor at a time: the same values, and the same checks of the header.
+    #[test]
+    fn files_on_disk_read_as_bytes_do() {
+        let dir = std::env::temp_dir().join(format!("webgpu-lora-safetensors-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (good, cut) = (dir.join("good.safetensors"), dir.join("cut.safetensors"));
+        let bytes = write_safetensors(&sample(), StoreDtype::BF16, None).unwrap();
+        std::fs::write(&good, &bytes).unwrap();
+        std::fs::write(&cut, &bytes[..bytes.len() - 4]).unwrap();
+        let w = SafetensorsWeights::open(vec![("m.safetensors".into(), WeightFile::Disk(good))]).unwrap();
+        assert_eq!(w.tensor("a").unwrap(), sample()["a"]);
+        let err = SafetensorsWeights::open(vec![("model.safetensors".into(), WeightFile::Disk(cut))]).err().unwrap().to_string();
+        assert!(err.starts_with("model.safetensors: invalid safetensors") && err.contains("truncated"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -16,15 +16,19 @@ pub struct DropoutMasks {
     /// Rows (tokens) of the whole micro-batch.
     tokens: usize,
     parts: usize,
-    /// Per draw, in order: the scaled keep-mask and how many parts have not taken their rows yet
-    /// (the mask is let go when all have, so only the parts' autodiff graphs keep it alive).
+    /// How many times each part runs each layer (2 with gradient checkpointing).
+    passes: usize,
+    /// Per draw, in order: the scaled keep-mask and how many takes of its rows are still to come
+    /// (the mask is let go after the last, so only the parts' autodiff graphs keep it alive).
     drawn: Mutex<Vec<(Option<Tensor<2>>, usize)>>,
 }
 
 impl DropoutMasks {
-    /// Dropout probability `p` (0 < p < 1) for `tokens` rows split into `parts`.
-    pub fn new(p: f64, tokens: usize, parts: usize) -> Self {
-        DropoutMasks { p, tokens, parts, drawn: Mutex::new(Vec::new()) }
+    /// Dropout probability `p` (0 < p < 1) for `tokens` rows split into `parts`, each running
+    /// every layer `passes` times (the forward pass, and again for the gradient when
+    /// checkpointing: see [`PartDropout::seek`]).
+    pub fn new(p: f64, tokens: usize, parts: usize, passes: usize) -> Self {
+        DropoutMasks { p, tokens, parts, passes, drawn: Mutex::new(Vec::new()) }
     }
 
     /// What part `rows` (token rows of the micro-batch) of a forward pass applies.
@@ -41,6 +45,17 @@ pub struct PartDropout<'a> {
 }
 
 impl PartDropout<'_> {
+    /// Which mask the next adapted layer takes.
+    pub fn position(&self) -> usize {
+        self.next.get()
+    }
+
+    /// Makes the next adapted layer take mask `position` again: a layer run a second time (for
+    /// its gradient, when checkpointing) applies the masks of its first run.
+    pub fn seek(&self, position: usize) {
+        self.next.set(position);
+    }
+
     /// Inverted dropout (torch.nn.Dropout in training mode) of the next adapted layer's input
     /// `x` [this part's tokens, d_in].
     pub fn apply(&self, x: Tensor<2>) -> Tensor<2> {
@@ -49,11 +64,11 @@ impl PartDropout<'_> {
         let mut drawn = m.drawn.lock().expect("no thread panics holding the masks");
         if drawn.len() == index {
             let keep = Tensor::<2>::random([m.tokens, x.dims()[1]], Distribution::Bernoulli(1.0 - m.p), &x.device());
-            drawn.push((Some(keep.mul_scalar(1.0 / (1.0 - m.p))), m.parts));
+            drawn.push((Some(keep.mul_scalar(1.0 / (1.0 - m.p))), m.parts * m.passes));
         }
         let (mask, waiting) = &mut drawn[index];
         *waiting -= 1;
-        let full = if *waiting == 0 { mask.take() } else { mask.clone() }.expect("a part takes its rows once");
+        let full = if *waiting == 0 { mask.take() } else { mask.clone() }.expect("a part takes its rows once a pass");
         drop(drawn);
         let rows = if self.rows.len() == m.tokens { full } else { full.narrow(0, self.rows.start, self.rows.len()) };
         x * rows

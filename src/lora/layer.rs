@@ -51,6 +51,11 @@ pub struct LoraWeights {
 }
 
 impl LoraWeights {
+    /// The same adapter matrices, each passed through `f` (the scaling kept).
+    pub fn map(&self, f: impl Fn(&Tensor<2>) -> Tensor<2>) -> LoraWeights {
+        LoraWeights { a_t: f(&self.a_t), b_t: f(&self.b_t), scaling: self.scaling }
+    }
+
     /// The adapter's rank r.
     pub fn rank(&self) -> usize {
         self.a_t.dims()[1]

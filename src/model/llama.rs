@@ -93,6 +93,12 @@ fn rotate(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     x * cos.clone() + rotated * sin.clone()
 }
 
+/// The positions a run of ids takes: what every layer needs besides its input.
+pub struct Positions {
+    rotary: Rotary,
+    mask: Option<Tensor<4>>,
+}
+
 /// Additive causal mask [1, 1, groups * seq, start + seq] for queries grouped per key/value head
 /// (see [`Attention`]): row g * seq + i is query i, at position start + i, which sees keys 0..=start + i.
 fn causal_mask(start: usize, seq: usize, groups: usize, device: &Device) -> Tensor<4> {
@@ -216,21 +222,32 @@ impl LlamaModel {
     /// [`hidden_states`](Self::hidden_states) with the adapter given: training runs its own copies
     /// of the adapter's matrices, with dropout.
     pub fn hidden_states_with(&self, input_ids: Tensor<2, Int>, mut cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Tensor<3> {
-        let [batch, seq] = input_ids.dims();
-        let device = self.embed_tokens.device();
-        let start = cache.as_ref().map_or(0, |c| c.seen());
-        let rotary = Rotary::new(&self.config, start, seq, &device);
-        // one new token sees every cached position: no mask needed
-        let mask = (seq > 1).then(|| causal_mask(start, seq, self.config.kv_groups(), &device));
-
-        let mut h = self.embed_tokens.rows(input_ids.reshape([batch * seq])).reshape([batch, seq, self.config.hidden_size]);
+        let (start, seq) = (cache.as_ref().map_or(0, |c| c.seen()), input_ids.dims()[1]);
+        let (mut h, at) = self.decoder_input(input_ids, start);
         for layer in &self.layers {
-            h = layer.forward(h, &rotary, mask.clone(), cache.as_deref_mut(), lora);
+            h = layer.forward(h, &at.rotary, at.mask.clone(), cache.as_deref_mut(), lora);
         }
         if let Some(cache) = cache {
             cache.advance(seq);
         }
         self.norm.forward(h)
+    }
+
+    /// The embedded ids [batch, seq, hidden], at positions from `start` on, and those positions.
+    pub fn decoder_input(&self, input_ids: Tensor<2, Int>, start: usize) -> (Tensor<3>, Positions) {
+        let [batch, seq] = input_ids.dims();
+        let device = self.embed_tokens.device();
+        let rotary = Rotary::new(&self.config, start, seq, &device);
+        // one new token sees every cached position: no mask needed
+        let mask = (seq > 1).then(|| causal_mask(start, seq, self.config.kv_groups(), &device));
+        let h = self.embed_tokens.rows(input_ids.reshape([batch * seq])).reshape([batch, seq, self.config.hidden_size]);
+        (h, Positions { rotary, mask })
+    }
+
+    /// Layer `i` on its input `h` (no cache): the decoder a layer at a time, for training that
+    /// keeps only each layer's input and runs the layer again for its gradient.
+    pub fn layer_forward(&self, i: usize, h: Tensor<3>, at: &Positions, lora: Option<LoraRun>) -> Tensor<3> {
+        self.layers[i].forward(h, &at.rotary, at.mask.clone(), None, lora)
     }
 
     /// Logits [batch, seq, vocab] from hidden states.

@@ -5,4 +5,4 @@ mod kv_cache;
 mod llama;
 
 pub use kv_cache::KvCache;
-pub use llama::{Attention, DecoderLayer, Head, LlamaModel, Mlp, RmsNorm};
+pub use llama::{Attention, DecoderLayer, Head, LlamaModel, Mlp, Positions, RmsNorm};

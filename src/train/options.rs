@@ -117,6 +117,12 @@ pub struct TrainOptions {
     #[arg(long)]
     pub skip_bad_lines: bool,
 
+    /// Keep only each decoder layer's input in the forward pass and run the layer again for its
+    /// gradient (transformers' gradient_checkpointing): one layer's activations in memory at a
+    /// time instead of every layer's, for one more forward pass of compute. The same gradients.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+
     /// Run each micro-batch as up to this many parts of its rows in parallel (for the CPU
     /// backend, whose elementwise kernels are single-threaded; the CLI's default there is one per
     /// core). Equal to the unsplit step up to float rounding, and as deterministic.
@@ -163,6 +169,7 @@ impl Default for TrainOptions {
             train_on_everything: false,
             truncate: false,
             skip_bad_lines: false,
+            gradient_checkpointing: false,
             threads: None,
         }
     }

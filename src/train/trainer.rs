@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::io::safetensors::write_safetensors;
 use crate::io::{SafetensorsWeights, StoreDtype};
-use crate::lora::{AdapterFiles, AdapterWeights, DropoutMasks, LoraLayers, LoraModel, LoraRun, LoraWeights};
+use crate::lora::{AdapterFiles, AdapterWeights, DropoutMasks, LoraLayers, LoraModel, LoraRun, LoraWeights, PartDropout};
 use crate::model::LlamaModel;
 use crate::tensor::{read_host, read_scalar, upload};
 use crate::train::TrainOptions;
@@ -141,7 +141,7 @@ impl Trainee {
 /// One optimizer step's summed loss and gradients (in moment order) at `weights`: a
 /// forward/backward per micro-batch with the adapter's matrices as the only autodiff leaves, each
 /// micro-batch's summed token loss divided by the whole group's trainable tokens, gradients
-/// summed. With `threads` > 1 each micro-batch's rows are split into parts run in parallel on
+/// summed. With `options.threads` > 1 each micro-batch's rows are split into parts run in parallel on
 /// rayon's pool (the one burn's CPU GEMM uses, so the parts share the cores rather than
 /// oversubscribe them), each part with its own leaves (and so its own autodiff graph).
 /// `dropout`: LoRA dropout's p (the masks the unsplit pass would draw, see `lora::dropout`).
@@ -153,10 +153,11 @@ async fn group_gradients(
     group: &[Batch],
     seed: u64,
     dropout: f64,
-    threads: usize,
+    options: &TrainOptions,
 ) -> Result<(f64, Vec<Tensor<2>>)> {
     // no more parts than the largest micro-batch has rows to give them
-    let threads = threads.clamp(1, group.iter().map(|b| b.batch).max().unwrap_or(1).max(1));
+    let threads = options.threads.unwrap_or(1).clamp(1, group.iter().map(|b| b.batch).max().unwrap_or(1).max(1));
+    let checkpointing = options.gradient_checkpointing;
     let leaves: Vec<AdapterWeights> = (0..threads).map(|_| autodiff_leaves(weights)).collect();
     let scale = 1.0 / group.iter().map(Batch::trainable_tokens).sum::<usize>().max(1) as f64;
     let mut grads: Option<Vec<Tensor<2>>> = None;
@@ -166,11 +167,12 @@ async fn group_gradients(
         let parts = batch.split_rows(threads);
         let starts: Vec<usize> =
             parts.iter().scan(0, |start, part| Some(std::mem::replace(start, *start + part.batch * part.seq))).collect();
-        let masks = (dropout > 0.0).then(|| DropoutMasks::new(dropout, batch.batch * batch.seq, parts.len()));
+        let masks =
+            (dropout > 0.0).then(|| DropoutMasks::new(dropout, batch.batch * batch.seq, parts.len(), 1 + usize::from(checkpointing)));
         let run = |k: usize, part: &Batch| {
             let dropout = masks.as_ref().map(|m| m.part(starts[k]..starts[k] + part.batch * part.seq));
             let run = LoraRun { adapter: &trainee.adapter, weights: Some(&leaves[k]), dropout: dropout.as_ref() };
-            part_gradients(model, run, &trainee.flat(&leaves[k]), part, scale)
+            part_gradients(model, run, &trainee.flat(&leaves[k]), part, scale, checkpointing)
         };
         let results: Vec<(Tensor<1>, Vec<Tensor<2>>)> = if parts.len() == 1 {
             vec![run(0, &parts[0])]
@@ -193,16 +195,58 @@ async fn group_gradients(
 /// own graph), to run through [`LoraRun::weights`].
 pub fn autodiff_leaves(weights: &AdapterWeights) -> AdapterWeights {
     let leaf = |t: &Tensor<2>| t.clone().autodiff().require_grad();
-    weights.iter().map(|(m, w)| (m.clone(), LoraWeights { a_t: leaf(&w.a_t), b_t: leaf(&w.b_t), scaling: w.scaling })).collect()
+    weights.iter().map(|(m, w)| (m.clone(), w.map(leaf))).collect()
 }
 
 /// The summed token loss of `batch` (times `scale` in the gradient) under `run`, and the
-/// gradient of each of `leaves` (the autodiff matrices `run` reads).
-pub fn part_gradients(model: &LlamaModel, run: LoraRun, leaves: &[Tensor<2>], batch: &Batch, scale: f64) -> (Tensor<1>, Vec<Tensor<2>>) {
-    let hidden = model.hidden_states_with(model.ids_batch(&batch.ids, batch.batch, batch.seq), None, Some(run));
-    let (surrogate, loss) = head_loss_backward(model, hidden, batch, scale, LOSS_ROWS);
-    let g = surrogate.backward();
-    (loss, leaves.iter().map(|l| l.grad(&g).expect("a trainable leaf has a gradient")).collect())
+/// gradient of each of `leaves` (the autodiff matrices `run` reads). With `checkpointing`
+/// (transformers' gradient checkpointing) the forward pass keeps only each layer's input, and
+/// the backward pass runs the layers again one at a time, last first: one layer's activations
+/// exist at a time instead of every layer's, for one more forward pass of compute.
+pub fn part_gradients(
+    model: &LlamaModel,
+    run: LoraRun,
+    leaves: &[Tensor<2>],
+    batch: &Batch,
+    scale: f64,
+    checkpointing: bool,
+) -> (Tensor<1>, Vec<Tensor<2>>) {
+    let ids = model.ids_batch(&batch.ids, batch.batch, batch.seq);
+    if !checkpointing {
+        let hidden = model.hidden_states_with(ids, None, Some(run));
+        let (surrogate, loss) = head_loss_backward(model, hidden, batch, scale, LOSS_ROWS);
+        let g = surrogate.backward();
+        return (loss, leaves.iter().map(|l| l.grad(&g).expect("a trainable leaf has a gradient")).collect());
+    }
+    // forward with the adapter's values as constants, so nothing is recorded: each layer's input,
+    // and which dropout mask the layer starts at
+    let weights = run.weights.expect("training runs its own matrices");
+    let constants: AdapterWeights = weights.iter().map(|(m, w)| (m.clone(), w.map(|t| t.clone().inner()))).collect();
+    let unrecorded = LoraRun { weights: Some(&constants), ..run };
+    let mask_at = || run.dropout.map_or(0, PartDropout::position);
+    let (mut h, at) = model.decoder_input(ids, 0);
+    let mut inputs = Vec::with_capacity(model.layers.len());
+    for i in 0..model.layers.len() {
+        inputs.push((h.clone(), mask_at()));
+        h = model.layer_forward(i, h, &at, Some(unrecorded));
+    }
+    // backward: the head's gradient of the last layer's output, then each layer again, recorded
+    let out = h.autodiff().require_grad();
+    let (surrogate, loss) = head_loss_backward(model, model.norm.forward(out.clone()), batch, scale, LOSS_ROWS);
+    let mut upstream = out.grad(&surrogate.backward()).expect("the loss depends on the last layer");
+    let mut grads: Vec<Option<Tensor<2>>> = vec![None; leaves.len()];
+    for (i, (input, mask)) in inputs.into_iter().enumerate().rev() {
+        run.dropout.inspect(|d| d.seek(mask));
+        let x = input.autodiff().require_grad();
+        let g = (model.layer_forward(i, x.clone(), &at, Some(run)) * upstream).sum().backward();
+        upstream = x.grad(&g).expect("a layer's output depends on its input");
+        for (leaf, grad) in leaves.iter().zip(&mut grads) {
+            if let Some(g) = leaf.grad(&g) {
+                *grad = Some(grad.take().map_or(g.clone(), |sum| sum + g));
+            }
+        }
+    }
+    (loss, grads.into_iter().map(|g| g.expect("a trainable leaf has a gradient")).collect())
 }
 
 /// The mean token loss of `batches` under the model as it is (no dropout, no gradients).
@@ -260,8 +304,7 @@ impl Run<'_> {
         let dropout = self.model.known_adapter(adapter)?.lora_dropout;
         let weights = self.model.adapter_weights(adapter)?;
         let seed = options.seed ^ ((t as u64) << 8);
-        let threads = options.threads.unwrap_or(1);
-        let (loss, grads) = group_gradients(self.model, &self.trainee, &weights, group, seed, dropout, threads).await?;
+        let (loss, grads) = group_gradients(self.model, &self.trainee, &weights, group, seed, dropout, options).await?;
         self.header.tokens += group.iter().map(|b| b.tokens).sum::<usize>();
         if !loss.is_finite() {
             return Err(Error::invalid(format!(

@@ -21,10 +21,13 @@ test('a LoRA adapter trains on WebGPU and matches the native CLI; one the CLI tr
     const { LoraModel, AdapterStore } = window.app.webgpuLora;
     const m = await LoraModel.fromPretrained('/fixtures/tiny-chat/');
     const events = [];
-    const report = await m.train({
-      data, dataName: 'robot.jsonl', adapterName: 'robot',
+    const job = {
+      data, dataName: 'robot.jsonl',
       loraConfig: { r: 4, loraAlpha: 8, loraDropout: 0, targetModules: ['all-linear'] },
       trainingArgs: { learningRate: 1e-2, maxSteps: 4, batchSize: 2, evalEvery: 2, valSplit: 0.25, seed: 1 },
+    };
+    const report = await m.train({
+      ...job, adapterName: 'robot',
       onStep: (metrics) => events.push({ event: 'step', metrics }),
       onEval: (e) => events.push(e),
     });
@@ -39,9 +42,13 @@ test('a LoRA adapter trains on WebGPU and matches the native CLI; one the CLI tr
     const listed = (await store.list()).find((a) => a.name === 'robot-trained');
     await store.delete('robot-trained');
     store.close();
+    // the same job with gradient checkpointing: the same steps
+    const checkpointed = [];
+    await m.train({ ...job, adapterName: 'robot-checkpointed', trainingArgs: { ...job.trainingArgs, gradientCheckpointing: true },
+      onStep: (metrics) => checkpointed.push(metrics.loss) });
     m.dispose();
     return {
-      events, report, state, saved, listed, logits, bad, after,
+      events, report, state, saved, listed, logits, bad, after, checkpointed,
       config: await files['adapter_config.json'].text(),
       weights: Array.from(new Uint8Array(await files['adapter_model.safetensors'].arrayBuffer())),
     };
@@ -61,6 +68,8 @@ test('a LoRA adapter trains on WebGPU and matches the native CLI; one the CLI tr
   assert.deepEqual([result.listed.r, result.listed.baseModel.name, result.saved.name], [4, 'tiny-chat', 'robot-trained']);
   assert.match(result.bad, /robot\.jsonl:1: message 0 has role "wizard"/);
   assert.deepEqual(result.after, result.logits, 'a refused job changes nothing');
+  const losses = steps.map((s) => s.metrics.loss);
+  assert.ok(losses.every((l, i) => Math.abs(l - result.checkpointed[i]) < 1e-4), `checkpointed ${result.checkpointed} vs ${losses}`);
   console.log(`browser training (tiny-chat, WebGPU): ${steps.map((s) => s.metrics.tokensPerS.toFixed(0)).join(', ')} tokens/s`);
 
   // native parity: the browser's adapter, loaded by the CLI, gives the browser's logits

@@ -241,8 +241,9 @@ pub fn batch(value: &serde_json::Value) -> Batch {
 
 /// The mean token loss of `batch` and its gradient for every lora_A / lora_B of `adapter`, under
 /// PEFT's names and layout (`model.layers.0.self_attn.q_proj.lora_A.weight`, [r, in]): what PEFT
-/// computes with `loss.backward()` (no dropout), through the trainer's own gradient step.
-pub fn adapter_gradients(model: &LlamaModel, adapter: &str, batch: &Batch) -> (f64, BTreeMap<String, HostTensor>) {
+/// computes with `loss.backward()` (no dropout), through the trainer's own gradient step, with
+/// or without gradient checkpointing.
+pub fn adapter_gradients(model: &LlamaModel, adapter: &str, batch: &Batch, checkpointing: bool) -> (f64, BTreeMap<String, HostTensor>) {
     let leaves = autodiff_leaves(&model.adapter_weights(adapter).unwrap());
     let named: Vec<(String, burn::tensor::Tensor<2>)> = leaves
         .iter()
@@ -250,27 +251,34 @@ pub fn adapter_gradients(model: &LlamaModel, adapter: &str, batch: &Batch) -> (f
         .collect();
     let run = LoraRun { adapter, weights: Some(&leaves), dropout: None };
     let tensors: Vec<_> = named.iter().map(|(_, t)| t.clone()).collect();
-    let (loss, grads) = part_gradients(model, run, &tensors, batch, 1.0 / batch.trainable_tokens() as f64);
+    let (loss, grads) = part_gradients(model, run, &tensors, batch, 1.0 / batch.trainable_tokens() as f64, checkpointing);
     let loss = pollster::block_on(webgpu_lora::tensor::read_scalar(loss)).unwrap();
     let grads = named.into_iter().zip(grads).map(|((name, _), g)| (name, pollster::block_on(read_host(g)).unwrap().transpose())).collect();
     (loss, grads)
 }
 
 /// PEFT's loss and the gradient of every lora_A / lora_B for one batch (tests/fixtures/train,
-/// 1e-4 relative), `model` carrying the all7-r4 adapter as "a".
+/// 1e-4 relative), `model` carrying the all7-r4 adapter as "a": with and without gradient
+/// checkpointing.
 pub fn assert_gradients_match_peft(model: &LlamaModel) {
+    for checkpointing in [false, true] {
+        assert_gradients_match_peft_with(model, checkpointing);
+    }
+}
+
+fn assert_gradients_match_peft_with(model: &LlamaModel, checkpointing: bool) {
     let t = read_json(fixture("train/trajectory.json"));
-    let (loss, grads) = adapter_gradients(model, "a", &batch(&t["grad_batch"]));
+    let (loss, grads) = adapter_gradients(model, "a", &batch(&t["grad_batch"]), checkpointing);
     let bytes = std::fs::read(fixture("train/grads.safetensors")).unwrap();
     let peft = webgpu_lora::io::SafetensorsWeights::new(vec![("grads".into(), bytes)]).unwrap();
     let peft_loss = peft.tensor("loss").unwrap().data[0] as f64;
-    assert!((loss - peft_loss).abs() < 1e-5 * peft_loss.abs(), "loss {loss} vs PEFT {peft_loss}");
+    assert!((loss - peft_loss).abs() < 1e-5 * peft_loss.abs(), "checkpointing {checkpointing}: loss {loss} vs PEFT {peft_loss}");
     assert_eq!(grads.len(), peft.names().len() - 1, "one gradient per lora_A / lora_B");
     for (name, ours) in &grads {
         let theirs = peft.tensor(name).unwrap();
         assert_eq!(ours.shape, theirs.shape, "{name}");
         let scale = theirs.data.iter().fold(0f32, |m, v| m.max(v.abs()));
         let diff = max_abs_diff(&ours.data, &theirs.data);
-        assert!(diff <= 1e-4 * scale, "{name}: max diff {diff}, max |grad| {scale}");
+        assert!(diff <= 1e-4 * scale, "checkpointing {checkpointing}, {name}: max diff {diff}, max |grad| {scale}");
     }
 }

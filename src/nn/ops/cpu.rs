@@ -392,9 +392,15 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[inline(always)]
 fn group_dot<const G: usize, const L: u32, const H: u32>(low: &[u32], high: &[u32], x: &[f32]) -> [f32; 8] {
     let mut q = [0u32; G];
-    let per_low = 32 / L as usize;
-    for (j, q) in q.iter_mut().enumerate() {
-        *q = (low[j / per_low] >> (L * (j % per_low) as u32)) & ((1 << L) - 1);
+    if L == 8 {
+        // a code per byte (little-endian words): read as bytes, which vectorises where shifting does not
+        let bytes: &[u8] = bytemuck::cast_slice(low);
+        q.iter_mut().zip(bytes).for_each(|(q, &b)| *q = u32::from(b));
+    } else {
+        let per_low = 32 / L as usize;
+        for (j, q) in q.iter_mut().enumerate() {
+            *q = (low[j / per_low] >> (L * (j % per_low) as u32)) & ((1 << L) - 1);
+        }
     }
     if H > 0 {
         let per_high = 32 / H as usize;

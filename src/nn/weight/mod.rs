@@ -271,7 +271,8 @@ impl Weight {
                 continue;
             };
             let rows = words.dims()[0];
-            for run in row_runs(rows, 4 * cols, "").unwrap_or_else(|_| vec![0..rows]) {
+            let whole = std::iter::once(0..rows).collect();
+            for run in row_runs(rows, 4 * cols, "").unwrap_or(whole) {
                 let w = dequantize(words.clone().narrow(0, run.start, run.len()), *kind, *cols);
                 parts.push(Part::F32(if self.transposed { w.transpose() } else { w }));
             }
@@ -475,7 +476,7 @@ pub fn set_max_buffer_bytes(bytes: usize) {
 fn row_runs(rows: usize, row_bytes: usize, name: &str) -> Result<Vec<Range<usize>>> {
     let limit = MAX_BUFFER_BYTES.load(Ordering::Relaxed);
     if limit == 0 || rows * row_bytes <= limit {
-        return Ok(vec![0..rows]);
+        return Ok(std::iter::once(0..rows).collect());
     }
     let per_buffer = match limit / row_bytes {
         0 => {

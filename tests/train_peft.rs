@@ -98,6 +98,7 @@ fn head_loss_equals_autodiff_of_the_plain_loss() {
     use burn::tensor::activation::log_softmax;
     use burn::tensor::{Distribution, Int, Tensor, TensorData};
     use webgpu_lora::train::data::IGNORE;
+    let _turn = rng_turn();
     use webgpu_lora::train::loss::{head_loss_backward, summed_token_loss};
     let t = trajectory();
     let model = tiny_with_adapter();
@@ -395,6 +396,7 @@ fn early_stopping_restores_the_best_adapter() {
         ..Default::default()
     };
     let clock = || 0.0;
+    let _turn = rng_turn();
     let summary = pollster::block_on(train_steps(&mut model, "a", &steps, steps.len(), Some(&val), &config, None, &clock, &mut |_| {
         Control::Continue
     }))

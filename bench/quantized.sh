@@ -21,7 +21,13 @@ gen --model "$GGUF"
 gen --model "$MODEL" --dtype q8_0
 gen --model "$MODEL" --dtype q4_0
 run "$VENV/bin/python" bench/transformers_baseline.py "$MODEL" "$NEW_TOKENS" "$REPEATS"
-train() { run env MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824 cargo bench --bench training -- --targets qv "$@"; }
+# as the CLI trains: freed memory kept for reuse (glibc), except under gradient checkpointing
+train() {
+  case " $* " in
+    *" --gradient-checkpointing "*) run cargo bench --bench training -- --targets qv "$@" ;;
+    *) run env MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824 cargo bench --bench training -- --targets qv "$@" ;;
+  esac
+}
 for _ in 1 2; do
   for checkpointing in "" --gradient-checkpointing; do
     train --model "$MODEL" --dtype f32 $checkpointing

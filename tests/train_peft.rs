@@ -129,13 +129,13 @@ fn head_loss_equals_autodiff_of_the_plain_loss() {
         let g = plain.clone().mul_scalar(0.5).backward();
         let expected_grad = host(leaf.grad(&g).unwrap());
         let expected_loss = plain.inner().into_data().try_to_vec::<f32>().unwrap()[0] * 0.5;
-        let (summed, count) = summed_token_loss(&model, hidden.clone(), &batch, 7);
+        let (summed, count) = summed_token_loss(&model.head_for_slices(), hidden.clone(), &batch, 7);
         assert_eq!(count, batch.trainable_tokens());
         let summed = summed.into_data().try_to_vec::<f32>().unwrap()[0] * 0.5;
         assert!((summed - expected_loss).abs() < 1e-5 * expected_loss.abs(), "masked {masked}: loss {summed} vs {expected_loss}");
         for rows in [1, 5, 7, 1000] {
             let leaf = hidden.clone().autodiff().require_grad();
-            let (surrogate, loss) = head_loss_backward(&model, leaf.clone(), &batch, 0.5, rows);
+            let (surrogate, loss) = head_loss_backward(&model.head_for_slices(), leaf.clone(), &batch, 0.5, rows);
             let g = surrogate.backward();
             let loss = loss.into_data().try_to_vec::<f32>().unwrap()[0];
             assert!(
@@ -149,11 +149,11 @@ fn head_loss_equals_autodiff_of_the_plain_loss() {
     // no position counts: zero loss, zero gradient, nothing through the head
     batch.labels.iter_mut().for_each(|l| *l = IGNORE);
     let leaf = Tensor::<3>::ones([batch.batch, batch.seq, model.config.hidden_size], &cpu()).autodiff().require_grad();
-    let (surrogate, loss) = head_loss_backward(&model, leaf.clone(), &batch, 0.5, 7);
+    let (surrogate, loss) = head_loss_backward(&model.head_for_slices(), leaf.clone(), &batch, 0.5, 7);
     let g = surrogate.backward();
     assert_eq!(loss.into_data().try_to_vec::<f32>().unwrap(), vec![0.0]);
     assert!(host(leaf.grad(&g).unwrap()).iter().all(|&x| x == 0.0));
-    assert_eq!(summed_token_loss(&model, leaf.inner(), &batch, 7).1, 0);
+    assert_eq!(summed_token_loss(&model.head_for_slices(), leaf.inner(), &batch, 7).1, 0);
 }
 
 /// 20 AdamW steps (2 micro-batches each, clipping, cosine with warmup): PEFT's loss curve within

@@ -7,7 +7,7 @@
 
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::model::LlamaModel;
+use crate::model::Head;
 use crate::nn::ops::cross_entropy;
 use crate::train::data::{Batch, IGNORE};
 
@@ -44,7 +44,7 @@ fn counted_rows(hidden: Tensor<3>, batch: &Batch) -> Option<(Tensor<2>, Tensor<2
 /// The loss of `hidden` ([rows, hidden], plain) against `targets`, `rows_at_once` positions at a
 /// time, and with `grad` also dLoss/dhidden: (softmax - onehot) · W for the linear head W.
 fn head_loss_slices(
-    model: &LlamaModel,
+    head: &Head,
     hidden: Tensor<2>,
     targets: Tensor<2, Int>,
     rows_at_once: usize,
@@ -53,7 +53,6 @@ fn head_loss_slices(
     let n = hidden.dims()[0];
     let mut loss: Option<Tensor<1>> = None;
     let mut grads = Vec::new();
-    let head = model.head_for_slices();
     for start in (0..n).step_by(rows_at_once) {
         let len = rows_at_once.min(n - start);
         let h = hidden.clone().narrow(0, start, len);
@@ -72,28 +71,29 @@ fn head_loss_slices(
 }
 
 /// The summed token loss of `batch` ([1]) given its final hidden states [batch, seq, hidden]
-/// (no gradients), and how many tokens it covers. Divide by the tokens for the mean.
-pub fn summed_token_loss(model: &LlamaModel, hidden: Tensor<3>, batch: &Batch, rows_at_once: usize) -> (Tensor<1>, usize) {
+/// (no gradients) and the model's `head` ([`LlamaModel::head_for_slices`](crate::LlamaModel::head_for_slices)),
+/// and how many tokens it covers. Divide by the tokens for the mean.
+pub fn summed_token_loss(head: &Head, hidden: Tensor<3>, batch: &Batch, rows_at_once: usize) -> (Tensor<1>, usize) {
     let device = hidden.device();
     match counted_rows(hidden, batch) {
         None => (Tensor::zeros([1], &device), 0),
         Some((rows, targets)) => {
             let count = rows.dims()[0];
-            (head_loss_slices(model, rows, targets, rows_at_once, false).0, count)
+            (head_loss_slices(head, rows, targets, rows_at_once, false).0, count)
         }
     }
 }
 
-/// The loss of `batch` from its final hidden states [batch, seq, hidden] (autodiff), times
-/// `scale`: returns the surrogate sum(h * dLoss/dh), whose backward gives every earlier parameter
+/// The loss of `batch` from its final hidden states [batch, seq, hidden] (autodiff) and the
+/// model's `head`, times `scale`: returns the surrogate sum(h * dLoss/dh), whose backward gives every earlier parameter
 /// its true gradient, and the loss value ([1], plain).
-pub fn head_loss_backward(model: &LlamaModel, hidden: Tensor<3>, batch: &Batch, scale: f64, rows_at_once: usize) -> (Tensor<1>, Tensor<1>) {
+pub fn head_loss_backward(head: &Head, hidden: Tensor<3>, batch: &Batch, scale: f64, rows_at_once: usize) -> (Tensor<1>, Tensor<1>) {
     let device = hidden.device();
     let Some((rows, targets)) = counted_rows(hidden.clone(), batch) else {
         // nothing counts: a zero loss whose gradient is zero everywhere
         return (hidden.sum().mul_scalar(0.0), Tensor::zeros([1], &device.inner()));
     };
-    let (loss, grad) = head_loss_slices(model, rows.clone().inner(), targets, rows_at_once, true);
+    let (loss, grad) = head_loss_slices(head, rows.clone().inner(), targets, rows_at_once, true);
     let grad = grad.expect("asked for").mul_scalar(scale);
     ((rows * grad).sum(), loss.mul_scalar(scale))
 }

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::io::safetensors::write_safetensors;
 use crate::io::{SafetensorsWeights, StoreDtype};
 use crate::lora::{AdapterFiles, AdapterWeights, DropoutMasks, LoraLayers, LoraModel, LoraRun, LoraWeights, PartDropout};
-use crate::model::LlamaModel;
+use crate::model::{Head, LlamaModel};
 use crate::tensor::{read_host, read_scalar, upload};
 use crate::train::TrainOptions;
 use crate::train::data::{Batch, Dataset, epoch_batches};
@@ -158,6 +158,8 @@ async fn group_gradients(
     // no more parts than the largest micro-batch has rows to give them
     let threads = options.threads.unwrap_or(1).clamp(1, group.iter().map(|b| b.batch).max().unwrap_or(1).max(1));
     let checkpointing = options.gradient_checkpointing;
+    // one head for all parts: a quantized one is dequantized once a step, not once a thread
+    let head = model.head_for_slices();
     let leaves: Vec<AdapterWeights> = (0..threads).map(|_| autodiff_leaves(weights)).collect();
     let scale = 1.0 / group.iter().map(Batch::trainable_tokens).sum::<usize>().max(1) as f64;
     let mut grads: Option<Vec<Tensor<2>>> = None;
@@ -172,7 +174,7 @@ async fn group_gradients(
         let run = |k: usize, part: &Batch| {
             let dropout = masks.as_ref().map(|m| m.part(starts[k]..starts[k] + part.batch * part.seq));
             let run = LoraRun { adapter: &trainee.adapter, weights: Some(&leaves[k]), dropout: dropout.as_ref() };
-            part_gradients(model, run, &trainee.flat(&leaves[k]), part, scale, checkpointing)
+            part_gradients(model, &head, run, &trainee.flat(&leaves[k]), part, scale, checkpointing)
         };
         let results: Vec<(Tensor<1>, Vec<Tensor<2>>)> = if parts.len() == 1 {
             vec![run(0, &parts[0])]
@@ -199,12 +201,14 @@ pub fn autodiff_leaves(weights: &AdapterWeights) -> AdapterWeights {
 }
 
 /// The summed token loss of `batch` (times `scale` in the gradient) under `run`, and the
-/// gradient of each of `leaves` (the autodiff matrices `run` reads). With `checkpointing`
+/// gradient of each of `leaves` (the autodiff matrices `run` reads); `head` is the model's
+/// ([`LlamaModel::head_for_slices`], shared by the parts of a step). With `checkpointing`
 /// (transformers' gradient checkpointing) the forward pass keeps only each layer's input, and
 /// the backward pass runs the layers again one at a time, last first: one layer's activations
 /// exist at a time instead of every layer's, for one more forward pass of compute.
 pub fn part_gradients(
     model: &LlamaModel,
+    head: &Head,
     run: LoraRun,
     leaves: &[Tensor<2>],
     batch: &Batch,
@@ -214,7 +218,7 @@ pub fn part_gradients(
     let ids = model.ids_batch(&batch.ids, batch.batch, batch.seq);
     if !checkpointing {
         let hidden = model.hidden_states_with(ids, None, Some(run));
-        let (surrogate, loss) = head_loss_backward(model, hidden, batch, scale, LOSS_ROWS);
+        let (surrogate, loss) = head_loss_backward(head, hidden, batch, scale, LOSS_ROWS);
         let g = surrogate.backward();
         return (loss, leaves.iter().map(|l| l.grad(&g).expect("a trainable leaf has a gradient")).collect());
     }
@@ -232,7 +236,7 @@ pub fn part_gradients(
     }
     // backward: the head's gradient of the last layer's output, then each layer again, recorded
     let out = h.autodiff().require_grad();
-    let (surrogate, loss) = head_loss_backward(model, model.norm.forward(out.clone()), batch, scale, LOSS_ROWS);
+    let (surrogate, loss) = head_loss_backward(head, model.norm.forward(out.clone()), batch, scale, LOSS_ROWS);
     let mut upstream = out.grad(&surrogate.backward()).expect("the loss depends on the last layer");
     let mut grads: Vec<Option<Tensor<2>>> = vec![None; leaves.len()];
     for (i, (input, mask)) in inputs.into_iter().enumerate().rev() {
@@ -252,9 +256,10 @@ pub fn part_gradients(
 /// The mean token loss of `batches` under the model as it is (no dropout, no gradients).
 pub async fn evaluate(model: &LlamaModel, batches: &[Batch]) -> Result<f64> {
     let (mut sum, mut count) = (0.0, 0);
+    let head = model.head_for_slices();
     for batch in batches {
         let hidden = model.hidden_states(model.ids_batch(&batch.ids, batch.batch, batch.seq), None);
-        let (loss, n) = summed_token_loss(model, hidden, batch, LOSS_ROWS);
+        let (loss, n) = summed_token_loss(&head, hidden, batch, LOSS_ROWS);
         sum += read_scalar(loss).await?;
         count += n;
     }

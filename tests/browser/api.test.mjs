@@ -256,6 +256,9 @@ test('bad input rejects with a clear message and the model keeps working', async
       badIds: await fail(m.logits([1, 100000])),
       badOptions: await fail(m.train({ data: '{"text": "hi"}', trainingArgs: { learningRat: 1 } })),
       dtype: await fail(window.app.webgpuLora.LoraModel.fromPretrained('/fixtures/tiny-llama/', { dtype: 'bf16' })),
+      adapterFormat: await fail(m.exportAdapter('good', { format: 'ggml' })),
+      mergedFormat: await fail(m.exportMerged({ format: 'onnx' })),
+      outType: await fail(m.exportMerged({ format: 'gguf', outType: 'q3_k' })),
     };
     return { errors, after: (await window.logitsOf(ids)).data, before, adapters: m.adapters(), active: m.activeAdapter };
   }, ids);
@@ -268,6 +271,9 @@ test('bad input rejects with a clear message and the model keeps working', async
   assert.match(e.unknownSet, /no adapter named "nope"; loaded: \["good"\]/);
   assert.match(e.unknownDelete, /no adapter named "nope"/);
   assert.match(e.duplicate, /good/);
+  assert.match(e.adapterFormat, /exportAdapter: format "ggml" is not "peft" or "gguf"/);
+  assert.match(e.mergedFormat, /exportMerged: format "onnx" is not "hf" or "gguf"/);
+  assert.ok(e.outType.includes('q3_k'), e.outType);
   assert.equal(e.badIds, 'token id 100000 is out of the vocabulary (size 256)');
   assert.match(e.badOptions, /training options: unknown field `learningRat`/);
   assert.equal(e.dtype, 'unknown weight dtype "bf16": use "auto", "f32", "f16" or a type to quantize to (q8_0, q4_0, q4_1, q5_0)');

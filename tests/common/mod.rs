@@ -251,7 +251,8 @@ pub fn adapter_gradients(model: &LlamaModel, adapter: &str, batch: &Batch, check
         .collect();
     let run = LoraRun { adapter, weights: Some(&leaves), dropout: None };
     let tensors: Vec<_> = named.iter().map(|(_, t)| t.clone()).collect();
-    let (loss, grads) = part_gradients(model, run, &tensors, batch, 1.0 / batch.trainable_tokens() as f64, checkpointing);
+    let (loss, grads) =
+        part_gradients(model, &model.head_for_slices(), run, &tensors, batch, 1.0 / batch.trainable_tokens() as f64, checkpointing);
     let loss = pollster::block_on(webgpu_lora::tensor::read_scalar(loss)).unwrap();
     let grads = named.into_iter().zip(grads).map(|((name, _), g)| (name, pollster::block_on(read_host(g)).unwrap().transpose())).collect();
     (loss, grads)

@@ -167,6 +167,12 @@ export interface TrainOptions {
   adapterName?: string;
   loraConfig?: LoraConfigOptions;
   trainingArgs?: TrainingArgs;
+  /**
+   * An adapter to train further instead of a new one, as loadAdapter takes it (a stored name, a
+   * URL, or its PEFT files): its adapter_config.json sets r, alpha, targets...; a loraConfig that
+   * says otherwise is refused.
+   */
+  initFrom?: string | Files | FileList | File[];
   /** A callback that throws stops the run; train() rejects with its error. */
   onStep?: (metrics: StepMetrics) => void;
   onEval?: (event: EvalEvent) => void;

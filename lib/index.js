@@ -163,19 +163,23 @@ export class LoraModel {
    * A stored adapter made for another base is refused unless {allowOtherBase: true}.
    */
   async loadAdapter(source, name, { store, allowOtherBase = false } = {}) {
+    const { files, record } = await this.#adapterSource(source, { store, allowOtherBase });
+    // the engine checks the files (and everything else) before it changes the model
+    await this.#engine.call('loadAdapter', [name ?? (record ? source : 'default'), files], undefined, record ? [record.weights.buffer] : undefined);
+    if (record?.trainingSummary) this.#summaries.set(name ?? source, record.trainingSummary);
+    else this.#summaries.delete(name ?? 'default'); // files carry no training summary
+  }
+
+  /** What the worker takes for an adapter `source` (a stored name, a URL, or the PEFT files), and the stored record. */
+  async #adapterSource(source, { store, allowOtherBase = false } = {}) {
     if (isStoreName(source)) {
       const s = await this.#store(store);
       const record = await s.get(source);
       if (!record) throw new Error(`no adapter named "${source}" in the store (stored: ${JSON.stringify((await s.list()).map((a) => a.name))})`);
       if (!allowOtherBase) checkSameBase(record, this.#base);
-      await this.#engine.call('loadAdapter', [name ?? source, { [ADAPTER_CONFIG]: record.config, [ADAPTER_WEIGHTS]: record.weights }], undefined, [record.weights.buffer]);
-      if (record.trainingSummary) this.#summaries.set(name ?? source, record.trainingSummary);
-      return;
+      return { files: { [ADAPTER_CONFIG]: record.config, [ADAPTER_WEIGHTS]: record.weights }, record };
     }
-    // the engine checks the files (and everything else) before it changes the model
-    const files = typeof source === 'string' ? absolute(source) : adapterFilesByName(source, 'the given adapter files');
-    await this.#engine.call('loadAdapter', [name ?? 'default', files]);
-    this.#summaries.delete(name ?? 'default'); // files carry no training summary
+    return { files: typeof source === 'string' ? absolute(source) : adapterFilesByName(source, 'the given adapter files') };
   }
 
   setAdapter(name) { return this.#engine.call('setAdapter', [name]); }
@@ -259,13 +263,17 @@ export class LoraModel {
    * schedule, weightDecay, maxGradNorm, maxSeqLen, evalEvery, valSplit, patience, seed, ...} as the
    * CLI's flags in camelCase. onStep(metrics), onEval({step, valLoss, best}), onCheckpoint(files);
    * `signal` cancels after the current step (the adapter so far is kept). A callback that throws
-   * stops the run, and train() rejects with that error. Resolves to the report.
+   * stops the run, and train() rejects with that error. Resolves to the report. `initFrom` (a
+   * stored adapter's name, a URL, or PEFT files, as loadAdapter takes them) trains that adapter
+   * further instead of a new one: its adapter_config.json sets r, alpha, targets..., and a
+   * `loraConfig` that says otherwise is refused.
    */
-  async train({ data, validation, dataName, adapterName = 'default', loraConfig = {}, trainingArgs = {}, onStep, onEval, onCheckpoint, signal } = {}) {
+  async train({ data, validation, dataName, adapterName = 'default', loraConfig = {}, trainingArgs = {}, initFrom, onStep, onEval, onCheckpoint, signal } = {}) {
     if (data == null) throw new Error('train: "data" is required (JSONL text, a File, or an array of examples)');
     const name = dataName ?? (typeof File !== 'undefined' && data instanceof File ? data.name : 'data.jsonl');
     const bytes = await dataBytes(data, 'train: data');
     const val = validation == null ? null : await dataBytes(validation, 'train: validation');
+    const init = initFrom == null ? null : (await this.#adapterSource(initFrom)).files;
     const cancel = () => this.#engine.call('cancel');
     if (signal?.aborted) throw new DOMException('training was aborted before it started', 'AbortError');
     signal?.addEventListener('abort', cancel);
@@ -276,7 +284,7 @@ export class LoraModel {
     };
     try {
       const options = { baseModelNameOrPath: this.#base.name, ...loraConfig, ...trainingArgs, adapterName };
-      const out = await this.#engine.call('train', [name, bytes, val, options], (e) => {
+      const out = await this.#engine.call('train', [name, bytes, val, options, init], (e) => {
         if (e.event === 'step') deliver(onStep, e.metrics);
         else if (e.event === 'eval') deliver(onEval, e);
         else if (e.event === 'checkpoint') deliver(onCheckpoint, { step: e.step, [ADAPTER_CONFIG]: e.files.adapterConfig, [ADAPTER_WEIGHTS]: e.files.adapterWeights, 'trainer_state.safetensors': e.files.state });

@@ -85,6 +85,20 @@ async function readFiles(base, opened, cache, emit) {
 
 // The files of a model: from a URL of a directory in Hugging Face layout or of a .gguf file, a
 // GGUF given as a Blob or File, or files given as {name: bytes}.
+// An adapter's PEFT files as bytes, from the URL of its directory or the two files themselves,
+// and where they came from (for errors).
+async function adapterBytes(source, emit) {
+  let files = source;
+  let origin = 'the given files';
+  if (typeof source === 'string') {
+    origin = source.endsWith('/') ? source : source + '/';
+    const opened = [];
+    for (const file of [ADAPTER_CONFIG, ADAPTER_WEIGHTS]) opened.push([file, await openFile(origin + file, null, false)]);
+    files = await readFiles(origin, opened, null, emit);
+  }
+  return { config: await toBytes(files[ADAPTER_CONFIG], ADAPTER_CONFIG), weights: await toBytes(files[ADAPTER_WEIGHTS], ADAPTER_WEIGHTS), origin };
+}
+
 async function modelFiles(source, useCache, emit) {
   if (typeof Blob !== 'undefined' && source instanceof Blob) {
     const name = source.name?.toLowerCase().endsWith('.gguf') ? source.name : 'model.gguf';
@@ -146,15 +160,8 @@ const ops = {
   // `source`: the URL of a PEFT directory, or its two files (checked by the page: both present)
   async loadAdapter(name, source, emit) {
     const e = await engine();
-    let files = source;
-    let origin = 'the given files';
-    if (typeof source === 'string') {
-      origin = source.endsWith('/') ? source : source + '/';
-      const opened = [];
-      for (const file of [ADAPTER_CONFIG, ADAPTER_WEIGHTS]) opened.push([file, await openFile(origin + file, null, false)]);
-      files = await readFiles(origin, opened, null, emit);
-    }
-    await e.loadAdapter(name, await toBytes(files[ADAPTER_CONFIG], ADAPTER_CONFIG), await toBytes(files[ADAPTER_WEIGHTS], ADAPTER_WEIGHTS), origin);
+    const { config, weights, origin } = await adapterBytes(source, emit);
+    await e.loadAdapter(name, config, weights, origin);
   },
 
   async setAdapter(name) { (await engine()).setAdapter(name); },
@@ -202,10 +209,12 @@ const ops = {
     cancelled = true;
   },
 
-  async train(dataName, data, val, options, emit) {
+  // `initFrom`: an adapter to train further, as loadAdapter takes it (or null)
+  async train(dataName, data, val, options, initFrom, emit) {
     const e = await engine();
     cancelled = false;
-    const result = await e.train(dataName, await toBytes(data, dataName), val == null ? undefined : await toBytes(val, 'validation data'), options ?? {}, (json, files) => {
+    const init = initFrom == null ? undefined : await adapterBytes(initFrom, emit);
+    const result = await e.train(dataName, await toBytes(data, dataName), val == null ? undefined : await toBytes(val, 'validation data'), options ?? {}, init, (json, files) => {
       emit(files ? { ...JSON.parse(json), files } : JSON.parse(json));
       return !cancelled;
     });

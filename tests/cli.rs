@@ -156,6 +156,50 @@ fn train_command_writes_a_peft_adapter() {
     std::fs::remove_file(&log).unwrap();
 }
 
+/// `train --init-from`: the run starts from the PEFT adapter's own A and B and its config (with a
+/// learning rate too small to move an f32 value, the adapter comes back as it went in, under its
+/// r, alpha and targets); a LoRA option set against its config is refused by name, one that
+/// agrees with it is taken, and an option left at its default takes the adapter's value.
+#[test]
+fn train_init_from_continues_a_peft_adapter() {
+    let source = fixture("peft/all7-r4");
+    let out = scratch("cli-init-from");
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/robot/train.jsonl");
+    let train = |extra: &str| {
+        let mut command = cli();
+        command.args(["train", "--model"]).arg(fixture("tiny-chat")).arg("--data").arg(&data).arg("--out").arg(&out);
+        command.arg("--init-from").arg(&source);
+        command.args("--max-steps 1 --batch-size 2 --max-seq-len 64 --truncate --train-on-everything --backend cpu".split_whitespace());
+        command.args(extra.split_whitespace()).output().unwrap()
+    };
+    let output = train("--lr 1e-12 --r 4");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let tensors = |dir: &std::path::Path| {
+        let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+        webgpu_lora::io::SafetensorsWeights::new(vec![("a".into(), bytes)]).unwrap()
+    };
+    let (ours, theirs) = (tensors(&out), tensors(&source));
+    assert_eq!(ours.names(), theirs.names());
+    for name in theirs.names() {
+        let diff = max_abs_diff(&ours.tensor(name).unwrap().data, &theirs.tensor(name).unwrap().data);
+        assert!(diff < 1e-9, "{name} moved by {diff}");
+    }
+    let (config, peft) = (read_json(out.join("adapter_config.json")), read_json(source.join("adapter_config.json")));
+    assert_eq!((config["r"].as_f64(), config["lora_alpha"].as_f64()), (peft["r"].as_f64(), peft["lora_alpha"].as_f64()));
+    let targets = |c: &serde_json::Value| {
+        let mut t: Vec<String> = serde_json::from_value(c["target_modules"].clone()).unwrap();
+        t.sort();
+        t
+    };
+    assert_eq!(targets(&config), targets(&peft));
+
+    let output = train("--lr 1e-3 --r 2 --alpha 8 --targets q_proj");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("the run continues this adapter but asks for r 2 (the adapter's is 4), target_modules q_proj"), "{stderr}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
 /// `convert-to-lora`: PEFT's OLoRA adapter becomes a plain LoRA of rank 2r that, on the unmodified
 /// base, gives PEFT's logits of the fine-tuned model; a plain LoRA is refused with exit status 1.
 #[test]

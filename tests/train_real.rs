@@ -38,15 +38,22 @@ fn fine_tuning_teaches_the_persona() {
     let mut evals = Vec::new();
     let start = std::time::Instant::now();
     let clock = move || start.elapsed().as_secs_f64();
-    let (report, _) =
-        pollster::block_on(fine_tune(&mut llm, &spec, ("train.jsonl", &train), Some(("val.jsonl", &val)), None, &clock, &mut |event| {
+    let (report, _) = pollster::block_on(fine_tune(
+        &mut llm,
+        &spec,
+        ("train.jsonl", &train),
+        Some(("val.jsonl", &val)),
+        webgpu_lora::train::TrainStart::New,
+        &clock,
+        &mut |event| {
             if let TrainEvent::Eval { step, val_loss, .. } = event {
                 eprintln!("step {step}: val_loss {val_loss:.4}");
                 evals.push(val_loss);
             }
             Control::Continue
-        }))
-        .unwrap();
+        },
+    ))
+    .unwrap();
     let (first, last) = (evals[0], *evals.last().unwrap());
     assert!(last <= 0.7 * first, "validation loss {first:.3} -> {last:.3}: less than a 30% drop ({report:?})");
 

@@ -1,5 +1,5 @@
 // The Train panel: data (a file or the sample dataset) with a preview, LoRA and training settings
-// with the live trainable-parameter count, Start/Cancel, the loss chart, progress, and the result
+// with the live trainable-parameter count (or the active adapter, trained further), Start/Cancel, the loss chart, progress, and the result
 // saved to IndexedDB.
 import { LossChart } from './chart.js';
 import { $ } from './ui.js';
@@ -29,6 +29,11 @@ export function setupTraining(app) {
     }
   }
   for (const id of ['lora-r', 'lora-targets', 'lora-rslora', 'lora-alpha']) $(id).addEventListener('input', updateCount);
+  // continuing an adapter trains it with its own settings
+  const continuing = () => $('lora-continue').checked;
+  $('lora-continue').addEventListener('change', () => {
+    for (const id of ['lora-r', 'lora-alpha', 'lora-dropout', 'lora-targets', 'lora-init', 'lora-rslora']) $(id).disabled = continuing();
+  });
   app.onModel.push(() => { updateCount(); refreshButton(); });
 
   function showData(name, text, validation = null) {
@@ -73,17 +78,20 @@ export function setupTraining(app) {
     $('train-status').textContent = 'Preparing the data…';
     $('train-status').classList.remove('error');
     try {
+      const active = app.model.activeAdapter;
+      if (continuing() && !active) throw new Error('no adapter is active to continue from: use one from the table first');
       const report = await app.model.train({
         data: data.text,
         validation: data.validation,
         dataName: data.name,
         adapterName: name,
-        loraConfig: loraConfig(),
+        ...(continuing() ? { initFrom: await app.model.exportAdapter(active) } : { loraConfig: loraConfig() }),
         trainingArgs: {
           lr: Number($('train-lr').value), maxSteps, batchSize: Number($('train-batch').value),
           evalEvery: Number($('train-eval').value), maxSeqLen: Number($('train-seq').value),
           ...(data.validation ? {} : { valSplit: Number($('train-val').value) || undefined }),
           truncate: true,
+          gradientCheckpointing: $('train-checkpointing').checked,
         },
         onStep: (m) => {
           chart.add('train', m.step, m.loss);

@@ -16,7 +16,7 @@ use webgpu_lora::lora::{ADAPTER_CONFIG_FILE, AdapterSource, LoraConfig, LoraLaye
 use webgpu_lora::nn::WeightDtype;
 use webgpu_lora::tensor::HostTensor;
 use webgpu_lora::train::fine_tune::{STATE_FILE, SUMMARY_FILE};
-use webgpu_lora::train::{Control, TrainEvent, TrainOptions, fine_tune};
+use webgpu_lora::train::{Control, TrainEvent, TrainOptions, TrainStart, fine_tune};
 use webgpu_lora::{Error, GenerationConfig, Llm, Result};
 
 #[derive(Parser)]
@@ -154,6 +154,10 @@ struct TrainArgs {
     /// Continue from a checkpoint directory written by --checkpoint-every.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Train this PEFT adapter further (its adapter_config.json sets r, alpha, targets, ...)
+    /// instead of a new one.
+    #[arg(long, conflicts_with = "resume")]
+    init_from: Option<PathBuf>,
     /// Write every event (steps, evaluations, checkpoints) as JSON lines here.
     #[arg(long)]
     log: Option<PathBuf>,
@@ -172,9 +176,10 @@ fn train(args: TrainArgs) -> Result<()> {
     let mut llm = load(&args.model)?;
     let data = read_file(&args.data)?;
     let val = args.val.as_ref().map(|p| read_file(p).map(|b| (p.display().to_string(), b))).transpose()?;
-    let resume = match &args.resume {
-        Some(dir) => Some((AdapterSource::from_dir(dir)?, read_file(&dir.join(STATE_FILE))?)),
-        None => None,
+    let start = match (&args.resume, &args.init_from) {
+        (Some(dir), _) => TrainStart::Resume(AdapterSource::from_dir(dir)?, read_file(&dir.join(STATE_FILE))?),
+        (None, Some(dir)) => TrainStart::From(AdapterSource::from_dir(dir)?),
+        (None, None) => TrainStart::New,
     };
     let mut log = match &args.log {
         Some(path) => Some(std::fs::File::create(path).map_err(|source| Error::io(path.display(), source))?),
@@ -197,7 +202,7 @@ fn train(args: TrainArgs) -> Result<()> {
     };
     let data_name = args.data.display().to_string();
     let val_ref = val.as_ref().map(|(n, b)| (n.as_str(), b.as_slice()));
-    let job = fine_tune(&mut llm, &options, (&data_name, &data), val_ref, resume, &clock, &mut on_event);
+    let job = fine_tune(&mut llm, &options, (&data_name, &data), val_ref, start, &clock, &mut on_event);
     let (report, files) = pollster::block_on(job)?;
     if let Some(e) = failed {
         return Err(e);

@@ -277,6 +277,28 @@ impl TargetModules {
 }
 
 impl LoraConfig {
+    /// The settings a training run chooses, as text (target module names sorted): what a run that
+    /// continues this adapter may not set otherwise.
+    pub fn training_settings(&self) -> [(&'static str, String); 6] {
+        let targets = match &self.target_modules {
+            TargetModules::Names(names) => {
+                let mut names = names.clone();
+                names.sort();
+                names.join(",")
+            }
+            TargetModules::Regex(pattern, _) => pattern.clone(),
+            TargetModules::AllLinear => "all-linear".into(),
+        };
+        [
+            ("r", self.r.to_string()),
+            ("lora_alpha", self.lora_alpha.to_string()),
+            ("lora_dropout", self.lora_dropout.to_string()),
+            ("target_modules", targets),
+            ("init_lora_weights", self.init_lora_weights.to_json().to_string()),
+            ("use_rslora", self.use_rslora.to_string()),
+        ]
+    }
+
     /// A config as `LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, task_type="CAUSAL_LM")`.
     pub fn new(r: usize, lora_alpha: f64, target_modules: TargetModules) -> Result<Self> {
         let raw = json!({

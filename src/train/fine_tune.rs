@@ -1,12 +1,12 @@
 //! A whole fine-tuning job, as the CLI and the browser run it: read and tokenize the data, split
-//! off validation, add (or resume) the adapter, train, and hand back the adapter as PEFT files
+//! off validation, add the adapter (or continue one, or resume a checkpoint), train, and hand back the adapter as PEFT files
 //! with the run's summary. The edges only supply bytes, a clock and somewhere to put the events.
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::llm::Llm;
-use crate::lora::{AdapterFiles, AdapterSource, LoraModel};
+use crate::lora::{AdapterFiles, AdapterSource, LoraConfig, LoraModel};
 use crate::train::TrainOptions;
 use crate::train::data::{DataReport, Dataset, ordered_batches, read_dataset};
 use crate::train::trainer::{Control, TrainEvent, TrainSummary, plan_steps, train_steps};
@@ -35,15 +35,25 @@ impl FineTuneReport {
     }
 }
 
-/// Runs the job on `llm`: the adapter is added as `options.adapter_name` (or, with `resume`,
-/// loaded from a checkpoint's adapter with its trainer state) and left loaded and active. On
-/// error the adapter keeps its last good values.
+/// Where a fine-tuning run's adapter comes from.
+pub enum TrainStart {
+    /// A new adapter, made from the run's LoRA options.
+    New,
+    /// An existing adapter trained further (PEFT's `from_pretrained(..., is_trainable=True)`): its
+    /// adapter_config.json holds the LoRA settings, and a LoRA option set otherwise is refused.
+    From(AdapterSource),
+    /// A checkpoint of a run: its adapter and trainer state (trainer_state.safetensors).
+    Resume(AdapterSource, Vec<u8>),
+}
+
+/// Runs the job on `llm`: the adapter (`start`) is loaded or added as `options.adapter_name`,
+/// trained, and left loaded and active. On error the adapter keeps its last good values.
 pub async fn fine_tune(
     llm: &mut Llm,
     options: &TrainOptions,
     train_file: NamedBytes<'_>,
     val_file: Option<NamedBytes<'_>>,
-    resume: Option<(AdapterSource, Vec<u8>)>,
+    start: TrainStart,
     clock: &dyn Fn() -> f64,
     on_event: &mut dyn FnMut(TrainEvent) -> Control,
 ) -> Result<(FineTuneReport, AdapterFiles)> {
@@ -77,14 +87,19 @@ pub async fn fine_tune(
 
     let model = &mut llm.model;
     let name = &options.adapter_name;
-    let state = match resume {
-        Some((adapter, state)) => {
-            model.load_adapter(name, adapter).await?;
-            Some(state)
-        }
-        None => {
+    let state = match start {
+        TrainStart::New => {
             model.add_adapter(name, lora, options.seed).await?;
             None
+        }
+        TrainStart::From(adapter) => {
+            check_continues(options, &adapter)?;
+            model.load_adapter(name, adapter).await?;
+            None
+        }
+        TrainStart::Resume(adapter, state) => {
+            model.load_adapter(name, adapter).await?;
+            Some(state)
         }
     };
     let pad = model.config.eos_token_ids.first().copied().unwrap_or(0);
@@ -94,4 +109,29 @@ pub async fn fine_tune(
         train_steps(model, name, &steps, steps_per_epoch, val_batches.as_deref(), options, state.as_deref(), clock, on_event).await?;
     let files = model.export_adapter(name).await?;
     Ok((FineTuneReport { summary, train_data: train.report, val_data: val.map(|v| v.report) }, files))
+}
+
+/// Refuses the LoRA options that a run continuing `adapter` sets otherwise than its
+/// adapter_config.json, naming each (an option left at its default takes the adapter's value).
+fn check_continues(options: &TrainOptions, adapter: &AdapterSource) -> Result<()> {
+    let (file, json) = &adapter.config;
+    let theirs = LoraConfig::from_json(json, file)?.training_settings();
+    let (ours, defaults) = (options.lora_config()?.training_settings(), TrainOptions::default().lora_config()?.training_settings());
+    let clashes: Vec<String> = ours
+        .iter()
+        .zip(&defaults)
+        .zip(&theirs)
+        .filter(|(((_, asked), (_, default)), (_, stored))| asked != default && asked != stored)
+        .map(|(((name, asked), _), (_, stored))| format!("{name} {asked} (the adapter's is {stored})"))
+        .collect();
+    if clashes.is_empty() {
+        return Ok(());
+    }
+    Err(Error::file(
+        file,
+        format!(
+            "the run continues this adapter but asks for {}: leave those options out (the adapter's settings are used) or train a new adapter",
+            clashes.join(", ")
+        ),
+    ))
 }

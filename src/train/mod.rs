@@ -11,7 +11,7 @@ mod options;
 pub mod trainer;
 
 pub use data::{Batch, DataOptions, DataReport, Dataset, Example, read_dataset};
-pub use fine_tune::{FineTuneReport, fine_tune};
+pub use fine_tune::{FineTuneReport, TrainStart, fine_tune};
 pub use optimizer::{AdamW, Schedule};
 pub use options::{INIT_LORA_WEIGHTS, TrainOptions};
 pub use trainer::{Control, StepMetrics, TrainEnd, TrainEvent, TrainSummary, evaluate, train_steps};

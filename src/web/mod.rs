@@ -14,7 +14,7 @@ use crate::generate::GenerationConfig;
 use crate::io::{ChatMessage, ModelFiles};
 use crate::lora::{AdapterFiles, AdapterSource, Combination, LoraModel};
 use crate::nn::WeightDtype;
-use crate::train::{Control, TrainEvent, TrainOptions, fine_tune};
+use crate::train::{Control, TrainEvent, TrainOptions, TrainStart, fine_tune};
 use crate::{Error, Llm};
 
 unsafe extern "C" {
@@ -443,13 +443,33 @@ impl Engine {
     /// `on_event(json, files)` gets every step / eval / checkpoint as JSON text (a checkpoint also
     /// gets {adapterConfig, adapterWeights, state}); returning false cancels, and an exception
     /// stops the run and rejects with it. Resolves to {report, adapterConfig, adapterWeights} and
-    /// leaves the adapter loaded and active.
-    pub fn train(&self, data_name: String, data: Uint8Array, val: Option<Uint8Array>, options: JsValue, on_event: Function) -> Promise {
+    /// leaves the adapter loaded and active. `init_from`: the PEFT files {config, weights, origin}
+    /// of an adapter to train further instead of a new one.
+    pub fn train(
+        &self,
+        data_name: String,
+        data: Uint8Array,
+        val: Option<Uint8Array>,
+        options: JsValue,
+        init_from: Option<js_sys::Object>,
+        on_event: Function,
+    ) -> Promise {
         let llm = self.llm();
         future_to_promise(async move {
             let llm = llm?;
             let mut llm = llm.try_borrow_mut().map_err(|_| busy())?;
             let options: TrainOptions = parse_options(options, "training options")?;
+            let start = match init_from {
+                None => TrainStart::New,
+                Some(files) => {
+                    let get = |key: &str| js_sys::Reflect::get(&files, &key.into());
+                    let config = Uint8Array::new(&get("config")?).to_vec();
+                    let weights = Uint8Array::new(&get("weights")?).to_vec();
+                    let origin = get("origin")?.as_string().unwrap_or_else(|| "the given files".into());
+                    let files = AdapterFiles { config_json: String::from_utf8_lossy(&config).into_owned(), safetensors: weights };
+                    TrainStart::From(AdapterSource::from_files(files, &origin))
+                }
+            };
             let (data, val) = (data.to_vec(), val.map(|v| v.to_vec()));
             let clock = || js_sys::Date::now() / 1000.0;
             let mut thrown: Option<JsValue> = None;
@@ -474,7 +494,7 @@ impl Engine {
             // the validation data is in the training data's format
             let val_name = if data_name.ends_with(".jsonl") { "validation.jsonl" } else { "validation.txt" };
             let val_file = val.as_deref().map(|v| (val_name, v));
-            let result = fine_tune(&mut llm, &options, (&data_name, &data), val_file, None, &clock, &mut on_event).await;
+            let result = fine_tune(&mut llm, &options, (&data_name, &data), val_file, start, &clock, &mut on_event).await;
             if let Some(e) = thrown {
                 return Err(e);
             }

@@ -120,7 +120,11 @@ export async function start({ mounts } = {}) {
 
 /** The f32 tensors of a safetensors file, by name: {shape, data: Float32Array}. */
 export function readSafetensors(path) {
-  const bytes = readFileSync(path);
+  return readSafetensorsBytes(readFileSync(path), path);
+}
+
+/** The F32 tensors of safetensors bytes (a Buffer): {name: {shape, data}}. */
+export function readSafetensorsBytes(bytes, path = 'safetensors bytes') {
   const headerLength = Number(bytes.readBigUInt64LE(0));
   const header = JSON.parse(bytes.subarray(8, 8 + headerLength).toString('utf8'));
   const out = {};

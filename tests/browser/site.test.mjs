@@ -68,6 +68,27 @@ test('playground: train, save, reload, use, compare, disable, export, import, re
   await page.click('#enable-button');
   await page.waitForFunction(() => /"ui-robot" is active again/.test(document.querySelector('#adapters-status').textContent));
 
+  // the active adapter trained further, with gradient checkpointing, into a new one of its settings
+  await page.check('#lora-continue');
+  assert.equal(await page.isDisabled('#lora-r'), true, 'the adapter brings its own settings');
+  await page.check('#train-checkpointing');
+  await page.click('#sample-button');
+  await page.waitForFunction(() => document.querySelector('#data-status').textContent.includes('200 examples'));
+  for (const [id, value] of [['#train-steps', '2'], ['#train-batch', '2'], ['#train-seq', '128'], ['#train-name', 'ui-robot-more']]) {
+    await page.fill(id, value);
+  }
+  await page.click('#train-button');
+  await page.waitForFunction(() => /^(Done|Training failed)/.test(document.querySelector('#train-status').textContent), null, { timeout: 300_000 });
+  assert.match(await page.textContent('#train-status'), /^Done: 2 steps, \d+ tokens, best validation loss [\d.]+\. Saved as "ui-robot-more" and active\./);
+  const more = await page.evaluate(async () => (await window.app.store.list()).find((a) => a.name === 'ui-robot-more'));
+  assert.deepEqual([more.r, more.targetModules], [8, 'all-linear']);
+  await page.uncheck('#lora-continue');
+  await page.uncheck('#train-checkpointing');
+  await page.locator('#adapter-table tr[data-name="ui-robot-more"] button[data-action="delete"]').click();
+  await page.waitForFunction(() => !document.querySelector('#adapter-table tr[data-name="ui-robot-more"]'));
+  await row.locator('button[data-action="use"]').click();
+  await page.waitForSelector('#adapter-table tr[data-name="ui-robot"].active');
+
   // the stored adapter's files, then PEFT files imported, renamed and deleted through the table
   await row.locator('button[data-action="export"]').click();
   await page.waitForSelector('#adapter-downloads a');

@@ -8,7 +8,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { start, root, readSafetensors, maxAbsDiff } from './helpers.mjs';
+import { start, root, readSafetensors, readSafetensorsBytes, maxAbsDiff } from './helpers.mjs';
 
 let b;
 before(async () => { b = await start(); });
@@ -46,9 +46,14 @@ test('a LoRA adapter trains on WebGPU and matches the native CLI; one the CLI tr
     const checkpointed = [];
     await m.train({ ...job, adapterName: 'robot-checkpointed', trainingArgs: { ...job.trainingArgs, gradientCheckpointing: true },
       onStep: (metrics) => checkpointed.push(metrics.loss) });
+    // continuing a PEFT adapter (by URL): a learning rate too small to move an f32 value gives it back
+    const continued = { data, dataName: 'robot.jsonl', initFrom: '/fixtures/peft/all7-r4/', trainingArgs: { learningRate: 1e-12, maxSteps: 1, batchSize: 2 } };
+    await m.train({ ...continued, adapterName: 'continued' });
+    const continuedWeights = Array.from(new Uint8Array(await (await m.exportAdapter('continued'))['adapter_model.safetensors'].arrayBuffer()));
+    const contradicted = await m.train({ ...continued, adapterName: 'contradicted', loraConfig: { r: 2 } }).then(() => 'ok', (e) => e.message);
     m.dispose();
     return {
-      events, report, state, saved, listed, logits, bad, after, checkpointed,
+      events, report, state, saved, listed, logits, bad, after, checkpointed, continuedWeights, contradicted,
       config: await files['adapter_config.json'].text(),
       weights: Array.from(new Uint8Array(await files['adapter_model.safetensors'].arrayBuffer())),
     };
@@ -68,6 +73,11 @@ test('a LoRA adapter trains on WebGPU and matches the native CLI; one the CLI tr
   assert.deepEqual([result.listed.r, result.listed.baseModel.name, result.saved.name], [4, 'tiny-chat', 'robot-trained']);
   assert.match(result.bad, /robot\.jsonl:1: message 0 has role "wizard"/);
   assert.deepEqual(result.after, result.logits, 'a refused job changes nothing');
+  const continued = readSafetensorsBytes(Buffer.from(result.continuedWeights));
+  const source = readSafetensors(join(root, 'tests/fixtures/peft/all7-r4/adapter_model.safetensors'));
+  assert.deepEqual(Object.keys(continued).sort(), Object.keys(source).sort());
+  for (const [name, t] of Object.entries(source)) assert.ok(maxAbsDiff(continued[name].data, t.data) < 1e-9, `${name} moved`);
+  assert.match(result.contradicted, /continues this adapter but asks for r 2 \(the adapter's is 4\)/);
   const losses = steps.map((s) => s.metrics.loss);
   assert.ok(losses.every((l, i) => Math.abs(l - result.checkpointed[i]) < 1e-4), `checkpointed ${result.checkpointed} vs ${losses}`);
   console.log(`browser training (tiny-chat, WebGPU): ${steps.map((s) => s.metrics.tokensPerS.toFixed(0)).join(', ')} tokens/s`);

@@ -111,46 +111,64 @@ impl Sampler {
 
     /// The next token given the last position's logits and every id so far.
     pub fn next(&mut self, logits: &mut [f32], previous: &[u32]) -> u32 {
-        let penalty = self.config.repetition_penalty;
-        if penalty != 1.0 {
-            for &id in previous {
-                if let Some(l) = logits.get_mut(id as usize) {
-                    *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
-                }
-            }
-        }
+        self.penalize(logits, previous);
         if self.config.temperature == 0.0 {
             return argmax(logits);
         }
+        let candidates = self.distribution(logits);
+        let mut r = self.rng.random::<f32>();
+        for &(id, p) in &candidates {
+            r -= p;
+            if r <= 0.0 {
+                return id;
+            }
+        }
+        candidates.last().expect("at least one candidate").0
+    }
+
+    /// The repetition penalty on every distinct id so far, as transformers applies it: a
+    /// positive logit divided by the penalty, a negative one multiplied (once per id, however
+    /// often it occurred).
+    pub fn penalize(&self, logits: &mut [f32], previous: &[u32]) {
+        let penalty = self.config.repetition_penalty;
+        if penalty == 1.0 {
+            return;
+        }
+        let distinct: std::collections::BTreeSet<u32> = previous.iter().copied().collect();
+        for id in distinct {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+            }
+        }
+    }
+
+    /// The distribution a sampled token is drawn from, given penalized logits: temperature, then
+    /// top-k, then top-p (the most likely tokens until the mass before the next reaches top_p;
+    /// the first always stays), as transformers' warpers: (id, probability) pairs, most likely
+    /// first, summing to 1.
+    pub fn distribution(&self, logits: &[f32]) -> Vec<(u32, f32)> {
         let mut candidates: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / self.config.temperature)).collect();
         candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
         if self.config.top_k > 0 {
             candidates.truncate(self.config.top_k);
         }
         let max = candidates[0].1;
-        let mut probs: Vec<f32> = candidates.iter().map(|&(_, l)| (l - max).exp()).collect();
-        let sum: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= sum);
+        candidates.iter_mut().for_each(|c| c.1 = (c.1 - max).exp());
+        let sum: f32 = candidates.iter().map(|c| c.1).sum();
+        candidates.iter_mut().for_each(|c| c.1 /= sum);
         if self.config.top_p < 1.0 {
-            // keep tokens until the mass before them reaches top_p (the first always stays)
             let mut mass = 0.0;
-            let keep = probs.iter().take_while(|&&p| {
+            let keep = candidates.iter().take_while(|c| {
                 let before = mass;
-                mass += p;
+                mass += c.1;
                 before < self.config.top_p
             });
             let keep = keep.count().max(1);
-            probs.truncate(keep);
+            candidates.truncate(keep);
+            let kept: f32 = candidates.iter().map(|c| c.1).sum();
+            candidates.iter_mut().for_each(|c| c.1 /= kept);
         }
-        let total: f32 = probs.iter().sum();
-        let mut r = self.rng.random::<f32>() * total;
-        for (i, p) in probs.iter().enumerate() {
-            r -= p;
-            if r <= 0.0 {
-                return candidates[i].0;
-            }
-        }
-        candidates[probs.len() - 1].0
+        candidates
     }
 }
 
@@ -287,6 +305,40 @@ mod tests {
     fn greedy_takes_the_first_maximum() {
         assert_eq!(argmax(&[0.0, 3.0, 3.0, -1.0]), 1);
         assert_eq!(sample_many(GenerationConfig::default(), &[0.0, 1.0, 5.0], 3), vec![2, 2, 2]);
+    }
+
+    /// transformers' RepetitionPenalty, Temperature, TopK and TopP processors on fixed logits
+    /// (tests/fixtures/sampling, made by make_fixtures.py): the same distribution, each kept
+    /// token's probability within 1e-6, every other token dropped; a repeated id penalized once.
+    #[test]
+    fn distributions_are_transformers_processors() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sampling");
+        let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
+        let expected = crate::io::SafetensorsWeights::new(vec![("expected.safetensors".into(), bytes)]).unwrap();
+        let spec: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+        let previous: Vec<u32> = serde_json::from_value(spec["previous"].clone()).unwrap();
+        let logits = expected.tensor("logits").unwrap().data;
+        let settings = spec["settings"].as_array().unwrap();
+        for (i, s) in settings.iter().enumerate() {
+            let config = GenerationConfig {
+                temperature: s["temperature"].as_f64().unwrap() as f32,
+                top_k: s["top_k"].as_u64().unwrap() as usize,
+                top_p: s["top_p"].as_f64().unwrap() as f32,
+                repetition_penalty: s["repetition_penalty"].as_f64().unwrap() as f32,
+                ..Default::default()
+            };
+            let sampler = Sampler::new(config);
+            let mut penalized = logits.clone();
+            sampler.penalize(&mut penalized, &previous);
+            let mut ours = vec![0.0f32; logits.len()];
+            for (id, p) in sampler.distribution(&penalized) {
+                ours[id as usize] = p;
+            }
+            let theirs = expected.tensor(&format!("probs.{i}")).unwrap().data;
+            for (id, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                assert!((a - b).abs() < 1e-6 && (*a == 0.0) == (*b == 0.0), "setting {s}: token {id}: {a} vs transformers' {b}");
+            }
+        }
     }
 
     #[test]

@@ -165,9 +165,10 @@ export class LoraModel {
   async loadAdapter(source, name, { store, allowOtherBase = false } = {}) {
     const { files, record } = await this.#adapterSource(source, { store, allowOtherBase });
     // the engine checks the files (and everything else) before it changes the model
-    await this.#engine.call('loadAdapter', [name ?? (record ? source : 'default'), files], undefined, record ? [record.weights.buffer] : undefined);
-    if (record?.trainingSummary) this.#summaries.set(name ?? source, record.trainingSummary);
-    else this.#summaries.delete(name ?? 'default'); // files carry no training summary
+    const loaded = name ?? (record ? source : 'default');
+    await this.#engine.call('loadAdapter', [loaded, files], undefined, record ? [record.weights.buffer] : undefined);
+    if (record?.trainingSummary) this.#summaries.set(loaded, record.trainingSummary);
+    else if (!record) this.#summaries.delete(loaded); // files carry no training summary
   }
 
   /** What the worker takes for an adapter `source` (a stored name, a URL, or the PEFT files), and the stored record. */

@@ -224,8 +224,8 @@ impl Engine {
     /// Loads PEFT files as adapter `name` (not activated, as in PEFT); `origin` labels errors.
     #[wasm_bindgen(js_name = loadAdapter)]
     pub fn load_adapter(&self, name: String, config: Uint8Array, weights: Uint8Array, origin: String) -> Promise {
-        let files = AdapterFiles { config_json: String::from_utf8_lossy(&config.to_vec()).into_owned(), safetensors: weights.to_vec() };
-        self.change_async(async move |llm| llm.model.load_adapter(&name, AdapterSource::from_files(files, &origin)).await)
+        let source = adapter_source(&config, &weights, &origin);
+        self.change_async(async move |llm| llm.model.load_adapter(&name, source).await)
     }
 
     #[wasm_bindgen(js_name = setAdapter)]
@@ -463,11 +463,8 @@ impl Engine {
                 None => TrainStart::New,
                 Some(files) => {
                     let get = |key: &str| js_sys::Reflect::get(&files, &key.into());
-                    let config = Uint8Array::new(&get("config")?).to_vec();
-                    let weights = Uint8Array::new(&get("weights")?).to_vec();
                     let origin = get("origin")?.as_string().unwrap_or_else(|| "the given files".into());
-                    let files = AdapterFiles { config_json: String::from_utf8_lossy(&config).into_owned(), safetensors: weights };
-                    TrainStart::From(AdapterSource::from_files(files, &origin))
+                    TrainStart::From(adapter_source(&Uint8Array::new(&get("config")?), &Uint8Array::new(&get("weights")?), &origin))
                 }
             };
             let (data, val) = (data.to_vec(), val.map(|v| v.to_vec()));
@@ -506,6 +503,12 @@ impl Engine {
             ])
         })
     }
+}
+
+/// An adapter's PEFT files from JS bytes; `origin` labels errors.
+fn adapter_source(config: &Uint8Array, weights: &Uint8Array, origin: &str) -> AdapterSource {
+    let files = AdapterFiles { config_json: String::from_utf8_lossy(&config.to_vec()).into_owned(), safetensors: weights.to_vec() };
+    AdapterSource::from_files(files, origin)
 }
 
 /// PEFT files for JS: {config: string, weights: Uint8Array}.

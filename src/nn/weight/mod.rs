@@ -108,11 +108,6 @@ enum Dense {
 }
 
 impl Weight {
-    /// An f32 matrix as it is, in one buffer.
-    pub fn f32(value: Tensor<2>) -> Self {
-        Weight { parts: vec![Part::F32(value)], transposed: false }
-    }
-
     /// Uploads a Hugging Face [rows, cols] host matrix in `dtype` (taken, so f32 values move to the
     /// device without a copy); the weight is its transpose when `transposed`. A quantized `dtype`
     /// quantizes the matrix as it is, blocks along its rows (see [`QuantMatrix::quantize`]); `name`

@@ -40,6 +40,21 @@ fn truncated_safetensors() {
     assert!(err.contains("truncated"), "{err}");
 }
 
+/// A shard the index lists but the directory lacks is named before anything is read.
+#[test]
+fn missing_shard() {
+    let dir = scratch("bad-missing-shard");
+    fs::create_dir_all(&dir).unwrap();
+    for entry in fs::read_dir(fixture("tiny-llama-sharded")).unwrap() {
+        let path = entry.unwrap().path();
+        fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    fs::remove_file(dir.join("model-00004-of-00011.safetensors")).unwrap();
+    let err = load_error(&dir);
+    let shard = dir.join("model-00004-of-00011.safetensors");
+    assert_eq!(err, format!("{}: missing: model.safetensors.index.json lists it", shard.display()));
+}
+
 #[test]
 fn header_that_lies_about_offsets() {
     let dir = damaged_copy("offsets");

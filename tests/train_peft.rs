@@ -163,9 +163,10 @@ fn head_loss_equals_autodiff_of_the_plain_loss() {
     assert_eq!(summed_token_loss(&model.head_for_slices(), leaf.inner(), &batch, 7).1, 0);
 }
 
-/// 20 AdamW steps (2 micro-batches each, clipping, cosine with warmup): PEFT's loss curve within
-/// 1e-4 and each step's gradient norm (before clipping) within 1e-4 relative, on the CPU and the
-/// wgpu backends; the base weights are bit-identical afterwards.
+/// 20 AdamW steps (2 micro-batches each, clipping, cosine with warmup, weight decay 0.1): PEFT's
+/// loss curve within 1e-4, each step's gradient norm (before clipping) within 1e-4 relative and the
+/// LoRA tensors PEFT ends with within 1e-4, on the CPU and the wgpu backends; the base weights are
+/// bit-identical afterwards.
 fn trajectory_matches_peft_and_base_is_untouched(device: &burn::tensor::Device) {
     let t = trajectory();
     let mut model = tiny_with_adapter_on(device);
@@ -182,11 +183,30 @@ fn trajectory_matches_peft_and_base_is_untouched(device: &burn::tensor::Device) 
         assert!((ours - peft).abs() < 1e-4 * peft, "step {}: gradient norm {ours} vs PEFT {peft}", i + 1);
     }
     assert_eq!((losses.len(), grad_norms.len()), (expected.len(), peft_norms.len()));
+    assert_final_tensors_match_peft(&model, &t);
     pollster::block_on(model.disable_adapter()).unwrap();
     assert_eq!(pollster::block_on(model.hf_tensors(None)).unwrap(), base_before, "the base is bit-identical");
 }
 
 on_cpu_and_wgpu!(trajectory_matches_peft_and_base_is_untouched);
+
+/// Every lora_A / lora_B of adapter "a" equals PEFT's after the trajectory (train/final.safetensors)
+/// within 1e-4: a tolerance well below how far the run without weight decay ends from them.
+fn assert_final_tensors_match_peft(model: &LlamaModel, t: &serde_json::Value) {
+    let decay_shift = t["decay_shift_max_abs"].as_f64().unwrap();
+    assert!(decay_shift > 1e-3, "the fixture's weight decay must show in the tensors (it moves them {decay_shift})");
+    let files = pollster::block_on(model.export_adapter("a")).unwrap();
+    let ours = webgpu_lora::io::SafetensorsWeights::new(vec![("ours".into(), files.safetensors)]).unwrap();
+    let bytes = std::fs::read(fixture("train/final.safetensors")).unwrap();
+    let peft = webgpu_lora::io::SafetensorsWeights::new(vec![("final".into(), bytes)]).unwrap();
+    assert_eq!(ours.names().len(), peft.names().len());
+    for name in peft.names() {
+        let (theirs, ours) = (peft.tensor(name).unwrap(), ours.tensor(&format!("base_model.model.{name}")).unwrap());
+        assert_eq!(ours.shape, theirs.shape, "{name}");
+        let diff = max_abs_diff(&ours.data, &theirs.data);
+        assert!(diff < 1e-4, "{name}: max diff {diff} from PEFT's tensor after the trajectory");
+    }
+}
 
 /// Training on a base stored in f16 is training on the f16-rounded base: five of the trajectory's
 /// steps on tiny-llama loaded as f16 give the losses of the same run on the model whose matrices

@@ -115,6 +115,8 @@ export interface TrainingArgs {
   maxGradNorm?: number;
   maxSeqLen?: number;
   seed?: number;
+  /** Shuffle the examples every epoch (default true); false keeps the data's order. */
+  shuffle?: boolean;
   evalEvery?: number; evalSteps?: number;
   patience?: number; earlyStoppingPatience?: number;
   checkpointEvery?: number; saveSteps?: number;

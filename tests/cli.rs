@@ -53,16 +53,18 @@ fn logits_command_with_f16_weights() {
 #[test]
 fn errors_exit_nonzero_with_the_message() {
     let output = cli().args(["logits", "--model", "/nonexistent/model", "--ids", "1", "--out", "/tmp/x.safetensors"]).output().unwrap();
-    assert!(!output.status.success());
+    assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.starts_with("error: /nonexistent/model: not a directory"), "{stderr}");
 
     let dir = fixture("tiny-llama");
     let output = cli().args(["logits", "--model"]).arg(&dir).args(["--ids", "1,x", "--out", "/tmp/x.safetensors"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--ids: \"x\" is not a token id"), "{stderr}");
 
     let output = cli().args(["generate", "--model"]).arg(&dir).args(["--prompt", "hi"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no tokenizer.json"), "{stderr}");
 }
@@ -110,7 +112,7 @@ fn adapter_info_prints_peft_counts() {
 }
 
 /// `train` in the issue's form writes a PEFT adapter directory (plus the run's summary and the
-/// JSONL log) that `logits --adapter` loads; a bad learning rate is refused before anything runs.
+/// JSONL log); a bad learning rate is refused before anything runs (exit status 1).
 #[test]
 fn train_command_writes_a_peft_adapter() {
     let out = scratch("cli-train");
@@ -136,24 +138,93 @@ fn train_command_writes_a_peft_adapter() {
     assert_eq!(events.iter().filter(|e| e["event"] == "eval").count(), 2, "before the first step and at the end");
     let config = read_json(out.join("adapter_config.json"));
     assert_eq!((config["r"].as_u64(), config["peft_type"].as_str()), (Some(4), Some("LORA")));
-    let logits = out.join("logits.safetensors");
-    let status = cli()
-        .args(["logits", "--model"])
-        .arg(real_model_dir())
-        .arg("--adapter")
-        .arg(&out)
-        .args(["--ids", "1,2,3", "--out"])
-        .arg(&logits)
-        .status()
-        .unwrap();
-    assert!(status.success());
 
     let output = train().args(["--lr", "0"]).output().unwrap();
-    assert!(!output.status.success());
+    assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.starts_with("error: learning rate 0: must be a positive number"), "{stderr}");
     std::fs::remove_dir_all(&out).unwrap();
     std::fs::remove_file(&log).unwrap();
+}
+
+/// The logged step events (`--log`): (loss, gradient norm) of each step.
+fn logged_steps(log: &std::path::Path) -> Vec<(f64, f64)> {
+    let events = std::fs::read_to_string(log).unwrap();
+    let events = events.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|e| e["event"] == "step");
+    events.map(|e| (e["metrics"]["loss"].as_f64().unwrap(), e["metrics"]["gradNorm"].as_f64().unwrap())).collect()
+}
+
+/// PEFT's 20-step trajectory (tests/fixtures/train) through the command line: its batches as
+/// `{"input_ids", "labels"}` lines in order (`--no-shuffle`, 2 rows a batch, 2 batches a step),
+/// continuing PEFT's all7-r4 adapter (`--init-from`). The logged losses (1e-4) and gradient norms
+/// (1e-4 relative) are PEFT's, and the adapter written gives the logits of PEFT's trained adapter
+/// (1e-4). `--checkpoint-every 10` writes checkpoint-10/ with the trainer state, and `--resume`
+/// from it logs the uninterrupted run's last 10 losses and ends with its adapter.
+#[test]
+fn train_on_fixed_batches_gives_peft_and_resumes() {
+    let t = read_json(fixture("train/trajectory.json"));
+    let dir = scratch("cli-trajectory");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut lines = String::new();
+    for micro in t["steps"].as_array().unwrap().iter().flat_map(|s| s.as_array().unwrap()) {
+        for (ids, labels) in micro["ids"].as_array().unwrap().iter().zip(micro["labels"].as_array().unwrap()) {
+            let (ids, labels) = (ids.as_array().unwrap(), labels.as_array().unwrap());
+            let len = ids.len() - ids.iter().rev().take_while(|&i| i == 2).count(); // right padding (eos 2) off
+            lines += &format!("{}\n", serde_json::json!({"input_ids": ids[..len], "labels": labels[..len]}));
+        }
+    }
+    let data = dir.join("ids.jsonl");
+    std::fs::write(&data, lines).unwrap();
+    let c = &t["config"];
+    let flags = format!(
+        "--no-shuffle --batch-size 2 --grad-accum 2 --max-steps 20 --lr {} --adam-beta1 {} --adam-beta2 {} --adam-epsilon {} \
+         --weight-decay {} --schedule cosine --warmup {} --max-grad-norm {} --checkpoint-every 10 --backend cpu",
+        c["lr"], c["betas"][0], c["betas"][1], c["eps"], c["weight_decay"], c["warmup"], c["max_grad_norm"]
+    );
+    let train = |out: &std::path::Path, log: &std::path::Path, start: &[&std::ffi::OsStr]| {
+        let output = cli()
+            .args(["train", "--model"])
+            .arg(fixture("tiny-llama"))
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(out)
+            .arg("--log")
+            .arg(log)
+            .args(start)
+            .args(flags.split_whitespace())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        logged_steps(log)
+    };
+    let (out, log) = (dir.join("run"), dir.join("run.jsonl"));
+    let steps = train(&out, &log, &["--init-from".as_ref(), fixture("peft/all7-r4").as_os_str()]);
+    let losses: Vec<f64> = serde_json::from_value(t["losses"].clone()).unwrap();
+    let norms: Vec<f64> = serde_json::from_value(t["grad_norms"].clone()).unwrap();
+    assert_eq!(steps.len(), 20);
+    for (i, ((loss, norm), (peft_loss, peft_norm))) in steps.iter().zip(losses.iter().zip(&norms)).enumerate() {
+        assert!((loss - peft_loss).abs() < 1e-4, "step {}: loss {loss} vs PEFT {peft_loss}", i + 1);
+        assert!((norm - peft_norm).abs() < 1e-4 * peft_norm, "step {}: gradient norm {norm} vs PEFT {peft_norm}", i + 1);
+    }
+    let logits = logits_via_cli(&["--model".as_ref(), fixture("tiny-llama").as_os_str(), "--adapter".as_ref(), out.as_os_str()]);
+    let peft = expected_logits(fixture("train/final_logits.safetensors"));
+    assert!(max_abs_diff(&logits, &peft) < 1e-4, "max |ours - PEFT's trained adapter| = {}", max_abs_diff(&logits, &peft));
+
+    let checkpoint = out.join("checkpoint-10");
+    for file in ["adapter_config.json", "adapter_model.safetensors", "trainer_state.safetensors"] {
+        assert!(checkpoint.join(file).is_file(), "checkpoint-10/{file}");
+    }
+    let (resumed, resumed_log) = (dir.join("resumed"), dir.join("resumed.jsonl"));
+    let rest = train(&resumed, &resumed_log, &["--resume".as_ref(), checkpoint.as_os_str()]);
+    assert_eq!(rest.len(), 10, "the resumed run logs steps 11 to 20");
+    for (i, ((a, _), (b, _))) in steps[10..].iter().zip(&rest).enumerate() {
+        assert!((a - b).abs() < 1e-6, "step {}: resumed {b} vs uninterrupted {a}", i + 11);
+    }
+    let resumed_logits =
+        logits_via_cli(&["--model".as_ref(), fixture("tiny-llama").as_os_str(), "--adapter".as_ref(), resumed.as_os_str()]);
+    assert!(max_abs_diff(&resumed_logits, &logits) < 1e-5, "the resumed run ends with the uninterrupted run's adapter");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// `train --init-from`: the run starts from the PEFT adapter's own A and B and its config (with a

@@ -1,10 +1,13 @@
-//! Training data: JSONL in three shapes, detected per line, or plain text; tokenized into
+//! Training data: JSONL in four shapes, detected per line, or plain text; tokenized into
 //! (ids, labels) with PEFT/TRL's conventions:
 //!
 //! - `{"messages": [{"role", "content"}, ...]}`: rendered with the model's chat template; by
 //!   default only the assistant turns (their text and end-of-turn token) are trained on.
 //! - `{"prompt", "completion"}`: prompt + completion + eos; by default only completion + eos count.
 //! - `{"text"}`: text + eos, every token counts.
+//! - `{"input_ids", "labels"}`: already tokenized, as transformers' `Trainer` takes a dataset:
+//!   the ids as they are, `labels` optional (every token counts without them; -100 = not trained
+//!   on). No tokenizer needed.
 //! - a plain text file (anything not ending in `.jsonl`): the whole text, cut into blocks of
 //!   `max_seq_len` tokens, every token counts.
 //!
@@ -73,8 +76,23 @@ pub struct Dataset {
     pub report: DataReport,
 }
 
+/// The model's tokenizer and eos id, which every shape but `input_ids` needs.
+#[derive(Clone, Copy)]
+struct Text<'a>(Option<&'a TextTokenizer>);
+
+impl<'a> Text<'a> {
+    fn needed(self) -> std::result::Result<(&'a TextTokenizer, u32), String> {
+        let tokenizer = self.0.ok_or(
+            "text needs the model's tokenizer (tokenizer.json), and this model has none: give token ids as {\"input_ids\", \"labels\"} lines",
+        )?;
+        let eos = tokenizer.eos_token_id().ok_or("the tokenizer names no eos_token (tokenizer_config.json): cannot end examples")?;
+        Ok((tokenizer, eos))
+    }
+}
+
 /// Reads a training file: JSONL when `file` ends in `.jsonl` (or `.json`), plain text otherwise.
-pub fn read_dataset(file: &str, bytes: &[u8], tokenizer: &TextTokenizer, options: &DataOptions) -> Result<Dataset> {
+/// `tokenizer` is the model's, if it has one.
+pub fn read_dataset(file: &str, bytes: &[u8], tokenizer: Option<&TextTokenizer>, options: &DataOptions) -> Result<Dataset> {
     let text = std::str::from_utf8(bytes).map_err(|e| Error::file(file, format!("not UTF-8 text: {e}")))?;
     if text.trim().is_empty() {
         return Err(Error::file(file, "the file is empty: give at least one example"));
@@ -82,12 +100,10 @@ pub fn read_dataset(file: &str, bytes: &[u8], tokenizer: &TextTokenizer, options
     if options.max_seq_len < 2 {
         return Err(Error::invalid(format!("max_seq_len = {}: needs at least 2 tokens", options.max_seq_len)));
     }
-    let eos = tokenizer
-        .eos_token_id()
-        .ok_or_else(|| Error::invalid("the tokenizer names no eos_token (tokenizer_config.json): cannot end examples"))?;
     let examples = if file.ends_with(".jsonl") || file.ends_with(".json") {
-        read_jsonl(file, text, tokenizer, eos, options)?
+        read_jsonl(file, text, Text(tokenizer), options)?
     } else {
+        let (tokenizer, eos) = Text(tokenizer).needed().map_err(|problem| Error::file(file, problem))?;
         let mut ids = tokenizer.encode(text, false)?;
         ids.push(eos);
         let examples: Vec<Example> = ids
@@ -110,7 +126,7 @@ pub fn read_dataset(file: &str, bytes: &[u8], tokenizer: &TextTokenizer, options
     Ok(Dataset { examples, report })
 }
 
-fn read_jsonl(file: &str, text: &str, tokenizer: &TextTokenizer, eos: u32, options: &DataOptions) -> Result<(Vec<Example>, DataReport)> {
+fn read_jsonl(file: &str, text: &str, tokenizer: Text, options: &DataOptions) -> Result<(Vec<Example>, DataReport)> {
     let mut report = DataReport::default();
     let mut examples = Vec::new();
     for (index, line) in text.lines().enumerate() {
@@ -120,7 +136,7 @@ fn read_jsonl(file: &str, text: &str, tokenizer: &TextTokenizer, eos: u32, optio
         let number = index + 1;
         let parsed = serde_json::from_str::<Value>(line)
             .map_err(|e| format!("invalid JSON: {e}"))
-            .and_then(|value| tokenize_line(&value, tokenizer, eos, options));
+            .and_then(|value| tokenize_line(&value, tokenizer, options));
         let example = match parsed {
             Ok(example) => example,
             Err(problem) if options.skip_bad_lines => {
@@ -151,7 +167,11 @@ fn read_jsonl(file: &str, text: &str, tokenizer: &TextTokenizer, eos: u32, optio
 }
 
 /// One line's example, or what is wrong with it.
-fn tokenize_line(value: &Value, tokenizer: &TextTokenizer, eos: u32, options: &DataOptions) -> std::result::Result<Example, String> {
+fn tokenize_line(value: &Value, text: Text, options: &DataOptions) -> std::result::Result<Example, String> {
+    if let Some(ids) = value.get("input_ids") {
+        return tokenized_line(ids, value.get("labels"));
+    }
+    let (tokenizer, eos) = text.needed()?;
     let text_of = |key: &str| value.get(key).map(|v| v.as_str().map(str::to_string).ok_or_else(|| format!("\"{key}\" must be a string")));
     let encode = |text: &str| tokenizer.encode(text, false).map_err(|e| e.to_string());
     let labelled = |ids: &[u32], trained: bool| -> Vec<i32> {
@@ -202,8 +222,31 @@ fn tokenize_line(value: &Value, tokenizer: &TextTokenizer, eos: u32, options: &D
             let labels = labelled(&ids, true);
             Ok(Example { ids, labels })
         }
-        _ => Err("expected {\"messages\": [...]}, {\"prompt\", \"completion\"} or {\"text\"}".into()),
+        _ => Err("expected {\"messages\": [...]}, {\"prompt\", \"completion\"}, {\"text\"} or {\"input_ids\"}".into()),
     }
+}
+
+/// An already tokenized line: `input_ids`, and `labels` of the same length (-100 or an id) or
+/// none (every token trained on).
+fn tokenized_line(ids: &Value, labels: Option<&Value>) -> std::result::Result<Example, String> {
+    // token ids as i32 (what a label holds), or -100 where `label`
+    let list = |key: &str, value: &Value, label: bool| -> std::result::Result<Vec<i32>, String> {
+        let items = value.as_array().filter(|l| !l.is_empty()).ok_or(format!("\"{key}\" must be a non-empty list of token ids"))?;
+        let id = |(i, v): (usize, &Value)| {
+            let n = v.as_i64().and_then(|n| i32::try_from(n).ok()).filter(|&n| n >= 0 || (label && n == IGNORE));
+            n.ok_or(format!("\"{key}\"[{i}] = {v} is not a token id{}", if label { " or -100 (not trained on)" } else { "" }))
+        };
+        items.iter().enumerate().map(id).collect()
+    };
+    let ids = list("input_ids", ids, false)?;
+    let labels = match labels {
+        None => ids.clone(),
+        Some(value) => list("labels", value, true)?,
+    };
+    if labels.len() != ids.len() {
+        return Err(format!("\"labels\" has {} entries and \"input_ids\" {}: give one label per token", labels.len(), ids.len()));
+    }
+    Ok(Example { ids: ids.into_iter().map(|i| i as u32).collect(), labels })
 }
 
 fn parse_messages(value: &Value) -> std::result::Result<Vec<ChatMessage>, String> {
@@ -251,7 +294,9 @@ impl Dataset {
     }
 
     /// Concatenates examples into sequences of up to `max_seq_len` tokens (fewer, shorter
-    /// sequences; tokens of one example can attend to the previous example in the same row).
+    /// sequences). Tokens of one example can attend to the previous example in the same row, but
+    /// no label crosses the boundary: an example's first token is not trained on (as it is not
+    /// alone), so the trainable tokens are the unpacked examples' own.
     pub fn packed(&self, max_seq_len: usize) -> Dataset {
         let mut out: Vec<Example> = Vec::new();
         let mut current = Example { ids: Vec::new(), labels: Vec::new() };
@@ -260,7 +305,8 @@ impl Dataset {
                 out.push(std::mem::replace(&mut current, Example { ids: Vec::new(), labels: Vec::new() }));
             }
             current.ids.extend(&e.ids);
-            current.labels.extend(&e.labels);
+            current.labels.push(IGNORE);
+            current.labels.extend(e.labels.iter().skip(1));
         }
         if !current.ids.is_empty() {
             out.push(current);

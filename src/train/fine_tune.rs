@@ -60,7 +60,7 @@ pub async fn fine_tune(
     options.check()?;
     let lora = options.lora_config()?;
     let data = options.data_options();
-    let tokenizer = llm.tokenizer()?;
+    let tokenizer = llm.tokenizer.as_ref();
     let mut train = read_dataset(train_file.0, train_file.1, tokenizer, &data)?;
     let mut val = match (val_file, options.val_split) {
         (Some((name, bytes)), _) => Some(read_dataset(name, bytes, tokenizer, &data)?),
@@ -77,11 +77,11 @@ pub async fn fine_tune(
         val = val.map(|v| Dataset { report: v.report.clone(), ..v.packed(data.max_seq_len) });
     }
     let vocab = llm.model.config.vocab_size;
-    if let Some(bad) =
-        train.examples.iter().chain(val.iter().flat_map(|v| &v.examples)).flat_map(|e| &e.ids).find(|&&id| id as usize >= vocab)
-    {
+    let examples = || train.examples.iter().chain(val.iter().flat_map(|v| &v.examples));
+    let ids = examples().flat_map(|e| &e.ids).map(|&id| id as usize);
+    if let Some(bad) = ids.chain(examples().flat_map(|e| &e.labels).filter_map(|&l| usize::try_from(l).ok())).find(|&id| id >= vocab) {
         return Err(Error::invalid(format!(
-            "the tokenizer produced id {bad}, outside the model's vocabulary ({vocab}): tokenizer and model do not match"
+            "token id {bad} is outside the model's vocabulary ({vocab}): the data was tokenized for another model (its tokenizer and this model do not match)"
         )));
     }
 

@@ -84,6 +84,9 @@ pub struct TrainOptions {
     /// Data order and LoRA dropout.
     #[arg(long, default_value_t = defaults().seed)]
     pub seed: u64,
+    /// Shuffle the examples every epoch (with the seed); without, batches follow the file's order.
+    #[arg(long = "no-shuffle", action = clap::ArgAction::SetFalse)]
+    pub shuffle: bool,
 
     /// Evaluate on the validation set every N steps (and before the first and after the last).
     #[arg(long)]
@@ -160,6 +163,7 @@ impl Default for TrainOptions {
             batch_size: 4,
             grad_accum: 1,
             seed: 42,
+            shuffle: true,
             eval_every: None,
             patience: None,
             checkpoint_every: None,

@@ -17,7 +17,7 @@ use crate::lora::{AdapterFiles, AdapterWeights, DropoutMasks, LoraLayers, LoraMo
 use crate::model::{Head, LlamaModel};
 use crate::tensor::{read_host, read_scalar, upload};
 use crate::train::TrainOptions;
-use crate::train::data::{Batch, Dataset, epoch_batches};
+use crate::train::data::{Batch, Dataset, epoch_batches, ordered_batches};
 use crate::train::loss::{LOSS_ROWS, head_loss_backward, summed_token_loss};
 use crate::train::optimizer::{clip_factor, global_norm};
 
@@ -270,7 +270,8 @@ pub async fn evaluate(model: &LlamaModel, batches: &[Batch]) -> Result<f64> {
 }
 
 /// The run's optimizer steps, each a group of up to `grad_accum` micro-batches: epochs of
-/// shuffled batches (seeded), cut at `max_steps`; and how many steps make an epoch.
+/// shuffled batches (seeded; in file order without `shuffle`), cut at `max_steps`; and how many
+/// steps make an epoch.
 pub fn plan_steps(train: &Dataset, options: &TrainOptions, pad: u32) -> (Vec<Vec<Batch>>, usize) {
     let micro_per_epoch = train.examples.len().div_ceil(options.batch_size);
     let steps_per_epoch = micro_per_epoch.div_ceil(options.grad_accum);
@@ -280,7 +281,11 @@ pub fn plan_steps(train: &Dataset, options: &TrainOptions, pad: u32) -> (Vec<Vec
         if steps.len() >= total || steps_per_epoch == 0 {
             break;
         }
-        let batches = epoch_batches(&train.examples, options.batch_size, options.seed, epoch, pad);
+        let batches = if options.shuffle {
+            epoch_batches(&train.examples, options.batch_size, options.seed, epoch, pad)
+        } else {
+            ordered_batches(&train.examples, options.batch_size, pad)
+        };
         steps.extend(batches.chunks(options.grad_accum).map(<[Batch]>::to_vec).take(total - steps.len()));
     }
     (steps, steps_per_epoch)

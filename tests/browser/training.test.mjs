@@ -1,18 +1,103 @@
-// Training in the browser: the tiny chat model (tests/fixtures/tiny-chat, with a tokenizer and
-// chat template) fine-tuned on WebGPU through the package's train(), on chat data from data/robot;
-// the adapter it exports loads in the native CLI and gives the browser's logits, and an adapter the
-// CLI trains, imported into the browser's store, gives the CLI's logits.
+// Training in the browser: PEFT's 20-step trajectory (tests/fixtures/train) on WebGPU through the
+// package's train(), with cancel and checkpoints; the tiny chat model (tests/fixtures/tiny-chat,
+// with a tokenizer and chat template) fine-tuned on chat data from data/robot; the adapter it
+// exports loads in the native CLI and gives the browser's logits, and an adapter the CLI trains,
+// imported into the browser's store, gives the CLI's logits.
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { start, root, readSafetensors, readSafetensorsBytes, maxAbsDiff } from './helpers.mjs';
+import { start, root, readSafetensors, readSafetensorsBytes, readJson, maxAbsDiff } from './helpers.mjs';
 
+const target = process.env.CARGO_TARGET_DIR ?? join(process.env.HOME, '.cache/webgpu-lora/target');
+const cli = join(target, 'release/webgpu-lora');
 let b;
 before(async () => { b = await start(); });
 after(async () => { await b.close(); });
+
+test('PEFT\'s trajectory on WebGPU: its losses, gradient norms and final tensors; signal cancels after the step; a checkpoint the CLI resumes ends with PEFT\'s adapter', async () => {
+  const t = readJson(join(root, 'tests/fixtures/train/trajectory.json'));
+  // the trajectory's batches as already tokenized rows, in order, right padding (eos 2) taken off
+  const rows = t.steps.flat().flatMap((micro) => micro.ids.map((ids, i) => {
+    let n = ids.length;
+    while (ids[n - 1] === 2) n -= 1;
+    return { input_ids: ids.slice(0, n), labels: micro.labels[i].slice(0, n) };
+  }));
+  const c = t.config;
+  const trainingArgs = {
+    shuffle: false, batchSize: 2, gradAccum: 2, maxSteps: 20, lr: c.lr, adamBeta1: c.betas[0], adamBeta2: c.betas[1],
+    adamEpsilon: c.eps, weightDecay: c.weight_decay, schedule: 'cosine', warmupSteps: c.warmup, maxGradNorm: c.max_grad_norm,
+  };
+  const result = await b.page.evaluate(async ({ rows, trainingArgs }) => {
+    const { LoraModel } = window.app.webgpuLora;
+    const m = await LoraModel.fromPretrained('/fixtures/tiny-llama/');
+    const job = { data: rows, dataName: 'ids.jsonl', initFrom: '/fixtures/peft/all7-r4/' };
+    const steps = [];
+    const checkpoints = [];
+    const report = await m.train({
+      ...job, adapterName: 'peft-run', trainingArgs: { ...trainingArgs, checkpointEvery: 10 },
+      onStep: (s) => steps.push([s.loss, s.gradNorm]),
+      onCheckpoint: (files) => checkpoints.push({ ...files, weights: Array.from(files['adapter_model.safetensors']), state: Array.from(files['trainer_state.safetensors']) }),
+    });
+    const final = Array.from(new Uint8Array(await (await m.exportAdapter('peft-run'))['adapter_model.safetensors'].arrayBuffer()));
+    const stop = new AbortController();
+    const cancelledSteps = [];
+    const cancelled = await m.train({
+      ...job, adapterName: 'cancelled', trainingArgs, signal: stop.signal,
+      onStep: (s) => { cancelledSteps.push(s.loss); if (s.step === 3) stop.abort(); },
+    });
+    const adapters = m.adapters();
+    m.dispose();
+    return { steps, report, final, checkpoints, cancelled: cancelled.summary, cancelledSteps, adapters };
+  }, { rows, trainingArgs });
+
+  assert.equal(result.steps.length, 20);
+  result.steps.forEach(([loss, norm], i) => {
+    assert.ok(Math.abs(loss - t.losses[i]) < 1e-4, `step ${i + 1}: loss ${loss} vs PEFT ${t.losses[i]}`);
+    assert.ok(Math.abs(norm - t.grad_norms[i]) < 1e-4 * t.grad_norms[i], `step ${i + 1}: gradient norm ${norm} vs PEFT ${t.grad_norms[i]}`);
+  });
+  assert.equal(result.report.summary.end, 'completed');
+  const ours = readSafetensorsBytes(Buffer.from(result.final));
+  const peft = readSafetensors(join(root, 'tests/fixtures/train/final.safetensors'));
+  assert.equal(Object.keys(ours).length, Object.keys(peft).length);
+  for (const [name, tensor] of Object.entries(peft)) {
+    const diff = maxAbsDiff(ours[`base_model.model.${name}`].data, tensor.data);
+    assert.ok(diff < 1e-4, `${name}: max |ours - PEFT| = ${diff} after the trajectory`);
+  }
+  // aborted at step 3: the run stops after the step in progress when the cancel reaches the worker
+  // (step 3 or a later one, as events cross threads), each step done reported with PEFT's loss
+  assert.equal(result.cancelled.end, 'cancelled');
+  assert.ok(result.cancelled.steps >= 3 && result.cancelled.steps < 20, `cancelled after step ${result.cancelled.steps}`);
+  assert.equal(result.cancelledSteps.length, result.cancelled.steps);
+  result.cancelledSteps.forEach((loss, i) => assert.ok(Math.abs(loss - t.losses[i]) < 1e-4, `cancelled run, step ${i + 1}`));
+  assert.deepEqual(result.adapters.sort(), ['cancelled', 'peft-run'], 'the cancelled run keeps its adapter');
+
+  // onCheckpoint at step 10 hands out complete files: the CLI resumes from step 10's and ends with PEFT's adapter
+  assert.deepEqual(result.checkpoints.map((f) => f.step), [10]);
+  const dir = mkdtempSync(join(tmpdir(), 'webgpu-lora-browser-checkpoint-'));
+  try {
+    const checkpoint = join(dir, 'checkpoint-10');
+    mkdirSync(checkpoint);
+    writeFileSync(join(checkpoint, 'adapter_config.json'), result.checkpoints[0]['adapter_config.json']);
+    writeFileSync(join(checkpoint, 'adapter_model.safetensors'), Buffer.from(result.checkpoints[0].weights));
+    writeFileSync(join(checkpoint, 'trainer_state.safetensors'), Buffer.from(result.checkpoints[0].state));
+    writeFileSync(join(dir, 'ids.jsonl'), rows.map((r) => JSON.stringify(r)).join('\n'));
+    const flags = ['--no-shuffle', '--batch-size', '2', '--grad-accum', '2', '--max-steps', '20', '--lr', `${c.lr}`, '--weight-decay', `${c.weight_decay}`,
+      '--warmup', `${c.warmup}`, '--schedule', 'cosine', '--max-grad-norm', `${c.max_grad_norm}`, '--backend', 'cpu'];
+    execFileSync(cli, ['train', '--model', join(root, 'tests/fixtures/tiny-llama'), '--data', join(dir, 'ids.jsonl'), '--resume', checkpoint,
+      '--out', join(dir, 'resumed'), ...flags], { stdio: 'ignore' });
+    const resumed = readSafetensors(join(dir, 'resumed', 'adapter_model.safetensors'));
+    for (const [name, tensor] of Object.entries(peft)) {
+      const diff = maxAbsDiff(resumed[`base_model.model.${name}`].data, tensor.data);
+      assert.ok(diff < 1e-4, `${name}: max |resumed from the browser's checkpoint - PEFT| = ${diff}`);
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+  assert.deepEqual(b.errors, []);
+});
 
 test('a LoRA adapter trains on WebGPU and matches the native CLI; one the CLI trains imports into the browser', async () => {
   const data = readFileSync(join(root, 'data/robot/train.jsonl'), 'utf8').split('\n').slice(0, 12).join('\n');
@@ -64,6 +149,7 @@ test('a LoRA adapter trains on WebGPU and matches the native CLI; one the CLI tr
   assert.equal(steps.length, 4);
   assert.ok(steps.every((s) => Number.isFinite(s.metrics.loss) && s.metrics.tokensPerS > 0), JSON.stringify(steps));
   assert.deepEqual(evals.map((e) => e.step), [0, 2, 4]);
+  assert.ok(evals[2].valLoss < evals[0].valLoss - 0.05, `the validation loss falls: ${evals.map((e) => e.valLoss)}`);
   assert.equal(result.report.summary.steps, 4);
   assert.equal(result.report.summary.end, 'completed');
   assert.deepEqual([result.state.adapters, result.state.active], [['robot'], 'robot'], 'the trained adapter is loaded and active');
@@ -88,19 +174,18 @@ test('a LoRA adapter trains on WebGPU and matches the native CLI; one the CLI tr
     writeFileSync(join(dir, 'adapter_config.json'), result.config);
     writeFileSync(join(dir, 'adapter_model.safetensors'), Buffer.from(result.weights));
     const out = join(dir, 'logits.safetensors');
-    const target = process.env.CARGO_TARGET_DIR ?? join(process.env.HOME, '.cache/webgpu-lora/target');
-    execFileSync(join(target, 'release/webgpu-lora'), ['logits', '--model', join(root, 'tests/fixtures/tiny-chat'), '--adapter', dir, '--ids', ids.join(','), '--out', out]);
+    execFileSync(cli, ['logits', '--model', join(root, 'tests/fixtures/tiny-chat'), '--adapter', dir, '--ids', ids.join(','), '--out', out]);
     const native = readSafetensors(out).logits.data;
     assert.ok(maxAbsDiff(native, result.logits) < 1e-4, `max |browser - native| = ${maxAbsDiff(native, result.logits)}`);
 
     // and the other way: an adapter the CLI trains, imported into the browser's store, gives the CLI's logits
-    const cli = join(dir, 'cli-adapter');
+    const cliAdapter = join(dir, 'cli-adapter');
     writeFileSync(join(dir, 'data.jsonl'), data);
-    execFileSync(join(target, 'release/webgpu-lora'), ['train', '--model', join(root, 'tests/fixtures/tiny-chat'), '--data', join(dir, 'data.jsonl'), '--out', cli,
+    execFileSync(cli, ['train', '--model', join(root, 'tests/fixtures/tiny-chat'), '--data', join(dir, 'data.jsonl'), '--out', cliAdapter,
       '--targets', 'all-linear', '--r', '4', '--lr', '1e-2', '--max-steps', '2', '--batch-size', '2', '--seed', '3'], { stdio: 'ignore' });
-    execFileSync(join(target, 'release/webgpu-lora'), ['logits', '--model', join(root, 'tests/fixtures/tiny-chat'), '--adapter', cli, '--ids', ids.join(','), '--out', out]);
+    execFileSync(cli, ['logits', '--model', join(root, 'tests/fixtures/tiny-chat'), '--adapter', cliAdapter, '--ids', ids.join(','), '--out', out]);
     const cliLogits = readSafetensors(out).logits.data;
-    const files = { config: readFileSync(join(cli, 'adapter_config.json'), 'utf8'), weights: Array.from(readFileSync(join(cli, 'adapter_model.safetensors'))) };
+    const files = { config: readFileSync(join(cliAdapter, 'adapter_config.json'), 'utf8'), weights: Array.from(readFileSync(join(cliAdapter, 'adapter_model.safetensors'))) };
     const browserLogits = await b.page.evaluate(async ({ files, ids }) => {
       const { LoraModel, AdapterStore } = window.app.webgpuLora;
       const store = await AdapterStore.open();

@@ -20,7 +20,7 @@ async function loadTiny(page) {
   await page.waitForFunction(() => document.querySelector('#load-status').textContent.startsWith('Loaded'), null, { timeout: 60_000 });
 }
 
-test('playground: train, save, reload, use, compare, disable, export, import, rename, delete, merge, download', async () => {
+test('playground: train, save, reload, use, compare, disable, continue, cancel, export, import, rename, delete, merge, download', async () => {
   const { page } = b;
   await page.waitForFunction(() => window.app?.ready);
   await loadTiny(page);
@@ -47,7 +47,11 @@ test('playground: train, save, reload, use, compare, disable, export, import, re
   await page.reload();
   await page.waitForFunction(() => window.app?.ready);
   const row = page.locator('#adapter-table tr[data-name="ui-robot"]');
-  assert.match(await row.textContent(), /ui-robot.*tiny-chat.*16 ?kB|ui-robot.*tiny-chat/);
+  // name, base, r, targets, size (16,384 f32 parameters = 65.5 kB, plus the header and config), date, final loss
+  const cells = await row.locator('td').allTextContents();
+  assert.deepEqual(cells.slice(0, 4), ['ui-robot', 'tiny-chat', '8', 'all-linear']);
+  assert.match(cells[4], /^(6[6-9]|7\d) kB$/);
+  assert.match(cells[6], /^\d+\.\d{3}$/);
   await loadTiny(page);
   await row.locator('button[data-action="use"]').click();
   await page.waitForSelector('#adapter-table tr[data-name="ui-robot"].active');
@@ -86,6 +90,18 @@ test('playground: train, save, reload, use, compare, disable, export, import, re
   await page.uncheck('#train-checkpointing');
   await page.locator('#adapter-table tr[data-name="ui-robot-more"] button[data-action="delete"]').click();
   await page.waitForFunction(() => !document.querySelector('#adapter-table tr[data-name="ui-robot-more"]'));
+
+  // Cancel: a long run stops after the step in progress; what it trained so far is saved
+  for (const [id, value] of [['#train-steps', '500'], ['#train-eval', '1000'], ['#train-name', 'ui-cancelled']]) await page.fill(id, value);
+  await page.click('#train-button');
+  await page.waitForFunction(() => /^step [1-9]/.test(document.querySelector('#train-status').textContent), null, { timeout: 300_000 });
+  await page.click('#cancel-button');
+  await page.waitForFunction(() => /^(Stopped|Done|Training failed)/.test(document.querySelector('#train-status').textContent), null, { timeout: 300_000 });
+  const [, stoppedAt] = (await page.textContent('#train-status')).match(/^Stopped \(cancelled\): (\d+) steps, .* Saved as "ui-cancelled" and active\.$/) ?? [];
+  assert.ok(Number(stoppedAt) >= 1 && Number(stoppedAt) < 500, await page.textContent('#train-status'));
+  assert.equal(await page.isDisabled('#cancel-button'), true);
+  await page.locator('#adapter-table tr[data-name="ui-cancelled"] button[data-action="delete"]').click();
+  await page.waitForFunction(() => !document.querySelector('#adapter-table tr[data-name="ui-cancelled"]'));
   await row.locator('button[data-action="use"]').click();
   await page.waitForSelector('#adapter-table tr[data-name="ui-robot"].active');
 

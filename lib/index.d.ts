@@ -45,6 +45,9 @@ export interface FromPretrainedOptions {
 /** Where hub ids resolve: `${remoteHost}ORG/NAME/resolve/REVISION/` (default https://huggingface.co/). */
 export const env: { remoteHost: string };
 
+/** Whether this browser can run the engine; if not, a message saying what is missing and what to use. */
+export function webgpuStatus(): Promise<{ available: true } | { available: false; message: string }>;
+
 /** A base model's identity: stored adapters remember it and refuse another base. */
 export interface BaseModel {
   name: string;

@@ -15,6 +15,19 @@ export { AdapterStore };
  */
 export const env = { remoteHost: 'https://huggingface.co/' };
 
+const NO_WEBGPU = 'use Chrome or Edge 113+ (on Linux, or where the GPU is blocklisted, Chromium started with --enable-unsafe-webgpu) on https or localhost; chrome://gpu says why WebGPU is off';
+
+/**
+ * Whether this browser can run the engine: {available: true}, or {available: false, message}
+ * saying what is missing (no `navigator.gpu` at all, or no GPU adapter behind it) and what to use.
+ */
+export async function webgpuStatus() {
+  if (typeof navigator === 'undefined' || !navigator.gpu) return { available: false, message: `WebGPU is not available in this browser (it has no navigator.gpu): ${NO_WEBGPU}` };
+  const adapter = await navigator.gpu.requestAdapter().catch(() => null);
+  if (!adapter) return { available: false, message: `WebGPU is not available: the browser offers no GPU adapter (WebGPU is disabled or behind a flag here, or the GPU is blocklisted): ${NO_WEBGPU}` };
+  return { available: true };
+}
+
 // "ORG/NAME": two path segments, no scheme, no leading "/" or ".", no trailing "/" and no file
 // extension; anything else is a URL or a path (a directory ends in "/", a GGUF in ".gguf")
 const HUB_ID = /^[A-Za-z0-9][\w-]*\/[\w.-]*[\w-]$/;
@@ -27,6 +40,8 @@ function hubUrl(id, revision, file) {
 }
 
 class Worker_ {
+  #outbox = Promise.resolve();
+
   constructor(url) {
     // spelled out literally so that bundlers (Vite, webpack) bundle the worker with its wasm
     this.worker = url ? new Worker(url, { type: 'module' }) : new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
@@ -55,10 +70,30 @@ class Worker_ {
   }
 
   call(op, args = [], onEvent, transfer = []) {
+    return this.callPrepared(op, { args, transfer }, onEvent);
+  }
+
+  /**
+   * `call` with its arguments still being prepared (`prepared`: {args, transfer} or a promise of
+   * it; a rejection rejects the call, which is then not sent). The call takes its place in the
+   * order when it is made: messages go out, and so run, in the order of the calls, whatever each
+   * one's preparation (a fetch, an IndexedDB read) takes. Only `cancel` goes out at once.
+   */
+  callPrepared(op, prepared, onEvent) {
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject, onEvent });
-      this.worker.postMessage({ id, op, args }, transfer);
+      const send = async () => {
+        try {
+          const { args = [], transfer = [] } = await prepared;
+          this.worker.postMessage({ id, op, args }, transfer);
+        } catch (e) {
+          this.pending.delete(id);
+          reject(e);
+        }
+      };
+      if (op === 'cancel') send();
+      else this.#outbox = this.#outbox.then(send);
     });
   }
 
@@ -124,9 +159,8 @@ export class LoraModel {
       name ??= source;
       source = hubUrl(source, revision, file);
     }
-    if (typeof navigator === 'undefined' || !navigator.gpu) {
-      throw new Error('WebGPU is not available in this browser: use Chrome or Edge 113+ (or Chromium started with --enable-unsafe-webgpu) on https or localhost');
-    }
+    const webgpu = await webgpuStatus();
+    if (!webgpu.available) throw new Error(webgpu.message);
     const engine = new Worker_(workerUrl);
     try {
       const config = await engine.call('load', [absolute(source ?? {}), { cache, dtype }], onProgress);
@@ -163,10 +197,12 @@ export class LoraModel {
    * A stored adapter made for another base is refused unless {allowOtherBase: true}.
    */
   async loadAdapter(source, name, { store, allowOtherBase = false } = {}) {
-    const { files, record } = await this.#adapterSource(source, { store, allowOtherBase });
+    const source_ = this.#adapterSource(source, { store, allowOtherBase });
+    const loaded = name ?? (isStoreName(source) ? source : 'default');
     // the engine checks the files (and everything else) before it changes the model
-    const loaded = name ?? (record ? source : 'default');
-    await this.#engine.call('loadAdapter', [loaded, files], undefined, record ? [record.weights.buffer] : undefined);
+    const prepared = source_.then(({ files, record }) => ({ args: [loaded, files], transfer: record ? [record.weights.buffer] : [] }));
+    await this.#engine.callPrepared('loadAdapter', prepared);
+    const { record } = await source_;
     if (record?.trainingSummary) this.#summaries.set(loaded, record.trainingSummary);
     else if (!record) this.#summaries.delete(loaded); // files carry no training summary
   }
@@ -272,11 +308,15 @@ export class LoraModel {
   async train({ data, validation, dataName, adapterName = 'default', loraConfig = {}, trainingArgs = {}, initFrom, onStep, onEval, onCheckpoint, signal } = {}) {
     if (data == null) throw new Error('train: "data" is required (JSONL text, a File, or an array of examples)');
     const name = dataName ?? (typeof File !== 'undefined' && data instanceof File ? data.name : 'data.jsonl');
-    const bytes = await dataBytes(data, 'train: data');
-    const val = validation == null ? null : await dataBytes(validation, 'train: validation');
-    const init = initFrom == null ? null : (await this.#adapterSource(initFrom)).files;
+    const options = { baseModelNameOrPath: this.#base.name, ...loraConfig, ...trainingArgs, adapterName };
+    const prepared = (async () => {
+      const bytes = await dataBytes(data, 'train: data');
+      const val = validation == null ? null : await dataBytes(validation, 'train: validation');
+      const init = initFrom == null ? null : (await this.#adapterSource(initFrom)).files;
+      if (signal?.aborted) throw new DOMException('training was aborted before it started', 'AbortError');
+      return { args: [name, bytes, val, options, init] };
+    })();
     const cancel = () => this.#engine.call('cancel');
-    if (signal?.aborted) throw new DOMException('training was aborted before it started', 'AbortError');
     signal?.addEventListener('abort', cancel);
     let thrown = null;
     const deliver = (callback, value) => {
@@ -284,8 +324,7 @@ export class LoraModel {
       try { callback?.(value); } catch (e) { thrown = { error: e }; cancel(); }
     };
     try {
-      const options = { baseModelNameOrPath: this.#base.name, ...loraConfig, ...trainingArgs, adapterName };
-      const out = await this.#engine.call('train', [name, bytes, val, options, init], (e) => {
+      const out = await this.#engine.callPrepared('train', prepared, (e) => {
         if (e.event === 'step') deliver(onStep, e.metrics);
         else if (e.event === 'eval') deliver(onEval, e);
         else if (e.event === 'checkpoint') deliver(onCheckpoint, { step: e.step, [ADAPTER_CONFIG]: e.files.adapterConfig, [ADAPTER_WEIGHTS]: e.files.adapterWeights, 'trainer_state.safetensors': e.files.state });
@@ -332,9 +371,8 @@ export class LoraModel {
    * matrix requantized; or 'f32', 'f16', 'q8_0', 'q4_0', 'q4_1', 'q5_0').
    */
   async exportMerged({ adapterName, format = 'hf', outType = 'auto' } = {}) {
-    const s = this.#engine.state;
-    // an adapter already merged is skipped by the engine
-    const merge = adapterName ?? (s && !s.disabled ? s.active : null);
+    // the worker resolves the default when the call runs (after the calls made before it)
+    const merge = adapterName ?? null;
     if (format === 'gguf') return { 'model.gguf': new Blob([await this.#engine.call('exportMergedGguf', [merge, outType])]) };
     if (format !== 'hf') throw new Error(`exportMerged: format ${JSON.stringify(format)} is not "hf" or "gguf"`);
     const files = await this.#engine.call('exportMerged', [merge]);

@@ -222,10 +222,18 @@ const ops = {
   },
 
   async exportAdapter(name, asLora) { return (await engine()).exportAdapter(name, asLora); },
-  async exportMerged(adapter) { return (await engine()).exportMerged(adapter ?? undefined); },
-  async exportMergedGguf(adapter, outType) { return (await engine()).exportMergedGguf(adapter ?? undefined, outType); },
+  async exportMerged(adapter) { return (await engine()).exportMerged(await mergedOnExport(adapter)); },
+  async exportMergedGguf(adapter, outType) { return (await engine()).exportMergedGguf(await mergedOnExport(adapter), outType); },
   async exportAdapterGguf(name) { return (await engine()).exportAdapterGguf(name); },
 };
+
+// The adapter an export merges in: the one named, else the active one unless disabled (an adapter
+// already merged is skipped by the engine).
+async function mergedOnExport(adapter) {
+  if (adapter != null) return adapter;
+  const state = JSON.parse((await engine()).adapterState());
+  return state.active != null && !state.disabled ? state.active : undefined;
+}
 
 // Every result carries the adapters' state, so the page's view of it is never stale; an
 // adapter's config goes along once, when the adapter first appears. null only before a model is

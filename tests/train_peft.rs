@@ -286,6 +286,43 @@ fn training_on_a_quantized_base() {
     assert_eq!(pollster::block_on(quantized.hf_tensors(None)).unwrap(), base_before, "the Q4_0 base is bit-identical");
 }
 
+/// LoRA dropout as PEFT applies it (`lora_B(lora_A(dropout(x)))`, torch's inverted dropout): on
+/// the LoRA branch's input only, each kept value scaled by 1/(1-p), about p of them dropped. With
+/// A = B = I and scaling 1, the layer's output minus the base layer's is the dropped-out input.
+#[test]
+fn lora_dropout_is_on_the_branch_input_only() {
+    use burn::tensor::{Tensor, TensorData};
+    use webgpu_lora::lora::{DropoutMasks, LoraRun, LoraWeights};
+    let _turn = rng_turn();
+    let device = cpu();
+    let mut model = load(&fixture("tiny-llama"), &device).model;
+    let q = &mut model.layers[0].self_attn.q_proj;
+    let d = 64;
+    let eye: Vec<f32> = (0..d * d).map(|i| if i / d == i % d { 1.0 } else { 0.0 }).collect();
+    let eye = Tensor::<2>::from_data(TensorData::new(eye, [d, d]), &device);
+    q.adapters.insert("eye".into(), LoraWeights { a_t: eye.clone(), b_t: eye, scaling: 1.0 });
+    let (batch, seq) = (4, 32);
+    // none zero: a zero would count as dropped
+    let values: Vec<f32> = (0..batch * seq * d).map(|i| 0.3 + (i % 13) as f32 * 0.25 - if i % 2 == 0 { 3.0 } else { 0.0 }).collect();
+    let x = Tensor::<3>::from_data(TensorData::new(values.clone(), [batch, seq, d]), &device);
+    let p = 0.25;
+    let masks = DropoutMasks::new(p, batch * seq, 1, 1);
+    let part = masks.part(0..batch * seq);
+    let with_dropout = q.forward(x.clone(), Some(LoraRun { adapter: "eye", weights: None, dropout: Some(&part) }));
+    let base = q.forward(x, None);
+    let branch = pollster::block_on(webgpu_lora::tensor::read_f32(with_dropout - base)).unwrap();
+    let mut dropped = 0;
+    for (i, (&b, &x)) in branch.iter().zip(&values).enumerate() {
+        if b == 0.0 {
+            dropped += 1;
+        } else {
+            assert!((b - x / (1.0 - p as f32)).abs() < 1e-5 * x.abs().max(1.0), "element {i}: {b} is neither 0 nor {x} / (1 - p)");
+        }
+    }
+    let fraction = dropped as f64 / values.len() as f64;
+    assert!((fraction - p).abs() < 0.02, "{fraction} of the inputs dropped, p = {p}");
+}
+
 /// Micro-batches split across threads (`TrainOptions::threads`, what the CLI does on the CPU
 /// backend) give the unsplit run's losses and adapter (1e-6: only the summation order differs);
 /// the replicas the threads ran are gone afterwards.

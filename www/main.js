@@ -14,13 +14,11 @@ let stopper = null;
 
 const setStatus = statusLine('load-status');
 
-if (!navigator.gpu) {
-  $('gpu-status').textContent = 'WebGPU is not available in this browser. Use Chrome or Edge 113+ (or Chromium started with --enable-unsafe-webgpu), on a secure origin (https or localhost).';
-  $('gpu-status').classList.add('error');
-  $('load-button').disabled = true;
-} else {
-  $('gpu-status').textContent = 'WebGPU is available.';
-}
+webgpuLora.webgpuStatus().then(({ available, message }) => {
+  $('gpu-status').textContent = available ? 'WebGPU is available.' : message;
+  $('gpu-status').classList.toggle('error', !available);
+  $('load-button').disabled = !available;
+});
 
 $('load-form').addEventListener('submit', async (event) => {
   event.preventDefault();

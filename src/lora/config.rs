@@ -501,12 +501,17 @@ mod tests {
             (r#""bias":"all""#, "bias = \"all\""),
             (r#""fan_in_fan_out":true"#, "fan_in_fan_out = true"),
             (r#""init_lora_weights":"loftq""#, "init_lora_weights = \"loftq\""),
+            (r#""init_lora_weights":"pissa_niter_16""#, "init_lora_weights = \"pissa_niter_16\""),
             (r#""r":0"#, "r = 0"),
         ];
         for (extra, expected) in cases {
             let err = parse(&format!(r#"{{"peft_type":"LORA","r":8,"target_modules":["q_proj"],{extra}}}"#)).unwrap_err().to_string();
             assert!(err.starts_with(&format!("adapter_config.json: {expected}")), "{err}");
         }
+        // PEFT's fast randomized-SVD PiSSA is refused in favour of the exact "pissa", saying so
+        let err =
+            parse(r#"{"peft_type":"LORA","r":8,"target_modules":["q_proj"],"init_lora_weights":"pissa_niter_4"}"#).unwrap_err().to_string();
+        assert!(err.contains("for \"pissa_niter_N\" use the exact \"pissa\""), "{err}");
         let err = parse(r#"{"peft_type":"IA3","target_modules":["q_proj"]}"#).unwrap_err().to_string();
         assert!(err.contains("peft_type = \"IA3\""), "{err}");
         let err = parse(r#"{"peft_type":"LORA","r":8,"target_modules":"(unclosed"}"#).unwrap_err().to_string();

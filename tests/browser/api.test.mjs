@@ -154,6 +154,36 @@ test('exportMerged(): a Hugging Face directory with the adapter merged in, the m
   close(out.after.logits, peft('qv-r8'), 'the adapter after the export');
 });
 
+test('calls made without awaiting each run in the order they were made, a load that fetches its files first included', async () => {
+  const out = await b.page.evaluate(async (ids) => {
+    const m = window.tiny;
+    const logits = (p) => p.then(({ data }) => Array.from(data));
+    const [, , adapter, , base, , files, failed, after] = await Promise.all([
+      m.loadAdapter('/fixtures/peft/qv-r8/', 'qv'),
+      m.setAdapter('qv'),
+      logits(m.logits(ids)),
+      m.disableAdapter(),
+      logits(m.logits(ids)),
+      m.enableAdapter(),
+      m.exportMerged(), // the default (the active adapter unless disabled) as of its turn
+      m.loadAdapter('/fixtures/peft/no-such-adapter/', 'missing').then(() => 'resolved', (e) => e.message),
+      logits(m.logits(ids)),
+    ]);
+    const reloaded = await window.app.webgpuLora.LoraModel.fromPretrained(files);
+    const merged = Array.from((await reloaded.logits(ids)).data);
+    reloaded.dispose();
+    return { adapter, base, merged, failed, after, adapters: m.adapters() };
+  }, ids);
+  b.expected404.push('/fixtures/peft/no-such-adapter/adapter_config.json');
+  close(out.adapter, peft('qv-r8'), 'logits after loadAdapter + setAdapter');
+  close(out.base, base, 'logits after disableAdapter');
+  close(out.merged, peft('qv-r8', 'expected_merged_logits'), 'exportMerged after enableAdapter');
+  assert.match(out.failed, /no-such-adapter\/adapter_config\.json: HTTP 404/);
+  close(out.after, peft('qv-r8'), 'logits after a failed load');
+  assert.deepEqual(out.adapters, ['qv']);
+  assert.deepEqual(b.errors, []);
+});
+
 test('generate(): an async iterator of text; messages, stop strings and AbortSignal', async () => {
   const out = await b.page.evaluate(async () => {
     const { LoraModel } = window.app.webgpuLora;

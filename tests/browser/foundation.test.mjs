@@ -19,6 +19,25 @@ test('a bad model rejects fromPretrained with the file and the problem, and a go
   assert.equal(await load('/fixtures/tiny-llama/'), 'loaded');
 });
 
+test('without WebGPU: fromPretrained rejects saying what is missing, the playground says so and disables loading, the course says so', async () => {
+  const off = await start({ webgpu: false });
+  try {
+    const { page } = off;
+    await page.waitForFunction(() => document.querySelector('#gpu-status').textContent !== '');
+    const expected = /^WebGPU is not available: the browser offers no GPU adapter \(.*\): use Chrome or Edge 113\+ \(.*--enable-unsafe-webgpu\) on https or localhost/;
+    assert.match(await page.textContent('#gpu-status'), expected);
+    assert.equal(await page.isDisabled('#load-button'), true);
+    const rejected = await page.evaluate(() => window.app.webgpuLora.LoraModel.fromPretrained('/fixtures/tiny-llama/').then(() => 'loaded', (e) => e.message));
+    assert.match(rejected, expected);
+    await page.goto(`${off.base}/course/1-adapters.html`);
+    await page.waitForFunction(() => document.querySelector('#gpu-note').textContent !== '');
+    assert.match(await page.textContent('#gpu-note'), expected);
+    assert.deepEqual(off.errors, []);
+  } finally {
+    await off.close();
+  }
+});
+
 test('the page loads SmolLM2-135M-Instruct and streams the France answer (first 8 greedy tokens)', async () => {
   const expected = readJson(join(fixtures, 'smollm2', 'expected.json')).france;
   const { page } = b;

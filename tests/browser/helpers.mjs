@@ -90,12 +90,16 @@ export async function relaunchable({ mounts } = {}) {
   };
 }
 
-/** The static server (default: scripts/serve.mjs's mounts) and headless Chromium on its page. */
-export async function start({ mounts } = {}) {
+/**
+ * The static server (default: scripts/serve.mjs's mounts) and headless Chromium on its page;
+ * `webgpu: false` starts it as Chromium on Linux comes by default: navigator.gpu without an adapter.
+ */
+export async function start({ mounts, webgpu = true } = {}) {
   const server = await serve(0, '127.0.0.1', mounts);
   const base = `http://127.0.0.1:${server.address().port}`;
   const profile = mkdtempSync(join(tmpdir(), 'webgpu-lora-chromium-'));
-  const browser = await chromium.launchPersistentContext(profile, { executablePath: CHROMIUM, headless: true, args: FLAGS });
+  const args = webgpu ? FLAGS : FLAGS.filter((f) => f !== '--enable-unsafe-webgpu');
+  const browser = await chromium.launchPersistentContext(profile, { executablePath: CHROMIUM, headless: true, args });
   const errors = [];
   const expected404 = [];
   const page = browser.pages()[0] ?? (await browser.newPage());

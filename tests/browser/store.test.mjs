@@ -107,7 +107,7 @@ test('saved adapters survive a relaunch and a SIGKILL; a quota failure writes no
   assert.deepEqual(errors, []);
 });
 
-test('rename, export, import, delete and usage; an adapter refuses another base model', async () => {
+test('rename, export, import, delete and usage; an adapter refuses another base model unless allowOtherBase', async () => {
   const browser = await open();
   const out = await browser.page.evaluate(async (ids) => {
     const { AdapterStore } = window.app.webgpuLora;
@@ -137,8 +137,14 @@ test('rename, export, import, delete and usage; an adapter refuses another base 
     // another base: the tiny chat model has another vocabulary
     const { model: other } = await window.load('/fixtures/tiny-chat/');
     const otherBase = await fail(other.loadAdapter('renamed'));
+    // the same model under another name: refused, unless {allowOtherBase: true}
+    const renamedBase = await window.app.webgpuLora.LoraModel.fromPretrained('/fixtures/tiny-llama/', { name: 'my-tiny' });
+    const otherName = await fail(renamedBase.loadAdapter('renamed'));
+    await renamedBase.loadAdapter('renamed', undefined, { allowOtherBase: true });
+    await renamedBase.setAdapter('renamed');
+    const allowed = await window.logitsOf(renamedBase, ids);
     store.close();
-    return { usageBefore, usageAfter, renameTaken, renameMissing, imported, importedNamed, duplicate, corrupt, names, a, b, deleteMissing, otherBase, final: (await AdapterStore.open().then((s) => s.list())).map((x) => x.name) };
+    return { usageBefore, usageAfter, renameTaken, renameMissing, imported, importedNamed, duplicate, corrupt, names, a, b, deleteMissing, otherBase, otherName, allowed, final: (await AdapterStore.open().then((s) => s.list())).map((x) => x.name) };
   }, ids);
   await browser.close();
   assert.equal(out.usageBefore.adapters, 2);
@@ -153,6 +159,9 @@ test('rename, export, import, delete and usage; an adapter refuses another base 
   assert.match(out.deleteMissing, /no stored adapter named "from-files"/);
   assert.equal(out.usageAfter.adapters, 2);
   assert.match(out.otherBase, /adapter "renamed" was made for base model "tiny-llama" but the loaded model is "tiny-chat" \(vocab_size 256 vs 264\)/);
+  assert.match(out.otherName, /adapter "renamed" was made for base model "tiny-llama" but the loaded model is "my-tiny" \(another model name\): .*\{allowOtherBase: true\}/);
+  const peft = readSafetensors(join(fixtures, 'peft', 'qv-r8', 'expected_logits.safetensors')).logits.data;
+  assert.ok(maxAbsDiff(out.allowed, peft) < 1e-4, `allowOtherBase: the adapter runs and gives PEFT's logits (${maxAbsDiff(out.allowed, peft)})`);
   assert.deepEqual(out.final, ['renamed', 'killed']);
   assert.deepEqual(errors, []);
 });

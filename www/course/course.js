@@ -85,6 +85,6 @@ document.getElementById('run-all').addEventListener('click', async () => {
     window.course.done = true;
   }
 });
-if (!navigator.gpu) {
-  document.getElementById('gpu-note').textContent = 'WebGPU is not available in this browser: use Chrome or Edge 113+ (or Chromium with --enable-unsafe-webgpu) on https or localhost.';
-}
+lora.webgpuStatus().then(({ available, message }) => {
+  if (!available) document.getElementById('gpu-note').textContent = message;
+});

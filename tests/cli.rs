@@ -227,6 +227,71 @@ fn train_on_fixed_batches_gives_peft_and_resumes() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The dtype of each matrix (2-D tensor) in a safetensors file, from its header.
+fn matrix_dtypes(file: &std::path::Path) -> std::collections::BTreeSet<String> {
+    let bytes = std::fs::read(file).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    let entries = header.as_object().unwrap().values().filter(|t| t["shape"].as_array().is_some_and(|s| s.len() == 2));
+    entries.map(|t| t["dtype"].as_str().unwrap().to_string()).collect()
+}
+
+/// `merge` into the f16 and bf16 tiny models and `convert-gguf` of F16, BF16 (with v3 and v2
+/// headers), Q8_0 and Q4_0 GGUFs (each also loaded directly) keep the base's dtype (the matrices stored in it, config.json
+/// saying so; quantized blocks dequantize exactly only to f32) and give the reference logits
+/// (1e-4): PEFT's merge of the same adapter into that base, or transformers loading the GGUF
+/// itself. `make_fixtures.py --only cli-outputs` loads these same outputs in transformers and
+/// records what it found (tests/fixtures/convert/cli_outputs.json).
+#[test]
+fn merge_and_convert_gguf_keep_the_base_dtype() {
+    let qv = fixture("peft/qv-r8");
+    let merge = |base: &str| {
+        vec!["merge".into(), "--model".into(), fixture(base).into_os_string(), "--adapter".into(), qv.clone().into_os_string()]
+    };
+    let convert = |file: &str| vec![std::ffi::OsString::from("convert-gguf"), fixture(file).into_os_string()];
+    let cases = [
+        (merge("tiny-llama-f16"), "F16", "tiny-llama-f16/expected_qv-r8.safetensors", "merged_logits"),
+        (merge("tiny-llama-bf16"), "BF16", "tiny-llama-bf16/expected_qv-r8.safetensors", "merged_logits"),
+        (convert("convert/tiny-f16.gguf"), "F16", "convert/expected.safetensors", "F16.logits"),
+        (convert("convert/tiny-bf16.gguf"), "BF16", "convert/expected.safetensors", "BF16.logits"),
+        (convert("convert/tiny-f16-v2.gguf"), "F16", "convert/expected.safetensors", "F16-v2.logits"),
+        (convert("quant/tiny-q8_0.gguf"), "F32", "quant/expected.safetensors", "Q8_0.logits"),
+        (convert("quant/tiny-q4_0.gguf"), "F32", "quant/expected.safetensors", "Q4_0.logits"),
+    ];
+    let checked = read_json(fixture("convert/cli_outputs.json"));
+    assert_eq!(checked["checked"].as_object().unwrap().len(), cases.len(), "transformers checked each case");
+    for (command, dtype, reference, key) in cases {
+        let out = scratch("cli-dtype");
+        let mut cli_command = cli();
+        cli_command.args(&command);
+        if command[0] == "merge" {
+            cli_command.arg("--out");
+        }
+        let output = cli_command.arg(&out).output().unwrap();
+        let what = format!("{:?}", command[..2].iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>());
+        assert!(output.status.success(), "{what}: {}", String::from_utf8_lossy(&output.stderr));
+        assert_eq!(matrix_dtypes(&out.join("model.safetensors")), [dtype.to_string()].into(), "{what}: the matrices' dtype");
+        let config = read_json(out.join("config.json"));
+        let torch_name = match dtype {
+            "F16" => "float16",
+            "BF16" => "bfloat16",
+            _ => "float32",
+        };
+        assert_eq!(config.get("torch_dtype").or(config.get("dtype")).and_then(|d| d.as_str()), Some(torch_name), "{what}: config.json");
+        let logits = logits_via_cli(&["--model".as_ref(), out.as_os_str()]);
+        let bytes = std::fs::read(fixture(reference)).unwrap();
+        let expected = webgpu_lora::io::SafetensorsWeights::new(vec![(reference.into(), bytes)]).unwrap().tensor(key).unwrap().data;
+        let diff = max_abs_diff(&logits, &expected);
+        assert!(diff < 1e-4, "{what}: max |ours - reference| = {diff}");
+        if command[0] == "convert-gguf" {
+            // and the GGUF loaded as it is
+            let direct = logits_via_cli(&["--model".as_ref(), command[1].as_os_str()]);
+            assert!(max_abs_diff(&direct, &expected) < 1e-4, "{what}: loaded directly");
+        }
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
 /// `train --init-from`: the run starts from the PEFT adapter's own A and B and its config (with a
 /// learning rate too small to move an f32 value, the adapter comes back as it went in, under its
 /// r, alpha and targets); a LoRA option set against its config is refused by name, one that

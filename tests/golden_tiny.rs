@@ -109,7 +109,7 @@ fn gguf_of_the_tiny_model_converts_back_exactly() {
         }
     }
     let out = scratch("tiny-gguf");
-    GgufModel::parse("tiny.gguf", g.bytes()).unwrap().write_dir(&out, StoreDtype::F32).unwrap();
+    GgufModel::parse("tiny.gguf", g.bytes()).unwrap().write_dir(&out, Some(StoreDtype::F32)).unwrap();
     let llm = load(&out, &cpu());
     let input = ids(&read_json(dir.join("expected.json"))["ids"]);
     let logits = logits_of(&llm.model, &input);

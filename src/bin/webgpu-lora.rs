@@ -55,8 +55,9 @@ enum Command {
     ConvertGguf {
         input: PathBuf,
         out_dir: PathBuf,
-        /// Storage dtype of model.safetensors: f32, f16 or bf16.
-        #[arg(long, default_value = "f32")]
+        /// Storage dtype of model.safetensors: auto (each tensor as the GGUF stores it: F16 and
+        /// BF16 kept, F32 and quantized blocks in f32, nothing rounded), f32, f16 or bf16.
+        #[arg(long, default_value = "auto")]
         dtype: String,
     },
     /// Generate text after a prompt, streamed to stdout.
@@ -280,10 +281,11 @@ fn parse_ids(text: &str) -> Result<Vec<u32>> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::ConvertGguf { input, out_dir, dtype } => {
-            let dtype = StoreDtype::parse(&dtype)?;
             let model = GgufModel::parse(&input.display().to_string(), read_file(&input)?)?;
+            let dtype = if dtype == "auto" { None } else { Some(StoreDtype::parse(&dtype)?) };
             model.write_dir(&out_dir, dtype)?;
-            eprintln!("wrote {} ({} tensors, {})", out_dir.display(), model.weights.names().count(), dtype.torch_name());
+            let stored = dtype.unwrap_or_else(|| model.stored_dtype()).torch_name();
+            eprintln!("wrote {} ({} tensors, {stored})", out_dir.display(), model.weights.names().count());
         }
         Command::Generate { model, adapter, prompt, chat, generation } => {
             let mut llm = load(&model)?;

@@ -22,7 +22,7 @@ use crate::io::gguf::{
 use crate::io::gguf_write::GgufWriter;
 use crate::io::model_files::{CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, write_files};
 use crate::io::quant::{QuantMatrix, QuantType};
-use crate::io::safetensors::{SINGLE_FILE, StoreDtype, write_safetensors};
+use crate::io::safetensors::{SINGLE_FILE, StoreDtype, write_safetensors_as};
 use crate::tensor::HostTensor;
 
 /// A GGUF model as a Hugging Face model: config, tokenizer and generation files made from its
@@ -194,15 +194,34 @@ impl GgufModel {
         files
     }
 
-    /// Writes config.json, model.safetensors (dequantized, in `dtype`), tokenizer files and
-    /// generation_config.json.
-    pub fn write_dir(&self, dir: &Path, dtype: StoreDtype) -> Result<()> {
+    /// The dtype a Hugging Face directory keeps this file's matrices in (config.json's
+    /// torch_dtype): f16 or bf16 when every matrix is stored so, f32 otherwise (quantized blocks
+    /// dequantize exactly only to f32).
+    pub fn stored_dtype(&self) -> StoreDtype {
+        let matrices = || self.weights.tensors.values().map(|(info, _)| info).filter(|info| info.dims.len() == 2);
+        [StoreDtype::F16, StoreDtype::BF16].into_iter().find(|&d| matrices().all(|info| kept_as(info) == d)).unwrap_or(StoreDtype::F32)
+    }
+
+    /// Writes config.json, model.safetensors (dequantized), tokenizer files and
+    /// generation_config.json. The tensors in `dtype`, or with `None` each as the GGUF stores it
+    /// (F16 and BF16 kept, F32 and quantized blocks in f32): nothing is rounded.
+    pub fn write_dir(&self, dir: &Path, dtype: Option<StoreDtype>) -> Result<()> {
         let tensors =
             self.weights.names().map(|name| Ok((name.to_string(), self.weights.tensor_f32(name)?))).collect::<Result<BTreeMap<_, _>>>()?;
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let mut files = self.text_files(dtype);
-        files.push((SINGLE_FILE, write_safetensors(&tensors, dtype, Some(metadata))?));
+        let mut files = self.text_files(dtype.unwrap_or_else(|| self.stored_dtype()));
+        let dtype_of = |name: &str| dtype.unwrap_or_else(|| kept_as(&self.weights.tensors[name].0));
+        files.push((SINGLE_FILE, write_safetensors_as(&tensors, &dtype_of, Some(metadata))?));
         write_files(dir, files)
+    }
+}
+
+/// The safetensors dtype that holds a GGUF tensor's values exactly.
+fn kept_as(info: &TensorInfo) -> StoreDtype {
+    match info.ggml_type {
+        1 => StoreDtype::F16,
+        30 => StoreDtype::BF16,
+        _ => StoreDtype::F32,
     }
 }
 

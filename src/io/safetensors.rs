@@ -231,16 +231,30 @@ pub fn write_safetensors(
     dtype: StoreDtype,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
-    let encoded: Vec<(&String, Vec<usize>, Vec<u8>)> =
-        tensors.iter().map(|(name, t)| (name, t.shape.clone(), encode(&t.data, dtype))).collect();
-    let st_dtype = match dtype {
+    write_safetensors_as(tensors, &|_| dtype, metadata)
+}
+
+/// [`write_safetensors`] with each tensor in the dtype `dtype_of` gives for its name.
+pub fn write_safetensors_as(
+    tensors: &BTreeMap<String, HostTensor>,
+    dtype_of: &dyn Fn(&str) -> StoreDtype,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let encoded: Vec<(&String, Vec<usize>, StoreDtype, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let dtype = dtype_of(name);
+            (name, t.shape.clone(), dtype, encode(&t.data, dtype))
+        })
+        .collect();
+    let st_dtype = |dtype| match dtype {
         StoreDtype::F32 => Dtype::F32,
         StoreDtype::F16 => Dtype::F16,
         StoreDtype::BF16 => Dtype::BF16,
     };
     let views = encoded
         .iter()
-        .map(|(name, shape, bytes)| Ok((name.as_str(), TensorView::new(st_dtype, shape.clone(), bytes)?)))
+        .map(|(name, shape, dtype, bytes)| Ok((name.as_str(), TensorView::new(st_dtype(*dtype), shape.clone(), bytes)?)))
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
         .map_err(|e| Error::invalid(format!("cannot serialize tensors: {e}")))?;
     safetensors::serialize(views, metadata).map_err(|e| Error::invalid(format!("cannot serialize tensors: {e}")))

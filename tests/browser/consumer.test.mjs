@@ -7,7 +7,7 @@ import { execFileSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { start, root, readJson, readSafetensors, maxAbsDiff } from './helpers.mjs';
+import { start, root, readJson, readSafetensors, maxAbsDiff, limit } from './helpers.mjs';
 
 const scratch = mkdtempSync(join(tmpdir(), 'webgpu-lora-consumer-'));
 let b;
@@ -46,7 +46,7 @@ main().catch((e: Error) => { (window as unknown as { result: unknown }).result =
   assert.ok(assets.some((f) => f.endsWith('.wasm')), `the wasm is in the build: ${assets}`);
 
   b = await start({ mounts: [['/fixtures/', join(root, 'tests', 'fixtures')], ['/', join(app, 'dist')]] });
-  const result = await b.page.waitForFunction(() => window.result, null, { timeout: 120_000 }).then((h) => h.jsonValue());
+  const result = await b.page.waitForFunction(() => window.result, null, { timeout: limit(120_000) }).then((h) => h.jsonValue());
   assert.equal(result.error, undefined);
   const expected = readSafetensors(join(root, 'tests/fixtures/tiny-llama/expected.safetensors')).logits.data;
   assert.deepEqual(result.dims, [12, 256]);

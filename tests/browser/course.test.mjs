@@ -2,7 +2,7 @@
 // models: every self-check passes, no console errors; screenshots in test-results/.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { start } from './helpers.mjs';
+import { start, limit } from './helpers.mjs';
 
 let b;
 before(async () => { b = await start(); });
@@ -23,7 +23,7 @@ for (const [name, query, checks] of PAGES) {
     await page.goto(`${b.base}/course/${name}.html${query}`);
     await page.waitForFunction(() => window.course);
     await page.click('#run-all');
-    await page.waitForFunction(() => window.course.done, null, { timeout: 300_000 });
+    await page.waitForFunction(() => window.course.done, null, { timeout: limit(300_000) });
     const items = await page.locator('#checks li').allTextContents();
     const errors = await page.locator('.cell[data-state="error"] .output').allTextContents();
     assert.deepEqual(errors, [], 'no cell failed');

@@ -3,7 +3,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { start, readJson, root } from './helpers.mjs';
+import { start, readJson, root, limit } from './helpers.mjs';
 
 const fixtures = join(root, 'tests', 'fixtures');
 let b;
@@ -43,14 +43,14 @@ test('the page loads SmolLM2-135M-Instruct and streams the France answer (first 
   const { page } = b;
   await page.reload();
   await page.click('#load-button');
-  await page.waitForFunction(() => document.querySelector('#load-status').textContent.startsWith('Loaded'), null, { timeout: 300_000 });
+  await page.waitForFunction(() => document.querySelector('#load-status').textContent.startsWith('Loaded'), null, { timeout: limit(300_000) });
   await b.screenshot('foundation-loaded');
   await page.click('summary');
   await page.fill('#max-new-tokens', '8');
   await page.fill('#prompt', expected.prompt);
   await page.click('#send-button');
   const answer = page.locator('.message.assistant').last();
-  await page.waitForFunction(() => document.querySelector('.message.assistant')?.dataset.stopReason, null, { timeout: 300_000 });
+  await page.waitForFunction(() => document.querySelector('.message.assistant')?.dataset.stopReason, null, { timeout: limit(300_000) });
   const tokens = JSON.parse(await answer.getAttribute('data-tokens'));
   assert.deepEqual(tokens, expected.greedy_ids.slice(0, 8));
   assert.equal(await answer.textContent(), expected.text);

@@ -2,7 +2,7 @@
 // with WebGPU (flags from shared/FACTS.md) driven by playwright-core, and console-error capture.
 import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, mkdirSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { availableParallelism, loadavg, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { chromium } from 'playwright-core';
 import { serve } from '../../scripts/serve.mjs';
@@ -11,6 +11,15 @@ export const root = resolve(import.meta.dirname, '../..');
 export const artifacts = join(root, 'test-results');
 
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
+
+// Wall-clock limits are written for an idle 4-core machine and scaled here: a machine with fewer
+// cores, or one already busy (1-minute load average above its cores), gets proportionally longer.
+// WEBGPU_LORA_TIMEOUT_SCALE sets the factor instead.
+const cores = availableParallelism();
+const TIMEOUT_SCALE = Number(process.env.WEBGPU_LORA_TIMEOUT_SCALE) || Math.max(1, 4 / cores, (loadavg()[0] + 1) / cores);
+
+/** `ms` (a limit on an idle 4-core machine) scaled for this one. */
+export const limit = (ms) => Math.round(ms * TIMEOUT_SCALE);
 const FLAGS = [
   '--enable-unsafe-webgpu', '--no-sandbox', '--no-first-run', '--disable-background-networking',
   '--disable-component-update', '--disable-sync', '--disable-quic',
@@ -43,14 +52,16 @@ export async function launchChromium(profile) {
   rmSync(portFile, { force: true });
   const proc = spawn(CHROMIUM, [...FLAGS, '--headless=new', `--user-data-dir=${profile}`, '--remote-debugging-port=0', 'about:blank'], { stdio: 'ignore' });
   const exited = new Promise((ok) => proc.once('exit', ok));
-  for (let i = 0; !existsSync(portFile) || !readFileSync(portFile, 'utf8').includes('\n'); i++) {
-    if (i > 300 || proc.exitCode !== null) throw new Error(`chromium did not start (exit code ${proc.exitCode})`);
+  const deadline = Date.now() + limit(15_000);
+  while (!existsSync(portFile) || !readFileSync(portFile, 'utf8').includes('\n')) {
+    if (Date.now() > deadline || proc.exitCode !== null) throw new Error(`chromium did not start within ${limit(15_000) / 1000} s (exit code ${proc.exitCode})`);
     await new Promise((r) => setTimeout(r, 50));
   }
   const port = readFileSync(portFile, 'utf8').split('\n')[0];
-  const browser = await chromium.connectOverCDP(`http://127.0.0.1:${port}`);
+  const browser = await chromium.connectOverCDP(`http://127.0.0.1:${port}`, { timeout: limit(30_000) });
   const context = browser.contexts()[0];
   const page = context.pages()[0] ?? (await context.newPage());
+  page.setDefaultTimeout(limit(30_000));
   return {
     page,
     /** SIGKILL: no shutdown of any kind. */
@@ -99,10 +110,11 @@ export async function start({ mounts, webgpu = true } = {}) {
   const base = `http://127.0.0.1:${server.address().port}`;
   const profile = mkdtempSync(join(tmpdir(), 'webgpu-lora-chromium-'));
   const args = webgpu ? FLAGS : FLAGS.filter((f) => f !== '--enable-unsafe-webgpu');
-  const browser = await chromium.launchPersistentContext(profile, { executablePath: CHROMIUM, headless: true, args });
+  const browser = await chromium.launchPersistentContext(profile, { executablePath: CHROMIUM, headless: true, args, timeout: limit(30_000) });
   const errors = [];
   const expected404 = [];
   const page = browser.pages()[0] ?? (await browser.newPage());
+  page.setDefaultTimeout(limit(30_000));
   watchConsole(page, errors, expected404);
   await page.goto(`${base}/`);
   const b = {

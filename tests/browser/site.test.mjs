@@ -8,7 +8,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { start, root } from './helpers.mjs';
+import { start, root, limit } from './helpers.mjs';
 
 let b;
 before(async () => { b = await start(); });
@@ -17,7 +17,7 @@ after(async () => { await b?.close(); });
 async function loadTiny(page) {
   await page.fill('#model-url', '/fixtures/tiny-chat/');
   await page.click('#load-button');
-  await page.waitForFunction(() => document.querySelector('#load-status').textContent.startsWith('Loaded'), null, { timeout: 60_000 });
+  await page.waitForFunction(() => document.querySelector('#load-status').textContent.startsWith('Loaded'), null, { timeout: limit(60_000) });
 }
 
 test('playground: train, save, reload, use, compare, disable, continue, cancel, export, import, rename, delete, merge, download', async () => {
@@ -36,7 +36,7 @@ test('playground: train, save, reload, use, compare, disable, continue, cancel, 
     await page.fill(id, value);
   }
   await page.click('#train-button');
-  await page.waitForFunction(() => /^(Done|Training failed)/.test(document.querySelector('#train-status').textContent), null, { timeout: 300_000 });
+  await page.waitForFunction(() => /^(Done|Training failed)/.test(document.querySelector('#train-status').textContent), null, { timeout: limit(300_000) });
   assert.match(await page.textContent('#train-status'), /^Done: 4 steps, \d+ tokens, best validation loss [\d.]+\. Saved as "ui-robot" and active\./);
   // 4 training points and 3 evaluations (before the first step, at 2 and at 4)
   assert.equal(await page.evaluate(() => window.app.chart.points), 7);
@@ -60,7 +60,7 @@ test('playground: train, save, reload, use, compare, disable, continue, cancel, 
   await page.click('#chat-panel summary');
   await page.fill('#max-new-tokens', '12');
   await page.click('#compare-button');
-  await page.waitForSelector('.compare[data-done="true"]', { timeout: 120_000 });
+  await page.waitForSelector('.compare[data-done="true"]', { timeout: limit(120_000) });
   const [base, adapted] = [await page.textContent('#compare-base'), await page.textContent('#compare-adapter')];
   assert.ok(base.length > 0 && adapted.length > 0);
   assert.notEqual(adapted, base, 'the adapter changes the answer');
@@ -82,7 +82,7 @@ test('playground: train, save, reload, use, compare, disable, continue, cancel, 
     await page.fill(id, value);
   }
   await page.click('#train-button');
-  await page.waitForFunction(() => /^(Done|Training failed)/.test(document.querySelector('#train-status').textContent), null, { timeout: 300_000 });
+  await page.waitForFunction(() => /^(Done|Training failed)/.test(document.querySelector('#train-status').textContent), null, { timeout: limit(300_000) });
   assert.match(await page.textContent('#train-status'), /^Done: 2 steps, \d+ tokens, best validation loss [\d.]+\. Saved as "ui-robot-more" and active\./);
   const more = await page.evaluate(async () => (await window.app.store.list()).find((a) => a.name === 'ui-robot-more'));
   assert.deepEqual([more.r, more.targetModules], [8, 'all-linear']);
@@ -94,9 +94,9 @@ test('playground: train, save, reload, use, compare, disable, continue, cancel, 
   // Cancel: a long run stops after the step in progress; what it trained so far is saved
   for (const [id, value] of [['#train-steps', '500'], ['#train-eval', '1000'], ['#train-name', 'ui-cancelled']]) await page.fill(id, value);
   await page.click('#train-button');
-  await page.waitForFunction(() => /^step [1-9]/.test(document.querySelector('#train-status').textContent), null, { timeout: 300_000 });
+  await page.waitForFunction(() => /^step [1-9]/.test(document.querySelector('#train-status').textContent), null, { timeout: limit(300_000) });
   await page.click('#cancel-button');
-  await page.waitForFunction(() => /^(Stopped|Done|Training failed)/.test(document.querySelector('#train-status').textContent), null, { timeout: 300_000 });
+  await page.waitForFunction(() => /^(Stopped|Done|Training failed)/.test(document.querySelector('#train-status').textContent), null, { timeout: limit(300_000) });
   const [, stoppedAt] = (await page.textContent('#train-status')).match(/^Stopped \(cancelled\): (\d+) steps, .* Saved as "ui-cancelled" and active\.$/) ?? [];
   assert.ok(Number(stoppedAt) >= 1 && Number(stoppedAt) < 500, await page.textContent('#train-status'));
   assert.equal(await page.isDisabled('#cancel-button'), true);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `npm run bench`: SmolLM2-135M-Instruct, ours (CPU backend, wgpu where it runs, and the browser)
 # beside transformers/PEFT on the same machine in the same run: generation, adapter verbs,
-# training, the JS API in headless Chromium; writes BENCHMARKS.md.
+# training, the JS API in headless Chromium, and the GPU work each asks for (dispatches and
+# submissions, counted in Chromium); writes BENCHMARKS.md.
 # transformers runs in a venv under .cache/bench-venv (created on first use: torch is large).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,4 +49,7 @@ python3 bench/report.py "npm run bench" < .cache/bench-results.jsonl > BENCHMARK
 # quantized bases: the shipped GGUF and quantizing on load, beside f32 and transformers
 echo >> BENCHMARKS.md
 VENV="$VENV" bash bench/quantized.sh >> BENCHMARKS.md
+# what a GPU would pay for: dispatches and submissions per token and per training step (counts)
+echo >> BENCHMARKS.md
+timeout 2400 node bench/gpu_work.mjs >> BENCHMARKS.md
 cat BENCHMARKS.md

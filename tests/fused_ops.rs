@@ -1,6 +1,6 @@
-//! The fused operations (`model::ops`): SwiGLU, attention's masked softmax and the head's
-//! cross-entropy, values and gradients, on the CPU backend (its own vectorised kernels) and on
-//! wgpu (the composed default bodies), against the math in f64 on the host; gradients against
+//! The fused operations (`nn::ops`): RMSNorm, the rotary embedding, SwiGLU, attention's masked softmax and the head's
+//! cross-entropy, values and gradients, on the CPU backend (its own vectorised kernels or the
+//! composed default bodies) and on wgpu (cubecl kernels, the cross-entropy composed), against the math in f64 on the host; gradients against
 //! central finite differences of that f64 math, so no derivative formula is shared with the code.
 //! Sizes are odd and large enough that the CPU kernels split their work and leave vector tails.
 
@@ -8,7 +8,7 @@ mod common;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
-use webgpu_lora::nn::ops::{attend, cross_entropy, swiglu};
+use webgpu_lora::nn::ops::{attend, cross_entropy, rms_norm, rotary, swiglu};
 
 fn random(n: usize, scale: f32, seed: u64) -> Vec<f32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -35,6 +35,79 @@ fn derivative(mut f: impl FnMut(f64) -> f64, x: f64) -> f64 {
 
 fn silu_f64(x: f64) -> f64 {
     x / (1.0 + (-x).exp())
+}
+
+/// RMSNorm of one row in f64: x / sqrt(mean(x^2) + eps) * w.
+fn rms_norm_f64(x: &[f64], w: &[f32], eps: f64) -> Vec<f64> {
+    let r = 1.0 / (x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64 + eps).sqrt();
+    x.iter().zip(w).map(|(v, &w)| v * r * w as f64).collect()
+}
+
+fn rms_norm_matches(device: &Device) {
+    let (rows, d, eps) = (3 * 7, 577, 1e-5);
+    let shape = [3, 7, d];
+    let (x, w, c) = (random(rows * d, 4.0, 11), random(d, 2.0, 12), random(rows * d, 1.0, 13));
+    let row = |v: &[f32], r: usize| v[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect::<Vec<_>>();
+    let expected: Vec<f64> = (0..rows).flat_map(|r| rms_norm_f64(&row(&x, r), &w, eps)).collect();
+    let weight = Tensor::<1>::from_data(TensorData::new(w.clone(), [d]), device);
+    let plain = Tensor::<3>::from_data(TensorData::new(x.clone(), shape), device);
+    assert_close("rms_norm", &values(rms_norm(plain, weight.clone(), eps)), &expected, 1e-5);
+
+    // L = sum(out * c): dL/dx by central differences of the f64 row, for a few elements per row
+    let tracked = Tensor::<3>::from_data(TensorData::new(x.clone(), shape), &device.clone().autodiff()).require_grad();
+    let out = rms_norm(tracked.clone(), Tensor::from_data(TensorData::new(w.clone(), [d]), &device.clone().autodiff()), eps);
+    let grads = (out * Tensor::from_data(TensorData::new(c.clone(), shape), &device.clone().autodiff())).sum().backward();
+    let ours = values(tracked.grad(&grads).unwrap());
+    for r in [0, 9, rows - 1] {
+        for k in [0, 1, 288, d - 1] {
+            let loss = |v: f64| {
+                let mut xr = row(&x, r);
+                xr[k] = v;
+                rms_norm_f64(&xr, &w, eps).iter().zip(&c[r * d..(r + 1) * d]).map(|(y, &c)| y * c as f64).sum::<f64>()
+            };
+            let i = r * d + k;
+            assert_close(&format!("dL/dx[{r}, {k}]"), &ours[i..i + 1], &[derivative(loss, x[i] as f64)], 1e-4);
+        }
+    }
+}
+
+/// The rotary embedding of one row [d] at one position in f64: x * cos + [-x2, x1] * sin.
+fn rotary_f64(x: &[f64], cos: &[f32], sin: &[f32]) -> Vec<f64> {
+    let half = x.len() / 2;
+    (0..x.len()).map(|j| x[j] * cos[j] as f64 + if j < half { -x[j + half] } else { x[j - half] } * sin[j] as f64).collect()
+}
+
+fn rotary_matches(device: &Device) {
+    let (b, h, seq, d) = (2, 3, 5, 64);
+    let n = b * h * seq * d;
+    let (x, c) = (random(n, 3.0, 21), random(n, 1.0, 22));
+    // the model's tables: both halves of a row turn by the same angles, scaled (the queries' 1/sqrt(d))
+    let angles: Vec<f32> = (0..seq * d).map(|i| (i / d) as f32 * 0.37 * (1.0 + (i % (d / 2)) as f32)).collect();
+    let (cos, sin): (Vec<f32>, Vec<f32>) = angles.iter().map(|a| (0.8 * a.cos(), 0.8 * a.sin())).unzip();
+    let table = |v: &[f32], device: &Device| Tensor::<4>::from_data(TensorData::new(v.to_vec(), [1, 1, seq, d]), device);
+    let row = |v: &[f32], r: usize| v[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect::<Vec<_>>();
+    let at = |r: usize| (r % seq) * d..(r % seq + 1) * d;
+    let expected: Vec<f64> = (0..n / d).flat_map(|r| rotary_f64(&row(&x, r), &cos[at(r)], &sin[at(r)])).collect();
+    let plain = Tensor::<4>::from_data(TensorData::new(x.clone(), [b, h, seq, d]), device);
+    assert_close("rotary", &values(rotary(plain, table(&cos, device), table(&sin, device))), &expected, 1e-5);
+
+    // L = sum(out * c): dL/dx by central differences of the f64 row
+    let ad = device.clone().autodiff();
+    let tracked = Tensor::<4>::from_data(TensorData::new(x.clone(), [b, h, seq, d]), &ad).require_grad();
+    let out = rotary(tracked.clone(), table(&cos, &ad), table(&sin, &ad));
+    let grads = (out * Tensor::from_data(TensorData::new(c.clone(), [b, h, seq, d]), &ad)).sum().backward();
+    let ours = values(tracked.grad(&grads).unwrap());
+    for r in [0, 7, n / d - 1] {
+        for k in [0, 5, d / 2, d - 1] {
+            let loss = |v: f64| {
+                let mut xr = row(&x, r);
+                xr[k] = v;
+                rotary_f64(&xr, &cos[at(r)], &sin[at(r)]).iter().zip(&c[r * d..(r + 1) * d]).map(|(y, &c)| y * c as f64).sum::<f64>()
+            };
+            let i = r * d + k;
+            assert_close(&format!("dL/dx[{r}, {k}]"), &ours[i..i + 1], &[derivative(loss, x[i] as f64)], 1e-4);
+        }
+    }
 }
 
 fn swiglu_matches(device: &Device) {
@@ -80,7 +153,7 @@ fn masked_softmax_matches(device: &Device) {
     // P v with v = identity is P itself
     let eye: Vec<f32> = (0..k * k).map(|at| if at / k == at % k { 1.0 } else { 0.0 }).collect();
     let v = Tensor::<4>::from_data(TensorData::new(eye, [1, 1, k, k]), device).expand([b, h, k, k]);
-    let probs = attend(s.clone(), Some(m), v);
+    let probs = attend(s.clone(), m, v);
     let grads = (probs.clone() * Tensor::from_data(TensorData::new(w.clone(), [b, h, q, k]), &ad)).sum().backward();
     let (probs, d_scores) = (values(probs.inner()), values(s.grad(&grads).unwrap()));
 
@@ -140,4 +213,4 @@ fn cross_entropy_matches(device: &Device) {
     }
 }
 
-on_cpu_and_wgpu!(swiglu_matches, masked_softmax_matches, cross_entropy_matches);
+on_cpu_and_wgpu!(rms_norm_matches, rotary_matches, swiglu_matches, masked_softmax_matches, cross_entropy_matches);

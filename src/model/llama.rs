@@ -23,7 +23,7 @@ use crate::io::gguf::StoredTensor;
 use crate::io::quant::QuantMatrix;
 use crate::lora::{AdapterState, LoraLayers, LoraLinear, LoraRun};
 use crate::model::KvCache;
-use crate::nn::ops::{attend, swiglu};
+use crate::nn::ops::{attend, rms_norm, rotary, swiglu};
 use crate::nn::{Linear, Weight, WeightDtype};
 use crate::tensor::{HostTensor, read_f32, read_host};
 
@@ -35,8 +35,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let mean_square = x.clone().powi_scalar(2).mean_dim(2);
-        x * mean_square.add_scalar(self.eps).sqrt().recip() * self.weight.clone().unsqueeze::<3>()
+        rms_norm(x, self.weight.clone(), self.eps)
     }
 }
 
@@ -75,28 +74,19 @@ impl Rotary {
 
     /// rope(k).
     fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        rotate(x, &self.cos, &self.sin)
+        rotary(x, self.cos.clone(), self.sin.clone())
     }
 
     /// rope(q) / sqrt(head_dim).
     fn apply_query(&self, x: Tensor<4>) -> Tensor<4> {
-        rotate(x, &self.query_cos, &self.query_sin)
+        rotary(x, self.query_cos.clone(), self.query_sin.clone())
     }
-}
-
-/// x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] (HF Llama's layout).
-fn rotate(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
-    let half = x.dims()[3] / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone() + rotated * sin.clone()
 }
 
 /// The positions a run of ids takes: what every layer needs besides its input.
 pub struct Positions {
     rotary: Rotary,
-    mask: Option<Tensor<4>>,
+    mask: Tensor<4>,
 }
 
 /// Additive causal mask [1, 1, groups * seq, start + seq] for queries grouped per key/value head
@@ -125,14 +115,7 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn forward(
-        &self,
-        x: Tensor<3>,
-        rotary: &Rotary,
-        mask: Option<Tensor<4>>,
-        cache: Option<&mut KvCache>,
-        lora: Option<LoraRun>,
-    ) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, rotary: &Rotary, mask: Tensor<4>, cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
         let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
         let q = rotary.apply_query(heads(self.q_proj.forward(x.clone(), lora), self.num_heads));
@@ -174,14 +157,7 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(
-        &self,
-        x: Tensor<3>,
-        rotary: &Rotary,
-        mask: Option<Tensor<4>>,
-        cache: Option<&mut KvCache>,
-        lora: Option<LoraRun>,
-    ) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, rotary: &Rotary, mask: Tensor<4>, cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Tensor<3> {
         let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rotary, mask, cache, lora);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h), lora)
     }
@@ -238,8 +214,11 @@ impl LlamaModel {
         let [batch, seq] = input_ids.dims();
         let device = self.embed_tokens.device();
         let rotary = Rotary::new(&self.config, start, seq, &device);
-        // one new token sees every cached position: no mask needed
-        let mask = (seq > 1).then(|| causal_mask(start, seq, self.config.kv_groups(), &device));
+        // one new token sees every cached position: a mask of zeros, made on the device (no upload)
+        let mask = match seq {
+            1 => Tensor::zeros([1, 1, 1, start + 1], &device),
+            _ => causal_mask(start, seq, self.config.kv_groups(), &device),
+        };
         let h = self.embed_tokens.rows(input_ids.reshape([batch * seq])).reshape([batch, seq, self.config.hidden_size]);
         (h, Positions { rotary, mask })
     }

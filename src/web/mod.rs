@@ -90,6 +90,10 @@ pub struct Engine {
     state: Rc<RefCell<State>>,
 }
 
+/// Dispatches encoded before the queue is submitted without a read-back forcing it: more than a
+/// decoded token or a training step of the models here has.
+const TASKS_PER_SUBMISSION: usize = 16_384;
+
 #[wasm_bindgen]
 impl Engine {
     /// Initialises WebGPU and resolves to an Engine; rejects with what to do when WebGPU is missing.
@@ -98,7 +102,10 @@ impl Engine {
     pub fn create(max_buffer_bytes: f64) -> Promise {
         crate::nn::weight::set_max_buffer_bytes(max_buffer_bytes as usize);
         future_to_promise(async {
-            let device = Device::wgpu_options().init_async().await.map_err(|e| {
+            // cubecl submits every `tasks_max` dispatches (32 by default: ~56 submissions per decoded
+            // token); a read-back submits anyway, so a decoded token or a training step goes out
+            // in as few submissions as it has reads
+            let device = Device::wgpu_options().tasks_max(TASKS_PER_SUBMISSION).init_async().await.map_err(|e| {
                 js_error(Error::Backend(format!(
                     "WebGPU is not available ({e}): use a browser with WebGPU enabled (Chrome/Edge 113+, or Chromium with --enable-unsafe-webgpu)"
                 )))

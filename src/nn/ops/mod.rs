@@ -1,25 +1,28 @@
 //! Steps of the forward pass that run as one operation each, with their backward passes written
-//! out: SwiGLU, attention's masked softmax, and the head's cross-entropy (loss and dLoss/dlogits).
+//! out: RMSNorm, the rotary embedding, SwiGLU, attention's masked softmax, and the head's
+//! cross-entropy (loss and dLoss/dlogits).
 //!
 //! Composed from burn's primitives, autodiff would keep four [tokens, intermediate] tensors for
 //! `silu(gate) * up` and three [.., queries, keys] tensors for a softmax, and compute each exp
 //! twice; as operations of their own they keep the inputs (SwiGLU) or the output (softmax) and
 //! nothing else. They are a burn backend extension ([`FusedOps`]): the CPU backend runs them as
 //! single vectorised, multi-threaded passes (`cpu`: burn's CPU kernels compute exp one element at
-//! a time and run elementwise work on one thread); every other backend (WebGPU, wgpu) runs the
-//! trait's default bodies, the same math from burn's primitives; the autodiff backend records
-//! each as one node whose backward is the matching `*_backward` operation.
+//! a time and run elementwise work on one thread); burn's cubecl backend (WebGPU, wgpu) runs
+//! RMSNorm, the rotary embedding, SwiGLU and the softmaxes as one kernel each (`cube`) and the cross-entropy as the
+//! trait's default body, the same math from burn's primitives; the autodiff backend records each
+//! as one node whose backward is the matching `*_backward` operation.
 
 #[cfg(not(target_arch = "wasm32"))] // burn's CPU backend is built for native targets only (Cargo.toml)
 mod cpu;
+mod cube;
 pub mod quant;
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{Autodiff, Backend, Cube, FloatDType, TensorMetadata, backend_extension};
-use burn::tensor::{IndexingUpdateOp, Int, Tensor};
+use burn::backend::{Autodiff, Backend, FloatDType, TensorMetadata, backend_extension};
+use burn::tensor::{IndexingUpdateOp, Int, Slice, Tensor};
 
 #[backend_extension(Flex: cfg(not(target_arch = "wasm32")), Cube, Autodiff)]
 pub trait FusedOps: Backend {
@@ -34,8 +37,28 @@ pub trait FusedOps: Backend {
         composed::swiglu_backward::<Self>(gate, up, grad)
     }
 
-    /// softmax(scores + mask) over the last axis; `mask` is additive (0 or -inf) and its shape is
-    /// the last two axes of `scores`, with leading ones ([1, 1, queries, keys]).
+    /// x / sqrt(mean(x^2) + eps) * weight over the last axis (RMSNorm); `weight` [d] is a
+    /// constant (a base weight).
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        composed::rms_norm::<Self>(x, weight, eps)
+    }
+
+    /// dL/dx of [`rms_norm`](Self::rms_norm) from dL/dy: with r = 1 / sqrt(mean(x^2) + eps) per
+    /// row and g = grad * weight, dL/dx = r g - x r^3 mean(g x).
+    fn rms_norm_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        composed::rms_norm_backward::<Self>(x, weight, grad, eps)
+    }
+
+    /// The rotary embedding over the last axis (HF Llama's halves): x * cos + rotate_half(x) * sin
+    /// with rotate_half(x) = [-x2, x1]; `cos`, `sin` [1, 1, seq, d] are constants and repeat over
+    /// the leading axes of x [.., seq, d]. With `inverse`, the rotation back (sin negated), which
+    /// is also the rotation's backward: both halves of a row turn by the same angles.
+    fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, inverse: bool) -> FloatTensor<Self> {
+        composed::rotary::<Self>(x, cos, sin, inverse)
+    }
+
+    /// softmax(scores + mask) over the last axis; `mask` is additive (0 or -inf), [1, 1, queries,
+    /// keys], its rows repeating over the rows of `scores` (queries divides them).
     fn masked_softmax(scores: FloatTensor<Self>, mask: FloatTensor<Self>) -> FloatTensor<Self> {
         composed::masked_softmax::<Self>(scores, mask)
     }
@@ -72,6 +95,45 @@ mod composed {
         (B::float_mul(B::float_mul(grad, up), slope), d_up)
     }
 
+    /// 1 / sqrt(mean(x^2) + eps) over the last axis, kept as a size-1 axis; and `weight` shaped to
+    /// broadcast against x.
+    fn inv_rms<B: Backend>(x: &FloatTensor<B>, weight: FloatTensor<B>, eps: f64) -> (FloatTensor<B>, FloatTensor<B>) {
+        let shape = x.shape();
+        let last = shape.num_dims() - 1;
+        let mean_square = B::float_mean_dim(B::float_mul(x.clone(), x.clone()), last);
+        let r = B::float_recip(B::float_sqrt(B::float_add_scalar(mean_square, (eps as f32).into())));
+        let mut weight_shape = vec![1; last];
+        weight_shape.push(shape[last]);
+        (r, B::float_reshape(weight, weight_shape.into()))
+    }
+
+    pub fn rms_norm<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
+        let (r, weight) = inv_rms::<B>(&x, weight, eps);
+        B::float_mul(B::float_mul(x, r), weight)
+    }
+
+    pub fn rms_norm_backward<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, grad: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
+        let last = x.shape().num_dims() - 1;
+        let (r, weight) = inv_rms::<B>(&x, weight, eps);
+        let g = B::float_mul(grad, weight);
+        let mean_gx = B::float_mean_dim(B::float_mul(g.clone(), x.clone()), last);
+        let r3 = B::float_mul(B::float_mul(r.clone(), r.clone()), r.clone());
+        B::float_sub(B::float_mul(g, r), B::float_mul(x, B::float_mul(r3, mean_gx)))
+    }
+
+    pub fn rotary<B: Backend>(x: FloatTensor<B>, cos: FloatTensor<B>, sin: FloatTensor<B>, inverse: bool) -> FloatTensor<B> {
+        let shape = x.shape();
+        let (n, half) = (shape.num_dims(), shape[shape.num_dims() - 1] / 2);
+        let part = |from: usize| {
+            let mut slices = vec![Slice::full(); n];
+            slices[n - 1] = Slice::new(from as isize, Some((from + half) as isize), 1);
+            B::float_slice(x.clone(), &slices)
+        };
+        let rotated = B::float_cat(vec![B::float_neg(part(half)), part(0)], n - 1);
+        let sin = if inverse { B::float_neg(sin) } else { sin };
+        B::float_add(B::float_mul(x.clone(), cos), B::float_mul(rotated, sin))
+    }
+
     pub fn masked_softmax<B: Backend>(scores: FloatTensor<B>, mask: FloatTensor<B>) -> FloatTensor<B> {
         let last = scores.shape().num_dims() - 1;
         B::softmax(B::float_add(scores, mask), last)
@@ -95,8 +157,6 @@ mod composed {
     }
 }
 
-impl FusedOps for Cube {}
-
 /// SwiGLU's autodiff node: keeps gate and up, and runs [`FusedOps::swiglu_backward`].
 #[derive(Debug)]
 struct SwigluBackward;
@@ -114,6 +174,42 @@ impl<B: FusedOps> Backward<B, 2> for SwigluBackward {
         }
         if let Some(node) = up_node {
             grads.register::<B>(node.id, d_up);
+        }
+    }
+}
+
+/// RMSNorm's autodiff node: keeps x, the weight (a constant) and eps, and runs
+/// [`FusedOps::rms_norm_backward`].
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl<B: FusedOps> Backward<B, 1> for RmsNormBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>, f64);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [x_node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, weight, eps) = ops.state;
+        if let Some(node) = x_node {
+            grads.register::<B>(node.id, B::rms_norm_backward(x, weight, grad, eps));
+        }
+    }
+}
+
+/// The rotary embedding's autodiff node: keeps cos and sin (constants); the backward is the
+/// rotation back.
+#[derive(Debug)]
+struct RotaryBackward;
+
+impl<B: FusedOps> Backward<B, 1> for RotaryBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>, bool);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [x_node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (cos, sin, inverse) = ops.state;
+        if let Some(node) = x_node {
+            grads.register::<B>(node.id, B::rotary(grad, cos, sin, !inverse));
         }
     }
 }
@@ -147,6 +243,29 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         }
     }
 
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        let weight = weight.into_primitive();
+        match RmsNormBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let x = x.into_primitive();
+                let out = B::rms_norm(x.clone(), weight.clone(), eps);
+                prep.finish((x, weight, eps), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::rms_norm(x.into_primitive(), weight, eps)),
+        }
+    }
+
+    fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, inverse: bool) -> FloatTensor<Self> {
+        let (cos, sin) = (cos.into_primitive(), sin.into_primitive());
+        match RotaryBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::rotary(x.into_primitive(), cos.clone(), sin.clone(), inverse);
+                prep.finish((cos, sin, inverse), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::rotary(x.into_primitive(), cos, sin, inverse)),
+        }
+    }
+
     fn masked_softmax(scores: FloatTensor<Self>, mask: FloatTensor<Self>) -> FloatTensor<Self> {
         let probs = B::masked_softmax(scores.primitive().clone(), mask.into_primitive());
         match SoftmaxBackward.prepare::<C>([scores.node()]).compute_bound().stateful() {
@@ -156,20 +275,28 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     }
 }
 
+/// x / sqrt(mean(x^2) + eps) * weight over the last axis (RMSNorm); the weight is a constant.
+pub fn rms_norm(x: Tensor<3>, weight: Tensor<1>, eps: f64) -> Tensor<3> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::rms_norm(x.into_dispatch(), weight.into_dispatch(), eps))
+}
+
+/// x * cos + rotate_half(x) * sin over the last axis (the rotary embedding; see
+/// [`FusedOps::rotary`]); cos and sin are constants.
+pub fn rotary(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::rotary(x.into_dispatch(), cos.into_dispatch(), sin.into_dispatch(), false))
+}
+
 /// silu(gate) * up (SwiGLU).
 pub fn swiglu(gate: Tensor<3>, up: Tensor<3>) -> Tensor<3> {
     Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::swiglu(gate.into_dispatch(), up.into_dispatch()))
 }
 
 /// softmax(scores + mask) v over the last axis (keys); `mask` is additive (0 or -inf), constant,
-/// [1, 1, queries, keys]; none where every query sees every key (one new token after a cache).
-pub fn attend(scores: Tensor<4>, mask: Option<Tensor<4>>, v: Tensor<4>) -> Tensor<4> {
-    let probs = match mask {
-        Some(mask) => {
-            Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::masked_softmax(scores.into_dispatch(), mask.into_dispatch()))
-        }
-        None => burn::tensor::activation::softmax(scores, 3),
-    };
+/// [1, 1, queries, keys] (its rows repeat over the scores' rows: one row of zeros where every
+/// query sees every key).
+pub fn attend(scores: Tensor<4>, mask: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let probs =
+        Tensor::<4>::from_dispatch(<burn::backend::Dispatch as FusedOps>::masked_softmax(scores.into_dispatch(), mask.into_dispatch()));
     probs.matmul(v)
 }
 

@@ -1,0 +1,28 @@
+// The page's side of the GPU work counters (bench/gpu_work.mjs, tests/browser/gpu_work.test.mjs):
+// models whose engine worker counts its WebGPU calls (count-worker.js), their totals, and what one
+// call makes the engine do. Each model has its own worker; dispose one before loading the next.
+import { LoraModel } from '/lib/index.js';
+
+const workerUrl = new URL('./count-worker.js', import.meta.url).href;
+
+/** LoraModel.fromPretrained with the counting worker (and no model cache: every byte is uploaded). */
+export const loadCounted = (url, options = {}) => LoraModel.fromPretrained(url, { ...options, workerUrl, cache: false });
+
+/** The worker's totals so far: {dispatches, submits, buffers, writes}. */
+export function readCounts() {
+  return new Promise((resolve) => {
+    const channel = new BroadcastChannel('webgpu-lora-gpu-counts');
+    channel.onmessage = (e) => { channel.close(); resolve(e.data); };
+    channel.postMessage('read');
+  });
+}
+
+/** What `f` makes the engine do, and how long it takes: {out, seconds, dispatches, submits, buffers, writes}. */
+export async function counted(f) {
+  const before = await readCounts();
+  const t0 = performance.now();
+  const out = await f();
+  const seconds = (performance.now() - t0) / 1000;
+  const after = await readCounts();
+  return { out, seconds, ...Object.fromEntries(Object.entries(after).map(([k, v]) => [k, v - before[k]])) };
+}

@@ -150,6 +150,38 @@ kernel!(SoftmaxBackwardKernel { probs: &'a [f32], grad: &'a [f32], keys: usize, 
     }
 });
 
+/// 1 / sqrt(mean(x^2) + eps) of one row.
+#[inline(always)]
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let mut squares = [0.0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for chunk in chunks {
+        squares.iter_mut().zip(chunk).for_each(|(s, &v)| *s += v * v);
+    }
+    1.0 / ((squares.iter().sum::<f32>() + tail) / x.len() as f32 + eps).sqrt()
+}
+
+// Consecutive rows of `weight.len()` values: out = x * inv_rms(x) * weight row by row.
+kernel!(RmsNormKernel { x: &'a [f32], weight: &'a [f32], eps: f32, out: &'a mut [f32] } -> (), |k| {
+    for (out, x) in k.out.chunks_exact_mut(k.weight.len()).zip(k.x.chunks_exact(k.weight.len())) {
+        let r = inv_rms(x, k.eps);
+        out.iter_mut().zip(x).zip(k.weight).for_each(|((o, &x), &w)| *o = x * r * w);
+    }
+});
+
+// Consecutive rows: out = r g - x r^3 mean(g x), g = grad * weight, row by row.
+kernel!(RmsNormBackwardKernel { x: &'a [f32], weight: &'a [f32], grad: &'a [f32], eps: f32, out: &'a mut [f32] } -> (), |k| {
+    let d = k.weight.len();
+    for ((out, x), dy) in k.out.chunks_exact_mut(d).zip(k.x.chunks_exact(d)).zip(k.grad.chunks_exact(d)) {
+        let r = inv_rms(x, k.eps);
+        out.iter_mut().zip(dy).zip(k.weight).for_each(|((o, &g), &w)| *o = g * w);
+        let gx: f32 = out.iter().zip(x).map(|(g, x)| g * x).sum();
+        let c = r * r * r * gx / d as f32;
+        out.iter_mut().zip(x).for_each(|(o, &x)| *o = r * *o - x * c);
+    }
+});
+
 // One row: out = softmax(logits); returns its max and sum of exp(logits - max).
 kernel!(SoftmaxRowKernel { logits: &'a [f32], out: &'a mut [f32] } -> (f32, f32), |k| {
     softmax_row(k.logits, None, k.out)
@@ -171,7 +203,39 @@ fn all_f32(tensors: &[&FlexTensor]) -> bool {
     tensors.iter().all(|t| t.dtype() == DType::F32)
 }
 
+/// Whole rows of `d` values, about GRAIN elements a task.
+fn row_task(d: usize) -> usize {
+    d * (GRAIN / d.max(1)).max(1)
+}
+
 impl FusedOps for Flex {
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        let d = weight.shape().num_elements();
+        if !all_f32(&[&x, &weight]) || d == 0 || x.shape()[x.shape().num_dims() - 1] != d {
+            return composed::rms_norm::<Self>(x, weight, eps);
+        }
+        let (v, w) = (values(&x), values(&weight));
+        let mut out = vec![0.0f32; v.len()];
+        out.par_chunks_mut(row_task(d))
+            .zip(v.par_chunks(row_task(d)))
+            .for_each(|(out, x)| vectorised(RmsNormKernel { x, weight: &w, eps: eps as f32, out }));
+        tensor(out, x.shape())
+    }
+
+    fn rms_norm_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        let d = weight.shape().num_elements();
+        if !all_f32(&[&x, &weight, &grad]) || d == 0 || x.shape() != grad.shape() || x.shape()[x.shape().num_dims() - 1] != d {
+            return composed::rms_norm_backward::<Self>(x, weight, grad, eps);
+        }
+        let (v, w, dy) = (values(&x), values(&weight), values(&grad));
+        let mut out = vec![0.0f32; v.len()];
+        out.par_chunks_mut(row_task(d))
+            .zip(v.par_chunks(row_task(d)))
+            .zip(dy.par_chunks(row_task(d)))
+            .for_each(|((out, x), grad)| vectorised(RmsNormBackwardKernel { x, weight: &w, grad, eps: eps as f32, out }));
+        tensor(out, x.shape())
+    }
+
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         if !all_f32(&[&gate, &up]) || gate.shape() != up.shape() {
             return composed::swiglu::<Self>(gate, up);

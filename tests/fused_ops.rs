@@ -1,6 +1,7 @@
-//! The fused operations (`nn::ops`): RMSNorm, the rotary embedding, SwiGLU, attention's masked softmax and the head's
-//! cross-entropy, values and gradients, on the CPU backend (its own vectorised kernels or the
-//! composed default bodies) and on wgpu (cubecl kernels, the cross-entropy composed), against the math in f64 on the host; gradients against
+//! The fused operations (`nn::ops`): RMSNorm, the rotary embedding, SwiGLU, attention's masked
+//! softmax and the head's cross-entropy, values and gradients, on the CPU backend (its own
+//! vectorised kernels, the rotary embedding composed) and on wgpu (a cubecl kernel each), against
+//! the math in f64 on the host; gradients against
 //! central finite differences of that f64 math, so no derivative formula is shared with the code.
 //! Sizes are odd and large enough that the CPU kernels split their work and leave vector tails.
 

@@ -1,11 +1,12 @@
 //! The fused operations as cubecl kernels (WebGPU in the browser, wgpu natively), one dispatch
 //! each where burn's primitives take several: RMSNorm and its backward (7 and 12 kernels
-//! composed), the rotary embedding (its own backward: ~6), SwiGLU and its backward (3 and 8), attention's masked softmax (the mask add and
-//! softmax's max, subtract, exp, sum and divide) and its backward (4). A row of RMSNorm or of a
-//! softmax is one thread's loop: the rows are short (hidden size, keys). Other dtypes than f32 go
-//! the composed way.
+//! composed), the rotary embedding (its own backward: ~6), the head's cross-entropy with its
+//! gradient (~12), SwiGLU and its backward (3 and 8), attention's masked softmax (the mask add and
+//! softmax's max, subtract, exp, sum and divide) and its backward (4). A row of RMSNorm, of a
+//! softmax or of the cross-entropy is one thread's loop: the rows are short (hidden size, keys)
+//! or few (the head's positions, a few at a time). Other dtypes than f32 go the composed way.
 
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Cube, DType, TensorMetadata};
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -106,6 +107,33 @@ mod kernels {
         let t = i % cos.len();
         let rotated = if i % (2 * half) < half { -x[i + half] } else { x[i - half] };
         out[i] = x[i] * cos[t] + sign * rotated * sin[t];
+    }
+
+    /// Row `ABSOLUTE_POS` of the cross-entropy against `targets`: loss = log-sum-exp - the
+    /// target's logit, grad = softmax - onehot(target).
+    #[cube(launch)]
+    pub fn cross_entropy_kernel(logits: &Tensor<f32>, targets: &Tensor<i32>, loss: &mut Tensor<f32>, grad: &mut Tensor<f32>) {
+        let row = ABSOLUTE_POS;
+        if row >= loss.len() {
+            terminate!();
+        }
+        let vocab = logits.shape(1);
+        let at = row * vocab;
+        let mut max = f32::new(-3.0e38);
+        for k in 0..vocab {
+            max = f32::max(max, logits[at + k]);
+        }
+        let mut sum = 0.0f32;
+        for k in 0..vocab {
+            sum += f32::exp(logits[at + k] - max);
+        }
+        let lse = max + f32::ln(sum);
+        let target = usize::cast_from(targets[row]);
+        loss[row] = lse - logits[at + target];
+        for k in 0..vocab {
+            grad[at + k] = f32::exp(logits[at + k] - lse);
+        }
+        grad[at + target] -= 1.0f32;
     }
 
     /// Row `ABSOLUTE_POS` of softmax(scores + mask) over the keys; the mask's rows repeat every
@@ -233,6 +261,17 @@ impl FusedOps for Cube {
         let d_up = empty_device_dtype(d_gate.client.clone(), d_gate.device.clone(), d_gate.shape(), DType::F32);
         launch!(swiglu_backward_kernel, d_up.shape().num_elements(), [gate, up, grad, d_gate.clone()], d_up);
         (d_gate, d_up)
+    }
+
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !all_f32(&[&logits]) || targets.dtype != DType::I32 {
+            return composed::cross_entropy::<Self>(logits, targets);
+        }
+        let ([logits, targets], grad) = prepare([logits, targets]);
+        let rows = logits.shape()[0];
+        let loss = empty_device_dtype(grad.client.clone(), grad.device.clone(), [rows].into(), DType::F32);
+        launch!(cross_entropy_kernel, rows, [logits, targets, loss.clone()], grad);
+        (loss, grad)
     }
 
     fn masked_softmax(scores: FloatTensor<Self>, mask: FloatTensor<Self>) -> FloatTensor<Self> {

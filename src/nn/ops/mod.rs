@@ -7,10 +7,10 @@
 //! twice; as operations of their own they keep the inputs (SwiGLU) or the output (softmax) and
 //! nothing else. They are a burn backend extension ([`FusedOps`]): the CPU backend runs them as
 //! single vectorised, multi-threaded passes (`cpu`: burn's CPU kernels compute exp one element at
-//! a time and run elementwise work on one thread); burn's cubecl backend (WebGPU, wgpu) runs
-//! RMSNorm, the rotary embedding, SwiGLU and the softmaxes as one kernel each (`cube`) and the cross-entropy as the
-//! trait's default body, the same math from burn's primitives; the autodiff backend records each
-//! as one node whose backward is the matching `*_backward` operation.
+//! a time and run elementwise work on one thread; the rotary embedding takes the trait's default
+//! body, the same math from burn's primitives); burn's cubecl backend (WebGPU, wgpu) runs each as
+//! one kernel (`cube`); the autodiff backend records each as one node whose backward is the
+//! matching `*_backward` operation.
 
 #[cfg(not(target_arch = "wasm32"))] // burn's CPU backend is built for native targets only (Cargo.toml)
 mod cpu;

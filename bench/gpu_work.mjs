@@ -19,8 +19,8 @@ b.page.setDefaultTimeout(0);
 await b.page.waitForFunction(() => window.app);
 await b.page.evaluate(async () => {
   // the counting worker's page side (bench/page/gpu-counts.js)
-  const { loadCounted, counted, readCounts } = await import('/bench/gpu-counts.js');
-  Object.assign(window, { counted, readCounts, load: loadCounted });
+  const { loadCounted, counted, readCounts, trainingRows } = await import('/bench/gpu-counts.js');
+  Object.assign(window, { counted, readCounts, trainingRows, load: loadCounted });
 });
 
 const KEYS = ['dispatches', 'submits', 'buffers', 'writes'];
@@ -61,7 +61,7 @@ async function inference(name, url) {
 async function training(targets, gradientCheckpointing) {
   const r = await b.page.evaluate(async ({ targets, gradientCheckpointing }) => {
     const m = await window.load('/fixtures/tiny-chat/');
-    const rows = Array.from({ length: 6 }, (_, i) => ({ input_ids: Array.from({ length: 20 }, (_, j) => 3 + ((i * 20 + j) * 7) % 250) }));
+    const rows = window.trainingRows();
     const run = (maxSteps, adapterName) => window.counted(() => m.train({
       data: rows, dataName: 'ids.jsonl', adapterName,
       loraConfig: { r: 8, loraAlpha: 16, loraDropout: 0.05, targetModules: targets },

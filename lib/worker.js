@@ -83,8 +83,6 @@ async function readFiles(base, opened, cache, emit) {
   return out;
 }
 
-// The files of a model: from a URL of a directory in Hugging Face layout or of a .gguf file, a
-// GGUF given as a Blob or File, or files given as {name: bytes}.
 // An adapter's PEFT files as bytes, from the URL of its directory or the two files themselves,
 // and where they came from (for errors).
 async function adapterBytes(source, emit) {
@@ -99,6 +97,8 @@ async function adapterBytes(source, emit) {
   return { config: await toBytes(files[ADAPTER_CONFIG], ADAPTER_CONFIG), weights: await toBytes(files[ADAPTER_WEIGHTS], ADAPTER_WEIGHTS), origin };
 }
 
+// The files of a model: from a URL of a directory in Hugging Face layout or of a .gguf file, a
+// GGUF given as a Blob or File, or files given as {name: bytes}.
 async function modelFiles(source, useCache, emit) {
   if (typeof Blob !== 'undefined' && source instanceof Blob) {
     const name = source.name?.toLowerCase().endsWith('.gguf') ? source.name : 'model.gguf';

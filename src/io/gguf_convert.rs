@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 use crate::config::LLAMA_ARCHITECTURE;
 use crate::error::{Error, Result};
 use crate::io::gguf::{
-    GgufFile, MetaValue, RawMetadata, StoredTensor, TensorInfo, read_tensor, rotary_row_order, rows_in_order, unpermute_rotary_rows,
+    GgmlType, GgufFile, MetaValue, RawMetadata, StoredTensor, TensorInfo, read_tensor, rotary_row_order, rows_in_order,
+    unpermute_rotary_rows,
 };
 use crate::io::gguf_write::GgufWriter;
 use crate::io::model_files::{CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, write_files};
@@ -218,9 +219,9 @@ impl GgufModel {
 
 /// The safetensors dtype that holds a GGUF tensor's values exactly.
 fn kept_as(info: &TensorInfo) -> StoreDtype {
-    match info.ggml_type {
-        1 => StoreDtype::F16,
-        30 => StoreDtype::BF16,
+    match GgmlType::from_id(info.ggml_type) {
+        Some(GgmlType::F16) => StoreDtype::F16,
+        Some(GgmlType::BF16) => StoreDtype::BF16,
         _ => StoreDtype::F32,
     }
 }

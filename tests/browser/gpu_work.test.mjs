@@ -14,7 +14,7 @@ after(async () => { await b?.close(); });
 
 test('a decoded token and a training step: few submissions, and no more dispatches per layer than today', async () => {
   const r = await b.page.evaluate(async () => {
-    const { loadCounted, counted } = await import('/bench/gpu-counts.js');
+    const { loadCounted, counted, trainingRows } = await import('/bench/gpu-counts.js');
     const m = await loadCounted('/fixtures/tiny-chat/');
     const generate = (maxNewTokens) => counted(async () => {
       const stream = m.generate([{ role: 'user', content: 'Hi' }], { maxNewTokens, stop: [] });
@@ -23,7 +23,7 @@ test('a decoded token and a training step: few submissions, and no more dispatch
     });
     await generate(2); // compiles the shaders
     const [one, many] = [await generate(1), await generate(6)];
-    const rows = Array.from({ length: 6 }, (_, i) => ({ input_ids: Array.from({ length: 20 }, (_, j) => 3 + ((i * 20 + j) * 7) % 250) }));
+    const rows = trainingRows();
     let runs = 0;
     const train = (maxSteps) => counted(() => m.train({
       data: rows, dataName: 'ids.jsonl', adapterName: `run-${(runs += 1)}`,

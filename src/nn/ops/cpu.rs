@@ -203,7 +203,7 @@ fn all_f32(tensors: &[&FlexTensor]) -> bool {
     tensors.iter().all(|t| t.dtype() == DType::F32)
 }
 
-/// Whole rows of `d` values, about GRAIN elements a task.
+/// Whole rows (or mask blocks) of `d` values, about GRAIN elements a task.
 fn row_task(d: usize) -> usize {
     d * (GRAIN / d.max(1)).max(1)
 }
@@ -276,7 +276,7 @@ impl FusedOps for Flex {
         let (x, m) = (values(&scores), values(&mask));
         let mut out = vec![0.0f32; x.len()];
         // tasks of whole mask blocks, so that each starts at the mask's first row
-        let task = mask_len * (GRAIN / mask_len).max(1);
+        let task = row_task(mask_len);
         out.par_chunks_mut(task).zip(x.par_chunks(task)).for_each(|(out, scores)| {
             for (out, scores) in out.chunks_mut(mask_len).zip(scores.chunks(mask_len)) {
                 vectorised(MaskedSoftmaxKernel { scores, mask: &m[..scores.len()], keys, out });
@@ -293,7 +293,7 @@ impl FusedOps for Flex {
         }
         let (p, dy) = (values(&probs), values(&grad));
         let mut out = vec![0.0f32; p.len()];
-        let task = keys * (GRAIN / keys).max(1);
+        let task = row_task(keys);
         out.par_chunks_mut(task)
             .zip(p.par_chunks(task))
             .zip(dy.par_chunks(task))

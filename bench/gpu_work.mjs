@@ -6,12 +6,17 @@
 // hold on any machine; the seconds are this machine's WebGPU adapter (SwiftShader runs it on the
 // CPU). Prints a BENCHMARKS.md section.
 //
-//   node bench/gpu_work.mjs [DECODE_TOKENS]
+//   node bench/gpu_work.mjs [DECODE_TOKENS] [--kernels]
+//
+// --kernels adds, for a decoded token and for a training step, the dispatches of each kernel (cubecl
+// names a pipeline by its kernel): where the next fusion pays.
 import { availableParallelism, cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { start, root } from '../tests/browser/helpers.mjs';
 
-const decodeTokens = Number(process.argv[2] ?? 9);
+const args = process.argv.slice(2);
+const byKernel = args.includes('--kernels');
+const decodeTokens = Number(args.find((a) => !a.startsWith('--')) ?? 9);
 const b = await start({
   mounts: [['/models/', join(root, 'models')], ['/fixtures/', join(root, 'tests', 'fixtures')], ['/lib/', join(root, 'lib')], ['/bench/', join(root, 'bench', 'page')], ['/', join(root, 'bench', 'page')]],
 });
@@ -24,7 +29,10 @@ await b.page.evaluate(async () => {
 });
 
 const KEYS = ['dispatches', 'submits', 'buffers', 'writes'];
-const per = (a, b, n) => Object.fromEntries([...KEYS, 'seconds'].map((k) => [k, (b[k] - a[k]) / n]));
+const per = (a, b, n) => ({
+  ...Object.fromEntries([...KEYS, 'seconds'].map((k) => [k, (b[k] - a[k]) / n])),
+  kernels: Object.fromEntries(Object.entries(b.kernels).map(([k, v]) => [k, (v - (a.kernels[k] ?? 0)) / n])),
+});
 
 /** Inference on SmolLM2 from `url`: loading, prefills of 3 and 12 tokens, and a decoded token. */
 async function inference(name, url) {
@@ -36,11 +44,13 @@ async function inference(name, url) {
     await m.logits([1, 2, 3]); // compiles the shaders
     const prefill3 = await window.counted(() => m.logits([1, 504, 3458]));
     const prefill12 = await window.counted(() => m.logits([1, 504, 3458, 282, 4649, 314, 5149, 47, 504, 3458, 282, 4649]));
-    // greedy generations of 1 and of N tokens after the same prompt: the difference is N - 1 decode steps
+    // greedy generations of 1 and of N tokens after the same prompt: the difference is the decode
+    // steps, one forward pass each (a stop token ends a generation after its own forward pass)
     const generate = (maxNewTokens) => window.counted(async () => {
       const stream = m.generate('What is the capital of France?', { maxNewTokens, temperature: 0 });
       for await (const _ of stream);
-      return (await stream.result).tokens.length;
+      const { tokens, stopReason } = await stream.result;
+      return tokens.length + (stopReason === 'stopToken' ? 1 : 0);
     });
     const one = await generate(1);
     const many = await generate(decodeTokens);
@@ -53,7 +63,7 @@ async function inference(name, url) {
     { name, what: 'load (upload of the weights)', ...r.load },
     { name, what: 'prefill of 3 tokens', ...r.prefill3 },
     { name, what: 'prefill of 12 tokens', ...r.prefill12 },
-    { name, what: `one decoded token (greedy; ${r.many.out - r.one.out} tokens)`, ...decode, perLayer: decode.dispatches / r.layers },
+    { name, what: `one decoded token (greedy; ${r.many.out - r.one.out} decode steps)`, ...decode, perLayer: decode.dispatches / r.layers },
   ];
 }
 
@@ -100,12 +110,23 @@ try {
     + '`queue.writeBuffer` (bench/page/count-worker.js). Each launch and each submission costs a real GPU '
     + 'microseconds whatever the kernel\'s size, so these counts hold on any machine and bound what a GPU can do '
     + 'with them; the seconds are this machine\'s adapter (SwiftShader: WebGPU on the CPU). A decoded token is the '
-    + 'difference between greedy generations of 1 and of N tokens after the same prompt, per token; a training '
+    + 'difference between greedy generations of 1 and of N tokens after the same prompt, per forward pass after the prefill; a training '
     + 'step the difference between runs of 1 and 3 steps, per step.\n');
   console.log('| model | work | dispatches | per layer | submits | buffers created | uploads | seconds here |');
   console.log('|---|---|---:|---:|---:|---:|---:|---:|');
   for (const r of rows) {
     console.log(`| ${r.name} | ${r.what} | ${n(r.dispatches)} | ${r.perLayer === undefined ? '' : n(r.perLayer, 1)} | ${n(r.submits, 1)} | ${n(r.buffers)} | ${n(r.writes)} | ${n(r.seconds, 2)} |`);
+  }
+  if (byKernel) {
+    for (const r of rows.filter((row) => row.what.startsWith('one '))) {
+      console.log(`\n### ${r.name}: ${r.what}, dispatches by kernel\n`);
+      console.log('| kernel | dispatches | per layer |');
+      console.log('|---|---:|---:|');
+      const layers = r.dispatches / r.perLayer;
+      for (const [k, v] of Object.entries(r.kernels).filter(([, v]) => Math.abs(v) > 0.01).sort((x, y) => y[1] - x[1])) {
+        console.log(`| ${k} | ${n(v, 1)} | ${n(v / layers, 2)} |`);
+      }
+    }
   }
 } finally {
   await b.close();

@@ -201,7 +201,8 @@ pub async fn generate(
     stop.extend(&model.config.eos_token_ids);
 
     let mut sampler = Sampler::new(config.clone());
-    let mut cache = model.new_cache();
+    // room for the first 256 new tokens without reallocating; a longer generation grows it by doubling
+    let mut cache = model.new_cache_for(prompt.len() + config.max_new_tokens.min(256));
     let mut sequence = prompt.to_vec();
     let mut tokens = Vec::new();
     let mut input = prompt.to_vec();

@@ -1,5 +1,8 @@
-//! The fused operations (`nn::ops`): RMSNorm, the rotary embedding, SwiGLU, attention's masked
-//! softmax and the head's cross-entropy, values and gradients, on the CPU backend (its own
+//! The fused operations (`nn::ops`): RMSNorm (alone and after a residual add), the rotary
+//! embedding, SwiGLU, attention's masked softmax, causal attention over a key/value cache and
+//! the cache's append, self-attention (training's, with its backward), LoRA's update added to a base output, the head's cross-entropy, and the
+//! optimizer's AdamW step and sums of
+//! squares (the gradient norm), values and gradients, on the CPU backend (its own
 //! vectorised kernels, the rotary embedding composed) and on wgpu (a cubecl kernel each), against
 //! the math in f64 on the host; gradients against
 //! central finite differences of that f64 math, so no derivative formula is shared with the code.
@@ -9,7 +12,10 @@ mod common;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
-use webgpu_lora::nn::ops::{attend, cross_entropy, rms_norm, rotary, swiglu};
+use webgpu_lora::nn::ops::{
+    AdamWStep, adamw, add_rms_norm, causal_attention, cross_entropy, kv_append, lora, masked_softmax, rms_norm, rotary, self_attention,
+    sum_squares_into, swiglu,
+};
 
 fn random(n: usize, scale: f32, seed: u64) -> Vec<f32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -151,10 +157,7 @@ fn masked_softmax_matches(device: &Device) {
     let ad = device.clone().autodiff();
     let s = Tensor::<4>::from_data(TensorData::new(scores.clone(), [b, h, q, k]), &ad).require_grad();
     let m = Tensor::<4>::from_data(TensorData::new(mask.clone(), [1, 1, q, k]), device);
-    // P v with v = identity is P itself
-    let eye: Vec<f32> = (0..k * k).map(|at| if at / k == at % k { 1.0 } else { 0.0 }).collect();
-    let v = Tensor::<4>::from_data(TensorData::new(eye, [1, 1, k, k]), device).expand([b, h, k, k]);
-    let probs = attend(s.clone(), m, v);
+    let probs = masked_softmax(s.clone(), m);
     let grads = (probs.clone() * Tensor::from_data(TensorData::new(w.clone(), [b, h, q, k]), &ad)).sum().backward();
     let (probs, d_scores) = (values(probs.inner()), values(s.grad(&grads).unwrap()));
 
@@ -214,4 +217,294 @@ fn cross_entropy_matches(device: &Device) {
     }
 }
 
-on_cpu_and_wgpu!(rms_norm_matches, rotary_matches, swiglu_matches, masked_softmax_matches, cross_entropy_matches);
+fn add_rms_norm_matches(device: &Device) {
+    let (rows, d, eps) = (2 * 9, 577, 1e-5);
+    let (x, delta, w) = (random(rows * d, 4.0, 31), random(rows * d, 4.0, 32), random(d, 2.0, 33));
+    let t = |v: &[f32], device: &Device| Tensor::<3>::from_data(TensorData::new(v.to_vec(), [2, 9, d]), device);
+    let weight = Tensor::<1>::from_data(TensorData::new(w.clone(), [d]), device);
+    let (h, normed) = add_rms_norm(t(&x, device), t(&delta, device), weight, eps);
+    let sum: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
+    assert_eq!(values(h), sum, "the residual add");
+    let row = |r: usize| sum[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect::<Vec<_>>();
+    let expected: Vec<f64> = (0..rows).flat_map(|r| rms_norm_f64(&row(r), &w, eps)).collect();
+    assert_close("add_rms_norm", &values(normed), &expected, 1e-5);
+
+    // tracked (training), the add and RMSNorm's own node: the same values, and dL/ddelta = dL/dh
+    let ad = device.clone().autodiff();
+    let tracked = t(&delta, &ad).require_grad();
+    let (h, normed) = add_rms_norm(t(&x, &ad), tracked.clone(), Tensor::from_data(TensorData::new(w.clone(), [d]), &ad), eps);
+    assert_close("add_rms_norm, tracked", &values(normed.clone().inner()), &expected, 1e-5);
+    let grads = (h * 2.0 + normed).sum().backward();
+    let plain = t(&sum, &ad).require_grad();
+    let reference = (plain.clone() * 2.0 + rms_norm(plain.clone(), Tensor::from_data(TensorData::new(w, [d]), &ad), eps)).sum().backward();
+    let reference: Vec<f64> = values(plain.grad(&reference).unwrap()).iter().map(|&v| v as f64).collect();
+    assert_close("dL/ddelta", &values(tracked.grad(&grads).unwrap()), &reference, 1e-6);
+}
+
+/// Rotary tables as the model's: both halves of a row turn by the same angles; (cos, sin), each
+/// [seq, d] row-major, for positions first..first + seq.
+fn tables(seq: usize, d: usize, first: usize) -> (Vec<f32>, Vec<f32>) {
+    let angles: Vec<f32> = (0..seq * d).map(|i| (first + i / d) as f32 * 0.37 * (1.0 + (i % (d / 2)) as f32)).collect();
+    angles.iter().map(|a| (a.cos(), a.sin())).unzip()
+}
+
+/// (cos, sin) as the ops take them: one tensor [2, seq, d].
+fn tables_tensor((cos, sin): &(Vec<f32>, Vec<f32>), d: usize, device: &Device) -> Tensor<3> {
+    let both: Vec<f32> = cos.iter().chain(sin).copied().collect();
+    Tensor::from_data(TensorData::new(both, [2, cos.len() / d, d]), device)
+}
+
+fn kv_append_matches(device: &Device) {
+    let (b, kv_heads, capacity, d, seq, start) = (2, 3, 40, 32, 7, 21);
+    let half = b * kv_heads * capacity * d;
+    let old = random(2 * half, 1.0, 41);
+    let (k, v) = (random(b * seq * kv_heads * d, 3.0, 43), random(b * seq * kv_heads * d, 3.0, 44));
+    let (cos, sin) = tables(seq, d, start);
+    let t3 = |v: &[f32]| Tensor::<3>::from_data(TensorData::new(v.to_vec(), [b, seq, kv_heads * d]), device);
+    let cache = Tensor::<5>::from_data(TensorData::new(old.clone(), [2, b, kv_heads, capacity, d]), device);
+    let held = cache.clone(); // the cache held elsewhere too: it is copied, not written
+    let cache = kv_append(cache, t3(&k), t3(&v), tables_tensor(&(cos.clone(), sin.clone()), d, device), start);
+    let mut expected: Vec<f64> = old.iter().map(|&x| x as f64).collect();
+    for (bi, s, h) in (0..b).flat_map(|bi| (0..seq).flat_map(move |s| (0..kv_heads).map(move |h| (bi, s, h)))) {
+        let from = ((bi * seq + s) * kv_heads + h) * d;
+        let to = ((bi * kv_heads + h) * capacity + start + s) * d;
+        let row: Vec<f64> = k[from..from + d].iter().map(|&x| x as f64).collect();
+        expected[to..to + d].copy_from_slice(&rotary_f64(&row, &cos[s * d..(s + 1) * d], &sin[s * d..(s + 1) * d]));
+        for e in 0..d {
+            expected[half + to + e] = v[from + e] as f64;
+        }
+    }
+    assert_close("keys and values", &values(cache), &expected, 1e-6);
+    assert_eq!(values(held), old, "a cache held elsewhere was written");
+}
+
+/// Causal attention of one query row (already turned) over keys and values [n, d] in f64.
+fn attention_f64(q: &[f64], keys: &[f64], vals: &[f64], n: usize, d: usize) -> Vec<f64> {
+    let scores: Vec<f64> = (0..n).map(|j| (0..d).map(|e| q[e] * keys[j * d + e]).sum()).collect();
+    let p = softmax_f64(&scores, &vec![0.0; n]);
+    (0..d).map(|e| (0..n).map(|j| p[j] * vals[j * d + e]).sum()).collect()
+}
+
+/// Queries at positions start..start + seq over a cache of `capacity` whose unfilled tail is NaN
+/// (never read); 6 query heads over 2 key/value heads; more keys than one chunk of d.
+fn causal_attention_case(device: &Device, d: usize, seq: usize, start: usize) {
+    let (b, heads, kv_heads, capacity) = (2, 6, 2, start + seq + 3);
+    let (groups, keys, scale) = (heads / kv_heads, start + seq, 1.0 / (d as f32).sqrt());
+    let q = random(b * seq * heads * d, 2.0, 51);
+    let mut kv = random(2 * b * kv_heads * capacity * d, 1.0, 52);
+    kv.iter_mut().enumerate().filter(|(i, _)| (i / d) % capacity >= keys).for_each(|(_, x)| *x = f32::NAN);
+    let (cos, sin) = tables(seq, d, start);
+    // the model's causal mask: row g * seq + i is query i of group g, which sees keys 0..=start + i
+    let mask: Vec<f32> =
+        (0..groups * seq * keys).map(|at| if at % keys > start + (at / keys) % seq { f32::NEG_INFINITY } else { 0.0 }).collect();
+    let run = |q: Tensor<3>, device: &Device| {
+        let cache = Tensor::<5>::from_data(TensorData::new(kv.clone(), [2, b, kv_heads, capacity, d]), device);
+        let mask = Tensor::<4>::from_data(TensorData::new(mask.clone(), [1, 1, groups * seq, keys]), device);
+        causal_attention(q, cache, tables_tensor(&(cos.clone(), sin.clone()), d, device), scale, mask, start)
+    };
+    let mut expected = vec![0.0; q.len()];
+    let values_at = b * kv_heads * capacity * d;
+    for (bi, i, h) in (0..b).flat_map(|bi| (0..seq).flat_map(move |i| (0..heads).map(move |h| (bi, i, h)))) {
+        let at = ((bi * seq + i) * heads + h) * d;
+        let row: Vec<f64> = q[at..at + d].iter().map(|&x| x as f64).collect();
+        let turned: Vec<f64> =
+            rotary_f64(&row, &cos[i * d..(i + 1) * d], &sin[i * d..(i + 1) * d]).iter().map(|x| x * scale as f64).collect();
+        let base = (bi * kv_heads + h / groups) * capacity * d;
+        let n = start + i + 1;
+        let as64 = |from: usize| kv[from..from + n * d].iter().map(|&x| x as f64).collect::<Vec<_>>();
+        expected[at..at + d].copy_from_slice(&attention_f64(&turned, &as64(base), &as64(values_at + base), n, d));
+    }
+    let shape = [b, seq, heads * d];
+    let plain = Tensor::<3>::from_data(TensorData::new(q.clone(), shape), device);
+    assert_close(&format!("attention d={d} seq={seq} start={start}"), &values(run(plain, device)), &expected, 1e-5);
+
+    // tracked: the composed steps give the same values
+    let ad = device.clone().autodiff();
+    let tracked = Tensor::<3>::from_data(TensorData::new(q.clone(), shape), &ad).require_grad();
+    assert_close("attention, tracked", &values(run(tracked, &ad).inner()), &expected, 1e-5);
+}
+
+fn causal_attention_matches(device: &Device) {
+    causal_attention_case(device, 32, 5, 70); // a prefill after a cache: 75 keys, chunks of 32
+    causal_attention_case(device, 64, 1, 130); // a decoded token: 131 keys, chunks of 64
+    causal_attention_case(device, 16, 9, 0); // a prefill without a cache
+}
+
+/// One AdamW step against PyTorch's formula in f64, with a clipping scale and weight decay; the
+/// moments given are written in place, but not ones held elsewhere too.
+fn adamw_matches(device: &Device) {
+    let n = 3 * 1001;
+    let (p, g, m) = (random(n, 1.0, 61), random(n, 0.1, 62), random(n, 0.01, 63));
+    let v: Vec<f32> = random(n, 0.01, 64).iter().map(|x| x * x).collect();
+    let (lr, beta1, beta2, eps, wd, t, scale) = (1e-3f64, 0.9f64, 0.999f64, 1e-8f64, 0.1f64, 3, 0.5f64);
+    let step = AdamWStep {
+        grad_scale: scale as f32,
+        decay: (1.0 - lr * wd) as f32,
+        beta1: beta1 as f32,
+        beta2: beta2 as f32,
+        step_size: (lr / (1.0 - beta1.powi(t))) as f32,
+        inv_sqrt_bias2: (1.0 / (1.0 - beta2.powi(t)).sqrt()) as f32,
+        eps: eps as f32,
+    };
+    let t2 = |v: &[f32]| Tensor::<2>::from_data(TensorData::new(v.to_vec(), [3, 1001]), device);
+    let held_m = t2(&m);
+    let (new_p, new_m, new_v) = adamw(t2(&p), t2(&g), held_m.clone(), t2(&v), step);
+    let (mut ep, mut em, mut ev) = (vec![], vec![], vec![]);
+    for i in 0..n {
+        let gi = g[i] as f64 * scale;
+        let mi = beta1 * m[i] as f64 + (1.0 - beta1) * gi;
+        let vi = beta2 * v[i] as f64 + (1.0 - beta2) * gi * gi;
+        let m_hat = mi / (1.0 - beta1.powi(t));
+        let v_hat = vi / (1.0 - beta2.powi(t));
+        ep.push(p[i] as f64 * (1.0 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps));
+        em.push(mi);
+        ev.push(vi);
+    }
+    assert_close("param", &values(new_p), &ep, 1e-6);
+    assert_close("m", &values(new_m), &em, 1e-6);
+    assert_close("v", &values(new_v), &ev, 1e-6);
+    assert_eq!(values(held_m), m, "moments held elsewhere were written");
+}
+
+fn sum_squares_matches(device: &Device) {
+    let sizes = [(1, 1), (1, 255), (3, 257), (100, 101)];
+    let mut sums = Tensor::<1>::zeros([sizes.len() + 1], device);
+    let mut expected = vec![0.0; sizes.len() + 1];
+    for (slot, &(rows, cols)) in sizes.iter().enumerate() {
+        let x = random(rows * cols, 2.0, 70 + slot as u64);
+        expected[slot] = x.iter().map(|&v| v as f64 * v as f64).sum();
+        sums = sum_squares_into(sums, Tensor::from_data(TensorData::new(x, [rows, cols]), device), slot);
+    }
+    assert_close("sums of squares", &values(sums), &expected, 1e-5);
+}
+
+/// out = base + s ((x * mask / (1 - p)) A^T) B^T and, for L = sum(out * c), dL/dbase, dL/dx,
+/// dL/dA^T and dL/dB^T by central differences of the f64 math at a sample of entries; with a
+/// dropout keep-mask (each entry 0 or 1) and without.
+fn lora_matches(device: &Device) {
+    let (tokens, d_in, r, d_out, s) = (37, 129, 8, 67, 2.5f32);
+    let (base, x, a, b, c) = (
+        random(tokens * d_out, 1.0, 81),
+        random(tokens * d_in, 1.0, 82),
+        random(d_in * r, 0.3, 83),
+        random(r * d_out, 0.3, 84),
+        random(tokens * d_out, 1.0, 85),
+    );
+    let keep: Vec<f32> = random(tokens * d_in, 1.0, 86).iter().map(|&u| if u < -0.8 { 0.0 } else { 1.0 }).collect();
+    let keep_scale = 1.0 / 0.9f32;
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    for mask in [None, Some(&keep)] {
+        let forward = |base: &[f64], x: &[f64], a: &[f64], b: &[f64]| -> Vec<f64> {
+            let xm = |at: usize| x[at] * mask.map_or(1.0, |m| (m[at] * keep_scale) as f64);
+            let xa: Vec<f64> = (0..tokens * r).map(|at| (0..d_in).map(|p| xm(at / r * d_in + p) * a[p * r + at % r]).sum()).collect();
+            (0..tokens * d_out)
+                .map(|at| base[at] + s as f64 * (0..r).map(|k| xa[at / d_out * r + k] * b[k * d_out + at % d_out]).sum::<f64>())
+                .collect()
+        };
+        let inputs = [f64s(&base), f64s(&x), f64s(&a), f64s(&b)];
+        let expected = forward(&inputs[0], &inputs[1], &inputs[2], &inputs[3]);
+        let t = |v: &[f32], shape: [usize; 2], device: &Device| Tensor::<2>::from_data(TensorData::new(v.to_vec(), shape), device);
+        let shapes = [[tokens, d_out], [tokens, d_in], [d_in, r], [r, d_out]];
+        let mask_on = |device: &Device| mask.map(|m| (t(m, [tokens, d_in], device), keep_scale));
+        let out = lora(
+            t(&base, shapes[0], device),
+            t(&x, shapes[1], device),
+            mask_on(device),
+            t(&a, shapes[2], device),
+            t(&b, shapes[3], device),
+            s,
+        );
+        let what = if mask.is_some() { "lora with dropout" } else { "lora" };
+        assert_close(what, &values(out), &expected, 1e-5);
+
+        let ad = device.clone().autodiff();
+        let leaves: Vec<Tensor<2>> = [&base, &x, &a, &b].iter().zip(shapes).map(|(v, shape)| t(v, shape, &ad).require_grad()).collect();
+        let out = lora(leaves[0].clone(), leaves[1].clone(), mask_on(&ad), leaves[2].clone(), leaves[3].clone(), s);
+        let grads = (out * t(&c, shapes[0], &ad)).sum().backward();
+        for (which, leaf) in leaves.iter().enumerate() {
+            let ours = values(leaf.grad(&grads).unwrap());
+            for i in (0..ours.len()).step_by(ours.len() / 7 + 1).chain([ours.len() - 1]) {
+                let loss = |v: f64| {
+                    let mut at = inputs.clone();
+                    at[which][i] = v;
+                    forward(&at[0], &at[1], &at[2], &at[3]).iter().zip(&c).map(|(y, &c)| y * c as f64).sum::<f64>()
+                };
+                assert_close(&format!("{what}: dL/d(input {which})[{i}]"), &ours[i..i + 1], &[derivative(loss, inputs[which][i])], 1e-4);
+            }
+        }
+    }
+}
+
+/// Self-attention of a run as training computes it, from the projections [batch, seq, heads * d]
+/// and [batch, seq, kv_heads * d]: values against the f64 math, and for L = sum(out * c) the
+/// gradients of q, k and v against central differences of it at a sample of entries (6 query
+/// heads over 2 key/value heads; more keys and more queries per key than one chunk of d).
+fn self_attention_matches(device: &Device) {
+    let (b, heads, kv_heads, seq, d) = (2, 6, 2, 21, 16);
+    let groups = heads / kv_heads;
+    let (q, k, v) =
+        (random(b * seq * heads * d, 2.0, 91), random(b * seq * kv_heads * d, 2.0, 92), random(b * seq * kv_heads * d, 1.0, 93));
+    let c = random(b * seq * heads * d, 1.0, 94);
+    let (cos, sin) = tables(seq, d, 0);
+    let scale = 1.0 / (d as f32).sqrt();
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    let forward = |q: &[f64], k: &[f64], v: &[f64]| -> Vec<f64> {
+        let mut out = vec![0.0; q.len()];
+        for (bi, i, h) in (0..b).flat_map(|bi| (0..seq).flat_map(move |i| (0..heads).map(move |h| (bi, i, h)))) {
+            let at = ((bi * seq + i) * heads + h) * d;
+            let turned: Vec<f64> =
+                rotary_f64(&q[at..at + d], &cos[i * d..(i + 1) * d], &sin[i * d..(i + 1) * d]).iter().map(|x| x * scale as f64).collect();
+            let (mut keys, mut vals) = (vec![], vec![]);
+            for j in 0..=i {
+                let kat = ((bi * seq + j) * kv_heads + h / groups) * d;
+                keys.extend(rotary_f64(&k[kat..kat + d], &cos[j * d..(j + 1) * d], &sin[j * d..(j + 1) * d]));
+                vals.extend_from_slice(&v[kat..kat + d]);
+            }
+            out[at..at + d].copy_from_slice(&attention_f64(&turned, &keys, &vals, i + 1, d));
+        }
+        out
+    };
+    let inputs = [f64s(&q), f64s(&k), f64s(&v)];
+    let expected = forward(&inputs[0], &inputs[1], &inputs[2]);
+    let mask: Vec<f32> = (0..groups * seq * seq).map(|at| if at % seq > (at / seq) % seq { f32::NEG_INFINITY } else { 0.0 }).collect();
+    let t4 = |v: &[f32], shape: [usize; 4], device: &Device| Tensor::<4>::from_data(TensorData::new(v.to_vec(), shape), device);
+    let shapes = [[b, seq, heads * d], [b, seq, kv_heads * d], [b, seq, kv_heads * d]];
+    let run = |[q, k, v]: [Tensor<3>; 3], device: &Device| {
+        self_attention(q, k, v, tables_tensor(&(cos.clone(), sin.clone()), d, device), scale, t4(&mask, [1, 1, groups * seq, seq], device))
+    };
+    let t3 = |v: &[f32], shape: [usize; 3], device: &Device| Tensor::<3>::from_data(TensorData::new(v.to_vec(), shape), device);
+    let plain = [t3(&q, shapes[0], device), t3(&k, shapes[1], device), t3(&v, shapes[2], device)];
+    assert_close("self_attention", &values(run(plain, device)), &expected, 1e-5);
+
+    let ad = device.clone().autodiff();
+    let leaves = [t3(&q, shapes[0], &ad).require_grad(), t3(&k, shapes[1], &ad).require_grad(), t3(&v, shapes[2], &ad).require_grad()];
+    let out = run(leaves.clone(), &ad);
+    assert_close("self_attention, tracked", &values(out.clone().inner()), &expected, 1e-5);
+    let grads = (out * t3(&c, shapes[0], &ad)).sum().backward();
+    for (which, leaf) in leaves.iter().enumerate() {
+        let ours = values(leaf.grad(&grads).unwrap());
+        for i in (0..ours.len()).step_by(ours.len() / 23 + 1).chain([0, ours.len() - 1]) {
+            let loss = |x: f64| {
+                let mut at = inputs.clone();
+                at[which][i] = x;
+                forward(&at[0], &at[1], &at[2]).iter().zip(&c).map(|(y, &c)| y * c as f64).sum::<f64>()
+            };
+            assert_close(&format!("dL/d{}[{i}]", ["q", "k", "v"][which]), &ours[i..i + 1], &[derivative(loss, inputs[which][i])], 1e-4);
+        }
+    }
+}
+
+on_cpu_and_wgpu!(
+    self_attention_matches,
+    lora_matches,
+    adamw_matches,
+    sum_squares_matches,
+    add_rms_norm_matches,
+    kv_append_matches,
+    causal_attention_matches,
+    rms_norm_matches,
+    rotary_matches,
+    swiglu_matches,
+    masked_softmax_matches,
+    cross_entropy_matches
+);

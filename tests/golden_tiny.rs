@@ -23,13 +23,13 @@ fn tiny_llama_matches_transformers(device: &burn::tensor::Device) {
     }
 }
 
-on_cpu_and_wgpu!(tiny_llama_matches_transformers);
+on_cpu_and_wgpu!(tiny_llama_matches_transformers, kv_cache_decoding_equals_full_forward);
 
-/// Decoding token by token through the KV cache gives the logits of one full forward pass.
-#[test]
-fn kv_cache_decoding_equals_full_forward() {
+/// Decoding token by token through the KV cache (which grows after the prefill: it was made for
+/// the prefill's 5 positions) gives the logits of one full forward pass.
+fn kv_cache_decoding_equals_full_forward(device: &burn::tensor::Device) {
     let dir = fixture("tiny-llama");
-    let llm = load(&dir, &cpu());
+    let llm = load(&dir, device);
     let input = ids(&read_json(dir.join("expected.json"))["ids"]);
     let vocab = llm.model.config.vocab_size;
     let full = logits_of(&llm.model, &input);

@@ -8,7 +8,7 @@ const workerUrl = new URL('./count-worker.js', import.meta.url).href;
 /** LoraModel.fromPretrained with the counting worker (and no model cache: every byte is uploaded). */
 export const loadCounted = (url, options = {}) => LoraModel.fromPretrained(url, { ...options, workerUrl, cache: false });
 
-/** The worker's totals so far: {dispatches, submits, buffers, writes}. */
+/** The worker's totals so far: {dispatches, submits, buffers, writes, kernels: {name: dispatches}}. */
 export function readCounts() {
   return new Promise((resolve) => {
     const channel = new BroadcastChannel('webgpu-lora-gpu-counts');
@@ -17,14 +17,17 @@ export function readCounts() {
   });
 }
 
-/** What `f` makes the engine do, and how long it takes: {out, seconds, dispatches, submits, buffers, writes}. */
+/** What `f` makes the engine do, and how long it takes: {out, seconds, dispatches, submits, buffers, writes, kernels}. */
 export async function counted(f) {
   const before = await readCounts();
   const t0 = performance.now();
   const out = await f();
   const seconds = (performance.now() - t0) / 1000;
   const after = await readCounts();
-  return { out, seconds, ...Object.fromEntries(Object.entries(after).map(([k, v]) => [k, v - before[k]])) };
+  const kernels = Object.fromEntries(Object.entries(after.kernels)
+    .map(([k, v]) => [k, v - (before.kernels[k] ?? 0)]).filter(([, v]) => v));
+  const totals = Object.entries(after).filter(([k]) => k !== 'kernels').map(([k, v]) => [k, v - before[k]]);
+  return { out, seconds, ...Object.fromEntries(totals), kernels };
 }
 
 /** The training job both count: 6 already tokenized rows of 20 ids (< 256: any tiny model's vocabulary). */

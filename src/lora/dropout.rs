@@ -8,7 +8,7 @@ use std::cell::Cell;
 use std::ops::Range;
 use std::sync::Mutex;
 
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Device, Distribution, Tensor};
 
 /// The masks of one micro-batch, shared by its parts.
 pub struct DropoutMasks {
@@ -18,7 +18,7 @@ pub struct DropoutMasks {
     parts: usize,
     /// How many times each part runs each layer (2 with gradient checkpointing).
     passes: usize,
-    /// Per draw, in order: the scaled keep-mask and how many takes of its rows are still to come
+    /// Per draw, in order: the keep-mask (0 or 1) and how many takes of its rows are still to come
     /// (the mask is let go after the last, so only the parts' autodiff graphs keep it alive).
     drawn: Mutex<Vec<(Option<Tensor<2>>, usize)>>,
 }
@@ -57,20 +57,21 @@ impl PartDropout<'_> {
     }
 
     /// Inverted dropout (torch.nn.Dropout in training mode) of the next adapted layer's input
-    /// `x` [this part's tokens, d_in].
-    pub fn apply(&self, x: Tensor<2>) -> Tensor<2> {
+    /// [this part's tokens, `width`]: its keep-mask (each entry 0 or 1) and the scale 1 / (1 - p)
+    /// of what is kept; the layer multiplies its input by both.
+    pub fn mask(&self, width: usize, device: &Device) -> (Tensor<2>, f32) {
         let m = self.masks;
         let index = self.next.replace(self.next.get() + 1);
         let mut drawn = m.drawn.lock().expect("no thread panics holding the masks");
         if drawn.len() == index {
-            let keep = Tensor::<2>::random([m.tokens, x.dims()[1]], Distribution::Bernoulli(1.0 - m.p), &x.device());
-            drawn.push((Some(keep.mul_scalar(1.0 / (1.0 - m.p))), m.parts * m.passes));
+            let keep = Tensor::<2>::random([m.tokens, width], Distribution::Bernoulli(1.0 - m.p), device);
+            drawn.push((Some(keep), m.parts * m.passes));
         }
         let (mask, waiting) = &mut drawn[index];
         *waiting -= 1;
         let full = if *waiting == 0 { mask.take() } else { mask.clone() }.expect("a part takes its rows once a pass");
         drop(drawn);
         let rows = if self.rows.len() == m.tokens { full } else { full.narrow(0, self.rows.start, self.rows.len()) };
-        x * rows
+        (rows, (1.0 / (1.0 - m.p)) as f32)
     }
 }

@@ -20,7 +20,7 @@ use burn::tensor::Tensor;
 
 use crate::error::Result;
 use crate::lora::PartDropout;
-use crate::nn::{Linear, Weight};
+use crate::nn::{self, Linear, Weight};
 
 /// Which adapter a forward pass runs, and the LoRA dropout to apply before A (none outside
 /// training).
@@ -183,14 +183,9 @@ impl LoraLinear {
         let [batch, seq, d_in] = x.dims();
         let x2 = x.reshape([batch * seq, d_in]);
         let base = self.base.weight_t.apply(x2.clone());
-        let x2 = match dropout {
-            Some(dropout) => dropout.apply(x2),
-            None => x2,
-        };
-        // scaled at rank r, where it is a pass over [tokens, r] rather than [tokens, d_out]
-        let update = x2.matmul(lora.a_t.clone()).mul_scalar(lora.scaling).matmul(lora.b_t.clone());
+        let dropout = dropout.map(|dropout| dropout.mask(d_in, &x2.device()));
         let d_out = self.base.weight_t.dims()[1];
-        (base + update).reshape([batch, seq, d_out])
+        nn::ops::lora(base, x2, dropout, lora.a_t.clone(), lora.b_t.clone(), lora.scaling as f32).reshape([batch, seq, d_out])
     }
 
     /// (d_in, d_out) of the base layer.

@@ -1,17 +1,32 @@
-//! The key/value cache of generation: per layer, the keys and values of every position seen so far.
+//! The key/value cache of generation: per layer, the keys (turned by the rotary embedding) and
+//! values of every position seen so far, in buffers with room to spare, so that a step writes
+//! only its own positions ([`kv_append`]) rather than copying the whole cache.
 
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, s};
 
-/// Keys and values per layer, each [batch, kv_heads, seen, head_dim].
+use crate::nn::ops::kv_append;
+
+/// Positions a cache grows by at least: a decoded token does not reallocate every step.
+const GROW_BY: usize = 256;
+
+/// Keys and values per layer, [2, batch, kv_heads, capacity, head_dim] (keys, then values), of
+/// which the first `seen` positions are filled.
 #[derive(Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    layers: Vec<Option<Tensor<5>>>,
     seen: usize,
+    /// Positions the first allocation makes room for (generation: the prompt and every new token).
+    reserve: usize,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        KvCache { layers: vec![None; num_layers], seen: 0 }
+        Self::with_capacity(num_layers, 0)
+    }
+
+    /// A cache whose buffers are made for `positions` positions at first (more grow them).
+    pub fn with_capacity(num_layers: usize, positions: usize) -> Self {
+        KvCache { layers: vec![None; num_layers], seen: 0, reserve: positions }
     }
 
     /// How many positions the cache holds: the position of the next token.
@@ -19,14 +34,31 @@ impl KvCache {
         self.seen
     }
 
-    /// Appends this step's keys and values for `layer` and returns all of them.
-    pub(crate) fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let (k, v) = match self.layers[layer].take() {
-            Some((past_k, past_v)) => (Tensor::cat(vec![past_k, k], 2), Tensor::cat(vec![past_v, v], 2)),
-            None => (k, v),
+    /// Writes this step's keys (turned by the step's rotary `tables` [2, seq, head_dim]) and
+    /// values, [batch, seq, kv_heads * head_dim] as projected, for `layer` at positions
+    /// `start`.. and returns the layer's cache (filled up to start + seq).
+    pub(crate) fn append(&mut self, layer: usize, k: Tensor<3>, v: Tensor<3>, tables: Tensor<3>, start: usize) -> Tensor<5> {
+        if self.layers.len() <= layer {
+            self.layers.resize(layer + 1, None);
+        }
+        let [batch, seq, width] = k.dims();
+        let d = tables.dims()[2];
+        let needed = start + seq;
+        let cache = match self.layers[layer].take() {
+            Some(cache) if cache.dims()[3] >= needed => cache,
+            old => {
+                // the first run gets the room reserved (or exactly its size); a growing cache room to spare
+                let capacity = if start == 0 { needed.max(self.reserve) } else { needed.max(2 * start).next_multiple_of(GROW_BY) };
+                let empty = Tensor::<5>::empty([2, batch, width / d, capacity, d], &k.device());
+                match old {
+                    Some(old) => empty.slice_assign(s![.., .., .., 0..start], old.slice(s![.., .., .., 0..start])),
+                    None => empty,
+                }
+            }
         };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        (k, v)
+        let cache = kv_append(cache, k, v, tables, start);
+        self.layers[layer] = Some(cache.clone());
+        cache
     }
 
     /// Records that `new_tokens` positions were added (after all layers appended).

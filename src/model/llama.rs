@@ -23,7 +23,7 @@ use crate::io::gguf::StoredTensor;
 use crate::io::quant::QuantMatrix;
 use crate::lora::{AdapterState, LoraLayers, LoraLinear, LoraRun};
 use crate::model::KvCache;
-use crate::nn::ops::{attend, rms_norm, rotary, swiglu};
+use crate::nn::ops::{add_rms_norm, causal_attention, rms_norm, self_attention, swiglu};
 use crate::nn::{Linear, Weight, WeightDtype};
 use crate::tensor::{HostTensor, read_f32, read_host};
 
@@ -39,53 +39,67 @@ impl RmsNorm {
     }
 }
 
-/// cos and sin of the rotary angles for a run of positions, [1, 1, seq, head_dim]; the queries'
-/// tables also carry attention's 1 / sqrt(head_dim), which so costs no pass over the scores.
-struct Rotary {
-    cos: Tensor<4>,
-    sin: Tensor<4>,
-    query_cos: Tensor<4>,
-    query_sin: Tensor<4>,
+/// The residual stream between two norms: h plus a block's output not yet added to it. The
+/// next norm adds it in the same pass ([`add_rms_norm`]), so a residual add costs no pass of its own.
+struct Residual {
+    h: Tensor<3>,
+    pending: Option<Tensor<3>>,
 }
 
-impl Rotary {
-    /// Angles as transformers computes them, in f32: inv_freq = 1 / theta^(2i/d), angle = pos * inv_freq.
-    fn new(config: &LlamaConfig, start: usize, seq: usize, device: &Device) -> Self {
-        let d = config.head_dim;
-        let theta = config.rope_theta as f32;
-        let inv_freq: Vec<f32> = (0..d / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32)).collect();
-        let mut cos = Vec::with_capacity(seq * d);
-        let mut sin = Vec::with_capacity(seq * d);
-        for pos in start..start + seq {
-            // the two halves of each row repeat the same angles (HF's cat(freqs, freqs))
-            for _ in 0..2 {
-                for f in &inv_freq {
-                    let angle = pos as f32 * f;
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
-                }
+impl Residual {
+    fn new(h: Tensor<3>) -> Self {
+        Residual { h, pending: None }
+    }
+
+    fn add(h: Tensor<3>, delta: Tensor<3>) -> Self {
+        Residual { h, pending: Some(delta) }
+    }
+
+    /// The stream's value.
+    fn sum(self) -> Tensor<3> {
+        match self.pending {
+            Some(delta) => self.h + delta,
+            None => self.h,
+        }
+    }
+
+    /// (the stream's value, norm(that value)).
+    fn normed(self, norm: &RmsNorm) -> (Tensor<3>, Tensor<3>) {
+        match self.pending {
+            Some(delta) => add_rms_norm(self.h, delta, norm.weight.clone(), norm.eps),
+            None => (self.h.clone(), norm.forward(self.h)),
+        }
+    }
+}
+
+/// cos and sin of the rotary angles for a run of positions, [2, seq, head_dim], as transformers
+/// computes them, in f32: inv_freq = 1 / theta^(2i/d), angle = pos * inv_freq.
+fn rotary_tables(config: &LlamaConfig, start: usize, seq: usize, device: &Device) -> Tensor<3> {
+    let d = config.head_dim;
+    let theta = config.rope_theta as f32;
+    let inv_freq: Vec<f32> = (0..d / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32)).collect();
+    let mut cos = Vec::with_capacity(seq * d);
+    let mut sin = Vec::with_capacity(seq * d);
+    for pos in start..start + seq {
+        // the two halves of each row repeat the same angles (HF's cat(freqs, freqs))
+        for _ in 0..2 {
+            for f in &inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
             }
         }
-        let scale = 1.0 / (d as f32).sqrt();
-        let table =
-            |v: &[f32], scale: f32| Tensor::<4>::from_data(TensorData::new(v.iter().map(|x| x * scale).collect(), [1, 1, seq, d]), device);
-        Rotary { cos: table(&cos, 1.0), sin: table(&sin, 1.0), query_cos: table(&cos, scale), query_sin: table(&sin, scale) }
     }
-
-    /// rope(k).
-    fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        rotary(x, self.cos.clone(), self.sin.clone())
-    }
-
-    /// rope(q) / sqrt(head_dim).
-    fn apply_query(&self, x: Tensor<4>) -> Tensor<4> {
-        rotary(x, self.query_cos.clone(), self.query_sin.clone())
-    }
+    Tensor::from_data(TensorData::new([cos, sin].concat(), [2, seq, d]), device)
 }
 
-/// The positions a run of ids takes: what every layer needs besides its input.
+/// The positions a run of ids takes (from `start` on): what every layer needs besides its input.
 pub struct Positions {
-    rotary: Rotary,
+    start: usize,
+    /// The positions' rotary cos and sin [2, seq, head_dim].
+    rotary: Tensor<3>,
+    /// Attention's 1 / sqrt(head_dim).
+    scale: f32,
     mask: Tensor<4>,
 }
 
@@ -109,29 +123,19 @@ pub struct Attention {
     pub v_proj: LoraLinear,
     pub o_proj: LoraLinear,
     layer: usize,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
 }
 
 impl Attention {
-    fn forward(&self, x: Tensor<3>, rotary: &Rotary, mask: Tensor<4>, cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Tensor<3> {
-        let [batch, seq, _] = x.dims();
-        let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
-        let q = rotary.apply_query(heads(self.q_proj.forward(x.clone(), lora), self.num_heads));
-        let k = rotary.apply(heads(self.k_proj.forward(x.clone(), lora), self.num_kv_heads));
-        let v = heads(self.v_proj.forward(x, lora), self.num_kv_heads);
-        let (k, v) = match cache {
-            Some(cache) => cache.append(self.layer, k, v),
-            None => (k, v),
+    /// With a cache, this step's keys and values join it and the queries attend over all of it.
+    fn forward(&self, x: Tensor<3>, at: &Positions, cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Tensor<3> {
+        let q = self.q_proj.forward(x.clone(), lora);
+        let (k, v) = (self.k_proj.forward(x.clone(), lora), self.v_proj.forward(x, lora));
+        let (rotary, mask) = (at.rotary.clone(), at.mask.clone());
+        let out = match cache {
+            Some(cache) => causal_attention(q, cache.append(self.layer, k, v, rotary.clone(), at.start), rotary, at.scale, mask, at.start),
+            None => self_attention(q, k, v, rotary, at.scale, mask),
         };
-        // grouped-query attention without copying k and v per group: the query heads that share a
-        // key/value head are stacked along the sequence axis, [b, kv_heads, groups * seq, d]
-        let groups = self.num_heads / self.num_kv_heads;
-        let q = q.reshape([batch, self.num_kv_heads, groups * seq, self.head_dim]);
-
-        let out = attend(q.matmul(k.swap_dims(2, 3)), mask, v).reshape([batch, self.num_heads, seq, self.head_dim]);
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, seq, self.num_heads * self.head_dim]), lora)
+        self.o_proj.forward(out, lora)
     }
 }
 
@@ -157,9 +161,11 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(&self, x: Tensor<3>, rotary: &Rotary, mask: Tensor<4>, cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Tensor<3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rotary, mask, cache, lora);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h), lora)
+    /// h = x + attn(norm(x)); out = h + mlp(norm(h)), each residual add done by the norm after it.
+    fn forward(&self, x: Residual, at: &Positions, cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Residual {
+        let (x, normed) = x.normed(&self.input_layernorm);
+        let (h, normed) = Residual::add(x, self.self_attn.forward(normed, at, cache, lora)).normed(&self.post_attention_layernorm);
+        Residual::add(h, self.mlp.forward(normed, lora))
     }
 
     /// The block's linear layers in model order.
@@ -192,41 +198,44 @@ impl LlamaModel {
     /// Hidden states after the final norm, [batch, seq, hidden], with the running adapter. With
     /// a cache, the ids continue the sequence it holds and their keys/values are added to it.
     pub fn hidden_states(&self, input_ids: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
-        self.hidden_states_with(input_ids, cache, self.adapters.running())
+        // without one, a cache of this run's own: keys and values go once into the layout attention reads
+        let mut own = KvCache::default();
+        self.hidden_states_with(input_ids, Some(cache.unwrap_or(&mut own)), self.adapters.running())
     }
 
     /// [`hidden_states`](Self::hidden_states) with the adapter given: training runs its own copies
     /// of the adapter's matrices, with dropout.
     pub fn hidden_states_with(&self, input_ids: Tensor<2, Int>, mut cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Tensor<3> {
         let (start, seq) = (cache.as_ref().map_or(0, |c| c.seen()), input_ids.dims()[1]);
-        let (mut h, at) = self.decoder_input(input_ids, start);
+        let (h, at) = self.decoder_input(input_ids, start);
+        let mut h = Residual::new(h);
         for layer in &self.layers {
-            h = layer.forward(h, &at.rotary, at.mask.clone(), cache.as_deref_mut(), lora);
+            h = layer.forward(h, &at, cache.as_deref_mut(), lora);
         }
         if let Some(cache) = cache {
             cache.advance(seq);
         }
-        self.norm.forward(h)
+        h.normed(&self.norm).1
     }
 
     /// The embedded ids [batch, seq, hidden], at positions from `start` on, and those positions.
     pub fn decoder_input(&self, input_ids: Tensor<2, Int>, start: usize) -> (Tensor<3>, Positions) {
         let [batch, seq] = input_ids.dims();
         let device = self.embed_tokens.device();
-        let rotary = Rotary::new(&self.config, start, seq, &device);
+        let rotary = rotary_tables(&self.config, start, seq, &device);
         // one new token sees every cached position: a mask of zeros, made on the device (no upload)
         let mask = match seq {
             1 => Tensor::zeros([1, 1, 1, start + 1], &device),
             _ => causal_mask(start, seq, self.config.kv_groups(), &device),
         };
         let h = self.embed_tokens.rows(input_ids.reshape([batch * seq])).reshape([batch, seq, self.config.hidden_size]);
-        (h, Positions { rotary, mask })
+        (h, Positions { start, rotary, scale: 1.0 / (self.config.head_dim as f32).sqrt(), mask })
     }
 
     /// Layer `i` on its input `h` (no cache): the decoder a layer at a time, for training that
     /// keeps only each layer's input and runs the layer again for its gradient.
     pub fn layer_forward(&self, i: usize, h: Tensor<3>, at: &Positions, lora: Option<LoraRun>) -> Tensor<3> {
-        self.layers[i].forward(h, &at.rotary, at.mask.clone(), None, lora)
+        self.layers[i].forward(Residual::new(h), at, None, lora).sum()
     }
 
     /// Logits [batch, seq, vocab] from hidden states.
@@ -290,6 +299,11 @@ impl LlamaModel {
     /// A new, empty cache for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
+    }
+
+    /// A new, empty cache with room for `positions` positions (more grow it).
+    pub fn new_cache_for(&self, positions: usize) -> KvCache {
+        KvCache::with_capacity(self.layers.len(), positions.min(self.config.max_position_embeddings))
     }
 
     pub fn device(&self) -> Device {
@@ -396,9 +410,6 @@ impl LlamaModel {
                 v_proj: linear("self_attn.v_proj", c.num_key_value_heads * hd, hidden)?,
                 o_proj: linear("self_attn.o_proj", hidden, c.num_attention_heads * hd)?,
                 layer: i,
-                num_heads: c.num_attention_heads,
-                num_kv_heads: c.num_key_value_heads,
-                head_dim: hd,
             };
             let mlp = Mlp {
                 gate_proj: linear("mlp.gate_proj", inter, hidden)?,

@@ -6,6 +6,8 @@
 use burn::tensor::Tensor;
 
 use crate::error::{Error, Result};
+use crate::nn::ops::{AdamWStep, adamw, sum_squares_into};
+use crate::tensor::read_f32;
 
 /// AdamW's settings (PyTorch's defaults besides lr).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -38,8 +40,9 @@ impl AdamW {
         Ok(())
     }
 
-    /// One step for one parameter at optimizer step `t` (from 1) with learning rate `lr`:
-    /// returns the new (parameter, m, v).
+    /// One step for one parameter at optimizer step `t` (from 1) with learning rate `lr`, its
+    /// gradient scaled by `grad_scale` (clipping): returns the new (parameter, m, v).
+    #[allow(clippy::too_many_arguments)]
     pub fn update(
         &self,
         param: Tensor<2>,
@@ -48,15 +51,20 @@ impl AdamW {
         v: Tensor<2>,
         t: usize,
         lr: f64,
+        grad_scale: f64,
     ) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
-        let param = param.mul_scalar(1.0 - lr * self.weight_decay);
-        let m = m.mul_scalar(self.beta1) + grad.clone().mul_scalar(1.0 - self.beta1);
-        let v = v.mul_scalar(self.beta2) + (grad.clone() * grad).mul_scalar(1.0 - self.beta2);
         let bias1 = 1.0 - self.beta1.powi(t as i32);
         let bias2 = 1.0 - self.beta2.powi(t as i32);
-        let denom = v.clone().sqrt().mul_scalar(1.0 / bias2.sqrt()).add_scalar(self.eps);
-        let param = param - (m.clone() / denom).mul_scalar(lr / bias1);
-        (param, m, v)
+        let step = AdamWStep {
+            grad_scale: grad_scale as f32,
+            decay: (1.0 - lr * self.weight_decay) as f32,
+            beta1: self.beta1 as f32,
+            beta2: self.beta2 as f32,
+            step_size: (lr / bias1) as f32,
+            inv_sqrt_bias2: (1.0 / bias2.sqrt()) as f32,
+            eps: self.eps as f32,
+        };
+        adamw(param, grad, m, v, step)
     }
 }
 
@@ -95,9 +103,15 @@ impl Schedule {
     }
 }
 
-/// The global L2 norm of `grads` ([1], on the device): sqrt of the sum of squares of every entry.
-pub fn global_norm(grads: &[Tensor<2>]) -> Tensor<1> {
-    grads.iter().map(|g| (g.clone() * g.clone()).sum()).reduce(|a, b| a + b).expect("at least one gradient").sqrt()
+/// The global L2 norm of `grads`: sqrt of the sum of squares of every entry, each matrix's sum
+/// taken on the device (one pass each, into one small tensor read back once), the total in f64.
+pub async fn global_norm(grads: &[Tensor<2>]) -> Result<f64> {
+    let Some(first) = grads.first() else { return Ok(0.0) };
+    let mut sums = Tensor::<1>::empty([grads.len()], &first.device());
+    for (slot, g) in grads.iter().enumerate() {
+        sums = sum_squares_into(sums, g.clone(), slot);
+    }
+    Ok(read_f32(sums).await?.iter().map(|&s| s as f64).sum::<f64>().sqrt())
 }
 
 /// clip_grad_norm_'s factor for a global norm: max_norm / (norm + 1e-6), capped at 1.
@@ -129,7 +143,7 @@ mod tests {
         let device = burn::tensor::Device::flex();
         let t = |v: Vec<f32>| Tensor::<2>::from_data(burn::tensor::TensorData::new(v, [1, 3]), &device);
         let opt = AdamW { lr: 0.1, weight_decay: 0.5, ..Default::default() };
-        let (p, _, _) = opt.update(t(vec![1.0, 2.0, 3.0]), t(vec![0.3, -2.0, 0.0]), t(vec![0.0; 3]), t(vec![0.0; 3]), 1, 0.1);
+        let (p, _, _) = opt.update(t(vec![1.0, 2.0, 3.0]), t(vec![0.3, -2.0, 0.0]), t(vec![0.0; 3]), t(vec![0.0; 3]), 1, 0.1, 1.0);
         let p = p.into_data().try_into_vec::<f32>().unwrap();
         let expected = [1.0 * 0.95 - 0.1, 2.0 * 0.95 + 0.1, 3.0 * 0.95];
         for (a, b) in p.iter().zip(expected) {

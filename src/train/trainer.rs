@@ -322,15 +322,16 @@ impl Run<'_> {
                 t - 1
             )));
         }
-        let grad_norm = read_scalar(global_norm(&grads)).await?;
+        let grad_norm = global_norm(&grads).await?;
         let factor = options.clip_norm().map_or(1.0, |max| clip_factor(grad_norm, max));
         let lr = options.lr * options.schedule.factor(t - 1, options.warmup_steps, self.total_steps);
         let optimizer = options.optimizer();
         let mut updated = Vec::with_capacity(grads.len());
-        for ((value, g), (m, v)) in self.trainee.flat(&weights).into_iter().zip(grads).zip(self.trainee.moments.iter_mut()) {
-            let g = if factor < 1.0 { g.mul_scalar(factor) } else { g };
-            let (new, new_m, new_v) = optimizer.update(value, g, m.clone(), v.clone(), t, lr);
-            (*m, *v) = (new_m, new_v);
+        // the moments given up to the update, which writes the new ones where they were
+        let moments = std::mem::take(&mut self.trainee.moments);
+        for ((value, g), (m, v)) in self.trainee.flat(&weights).into_iter().zip(grads).zip(moments) {
+            let (new, new_m, new_v) = optimizer.update(value, g, m, v, t, lr, factor);
+            self.trainee.moments.push((new_m, new_v));
             updated.push(new);
         }
         let updated = self.trainee.unflat(&weights, updated);

@@ -10,7 +10,7 @@ use burn::tensor::{Shape, TensorData};
 use rayon::prelude::*;
 
 use super::quant::{QuantOps, ROW_BY_ROW, layout};
-use super::{FusedOps, composed};
+use super::{FusedOps, InnerOps, composed};
 use crate::io::quant::{QuantType, RowLayout};
 
 /// Elements one parallel task takes at least: below this, handing work out costs more than it saves.
@@ -348,6 +348,10 @@ fn words(t: &FlexTensor) -> std::borrow::Cow<'_, [u32]> {
         }
     }
 }
+
+/// The composed LoRA steps, and no attention kernels: autodiff records the composed steps,
+/// whose matmuls and softmax are this backend's own vectorised passes.
+impl InnerOps for Flex {}
 
 impl QuantOps for Flex {
     fn dequantize_rows(words_t: IntTensor<Self>, kind: QuantType, cols: usize) -> FloatTensor<Self> {

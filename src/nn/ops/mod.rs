@@ -1,28 +1,27 @@
-//! Steps of the forward pass that run as one operation each, with their backward passes written
-//! out: RMSNorm, the rotary embedding, SwiGLU, attention's masked softmax, and the head's
-//! cross-entropy (loss and dLoss/dlogits).
+//! Steps of the forward and backward passes that run as one operation each, with their backward
+//! passes written out: RMSNorm (alone and after a residual add), the rotary embedding, SwiGLU,
+//! attention (over a key/value cache, and training's self-attention), LoRA's update, the head's
+//! cross-entropy (loss and dLoss/dlogits), and the optimizer's AdamW step and gradient norm.
 //!
 //! Composed from burn's primitives, autodiff would keep four [tokens, intermediate] tensors for
 //! `silu(gate) * up` and three [.., queries, keys] tensors for a softmax, and compute each exp
 //! twice; as operations of their own they keep the inputs (SwiGLU) or the output (softmax) and
-//! nothing else. They are a burn backend extension ([`FusedOps`]): the CPU backend runs them as
-//! single vectorised, multi-threaded passes (`cpu`: burn's CPU kernels compute exp one element at
-//! a time and run elementwise work on one thread; the rotary embedding takes the trait's default
-//! body, the same math from burn's primitives); burn's cubecl backend (WebGPU, wgpu) runs each as
-//! one kernel (`cube`); the autodiff backend records each as one node whose backward is the
-//! matching `*_backward` operation.
+//! nothing else, and on a GPU each is one kernel launch instead of many. They are a burn backend
+//! extension ([`FusedOps`]): the CPU backend runs several as single vectorised, multi-threaded
+//! passes (`cpu`) and the others as the trait's default bodies (`composed`: the same math from
+//! burn's primitives); burn's cubecl backend (WebGPU, wgpu) runs each as one kernel, attention's
+//! backward as three (`cube`); the autodiff backend records each as one node (`autodiff`).
 
+mod autodiff;
+mod composed;
 #[cfg(not(target_arch = "wasm32"))] // burn's CPU backend is built for native targets only (Cargo.toml)
 mod cpu;
 mod cube;
 pub mod quant;
 
-use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{Autodiff, Backend, FloatDType, TensorMetadata, backend_extension};
-use burn::tensor::{IndexingUpdateOp, Int, Slice, Tensor};
+use burn::backend::{Backend, backend_extension};
+use burn::tensor::{Int, Tensor};
 
 #[backend_extension(Flex: cfg(not(target_arch = "wasm32")), Cube, Autodiff)]
 pub trait FusedOps: Backend {
@@ -69,6 +68,109 @@ pub trait FusedOps: Backend {
         composed::softmax_backward::<Self>(probs, grad)
     }
 
+    /// (x + delta, rms_norm(x + delta)): a residual add and the norm after it, one pass.
+    fn add_rms_norm(
+        x: FloatTensor<Self>,
+        delta: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        composed::add_rms_norm::<Self>(x, delta, weight, eps)
+    }
+
+    /// Writes rope(k) and v, [batch, seq, kv_heads * d] as projected, into the cache `kv`
+    /// [2, batch, kv_heads, capacity, d] (keys, then values) at positions start..start + seq, and
+    /// returns it (written in place where nothing else holds it). `tables` [2, seq, d] are the
+    /// positions' rotary cos and sin. Inference only: no gradient flows through a cache.
+    fn kv_append(
+        kv: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        tables: FloatTensor<Self>,
+        start: usize,
+    ) -> FloatTensor<Self> {
+        composed::kv_append::<Self>(kv, k, v, tables, start)
+    }
+
+    /// Causal grouped-query attention: queries `q` [batch, seq, heads * d] as projected, at
+    /// positions start..start + seq, turned by their rotary `tables` [2, seq, d] and scaled by
+    /// `scale` (1 / sqrt(d)), over the first start + seq keys (turned) and values of `kv` [2,
+    /// batch, kv_heads, capacity, d]; query i sees keys 0..=start + i, query head h the key/value
+    /// head h / (heads / kv_heads). `mask` is that causal pattern as an additive [1, 1, groups *
+    /// seq, start + seq] mask (see the model's `causal_mask`), for the composed body; a kernel may
+    /// compute it instead. Returns [batch, seq, heads * d].
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        kv: FloatTensor<Self>,
+        tables: FloatTensor<Self>,
+        scale: f32,
+        mask: FloatTensor<Self>,
+        start: usize,
+    ) -> FloatTensor<Self> {
+        composed::causal_attention::<Self>(q, kv, tables, scale, mask, start)
+    }
+
+    /// Causal self-attention of a run without a cache (training, and the gradient's second
+    /// pass): queries `q` [batch, seq, heads * d], keys and values `k`, `v` [batch, seq,
+    /// kv_heads * d] as projected, all turned by the positions' `tables` [2, seq, d]; `scale` and
+    /// `mask` as for [`causal_attention`](Self::causal_attention). Returns [batch, seq, heads * d].
+    fn self_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        tables: FloatTensor<Self>,
+        scale: f32,
+        mask: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        composed::self_attention::<Self>(q, k, v, tables, scale, mask)
+    }
+
+    /// LoRA's linear layer: base + scaling (x A^T) B^T, with `base` the frozen layer's output
+    /// [tokens, out] (x W^T, computed by the base weight's own product), x [tokens, in], `a_t` =
+    /// A^T [in, r] and `b_t` = B^T [r, out]. Its autodiff node keeps x, the adapter and x A^T,
+    /// and runs [`InnerOps::lora_backward`].
+    fn lora(
+        base: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        a_t: FloatTensor<Self>,
+        b_t: FloatTensor<Self>,
+        scaling: f32,
+    ) -> FloatTensor<Self> {
+        composed::lora::<Self>(base, x, None, a_t, b_t, scaling)
+    }
+
+    /// [`lora`](Self::lora) with LoRA dropout: x * mask * keep_scale goes down the adapter,
+    /// `mask` [tokens, in] being the keep-mask (each entry 0 or 1) and `keep_scale` 1 / (1 - p).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_dropout(
+        base: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        keep_scale: f32,
+        a_t: FloatTensor<Self>,
+        b_t: FloatTensor<Self>,
+        scaling: f32,
+    ) -> FloatTensor<Self> {
+        composed::lora::<Self>(base, x, Some(Dropout { mask, keep_scale }), a_t, b_t, scaling)
+    }
+
+    /// One AdamW step of `param` (see [`AdamWStep`]): (param, m, v) after it.
+    fn adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        step: AdamWStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        composed::adamw::<Self>(param, grad, m, v, step)
+    }
+
+    /// sum(x^2) over all of `x`, written into element `slot` of `sums` [n] (in place where
+    /// nothing else holds it), which is returned.
+    fn sum_squares_into(sums: FloatTensor<Self>, x: FloatTensor<Self>, slot: usize) -> FloatTensor<Self> {
+        composed::sum_squares_into::<Self>(sums, x, slot)
+    }
+
     /// Each row's cross-entropy of `logits` [rows, vocab] against `targets` [rows, 1] (i.e.
     /// log-sum-exp minus the target's logit), [rows], and its gradient with respect to the
     /// logits, softmax(logits) - onehot(target), [rows, vocab].
@@ -77,202 +179,96 @@ pub trait FusedOps: Backend {
     }
 }
 
-/// The operations composed from burn's primitives: the trait's default bodies, and what the CPU
-/// kernels fall back to for inputs they do not take.
-mod composed {
-    use super::*;
-
-    pub fn swiglu<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
-        let s = B::sigmoid(gate.clone());
-        B::float_mul(B::float_mul(gate, s), up)
+/// What autodiff's LoRA and self-attention nodes run on the inner backend, with arguments that
+/// do not cross burn's dispatch (an optional mask, saved state): the defaults are composed, or
+/// none (self-attention's kernels: autodiff then records the composed steps).
+pub trait InnerOps: Backend {
+    /// (x * dropout) a_t [tokens, r]: LoRA's input taken down to its rank, dropout applied on the way.
+    fn lora_down(x: FloatTensor<Self>, dropout: Option<Dropout<Self>>, a_t: FloatTensor<Self>) -> FloatTensor<Self> {
+        composed::lora_down::<Self>(x, dropout, a_t)
     }
 
-    pub fn swiglu_backward<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>, grad: FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
-        let s = B::sigmoid(gate.clone());
-        let silu = B::float_mul(gate.clone(), s.clone());
-        let d_up = B::float_mul(grad.clone(), silu.clone());
-        let slope = B::float_mul(s, B::float_add_scalar(B::float_sub(gate, silu), 1.0f32.into()));
-        (B::float_mul(B::float_mul(grad, up), slope), d_up)
+    /// base + scaling xa b_t, with xa = (x * mask) A^T [tokens, r] (the rank-r product added
+    /// where the output is written).
+    fn lora_epilogue(base: FloatTensor<Self>, xa: FloatTensor<Self>, b_t: FloatTensor<Self>, scaling: f32) -> FloatTensor<Self> {
+        composed::lora_epilogue::<Self>(base, xa, b_t, scaling)
     }
 
-    /// 1 / sqrt(mean(x^2) + eps) over the last axis, kept as a size-1 axis; and `weight` shaped to
-    /// broadcast against x.
-    fn inv_rms<B: Backend>(x: &FloatTensor<B>, weight: FloatTensor<B>, eps: f64) -> (FloatTensor<B>, FloatTensor<B>) {
-        let shape = x.shape();
-        let last = shape.num_dims() - 1;
-        let mean_square = B::float_mean_dim(B::float_mul(x.clone(), x.clone()), last);
-        let r = B::float_recip(B::float_sqrt(B::float_add_scalar(mean_square, (eps as f32).into())));
-        let mut weight_shape = vec![1; last];
-        weight_shape.push(shape[last]);
-        (r, B::float_reshape(weight, weight_shape.into()))
+    /// (dL/dx, dL/da_t, dL/db_t) of LoRA ([`FusedOps::lora_dropout`]) from dL/dout = g
+    /// (dL/dbase is g itself): with gb = scaling g b_t^T [tokens, r], dL/dx = (gb a_t^T) *
+    /// dropout, dL/da_t = (x * dropout)^T gb and dL/db_t = scaling xa^T g, dropout being the
+    /// keep-mask times its scale.
+    fn lora_backward(
+        x: FloatTensor<Self>,
+        dropout: Option<Dropout<Self>>,
+        a_t: FloatTensor<Self>,
+        b_t: FloatTensor<Self>,
+        xa: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scaling: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        composed::lora_backward::<Self>(x, dropout, a_t, b_t, xa, grad, scaling)
     }
 
-    pub fn rms_norm<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
-        let (r, weight) = inv_rms::<B>(&x, weight, eps);
-        B::float_mul(B::float_mul(x, r), weight)
+    /// [`self_attention`](FusedOps::self_attention) as kernels that keep what their backward
+    /// ([`self_attention_backward`](Self::self_attention_backward)) needs, where the backend has
+    /// them; `None` lets autodiff record the composed steps instead.
+    fn self_attention_kernels(
+        _q: FloatTensor<Self>,
+        _k: FloatTensor<Self>,
+        _v: FloatTensor<Self>,
+        _tables: FloatTensor<Self>,
+        _scale: f32,
+    ) -> Option<(FloatTensor<Self>, SavedAttention<Self>)> {
+        None
     }
 
-    pub fn rms_norm_backward<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, grad: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
-        let last = x.shape().num_dims() - 1;
-        let (r, weight) = inv_rms::<B>(&x, weight, eps);
-        let g = B::float_mul(grad, weight);
-        let mean_gx = B::float_mean_dim(B::float_mul(g.clone(), x.clone()), last);
-        let r3 = B::float_mul(B::float_mul(r.clone(), r.clone()), r.clone());
-        B::float_sub(B::float_mul(g, r), B::float_mul(x, B::float_mul(r3, mean_gx)))
-    }
-
-    pub fn rotary<B: Backend>(x: FloatTensor<B>, cos: FloatTensor<B>, sin: FloatTensor<B>, inverse: bool) -> FloatTensor<B> {
-        let shape = x.shape();
-        let (n, half) = (shape.num_dims(), shape[shape.num_dims() - 1] / 2);
-        let part = |from: usize| {
-            let mut slices = vec![Slice::full(); n];
-            slices[n - 1] = Slice::new(from as isize, Some((from + half) as isize), 1);
-            B::float_slice(x.clone(), &slices)
-        };
-        let rotated = B::float_cat(vec![B::float_neg(part(half)), part(0)], n - 1);
-        let sin = if inverse { B::float_neg(sin) } else { sin };
-        B::float_add(B::float_mul(x.clone(), cos), B::float_mul(rotated, sin))
-    }
-
-    pub fn masked_softmax<B: Backend>(scores: FloatTensor<B>, mask: FloatTensor<B>) -> FloatTensor<B> {
-        let last = scores.shape().num_dims() - 1;
-        B::softmax(B::float_add(scores, mask), last)
-    }
-
-    pub fn softmax_backward<B: Backend>(probs: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
-        let last = probs.shape().num_dims() - 1;
-        let dot = B::float_sum_dim(B::float_mul(grad.clone(), probs.clone()), last);
-        B::float_mul(probs, B::float_sub(grad, dot))
-    }
-
-    pub fn cross_entropy<B: Backend>(logits: FloatTensor<B>, targets: IntTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
-        let [rows, _] = logits.shape().dims::<2>();
-        let probs = B::softmax(logits.clone(), 1);
-        // log-sum-exp read off the softmax at each row's maximum, where p = exp(z_max - lse) >=
-        // 1 / vocab cannot underflow: lse = z_max - ln p_max
-        let lse = B::float_sub(B::float_max_dim(logits.clone(), 1), B::float_log(B::float_max_dim(probs.clone(), 1)));
-        let loss = B::float_reshape(B::float_sub(lse, B::float_gather(1, logits, targets.clone())), [rows].into());
-        let minus_one = B::float_neg(B::float_ones([rows, 1].into(), &probs.device(), FloatDType::F32));
-        (loss, B::float_scatter(1, probs, targets, minus_one, IndexingUpdateOp::Add))
+    /// (dL/dq, dL/dk, dL/dv) of [`self_attention`](FusedOps::self_attention), in the
+    /// projections' layouts, from dL/dout; called only with what
+    /// [`self_attention_kernels`](Self::self_attention_kernels) saved.
+    fn self_attention_backward(
+        _saved: SavedAttention<Self>,
+        _grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("a backend whose self_attention_kernels gives Some implements its backward")
     }
 }
 
-/// SwiGLU's autodiff node: keeps gate and up, and runs [`FusedOps::swiglu_backward`].
-#[derive(Debug)]
-struct SwigluBackward;
-
-impl<B: FusedOps> Backward<B, 2> for SwigluBackward {
-    type State = (FloatTensor<B>, FloatTensor<B>);
-
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let [gate_node, up_node] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        let (gate, up) = ops.state;
-        let (d_gate, d_up) = B::swiglu_backward(gate, up, grad);
-        if let Some(node) = gate_node {
-            grads.register::<B>(node.id, d_gate);
-        }
-        if let Some(node) = up_node {
-            grads.register::<B>(node.id, d_up);
-        }
-    }
+/// LoRA dropout's keep-mask [tokens, in] (each entry 0 or 1) and the scale of what is kept,
+/// 1 / (1 - p).
+#[derive(Clone, Debug)]
+pub struct Dropout<B: Backend> {
+    pub mask: FloatTensor<B>,
+    pub keep_scale: f32,
 }
 
-/// RMSNorm's autodiff node: keeps x, the weight (a constant) and eps, and runs
-/// [`FusedOps::rms_norm_backward`].
-#[derive(Debug)]
-struct RmsNormBackward;
-
-impl<B: FusedOps> Backward<B, 1> for RmsNormBackward {
-    type State = (FloatTensor<B>, FloatTensor<B>, f64);
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let [x_node] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        let (x, weight, eps) = ops.state;
-        if let Some(node) = x_node {
-            grads.register::<B>(node.id, B::rms_norm_backward(x, weight, grad, eps));
-        }
-    }
+/// What self-attention's kernels keep for the backward pass: the queries as projected, the
+/// turned keys and the values as a cache of the run ([2, batch, kv_heads, seq, d]), the output,
+/// each query row's (log-sum-exp of scores, and a slot for its backward) [batch, heads, seq, 2],
+/// the rotary tables and the queries' scale.
+#[derive(Clone, Debug)]
+pub struct SavedAttention<B: Backend> {
+    pub q: FloatTensor<B>,
+    pub kv: FloatTensor<B>,
+    pub out: FloatTensor<B>,
+    pub stats: FloatTensor<B>,
+    pub tables: FloatTensor<B>,
+    pub scale: f32,
 }
 
-/// The rotary embedding's autodiff node: keeps cos and sin (constants); the backward is the
-/// rotation back.
-#[derive(Debug)]
-struct RotaryBackward;
-
-impl<B: FusedOps> Backward<B, 1> for RotaryBackward {
-    type State = (FloatTensor<B>, FloatTensor<B>, bool);
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let [x_node] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        let (cos, sin, inverse) = ops.state;
-        if let Some(node) = x_node {
-            grads.register::<B>(node.id, B::rotary(grad, cos, sin, !inverse));
-        }
-    }
-}
-
-/// The masked softmax's autodiff node: keeps the probabilities, and runs
-/// [`FusedOps::softmax_backward`]. The mask is a constant.
-#[derive(Debug)]
-struct SoftmaxBackward;
-
-impl<B: FusedOps> Backward<B, 1> for SoftmaxBackward {
-    type State = FloatTensor<B>;
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let [scores_node] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        if let Some(node) = scores_node {
-            grads.register::<B>(node.id, B::softmax_backward(ops.state, grad));
-        }
-    }
-}
-
-impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
-    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        match SwigluBackward.prepare::<C>([gate.node(), up.node()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let (gate, up) = (gate.into_primitive(), up.into_primitive());
-                let out = B::swiglu(gate.clone(), up.clone());
-                prep.finish((gate, up), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::swiglu(gate.into_primitive(), up.into_primitive())),
-        }
-    }
-
-    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
-        let weight = weight.into_primitive();
-        match RmsNormBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let x = x.into_primitive();
-                let out = B::rms_norm(x.clone(), weight.clone(), eps);
-                prep.finish((x, weight, eps), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::rms_norm(x.into_primitive(), weight, eps)),
-        }
-    }
-
-    fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, inverse: bool) -> FloatTensor<Self> {
-        let (cos, sin) = (cos.into_primitive(), sin.into_primitive());
-        match RotaryBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let out = B::rotary(x.into_primitive(), cos.clone(), sin.clone(), inverse);
-                prep.finish((cos, sin, inverse), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::rotary(x.into_primitive(), cos, sin, inverse)),
-        }
-    }
-
-    fn masked_softmax(scores: FloatTensor<Self>, mask: FloatTensor<Self>) -> FloatTensor<Self> {
-        let probs = B::masked_softmax(scores.primitive().clone(), mask.into_primitive());
-        match SoftmaxBackward.prepare::<C>([scores.node()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(probs.clone(), probs),
-            OpsKind::UnTracked(prep) => prep.finish(probs),
-        }
-    }
+/// The constants of one AdamW step (PyTorch's `torch.optim.AdamW`), for a gradient g scaled by
+/// `grad_scale` (clipping): param = decay * param - step_size * m / (sqrt(v) * inv_sqrt_bias2 +
+/// eps), after m = beta1 m + (1 - beta1) g and v = beta2 v + (1 - beta2) g^2; decay = 1 - lr *
+/// weight_decay, step_size = lr / (1 - beta1^t), inv_sqrt_bias2 = 1 / sqrt(1 - beta2^t).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    pub grad_scale: f32,
+    pub decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub step_size: f32,
+    pub inv_sqrt_bias2: f32,
+    pub eps: f32,
 }
 
 /// x / sqrt(mean(x^2) + eps) * weight over the last axis (RMSNorm); the weight is a constant.
@@ -291,13 +287,84 @@ pub fn swiglu(gate: Tensor<3>, up: Tensor<3>) -> Tensor<3> {
     Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::swiglu(gate.into_dispatch(), up.into_dispatch()))
 }
 
-/// softmax(scores + mask) v over the last axis (keys); `mask` is additive (0 or -inf), constant,
-/// [1, 1, queries, keys] (its rows repeat over the scores' rows: one row of zeros where every
-/// query sees every key).
-pub fn attend(scores: Tensor<4>, mask: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-    let probs =
-        Tensor::<4>::from_dispatch(<burn::backend::Dispatch as FusedOps>::masked_softmax(scores.into_dispatch(), mask.into_dispatch()));
-    probs.matmul(v)
+/// (x + delta, rms_norm(x + delta)) in one pass: a residual add and the norm after it.
+pub fn add_rms_norm(x: Tensor<3>, delta: Tensor<3>, weight: Tensor<1>, eps: f64) -> (Tensor<3>, Tensor<3>) {
+    let (h, normed) =
+        <burn::backend::Dispatch as FusedOps>::add_rms_norm(x.into_dispatch(), delta.into_dispatch(), weight.into_dispatch(), eps);
+    (Tensor::from_dispatch(h), Tensor::from_dispatch(normed))
+}
+
+/// Writes rope(k) and v ([batch, seq, kv_heads * d] as projected) into the cache `kv` [2, batch,
+/// kv_heads, capacity, d] at positions start..start + seq (see [`FusedOps::kv_append`]).
+pub fn kv_append(kv: Tensor<5>, k: Tensor<3>, v: Tensor<3>, tables: Tensor<3>, start: usize) -> Tensor<5> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::kv_append(
+        kv.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        tables.into_dispatch(),
+        start,
+    ))
+}
+
+/// Causal grouped-query attention of queries `q` [batch, seq, heads * d] as projected, at
+/// positions from `start` on, over the first start + seq keys and values of the cache `kv`; see
+/// [`FusedOps::causal_attention`]. Returns [batch, seq, heads * d].
+pub fn causal_attention(q: Tensor<3>, kv: Tensor<5>, tables: Tensor<3>, scale: f32, mask: Tensor<4>, start: usize) -> Tensor<3> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::causal_attention(
+        q.into_dispatch(),
+        kv.into_dispatch(),
+        tables.into_dispatch(),
+        scale,
+        mask.into_dispatch(),
+        start,
+    ))
+}
+
+/// Causal self-attention without a cache: queries `q` [batch, seq, heads * d] and keys and
+/// values [batch, seq, kv_heads * d] as projected; see [`FusedOps::self_attention`].
+pub fn self_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, tables: Tensor<3>, scale: f32, mask: Tensor<4>) -> Tensor<3> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::self_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        tables.into_dispatch(),
+        scale,
+        mask.into_dispatch(),
+    ))
+}
+
+/// base + scaling ((x * mask * keep_scale) A^T) B^T: a LoRA layer's output from its base output
+/// [tokens, out], its input x [tokens, in], dropout's keep-mask for x (0 or 1 each) and the
+/// scale of what is kept (training), and the adapter's A^T [in, r] and B^T [r, out].
+pub fn lora(base: Tensor<2>, x: Tensor<2>, dropout: Option<(Tensor<2>, f32)>, a_t: Tensor<2>, b_t: Tensor<2>, scaling: f32) -> Tensor<2> {
+    let [base, x, a_t, b_t] = [base, x, a_t, b_t].map(Tensor::into_dispatch);
+    Tensor::from_dispatch(match dropout {
+        Some((mask, keep)) => <burn::backend::Dispatch as FusedOps>::lora_dropout(base, x, mask.into_dispatch(), keep, a_t, b_t, scaling),
+        None => <burn::backend::Dispatch as FusedOps>::lora(base, x, a_t, b_t, scaling),
+    })
+}
+
+/// One AdamW step of `param` with gradient `grad` and moments (m, v): (param, m, v) after it.
+pub fn adamw(param: Tensor<2>, grad: Tensor<2>, m: Tensor<2>, v: Tensor<2>, step: AdamWStep) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
+    let (param, m, v) = <burn::backend::Dispatch as FusedOps>::adamw(
+        param.into_dispatch(),
+        grad.into_dispatch(),
+        m.into_dispatch(),
+        v.into_dispatch(),
+        step,
+    );
+    (Tensor::from_dispatch(param), Tensor::from_dispatch(m), Tensor::from_dispatch(v))
+}
+
+/// sum(x^2) over all of `x` into element `slot` of `sums`.
+pub fn sum_squares_into(sums: Tensor<1>, x: Tensor<2>, slot: usize) -> Tensor<1> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::sum_squares_into(sums.into_dispatch(), x.into_dispatch(), slot))
+}
+
+/// softmax(scores + mask) over the last axis (keys); `mask` is additive (0 or -inf), constant,
+/// [1, 1, queries, keys] (its rows repeat over the scores' rows).
+pub fn masked_softmax(scores: Tensor<4>, mask: Tensor<4>) -> Tensor<4> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::masked_softmax(scores.into_dispatch(), mask.into_dispatch()))
 }
 
 /// Each row's cross-entropy of `logits` [rows, vocab] against `targets` [rows, 1], [rows], and

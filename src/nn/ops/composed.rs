@@ -1,0 +1,256 @@
+//! The operations composed from burn's primitives: the traits' default bodies, what autodiff
+//! records step by step where a backend has no kernel of its own, and what the CPU kernels fall
+//! back to for inputs they do not take.
+
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Backend, FloatDType, TensorMetadata};
+use burn::tensor::{IndexingUpdateOp, Slice};
+
+use super::{AdamWStep, Dropout, FusedOps};
+
+pub fn swiglu<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+    let s = B::sigmoid(gate.clone());
+    B::float_mul(B::float_mul(gate, s), up)
+}
+
+pub fn swiglu_backward<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>, grad: FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
+    let s = B::sigmoid(gate.clone());
+    let silu = B::float_mul(gate.clone(), s.clone());
+    let d_up = B::float_mul(grad.clone(), silu.clone());
+    let slope = B::float_mul(s, B::float_add_scalar(B::float_sub(gate, silu), 1.0f32.into()));
+    (B::float_mul(B::float_mul(grad, up), slope), d_up)
+}
+
+/// 1 / sqrt(mean(x^2) + eps) over the last axis, kept as a size-1 axis; and `weight` shaped to
+/// broadcast against x.
+fn inv_rms<B: Backend>(x: &FloatTensor<B>, weight: FloatTensor<B>, eps: f64) -> (FloatTensor<B>, FloatTensor<B>) {
+    let shape = x.shape();
+    let last = shape.num_dims() - 1;
+    let mean_square = B::float_mean_dim(B::float_mul(x.clone(), x.clone()), last);
+    let r = B::float_recip(B::float_sqrt(B::float_add_scalar(mean_square, (eps as f32).into())));
+    let mut weight_shape = vec![1; last];
+    weight_shape.push(shape[last]);
+    (r, B::float_reshape(weight, weight_shape.into()))
+}
+
+pub fn rms_norm<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
+    let (r, weight) = inv_rms::<B>(&x, weight, eps);
+    B::float_mul(B::float_mul(x, r), weight)
+}
+
+pub fn rms_norm_backward<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, grad: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
+    let last = x.shape().num_dims() - 1;
+    let (r, weight) = inv_rms::<B>(&x, weight, eps);
+    let g = B::float_mul(grad, weight);
+    let mean_gx = B::float_mean_dim(B::float_mul(g.clone(), x.clone()), last);
+    let r3 = B::float_mul(B::float_mul(r.clone(), r.clone()), r.clone());
+    B::float_sub(B::float_mul(g, r), B::float_mul(x, B::float_mul(r3, mean_gx)))
+}
+
+pub fn lora<B: Backend>(
+    base: FloatTensor<B>,
+    x: FloatTensor<B>,
+    dropout: Option<Dropout<B>>,
+    a_t: FloatTensor<B>,
+    b_t: FloatTensor<B>,
+    scaling: f32,
+) -> FloatTensor<B> {
+    lora_epilogue::<B>(base, lora_down::<B>(x, dropout, a_t), b_t, scaling)
+}
+
+pub fn lora_epilogue<B: Backend>(base: FloatTensor<B>, xa: FloatTensor<B>, b_t: FloatTensor<B>, scaling: f32) -> FloatTensor<B> {
+    // scaled at rank r, where it is a pass over [tokens, r] rather than [tokens, out]
+    B::float_add(base, B::float_matmul(B::float_mul_scalar(xa, scaling.into()), b_t))
+}
+
+/// x * mask * keep_scale, where there is dropout (the mask scaled first, as torch's inverted
+/// dropout multiplies by the scaled mask).
+fn dropped<B: Backend>(x: FloatTensor<B>, dropout: Option<Dropout<B>>) -> FloatTensor<B> {
+    match dropout {
+        Some(Dropout { mask, keep_scale }) => B::float_mul(x, B::float_mul_scalar(mask, keep_scale.into())),
+        None => x,
+    }
+}
+
+pub fn lora_down<B: Backend>(x: FloatTensor<B>, dropout: Option<Dropout<B>>, a_t: FloatTensor<B>) -> FloatTensor<B> {
+    B::float_matmul(dropped::<B>(x, dropout), a_t)
+}
+
+pub fn lora_backward<B: Backend>(
+    x: FloatTensor<B>,
+    dropout: Option<Dropout<B>>,
+    a_t: FloatTensor<B>,
+    b_t: FloatTensor<B>,
+    xa: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    scaling: f32,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let gb = B::float_mul_scalar(B::float_matmul(grad.clone(), B::float_transpose(b_t)), scaling.into());
+    let d_b = B::float_matmul(B::float_transpose(B::float_mul_scalar(xa, scaling.into())), grad);
+    let d_a = B::float_matmul(B::float_transpose(dropped::<B>(x, dropout.clone())), gb.clone());
+    (dropped::<B>(B::float_matmul(gb, B::float_transpose(a_t)), dropout), d_a, d_b)
+}
+
+pub fn adamw<B: Backend>(
+    param: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    m: FloatTensor<B>,
+    v: FloatTensor<B>,
+    s: AdamWStep,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let g = if s.grad_scale != 1.0 { B::float_mul_scalar(grad, s.grad_scale.into()) } else { grad };
+    let param = B::float_mul_scalar(param, s.decay.into());
+    let m = B::float_add(B::float_mul_scalar(m, s.beta1.into()), B::float_mul_scalar(g.clone(), (1.0 - s.beta1).into()));
+    let v = B::float_add(B::float_mul_scalar(v, s.beta2.into()), B::float_mul_scalar(B::float_mul(g.clone(), g), (1.0 - s.beta2).into()));
+    let denom = B::float_add_scalar(B::float_mul_scalar(B::float_sqrt(v.clone()), s.inv_sqrt_bias2.into()), s.eps.into());
+    let param = B::float_sub(param, B::float_mul_scalar(B::float_div(m.clone(), denom), s.step_size.into()));
+    (param, m, v)
+}
+
+pub fn sum_squares_into<B: Backend>(sums: FloatTensor<B>, x: FloatTensor<B>, slot: usize) -> FloatTensor<B> {
+    let square_sum = B::float_reshape(B::float_sum(B::float_mul(x.clone(), x)), [1].into());
+    B::float_slice_assign(sums, &[Slice::new(slot as isize, Some(slot as isize + 1), 1)], square_sum)
+}
+
+pub fn add_rms_norm<B: FusedOps>(
+    x: FloatTensor<B>,
+    delta: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    eps: f64,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let h = B::float_add(x, delta);
+    (h.clone(), B::rms_norm(h, weight, eps))
+}
+
+/// [batch, seq, heads * d] as [batch, heads, seq, d].
+fn heads<B: Backend>(x: FloatTensor<B>, d: usize) -> FloatTensor<B> {
+    let [batch, seq, width] = x.shape().dims::<3>();
+    B::float_swap_dims(B::float_reshape(x, [batch, seq, width / d, d].into()), 1, 2)
+}
+
+/// Entry `which` (0, or 1) of the leading axis of `t`, that axis dropped.
+fn part<B: Backend>(t: FloatTensor<B>, which: usize) -> FloatTensor<B> {
+    let shape = t.shape();
+    let mut slices = vec![Slice::full(); shape.num_dims()];
+    slices[0] = Slice::new(which as isize, Some(which as isize + 1), 1);
+    let rest: Vec<usize> = (1..shape.num_dims()).map(|i| shape[i]).collect();
+    B::float_reshape(B::float_slice(t, &slices), rest.into())
+}
+
+/// The rotary tables [2, seq, d] as (cos, sin) [1, 1, seq, d], each times `scale`.
+fn cos_sin<B: Backend>(tables: FloatTensor<B>, scale: f32) -> (FloatTensor<B>, FloatTensor<B>) {
+    let [_, seq, d] = tables.shape().dims::<3>();
+    let table = |which| {
+        let t = B::float_reshape(part::<B>(tables.clone(), which), [1, 1, seq, d].into());
+        if scale == 1.0 { t } else { B::float_mul_scalar(t, scale.into()) }
+    };
+    (table(0), table(1))
+}
+
+pub fn kv_append<B: FusedOps>(
+    kv: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    tables: FloatTensor<B>,
+    start: usize,
+) -> FloatTensor<B> {
+    let d = kv.shape()[4];
+    let seq = k.shape()[1];
+    let (cos, sin) = cos_sin::<B>(tables, 1.0);
+    let positions = Slice::new(start as isize, Some((start + seq) as isize), 1);
+    let at =
+        |which: usize| [Slice::new(which as isize, Some(which as isize + 1), 1), Slice::full(), Slice::full(), positions, Slice::full()];
+    let one = |t: FloatTensor<B>| {
+        let [b, h, s, d] = t.shape().dims::<4>();
+        B::float_reshape(t, [1, b, h, s, d].into())
+    };
+    let kv = B::float_slice_assign(kv, &at(0), one(B::rotary(heads::<B>(k, d), cos, sin, false)));
+    B::float_slice_assign(kv, &at(1), one(heads::<B>(v, d)))
+}
+
+pub fn self_attention<B: FusedOps>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    tables: FloatTensor<B>,
+    scale: f32,
+    mask: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let d = tables.shape()[2];
+    let (cos, sin) = cos_sin::<B>(tables.clone(), 1.0);
+    let k = B::rotary(heads::<B>(k, d), cos, sin, false);
+    attend::<B>(q, k, heads::<B>(v, d), tables, scale, mask)
+}
+
+pub fn causal_attention<B: FusedOps>(
+    q: FloatTensor<B>,
+    kv: FloatTensor<B>,
+    tables: FloatTensor<B>,
+    scale: f32,
+    mask: FloatTensor<B>,
+    start: usize,
+) -> FloatTensor<B> {
+    let seq = q.shape()[1];
+    let keys = start + seq;
+    // the keys and values filled so far
+    let filled = [Slice::full(), Slice::full(), Slice::new(0, Some(keys as isize), 1), Slice::full()];
+    let (k, v) = (B::float_slice(part::<B>(kv.clone(), 0), &filled), B::float_slice(part::<B>(kv, 1), &filled));
+    attend::<B>(q, k, v, tables, scale, mask)
+}
+
+/// softmax(rope(q) k^T scale + mask) v for queries [batch, seq, heads * d] as projected and keys
+/// (turned) and values [batch, kv_heads, keys, d]; the mask says which keys each query sees.
+fn attend<B: FusedOps>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    tables: FloatTensor<B>,
+    scale: f32,
+    mask: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let [batch, seq, width] = q.shape().dims::<3>();
+    let [_, kv_heads, _, d] = k.shape().dims::<4>();
+    let (cos, sin) = cos_sin::<B>(tables, scale);
+    // the query heads that share a key/value head stacked along the sequence axis,
+    // [b, kv_heads, groups * seq, d]: grouped-query attention without copying k and v per group
+    let groups = width / d / kv_heads;
+    let q = B::float_reshape(B::rotary(heads::<B>(q, d), cos, sin, false), [batch, kv_heads, groups * seq, d].into());
+    let probs = B::masked_softmax(B::float_matmul(q, B::float_swap_dims(k, 2, 3)), mask);
+    let out = B::float_reshape(B::float_matmul(probs, v), [batch, width / d, seq, d].into());
+    B::float_reshape(B::float_swap_dims(out, 1, 2), [batch, seq, width].into())
+}
+
+pub fn rotary<B: Backend>(x: FloatTensor<B>, cos: FloatTensor<B>, sin: FloatTensor<B>, inverse: bool) -> FloatTensor<B> {
+    let shape = x.shape();
+    let (n, half) = (shape.num_dims(), shape[shape.num_dims() - 1] / 2);
+    let part = |from: usize| {
+        let mut slices = vec![Slice::full(); n];
+        slices[n - 1] = Slice::new(from as isize, Some((from + half) as isize), 1);
+        B::float_slice(x.clone(), &slices)
+    };
+    let rotated = B::float_cat(vec![B::float_neg(part(half)), part(0)], n - 1);
+    let sin = if inverse { B::float_neg(sin) } else { sin };
+    B::float_add(B::float_mul(x.clone(), cos), B::float_mul(rotated, sin))
+}
+
+pub fn masked_softmax<B: Backend>(scores: FloatTensor<B>, mask: FloatTensor<B>) -> FloatTensor<B> {
+    let last = scores.shape().num_dims() - 1;
+    B::softmax(B::float_add(scores, mask), last)
+}
+
+pub fn softmax_backward<B: Backend>(probs: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+    let last = probs.shape().num_dims() - 1;
+    let dot = B::float_sum_dim(B::float_mul(grad.clone(), probs.clone()), last);
+    B::float_mul(probs, B::float_sub(grad, dot))
+}
+
+pub fn cross_entropy<B: Backend>(logits: FloatTensor<B>, targets: IntTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
+    let [rows, _] = logits.shape().dims::<2>();
+    let probs = B::softmax(logits.clone(), 1);
+    // log-sum-exp read off the softmax at each row's maximum, where p = exp(z_max - lse) >=
+    // 1 / vocab cannot underflow: lse = z_max - ln p_max
+    let lse = B::float_sub(B::float_max_dim(logits.clone(), 1), B::float_log(B::float_max_dim(probs.clone(), 1)));
+    let loss = B::float_reshape(B::float_sub(lse, B::float_gather(1, logits, targets.clone())), [rows].into());
+    let minus_one = B::float_neg(B::float_ones([rows, 1].into(), &probs.device(), FloatDType::F32));
+    (loss, B::float_scatter(1, probs, targets, minus_one, IndexingUpdateOp::Add))
+}

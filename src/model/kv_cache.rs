@@ -10,7 +10,8 @@ use crate::nn::ops::kv_append;
 const GROW_BY: usize = 256;
 
 /// Keys and values per layer, [2, batch, kv_heads, capacity, head_dim] (keys, then values), of
-/// which the first `seen` positions are filled.
+/// which the first `seen` positions are filled between forward passes (a layer's, start + seq
+/// once the pass has reached it).
 #[derive(Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<Tensor<5>>>,
@@ -44,9 +45,15 @@ impl KvCache {
         let [batch, seq, width] = k.dims();
         let d = tables.dims()[2];
         let needed = start + seq;
+        let layout = [batch, width / d];
         let cache = match self.layers[layer].take() {
-            Some(cache) if cache.dims()[3] >= needed => cache,
+            Some(cache) if cache.dims()[3] >= needed && cache.dims()[1..3] == layout => cache,
             old => {
+                // a cache continues the run it was made for: same batch and heads, from where it stopped
+                assert!(
+                    old.as_ref().is_none_or(|c| c.dims()[1..3] == layout) && (old.is_some() || start == 0),
+                    "a KV cache continued by another run (batch and key/value heads {layout:?}, from position {start})"
+                );
                 // the first run gets the room reserved (or exactly its size); a growing cache room to spare
                 let capacity = if start == 0 { needed.max(self.reserve) } else { needed.max(2 * start).next_multiple_of(GROW_BY) };
                 let empty = Tensor::<5>::empty([2, batch, width / d, capacity, d], &k.device());

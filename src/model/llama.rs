@@ -51,12 +51,13 @@ impl Residual {
         Residual { h, pending: None }
     }
 
-    fn add(h: Tensor<3>, delta: Tensor<3>) -> Self {
+    /// h with `delta` still to be added.
+    fn with_pending(h: Tensor<3>, delta: Tensor<3>) -> Self {
         Residual { h, pending: Some(delta) }
     }
 
-    /// The stream's value.
-    fn sum(self) -> Tensor<3> {
+    /// The stream's value: h plus what is pending.
+    fn value(self) -> Tensor<3> {
         match self.pending {
             Some(delta) => self.h + delta,
             None => self.h,
@@ -100,20 +101,6 @@ pub struct Positions {
     rotary: Tensor<3>,
     /// Attention's 1 / sqrt(head_dim).
     scale: f32,
-    mask: Tensor<4>,
-}
-
-/// Additive causal mask [1, 1, groups * seq, start + seq] for queries grouped per key/value head
-/// (see [`Attention`]): row g * seq + i is query i, at position start + i, which sees keys 0..=start + i.
-fn causal_mask(start: usize, seq: usize, groups: usize, device: &Device) -> Tensor<4> {
-    let total = start + seq;
-    let values: Vec<f32> = (0..groups * seq)
-        .flat_map(|row| {
-            let i = row % seq;
-            (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })
-        })
-        .collect();
-    Tensor::from_data(TensorData::new(values, [1, 1, groups * seq, total]), device)
 }
 
 /// Grouped-query attention with rotary embeddings.
@@ -130,10 +117,10 @@ impl Attention {
     fn forward(&self, x: Tensor<3>, at: &Positions, cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Tensor<3> {
         let q = self.q_proj.forward(x.clone(), lora);
         let (k, v) = (self.k_proj.forward(x.clone(), lora), self.v_proj.forward(x, lora));
-        let (rotary, mask) = (at.rotary.clone(), at.mask.clone());
+        let rotary = at.rotary.clone();
         let out = match cache {
-            Some(cache) => causal_attention(q, cache.append(self.layer, k, v, rotary.clone(), at.start), rotary, at.scale, mask, at.start),
-            None => self_attention(q, k, v, rotary, at.scale, mask),
+            Some(cache) => causal_attention(q, cache.append(self.layer, k, v, rotary.clone(), at.start), rotary, at.scale, at.start),
+            None => self_attention(q, k, v, rotary, at.scale),
         };
         self.o_proj.forward(out, lora)
     }
@@ -164,8 +151,8 @@ impl DecoderLayer {
     /// h = x + attn(norm(x)); out = h + mlp(norm(h)), each residual add done by the norm after it.
     fn forward(&self, x: Residual, at: &Positions, cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Residual {
         let (x, normed) = x.normed(&self.input_layernorm);
-        let (h, normed) = Residual::add(x, self.self_attn.forward(normed, at, cache, lora)).normed(&self.post_attention_layernorm);
-        Residual::add(h, self.mlp.forward(normed, lora))
+        let (h, normed) = Residual::with_pending(x, self.self_attn.forward(normed, at, cache, lora)).normed(&self.post_attention_layernorm);
+        Residual::with_pending(h, self.mlp.forward(normed, lora))
     }
 
     /// The block's linear layers in model order.
@@ -223,19 +210,14 @@ impl LlamaModel {
         let [batch, seq] = input_ids.dims();
         let device = self.embed_tokens.device();
         let rotary = rotary_tables(&self.config, start, seq, &device);
-        // one new token sees every cached position: a mask of zeros, made on the device (no upload)
-        let mask = match seq {
-            1 => Tensor::zeros([1, 1, 1, start + 1], &device),
-            _ => causal_mask(start, seq, self.config.kv_groups(), &device),
-        };
         let h = self.embed_tokens.rows(input_ids.reshape([batch * seq])).reshape([batch, seq, self.config.hidden_size]);
-        (h, Positions { start, rotary, scale: 1.0 / (self.config.head_dim as f32).sqrt(), mask })
+        (h, Positions { start, rotary, scale: 1.0 / (self.config.head_dim as f32).sqrt() })
     }
 
     /// Layer `i` on its input `h` (no cache): the decoder a layer at a time, for training that
     /// keeps only each layer's input and runs the layer again for its gradient.
     pub fn layer_forward(&self, i: usize, h: Tensor<3>, at: &Positions, lora: Option<LoraRun>) -> Tensor<3> {
-        self.layers[i].forward(Residual::new(h), at, None, lora).sum()
+        self.layers[i].forward(Residual::new(h), at, None, lora).value()
     }
 
     /// Logits [batch, seq, vocab] from hidden states.

@@ -329,6 +329,7 @@ impl Run<'_> {
         let mut updated = Vec::with_capacity(grads.len());
         // the moments given up to the update, which writes the new ones where they were
         let moments = std::mem::take(&mut self.trainee.moments);
+        assert_eq!(moments.len(), grads.len(), "one (m, v) per trained matrix");
         for ((value, g), (m, v)) in self.trainee.flat(&weights).into_iter().zip(grads).zip(moments) {
             let (new, new_m, new_v) = optimizer.update(value, g, m, v, t, lr, factor);
             self.trainee.moments.push((new_m, new_v));

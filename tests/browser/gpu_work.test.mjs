@@ -48,10 +48,10 @@ test('a decoded token and a training step: few submissions, and the fused kernel
   assert.ok(perStep('submits') <= 10, `${perStep('submits')} submissions per training step`);
   // issue 20's targets, head and optimizer included: a decoded token 12 kernels per layer (norm
   // with the residual add, q, k, v, the cache's append, attention, o, norm with the add, gate,
-  // up, SwiGLU, down) and 4 more (embedding, final norm, head, the empty mask); a LoRA training
-  // step on q, v at most 60 per layer. Before the fused kernels: 46 and 313 on this model, 545 a
-  // step before any (BENCHMARKS.md, GPU work). A change that adds kernels fails here
-  assert.ok(perToken('dispatches') <= 12 * r.layers + 4, `${perToken('dispatches')} dispatches per decoded token`);
+  // up, SwiGLU, down) and 3 more (embedding, final norm, head); a LoRA training step on q, v at
+  // most 60 per layer. Before the fused kernels: 46 and 313 on this model, 545 a step before any
+  // (BENCHMARKS.md, GPU work). A change that adds kernels fails here
+  assert.ok(perToken('dispatches') <= 12 * r.layers + 3, `${perToken('dispatches')} dispatches per decoded token`);
   assert.ok(perStep('dispatches') <= 60 * r.layers, `${perStep('dispatches')} dispatches per training step`);
   assert.deepEqual(b.errors, []);
 });

@@ -114,9 +114,10 @@ impl<B: FusedOps + InnerOps> Backward<B, 4> for LoraBackward {
         let [base_node, x_node, a_node, b_node] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let (x, dropout, a_t, b_t, xa, scaling) = ops.state;
-        let (d_x, d_a, d_b) = B::lora_backward(x, dropout, a_t, b_t, xa, grad.clone(), scaling);
-        for (node, g) in [(base_node, grad), (x_node, d_x), (a_node, d_a), (b_node, d_b)] {
-            if let Some(node) = node {
+        // x's gradient only where x has a node (not the first layer's input, say)
+        let (d_x, d_a, d_b) = B::lora_backward(x, dropout, a_t, b_t, xa, grad.clone(), scaling, x_node.is_none());
+        for (node, g) in [(base_node, Some(grad)), (x_node, d_x), (a_node, Some(d_a)), (b_node, Some(d_b))] {
+            if let (Some(node), Some(g)) = (node, g) {
                 grads.register::<B>(node.id, g);
             }
         }
@@ -224,11 +225,10 @@ impl<B: FusedOps + InnerOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> 
         v: FloatTensor<Self>,
         tables: FloatTensor<Self>,
         scale: f32,
-        mask: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         if !(q.is_tracked() || k.is_tracked() || v.is_tracked()) {
-            let [q, k, v, tables, mask] = [q, k, v, tables, mask].map(|t| t.into_primitive());
-            return Self::from_inner(B::self_attention(q, k, v, tables, scale, mask));
+            let [q, k, v, tables] = [q, k, v, tables].map(|t| t.into_primitive());
+            return Self::from_inner(B::self_attention(q, k, v, tables, scale));
         }
         let inner = |t: &FloatTensor<Self>| t.primitive().clone();
         match B::self_attention_kernels(inner(&q), inner(&k), inner(&v), inner(&tables), scale) {
@@ -236,7 +236,7 @@ impl<B: FusedOps + InnerOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> 
                 OpsKind::Tracked(prep) => prep.finish(saved, out),
                 OpsKind::UnTracked(prep) => prep.finish(out),
             },
-            None => composed::self_attention::<Self>(q, k, v, tables, scale, mask),
+            None => composed::self_attention::<Self>(q, k, v, tables, scale),
         }
     }
 
@@ -282,14 +282,13 @@ impl<B: FusedOps + InnerOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> 
         kv: FloatTensor<Self>,
         tables: FloatTensor<Self>,
         scale: f32,
-        mask: FloatTensor<Self>,
         start: usize,
     ) -> FloatTensor<Self> {
         if q.is_tracked() || kv.is_tracked() {
-            return composed::causal_attention::<Self>(q, kv, tables, scale, mask, start);
+            return composed::causal_attention::<Self>(q, kv, tables, scale, start);
         }
-        let [q, kv, tables, mask] = [q, kv, tables, mask].map(|t| t.into_primitive());
-        Self::from_inner(B::causal_attention(q, kv, tables, scale, mask, start))
+        let [q, kv, tables] = [q, kv, tables].map(|t| t.into_primitive());
+        Self::from_inner(B::causal_attention(q, kv, tables, scale, start))
     }
 
     fn masked_softmax(scores: FloatTensor<Self>, mask: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -4,7 +4,7 @@
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, FloatDType, TensorMetadata};
-use burn::tensor::{IndexingUpdateOp, Slice};
+use burn::tensor::{IndexingUpdateOp, Slice, TensorData};
 
 use super::{AdamWStep, Dropout, FusedOps};
 
@@ -76,6 +76,7 @@ pub fn lora_down<B: Backend>(x: FloatTensor<B>, dropout: Option<Dropout<B>>, a_t
     B::float_matmul(dropped::<B>(x, dropout), a_t)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn lora_backward<B: Backend>(
     x: FloatTensor<B>,
     dropout: Option<Dropout<B>>,
@@ -84,11 +85,13 @@ pub fn lora_backward<B: Backend>(
     xa: FloatTensor<B>,
     grad: FloatTensor<B>,
     scaling: f32,
-) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    skip_x: bool,
+) -> (Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>) {
     let gb = B::float_mul_scalar(B::float_matmul(grad.clone(), B::float_transpose(b_t)), scaling.into());
     let d_b = B::float_matmul(B::float_transpose(B::float_mul_scalar(xa, scaling.into())), grad);
     let d_a = B::float_matmul(B::float_transpose(dropped::<B>(x, dropout.clone())), gb.clone());
-    (dropped::<B>(B::float_matmul(gb, B::float_transpose(a_t)), dropout), d_a, d_b)
+    let d_x = (!skip_x).then(|| dropped::<B>(B::float_matmul(gb, B::float_transpose(a_t)), dropout));
+    (d_x, d_a, d_b)
 }
 
 pub fn adamw<B: Backend>(
@@ -100,8 +103,8 @@ pub fn adamw<B: Backend>(
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let g = if s.grad_scale != 1.0 { B::float_mul_scalar(grad, s.grad_scale.into()) } else { grad };
     let param = B::float_mul_scalar(param, s.decay.into());
-    let m = B::float_add(B::float_mul_scalar(m, s.beta1.into()), B::float_mul_scalar(g.clone(), (1.0 - s.beta1).into()));
-    let v = B::float_add(B::float_mul_scalar(v, s.beta2.into()), B::float_mul_scalar(B::float_mul(g.clone(), g), (1.0 - s.beta2).into()));
+    let m = B::float_add(B::float_mul_scalar(m, s.beta1.into()), B::float_mul_scalar(g.clone(), s.one_minus_beta1.into()));
+    let v = B::float_add(B::float_mul_scalar(v, s.beta2.into()), B::float_mul_scalar(B::float_mul(g.clone(), g), s.one_minus_beta2.into()));
     let denom = B::float_add_scalar(B::float_mul_scalar(B::float_sqrt(v.clone()), s.inv_sqrt_bias2.into()), s.eps.into());
     let param = B::float_sub(param, B::float_mul_scalar(B::float_div(m.clone(), denom), s.step_size.into()));
     (param, m, v)
@@ -120,6 +123,20 @@ pub fn add_rms_norm<B: FusedOps>(
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let h = B::float_add(x, delta);
     (h.clone(), B::rms_norm(h, weight, eps))
+}
+
+/// Additive causal mask [1, 1, groups * seq, start + seq] for queries stacked per key/value head
+/// (see [`attend`]): row g * seq + i is query i, at position start + i, which sees keys
+/// 0..=start + i. One query row sees every key: a single row of zeros.
+fn causal_mask<B: Backend>(start: usize, seq: usize, groups: usize, device: &B::Device) -> FloatTensor<B> {
+    let (rows, total) = if seq == 1 { (1, start + 1) } else { (groups * seq, start + seq) };
+    let values: Vec<f32> = (0..rows)
+        .flat_map(|row| {
+            let i = row % seq;
+            (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })
+        })
+        .collect();
+    B::float_from_data(TensorData::new(values, [1, 1, rows, total]), device)
 }
 
 /// [batch, seq, heads * d] as [batch, heads, seq, d].
@@ -174,12 +191,11 @@ pub fn self_attention<B: FusedOps>(
     v: FloatTensor<B>,
     tables: FloatTensor<B>,
     scale: f32,
-    mask: FloatTensor<B>,
 ) -> FloatTensor<B> {
     let d = tables.shape()[2];
     let (cos, sin) = cos_sin::<B>(tables.clone(), 1.0);
     let k = B::rotary(heads::<B>(k, d), cos, sin, false);
-    attend::<B>(q, k, heads::<B>(v, d), tables, scale, mask)
+    attend::<B>(q, k, heads::<B>(v, d), tables, scale, 0)
 }
 
 pub fn causal_attention<B: FusedOps>(
@@ -187,7 +203,6 @@ pub fn causal_attention<B: FusedOps>(
     kv: FloatTensor<B>,
     tables: FloatTensor<B>,
     scale: f32,
-    mask: FloatTensor<B>,
     start: usize,
 ) -> FloatTensor<B> {
     let seq = q.shape()[1];
@@ -195,18 +210,18 @@ pub fn causal_attention<B: FusedOps>(
     // the keys and values filled so far
     let filled = [Slice::full(), Slice::full(), Slice::new(0, Some(keys as isize), 1), Slice::full()];
     let (k, v) = (B::float_slice(part::<B>(kv.clone(), 0), &filled), B::float_slice(part::<B>(kv, 1), &filled));
-    attend::<B>(q, k, v, tables, scale, mask)
+    attend::<B>(q, k, v, tables, scale, start)
 }
 
-/// softmax(rope(q) k^T scale + mask) v for queries [batch, seq, heads * d] as projected and keys
-/// (turned) and values [batch, kv_heads, keys, d]; the mask says which keys each query sees.
+/// softmax(rope(q) k^T scale + causal mask) v for queries [batch, seq, heads * d] as projected,
+/// at positions start.., and keys (turned) and values [batch, kv_heads, start + seq, d].
 fn attend<B: FusedOps>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
     tables: FloatTensor<B>,
     scale: f32,
-    mask: FloatTensor<B>,
+    start: usize,
 ) -> FloatTensor<B> {
     let [batch, seq, width] = q.shape().dims::<3>();
     let [_, kv_heads, _, d] = k.shape().dims::<4>();
@@ -215,6 +230,7 @@ fn attend<B: FusedOps>(
     // [b, kv_heads, groups * seq, d]: grouped-query attention without copying k and v per group
     let groups = width / d / kv_heads;
     let q = B::float_reshape(B::rotary(heads::<B>(q, d), cos, sin, false), [batch, kv_heads, groups * seq, d].into());
+    let mask = causal_mask::<B>(start, seq, groups, &v.device());
     let probs = B::masked_softmax(B::float_matmul(q, B::float_swap_dims(k, 2, 3)), mask);
     let out = B::float_reshape(B::float_matmul(probs, v), [batch, width / d, seq, d].into());
     B::float_reshape(B::float_swap_dims(out, 1, 2), [batch, seq, width].into())
@@ -223,12 +239,12 @@ fn attend<B: FusedOps>(
 pub fn rotary<B: Backend>(x: FloatTensor<B>, cos: FloatTensor<B>, sin: FloatTensor<B>, inverse: bool) -> FloatTensor<B> {
     let shape = x.shape();
     let (n, half) = (shape.num_dims(), shape[shape.num_dims() - 1] / 2);
-    let part = |from: usize| {
+    let half_from = |from: usize| {
         let mut slices = vec![Slice::full(); n];
         slices[n - 1] = Slice::new(from as isize, Some((from + half) as isize), 1);
         B::float_slice(x.clone(), &slices)
     };
-    let rotated = B::float_cat(vec![B::float_neg(part(half)), part(0)], n - 1);
+    let rotated = B::float_cat(vec![B::float_neg(half_from(half)), half_from(0)], n - 1);
     let sin = if inverse { B::float_neg(sin) } else { sin };
     B::float_add(B::float_mul(x.clone(), cos), B::float_mul(rotated, sin))
 }

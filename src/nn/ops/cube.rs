@@ -104,6 +104,13 @@ mod kernels {
         }
     }
 
+    /// This workgroup's row (b * seq + position) of the attention kernels: rows go along the
+    /// grid's y and then z axes (WebGPU allows 65,535 workgroups an axis).
+    #[cube]
+    fn query_row() -> usize {
+        CUBE_POS_Y as usize + CUBE_POS_Z as usize * CUBE_COUNT_Y as usize
+    }
+
     /// x at `at` turned by the rotary tables [2, seq, d] (cos, then sin) at their row `row`:
     /// x * cos + rotate_half(x) * sin, for the element `e` of a head of size d (`at` is its index
     /// in x).
@@ -168,8 +175,11 @@ mod kernels {
         #[comptime] d: usize,
     ) {
         let t = UNIT_POS_X as usize;
-        let (head, row) = (CUBE_POS_X as usize, CUBE_POS_Y as usize);
+        let (head, row) = (CUBE_POS_X as usize, query_row());
         let (seq, heads) = (q.shape(1), q.shape(2) / d);
+        if row >= q.shape(0) * seq {
+            terminate!(); // the grid's last slice of rows is cut short (whole workgroups: uniform)
+        }
         let (kv_heads, capacity) = (kv.shape(2), kv.shape(3));
         let (b, i) = (row / seq, row % seq);
         let at = (row * heads + head) * d;
@@ -260,8 +270,11 @@ mod kernels {
         #[comptime] d: usize,
     ) {
         let t = UNIT_POS_X as usize;
-        let (head, row) = (CUBE_POS_X as usize, CUBE_POS_Y as usize);
+        let (head, row) = (CUBE_POS_X as usize, query_row());
         let (seq, heads) = (q.shape(1), q.shape(2) / d);
+        if row >= q.shape(0) * seq {
+            terminate!(); // the grid's last slice of rows is cut short (whole workgroups: uniform)
+        }
         let (kv_heads, capacity) = (kv.shape(2), kv.shape(3));
         let (b, i) = (row / seq, row % seq);
         let at = (row * heads + head) * d;
@@ -325,8 +338,11 @@ mod kernels {
         #[comptime] d: usize,
     ) {
         let t = UNIT_POS_X as usize;
-        let (kv_head, row) = (CUBE_POS_X as usize, CUBE_POS_Y as usize);
+        let (kv_head, row) = (CUBE_POS_X as usize, query_row());
         let (seq, heads) = (q.shape(1), q.shape(2) / d);
+        if row >= q.shape(0) * seq {
+            terminate!(); // the grid's last slice of rows is cut short (whole workgroups: uniform)
+        }
         let (kv_heads, capacity) = (kv.shape(2), kv.shape(3));
         let groups = heads / kv_heads;
         let (b, j) = (row / seq, row % seq);
@@ -377,7 +393,7 @@ mod kernels {
             sync_cube();
             from += d;
         }
-        key[t] = acc_k * scale;
+        key[t] = acc_k * scale; // the key is read no more: its shared memory holds dL/dk' for turning back
         sync_cube();
         let to = ((b * seq + j) * kv_heads + kv_head) * d;
         dk[to + t] = turned_back(key[t], key[partner(t, d)], t, tables, j, d);
@@ -455,7 +471,9 @@ mod kernels {
         grad_scale: f32,
         decay: f32,
         beta1: f32,
+        one_minus_beta1: f32,
         beta2: f32,
+        one_minus_beta2: f32,
         step_size: f32,
         inv_sqrt_bias2: f32,
         eps: f32,
@@ -465,8 +483,8 @@ mod kernels {
             terminate!();
         }
         let g = grad[i] * grad_scale;
-        let m_new = beta1 * m[i] + (1.0f32 - beta1) * g;
-        let v_new = beta2 * v[i] + (1.0f32 - beta2) * g * g;
+        let m_new = beta1 * m[i] + one_minus_beta1 * g;
+        let v_new = beta2 * v[i] + one_minus_beta2 * g * g;
         m[i] = m_new;
         v[i] = v_new;
         param_out[i] = param[i] * decay - step_size * (m_new / (f32::sqrt(v_new) * inv_sqrt_bias2 + eps));
@@ -652,16 +670,34 @@ fn attention_kernels_take(tensors: &[&CubeTensor], d: usize) -> bool {
     all_f32(tensors) && d.is_multiple_of(2) && d <= 256
 }
 
+/// Workgroups for `heads` x `rows` (query or key rows): rows along y, and z past y's limit.
+fn attention_grid(heads: usize, rows: usize) -> CubeCount {
+    const AXIS: usize = 65_535;
+    let y = rows.clamp(1, AXIS);
+    CubeCount::Static(heads as u32, y as u32, rows.div_ceil(y) as u32)
+}
+
+/// A tensor a kernel writes in place: contiguous, and copied first where something else holds it.
+fn writable(t: CubeTensor) -> CubeTensor {
+    let t = burn_cubecl::kernel::into_contiguous(t);
+    if t.can_mut() { t } else { t.copy() }
+}
+
 /// Causal attention of `q` over the cache `kv` ([`FusedOps::causal_attention`]), and the stats
 /// [batch, heads, seq, 2] whose slot 0 holds each query row's log-sum-exp of scores.
 fn attention_with_stats(q: CubeTensor, kv: CubeTensor, tables: CubeTensor, scale: f32, start: usize) -> (CubeTensor, CubeTensor) {
-    let d = kv.shape()[4];
+    let [_, batch, kv_heads, capacity, d] = kv.shape().dims::<5>();
+    let [q_batch, seq, width] = q.shape().dims::<3>();
+    assert!(
+        q_batch == batch && width % (kv_heads * d) == 0 && start + seq <= capacity,
+        "attention: queries [{q_batch}, {seq}, {width}] at {start} do not match the cache [2, {batch}, {kv_heads}, {capacity}, {d}]"
+    );
     let ([q, kv, tables], out) = prepare([q, kv, tables]);
     let [batch, seq, width] = out.shape().dims::<3>();
     let stats = empty_device_dtype(out.client.clone(), out.device.clone(), [batch, width / d, seq, 2].into(), DType::F32);
     kernels::attention_kernel::launch(
         &out.client,
-        CubeCount::Static((width / d) as u32, (batch * seq) as u32, 1),
+        attention_grid(width / d, batch * seq),
         CubeDim::new_1d(d as u32),
         q.into_tensor_arg(),
         kv.into_tensor_arg(),
@@ -757,7 +793,7 @@ impl FusedOps for Cube {
         weight: FloatTensor<Self>,
         eps: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        if !all_f32(&[&x, &delta, &weight]) {
+        if !all_f32(&[&x, &delta, &weight]) || x.shape() != delta.shape() {
             return composed::add_rms_norm::<Self>(x, delta, weight, eps);
         }
         let ([x, delta, weight], h) = prepare([x, delta, weight]);
@@ -776,10 +812,14 @@ impl FusedOps for Cube {
         if !all_f32(&[&kv, &k, &v, &tables]) {
             return composed::kv_append::<Self>(kv, k, v, tables, start);
         }
-        // written in place: a cache that something else still holds is copied first
-        let kv = burn_cubecl::kernel::into_contiguous(kv);
-        let kv = if kv.can_mut() { kv } else { kv.copy() };
-        let ([k, v, tables], _) = prepare([k, v, tables]);
+        let [_, batch, kv_heads, capacity, d] = kv.shape().dims::<5>();
+        let [k_batch, seq, width] = k.shape().dims::<3>();
+        assert!(
+            k_batch == batch && width == kv_heads * d && start + seq <= capacity,
+            "kv_append: keys [{k_batch}, {seq}, {width}] at {start} do not fit the cache [2, {batch}, {kv_heads}, {capacity}, {d}]"
+        );
+        let kv = writable(kv);
+        let [k, v, tables] = [k, v, tables].map(burn_cubecl::kernel::into_contiguous);
         launch!(kv_append_kernel, k.shape().num_elements(), [k, v, tables], kv, start as u32);
         kv
     }
@@ -789,11 +829,10 @@ impl FusedOps for Cube {
         kv: FloatTensor<Self>,
         tables: FloatTensor<Self>,
         scale: f32,
-        mask: FloatTensor<Self>,
         start: usize,
     ) -> FloatTensor<Self> {
         if !attention_kernels_take(&[&q, &kv, &tables], kv.shape()[4]) {
-            return composed::causal_attention::<Self>(q, kv, tables, scale, mask, start);
+            return composed::causal_attention::<Self>(q, kv, tables, scale, start);
         }
         attention_with_stats(q, kv, tables, scale, start).0
     }
@@ -804,11 +843,10 @@ impl FusedOps for Cube {
         v: FloatTensor<Self>,
         tables: FloatTensor<Self>,
         scale: f32,
-        mask: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         match Self::self_attention_kernels(q.clone(), k.clone(), v.clone(), tables.clone(), scale) {
             Some((out, _)) => out,
-            None => composed::self_attention::<Self>(q, k, v, tables, scale, mask),
+            None => composed::self_attention::<Self>(q, k, v, tables, scale),
         }
     }
 
@@ -849,7 +887,7 @@ impl FusedOps for Cube {
         // the moments in place (the trainer gives them up; held elsewhere, they are copied
         // first), the parameter, which the model still holds, into a new tensor
         let [grad, param, m, v] = [grad, param, m, v].map(burn_cubecl::kernel::into_contiguous);
-        let [m, v] = [m, v].map(|t| if t.can_mut() { t } else { t.copy() });
+        let [m, v] = [m, v].map(writable);
         let out = empty_device_dtype(param.client.clone(), param.device.clone(), param.shape(), DType::F32);
         launch!(
             adamw_kernel,
@@ -859,7 +897,9 @@ impl FusedOps for Cube {
             s.grad_scale,
             s.decay,
             s.beta1,
+            s.one_minus_beta1,
             s.beta2,
+            s.one_minus_beta2,
             s.step_size,
             s.inv_sqrt_bias2,
             s.eps
@@ -871,8 +911,7 @@ impl FusedOps for Cube {
         if !all_f32(&[&sums, &x]) {
             return composed::sum_squares_into::<Self>(sums, x, slot);
         }
-        let sums = burn_cubecl::kernel::into_contiguous(sums);
-        let sums = if sums.can_mut() { sums } else { sums.copy() };
+        let sums = writable(sums);
         let x = burn_cubecl::kernel::into_contiguous(x);
         const THREADS: usize = 256;
         kernels::sum_squares_kernel::launch(
@@ -965,9 +1004,10 @@ impl InnerOps for Cube {
         xa: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         scaling: f32,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        skip_x: bool,
+    ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
         if !all_f32(&[&x, &a_t, &b_t, &xa, &grad]) || dropout.as_ref().is_some_and(|d| !all_f32(&[&d.mask])) {
-            return composed::lora_backward::<Self>(x, dropout, a_t, b_t, xa, grad, scaling);
+            return composed::lora_backward::<Self>(x, dropout, a_t, b_t, xa, grad, scaling, skip_x);
         }
         let [x, a_t, b_t, xa, grad] = [x, a_t, b_t, xa, grad].map(burn_cubecl::kernel::into_contiguous);
         let (mask, keep_scale, masked) = mask_or(dropout, &x);
@@ -975,7 +1015,9 @@ impl InnerOps for Cube {
         let none = Masking::None;
         // gb = scaling g b_t^T; dL/dx = (gb a_t^T) * dropout; dL/da_t = (x * dropout)^T gb; dL/db_t = scaling xa^T g
         let gb = rank_product((grad.clone(), d_out, 1), (b_t, 1, d_out), d_out, [tokens, r], scaling, mask.clone(), none);
-        let d_x = rank_product((gb.clone(), r, 1), (a_t, 1, r), r, [tokens, d_in], keep_scale, mask.clone(), Masking::Out.only_if(masked));
+        let d_x = (!skip_x).then(|| {
+            rank_product((gb.clone(), r, 1), (a_t, 1, r), r, [tokens, d_in], keep_scale, mask.clone(), Masking::Out.only_if(masked))
+        });
         let d_a = rank_product((x, 1, d_in), (gb, r, 1), tokens, [d_in, r], keep_scale, mask.clone(), Masking::Lhs.only_if(masked));
         let d_b = rank_product((xa, 1, r), (grad, d_out, 1), tokens, [r, d_out], scaling, mask, none);
         (d_x, d_a, d_b)
@@ -1009,10 +1051,11 @@ impl InnerOps for Cube {
         let [batch, seq, width] = q.shape().dims::<3>();
         let [_, _, kv_heads, _, d] = kv.shape().dims::<5>();
         let (client, device) = (q.client.clone(), q.device.clone());
+        // each row's grad . out into the stats' scratch slot (slot 1: nothing else reads it)
         launch!(attention_delta_kernel, batch * seq * width / d, [grad.clone(), out], stats, d);
         kernels::attention_query_grad_kernel::launch(
             &client,
-            CubeCount::Static((width / d) as u32, (batch * seq) as u32, 1),
+            attention_grid(width / d, batch * seq),
             CubeDim::new_1d(d as u32),
             q.clone().into_tensor_arg(),
             kv.clone().into_tensor_arg(),
@@ -1027,7 +1070,7 @@ impl InnerOps for Cube {
         let (d_k, d_v) = (projected(), projected());
         kernels::attention_key_value_grad_kernel::launch(
             &client,
-            CubeCount::Static(kv_heads as u32, (batch * seq) as u32, 1),
+            attention_grid(kv_heads, batch * seq),
             CubeDim::new_1d(d as u32),
             q.into_tensor_arg(),
             kv.into_tensor_arg(),

@@ -81,7 +81,8 @@ pub trait FusedOps: Backend {
     /// Writes rope(k) and v, [batch, seq, kv_heads * d] as projected, into the cache `kv`
     /// [2, batch, kv_heads, capacity, d] (keys, then values) at positions start..start + seq, and
     /// returns it (written in place where nothing else holds it). `tables` [2, seq, d] are the
-    /// positions' rotary cos and sin. Inference only: no gradient flows through a cache.
+    /// positions' rotary cos and sin. Generation's cache, and the layout training's
+    /// self-attention kernels lay a run out in.
     fn kv_append(
         kv: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -96,33 +97,29 @@ pub trait FusedOps: Backend {
     /// positions start..start + seq, turned by their rotary `tables` [2, seq, d] and scaled by
     /// `scale` (1 / sqrt(d)), over the first start + seq keys (turned) and values of `kv` [2,
     /// batch, kv_heads, capacity, d]; query i sees keys 0..=start + i, query head h the key/value
-    /// head h / (heads / kv_heads). `mask` is that causal pattern as an additive [1, 1, groups *
-    /// seq, start + seq] mask (see the model's `causal_mask`), for the composed body; a kernel may
-    /// compute it instead. Returns [batch, seq, heads * d].
+    /// head h / (heads / kv_heads). Returns [batch, seq, heads * d].
     fn causal_attention(
         q: FloatTensor<Self>,
         kv: FloatTensor<Self>,
         tables: FloatTensor<Self>,
         scale: f32,
-        mask: FloatTensor<Self>,
         start: usize,
     ) -> FloatTensor<Self> {
-        composed::causal_attention::<Self>(q, kv, tables, scale, mask, start)
+        composed::causal_attention::<Self>(q, kv, tables, scale, start)
     }
 
     /// Causal self-attention of a run without a cache (training, and the gradient's second
     /// pass): queries `q` [batch, seq, heads * d], keys and values `k`, `v` [batch, seq,
     /// kv_heads * d] as projected, all turned by the positions' `tables` [2, seq, d]; `scale` and
-    /// `mask` as for [`causal_attention`](Self::causal_attention). Returns [batch, seq, heads * d].
+    /// as for [`causal_attention`](Self::causal_attention). Returns [batch, seq, heads * d].
     fn self_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         tables: FloatTensor<Self>,
         scale: f32,
-        mask: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        composed::self_attention::<Self>(q, k, v, tables, scale, mask)
+        composed::self_attention::<Self>(q, k, v, tables, scale)
     }
 
     /// LoRA's linear layer: base + scaling (x A^T) B^T, with `base` the frozen layer's output
@@ -188,13 +185,13 @@ pub trait InnerOps: Backend {
         composed::lora_down::<Self>(x, dropout, a_t)
     }
 
-    /// base + scaling xa b_t, with xa = (x * mask) A^T [tokens, r] (the rank-r product added
+    /// base + scaling xa b_t, with xa = (x * dropout) A^T [tokens, r] (the rank-r product added
     /// where the output is written).
     fn lora_epilogue(base: FloatTensor<Self>, xa: FloatTensor<Self>, b_t: FloatTensor<Self>, scaling: f32) -> FloatTensor<Self> {
         composed::lora_epilogue::<Self>(base, xa, b_t, scaling)
     }
 
-    /// (dL/dx, dL/da_t, dL/db_t) of LoRA ([`FusedOps::lora_dropout`]) from dL/dout = g
+    /// (dL/dx unless `skip_x`, dL/da_t, dL/db_t) of LoRA ([`FusedOps::lora_dropout`]) from dL/dout = g
     /// (dL/dbase is g itself): with gb = scaling g b_t^T [tokens, r], dL/dx = (gb a_t^T) *
     /// dropout, dL/da_t = (x * dropout)^T gb and dL/db_t = scaling xa^T g, dropout being the
     /// keep-mask times its scale.
@@ -206,8 +203,9 @@ pub trait InnerOps: Backend {
         xa: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         scaling: f32,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        composed::lora_backward::<Self>(x, dropout, a_t, b_t, xa, grad, scaling)
+        skip_x: bool,
+    ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
+        composed::lora_backward::<Self>(x, dropout, a_t, b_t, xa, grad, scaling, skip_x)
     }
 
     /// [`self_attention`](FusedOps::self_attention) as kernels that keep what their backward
@@ -244,8 +242,8 @@ pub struct Dropout<B: Backend> {
 
 /// What self-attention's kernels keep for the backward pass: the queries as projected, the
 /// turned keys and the values as a cache of the run ([2, batch, kv_heads, seq, d]), the output,
-/// each query row's (log-sum-exp of scores, and a slot for its backward) [batch, heads, seq, 2],
-/// the rotary tables and the queries' scale.
+/// each query row's (log-sum-exp of scores, and a scratch slot the backward writes its
+/// grad . out into) [batch, heads, seq, 2], the rotary tables and the queries' scale.
 #[derive(Clone, Debug)]
 pub struct SavedAttention<B: Backend> {
     pub q: FloatTensor<B>,
@@ -259,13 +257,16 @@ pub struct SavedAttention<B: Backend> {
 /// The constants of one AdamW step (PyTorch's `torch.optim.AdamW`), for a gradient g scaled by
 /// `grad_scale` (clipping): param = decay * param - step_size * m / (sqrt(v) * inv_sqrt_bias2 +
 /// eps), after m = beta1 m + (1 - beta1) g and v = beta2 v + (1 - beta2) g^2; decay = 1 - lr *
-/// weight_decay, step_size = lr / (1 - beta1^t), inv_sqrt_bias2 = 1 / sqrt(1 - beta2^t).
+/// weight_decay, step_size = lr / (1 - beta1^t), inv_sqrt_bias2 = 1 / sqrt(1 - beta2^t). Each
+/// is computed in f64 and rounded once (1 - beta2 for 0.999 is off by 1e-5 in f32 arithmetic).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWStep {
     pub grad_scale: f32,
     pub decay: f32,
     pub beta1: f32,
+    pub one_minus_beta1: f32,
     pub beta2: f32,
+    pub one_minus_beta2: f32,
     pub step_size: f32,
     pub inv_sqrt_bias2: f32,
     pub eps: f32,
@@ -309,27 +310,25 @@ pub fn kv_append(kv: Tensor<5>, k: Tensor<3>, v: Tensor<3>, tables: Tensor<3>, s
 /// Causal grouped-query attention of queries `q` [batch, seq, heads * d] as projected, at
 /// positions from `start` on, over the first start + seq keys and values of the cache `kv`; see
 /// [`FusedOps::causal_attention`]. Returns [batch, seq, heads * d].
-pub fn causal_attention(q: Tensor<3>, kv: Tensor<5>, tables: Tensor<3>, scale: f32, mask: Tensor<4>, start: usize) -> Tensor<3> {
+pub fn causal_attention(q: Tensor<3>, kv: Tensor<5>, tables: Tensor<3>, scale: f32, start: usize) -> Tensor<3> {
     Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::causal_attention(
         q.into_dispatch(),
         kv.into_dispatch(),
         tables.into_dispatch(),
         scale,
-        mask.into_dispatch(),
         start,
     ))
 }
 
 /// Causal self-attention without a cache: queries `q` [batch, seq, heads * d] and keys and
 /// values [batch, seq, kv_heads * d] as projected; see [`FusedOps::self_attention`].
-pub fn self_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, tables: Tensor<3>, scale: f32, mask: Tensor<4>) -> Tensor<3> {
+pub fn self_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, tables: Tensor<3>, scale: f32) -> Tensor<3> {
     Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::self_attention(
         q.into_dispatch(),
         k.into_dispatch(),
         v.into_dispatch(),
         tables.into_dispatch(),
         scale,
-        mask.into_dispatch(),
     ))
 }
 

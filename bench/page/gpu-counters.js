@@ -9,20 +9,23 @@ const count = (proto, method, key) => {
     return original.apply(this, args);
   };
 };
-count(GPUComputePassEncoder.prototype, 'dispatchWorkgroups', 'dispatches');
-count(GPUComputePassEncoder.prototype, 'dispatchWorkgroupsIndirect', 'dispatches');
-// dispatches by kernel: cubecl labels each pipeline with its kernel's name
+// a dispatch counts once in all and once under its kernel: cubecl labels each pipeline with its
+// kernel's name, and a pass dispatches the pipeline it last set
 const pipelines = new WeakMap();
-const { setPipeline, dispatchWorkgroups } = GPUComputePassEncoder.prototype;
+const { setPipeline } = GPUComputePassEncoder.prototype;
 GPUComputePassEncoder.prototype.setPipeline = function kernelNamed(pipeline) {
   pipelines.set(this, pipeline.label || 'unnamed');
   return setPipeline.call(this, pipeline);
 };
-GPUComputePassEncoder.prototype.dispatchWorkgroups = function kernelCounted(...args) {
-  const name = pipelines.get(this) ?? 'unnamed';
-  counts.kernels[name] = (counts.kernels[name] ?? 0) + 1;
-  return dispatchWorkgroups.apply(this, args);
-};
+for (const method of ['dispatchWorkgroups', 'dispatchWorkgroupsIndirect']) {
+  const original = GPUComputePassEncoder.prototype[method];
+  GPUComputePassEncoder.prototype[method] = function dispatched(...args) {
+    const name = pipelines.get(this) ?? 'unnamed';
+    counts.dispatches += 1;
+    counts.kernels[name] = (counts.kernels[name] ?? 0) + 1;
+    return original.apply(this, args);
+  };
+}
 count(GPUQueue.prototype, 'submit', 'submits');
 count(GPUDevice.prototype, 'createBuffer', 'buffers');
 count(GPUQueue.prototype, 'writeBuffer', 'writes');

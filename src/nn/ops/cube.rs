@@ -104,11 +104,17 @@ mod kernels {
         }
     }
 
-    /// This workgroup's row (b * seq + position) of the attention kernels: rows go along the
-    /// grid's y and then z axes (WebGPU allows 65,535 workgroups an axis).
+    /// This workgroup's row (b * seq + position, of queries or of keys) in the attention kernels,
+    /// which run `rows` of them: rows go along the grid's y and then z axes (WebGPU allows 65,535
+    /// workgroups an axis), and the last z slice's surplus workgroups end here (whole
+    /// workgroups, so the barriers after stay in uniform control flow).
     #[cube]
-    fn query_row() -> usize {
-        CUBE_POS_Y as usize + CUBE_POS_Z as usize * CUBE_COUNT_Y as usize
+    fn grid_row(rows: usize) -> usize {
+        let row = CUBE_POS_Y as usize + CUBE_POS_Z as usize * CUBE_COUNT_Y as usize;
+        if row >= rows {
+            terminate!();
+        }
+        row
     }
 
     /// x at `at` turned by the rotary tables [2, seq, d] (cos, then sin) at their row `row`:
@@ -175,11 +181,8 @@ mod kernels {
         #[comptime] d: usize,
     ) {
         let t = UNIT_POS_X as usize;
-        let (head, row) = (CUBE_POS_X as usize, query_row());
         let (seq, heads) = (q.shape(1), q.shape(2) / d);
-        if row >= q.shape(0) * seq {
-            terminate!(); // the grid's last slice of rows is cut short (whole workgroups: uniform)
-        }
+        let (head, row) = (CUBE_POS_X as usize, grid_row(q.shape(0) * seq));
         let (kv_heads, capacity) = (kv.shape(2), kv.shape(3));
         let (b, i) = (row / seq, row % seq);
         let at = (row * heads + head) * d;
@@ -270,11 +273,8 @@ mod kernels {
         #[comptime] d: usize,
     ) {
         let t = UNIT_POS_X as usize;
-        let (head, row) = (CUBE_POS_X as usize, query_row());
         let (seq, heads) = (q.shape(1), q.shape(2) / d);
-        if row >= q.shape(0) * seq {
-            terminate!(); // the grid's last slice of rows is cut short (whole workgroups: uniform)
-        }
+        let (head, row) = (CUBE_POS_X as usize, grid_row(q.shape(0) * seq));
         let (kv_heads, capacity) = (kv.shape(2), kv.shape(3));
         let (b, i) = (row / seq, row % seq);
         let at = (row * heads + head) * d;
@@ -338,11 +338,8 @@ mod kernels {
         #[comptime] d: usize,
     ) {
         let t = UNIT_POS_X as usize;
-        let (kv_head, row) = (CUBE_POS_X as usize, query_row());
         let (seq, heads) = (q.shape(1), q.shape(2) / d);
-        if row >= q.shape(0) * seq {
-            terminate!(); // the grid's last slice of rows is cut short (whole workgroups: uniform)
-        }
+        let (kv_head, row) = (CUBE_POS_X as usize, grid_row(q.shape(0) * seq));
         let (kv_heads, capacity) = (kv.shape(2), kv.shape(3));
         let groups = heads / kv_heads;
         let (b, j) = (row / seq, row % seq);

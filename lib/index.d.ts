@@ -247,7 +247,7 @@ export class LoraModel {
   exportAdapter(name: string, options: { format: 'gguf' }): Promise<{ 'adapter.gguf': Blob }>;
   /** A Hugging Face directory's files. */
   exportMerged(options?: { adapterName?: string; format?: 'hf' }): Promise<Record<string, Blob>>;
-  /** {format: 'gguf'}: one GGUF (the base must be a GGUF), its matrices in `outType` (default 'auto': as the base stores them). */
+  /** {format: 'gguf'}: one GGUF (metadata as llama.cpp's converter writes it, or a GGUF base's as stored), its matrices in `outType` (default 'auto': as the base stores them). */
   exportMerged(options: { adapterName?: string; format: 'gguf'; outType?: 'auto' | 'f32' | 'f16' | 'q8_0' | 'q4_0' | 'q4_1' | 'q5_0' }): Promise<{ 'model.gguf': Blob }>;
   dispose(): void;
 }

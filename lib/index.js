@@ -366,8 +366,9 @@ export class LoraModel {
    * (default: the active adapter unless disabled or already merged) merged in on the way out;
    * the model itself is not changed. transformers and fromPretrained load the result; a
    * quantized base is dequantized (exactly) first. With {format: 'gguf'}, {"model.gguf"} for
-   * llama.cpp, Ollama, LM Studio and wllama (the base must be a GGUF: its tokenizer metadata is
-   * copied), its matrices in `outType` ('auto': as the base stores them, a merged quantized
+   * llama.cpp, Ollama, LM Studio and wllama (a GGUF base's metadata is copied; a Hugging Face
+   * base's is written from its config and tokenizer files as llama.cpp's converter writes it),
+   * its matrices in `outType` ('auto': as the base stores them, a merged quantized
    * matrix requantized; or 'f32', 'f16', 'q8_0', 'q4_0', 'q4_1', 'q5_0').
    */
   async exportMerged({ adapterName, format = 'hf', outType = 'auto' } = {}) {

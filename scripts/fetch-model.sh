@@ -13,7 +13,9 @@ GGUF_SIZE=98362432
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 CACHE=.cache/models
 OUT=models/SmolLM2-135M-Instruct
-STAMP="$OUT/.converted-from-$GGUF_SHA256"
+# bumped when the converter's output changes, so an older conversion is made again
+CONVERTER=2
+STAMP="$OUT/.converted-from-$GGUF_SHA256-by-converter-$CONVERTER"
 BIN=${WEBGPU_LORA_BIN:?source scripts/env.sh first}
 
 [ -f "$STAMP" ] && [ -f "$OUT.Q4_1.gguf" ] && { echo "[model] $OUT is ready"; exit 0; }

@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::generate::{Generation, GenerationConfig, StopReason, StopText, generate};
 use crate::io::gguf::RawMetadata;
 use crate::io::gguf_convert::{TensorType, write_model_gguf};
+use crate::io::gguf_metadata::model_metadata;
 use crate::io::model_files::{CONFIG_FILE, TEXT_FILES};
 use crate::io::safetensors::{SINGLE_FILE, write_safetensors};
 use crate::io::{ChatMessage, ModelFiles, StoreDtype, TextTokenizer};
@@ -99,18 +100,30 @@ impl Llm {
 
     /// A GGUF of this model as it is now, with `merge` (an adapter's name) folded in as
     /// merge_and_unload would, without changing the model: for llama.cpp, Ollama, LM Studio and
-    /// wllama. Metadata (tokenizer and chat template included) is the base GGUF's, as stored.
-    /// Every matrix is written in `out` (`Auto`: the type it has here, a merged quantized matrix
-    /// requantized to it; a k-quant, which is not written here, as
+    /// wllama. Metadata (tokenizer and chat template included) is the base GGUF's as stored, or
+    /// for a base loaded from a Hugging Face directory what llama.cpp's converter writes from its
+    /// files ([`model_metadata`]). Every matrix is written in `out` (`Auto`: the type it has
+    /// here, a merged quantized matrix requantized to it; a k-quant, which is not written here, as
     /// [`crate::io::quant::QuantType::requantized_as`]; f32 and f16: the dequantized values plus
     /// the update, exactly, then rounded to f16 for f16).
     pub async fn merged_gguf(&self, merge: Option<&str>, out: WeightDtype) -> Result<Vec<u8>> {
         self.check_merge(merge)?;
-        let Some(metadata) = &self.gguf_metadata else {
-            return Err(Error::invalid(
-                "a GGUF export copies the base GGUF's tokenizer metadata, and this model was loaded from a Hugging Face directory: \
-                 load the base from its .gguf file (llama.cpp's convert_hf_to_gguf.py makes one), or export a Hugging Face directory",
-            ));
+        let c = &self.model.config;
+        // llama.cpp's LlamaFileType of a file mostly in the chosen type; as the base's otherwise
+        let file_type = |dtype: WeightDtype| match dtype {
+            WeightDtype::F32 | WeightDtype::Auto => 0,
+            WeightDtype::F16 => 1,
+            WeightDtype::Quant(kind) => kind.llama_file_type(),
+        };
+        let from_files;
+        let metadata = match &self.gguf_metadata {
+            Some(metadata) => metadata,
+            None => {
+                let base = self.model.matrix("model.layers.0.self_attn.q_proj.weight").map_or(WeightDtype::F32, |w| w.dtype());
+                let dtype = if out == WeightDtype::Auto { base } else { out };
+                from_files = model_metadata(c, &self.text_files, file_type(dtype))?;
+                &from_files
+            }
         };
         let tensor_type = |dtype: WeightDtype| match dtype {
             WeightDtype::F16 => TensorType::F16,
@@ -127,14 +140,7 @@ impl Llm {
             };
             tensors.push((name, t, tensor_type(dtype)));
         }
-        // llama.cpp's LlamaFileType of a file mostly in the chosen type; as the base's otherwise
-        let file_type = match out {
-            WeightDtype::Auto => None,
-            WeightDtype::F32 => Some(0),
-            WeightDtype::F16 => Some(1),
-            WeightDtype::Quant(kind) => Some(kind.llama_file_type()),
-        };
-        let c = &self.model.config;
+        let file_type = (out != WeightDtype::Auto).then(|| file_type(out));
         write_model_gguf(metadata, file_type, tensors, c.num_attention_heads, c.num_key_value_heads)
     }
 

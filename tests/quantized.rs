@@ -237,7 +237,8 @@ on_cpu_and_wgpu!(merged_gguf_is_the_requantized_merge);
 
 /// PEFT adapters as llama.cpp LoRA adapters: the GGUF convert_lora_to_gguf.py's layout gives
 /// (built with gguf-py from PEFT's own matrices and scalings): q and k rows of B permuted, the
-/// rank_pattern / alpha_pattern / rsLoRA scaling folded into B. A merged GGUF needs a GGUF base.
+/// rank_pattern / alpha_pattern / rsLoRA scaling folded into B. A merged GGUF carries the
+/// tokenizer, so a model without tokenizer.json has none.
 #[test]
 fn adapter_ggufs_are_llama_cpps() {
     for adapter in ["qv-r8", "rank-pattern", "rslora"] {
@@ -245,7 +246,34 @@ fn adapter_ggufs_are_llama_cpps() {
         pollster::block_on(llm.model.load_adapter("a", AdapterSource::from_dir(&fixture("peft").join(adapter)).unwrap())).unwrap();
         assert_same_gguf(&pollster::block_on(llm.adapter_gguf("a")).unwrap(), &format!("adapter-{adapter}.gguf"));
         let err = pollster::block_on(llm.merged_gguf(Some("a"), WeightDtype::Auto)).unwrap_err().to_string();
-        assert!(err.contains("load the base from its .gguf file"), "{err}");
+        assert!(err.contains("loaded without tokenizer.json"), "{err}");
+    }
+}
+
+/// A base loaded from a Hugging Face directory exports a GGUF whose metadata llama.cpp's
+/// converter would write (the real model's test compares it with llama.cpp's own file): loaded
+/// back it is the same model, with the same tokenizer and chat template. In f32 the values are
+/// the directory's; quantized on load to Q8_0, the blocks are written as they are.
+#[test]
+fn a_hugging_face_base_exports_a_gguf_that_loads_back_as_itself() {
+    use webgpu_lora::io::ChatMessage;
+    let device = cpu();
+    let ids = tiny_ids();
+    let messages = [ChatMessage::new("user", "Hi there, 123 wörld!")];
+    for dtype in [WeightDtype::F32, WeightDtype::Quant(QuantType::Q8_0)] {
+        let llm = load_as(&fixture("tiny-chat"), dtype, &device);
+        let gguf = pollster::block_on(llm.merged_gguf(None, WeightDtype::Auto)).unwrap();
+        let g = GgufFile::parse(&gguf, "tiny-chat.gguf").unwrap();
+        assert_eq!(g.meta("tokenizer.ggml.pre").and_then(|v| v.as_str()), Some("gpt-2"), "a plain byte-level pre-tokenizer");
+        let file_type = if dtype == WeightDtype::F32 { 0 } else { QuantType::Q8_0.llama_file_type() as u64 };
+        assert_eq!(g.meta("general.file_type").and_then(|v| v.as_u64()), Some(file_type));
+
+        let reloaded = load_files(ModelFiles::from_gguf("tiny-chat.gguf", gguf).unwrap(), WeightDtype::Auto, &device);
+        assert_eq!(reloaded.model.matrix("model.layers.1.mlp.down_proj.weight").unwrap().dtype(), dtype);
+        let diff = max_abs_diff(&logits_of(&reloaded.model, &ids), &logits_of(&llm.model, &ids));
+        assert!(diff < 1e-6, "{dtype:?}: max |GGUF - directory| = {diff}");
+        assert_eq!(reloaded.chat_ids(&messages).unwrap(), llm.chat_ids(&messages).unwrap(), "chat template and tokenizer");
+        assert_eq!(reloaded.tokenizer().unwrap().eos_token_id(), llm.tokenizer().unwrap().eos_token_id());
     }
 }
 

@@ -129,3 +129,38 @@ fn streaming_callback_can_cancel() {
     assert_eq!(generation.stop_reason, StopReason::Cancelled);
     assert!(generation.tokens.len() <= 4, "stopped after {} tokens", generation.tokens.len());
 }
+
+/// The directory exported as a GGUF (`merged_gguf`) carries the metadata llama.cpp's converter
+/// wrote into the shipped GGUF from the original Hugging Face files: every `tokenizer.*` and
+/// `llama.*` entry as stored (vocabulary, token types, merges, special tokens, chat template, and
+/// the pre-tokenizer "smollm", which llama.cpp names by the hash of its check text's ids: our
+/// converted tokenizer encodes that text as the original does). Loaded back, it answers as the
+/// model does.
+#[test]
+fn a_gguf_export_of_the_directory_has_llama_cpps_metadata() {
+    use webgpu_lora::io::gguf::GgufFile;
+    use webgpu_lora::io::quant::QuantType;
+    use webgpu_lora::nn::WeightDtype;
+    let ours = pollster::block_on(llm().merged_gguf(None, WeightDtype::Quant(QuantType::Q4_1))).unwrap();
+    let shipped = std::fs::read(real_gguf()).unwrap();
+    let entries = |bytes: &[u8]| -> std::collections::BTreeMap<String, Vec<u8>> {
+        let g = GgufFile::parse(bytes, "gguf").unwrap();
+        let compared = |key: &str| key.starts_with("tokenizer.") || key.starts_with("llama.") || key == "general.architecture";
+        g.raw_metadata.iter().filter(|(key, _)| compared(key) || key == "general.file_type").cloned().collect()
+    };
+    let (ours_meta, shipped_meta) = (entries(&ours), entries(&shipped));
+    let keys = |m: &std::collections::BTreeMap<String, Vec<u8>>| m.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&ours_meta), keys(&shipped_meta), "the same metadata keys");
+    for (key, value) in &shipped_meta {
+        assert!(ours_meta[key] == *value, "metadata {key} differs from llama.cpp's");
+    }
+
+    let files = webgpu_lora::io::ModelFiles::from_gguf("exported.gguf", ours).unwrap();
+    let exported = Llm::load(files, WeightDtype::Auto, &cpu(), &mut |_, _, _| {}).unwrap();
+    let e = &expected()["france"];
+    let ids = exported.prompt_ids(e["prompt"].as_str().unwrap(), true).unwrap();
+    assert_eq!(ids, ids_of(&e["prompt_ids"]), "the exported tokenizer and chat template");
+    let config = GenerationConfig { max_new_tokens: 12, ..Default::default() };
+    let (_, text) = pollster::block_on(exported.generate_text(&ids, &config, &mut |_| true)).unwrap();
+    assert_eq!(text, "The capital of France is Paris.");
+}

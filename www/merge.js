@@ -1,6 +1,6 @@
 // The Merge panel: merge the active adapter, compare the merged model with the adapter (max logit
-// difference on a probe prompt), download the merged model as a Hugging Face directory or, for a
-// GGUF base, as one GGUF for llama.cpp, Ollama, LM Studio and wllama.
+// difference on a probe prompt), download the merged model as a Hugging Face directory or as one
+// GGUF for llama.cpp, Ollama, LM Studio and wllama.
 import { $, offerDownloads, statusLine } from './ui.js';
 
 const PROBE = 'Tell me about LoRA.';

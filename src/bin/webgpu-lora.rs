@@ -97,7 +97,8 @@ enum Command {
     /// Merge a PEFT adapter into the base and write the merged model as a Hugging Face directory
     /// (dequantized plus the update, exactly, for a quantized base).
     /// With --out FILE.gguf, write a GGUF for llama.cpp, Ollama, LM Studio and wllama instead
-    /// (the base must be a .gguf: its tokenizer metadata is copied).
+    /// (a .gguf base's metadata is copied; a Hugging Face directory's is written from its
+    /// config and tokenizer files as llama.cpp's converter writes it).
     Merge {
         #[command(flatten)]
         files: AdapterOnBase,

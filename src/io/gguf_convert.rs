@@ -470,5 +470,9 @@ fn byte_level_tokenizer(g: &GgufFile) -> Result<(Value, Value)> {
     if let Some(template) = g.meta("tokenizer.chat_template").and_then(MetaValue::as_str) {
         config["chat_template"] = json!(template);
     }
+    // transformers' name for it; a GGUF export writes it back (src/io/gguf_metadata.rs)
+    if let Some(add) = g.meta("tokenizer.ggml.add_space_prefix").and_then(MetaValue::as_bool) {
+        config["add_prefix_space"] = json!(add);
+    }
     Ok((tokenizer, config))
 }

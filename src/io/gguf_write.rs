@@ -8,8 +8,11 @@ use crate::tensor::HostTensor;
 
 /// GGUF value type ids.
 const UINT32: u32 = 4;
+const INT32: u32 = 5;
 const FLOAT32: u32 = 6;
+const BOOL: u32 = 7;
 const STRING: u32 = 8;
+const ARRAY: u32 = 9;
 
 /// GGML type ids of the float tensors written here.
 const GGML_F32: u32 = 0;
@@ -68,6 +71,31 @@ impl GgufWriter {
 
     pub fn set_str(&mut self, key: &str, value: &str) {
         self.set(key, STRING, &string_bytes(value));
+    }
+
+    pub fn set_bool(&mut self, key: &str, value: bool) {
+        self.set(key, BOOL, &[value as u8]);
+    }
+
+    pub fn set_str_array(&mut self, key: &str, values: &[String]) {
+        self.set_array(key, STRING, values.len(), values.iter().flat_map(|v| string_bytes(v)));
+    }
+
+    pub fn set_i32_array(&mut self, key: &str, values: &[i32]) {
+        self.set_array(key, INT32, values.len(), values.iter().flat_map(|v| v.to_le_bytes()));
+    }
+
+    /// An array: the elements' type id, their count, then their bytes.
+    fn set_array(&mut self, key: &str, kind: u32, len: usize, elements: impl Iterator<Item = u8>) {
+        let mut value = kind.to_le_bytes().to_vec();
+        value.extend((len as u64).to_le_bytes());
+        value.extend(elements);
+        self.set(key, ARRAY, &value);
+    }
+
+    /// The metadata set so far, as a GGUF stores it.
+    pub fn into_metadata(self) -> RawMetadata {
+        self.metadata
     }
 
     /// A row-major f32 tensor, stored as F32 or (`f16`) F16.

@@ -254,10 +254,13 @@ pub fn write_files<S: AsRef<str>>(dir: &Path, files: Vec<(S, Vec<u8>)>) -> Resul
 }
 
 /// Writes a file under a temporary name first and then renames it, so an interrupted write
-/// never leaves a half-written file under the real name.
+/// never leaves a half-written file under the real name; missing parent directories are made.
 pub fn write_file(path: &Path, bytes: Vec<u8>) -> Result<()> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.partial"));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| Error::io(dir.display(), source))?;
+    }
     std::fs::write(&tmp, bytes).map_err(|source| Error::io(tmp.display(), source))?;
     std::fs::rename(&tmp, path).map_err(|source| Error::io(path.display(), source))
 }

@@ -165,6 +165,27 @@ test('on a Q4_0 GGUF base: merging requantizes as gguf-py does and unmerging res
   assert.ok(Buffer.from(out.adapterGguf).equals(readFileSync(join(fixtures, 'quant', 'adapter-qv-r8.gguf'))), 'the GGUF LoRA is gguf-py\'s file');
 }));
 
+test('a Hugging Face base quantized on load exports a GGUF that loads back as the same model; one without tokenizer.json is refused', () => inBrowser(async (browser) => {
+  const out = await browser.page.evaluate(async () => {
+    const { LoraModel } = window.app.webgpuLora;
+    const ids = Int32Array.from([1, 5, 77, 200, 33, 258, 12]);
+    const logits = async (m) => Array.from((await m.logits(ids)).data);
+    const m = await LoraModel.fromPretrained('/fixtures/tiny-chat/', { dtype: 'q8_0' });
+    const gguf = (await m.exportMerged({ format: 'gguf' }))['model.gguf'];
+    const r = { base: await logits(m) };
+    m.dispose();
+    const reloaded = await LoraModel.fromPretrained(new File([gguf], 'tiny-chat.gguf'));
+    r.reloaded = await logits(reloaded);
+    reloaded.dispose();
+    const untokenized = await LoraModel.fromPretrained('/fixtures/tiny-llama/');
+    r.refused = await untokenized.exportMerged({ format: 'gguf' }).then(() => null, (e) => e.message);
+    untokenized.dispose();
+    return r;
+  });
+  close(out.reloaded, out.base, 'the exported GGUF (Q8_0 blocks as loaded), loaded back');
+  assert.match(out.refused, /loaded without tokenizer\.json/);
+}));
+
 test('hub ids resolve under env.remoteHost as transformers.js resolves them: a directory, and a GGUF file at a revision', () => inBrowser(async (browser) => {
   const out = await browser.page.evaluate(async ({ ids, origin }) => {
     const { LoraModel, env } = window.app.webgpuLora;

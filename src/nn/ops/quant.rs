@@ -5,10 +5,11 @@
 //! A backend extension ([`QuantOps`]) like the fused operations: the CPU backend multiplies a few
 //! rows (decoding) by dequantizing one weight row at a time into a buffer and taking its dot
 //! products, so the f32 matrix never exists; for many rows it dequantizes the matrix once into
-//! a transient and multiplies with gemm. WebGPU and wgpu dequantize with a cubecl kernel into a
-//! transient and multiply. The autodiff node keeps the quantized words (not an f32 copy) and
-//! dequantizes again for the backward pass, so at most one matrix's f32 transient exists at a
-//! time.
+//! a transient and multiplies with gemm. WebGPU and wgpu never write the f32 matrix: a few rows
+//! take their dot products straight from the codes, more rows (prefill, training) go through a
+//! tiled kernel that dequantizes a tile of W at a time into workgroup memory, and so does the
+//! input gradient. The autodiff node keeps the quantized words (not an f32 copy) for the
+//! backward pass.
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
@@ -20,7 +21,7 @@ use burn::tensor::{Int, Tensor};
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::calculate_cube_count_elemwise;
-use cubecl::prelude::CubeDim;
+use cubecl::prelude::{CubeCount, CubeDim};
 
 use crate::io::quant::{QuantType, RowLayout};
 
@@ -105,6 +106,98 @@ mod kernels {
         out[i] = group_value(words, base, j / comptime!(l.group), q, 1.0f32, l);
     }
 
+    /// Outputs per side of the block of `out` a workgroup of [`tiled_kernel`] computes, and the
+    /// values of the contraction it takes per step.
+    pub const TILE: usize = 32;
+    /// Threads per side of [`tiled_kernel`]'s workgroup: each computes 2 x 2 outputs of the tile.
+    pub const THREADS: usize = 16;
+
+    /// W's value at row `r`, column `c`.
+    #[cube]
+    fn weight_at(words: &Tensor<u32>, r: usize, c: usize, #[comptime] l: RowLayout) -> f32 {
+        let base = r * comptime!(l.words);
+        group_value(words, base, c / comptime!(l.group), f32::cast_from(code(words, base, c, l)), 1.0f32, l)
+    }
+
+    /// `a Wᵀ` (a [m, cols], out [m, rows]) or, `transposed`, `a W` (a [m, rows], out [m, cols]),
+    /// W dequantized a TILE x TILE tile at a time into workgroup memory beside a tile of a: a
+    /// workgroup computes a TILE x TILE block of out; no f32 matrix is written. Tiles are read
+    /// along W's rows, where its codes lie next to each other.
+    #[cube(launch)]
+    pub fn tiled_kernel(
+        words: &Tensor<u32>,
+        a: &Tensor<f32>,
+        out: &mut Tensor<f32>,
+        #[comptime] l: RowLayout,
+        #[comptime] transposed: bool,
+    ) {
+        let (tx, ty) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
+        let t = ty * THREADS + tx;
+        let (m, n, depth) = (out.shape(0), out.shape(1), a.shape(1));
+        let (i0, j0) = (CUBE_POS_Y as usize * TILE, CUBE_POS_X as usize * TILE);
+        // a's tile padded by one column, so the threads of a column read different banks
+        let mut a_tile = Shared::<[f32]>::new_slice(comptime!(TILE * (TILE + 1)));
+        let mut w_tile = Shared::<[f32]>::new_slice(comptime!(TILE * TILE));
+        let mut acc00 = 0.0f32;
+        let mut acc01 = 0.0f32;
+        let mut acc10 = 0.0f32;
+        let mut acc11 = 0.0f32;
+        let mut k0 = 0usize;
+        while k0 < depth {
+            for p in 0..comptime!(TILE * TILE / (THREADS * THREADS)) {
+                let e = t + p * THREADS * THREADS;
+                let (i, kk) = (e / TILE, e % TILE);
+                let mut value = 0.0f32;
+                if i0 + i < m && k0 + kk < depth {
+                    value = a[(i0 + i) * depth + k0 + kk];
+                }
+                a_tile[i * (TILE + 1) + kk] = value;
+                // w_tile[kk][j]: W at (row j0 + j, column k0 + kk), or transposed at (row k0 + kk, column j0 + j)
+                let mut kk = e % TILE;
+                let mut j = e / TILE;
+                if comptime!(transposed) {
+                    kk = e / TILE;
+                    j = e % TILE;
+                }
+                let mut w = 0.0f32;
+                if j0 + j < n && k0 + kk < depth {
+                    if comptime!(transposed) {
+                        w = weight_at(words, k0 + kk, j0 + j, l);
+                    } else {
+                        w = weight_at(words, j0 + j, k0 + kk, l);
+                    }
+                }
+                w_tile[kk * TILE + j] = w;
+            }
+            sync_cube();
+            for kk in 0..TILE {
+                let a0 = a_tile[ty * (TILE + 1) + kk];
+                let a1 = a_tile[(ty + THREADS) * (TILE + 1) + kk];
+                let w0 = w_tile[kk * TILE + tx];
+                let w1 = w_tile[kk * TILE + tx + THREADS];
+                acc00 += a0 * w0;
+                acc01 += a0 * w1;
+                acc10 += a1 * w0;
+                acc11 += a1 * w1;
+            }
+            sync_cube();
+            k0 += TILE;
+        }
+        let (i, j) = (i0 + ty, j0 + tx);
+        if i < m && j < n {
+            out[i * n + j] = acc00;
+        }
+        if i < m && j + THREADS < n {
+            out[i * n + j + THREADS] = acc01;
+        }
+        if i + THREADS < m && j < n {
+            out[(i + THREADS) * n + j] = acc10;
+        }
+        if i + THREADS < m && j + THREADS < n {
+            out[(i + THREADS) * n + j + THREADS] = acc11;
+        }
+    }
+
     /// x Wᵀ for a few rows of x (decoding): one thread per output value [i, r], the dot product of
     /// row i of x with row r of W taken group by group straight from W's codes; no dequantized
     /// matrix is written.
@@ -160,9 +253,12 @@ impl QuantOps for Cube {
 
     fn quant_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, kind: QuantType, cols: usize) -> FloatTensor<Self> {
         let [m, k] = x.shape().dims::<2>();
-        if m > ROW_BY_ROW || k != cols || x.dtype != DType::F32 {
+        if k != cols || x.dtype != DType::F32 {
             let w = Self::dequantize_rows(words, kind, cols);
             return Self::float_matmul(x, Self::float_transpose(w));
+        }
+        if m > ROW_BY_ROW {
+            return tiled(x, words, kind, cols, false);
         }
         let (x, words): (CubeTensor, CubeTensor) = (burn_cubecl::kernel::into_contiguous(x), burn_cubecl::kernel::into_contiguous(words));
         let rows = words.shape().dims::<2>()[0];
@@ -172,6 +268,34 @@ impl QuantOps for Cube {
         launch_quant!(rows_dot_kernel, &client, m * rows, layout(kind, cols), args.0, args.1, args.2);
         out
     }
+
+    fn quant_matmul_backward(grad: FloatTensor<Self>, words: IntTensor<Self>, kind: QuantType, cols: usize) -> FloatTensor<Self> {
+        if grad.dtype != DType::F32 {
+            return Self::float_matmul(grad, Self::dequantize_rows(words, kind, cols));
+        }
+        tiled(grad, words, kind, cols, true)
+    }
+}
+
+/// [`kernels::tiled_kernel`]: `a Wᵀ`, or `transposed`, `a W`.
+fn tiled(a: CubeTensor, words: CubeTensor, kind: QuantType, cols: usize, transposed: bool) -> CubeTensor {
+    use kernels::{THREADS, TILE};
+    let (a, words): (CubeTensor, CubeTensor) = (burn_cubecl::kernel::into_contiguous(a), burn_cubecl::kernel::into_contiguous(words));
+    let (m, rows) = (a.shape().dims::<2>()[0], words.shape().dims::<2>()[0]);
+    let n = if transposed { cols } else { rows };
+    let client = words.client.clone();
+    let out = empty_device_dtype(client.clone(), words.device.clone(), [m, n].into(), DType::F32);
+    kernels::tiled_kernel::launch(
+        &client,
+        CubeCount::Static(n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, 1),
+        CubeDim::new_2d(THREADS as u32, THREADS as u32),
+        words.into_tensor_arg(),
+        a.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        layout(kind, cols),
+        transposed,
+    );
+    out
 }
 
 /// [`QuantOps::quant_matmul`]'s autodiff node: keeps the quantized words, and runs

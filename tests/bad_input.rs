@@ -136,6 +136,10 @@ fn gguf_without_the_tensors_the_architecture_needs() {
     let err = GgufModel::parse("partial.gguf", g.bytes()).err().unwrap().to_string();
     assert!(err.contains("tensor blk.0.attn_norm.weight (model.layers.0.input_layernorm.weight) is missing"), "{err}");
     assert!(err.contains("the file holds 2 tensors"), "{err}");
+    // a layer count no file holds is refused as quickly, without a list of its tensors' names
+    g.u32("llama.block_count", 1_000_000_000);
+    let err = GgufModel::parse("huge.gguf", g.bytes()).err().unwrap().to_string();
+    assert!(err.contains("is missing: a 1000000000-layer llama model needs it"), "{err}");
     let path = scratch("partial").with_extension("gguf");
     fs::write(&path, g.bytes()).unwrap();
     let err = ModelFiles::from_path(&path).err().unwrap().to_string();
@@ -159,4 +163,38 @@ fn out_of_vocabulary_ids_are_refused_before_the_device() {
     let err = llm.model.check_ids(&[1, 999]).unwrap_err();
     assert!(matches!(err, Error::Invalid(_)));
     assert!(err.to_string().contains("token id 999 is out of the vocabulary (size 256)"));
+}
+
+/// A chat template comes from an arbitrary model file: one that never ends runs out of steps,
+/// one that recurses without end reaches the nesting limit, and one that floods is stopped past
+/// 1 MiB beyond the messages' text; each is a clear error, and a real template still renders.
+#[test]
+fn chat_templates_cannot_hang_or_flood_the_worker() {
+    use webgpu_lora::io::{ChatMessage, TextTokenizer};
+    let tokenizer_json = fs::read(fixture("tiny-chat/tokenizer.json")).unwrap();
+    let render = |template: &str| {
+        let tokenizer = TextTokenizer::from_files(&tokenizer_json, None, Some(template.as_bytes())).unwrap();
+        tokenizer.apply_chat_template(&[ChatMessage::new("user", "hi")], true)
+    };
+    let err = render("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}").unwrap_err().to_string();
+    assert!(err.starts_with("chat template: stopped after 5000000 steps"), "{err}");
+    let err = render("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}").unwrap_err().to_string();
+    assert!(err.starts_with("chat template: cannot render") && err.contains("recursion"), "{err}");
+    let err = render("{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}").unwrap_err().to_string();
+    assert!(err.starts_with("chat template: rendered more than 1048578 bytes"), "{err}");
+    let smollm2 =
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}{% endfor %}";
+    assert_eq!(render(smollm2).unwrap(), "<|im_start|>user\nhi<|im_end|>\n");
+}
+
+/// tokenizer.json that is not valid JSON is refused with where it breaks (the tokenizers crate
+/// panics on some of these itself; found by tests/fuzz.rs).
+#[test]
+fn tokenizer_json_with_a_syntax_error() {
+    use webgpu_lora::io::TextTokenizer;
+    let mut bytes = fs::read(fixture("tiny-chat/tokenizer.json")).unwrap();
+    let decoder = bytes.windows(9).position(|w| w == b"\"decoder\"").unwrap();
+    bytes.truncate(decoder + 14);
+    let err = TextTokenizer::from_files(&bytes, None, None).err().unwrap().to_string();
+    assert!(err.starts_with("tokenizer.json: not valid JSON: EOF while parsing"), "{err}");
 }

@@ -120,13 +120,12 @@ impl GgufModel {
                 .map(|(info, _)| info.shape()[0])
                 .ok_or_else(|| Error::file(&g.file, "no token_embd.weight tensor: the file holds no token embeddings"))?,
         };
-        // every tensor the architecture runs on, before anything is converted or loaded
-        let mut required = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
-        for i in 0..layers {
-            required.extend(LAYER_TENSORS.iter().map(|(_, hf)| format!("model.layers.{i}.{hf}")));
-        }
-        if let Some(missing) = required.iter().find(|name| !tensors.contains_key(*name)) {
-            let gguf_name = reverse_name(missing);
+        // every tensor the architecture runs on, before anything is converted or loaded (named one
+        // at a time: a layer count the file cannot hold makes no list of names)
+        let layer_tensors = (0..layers).flat_map(|i| LAYER_TENSORS.iter().map(move |(_, hf)| format!("model.layers.{i}.{hf}")));
+        let mut required = ["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()].into_iter().chain(layer_tensors);
+        if let Some(missing) = required.find(|name| !tensors.contains_key(name)) {
+            let gguf_name = reverse_name(&missing);
             return Err(Error::file(
                 &g.file,
                 format!(

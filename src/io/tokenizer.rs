@@ -32,6 +32,9 @@ impl TextTokenizer {
     /// Builds from `tokenizer.json` bytes, and optionally `tokenizer_config.json` and a
     /// `chat_template.jinja` (which wins over the config's template, as in transformers).
     pub fn from_files(tokenizer_json: &[u8], tokenizer_config_json: Option<&[u8]>, chat_template_jinja: Option<&[u8]>) -> Result<Self> {
+        // the tokenizers crate panics on some syntax errors (inside the decoder) instead of
+        // returning them: check the JSON first
+        serde_json::from_slice::<Value>(tokenizer_json).map_err(|e| Error::file("tokenizer.json", format!("not valid JSON: {e}")))?;
         let tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json)
             .map_err(|e| Error::file("tokenizer.json", format!("cannot load tokenizer: {e}")))?;
         let config: Value = match tokenizer_config_json {
@@ -84,6 +87,9 @@ impl TextTokenizer {
             Error::invalid("this model has no chat template (no chat_template.jinja and none in tokenizer_config.json); use a plain prompt")
         })?;
         let mut env = minijinja::Environment::new();
+        // a template comes from an arbitrary model file: bound its work, its nesting and its output
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(TEMPLATE_RECURSION);
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
@@ -91,14 +97,32 @@ impl TextTokenizer {
         });
         env.add_template("chat", source).map_err(|e| Error::file("chat template", format!("cannot parse: {e}")))?;
         let template = env.get_template("chat").expect("just added");
-        template
-            .render(minijinja::context! {
-                messages => minijinja::Value::from(minijinja::value::Serde(messages)),
-                add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos_token.clone().unwrap_or_default(),
-                eos_token => self.eos_token.clone().unwrap_or_default(),
-            })
-            .map_err(|e| Error::file("chat template", format!("cannot render: {e}")))
+        let context = minijinja::context! {
+            messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+        };
+        let mut out = BoundedText { text: Vec::new(), limit: TEMPLATE_OUTPUT + messages.iter().map(|m| m.content.len()).sum::<usize>() };
+        let rendered = template.render_captured_to(context, &mut out).map(|_| ());
+        match rendered {
+            Ok(_) => String::from_utf8(out.text).map_err(|_| Error::file("chat template", "rendered text that is not UTF-8")),
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(Error::file(
+                "chat template",
+                format!(
+                    "stopped after {TEMPLATE_FUEL} steps: a chat template renders a conversation in far fewer; the model's template loops without end or is hostile"
+                ),
+            )),
+            Err(_) if out.text.len() > out.limit => Err(Error::file(
+                "chat template",
+                format!(
+                    "rendered more than {} bytes for a conversation of {} messages; the model's template is broken or hostile",
+                    out.limit,
+                    messages.len()
+                ),
+            )),
+            Err(e) => Err(Error::file("chat template", format!("cannot render: {e}"))),
+        }
     }
 
     /// Token ids of a rendered conversation (the template already holds the special tokens).
@@ -131,6 +155,34 @@ impl StreamDecoder<'_> {
         let piece = text[self.emitted..].to_string();
         self.emitted = text.len();
         Ok(Some(piece))
+    }
+}
+
+/// Template steps a rendering may take: real chat templates take a few thousand per message.
+const TEMPLATE_FUEL: u64 = 5_000_000;
+/// Nesting of macros and calls a rendering may reach.
+const TEMPLATE_RECURSION: usize = 100;
+/// Bytes a rendering may write beyond the messages' own text.
+const TEMPLATE_OUTPUT: usize = 1 << 20;
+
+/// A writer that refuses to grow past `limit` bytes.
+struct BoundedText {
+    text: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for BoundedText {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + bytes.len() > self.limit {
+            self.text.extend_from_slice(bytes);
+            return Err(std::io::Error::other("the rendered text is too long"));
+        }
+        self.text.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

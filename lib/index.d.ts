@@ -182,6 +182,7 @@ export interface TrainOptions {
   onStep?: (metrics: StepMetrics) => void;
   onEval?: (event: EvalEvent) => void;
   onCheckpoint?: (files: CheckpointFiles) => void;
+  /** Stops after the current step (the adapter so far is kept); aborted before the run starts, train() rejects and nothing is trained. */
   signal?: AbortSignal;
 }
 

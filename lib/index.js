@@ -77,17 +77,23 @@ class Worker_ {
    * `call` with its arguments still being prepared (`prepared`: {args, transfer} or a promise of
    * it; a rejection rejects the call, which is then not sent). The call takes its place in the
    * order when it is made: messages go out, and so run, in the order of the calls, whatever each
-   * one's preparation (a fetch, an IndexedDB read) takes. Only `cancel` goes out at once.
+   * one's preparation (a fetch, an IndexedDB read) takes. Only `cancel` goes out at once. The
+   * promise's `cancel()` stops this call (a generation or a training run) whether it is running
+   * or still waiting its turn: the worker keeps the cancel until the call starts.
    */
   callPrepared(op, prepared, onEvent) {
     const id = this.nextId++;
-    return new Promise((resolve, reject) => {
+    let posted;
+    const sent = new Promise((r) => { posted = r; });
+    const call = new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject, onEvent });
       const send = async () => {
         try {
           const { args = [], transfer = [] } = await prepared;
           this.worker.postMessage({ id, op, args }, transfer);
+          posted(true);
         } catch (e) {
+          posted(false);
           this.pending.delete(id);
           reject(e);
         }
@@ -95,6 +101,9 @@ class Worker_ {
       if (op === 'cancel') send();
       else this.#outbox = this.#outbox.then(send);
     });
+    // after the call's own message, so the worker knows the call it stops; not once it has ended
+    call.cancel = () => sent.then((ok) => ok && this.pending.has(id) && this.call('cancel', [id]));
+    return call;
   }
 
   terminate() {
@@ -264,10 +273,9 @@ export class LoraModel {
     const queue = [];
     let wake = null;
     let finished = false;
-    const cancel = () => this.#engine.call('cancel');
-    const result = this.#engine
-      .call('generate', [prompt, options], (e) => { queue.push(e.piece); wake?.(); })
-      .finally(() => { finished = true; wake?.(); signal?.removeEventListener('abort', cancel); });
+    const call = this.#engine.call('generate', [prompt, options], (e) => { queue.push(e.piece); wake?.(); });
+    const cancel = () => call.cancel();
+    const result = call.finally(() => { finished = true; wake?.(); signal?.removeEventListener('abort', cancel); });
     if (signal?.aborted) cancel();
     signal?.addEventListener('abort', cancel);
     async function* pieces() {
@@ -299,7 +307,8 @@ export class LoraModel {
    * `trainingArgs` {lr | learningRate, maxSteps, epochs, batchSize, gradAccum, warmupSteps,
    * schedule, weightDecay, maxGradNorm, maxSeqLen, evalEvery, valSplit, patience, seed, ...} as the
    * CLI's flags in camelCase. onStep(metrics), onEval({step, valLoss, best}), onCheckpoint(files);
-   * `signal` cancels after the current step (the adapter so far is kept). A callback that throws
+   * `signal` cancels after the current step (the adapter so far is kept), or, aborted before the
+   * run starts (while it waits behind another call), rejects and trains nothing. A callback that throws
    * stops the run, and train() rejects with that error. Resolves to the report. `initFrom` (a
    * stored adapter's name, a URL, or PEFT files, as loadAdapter takes them) trains that adapter
    * further instead of a new one: its adapter_config.json sets r, alpha, targets..., and a
@@ -316,19 +325,20 @@ export class LoraModel {
       if (signal?.aborted) throw new DOMException('training was aborted before it started', 'AbortError');
       return { args: [name, bytes, val, options, init] };
     })();
-    const cancel = () => this.#engine.call('cancel');
-    signal?.addEventListener('abort', cancel);
     let thrown = null;
     const deliver = (callback, value) => {
       if (thrown) return;
-      try { callback?.(value); } catch (e) { thrown = { error: e }; cancel(); }
+      try { callback?.(value); } catch (e) { thrown = { error: e }; call.cancel(); }
     };
+    const call = this.#engine.callPrepared('train', prepared, (e) => {
+      if (e.event === 'step') deliver(onStep, e.metrics);
+      else if (e.event === 'eval') deliver(onEval, e);
+      else if (e.event === 'checkpoint') deliver(onCheckpoint, { step: e.step, [ADAPTER_CONFIG]: e.files.adapterConfig, [ADAPTER_WEIGHTS]: e.files.adapterWeights, 'trainer_state.safetensors': e.files.state });
+    });
+    const cancel = () => call.cancel();
+    signal?.addEventListener('abort', cancel);
     try {
-      const out = await this.#engine.callPrepared('train', prepared, (e) => {
-        if (e.event === 'step') deliver(onStep, e.metrics);
-        else if (e.event === 'eval') deliver(onEval, e);
-        else if (e.event === 'checkpoint') deliver(onCheckpoint, { step: e.step, [ADAPTER_CONFIG]: e.files.adapterConfig, [ADAPTER_WEIGHTS]: e.files.adapterWeights, 'trainer_state.safetensors': e.files.state });
-      }).catch((e) => { if (!thrown) throw e; });
+      const out = await call.catch((e) => { if (!thrown) throw e; });
       if (thrown) throw thrown.error;
       this.#summaries.set(adapterName, out.report.summary);
       return out.report;

@@ -1,13 +1,14 @@
 // The engine's home: a dedicated module Web Worker that the package starts itself, so WebGPU work
 // and file parsing never block the page. Protocol: {id, op, args} in; {id, event} while the
 // operation runs, then {id, result, state} or {id, error}. Operations run one at a time, in order;
-// only `cancel` jumps the queue (it stops the running generation or training step loop).
+// only `cancel` jumps the queue (it stops a generation or a training run, running or queued).
 import init, { Engine } from './pkg/webgpu_lora.js';
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, toBytes } from './store.js';
 
 const CACHE_NAME = 'webgpu-lora-models-v1';
 let enginePromise = null;
-let cancelled = false;
+// Ids of the calls a `cancel` has stopped, kept until each call ends (it may not have started).
+const cancelled = new Set();
 // A Rust panic aborts the wasm instance: its message arrives here, and the engine is gone.
 let crashed = null;
 globalThis.__webgpuLoraPanic = (message) => { crashed ??= message; };
@@ -197,26 +198,25 @@ const ops = {
     const e = await engine();
     const { chat = true, ...config } = options ?? {};
     const ids = Array.isArray(prompt) ? e.chatIds(prompt) : e.promptIds(prompt, chat);
-    cancelled = false;
     const result = await e.generate(ids, config, (piece) => {
       emit({ piece });
-      return !cancelled;
+      return !emit.cancelled();
     });
     return { promptIds: Array.from(ids), ...result };
   },
 
-  cancel() {
-    cancelled = true;
+  cancel(id) {
+    cancelled.add(id);
   },
 
   // `initFrom`: an adapter to train further, as loadAdapter takes it (or null)
   async train(dataName, data, val, options, initFrom, emit) {
     const e = await engine();
-    cancelled = false;
     const init = initFrom == null ? undefined : await adapterBytes(initFrom, emit);
+    if (emit.cancelled()) throw new Error('training was cancelled before it started: nothing was trained');
     const result = await e.train(dataName, await toBytes(data, dataName), val == null ? undefined : await toBytes(val, 'validation data'), options ?? {}, init, (json, files) => {
       emit(files ? { ...JSON.parse(json), files } : JSON.parse(json));
-      return !cancelled;
+      return !emit.cancelled();
     });
     return { ...result, report: JSON.parse(result.report) };
   },
@@ -254,11 +254,13 @@ async function adapterState() {
 
 let queue = Promise.resolve();
 self.onmessage = ({ data: { id, op, args = [] } }) => {
+  const emit = (event) => self.postMessage({ id, event });
+  emit.cancelled = () => cancelled.has(id);
   const run = async () => {
     try {
       if (crashed) throw new Error('crashed');
       if (!(op in ops)) throw new Error(`unknown operation ${op}`);
-      const result = await ops[op](...args, (event) => self.postMessage({ id, event }));
+      const result = await ops[op](...args, emit);
       // hand big byte arrays over instead of copying them
       const transfer = Object.values(ArrayBuffer.isView(result) ? { result } : result ?? {}).filter(ArrayBuffer.isView).map((v) => v.buffer);
       // `cancel` runs beside the operation it stops, which holds the model: it changes no state
@@ -272,6 +274,8 @@ self.onmessage = ({ data: { id, op, args = [] } }) => {
       }
       const state = await adapterState().catch(() => undefined); // the error being reported says more
       self.postMessage({ id, error: String(e?.message ?? e), state });
+    } finally {
+      cancelled.delete(id);
     }
   };
   if (op === 'cancel') run();

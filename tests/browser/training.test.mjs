@@ -48,10 +48,20 @@ test('PEFT\'s trajectory on WebGPU: its losses, gradient norms and final tensors
       ...job, adapterName: 'cancelled', trainingArgs, signal: stop.signal,
       onStep: (s) => { cancelledSteps.push(s.loss); if (s.step === 3) stop.abort(); },
     });
+    // a cancel sent while a run waits its turn behind another is kept until it starts
+    // (aborted at the run ahead's second step: its data was prepared and its message sent by then)
+    const later = new AbortController();
+    const busy = m.train({ ...job, adapterName: 'busy', trainingArgs: { ...trainingArgs, maxSteps: 4 }, onStep: (s) => s.step === 2 && later.abort() });
+    const queued = m.train({ ...job, adapterName: 'queued', trainingArgs, signal: later.signal }).then(() => 'trained', (e) => e.message);
+    const busySteps = (await busy).summary.steps;
+    const queuedOutcome = await queued;
     const adapters = m.adapters();
     m.dispose();
-    return { steps, report, final, checkpoints, cancelled: cancelled.summary, cancelledSteps, adapters };
+    return { steps, report, final, checkpoints, cancelled: cancelled.summary, cancelledSteps, adapters, busySteps, queuedOutcome };
   }, { rows, trainingArgs });
+  assert.equal(result.busySteps, 4, 'the run ahead is not the one cancelled');
+  assert.match(result.queuedOutcome, /^training was cancelled before it started: nothing was trained$/);
+  assert.ok(!result.adapters.includes('queued'), result.adapters.join(', '));
 
   assert.equal(result.steps.length, 20);
   result.steps.forEach(([loss, norm], i) => {
@@ -72,7 +82,7 @@ test('PEFT\'s trajectory on WebGPU: its losses, gradient norms and final tensors
   assert.ok(result.cancelled.steps >= 3 && result.cancelled.steps < 20, `cancelled after step ${result.cancelled.steps}`);
   assert.equal(result.cancelledSteps.length, result.cancelled.steps);
   result.cancelledSteps.forEach((loss, i) => assert.ok(Math.abs(loss - t.losses[i]) < 1e-4, `cancelled run, step ${i + 1}`));
-  assert.deepEqual(result.adapters.sort(), ['cancelled', 'peft-run'], 'the cancelled run keeps its adapter');
+  assert.deepEqual(result.adapters.sort(), ['busy', 'cancelled', 'peft-run'], 'the cancelled run keeps its adapter; the run cancelled before it started has none');
 
   // onCheckpoint at step 10 hands out complete files: the CLI resumes from step 10's and ends with PEFT's adapter
   assert.deepEqual(result.checkpoints.map((f) => f.step), [10]);

@@ -211,6 +211,10 @@ export class AdapterStore {
   import(files: Files | FileList | File[], options?: { name?: string; overwrite?: boolean }): Promise<StoredAdapter>;
   export(name: string): Promise<AdapterFiles>;
   usage(): Promise<{ adapters: number; bytes: number; usage: number | null; quota: number | null }>;
+  /** Another page of this origin (or another AdapterStore object) changed the store; returns a function that stops listening. */
+  onChange(listener: (change: { change: 'save' | 'delete' | 'rename'; name: string; to?: string }) => void): () => void;
+  /** Whether the browser keeps this origin's storage under pressure; the first save asks for it. null where the browser cannot say. */
+  persisted(): Promise<boolean | null>;
   close(): void;
 }
 

@@ -113,16 +113,53 @@ export class AdapterStore {
       open.onerror = () => fail(new Error(`cannot open the adapter database "${name}": ${open.error?.message}`));
       open.onblocked = () => fail(new Error(`the adapter database "${name}" is being upgraded in another tab: close the other tabs of this site and try again`));
     });
-    return new AdapterStore(db);
+    return new AdapterStore(db, name);
   }
 
-  constructor(db) {
+  #channel;
+  #persistence = null;
+
+  constructor(db, name = db.name) {
     this.db = db;
     // another tab upgrading the schema must not be blocked by this one
     db.onversionchange = () => db.close();
+    // the other pages (and other AdapterStore objects) of this origin hear of every change
+    this.#channel = typeof BroadcastChannel === 'undefined' ? null : new BroadcastChannel(`webgpu-lora-store:${name}`);
   }
 
-  close() { this.db.close(); }
+  close() {
+    this.db.close();
+    this.#channel?.close();
+  }
+
+  /**
+   * Calls `listener({change, name, to?})` ('save', 'delete' or 'rename') after another page of
+   * this origin (or another AdapterStore object) changed the store; returns a function that
+   * stops it. This object's own changes are not reported to it.
+   */
+  onChange(listener) {
+    const handler = ({ data }) => listener(data);
+    this.#channel?.addEventListener('message', handler);
+    return () => this.#channel?.removeEventListener('message', handler);
+  }
+
+  #changed(change) {
+    this.#channel?.postMessage(change);
+  }
+
+  /**
+   * Whether the browser keeps this origin's storage under pressure (navigator.storage.persisted()):
+   * true, false, or null where the browser cannot say. The first save asks for it
+   * (navigator.storage.persist()); a browser may refuse, as headless ones do.
+   */
+  async persisted() {
+    return (await navigator.storage?.persisted?.().catch(() => null)) ?? null;
+  }
+
+  #askToPersist() {
+    this.#persistence ??= navigator.storage?.persist?.().catch(() => false) ?? Promise.resolve(false);
+    return this.#persistence;
+  }
 
   /** Runs `body(stores)` in one transaction; resolves with its result once the transaction is durable. */
   async #transaction(mode, body) {
@@ -190,6 +227,8 @@ export class AdapterStore {
         // a copy the transaction owns: the caller may reuse or transfer its buffer
         store.put(bytes.slice().buffer, name);
       });
+      this.#changed({ change: 'save', name });
+      await this.#askToPersist();
     } catch (e) {
       if (e?.name !== 'QuotaExceededError') throw e;
       const { usage = 0, quota = 0 } = (await navigator.storage?.estimate?.()) ?? {};
@@ -206,6 +245,7 @@ export class AdapterStore {
       meta.delete(name);
       weights.delete(name);
     });
+    this.#changed({ change: 'delete', name });
   }
 
   /** Renames an adapter in one transaction. */
@@ -220,6 +260,7 @@ export class AdapterStore {
       meta.put({ ...record, name: to, updated: Date.now() });
       weights.put(bytes, to);
     });
+    this.#changed({ change: 'rename', name: from, to });
   }
 
   /**

@@ -73,8 +73,14 @@ export function setupAdapters(app) {
     $('enable-button').disabled = !loaded || !app.model.disabled;
     $('compare-button').disabled = !loaded || !app.model.activeAdapter;
     $('merge-button').disabled = !loaded || !app.model.activeAdapter || app.model.disabled || app.model.mergedAdapters.includes(app.model.activeAdapter);
+    const persisted = await app.store.persisted();
+    $('storage-status').textContent = persisted === true
+      ? 'Storage is persistent: the browser keeps these adapters when space runs low.'
+      : 'Storage is not persistent: the browser may clear these adapters when space runs low (export the ones you need).';
   };
   app.onModel.push(() => app.refreshAdapters());
+  // another tab of this site saved, renamed or deleted an adapter
+  app.store?.onChange(guard(() => app.refreshAdapters()));
 
   const importFiles = guard(async (files) => {
     const meta = await app.store.import(Array.from(files));

@@ -5,7 +5,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { relaunchable, readSafetensors, readJson, root, maxAbsDiff } from './helpers.mjs';
+import { relaunchable, readSafetensors, readJson, root, maxAbsDiff, watchConsole } from './helpers.mjs';
 
 const fixtures = join(root, 'tests', 'fixtures');
 const { ids } = readJson(join(fixtures, 'tiny-llama', 'expected.json'));
@@ -163,5 +163,53 @@ test('rename, export, import, delete and usage; an adapter refuses another base 
   const peft = readSafetensors(join(fixtures, 'peft', 'qv-r8', 'expected_logits.safetensors')).logits.data;
   assert.ok(maxAbsDiff(out.allowed, peft) < 1e-4, `allowOtherBase: the adapter runs and gives PEFT's logits (${maxAbsDiff(out.allowed, peft)})`);
   assert.deepEqual(out.final, ['renamed', 'killed']);
+  assert.deepEqual(errors, []);
+});
+
+test('two pages of one origin: each hears the other\'s saves, renames and deletes and its adapter table follows; the first save asks for persistent storage', async () => {
+  const browser = await open();
+  const other = await browser.page.context().newPage();
+  watchConsole(other, errors);
+  await other.goto(`${origin}/`);
+  await other.waitForFunction(() => window.app?.ready);
+  await other.evaluate(async () => {
+    window.heard = [];
+    window.otherStore = await window.app.webgpuLora.AdapterStore.open();
+    window.otherStore.onChange((c) => window.heard.push(c));
+  });
+  const before = await other.evaluate(async () => (await window.otherStore.list()).map((a) => a.name));
+  const out = await browser.page.evaluate(async () => {
+    let asked = 0;
+    const persist = navigator.storage.persist.bind(navigator.storage);
+    navigator.storage.persist = () => { asked += 1; return persist(); };
+    const store = await window.app.webgpuLora.AdapterStore.open();
+    const config = JSON.stringify({ peft_type: 'LORA', r: 2, lora_alpha: 4, target_modules: ['q_proj'], base_model_name_or_path: 'tiny-llama' });
+    await store.save({ name: 'tab-a', config, weights: new Uint8Array([1, 2, 3]) });
+    await store.save({ name: 'tab-b', config, weights: new Uint8Array([4, 5, 6]) });
+    await store.rename('tab-a', 'tab-c');
+    await store.delete('tab-b');
+    const persisted = await store.persisted();
+    store.close();
+    return { asked, persisted };
+  });
+  await other.waitForFunction(() => window.heard.length === 4);
+  // the site's own table in the other page, refreshed on the same messages
+  await other.waitForSelector('#adapter-table tr[data-name="tab-c"]');
+  const seen = await other.evaluate(async () => ({
+    heard: window.heard,
+    names: (await window.otherStore.list()).map((a) => a.name),
+    rows: Array.from(document.querySelectorAll('#adapter-table tr[data-name]'), (r) => r.dataset.name),
+    storage: document.getElementById('storage-status').textContent,
+  }));
+  await other.evaluate(async () => { await window.otherStore.delete('tab-c'); window.otherStore.close(); });
+  await browser.close();
+  assert.deepEqual(seen.heard, [
+    { change: 'save', name: 'tab-a' }, { change: 'save', name: 'tab-b' }, { change: 'rename', name: 'tab-a', to: 'tab-c' }, { change: 'delete', name: 'tab-b' },
+  ]);
+  assert.deepEqual(seen.names, [...before, 'tab-c']);
+  assert.deepEqual(seen.rows, seen.names);
+  assert.equal(out.asked, 1, 'persistent storage is asked for once, on the first save');
+  assert.equal(out.persisted, false, 'headless Chromium does not grant it');
+  assert.match(seen.storage, /^Storage is not persistent: the browser may clear these adapters/);
   assert.deepEqual(errors, []);
 });

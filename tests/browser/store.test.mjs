@@ -1,7 +1,8 @@
 // Adapters in IndexedDB (lib/store.js) in a real browser profile: saved adapters survive a normal
 // relaunch and a SIGKILL right after the save resolves; a save that hits the storage quota writes
 // nothing; rename / import / export / delete / usage; an adapter refuses another base model; the
-// base model's files come from the cache on the next visit.
+// base model's files come from the cache on the next visit; two pages of one origin hear each
+// other's changes, and racing each other leave complete records only.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
@@ -211,5 +212,58 @@ test('two pages of one origin: each hears the other\'s saves, renames and delete
   assert.equal(out.asked, 1, 'persistent storage is asked for once, on the first save');
   assert.equal(out.persisted, false, 'headless Chromium does not grant it');
   assert.match(seen.storage, /^Storage is not persistent: the browser may clear these adapters/);
+  assert.deepEqual(errors, []);
+});
+
+test('two pages racing on one store (saves of one name, renames, reads and deletes at once) leave complete records only', async () => {
+  const browser = await open();
+  const other = await browser.page.context().newPage();
+  watchConsole(other, errors);
+  await other.goto(`${origin}/`);
+  // each writer's record is self-consistent: r 4 with bytes of 1, or r 8 with bytes of 2
+  const race = (page, tag) => page.evaluate(async (tag) => {
+    const store = await window.app.webgpuLora.AdapterStore.open();
+    const [r, fill] = tag === 'a' ? [4, 1] : [8, 2];
+    const config = JSON.stringify({ peft_type: 'LORA', r, lora_alpha: 2 * r, target_modules: ['q_proj'], base_model_name_or_path: 'race' });
+    const broken = [];
+    let read = 0;
+    const check = (record, where) => {
+      if (!record) return;
+      read += 1;
+      const whole = record.weights.length + record.config.length === record.size;
+      if (!whole || !record.weights.every((b) => b === (record.r === 4 ? 1 : 2))) broken.push(`${where}: r ${record.r}, ${record.weights.length} bytes, size ${record.size}`);
+    };
+    for (let i = 0; i < 15; i++) {
+      const weights = new Uint8Array(2000 + 97 * i).fill(fill);
+      const outcomes = await Promise.allSettled([
+        store.save({ name: 'race-same', config, weights }, { overwrite: true }),
+        store.get('race-same').then((rec) => check(rec, `get ${i}`)),
+        store.rename('race-same', `race-${tag}-${i}`),
+        store.get(`race-${tag}-${i}`).then((rec) => check(rec, `get renamed ${i}`)),
+        store.delete(`race-${tag}-${i}`),
+      ]);
+      // a refusal is fine ("no stored adapter", "already stored"); anything else is not
+      for (const o of outcomes) if (o.status === 'rejected' && !/no stored adapter|already stored/.test(o.reason.message)) broken.push(o.reason.message);
+    }
+    store.close();
+    return { broken, read };
+  }, tag);
+  const [a, b] = await Promise.all([race(browser.page, 'a'), race(other, 'b')]);
+  const final = await browser.page.evaluate(async () => {
+    const store = await window.app.webgpuLora.AdapterStore.open();
+    const left = (await store.list()).filter((m) => m.name.startsWith('race'));
+    const records = await Promise.all(left.map((m) => store.get(m.name)));
+    const summary = records.map((rec) => ({ name: rec.name, r: rec.r, bytes: rec.weights.length, fills: [...new Set(rec.weights)], size: rec.size, configLength: rec.config.length }));
+    for (const m of left) await store.delete(m.name);
+    store.close();
+    return summary;
+  });
+  await browser.close();
+  assert.deepEqual([a.broken, b.broken], [[], []], 'every record read during the race was whole');
+  assert.ok(a.read > 0 && b.read > 0, `records were read during the race (${a.read}, ${b.read})`);
+  for (const rec of final) {
+    assert.deepEqual(rec.fills, [rec.r === 4 ? 1 : 2], `${rec.name}: its bytes are its writer's`);
+    assert.equal(rec.bytes + rec.configLength, rec.size, `${rec.name}: weights and config of one save`);
+  }
   assert.deepEqual(errors, []);
 });

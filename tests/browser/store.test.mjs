@@ -34,6 +34,15 @@ async function open() {
   return browser;
 }
 
+/** A second page of the same origin in the same browser (another tab), the site loaded. */
+async function secondPage(browser) {
+  const page = await browser.page.context().newPage();
+  watchConsole(page, errors);
+  await page.goto(`${origin}/`);
+  await page.waitForFunction(() => window.app?.ready);
+  return page;
+}
+
 test('saved adapters survive a relaunch and a SIGKILL; a quota failure writes nothing', async () => {
   // 1. save an adapter, quit normally
   let browser = await open();
@@ -169,10 +178,7 @@ test('rename, export, import, delete and usage; an adapter refuses another base 
 
 test('two pages of one origin: each hears the other\'s saves, renames and deletes and its adapter table follows; the first save asks for persistent storage', async () => {
   const browser = await open();
-  const other = await browser.page.context().newPage();
-  watchConsole(other, errors);
-  await other.goto(`${origin}/`);
-  await other.waitForFunction(() => window.app?.ready);
+  const other = await secondPage(browser);
   await other.evaluate(async () => {
     window.heard = [];
     window.otherStore = await window.app.webgpuLora.AdapterStore.open();
@@ -217,9 +223,7 @@ test('two pages of one origin: each hears the other\'s saves, renames and delete
 
 test('two pages racing on one store (saves of one name, renames, reads and deletes at once) leave complete records only', async () => {
   const browser = await open();
-  const other = await browser.page.context().newPage();
-  watchConsole(other, errors);
-  await other.goto(`${origin}/`);
+  const other = await secondPage(browser);
   // each writer's record is self-consistent: r 4 with bytes of 1, or r 8 with bytes of 2
   const race = (page, tag) => page.evaluate(async (tag) => {
     const store = await window.app.webgpuLora.AdapterStore.open();

@@ -2,7 +2,8 @@
 // relaunch and a SIGKILL right after the save resolves; a save that hits the storage quota writes
 // nothing; rename / import / export / delete / usage; an adapter refuses another base model; the
 // base model's files come from the cache on the next visit; two pages of one origin hear each
-// other's changes, and racing each other leave complete records only.
+// other's changes, and racing each other leave complete records only; an evicted model cache is
+// fetched again with progress.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
@@ -269,5 +270,31 @@ test('two pages racing on one store (saves of one name, renames, reads and delet
     assert.deepEqual(rec.fills, [rec.r === 4 ? 1 : 2], `${rec.name}: its bytes are its writer's`);
     assert.equal(rec.bytes + rec.configLength, rec.size, `${rec.name}: weights and config of one save`);
   }
+  assert.deepEqual(errors, []);
+});
+
+test('a model cache the browser evicted is fetched again, with progress, and gives the same logits', async () => {
+  const browser = await open();
+  const out = await browser.page.evaluate(async (ids) => {
+    const visit = async () => {
+      const { model, downloads } = await window.load('/fixtures/tiny-llama/');
+      const logits = await window.logitsOf(model, ids);
+      model.dispose();
+      const weights = downloads.filter((e) => e.file === 'model.safetensors');
+      return { logits, cached: weights.every((e) => e.cached), progress: weights.length, loaded: weights.at(-1)?.fileLoaded, total: weights.at(-1)?.fileTotal };
+    };
+    const first = await visit(); // cached by the earlier tests' visits, or downloaded now
+    const again = await visit();
+    // what the browser does to an origin's caches under storage pressure
+    const evicted = await caches.keys().then((keys) => Promise.all(keys.map((k) => caches.delete(k))));
+    const refetched = await visit();
+    return { first, again, evicted: evicted.length, refetched };
+  }, ids);
+  await browser.close();
+  assert.equal(out.again.cached, true, 'the second visit reads the cache');
+  assert.ok(out.evicted >= 1, 'a cache was there to evict');
+  assert.equal(out.refetched.cached, false, 'after eviction the files are downloaded again');
+  assert.ok(out.refetched.progress >= 1 && out.refetched.loaded === out.refetched.total && out.refetched.total > 0, JSON.stringify(out.refetched));
+  assert.deepEqual(out.refetched.logits, out.again.logits);
   assert.deepEqual(errors, []);
 });

@@ -246,6 +246,10 @@ export class LoraModel {
   generate(prompt: string | ChatMessage[], options?: GenerateOptions): TextStream;
   train(options: TrainOptions): Promise<TrainReport>;
   saveAdapter(name: string, options?: { as?: string; overwrite?: boolean; store?: AdapterStore }): Promise<StoredAdapter>;
+  /** After a crash or a lost GPU: a new engine with the base and every adapter that came from a URL, files or the store; what could not come back is listed. */
+  recover(options?: { onProgress?: (event: LoadProgress) => void }): Promise<{ restored: string[]; lost: string[]; mergedAway: string[] }>;
+  /** Destroys the engine's GPU device, as a driver reset would: for testing a page's recovery. */
+  destroyDevice(): Promise<void>;
   /** {asLora: true}: an OLoRA/PiSSA adapter as a plain LoRA of rank 2r for the unmodified base. */
   exportAdapter(name: string, options?: { asLora?: boolean; format?: 'peft' }): Promise<AdapterFiles>;
   /** {format: 'gguf'}: a llama.cpp GGUF LoRA adapter. */

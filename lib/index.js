@@ -39,6 +39,9 @@ function hubUrl(id, revision, file) {
   return `${host}${id}/resolve/${encodeURIComponent(revision)}/${file ?? ''}`;
 }
 
+// Calls that go out and run at once, beside the running call they act on.
+const JUMPS_THE_QUEUE = new Set(['cancel', 'destroyDevice']);
+
 class Worker_ {
   #outbox = Promise.resolve();
 
@@ -77,7 +80,7 @@ class Worker_ {
    * `call` with its arguments still being prepared (`prepared`: {args, transfer} or a promise of
    * it; a rejection rejects the call, which is then not sent). The call takes its place in the
    * order when it is made: messages go out, and so run, in the order of the calls, whatever each
-   * one's preparation (a fetch, an IndexedDB read) takes. Only `cancel` goes out at once. The
+   * one's preparation (a fetch, an IndexedDB read) takes. Only `cancel` and `destroyDevice` go out at once. The
    * promise's `cancel()` stops this call (a generation or a training run) whether it is running
    * or still waiting its turn: the worker keeps the cancel until the call starts.
    */
@@ -98,7 +101,7 @@ class Worker_ {
           reject(e);
         }
       };
-      if (op === 'cancel') send();
+      if (JUMPS_THE_QUEUE.has(op)) send();
       else this.#outbox = this.#outbox.then(send);
     });
     // after the call's own message, so the worker knows the call it stops; not once it has ended
@@ -136,12 +139,18 @@ async function dataBytes(data, what) {
 export class LoraModel {
   #engine;
   #base;
+  #load;
   #summaries = new Map();
   #defaultStore = null;
+  // where each loaded adapter came from (a URL, files, a stored name): what recover() loads again
+  #sources = new Map();
+  // adapters mergeAndUnload() folded into the base weights: recover() cannot bring those weights back
+  #mergedAway = [];
 
-  constructor(engine, base, config) {
+  constructor(engine, base, config, load) {
     this.#engine = engine;
     this.#base = base;
+    this.#load = load;
     /** The base model's config.json as loaded. */
     this.config = config;
   }
@@ -170,16 +179,59 @@ export class LoraModel {
     }
     const webgpu = await webgpuStatus();
     if (!webgpu.available) throw new Error(webgpu.message);
+    const load = { source: absolute(source ?? {}), options: { cache, dtype }, workerUrl };
+    const { engine, config } = await LoraModel.#start(load, onProgress);
+    const base = baseIdentity(name ?? modelName(source) ?? config._name_or_path ?? 'local model', config);
+    return new LoraModel(engine, base, config, load);
+  }
+
+  /** A new engine with the base model loaded. */
+  static async #start({ source, options, workerUrl }, onProgress) {
     const engine = new Worker_(workerUrl);
     try {
-      const config = await engine.call('load', [absolute(source ?? {}), { cache, dtype }], onProgress);
-      const base = baseIdentity(name ?? modelName(source) ?? config._name_or_path ?? 'local model', config);
-      return new LoraModel(engine, base, config);
+      return { engine, config: await engine.call('load', [source, options], onProgress) };
     } catch (e) {
       engine.terminate();
       throw e;
     }
   }
+
+  /**
+   * After the engine crashed or lost its GPU (every call then rejects saying so), or at any time:
+   * starts a new engine, loads the base model again (from the cache, with the same options) and
+   * every adapter that came from a URL, files or the AdapterStore (saved ones included), then
+   * sets the active adapter, disables it and merges again as before. Adapters that exist only in
+   * this session (trained or combined and not saved) cannot come back: they are listed in the
+   * result, {restored, lost, mergedAway}, with the adapters mergeAndUnload() had folded into the
+   * base (the base comes back without them). Save adapters as you go (saveAdapter) to keep them.
+   */
+  async recover({ onProgress } = {}) {
+    const before = this.#engine.state ?? { names: [], active: null, disabled: false, merged: [] };
+    this.#engine.terminate();
+    const { engine } = await LoraModel.#start(this.#load, onProgress);
+    this.#engine = engine;
+    const restored = [];
+    const lost = [];
+    for (const name of before.names) {
+      const source = this.#sources.get(name);
+      if (source) {
+        await this.loadAdapter(source.source, name, source.options);
+        restored.push(name);
+      } else {
+        lost.push(name);
+      }
+    }
+    if (before.active && restored.includes(before.active)) await this.setAdapter(before.active);
+    const merged = before.merged.filter((n) => restored.includes(n));
+    if (merged.length) await this.mergeAdapter(merged);
+    if (before.disabled && this.activeAdapter) await this.disableAdapter();
+    const mergedAway = this.#mergedAway;
+    this.#mergedAway = [];
+    return { restored, lost, mergedAway };
+  }
+
+  /** Destroys the engine's GPU device, as a driver reset would: for testing a page's recovery (recover()). */
+  destroyDevice() { return this.#engine.call('destroyDevice'); }
 
   /** The given store, or the default AdapterStore (opened once, kept open). */
   async #store(store) {
@@ -211,6 +263,7 @@ export class LoraModel {
     // the engine checks the files (and everything else) before it changes the model
     const prepared = source_.then(({ files, record }) => ({ args: [loaded, files], transfer: record ? [record.weights.buffer] : [] }));
     await this.#engine.callPrepared('loadAdapter', prepared);
+    this.#sources.set(loaded, { source, options: { store, allowOtherBase } });
     const { record } = await source_;
     if (record?.trainingSummary) this.#summaries.set(loaded, record.trainingSummary);
     else if (!record) this.#summaries.delete(loaded); // files carry no training summary
@@ -231,9 +284,17 @@ export class LoraModel {
   setAdapter(name) { return this.#engine.call('setAdapter', [name]); }
   disableAdapter() { return this.#engine.call('disableAdapter'); }
   enableAdapter() { return this.#engine.call('enableAdapter'); }
-  async deleteAdapter(name) { await this.#engine.call('deleteAdapter', [name]); this.#summaries.delete(name); }
+  async deleteAdapter(name) {
+    await this.#engine.call('deleteAdapter', [name]);
+    this.#summaries.delete(name);
+    this.#sources.delete(name);
+  }
   /** Removes every adapter (undoing merges): back to the base model. */
-  async unload() { await this.#engine.call('unload'); this.#summaries.clear(); }
+  async unload() {
+    await this.#engine.call('unload');
+    this.#summaries.clear();
+    this.#sources.clear();
+  }
   /** Merges adapters (default: the active one) into the base weights; resolves to {merged, skipped}. */
   mergeAdapter(names = [], { safeMerge = false } = {}) { return this.#engine.call('mergeAdapter', [names, safeMerge]); }
   unmergeAdapter() { return this.#engine.call('unmergeAdapter'); }
@@ -241,6 +302,8 @@ export class LoraModel {
   async mergeAndUnload({ adapterNames = [], safeMerge = false } = {}) {
     const report = await this.#engine.call('mergeAndUnload', [adapterNames, safeMerge]);
     this.#summaries.clear();
+    this.#sources.clear();
+    this.#mergedAway.push(...report.merged); // the merged weights exist only in this engine now
     return report;
   }
   /** PEFT's add_weighted_adapter; combination "svd" (default, with {svdRank}), "linear" or "cat". */
@@ -341,6 +404,7 @@ export class LoraModel {
       const out = await call.catch((e) => { if (!thrown) throw e; });
       if (thrown) throw thrown.error;
       this.#summaries.set(adapterName, out.report.summary);
+      this.#sources.delete(adapterName); // trained here: only a save can bring it back
       return out.report;
     } finally {
       signal?.removeEventListener('abort', cancel);
@@ -367,7 +431,9 @@ export class LoraModel {
   async saveAdapter(name, { as, overwrite = false, store } = {}) {
     const { config, weights } = await this.#engine.call('exportAdapter', [name, false]);
     const s = await this.#store(store);
-    return s.save({ name: as ?? name, config, weights, baseModel: this.#base, trainingSummary: this.#summaries.get(name) ?? null }, { overwrite });
+    const saved = await s.save({ name: as ?? name, config, weights, baseModel: this.#base, trainingSummary: this.#summaries.get(name) ?? null }, { overwrite });
+    this.#sources.set(name, { source: as ?? name, options: { store } });
+    return saved;
   }
 
   /**

@@ -1,7 +1,8 @@
 // The engine's home: a dedicated module Web Worker that the package starts itself, so WebGPU work
 // and file parsing never block the page. Protocol: {id, op, args} in; {id, event} while the
 // operation runs, then {id, result, state} or {id, error}. Operations run one at a time, in order;
-// only `cancel` jumps the queue (it stops a generation or a training run, running or queued).
+// only `cancel` (it stops a generation or a training run, running or queued) and `destroyDevice`
+// jump the queue.
 import init, { Engine } from './pkg/webgpu_lora.js';
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, toBytes } from './store.js';
 
@@ -13,6 +14,29 @@ const cancelled = new Set();
 let crashed = null;
 globalThis.__webgpuLoraPanic = (message) => { crashed ??= message; };
 let loaded = false;
+// The call running now, which a lost device answers at once (its GPU work will never finish).
+let running = null;
+// How long a failed call waits for its device's `lost` before reporting its own error.
+const LOST_GRACE_MS = 50;
+
+// The engine's GPU device, kept when the engine asks for it: a lost device (a driver reset, the
+// GPU process restarting, destroy()) ends the engine, and the page can recover() the model.
+let device = null;
+if (typeof GPUAdapter !== 'undefined') {
+  const requestDevice = GPUAdapter.prototype.requestDevice;
+  GPUAdapter.prototype.requestDevice = async function (...args) {
+    device = await requestDevice.apply(this, args);
+    device.lost.then((info) => {
+      crashed ??= `the GPU device was lost (${info.reason ?? 'unknown'}: ${info.message || 'no message'})`;
+      if (running !== null) self.postMessage({ id: running, error: crashedError(), state: null });
+    });
+    return device;
+  };
+}
+
+const crashedError = () => crashed.startsWith('the GPU device was lost')
+  ? `${crashed}: the model is gone from the GPU; model.recover() loads it again with its adapters`
+  : `the engine crashed (${crashed}): this is a bug in webgpu-lora, please report it; model.recover() loads the model again with its adapters`;
 
 function engine() {
   // the wasm's URL spelled out here, relative, so bundlers (Vite, webpack) see and copy it
@@ -225,6 +249,9 @@ const ops = {
   async exportMerged(adapter) { return (await engine()).exportMerged(await mergedOnExport(adapter)); },
   async exportMergedGguf(adapter, outType) { return (await engine()).exportMergedGguf(await mergedOnExport(adapter), outType); },
   async exportAdapterGguf(name) { return (await engine()).exportAdapterGguf(name); },
+
+  // what a driver reset does, for testing a page's recovery (LoraModel.destroyDevice)
+  async destroyDevice() { device?.destroy(); },
 };
 
 // The adapter an export merges in: the one named, else the active one unless disabled (an adapter
@@ -252,32 +279,37 @@ async function adapterState() {
   return state;
 }
 
+// Operations that run at once, beside the running one they act on (as lib/index.js sends them).
+const JUMPS_THE_QUEUE = new Set(['cancel', 'destroyDevice']);
 let queue = Promise.resolve();
 self.onmessage = ({ data: { id, op, args = [] } }) => {
   const emit = (event) => self.postMessage({ id, event });
   emit.cancelled = () => cancelled.has(id);
   const run = async () => {
+    if (!JUMPS_THE_QUEUE.has(op)) running = id;
     try {
       if (crashed) throw new Error('crashed');
       if (!(op in ops)) throw new Error(`unknown operation ${op}`);
       const result = await ops[op](...args, emit);
       // hand big byte arrays over instead of copying them
       const transfer = Object.values(ArrayBuffer.isView(result) ? { result } : result ?? {}).filter(ArrayBuffer.isView).map((v) => v.buffer);
-      // `cancel` runs beside the operation it stops, which holds the model: it changes no state
-      const state = op === 'cancel' ? undefined : await adapterState();
+      // these run beside the operation they act on, which holds the model: they change no state
+      const state = JUMPS_THE_QUEUE.has(op) ? undefined : await adapterState();
       self.postMessage({ id, result, state }, [...new Set(transfer)]);
     } catch (e) {
+      // a GPU error may be the device going away: its `lost` settles just after the failed call
+      if (device && !crashed) await Promise.race([device.lost, new Promise((r) => setTimeout(r, LOST_GRACE_MS))]);
       if (crashed || e instanceof WebAssembly.RuntimeError) {
         crashed ??= String(e?.message ?? e);
-        const error = `the engine crashed (${crashed}): this is a bug in webgpu-lora, please report it; the model is gone, load it again with LoraModel.fromPretrained`;
-        return self.postMessage({ id, error, state: null });
+        return self.postMessage({ id, error: crashedError(), state: null });
       }
       const state = await adapterState().catch(() => undefined); // the error being reported says more
       self.postMessage({ id, error: String(e?.message ?? e), state });
     } finally {
       cancelled.delete(id);
+      if (running === id) running = null;
     }
   };
-  if (op === 'cancel') run();
+  if (JUMPS_THE_QUEUE.has(op)) run();
   else queue = queue.then(run);
 };

@@ -178,6 +178,8 @@ export interface TrainOptions {
    * says otherwise is refused.
    */
   initFrom?: string | Files | FileList | File[];
+  /** A checkpoint's files, as onCheckpoint got them: the run resumes where it was taken (give the same data and trainingArgs). */
+  resumeFrom?: CheckpointFiles;
   /** A callback that throws stops the run; train() rejects with its error. */
   onStep?: (metrics: StepMetrics) => void;
   onEval?: (event: EvalEvent) => void;

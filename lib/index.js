@@ -128,6 +128,8 @@ const modelName = (source) => {
 };
 const absolute = (source) => (typeof source === 'string' ? new URL(source, globalThis.location?.href).href : source);
 const jsonl = (rows) => rows.map((r) => JSON.stringify(r)).join('\n');
+/** A checkpoint's trainer state (optimizer moments, step, data position), as the CLI writes it. */
+const CHECKPOINT_STATE = 'trainer_state.safetensors';
 const isStoreName = (s) => typeof s === 'string' && !s.includes('/') && !s.includes(':');
 
 /** Data for train(): text, bytes, a File/Blob, or an array of rows (objects, written as JSONL). */
@@ -375,18 +377,26 @@ export class LoraModel {
    * stops the run, and train() rejects with that error. Resolves to the report. `initFrom` (a
    * stored adapter's name, a URL, or PEFT files, as loadAdapter takes them) trains that adapter
    * further instead of a new one: its adapter_config.json sets r, alpha, targets..., and a
-   * `loraConfig` that says otherwise is refused.
+   * `loraConfig` that says otherwise is refused. `resumeFrom` (the files an onCheckpoint
+   * callback got: {"adapter_config.json", "adapter_model.safetensors",
+   * "trainer_state.safetensors"}) resumes that run where its checkpoint was taken: given the same
+   * data and trainingArgs, it continues with the losses the uninterrupted run has.
    */
-  async train({ data, validation, dataName, adapterName = 'default', loraConfig = {}, trainingArgs = {}, initFrom, onStep, onEval, onCheckpoint, signal } = {}) {
+  async train({ data, validation, dataName, adapterName = 'default', loraConfig = {}, trainingArgs = {}, initFrom, resumeFrom, onStep, onEval, onCheckpoint, signal } = {}) {
     if (data == null) throw new Error('train: "data" is required (JSONL text, a File, or an array of examples)');
+    if (initFrom != null && resumeFrom != null) throw new Error('train: give "initFrom" (an adapter to train further) or "resumeFrom" (a checkpoint to resume), not both');
+    if (resumeFrom != null && resumeFrom[CHECKPOINT_STATE] == null) throw new Error(`train: "resumeFrom" is a checkpoint's files, as onCheckpoint gets them; it has no "${CHECKPOINT_STATE}"`);
     const name = dataName ?? (typeof File !== 'undefined' && data instanceof File ? data.name : 'data.jsonl');
     const options = { baseModelNameOrPath: this.#base.name, ...loraConfig, ...trainingArgs, adapterName };
     const prepared = (async () => {
       const bytes = await dataBytes(data, 'train: data');
       const val = validation == null ? null : await dataBytes(validation, 'train: validation');
-      const init = initFrom == null ? null : (await this.#adapterSource(initFrom)).files;
+      const init = resumeFrom != null
+        ? adapterFilesByName(resumeFrom, 'the checkpoint to resume')
+        : initFrom == null ? null : (await this.#adapterSource(initFrom)).files;
+      const state = resumeFrom == null ? null : await toBytes(resumeFrom[CHECKPOINT_STATE], CHECKPOINT_STATE);
       if (signal?.aborted) throw new DOMException('training was aborted before it started', 'AbortError');
-      return { args: [name, bytes, val, options, init] };
+      return { args: [name, bytes, val, options, init, state] };
     })();
     let thrown = null;
     const deliver = (callback, value) => {
@@ -396,7 +406,7 @@ export class LoraModel {
     const call = this.#engine.callPrepared('train', prepared, (e) => {
       if (e.event === 'step') deliver(onStep, e.metrics);
       else if (e.event === 'eval') deliver(onEval, e);
-      else if (e.event === 'checkpoint') deliver(onCheckpoint, { step: e.step, [ADAPTER_CONFIG]: e.files.adapterConfig, [ADAPTER_WEIGHTS]: e.files.adapterWeights, 'trainer_state.safetensors': e.files.state });
+      else if (e.event === 'checkpoint') deliver(onCheckpoint, { step: e.step, [ADAPTER_CONFIG]: e.files.adapterConfig, [ADAPTER_WEIGHTS]: e.files.adapterWeights, [CHECKPOINT_STATE]: e.files.state });
     });
     const cancel = () => call.cancel();
     signal?.addEventListener('abort', cancel);

@@ -233,12 +233,14 @@ const ops = {
     cancelled.add(id);
   },
 
-  // `initFrom`: an adapter to train further, as loadAdapter takes it (or null)
-  async train(dataName, data, val, options, initFrom, emit) {
+  // `initFrom`: an adapter to train further, as loadAdapter takes it (or null); with
+  // `resumeState` (trainer_state.safetensors), a checkpoint's adapter to resume
+  async train(dataName, data, val, options, initFrom, resumeState, emit) {
     const e = await engine();
     const init = initFrom == null ? undefined : await adapterBytes(initFrom, emit);
+    const state = resumeState == null ? undefined : await toBytes(resumeState, 'trainer_state.safetensors');
     if (emit.cancelled()) throw new Error('training was cancelled before it started: nothing was trained');
-    const result = await e.train(dataName, await toBytes(data, dataName), val == null ? undefined : await toBytes(val, 'validation data'), options ?? {}, init, (json, files) => {
+    const result = await e.train(dataName, await toBytes(data, dataName), val == null ? undefined : await toBytes(val, 'validation data'), options ?? {}, init, state, (json, files) => {
       emit(files ? { ...JSON.parse(json), files } : JSON.parse(json));
       return !emit.cancelled();
     });

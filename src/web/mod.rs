@@ -451,7 +451,9 @@ impl Engine {
     /// gets {adapterConfig, adapterWeights, state}); returning false cancels, and an exception
     /// stops the run and rejects with it. Resolves to {report, adapterConfig, adapterWeights} and
     /// leaves the adapter loaded and active. `init_from`: the PEFT files {config, weights, origin}
-    /// of an adapter to train further instead of a new one.
+    /// of an adapter to train further instead of a new one; with `resume_state` (a checkpoint's
+    /// trainer_state.safetensors) they are a checkpoint's adapter, and the run resumes there.
+    #[allow(clippy::too_many_arguments)]
     pub fn train(
         &self,
         data_name: String,
@@ -459,6 +461,7 @@ impl Engine {
         val: Option<Uint8Array>,
         options: JsValue,
         init_from: Option<js_sys::Object>,
+        resume_state: Option<Uint8Array>,
         on_event: Function,
     ) -> Promise {
         let llm = self.llm();
@@ -466,12 +469,17 @@ impl Engine {
             let llm = llm?;
             let mut llm = llm.try_borrow_mut().map_err(|_| busy())?;
             let options: TrainOptions = parse_options(options, "training options")?;
-            let start = match init_from {
-                None => TrainStart::New,
-                Some(files) => {
+            let start = match (init_from, resume_state) {
+                (None, None) => TrainStart::New,
+                (None, Some(_)) => return Err(js_error(Error::invalid("a trainer state to resume from needs its checkpoint's adapter files"))),
+                (Some(files), state) => {
                     let get = |key: &str| js_sys::Reflect::get(&files, &key.into());
                     let origin = get("origin")?.as_string().unwrap_or_else(|| "the given files".into());
-                    TrainStart::From(adapter_source(&Uint8Array::new(&get("config")?), &Uint8Array::new(&get("weights")?), &origin))
+                    let adapter = adapter_source(&Uint8Array::new(&get("config")?), &Uint8Array::new(&get("weights")?), &origin);
+                    match state {
+                        Some(state) => TrainStart::Resume(adapter, state.to_vec()),
+                        None => TrainStart::From(adapter),
+                    }
                 }
             };
             let (data, val) = (data.to_vec(), val.map(|v| v.to_vec()));

@@ -39,9 +39,13 @@ test('PEFT\'s trajectory on WebGPU: its losses, gradient norms and final tensors
     const report = await m.train({
       ...job, adapterName: 'peft-run', trainingArgs: { ...trainingArgs, checkpointEvery: 10 },
       onStep: (s) => steps.push([s.loss, s.gradNorm]),
-      onCheckpoint: (files) => checkpoints.push({ ...files, weights: Array.from(files['adapter_model.safetensors']), state: Array.from(files['trainer_state.safetensors']) }),
+      onCheckpoint: (files) => checkpoints.push({ ...files, files, weights: Array.from(files['adapter_model.safetensors']), state: Array.from(files['trainer_state.safetensors']) }),
     });
     const final = Array.from(new Uint8Array(await (await m.exportAdapter('peft-run'))['adapter_model.safetensors'].arrayBuffer()));
+    // the step-10 checkpoint resumed in the page, as after a closed tab: steps 11-20 again
+    const resumedSteps = [];
+    await m.train({ data: rows, dataName: 'ids.jsonl', adapterName: 'resumed', trainingArgs, resumeFrom: checkpoints[0].files, onStep: (s) => resumedSteps.push([s.step, s.loss]) });
+    const resumed = Array.from(new Uint8Array(await (await m.exportAdapter('resumed'))['adapter_model.safetensors'].arrayBuffer()));
     const stop = new AbortController();
     const cancelledSteps = [];
     const cancelled = await m.train({
@@ -57,8 +61,16 @@ test('PEFT\'s trajectory on WebGPU: its losses, gradient norms and final tensors
     const queuedOutcome = await queued;
     const adapters = m.adapters();
     m.dispose();
-    return { steps, report, final, checkpoints, cancelled: cancelled.summary, cancelledSteps, adapters, busySteps, queuedOutcome };
+    checkpoints.forEach((c) => delete c.files); // the arrays below carry them out of the page
+    return { steps, report, final, checkpoints, cancelled: cancelled.summary, cancelledSteps, adapters, busySteps, queuedOutcome, resumedSteps, resumed };
   }, { rows, trainingArgs });
+  // resumed from step 10's checkpoint: steps 11-20 with the uninterrupted run's losses, and its adapter
+  assert.deepEqual(result.resumedSteps.map(([step]) => step), Array.from({ length: 10 }, (_, i) => i + 11));
+  result.resumedSteps.forEach(([step, loss]) => assert.ok(Math.abs(loss - result.steps[step - 1][0]) < 1e-5, `resumed step ${step}: ${loss} vs ${result.steps[step - 1][0]}`));
+  const [resumed, uninterrupted] = [readSafetensorsBytes(Buffer.from(result.resumed)), readSafetensorsBytes(Buffer.from(result.final))];
+  for (const [name, tensor] of Object.entries(uninterrupted)) {
+    assert.ok(maxAbsDiff(resumed[name].data, tensor.data) < 1e-5, `${name}: the resumed run's final adapter`);
+  }
   assert.equal(result.busySteps, 4, 'the run ahead is not the one cancelled');
   assert.match(result.queuedOutcome, /^training was cancelled before it started: nothing was trained$/);
   assert.ok(!result.adapters.includes('queued'), result.adapters.join(', '));
@@ -82,7 +94,7 @@ test('PEFT\'s trajectory on WebGPU: its losses, gradient norms and final tensors
   assert.ok(result.cancelled.steps >= 3 && result.cancelled.steps < 20, `cancelled after step ${result.cancelled.steps}`);
   assert.equal(result.cancelledSteps.length, result.cancelled.steps);
   result.cancelledSteps.forEach((loss, i) => assert.ok(Math.abs(loss - t.losses[i]) < 1e-4, `cancelled run, step ${i + 1}`));
-  assert.deepEqual(result.adapters.sort(), ['busy', 'cancelled', 'peft-run'], 'the cancelled run keeps its adapter; the run cancelled before it started has none');
+  assert.deepEqual(result.adapters.sort(), ['busy', 'cancelled', 'peft-run', 'resumed'], 'the cancelled run keeps its adapter; the run cancelled before it started has none');
 
   // onCheckpoint at step 10 hands out complete files: the CLI resumes from step 10's and ends with PEFT's adapter
   assert.deepEqual(result.checkpoints.map((f) => f.step), [10]);

@@ -213,6 +213,12 @@ export class AdapterStore {
   import(files: Files | FileList | File[], options?: { name?: string; overwrite?: boolean }): Promise<StoredAdapter>;
   export(name: string): Promise<AdapterFiles>;
   usage(): Promise<{ adapters: number; bytes: number; usage: number | null; quota: number | null }>;
+  /** Keeps a training run's latest checkpoint (onCheckpoint's files) under `name`, replacing the one before atomically; `job` is kept beside it. */
+  saveCheckpoint(name: string, files: CheckpointFiles, job?: unknown): Promise<void>;
+  /** The checkpoint kept under `name`, its files as train({resumeFrom}) takes them, or null. */
+  getCheckpoint(name: string): Promise<{ name: string; step: number; job: unknown; updated: number; files: CheckpointFiles } | null>;
+  listCheckpoints(): Promise<{ name: string; step: number; job: unknown; updated: number }[]>;
+  deleteCheckpoint(name: string): Promise<void>;
   /** Another page of this origin (or another AdapterStore object) changed the store; returns a function that stops listening. */
   onChange(listener: (change: { change: 'save' | 'delete' | 'rename'; name: string; to?: string }) => void): () => void;
   /** Whether the browser keeps this origin's storage under pressure; the first save asks for it. null where the browser cannot say. */

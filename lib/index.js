@@ -4,7 +4,7 @@
 // module starts; every method here posts a request to it and returns a promise, so the page never
 // blocks. Requests run one at a time, in order. Adapters are PEFT files (adapter_config.json +
 // adapter_model.safetensors) and are kept across visits in IndexedDB by AdapterStore.
-import { AdapterStore, ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapterBlobs, baseIdentity, adapterFilesByName, checkSameBase, toBytes } from './store.js';
+import { AdapterStore, ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINT_STATE, adapterBlobs, baseIdentity, adapterFilesByName, checkSameBase, toBytes } from './store.js';
 
 export { AdapterStore };
 
@@ -128,8 +128,6 @@ const modelName = (source) => {
 };
 const absolute = (source) => (typeof source === 'string' ? new URL(source, globalThis.location?.href).href : source);
 const jsonl = (rows) => rows.map((r) => JSON.stringify(r)).join('\n');
-/** A checkpoint's trainer state (optimizer moments, step, data position), as the CLI writes it. */
-const CHECKPOINT_STATE = 'trainer_state.safetensors';
 const isStoreName = (s) => typeof s === 'string' && !s.includes('/') && !s.includes(':');
 
 /** Data for train(): text, bytes, a File/Blob, or an array of rows (objects, written as JSONL). */

@@ -7,11 +7,15 @@
 // survives a crash. Metadata keys are camelCase (records written before that are read the same).
 import init, { Engine } from './pkg/webgpu_lora.js';
 
-const DB_VERSION = 1;
+// 2: training checkpoints (the adapters' stores are unchanged)
+const DB_VERSION = 2;
 const META = 'adapters';
 const WEIGHTS = 'weights';
+const CHECKPOINTS = 'checkpoints';
 export const ADAPTER_CONFIG = 'adapter_config.json';
 export const ADAPTER_WEIGHTS = 'adapter_model.safetensors';
+/** A checkpoint's trainer state (optimizer moments, step, data position), as the CLI writes it. */
+export const CHECKPOINT_STATE = 'trainer_state.safetensors';
 
 const mb = (n) => `${(n / 1e6).toFixed(1)} MB`;
 const request = (r) => new Promise((ok, fail) => { r.onsuccess = () => ok(r.result); r.onerror = () => fail(r.error); });
@@ -107,6 +111,7 @@ export class AdapterStore {
       const db = open.result;
       if (!db.objectStoreNames.contains(META)) db.createObjectStore(META, { keyPath: 'name' });
       if (!db.objectStoreNames.contains(WEIGHTS)) db.createObjectStore(WEIGHTS);
+      if (!db.objectStoreNames.contains(CHECKPOINTS)) db.createObjectStore(CHECKPOINTS, { keyPath: 'name' });
     };
     const db = await new Promise((ok, fail) => {
       open.onsuccess = () => ok(open.result);
@@ -162,8 +167,8 @@ export class AdapterStore {
   }
 
   /** Runs `body(stores)` in one transaction; resolves with its result once the transaction is durable. */
-  async #transaction(mode, body) {
-    const tx = this.db.transaction([META, WEIGHTS], mode, { durability: 'strict' });
+  async #transaction(mode, body, stores = [META, WEIGHTS]) {
+    const tx = this.db.transaction(stores, mode, { durability: 'strict' });
     const done = new Promise((ok, fail) => {
       tx.oncomplete = ok;
       tx.onabort = () => fail(tx.error ?? new DOMException('the transaction was aborted', 'AbortError'));
@@ -171,7 +176,7 @@ export class AdapterStore {
     });
     let result;
     try {
-      result = await body({ meta: tx.objectStore(META), weights: tx.objectStore(WEIGHTS) });
+      result = await body(Object.fromEntries(stores.map((s) => [s === META ? 'meta' : s, tx.objectStore(s)])));
     } catch (e) {
       try { tx.abort(); } catch { /* already finished */ }
       await done.catch(() => {});
@@ -284,6 +289,49 @@ export class AdapterStore {
     const record = await this.get(name);
     if (!record) throw new Error(`no stored adapter named "${name}"`);
     return adapterBlobs(record.config, record.weights);
+  }
+
+  /**
+   * Keeps a training run's latest checkpoint under `name` (the files an onCheckpoint callback got,
+   * with its `step`), replacing the one before in one transaction: a failure (a full quota
+   * included) leaves the previous checkpoint as it was. `job`: whatever the page needs to start
+   * the run again (its data's name, trainingArgs...), kept beside it.
+   */
+  async saveCheckpoint(name, files, job = null) {
+    const record = {
+      name,
+      step: files.step,
+      job,
+      config: await toBytes(files[ADAPTER_CONFIG], ADAPTER_CONFIG).then((b) => new TextDecoder().decode(b)),
+      weights: (await toBytes(files[ADAPTER_WEIGHTS], ADAPTER_WEIGHTS)).slice().buffer,
+      state: (await toBytes(files[CHECKPOINT_STATE], CHECKPOINT_STATE)).slice().buffer,
+      updated: Date.now(),
+    };
+    try {
+      await this.#transaction('readwrite', ({ checkpoints }) => { checkpoints.put(record); }, [CHECKPOINTS]);
+    } catch (e) {
+      if (e?.name !== 'QuotaExceededError') throw e;
+      throw new Error(`cannot keep the checkpoint of "${name}" at step ${record.step}: the browser's storage quota is full; the checkpoint before it is kept`);
+    }
+  }
+
+  /** The checkpoint kept under `name`: {name, step, job, updated, files} (files as train({resumeFrom}) takes them), or null. */
+  async getCheckpoint(name) {
+    const record = await this.#transaction('readonly', ({ checkpoints }) => request(checkpoints.get(name)), [CHECKPOINTS]);
+    if (!record) return null;
+    const { config, weights, state, ...meta } = record;
+    return { ...meta, files: { step: record.step, [ADAPTER_CONFIG]: config, [ADAPTER_WEIGHTS]: new Uint8Array(weights), [CHECKPOINT_STATE]: new Uint8Array(state) } };
+  }
+
+  /** The names, steps and jobs of the kept checkpoints (no files). */
+  async listCheckpoints() {
+    const all = await this.#transaction('readonly', ({ checkpoints }) => request(checkpoints.getAll()), [CHECKPOINTS]);
+    return all.map(({ name, step, job, updated }) => ({ name, step, job, updated }));
+  }
+
+  /** Deletes the checkpoint kept under `name` (nothing if there is none). */
+  async deleteCheckpoint(name) {
+    await this.#transaction('readwrite', ({ checkpoints }) => { checkpoints.delete(name); }, [CHECKPOINTS]);
   }
 
   /** {adapters, bytes} stored here, and the origin's {usage, quota} as the browser estimates them. */

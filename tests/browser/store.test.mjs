@@ -3,7 +3,8 @@
 // nothing; rename / import / export / delete / usage; an adapter refuses another base model; the
 // base model's files come from the cache on the next visit; two pages of one origin hear each
 // other's changes, and racing each other leave complete records only; an evicted model cache is
-// fetched again with progress.
+// fetched again with progress; a training run's checkpoints kept in IndexedDB survive a SIGKILL
+// and resume with the uninterrupted run's losses.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
@@ -296,5 +297,77 @@ test('a model cache the browser evicted is fetched again, with progress, and giv
   assert.equal(out.refetched.cached, false, 'after eviction the files are downloaded again');
   assert.ok(out.refetched.progress >= 1 && out.refetched.loaded === out.refetched.total && out.refetched.total > 0, JSON.stringify(out.refetched));
   assert.deepEqual(out.refetched.logits, out.again.logits);
+  assert.deepEqual(errors, []);
+});
+
+test('training survives a killed browser: checkpoints kept in IndexedDB, resumed after a relaunch, give the uninterrupted run\'s losses; one over the quota leaves the one before', async () => {
+  // a fresh adapter on the tiny model, the same seeded job each time
+  const job = {
+    data: Array.from({ length: 12 }, (_, i) => ({ input_ids: Array.from({ length: 12 }, (_, j) => ((i * 11 + j * 5) % 250) + 1) })),
+    dataName: 'ids.jsonl',
+    loraConfig: { r: 4, targetModules: ['q_proj', 'v_proj'] },
+    trainingArgs: { maxSteps: 60, batchSize: 2, lr: 1e-2, seed: 7, checkpointEvery: 5 },
+  };
+  let browser = await open();
+  await browser.page.evaluate(async (job) => {
+    const { LoraModel, AdapterStore } = window.app.webgpuLora;
+    const m = await LoraModel.fromPretrained('/fixtures/tiny-llama/');
+    const store = await AdapterStore.open();
+    window.kept = [];
+    let keeping = Promise.resolve();
+    // the run goes on in the page; the test kills the browser once step 10's checkpoint is durable
+    m.train({
+      ...job, adapterName: 'long-run',
+      onCheckpoint: (files) => { keeping = keeping.then(() => store.saveCheckpoint('long-run', files, { dataName: job.dataName })).then(() => window.kept.push(files.step)); },
+    }).catch(() => {});
+  }, job);
+  await browser.page.waitForFunction(() => window.kept.includes(10), null, { timeout: 120_000 });
+  await browser.kill();
+
+  browser = await open();
+  // a checkpoint that does not fit the quota leaves the one before it as it was
+  const cdp = await browser.page.context().newCDPSession(browser.page);
+  const { usage } = await browser.page.evaluate(() => navigator.storage.estimate());
+  await cdp.send('Storage.overrideQuotaForOrigin', { origin, quotaSize: usage + 2000 });
+  const full = await browser.page.evaluate(async () => {
+    const store = await window.app.webgpuLora.AdapterStore.open();
+    const { files } = await store.getCheckpoint('long-run');
+    const big = { ...files, step: 1000, 'adapter_model.safetensors': new Uint8Array(1 << 20), 'trainer_state.safetensors': new Uint8Array(1 << 20) };
+    const error = await store.saveCheckpoint('long-run', big).then(() => 'kept', (e) => e.message);
+    const after = await store.getCheckpoint('long-run');
+    store.close();
+    return { error, step: after.step, before: files.step, same: after.files['trainer_state.safetensors'].every((b, i) => b === files['trainer_state.safetensors'][i]) };
+  });
+  await cdp.send('Storage.overrideQuotaForOrigin', { origin });
+  assert.match(full.error, /^cannot keep the checkpoint of "long-run" at step 1000: the browser's storage quota is full; the checkpoint before it is kept$/);
+  assert.equal(full.step, full.before);
+  assert.ok(full.same, 'the previous checkpoint is intact');
+
+  const out = await browser.page.evaluate(async (job) => {
+    const { LoraModel, AdapterStore } = window.app.webgpuLora;
+    const store = await AdapterStore.open();
+    const checkpoint = await store.getCheckpoint('long-run');
+    const listed = await store.listCheckpoints();
+    const m = await LoraModel.fromPretrained('/fixtures/tiny-llama/');
+    const resumed = [];
+    await m.train({ ...job, adapterName: 'resumed', resumeFrom: checkpoint.files, onStep: (s) => resumed.push([s.step, s.loss]) });
+    const uninterrupted = [];
+    await m.train({ ...job, adapterName: 'uninterrupted', onStep: (s) => uninterrupted.push(s.loss) });
+    await store.deleteCheckpoint('long-run');
+    const after = await store.getCheckpoint('long-run');
+    store.close();
+    m.dispose();
+    return { step: checkpoint.step, job: checkpoint.job, listed, resumed, uninterrupted, after };
+  }, job);
+  await browser.close();
+  assert.ok(out.step >= 10 && out.step % 5 === 0, `the last durable checkpoint: step ${out.step}`);
+  assert.deepEqual(out.job, { dataName: 'ids.jsonl' });
+  assert.deepEqual(out.listed.map((c) => [c.name, c.step]), [['long-run', out.step]]);
+  assert.equal(out.resumed[0][0], out.step + 1, 'the resumed run starts after its checkpoint');
+  assert.equal(out.resumed.at(-1)[0], 60);
+  for (const [step, loss] of out.resumed) {
+    assert.ok(Math.abs(loss - out.uninterrupted[step - 1]) < 1e-5, `step ${step}: resumed ${loss} vs uninterrupted ${out.uninterrupted[step - 1]}`);
+  }
+  assert.equal(out.after, null);
   assert.deepEqual(errors, []);
 });

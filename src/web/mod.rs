@@ -471,7 +471,9 @@ impl Engine {
             let options: TrainOptions = parse_options(options, "training options")?;
             let start = match (init_from, resume_state) {
                 (None, None) => TrainStart::New,
-                (None, Some(_)) => return Err(js_error(Error::invalid("a trainer state to resume from needs its checkpoint's adapter files"))),
+                (None, Some(_)) => {
+                    return Err(js_error(Error::invalid("a trainer state to resume from needs its checkpoint's adapter files")));
+                }
                 (Some(files), state) => {
                     let get = |key: &str| js_sys::Reflect::get(&files, &key.into());
                     let origin = get("origin")?.as_string().unwrap_or_else(|| "the given files".into());

@@ -1,6 +1,7 @@
 // The Train panel: data (a file or the sample dataset) with a preview, LoRA and training settings
 // with the live trainable-parameter count (or the active adapter, trained further), Start/Cancel, the loss chart, progress, and the result
-// saved to IndexedDB.
+// saved to IndexedDB. A run keeps its latest checkpoint in IndexedDB as it goes; after a closed
+// tab (or a crash) the next visit offers to resume it.
 import { LossChart } from './chart.js';
 import { $ } from './ui.js';
 
@@ -9,6 +10,9 @@ export function setupTraining(app) {
   app.chart = chart;
   let data = null; // {name, text, validation}
   let controller = null;
+  // the run's latest checkpoint, kept under this name with the job that restarts it
+  const CHECKPOINT = 'playground-run';
+  let kept = null; // {step, job, files}
 
   const loraConfig = () => ({
     r: Number($('lora-r').value),
@@ -63,35 +67,63 @@ export function setupTraining(app) {
 
   function refreshButton() {
     $('train-button').disabled = !(app.model && data) || controller !== null;
+    $('resume-button').hidden = !kept;
+    $('resume-button').disabled = !(app.model && kept) || controller !== null;
+    if (kept) $('resume-button').textContent = `Resume "${kept.job.name}" from step ${kept.step} of ${kept.job.trainingArgs.maxSteps}`;
   }
+  app.store?.getCheckpoint(CHECKPOINT).then((k) => { kept = k; refreshButton(); }, () => {});
 
   $('train-button').addEventListener('click', async () => {
+    const active = app.model.activeAdapter;
+    if (continuing() && !active) {
+      $('train-status').textContent = 'Training failed: no adapter is active to continue from: use one from the table first';
+      return $('train-status').classList.add('error');
+    }
+    const maxSteps = Number($('train-steps').value);
+    const job = {
+      name: $('train-name').value.trim() || 'my-adapter',
+      data,
+      ...(continuing() ? { initFrom: await app.model.exportAdapter(active) } : { loraConfig: loraConfig() }),
+      trainingArgs: {
+        lr: Number($('train-lr').value), maxSteps, batchSize: Number($('train-batch').value),
+        evalEvery: Number($('train-eval').value), maxSeqLen: Number($('train-seq').value),
+        ...(data.validation ? {} : { valSplit: Number($('train-val').value) || undefined }),
+        truncate: true,
+        gradientCheckpointing: $('train-checkpointing').checked,
+        checkpointEvery: Math.max(1, Math.ceil(maxSteps / 10)),
+      },
+    };
+    await run(job);
+  });
+  $('resume-button').addEventListener('click', () => run(kept.job, kept));
+
+  // Trains `job` ({name, data, loraConfig | initFrom, trainingArgs}), from the checkpoint `from`
+  // when given; keeps each checkpoint in IndexedDB until the run ends.
+  async function run(job, from = null) {
+    const { name, data, trainingArgs } = job;
+    const maxSteps = trainingArgs.maxSteps;
     controller = new AbortController();
     refreshButton();
     $('cancel-button').disabled = false;
     chart.reset();
-    const maxSteps = Number($('train-steps').value);
-    const name = $('train-name').value.trim() || 'my-adapter';
     const progress = $('train-progress');
     progress.max = maxSteps;
-    progress.value = 0;
-    $('train-status').textContent = 'Preparing the data…';
+    progress.value = from?.step ?? 0;
+    $('train-status').textContent = from ? `Resuming "${name}" from step ${from.step}…` : 'Preparing the data…';
     $('train-status').classList.remove('error');
+    let keeping = Promise.resolve();
     try {
-      const active = app.model.activeAdapter;
-      if (continuing() && !active) throw new Error('no adapter is active to continue from: use one from the table first');
       const report = await app.model.train({
         data: data.text,
         validation: data.validation,
         dataName: data.name,
         adapterName: name,
-        ...(continuing() ? { initFrom: await app.model.exportAdapter(active) } : { loraConfig: loraConfig() }),
-        trainingArgs: {
-          lr: Number($('train-lr').value), maxSteps, batchSize: Number($('train-batch').value),
-          evalEvery: Number($('train-eval').value), maxSeqLen: Number($('train-seq').value),
-          ...(data.validation ? {} : { valSplit: Number($('train-val').value) || undefined }),
-          truncate: true,
-          gradientCheckpointing: $('train-checkpointing').checked,
+        ...(from ? { resumeFrom: from.files } : job.initFrom ? { initFrom: job.initFrom } : { loraConfig: job.loraConfig }),
+        trainingArgs,
+        onCheckpoint: (files) => {
+          keeping = keeping.then(() => app.store?.saveCheckpoint(CHECKPOINT, files, job)).catch((e) => {
+            $('train-status').textContent = `Could not keep a checkpoint: ${e.message}`;
+          });
         },
         onStep: (m) => {
           chart.add('train', m.step, m.loss);
@@ -102,6 +134,9 @@ export function setupTraining(app) {
         signal: controller.signal,
       });
       await app.model.saveAdapter(name, { overwrite: true });
+      await keeping;
+      await app.store?.deleteCheckpoint(CHECKPOINT); // the adapter is saved: nothing to resume
+      kept = null;
       const s = report.summary;
       $('train-status').textContent = `${s.end === 'completed' ? 'Done' : `Stopped (${s.end})`}: ${s.steps} steps, ${s.tokens} tokens, best validation loss ${s.bestValLoss?.toFixed(3) ?? '-'}. Saved as "${name}" and active.`;
       await app.refreshAdapters();
@@ -113,6 +148,6 @@ export function setupTraining(app) {
       $('cancel-button').disabled = true;
       refreshButton();
     }
-  });
+  }
   $('cancel-button').addEventListener('click', () => controller?.abort());
 }

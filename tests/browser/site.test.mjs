@@ -8,7 +8,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { start, root, limit } from './helpers.mjs';
+import { start, root, limit, watchConsole } from './helpers.mjs';
 
 let b;
 before(async () => { b = await start(); });
@@ -137,5 +137,44 @@ test('playground: train, save, reload, use, compare, disable, continue, cancel, 
   await page.setViewportSize({ width: 360, height: 800 });
   assert.ok(await page.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth + 1), 'no horizontal scrolling at 360 px');
   await b.screenshot('site-narrow');
+  assert.deepEqual(b.errors, []);
+});
+
+test('playground: a run whose tab was closed is offered on the next visit and resumed from its last checkpoint', async () => {
+  const context = b.page.context();
+  const visit = async () => {
+    const page = await context.newPage();
+    watchConsole(page, b.errors);
+    await page.goto(`${b.base}/`);
+    await page.waitForFunction(() => window.app?.ready);
+    await loadTiny(page);
+    return page;
+  };
+  let page = await visit();
+  await page.click('#sample-button');
+  await page.waitForFunction(() => document.querySelector('#data-status').textContent.includes('200 examples'));
+  for (const [id, value] of [['#train-lr', '0.01'], ['#train-steps', '40'], ['#train-batch', '2'], ['#train-eval', '1000'], ['#train-seq', '128'], ['#train-name', 'ui-resumed']]) {
+    await page.fill(id, value);
+  }
+  await page.click('#train-button');
+  // checkpoints every 4 steps: close the tab once step 8's is kept
+  const deadline = Date.now() + limit(300_000);
+  while ((await page.evaluate(async () => (await window.app.store.getCheckpoint('playground-run'))?.step ?? 0)) < 8) {
+    assert.ok(Date.now() < deadline, `no checkpoint at step 8 in time: ${await page.textContent('#train-status')}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  await page.close();
+
+  page = await visit();
+  await page.waitForSelector('#resume-button:not([hidden]):not([disabled])');
+  const [, from] = (await page.textContent('#resume-button')).match(/^Resume "ui-resumed" from step (\d+) of 40$/) ?? [];
+  assert.ok(Number(from) >= 8 && Number(from) < 40 && Number(from) % 4 === 0, `offered from step ${from}`);
+  await page.click('#resume-button');
+  await page.waitForFunction(() => /^(Done|Stopped|Training failed)/.test(document.querySelector('#train-status').textContent), null, { timeout: limit(300_000) });
+  assert.match(await page.textContent('#train-status'), /^Done: 40 steps, .* Saved as "ui-resumed" and active\./);
+  assert.equal(await page.isHidden('#resume-button'), true, 'nothing left to resume');
+  assert.equal(await page.evaluate(async () => window.app.store.getCheckpoint('playground-run')), null);
+  await page.waitForSelector('#adapter-table tr[data-name="ui-resumed"].active');
+  await page.close();
   assert.deepEqual(b.errors, []);
 });

@@ -86,6 +86,7 @@ class Worker_ {
    */
   callPrepared(op, prepared, onEvent) {
     const id = this.nextId++;
+    const now = JUMPS_THE_QUEUE.has(op); // the worker runs it at once too
     let posted;
     const sent = new Promise((r) => { posted = r; });
     const call = new Promise((resolve, reject) => {
@@ -93,7 +94,7 @@ class Worker_ {
       const send = async () => {
         try {
           const { args = [], transfer = [] } = await prepared;
-          this.worker.postMessage({ id, op, args }, transfer);
+          this.worker.postMessage({ id, op, args, now }, transfer);
           posted(true);
         } catch (e) {
           posted(false);
@@ -101,7 +102,7 @@ class Worker_ {
           reject(e);
         }
       };
-      if (JUMPS_THE_QUEUE.has(op)) send();
+      if (now) send();
       else this.#outbox = this.#outbox.then(send);
     });
     // after the call's own message, so the worker knows the call it stops; not once it has ended

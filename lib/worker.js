@@ -1,8 +1,8 @@
 // The engine's home: a dedicated module Web Worker that the package starts itself, so WebGPU work
-// and file parsing never block the page. Protocol: {id, op, args} in; {id, event} while the
+// and file parsing never block the page. Protocol: {id, op, args, now} in; {id, event} while the
 // operation runs, then {id, result, state} or {id, error}. Operations run one at a time, in order;
-// only `cancel` (it stops a generation or a training run, running or queued) and `destroyDevice`
-// jump the queue.
+// those the page marks `now` (`cancel`, which stops a generation or a training run, running or
+// queued, and `destroyDevice`) jump the queue.
 import init, { Engine } from './pkg/webgpu_lora.js';
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, toBytes } from './store.js';
 
@@ -281,14 +281,13 @@ async function adapterState() {
   return state;
 }
 
-// Operations that run at once, beside the running one they act on (as lib/index.js sends them).
-const JUMPS_THE_QUEUE = new Set(['cancel', 'destroyDevice']);
 let queue = Promise.resolve();
-self.onmessage = ({ data: { id, op, args = [] } }) => {
+// `now`: the page's mark on the operations that run at once, beside the running one they act on
+self.onmessage = ({ data: { id, op, args = [], now = false } }) => {
   const emit = (event) => self.postMessage({ id, event });
   emit.cancelled = () => cancelled.has(id);
   const run = async () => {
-    if (!JUMPS_THE_QUEUE.has(op)) running = id;
+    if (!now) running = id;
     try {
       if (crashed) throw new Error('crashed');
       if (!(op in ops)) throw new Error(`unknown operation ${op}`);
@@ -296,7 +295,7 @@ self.onmessage = ({ data: { id, op, args = [] } }) => {
       // hand big byte arrays over instead of copying them
       const transfer = Object.values(ArrayBuffer.isView(result) ? { result } : result ?? {}).filter(ArrayBuffer.isView).map((v) => v.buffer);
       // these run beside the operation they act on, which holds the model: they change no state
-      const state = JUMPS_THE_QUEUE.has(op) ? undefined : await adapterState();
+      const state = now ? undefined : await adapterState();
       self.postMessage({ id, result, state }, [...new Set(transfer)]);
     } catch (e) {
       // a GPU error may be the device going away: its `lost` settles just after the failed call
@@ -312,6 +311,6 @@ self.onmessage = ({ data: { id, op, args = [] } }) => {
       if (running === id) running = null;
     }
   };
-  if (JUMPS_THE_QUEUE.has(op)) run();
+  if (now) run();
   else queue = queue.then(run);
 };

@@ -121,7 +121,7 @@ impl Llm {
             None => {
                 let base = self.model.matrix("model.layers.0.self_attn.q_proj.weight").map_or(WeightDtype::F32, |w| w.dtype());
                 let dtype = if out == WeightDtype::Auto { base } else { out };
-                from_files = model_metadata(c, &self.text_files, file_type(dtype))?;
+                from_files = model_metadata(c, self.tokenizer.as_ref(), &self.text_files, file_type(dtype))?;
                 &from_files
             }
         };

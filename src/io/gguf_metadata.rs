@@ -15,8 +15,8 @@ use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::io::gguf::RawMetadata;
 use crate::io::gguf_write::GgufWriter;
-use crate::io::model_files::{CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE};
-use crate::io::tokenizer::TextTokenizer;
+use crate::io::model_files::{TOKENIZER_CONFIG_FILE, TOKENIZER_FILE};
+use crate::io::tokenizer::{TextTokenizer, special_token};
 
 /// llama.cpp's check text: its converter names a pre-tokenizer by the hash of its ids.
 const CHECK_TEXT: &str = "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\u{1f680} (normal) \u{1f636}\u{200d}\u{1f32b}\u{fe0f} (multiple emojis concatenated) \u{2705} \u{1f999}\u{1f999} 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 \u{1780}\u{17b6}\u{1793}\u{17cb}\u{178f}\u{17c2}\u{1796}\u{17b7}\u{179f}\u{17c1}\u{179f}\u{17a2}\u{17b6}\u{1785}\u{1f601} ?\u{6211}\u{60f3}\u{5728}apple\u{5de5}\u{4f5c}1314151\u{5929}\u{ff5e} ------======= \u{43d}\u{435}\u{449}\u{43e} \u{43d}\u{430} \u{411}\u{44a}\u{43b}\u{433}\u{430}\u{440}\u{441}\u{43a}\u{438} ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL";
@@ -49,12 +49,17 @@ const SPECIAL_TOKENS: [(&str, &str); 6] = [
     ("mask", "tokenizer.ggml.mask_token_id"),
 ];
 
-/// GGUF metadata for the model of `config` with the tokenizer in `text_files` (tokenizer.json,
-/// and where there are tokenizer_config.json and chat_template.jinja), `file_type` being
-/// llama.cpp's `LlamaFileType` of the tensors written.
-pub fn model_metadata(config: &LlamaConfig, text_files: &[(String, Vec<u8>)], file_type: u32) -> Result<RawMetadata> {
+/// GGUF metadata for the model of `config` with `text_tokenizer`, loaded from `text_files` (the
+/// vocabulary and merges are read from its tokenizer.json, the special tokens from
+/// tokenizer_config.json), `file_type` being llama.cpp's `LlamaFileType` of the tensors written.
+pub fn model_metadata(
+    config: &LlamaConfig,
+    text_tokenizer: Option<&TextTokenizer>,
+    text_files: &[(String, Vec<u8>)],
+    file_type: u32,
+) -> Result<RawMetadata> {
     let file = |name: &str| text_files.iter().find(|(n, _)| n == name).map(|(_, b)| b.as_slice());
-    let Some(tokenizer_json) = file(TOKENIZER_FILE) else {
+    let (Some(text_tokenizer), Some(tokenizer_json)) = (text_tokenizer, file(TOKENIZER_FILE)) else {
         return Err(Error::invalid(
             "a GGUF carries the model's tokenizer, and this model was loaded without tokenizer.json: \
              load it from a directory that has one, or export a Hugging Face directory",
@@ -77,18 +82,14 @@ pub fn model_metadata(config: &LlamaConfig, text_files: &[(String, Vec<u8>)], fi
         w.set_bool("tokenizer.ggml.add_space_prefix", add);
     }
     w.set_str("tokenizer.ggml.model", "gpt2");
-    w.set_str("tokenizer.ggml.pre", &pre_tokenizer_name(&tokenizer, tokenizer_json)?);
+    w.set_str("tokenizer.ggml.pre", &pre_tokenizer_name(&tokenizer, text_tokenizer)?);
     let (tokens, types) = vocabulary(&tokenizer, config.vocab_size)?;
     w.set_str_array("tokenizer.ggml.tokens", &tokens);
     w.set_i32_array("tokenizer.ggml.token_type", &types);
     w.set_str_array("tokenizer.ggml.merges", &merges(&tokenizer)?);
     special_tokens(&mut w, &tokenizer, &tokenizer_config, &config.raw);
-    let template = match file(CHAT_TEMPLATE_FILE) {
-        Some(bytes) => Some(String::from_utf8(bytes.to_vec()).map_err(|_| Error::file(CHAT_TEMPLATE_FILE, "not UTF-8 text"))?),
-        None => tokenizer_config.get("chat_template").and_then(Value::as_str).map(str::to_string),
-    };
-    if let Some(template) = template {
-        w.set_str("tokenizer.chat_template", &template);
+    if let Some(template) = text_tokenizer.chat_template() {
+        w.set_str("tokenizer.chat_template", template);
     }
     w.set_u32("general.quantization_version", 2);
     Ok(w.into_metadata())
@@ -111,8 +112,8 @@ fn hyperparameters(w: &mut GgufWriter, c: &LlamaConfig, file_type: u32) {
 
 /// llama.cpp's name for the tokenizer's pre-tokenizer: by the hash of the check text's ids, or
 /// "gpt-2" for a plain byte-level one (GPT-2's regex) whose vocabulary the table does not know.
-fn pre_tokenizer_name(tokenizer: &Value, tokenizer_json: &[u8]) -> Result<String> {
-    let ids = TextTokenizer::from_files(tokenizer_json, None, None)?.encode(CHECK_TEXT, true)?;
+fn pre_tokenizer_name(tokenizer: &Value, text_tokenizer: &TextTokenizer) -> Result<String> {
+    let ids = text_tokenizer.encode(CHECK_TEXT, true)?;
     let printed = format!("[{}]", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "));
     let hash = format!("{:x}", Sha256::digest(printed.as_bytes()));
     if let Some((_, name)) = KNOWN_PRE_TOKENIZERS.iter().find(|(h, _)| *h == hash) {
@@ -183,10 +184,7 @@ fn merges(tokenizer: &Value) -> Result<Vec<String>> {
 /// whether BOS/EOS are added from the post-processor's template, else tokenizer_config.json.
 fn special_tokens(w: &mut GgufWriter, tokenizer: &Value, tokenizer_config: &Value, config: &serde_json::Map<String, Value>) {
     let added = tokenizer["added_tokens"].as_array().map(Vec::as_slice).unwrap_or_default();
-    let content = |kind: &str| {
-        let entry = &tokenizer_config[format!("{kind}_token")];
-        entry.as_str().or_else(|| entry["content"].as_str()).map(str::to_string)
-    };
+    let content = |kind: &str| special_token(tokenizer_config, &format!("{kind}_token"));
     for (kind, key) in SPECIAL_TOKENS {
         let from_tokenizer = content(kind).and_then(|c| added.iter().find(|t| t["content"] == c.as_str())).and_then(|t| t["id"].as_u64());
         if let Some(id) = from_tokenizer.or_else(|| config.get(&format!("{kind}_token_id")).and_then(Value::as_u64)) {

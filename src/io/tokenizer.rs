@@ -80,6 +80,11 @@ impl TextTokenizer {
         self.chat_template.is_some()
     }
 
+    /// The chat template (chat_template.jinja's, else tokenizer_config.json's default).
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
     /// Renders the conversation with the chat template, as transformers'
     /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`.
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
@@ -199,7 +204,7 @@ fn template_from_config(config: &Value) -> Option<String> {
 }
 
 /// A special token in tokenizer_config.json: a string or an AddedToken object {content, ...}.
-fn special_token(config: &Value, key: &str) -> Option<String> {
+pub(crate) fn special_token(config: &Value, key: &str) -> Option<String> {
     match config.get(key)? {
         Value::String(s) => Some(s.clone()),
         Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),

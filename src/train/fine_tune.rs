@@ -9,7 +9,7 @@ use crate::llm::Llm;
 use crate::lora::{AdapterFiles, AdapterSource, LoraConfig, LoraModel};
 use crate::train::TrainOptions;
 use crate::train::data::{DataReport, Dataset, ordered_batches, read_dataset};
-use crate::train::trainer::{Control, TrainEvent, TrainSummary, plan_steps, train_steps};
+use crate::train::trainer::{Control, TrainEvent, TrainSummary, check_state, plan_steps, train_steps};
 
 /// The summary file written beside a trained adapter.
 pub const SUMMARY_FILE: &str = "training_summary.json";
@@ -98,6 +98,7 @@ pub async fn fine_tune(
             None
         }
         TrainStart::Resume(adapter, state) => {
+            check_state(&state)?; // a bad state file leaves no adapter behind
             model.load_adapter(name, adapter).await?;
             Some(state)
         }

@@ -482,6 +482,12 @@ async fn save_state(header: &StateHeader, moments: &[(Tensor<2>, Tensor<2>)]) ->
     write_safetensors(&tensors, StoreDtype::F32, Some(metadata))
 }
 
+/// Checks that `bytes` are a trainer state file (its step information readable), before a
+/// resumed run changes the model.
+pub fn check_state(bytes: &[u8]) -> Result<()> {
+    state_header(bytes).map(|_| ())
+}
+
 fn state_header(bytes: &[u8]) -> Result<StateHeader> {
     let not_state = |why: String| Error::file("trainer state", why);
     let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| not_state(format!("not a trainer state file: {e}")))?;

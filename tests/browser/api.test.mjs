@@ -291,6 +291,9 @@ test('bad input rejects with a clear message and the model keeps working', async
       adapterFormat: await fail(m.exportAdapter('good', { format: 'ggml' })),
       mergedFormat: await fail(m.exportMerged({ format: 'onnx' })),
       outType: await fail(m.exportMerged({ format: 'gguf', outType: 'q3_k' })),
+      resumeBoth: await fail(m.train({ data: '{"text": "hi"}', initFrom: 'good', resumeFrom: {} })),
+      resumeNoState: await fail(m.train({ data: '{"text": "hi"}', resumeFrom: { 'adapter_config.json': config, 'adapter_model.safetensors': weights } })),
+      resumeBadState: await fail(m.train({ data: '{"input_ids": [1, 2, 3]}', resumeFrom: { 'adapter_config.json': config, 'adapter_model.safetensors': weights, 'trainer_state.safetensors': new Uint8Array([1, 2, 3]) } })),
     };
     return { errors, after: (await window.logitsOf(ids)).data, before, adapters: m.adapters(), active: m.activeAdapter };
   }, ids);
@@ -306,6 +309,9 @@ test('bad input rejects with a clear message and the model keeps working', async
   assert.match(e.adapterFormat, /exportAdapter: format "ggml" is not "peft" or "gguf"/);
   assert.match(e.mergedFormat, /exportMerged: format "onnx" is not "hf" or "gguf"/);
   assert.ok(e.outType.includes('q3_k'), e.outType);
+  assert.equal(e.resumeBoth, 'train: give "initFrom" (an adapter to train further) or "resumeFrom" (a checkpoint to resume), not both');
+  assert.equal(e.resumeNoState, 'train: "resumeFrom" is a checkpoint\'s files, as onCheckpoint gets them; it has no "trainer_state.safetensors"');
+  assert.match(e.resumeBadState, /^trainer state: not a trainer state file/);
   assert.equal(e.badIds, 'token id 100000 is out of the vocabulary (size 256)');
   assert.match(e.badOptions, /training options: unknown field `learningRat`/);
   assert.equal(e.dtype, 'unknown weight dtype "bf16": use "auto", "f32", "f16" or a type to quantize to (q8_0, q4_0, q4_1, q5_0)');

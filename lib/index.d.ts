@@ -254,7 +254,7 @@ export class LoraModel {
   generate(prompt: string | ChatMessage[], options?: GenerateOptions): TextStream;
   train(options: TrainOptions): Promise<TrainReport>;
   saveAdapter(name: string, options?: { as?: string; overwrite?: boolean; store?: AdapterStore }): Promise<StoredAdapter>;
-  /** After a crash or a lost GPU: a new engine with the base and every adapter that came from a URL, files or the store; what could not come back is listed. */
+  /** After a crash, running out of memory, a lost GPU or an ended worker: a new engine with the base and every adapter that came from a URL, files or the store; what could not come back is listed. */
   recover(options?: { onProgress?: (event: LoadProgress) => void }): Promise<{ restored: string[]; lost: string[]; mergedAway: string[] }>;
   /** Destroys the engine's GPU device, as a driver reset would: for testing a page's recovery. */
   destroyDevice(): Promise<void>;

@@ -39,6 +39,9 @@ function hubUrl(id, revision, file) {
   return `${host}${id}/resolve/${encodeURIComponent(revision)}/${file ?? ''}`;
 }
 
+const RECOVER = 'model.recover() starts the engine again and loads the model with its adapters';
+const WORKER_ENDED = `the engine's worker stopped: the browser ended it (it ran out of memory, crashed, or the page closed it); ${RECOVER}`;
+
 // Calls that go out and run at once, beside the running call they act on.
 const JUMPS_THE_QUEUE = new Set(['cancel', 'destroyDevice']);
 
@@ -64,7 +67,21 @@ class Worker_ {
       if (error !== undefined) call.reject(new Error(error));
       else call.resolve(result);
     };
-    this.worker.onerror = (e) => this.#failAll(`the engine's worker failed: ${e.message ?? 'it could not start (is the package served with its pkg/ folder?)'}`);
+    // an error nothing in the worker caught (it could not start, or ran out of memory outside a call)
+    this.worker.onerror = (e) => this.#end(`the engine's worker failed: ${e.message ?? 'it could not start (is the package served with its pkg/ folder?)'}; ${RECOVER}`);
+    // the worker holds a Web Lock while it lives; the page gets it when the worker ends in any way
+    if (globalThis.navigator?.locks) {
+      const lock = `webgpu-lora-engine-${crypto.randomUUID()}`;
+      this.call('hold', [lock]).then(() => navigator.locks.request(lock, () => this.#end(WORKER_ENDED)), () => {});
+    }
+  }
+
+  // Rejects every pending call and every later one with `message` (once; not after terminate()).
+  #end(message) {
+    if (this.ended) return;
+    this.ended = message;
+    this.worker.terminate();
+    this.#failAll(message);
   }
 
   #failAll(message) {
@@ -90,6 +107,7 @@ class Worker_ {
     let posted;
     const sent = new Promise((r) => { posted = r; });
     const call = new Promise((resolve, reject) => {
+      if (this.ended) { posted(false); return reject(new Error(this.ended)); }
       this.pending.set(id, { resolve, reject, onEvent });
       const send = async () => {
         try {
@@ -111,8 +129,7 @@ class Worker_ {
   }
 
   terminate() {
-    this.worker.terminate();
-    this.#failAll('the model was disposed');
+    this.#end('the model was disposed');
   }
 }
 
@@ -198,7 +215,8 @@ export class LoraModel {
   }
 
   /**
-   * After the engine crashed or lost its GPU (every call then rejects saying so), or at any time:
+   * After the engine crashed, ran out of memory, lost its GPU or its worker ended (every call then
+   * rejects saying so), or at any time:
    * starts a new engine, loads the base model again (from the cache, with the same options) and
    * every adapter that came from a URL, files or the AdapterStore (saved ones included), then
    * sets the active adapter, disables it and merges again as before. Adapters that exist only in

@@ -3,21 +3,56 @@
 // operation runs, then {id, result, state} or {id, error}. Operations run one at a time, in order;
 // those the page marks `now` (`cancel`, which stops a generation or a training run, running or
 // queued, and `destroyDevice`) jump the queue.
-import init, { Engine } from './pkg/webgpu_lora.js';
+import init, { Engine, failedAllocation } from './pkg/webgpu_lora.js';
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, toBytes } from './store.js';
 
 const CACHE_NAME = 'webgpu-lora-models-v1';
 let enginePromise = null;
+// The wasm instance's exports (its memory's size goes into an out-of-memory message).
+let wasm = null;
 // Ids of the calls a `cancel` has stopped, kept until each call ends (it may not have started).
 const cancelled = new Set();
-// A Rust panic aborts the wasm instance: its message arrives here, and the engine is gone.
+// Why the engine is gone, once it is: every call from then on rejects with this message.
 let crashed = null;
-globalThis.__webgpuLoraPanic = (message) => { crashed ??= message; };
+// A Rust panic aborts the wasm instance: its message arrives here (JS would only see
+// "unreachable"). A panic inside a WebGPU callback (wgpu's handler of an uncaptured error, such
+// as running out of GPU memory) happens outside any call, which would then wait forever.
+let panicked = null;
+globalThis.__webgpuLoraPanic = (message) => {
+  panicked ??= message;
+  setTimeout(() => end(message), 0); // after the running call's own failure, if it failed
+};
+// A trap outside any call's own code (in a task of the engine's futures: an out-of-memory abort,
+// a panic) ends the engine as one inside a call does; the page hears of it from the running call.
+self.addEventListener('error', (event) => {
+  if (!(event.error instanceof WebAssembly.RuntimeError)) return; // the page's onerror reports it
+  event.preventDefault();
+  end(panicked ?? event.error.message);
+});
 let loaded = false;
-// The call running now, which a lost device answers at once (its GPU work will never finish).
+// The call running now ({id, op, args, ...what it needs}), which a crash answers at once.
 let running = null;
+const answered = new Set();
+// The calls queued behind it.
+const waiting = new Set();
 // How long a failed call waits for its device's `lost` before reporting its own error.
 const LOST_GRACE_MS = 50;
+const RECOVER = 'model.recover() starts the engine again and loads the model with its adapters';
+const mb = (bytes) => `${(bytes / 1e6).toFixed(1)} MB`;
+
+// What to change when a call runs out of GPU memory, by operation.
+const SMALLER = {
+  load: 'load the model with a smaller dtype ("f16" halves f32; "q8_0" and "q4_1" keep about a quarter and an eighth of it) or from a quantized GGUF',
+  train: 'lower batchSize or maxSeqLen (gradientAccumulationSteps keeps the effective batch size), or load the base model with a smaller dtype ("q8_0", "q4_1")',
+  generate: 'generate from a shorter prompt or fewer tokens (maxNewTokens), or load the model with a smaller dtype',
+};
+// What to change when a call runs out of the engine's own (WebAssembly) memory.
+const LESS = {
+  load: 'load a smaller model file (a quantized GGUF, or f16 safetensors)',
+  train: 'train on less data at once (the engine reads and tokenizes all of it in its memory) or with a smaller batchSize',
+  generate: 'generate from a shorter prompt or fewer tokens (maxNewTokens)',
+};
+const DOING = { load: 'loading the model', train: 'training', generate: 'generating', logits: 'computing logits' };
 
 // The engine's GPU device, kept when the engine asks for it: a lost device (a driver reset, the
 // GPU process restarting, destroy()) ends the engine, and the page can recover() the model.
@@ -26,21 +61,50 @@ if (typeof GPUAdapter !== 'undefined') {
   const requestDevice = GPUAdapter.prototype.requestDevice;
   GPUAdapter.prototype.requestDevice = async function (...args) {
     device = await requestDevice.apply(this, args);
-    device.lost.then((info) => {
-      crashed ??= `the GPU device was lost (${info.reason ?? 'unknown'}: ${info.message || 'no message'})`;
-      if (running !== null) self.postMessage({ id: running, error: crashedError(), state: null });
-    });
+    device.lost.then((info) => end(null, info));
     return device;
   };
 }
 
-const crashedError = () => crashed.startsWith('the GPU device was lost')
-  ? `${crashed}: the model is gone from the GPU; model.recover() loads it again with its adapters`
-  : `the engine crashed (${crashed}): this is a bug in webgpu-lora, please report it; model.recover() loads the model again with its adapters`;
+/**
+ * Ends the engine (once) for a panic's `message`, a RuntimeError, or a lost device (`lost`: its
+ * GPUDeviceLostInfo), with a message saying what happened and what to do; the running call is
+ * answered with it at once.
+ */
+function end(message, lost) {
+  crashed ??= crashMessage(message, lost);
+  if (running !== null) answer(running.id);
+  // a trap may leave the running call unsettled for good, and the calls behind it with it
+  waiting.forEach(answer);
+}
+
+function crashMessage(message, lost) {
+  const doing = running ? (DOING[running.op] ?? running.op) : 'working';
+  const smaller = SMALLER[running?.op] ?? 'use a smaller model or dtype';
+  if (lost) return `the GPU device was lost (${lost.reason ?? 'unknown'}: ${lost.message || 'no message'}): the model is gone from the GPU; model.recover() loads it again with its adapters`;
+  if (/out of memory/i.test(message)) {
+    const holding = running?.footprint ? ` (the model's weights take ${mb(running.footprint)} of it)` : running?.fileBytes ? ` (the model's files hold ${mb(running.fileBytes)})` : '';
+    return `the GPU ran out of memory while ${doing}${holding}: ${smaller}, or close other pages that use the GPU; ${RECOVER}`;
+  }
+  const failed = wasm ? failedAllocation() : 0;
+  if (failed > 0) {
+    const used = wasm ? ` with ${mb(wasm.memory.buffer.byteLength)} in use` : '';
+    return `the engine ran out of memory while ${doing}: it asked for ${mb(failed)} more${used}, and a page's WebAssembly memory ends at 4 GB (or sooner, where the browser is short of memory): ${LESS[running?.op] ?? 'use a smaller model'}; ${RECOVER}`;
+  }
+  return `the engine crashed (${message}): this is a bug in webgpu-lora, please report it; ${RECOVER}`;
+}
+
+// Answers call `id` with the engine's end, once.
+function answer(id) {
+  if (answered.has(id)) return;
+  answered.add(id);
+  self.postMessage({ id, error: crashed, state: null });
+}
 
 function engine() {
   // the wasm's URL spelled out here, relative, so bundlers (Vite, webpack) see and copy it
-  enginePromise ??= init({ module_or_path: new URL('./pkg/webgpu_lora_bg.wasm', import.meta.url) }).then(async () => {
+  enginePromise ??= init({ module_or_path: new URL('./pkg/webgpu_lora_bg.wasm', import.meta.url) }).then(async (exports) => {
+    wasm = exports;
     // the largest buffer a matrix may take: the engine's device requests the adapter's own limits
     const limits = (await navigator.gpu?.requestAdapter())?.limits;
     return Engine.create(limits ? Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize) : 0);
@@ -167,10 +231,17 @@ async function modelFiles(source, useCache, emit) {
 }
 
 const ops = {
+  // Holds the Web Lock `name` while this worker lives: the browser releases it when the worker
+  // ends in any way (killed, crashed, out of memory), which is how the page learns of it.
+  async hold(name) {
+    await new Promise((held) => navigator.locks.request(name, () => { held(); return new Promise(() => {}); }));
+  },
+
   async load(source, { cache = true, dtype = 'auto' } = {}, emit) {
     const e = await engine();
     Engine.checkDtype(dtype);
     const { origin, files } = await modelFiles(source, cache, emit);
+    if (running) running.fileBytes = Object.values(files).reduce((sum, bytes) => sum + bytes.length, 0);
     e.beginModel(origin);
     for (const [name, bytes] of Object.entries(files)) e.addFile(name, bytes);
     emit({ stage: 'upload', done: 0, total: 1 });
@@ -287,7 +358,8 @@ self.onmessage = ({ data: { id, op, args = [], now = false } }) => {
   const emit = (event) => self.postMessage({ id, event });
   emit.cancelled = () => cancelled.has(id);
   const run = async () => {
-    if (!now) running = id;
+    waiting.delete(id);
+    if (!now) running = { id, op, ...(await needs(op).catch(() => ({}))) };
     try {
       if (crashed) throw new Error('crashed');
       if (!(op in ops)) throw new Error(`unknown operation ${op}`);
@@ -296,21 +368,33 @@ self.onmessage = ({ data: { id, op, args = [], now = false } }) => {
       const transfer = Object.values(ArrayBuffer.isView(result) ? { result } : result ?? {}).filter(ArrayBuffer.isView).map((v) => v.buffer);
       // these run beside the operation they act on, which holds the model: they change no state
       const state = now ? undefined : await adapterState();
-      self.postMessage({ id, result, state }, [...new Set(transfer)]);
+      if (!answered.has(id)) self.postMessage({ id, result, state }, [...new Set(transfer)]);
     } catch (e) {
       // a GPU error may be the device going away: its `lost` settles just after the failed call
       if (device && !crashed) await Promise.race([device.lost, new Promise((r) => setTimeout(r, LOST_GRACE_MS))]);
-      if (crashed || e instanceof WebAssembly.RuntimeError) {
-        crashed ??= String(e?.message ?? e);
-        return self.postMessage({ id, error: crashedError(), state: null });
+      if (crashed || panicked || e instanceof WebAssembly.RuntimeError) {
+        end(panicked ?? String(e?.message ?? e));
+        return answer(id);
       }
       const state = await adapterState().catch(() => undefined); // the error being reported says more
       self.postMessage({ id, error: String(e?.message ?? e), state });
     } finally {
       cancelled.delete(id);
-      if (running === id) running = null;
+      answered.delete(id);
+      if (running?.id === id) running = null;
     }
   };
-  if (now) run();
-  else queue = queue.then(run);
+  if (crashed) answer(id);
+  else if (now) run();
+  else {
+    waiting.add(id);
+    queue = queue.then(run);
+  }
 };
+
+// What an out-of-memory message about call `op` names: the size of the weights it works with
+// (a load names its files' size once it has them).
+async function needs(op) {
+  if (crashed || !loaded || op === 'load' || !(op in DOING)) return {};
+  return { footprint: (await engine()).getMemoryFootprint() };
+}

@@ -1,5 +1,5 @@
 //! A whole fine-tuning job, as the CLI and the browser run it: read and tokenize the data, split
-//! off validation, add the adapter (or continue one, or resume a checkpoint), train, and hand back the adapter as PEFT files
+//! off validation, check that a step's buffers fit the device, add the adapter (or continue one, or resume a checkpoint), train, and hand back the adapter as PEFT files
 //! with the run's summary. The edges only supply bytes, a clock and somewhere to put the events.
 
 use serde::Serialize;
@@ -7,8 +7,10 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::llm::Llm;
 use crate::lora::{AdapterFiles, AdapterSource, LoraConfig, LoraModel};
+use crate::nn::weight::max_buffer_bytes;
 use crate::train::TrainOptions;
 use crate::train::data::{DataReport, Dataset, ordered_batches, read_dataset};
+use crate::train::memory::check_step_buffers;
 use crate::train::trainer::{Control, TrainEvent, TrainSummary, check_state, plan_steps, train_steps};
 
 /// The summary file written beside a trained adapter.
@@ -86,6 +88,12 @@ pub async fn fine_tune(
     }
 
     let model = &mut llm.model;
+    let pad = model.config.eos_token_ids.first().copied().unwrap_or(0);
+    let (steps, steps_per_epoch) = plan_steps(&train, options, pad);
+    let val_batches = val.as_ref().map(|v| ordered_batches(&v.examples, options.batch_size, pad));
+    let batches = steps.iter().flatten().chain(val_batches.iter().flatten());
+    check_step_buffers(&model.config, batches, max_buffer_bytes())?;
+
     let name = &options.adapter_name;
     let state = match start {
         TrainStart::New => {
@@ -103,9 +111,6 @@ pub async fn fine_tune(
             Some(state)
         }
     };
-    let pad = model.config.eos_token_ids.first().copied().unwrap_or(0);
-    let (steps, steps_per_epoch) = plan_steps(&train, options, pad);
-    let val_batches = val.as_ref().map(|v| ordered_batches(&v.examples, options.batch_size, pad));
     let summary =
         train_steps(model, name, &steps, steps_per_epoch, val_batches.as_deref(), options, state.as_deref(), clock, on_event).await?;
     let files = model.export_adapter(name).await?;

@@ -1,11 +1,12 @@
 //! Supervised fine-tuning of a LoRA adapter: its settings ([`TrainOptions`]), the data
 //! ([`data`]), the loss ([`loss`]), AdamW and schedules ([`optimizer`]), the loop with its events
-//! ([`trainer`]) and a whole job from files ([`fine_tune`]). The same code runs natively and in
+//! ([`trainer`]), the buffers a step needs ([`memory`]) and a whole job from files ([`fine_tune`]). The same code runs natively and in
 //! the browser; the caller supplies the clock and receives checkpoints as files.
 
 pub mod data;
 pub mod fine_tune;
 pub mod loss;
+pub mod memory;
 pub mod optimizer;
 mod options;
 pub mod trainer;

@@ -2,8 +2,10 @@
 //! options through serde-wasm-bindgen, errors out as rejected promises carrying the core's message.
 //! Long work returns a Promise; the engine is meant to live in a dedicated Web Worker.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::tensor::Device;
 use js_sys::{Function, Promise, Uint8Array};
@@ -43,6 +45,48 @@ extern "C" {
     /// otherwise only see "unreachable executed".
     #[wasm_bindgen(js_namespace = globalThis, js_name = __webgpuLoraPanic)]
     fn report_panic(message: &str);
+}
+
+/// The allocator, recording the size of a request it could not meet: running out of WebAssembly
+/// memory aborts the instance ("unreachable"), and the worker reads the size here
+/// ([`failed_allocation`]) to say that the engine ran out of memory rather than crashed.
+struct CountingAllocator;
+
+static FAILED_ALLOCATION: AtomicUsize = AtomicUsize::new(0);
+
+impl CountingAllocator {
+    fn record(ptr: *mut u8, bytes: usize) -> *mut u8 {
+        if ptr.is_null() {
+            FAILED_ALLOCATION.store(bytes, Ordering::Relaxed);
+        }
+        ptr
+    }
+}
+
+// SAFETY: every call is System's, unchanged; a null result is only recorded.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        Self::record(unsafe { System.alloc(layout) }, layout.size())
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        Self::record(unsafe { System.alloc_zeroed(layout) }, layout.size())
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        Self::record(unsafe { System.realloc(ptr, layout, new_size) }, new_size)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// The bytes of the last allocation the engine's memory could not provide (0: none failed).
+/// Safe to call after the instance aborted: it only reads a number.
+#[wasm_bindgen(js_name = failedAllocation)]
+pub fn failed_allocation() -> f64 {
+    FAILED_ALLOCATION.load(Ordering::Relaxed) as f64
 }
 
 fn js_error(e: Error) -> JsValue {

@@ -464,12 +464,17 @@ pub fn set_max_buffer_bytes(bytes: usize) {
     MAX_BUFFER_BYTES.store(bytes, Ordering::Relaxed);
 }
 
+/// The largest buffer the device can bind, in bytes (0: no limit known).
+pub fn max_buffer_bytes() -> usize {
+    MAX_BUFFER_BYTES.load(Ordering::Relaxed)
+}
+
 /// The runs of rows, `row_bytes` each, that go into one buffer each: all of them when they fit,
 /// otherwise as many as fit (an even number, so a transposed f16 part packs two to a word). A
 /// row that fits in no buffer is refused before anything is allocated (the allocation would abort
 /// the engine), saying which limit and what to do.
 fn row_runs(rows: usize, row_bytes: usize, name: &str) -> Result<Vec<Range<usize>>> {
-    let limit = MAX_BUFFER_BYTES.load(Ordering::Relaxed);
+    let limit = max_buffer_bytes();
     if limit == 0 || rows * row_bytes <= limit {
         return Ok(std::iter::once(0..rows).collect());
     }

@@ -1,0 +1,119 @@
+//! The largest buffers a training step allocates on the device, checked against the device's
+//! largest buffer before a run changes anything. WebGPU refuses a buffer above
+//! `maxBufferSize` / `maxStorageBufferBindingSize`, and the engine cannot survive that failure
+//! mid-step; here it is an error that names the buffer, its size and the setting to lower.
+//!
+//! Per micro-batch of `rows` x `seq` positions (f32, 4 bytes each):
+//!
+//! ```text
+//! attention scores  rows * heads * seq * seq        (softmax(q k^T) of a layer, kept for backward)
+//! MLP activations   rows * seq * intermediate       (gate, up and their product, each this size)
+//! logits            LOSS_ROWS * vocab               (the loss takes a slice of positions at a time)
+//! ```
+
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+use crate::train::data::Batch;
+use crate::train::loss::LOSS_ROWS;
+
+/// One buffer a step allocates: what it holds, how its size is made up, and its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepBuffer {
+    pub what: &'static str,
+    pub dims: String,
+    pub bytes: usize,
+}
+
+/// The largest buffers a step of a `rows` x `seq` micro-batch allocates, largest first.
+pub fn step_buffers(config: &LlamaConfig, rows: usize, seq: usize) -> Vec<StepBuffer> {
+    let (heads, inter, vocab) = (config.num_attention_heads, config.intermediate_size, config.vocab_size);
+    let logit_rows = LOSS_ROWS.min(rows * seq);
+    let mut buffers = vec![
+        StepBuffer {
+            what: "attention scores",
+            dims: format!("{rows} rows x {heads} heads x {seq} x {seq} positions x 4 bytes"),
+            bytes: 4 * rows * heads * seq * seq,
+        },
+        StepBuffer {
+            what: "MLP activations",
+            dims: format!("{rows} rows x {seq} positions x {inter} x 4 bytes"),
+            bytes: 4 * rows * seq * inter,
+        },
+        StepBuffer { what: "logits", dims: format!("{logit_rows} positions x {vocab} words x 4 bytes"), bytes: 4 * logit_rows * vocab },
+    ];
+    buffers.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    buffers
+}
+
+/// Refuses a run whose largest micro-batch (of `batches`) needs a buffer above `limit` bytes (0:
+/// no limit known), before anything is allocated.
+pub fn check_step_buffers<'a>(config: &LlamaConfig, batches: impl IntoIterator<Item = &'a Batch>, limit: usize) -> Result<()> {
+    let Some(largest) = batches.into_iter().max_by_key(|b| b.batch * b.seq * b.seq) else { return Ok(()) };
+    if limit == 0 {
+        return Ok(());
+    }
+    let Some(over) = step_buffers(config, largest.batch, largest.seq).into_iter().find(|b| b.bytes > limit) else { return Ok(()) };
+    Err(Error::invalid(format!(
+        "a training step of {} x {} tokens needs {} in one GPU buffer for its {} ({}), more than this GPU's largest buffer, {} \
+         (WebGPU's maxStorageBufferBindingSize / maxBufferSize): lower the batch size (batchSize, --batch-size; \
+         gradientAccumulationSteps, --grad-accum, keeps the effective batch size) or the longest sequence (maxSeqLen, --max-seq-len)",
+        largest.batch,
+        largest.seq,
+        megabytes(over.bytes),
+        over.what,
+        over.dims,
+        megabytes(limit)
+    )))
+}
+
+/// `bytes` for people: "1074.8 MB (1073741824 bytes)".
+pub fn megabytes(bytes: usize) -> String {
+    format!("{:.1} MB ({bytes} bytes)", bytes as f64 / 1e6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(heads: usize, inter: usize, vocab: usize) -> LlamaConfig {
+        let hidden = 64 * heads;
+        let json = format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], "vocab_size": {vocab}, "hidden_size": {hidden}, "intermediate_size": {inter},
+                "num_hidden_layers": 2, "num_attention_heads": {heads}, "num_key_value_heads": {heads}, "max_position_embeddings": 4096}}"#
+        );
+        LlamaConfig::from_json(json.as_bytes(), "config.json").unwrap()
+    }
+
+    fn batch(rows: usize, seq: usize) -> Batch {
+        Batch { ids: vec![0; rows * seq], labels: vec![0; rows * seq], batch: rows, seq, tokens: rows * seq }
+    }
+
+    #[test]
+    fn sizes_are_the_products_of_the_shapes() {
+        // SmolLM2-135M's shapes, a batch of 4 x 128
+        let buffers = step_buffers(&config(9, 1536, 49152), 4, 128);
+        let bytes = |what| buffers.iter().find(|b| b.what == what).unwrap().bytes;
+        assert_eq!(bytes("attention scores"), 4 * 4 * 9 * 128 * 128);
+        assert_eq!(bytes("MLP activations"), 4 * 4 * 128 * 1536);
+        assert_eq!(bytes("logits"), 4 * 128 * 49152);
+        assert!(buffers.windows(2).all(|w| w[0].bytes >= w[1].bytes), "largest first");
+    }
+
+    #[test]
+    fn a_step_over_the_limit_is_refused_naming_the_buffer_and_the_setting() {
+        let c = config(4, 128, 256);
+        let limit = 1 << 30;
+        // 4096 x 4 x 128 x 128 x 4 bytes is exactly the limit: it fits; one row more does not
+        check_step_buffers(&c, &[batch(4096, 128), batch(2, 16)], limit).unwrap();
+        let e = check_step_buffers(&c, &[batch(2, 16), batch(4097, 128)], limit).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "a training step of 4097 x 128 tokens needs 1074.0 MB (1074003968 bytes) in one GPU buffer for its attention scores"
+            ),
+            "{e}"
+        );
+        assert!(e.contains("4097 rows x 4 heads x 128 x 128 positions x 4 bytes"), "{e}");
+        assert!(e.contains("batchSize, --batch-size") && e.contains("maxSeqLen, --max-seq-len"), "{e}");
+        check_step_buffers(&c, &[batch(4097, 128)], 0).expect("no limit known: nothing refused");
+    }
+}

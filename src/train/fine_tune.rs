@@ -11,7 +11,7 @@ use crate::nn::weight::max_buffer_bytes;
 use crate::train::TrainOptions;
 use crate::train::data::{DataReport, Dataset, ordered_batches, read_dataset};
 use crate::train::memory::check_step_buffers;
-use crate::train::trainer::{Control, TrainEvent, TrainSummary, check_state, plan_steps, train_steps};
+use crate::train::trainer::{Control, TrainEvent, TrainSummary, check_state, check_state_fits, plan_steps, train_steps};
 
 /// The summary file written beside a trained adapter.
 pub const SUMMARY_FILE: &str = "training_summary.json";
@@ -108,6 +108,11 @@ pub async fn fine_tune(
         TrainStart::Resume(adapter, state) => {
             check_state(&state)?; // a bad state file leaves no adapter behind
             model.load_adapter(name, adapter).await?;
+            // nor does a state of another adapter
+            if let Err(e) = check_state_fits(model, name, &state) {
+                model.delete_adapter(name).await?;
+                return Err(e);
+            }
             Some(state)
         }
     };

@@ -15,7 +15,7 @@ use crate::io::safetensors::write_safetensors;
 use crate::io::{SafetensorsWeights, StoreDtype};
 use crate::lora::{AdapterFiles, AdapterWeights, DropoutMasks, LoraLayers, LoraModel, LoraRun, LoraWeights, PartDropout};
 use crate::model::{Head, LlamaModel};
-use crate::tensor::{read_host, read_scalar, upload};
+use crate::tensor::{HostTensor, read_host, read_scalar, upload};
 use crate::train::TrainOptions;
 use crate::train::data::{Batch, Dataset, epoch_batches, ordered_batches};
 use crate::train::loss::{LOSS_ROWS, head_loss_backward, summed_token_loss};
@@ -499,7 +499,14 @@ fn state_header(bytes: &[u8]) -> Result<StateHeader> {
     serde_json::from_str(text).map_err(|e| not_state(format!("unreadable step information: {e}")))
 }
 
-fn restore_state(bytes: &[u8], moments: &mut [(Tensor<2>, Tensor<2>)], device: &Device) -> Result<StateHeader> {
+/// Checks that `bytes` hold AdamW's moments for every matrix of `adapter` of `model` (a state
+/// saved from another adapter is refused) before a resumed run changes anything.
+pub fn check_state_fits(model: &LlamaModel, adapter: &str, bytes: &[u8]) -> Result<()> {
+    saved_moments(bytes, &Trainee::new(model, adapter)?.moments).map(|_| ())
+}
+
+/// The run's bookkeeping and the saved (m, v) of each of `moments`' matrices, in their order.
+fn saved_moments(bytes: &[u8], moments: &[(Tensor<2>, Tensor<2>)]) -> Result<(StateHeader, Vec<(HostTensor, HostTensor)>)> {
     let header = state_header(bytes)?;
     let weights = SafetensorsWeights::new(vec![("trainer state".into(), bytes.to_vec())])?;
     let (saved, matrices) = (weights.names().len() / 2, moments.len());
@@ -507,11 +514,20 @@ fn restore_state(bytes: &[u8], moments: &mut [(Tensor<2>, Tensor<2>)], device: &
         let why = format!("it holds {saved} moments but this adapter has {matrices} matrices: it belongs to another adapter");
         return Err(Error::file("trainer state", why));
     }
-    for (i, (m, v)) in moments.iter_mut().enumerate() {
+    let mut out = Vec::with_capacity(matrices);
+    for (i, (m, v)) in moments.iter().enumerate() {
         let (saved_m, saved_v) = (weights.tensor(&format!("{i:05}.m"))?, weights.tensor(&format!("{i:05}.v"))?);
         if saved_m.shape != m.dims().to_vec() || saved_v.shape != v.dims().to_vec() {
             return Err(Error::file("trainer state", "moment shapes differ from this adapter's: it belongs to another adapter"));
         }
+        out.push((saved_m, saved_v));
+    }
+    Ok((header, out))
+}
+
+fn restore_state(bytes: &[u8], moments: &mut [(Tensor<2>, Tensor<2>)], device: &Device) -> Result<StateHeader> {
+    let (header, saved) = saved_moments(bytes, moments)?;
+    for ((m, v), (saved_m, saved_v)) in moments.iter_mut().zip(saved) {
         (*m, *v) = (upload(saved_m, device), upload(saved_v, device));
     }
     Ok(header)

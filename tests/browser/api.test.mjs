@@ -276,6 +276,12 @@ test('bad input rejects with a clear message and the model keeps working', async
     const get = async (f) => new Uint8Array(await (await fetch(`/fixtures/peft/qv-r8/${f}`)).arrayBuffer());
     const config = new TextDecoder().decode(await get('adapter_config.json'));
     const weights = await get('adapter_model.safetensors');
+    // a trainer state of another adapter (rank 4, where the checkpoint's adapter has rank 8)
+    let otherState = null;
+    const ids2 = '{"input_ids": [1, 2, 3, 4]}\n{"input_ids": [5, 6, 7, 8]}';
+    await m.train({ data: ids2, adapterName: 'other', loraConfig: { r: 4 }, trainingArgs: { maxSteps: 2, batchSize: 1, checkpointEvery: 1 }, onCheckpoint: (c) => { otherState = c['trainer_state.safetensors']; } });
+    await m.deleteAdapter('other');
+    await m.setAdapter('good');
     const errors = {
       missing: await fail(m.loadAdapter('/fixtures/peft/no-such-adapter/', 'x')),
       truncated: await fail(m.loadAdapter({ 'adapter_config.json': config, 'adapter_model.safetensors': weights.slice(0, weights.length - 100) }, 'x')),
@@ -293,6 +299,7 @@ test('bad input rejects with a clear message and the model keeps working', async
       outType: await fail(m.exportMerged({ format: 'gguf', outType: 'q3_k' })),
       resumeBoth: await fail(m.train({ data: '{"text": "hi"}', initFrom: 'good', resumeFrom: {} })),
       resumeNoState: await fail(m.train({ data: '{"text": "hi"}', resumeFrom: { 'adapter_config.json': config, 'adapter_model.safetensors': weights } })),
+      resumeOtherState: await fail(m.train({ data: ids2, adapterName: 'resumed', resumeFrom: { 'adapter_config.json': config, 'adapter_model.safetensors': weights, 'trainer_state.safetensors': otherState } })),
       resumeBadState: await fail(m.train({ data: '{"input_ids": [1, 2, 3]}', resumeFrom: { 'adapter_config.json': config, 'adapter_model.safetensors': weights, 'trainer_state.safetensors': new Uint8Array([1, 2, 3]) } })),
     };
     return { errors, after: (await window.logitsOf(ids)).data, before, adapters: m.adapters(), active: m.activeAdapter };
@@ -312,6 +319,7 @@ test('bad input rejects with a clear message and the model keeps working', async
   assert.equal(e.resumeBoth, 'train: give "initFrom" (an adapter to train further) or "resumeFrom" (a checkpoint to resume), not both');
   assert.equal(e.resumeNoState, 'train: "resumeFrom" is a checkpoint\'s files, as onCheckpoint gets them; it has no "trainer_state.safetensors"');
   assert.match(e.resumeBadState, /^trainer state: not a trainer state file/);
+  assert.equal(e.resumeOtherState, "trainer state: moment shapes differ from this adapter's: it belongs to another adapter");
   assert.equal(e.badIds, 'token id 100000 is out of the vocabulary (size 256)');
   assert.match(e.badOptions, /training options: unknown field `learningRat`/);
   assert.equal(e.dtype, 'unknown weight dtype "bf16": use "auto", "f32", "f16" or a type to quantize to (q8_0, q4_0, q4_1, q5_0)');

@@ -274,6 +274,110 @@ test('two pages racing on one store (saves of one name, renames, reads and delet
   assert.deepEqual(errors, []);
 });
 
+test('two pages racing the model: a delete while the other loads the adapter, imports while the other trains; whole adapters and records only', async () => {
+  const browser = await open();
+  const other = await secondPage(browser);
+  const files = async () => {
+    const get = async (f) => new Uint8Array(await (await fetch(`/fixtures/peft/qv-r8/${f}`)).arrayBuffer());
+    return { 'adapter_config.json': await get('adapter_config.json'), 'adapter_model.safetensors': await get('adapter_model.safetensors') };
+  };
+  await other.evaluate(async (files) => {
+    window.files = await new Function(`return (${files})()`)();
+    window.store = await window.app.webgpuLora.AdapterStore.open();
+    await window.store.import(window.files, { name: 'race-shared', overwrite: true });
+  }, files.toString());
+  await browser.page.evaluate(async (ids) => {
+    const { model } = await window.load('/fixtures/tiny-llama/');
+    window.m = model;
+    await model.loadAdapter('/fixtures/peft/qv-r8/', 'reference');
+    await model.setAdapter('reference');
+    window.reference = await window.logitsOf(model, ids);
+  }, ids);
+
+  // 1. one page deletes and imports the adapter again while the other loads it from the store
+  const rounds = 12;
+  const [loads] = await Promise.all([
+    browser.page.evaluate(async ({ ids, rounds }) => {
+      const outcomes = [];
+      for (let i = 0; i < rounds; i++) {
+        try {
+          await window.m.loadAdapter('race-shared', `got-${i}`);
+          await window.m.setAdapter(`got-${i}`);
+          const same = JSON.stringify(await window.logitsOf(window.m, ids)) === JSON.stringify(window.reference);
+          outcomes.push(same ? 'loaded whole' : 'loaded other logits');
+        } catch (e) {
+          outcomes.push(/^no adapter named "race-shared" in the store/.test(e.message) ? 'not there' : e.message);
+        }
+      }
+      return { outcomes, adapters: window.m.adapters() };
+    }, { ids, rounds }),
+    other.evaluate(async (rounds) => {
+      for (let i = 0; i < 4 * rounds; i++) {
+        await window.store.delete('race-shared');
+        await new Promise((r) => setTimeout(r, i % 3));
+        await window.store.import(window.files, { name: 'race-shared' });
+      }
+    }, rounds),
+  ]);
+  const loaded = loads.outcomes.map((o, i) => (o === 'loaded whole' ? `got-${i}` : null)).filter(Boolean);
+  assert.deepEqual(loads.outcomes.filter((o) => o !== 'loaded whole' && o !== 'not there'), [], 'each load gave the whole adapter or said it was not there');
+  assert.ok(loaded.length > 0, `some loads found the adapter (${loads.outcomes})`);
+  assert.deepEqual(loads.adapters, ['reference', ...loaded].sort(), 'the model holds the loads that succeeded, and only those');
+
+  // 2. the other page imports and deletes adapters while this one trains, checkpointing into the store
+  const [training, imports] = await Promise.all([
+    browser.page.evaluate(async () => {
+      const store = await window.app.webgpuLora.AdapterStore.open();
+      const rows = Array.from({ length: 8 }, (_, i) => ({ input_ids: Array.from({ length: 16 }, (_, j) => (i * 7 + j * 3) % 250 + 1) }));
+      const losses = [];
+      const saves = [];
+      const report = await window.m.train({
+        data: rows, dataName: 'ids.jsonl', adapterName: 'trained', trainingArgs: { maxSteps: 24, batchSize: 2, checkpointEvery: 4 },
+        onStep: (s) => losses.push(s.loss),
+        onCheckpoint: (c) => saves.push(store.saveCheckpoint('race-run', c)),
+      });
+      await Promise.all(saves);
+      const checkpoint = await store.getCheckpoint('race-run');
+      await window.m.saveAdapter('trained', { as: 'race-trained', overwrite: true });
+      await store.deleteCheckpoint('race-run');
+      store.close();
+      return { steps: report.summary.steps, losses: losses.length, checkpointStep: checkpoint?.step };
+    }),
+    other.evaluate(async () => {
+      const made = [];
+      for (let i = 0; i < 20; i++) {
+        const saved = await window.store.import(window.files, { name: `race-import-${i}` });
+        made.push(saved.name);
+        if (i % 2) await window.store.delete(`race-import-${i - 1}`);
+      }
+      return made;
+    }),
+  ]);
+  assert.equal(training.steps, 24, 'the training run finished');
+  assert.equal(training.losses, 24);
+  assert.equal(training.checkpointStep, 20, 'the last checkpoint (every 4 steps, none at the end: the adapter is the result) is whole and the latest');
+  const final = await other.evaluate(async () => {
+    const left = (await window.store.list()).filter((a) => a.name.startsWith('race-'));
+    const fixture = window.files['adapter_model.safetensors'];
+    const records = await Promise.all(left.map((a) => window.store.get(a.name)));
+    const summary = records.map((rec) => ({
+      name: rec.name,
+      whole: rec.weights.length + rec.config.length === rec.size,
+      fixture: rec.weights.length === fixture.length && rec.weights.every((b, i) => b === fixture[i]),
+    }));
+    for (const a of left) await window.store.delete(a.name);
+    window.store.close();
+    return summary;
+  });
+  await browser.close();
+  const imported = final.filter((r) => r.name.startsWith('race-import-')).map((r) => r.name).sort();
+  assert.deepEqual(imported, imports.filter((_, i) => i % 2 === 1).sort(), 'every import the other page kept is there, no deleted one');
+  for (const rec of final) assert.ok(rec.whole, `${rec.name}: weights and config of one save`);
+  for (const rec of final.filter((r) => r.name !== 'race-trained')) assert.ok(rec.fixture, `${rec.name}: the imported bytes`);
+  assert.ok(final.some((r) => r.name === 'race-trained'), 'the trained adapter was saved beside the imports');
+  assert.deepEqual(errors, []);
+});
+
 test('a model cache the browser evicted is fetched again, with progress, and gives the same logits', async () => {
   const browser = await open();
   const out = await browser.page.evaluate(async (ids) => {

@@ -185,3 +185,34 @@ test('a training step whose buffers exceed the GPU\'s largest is refused before 
   assert.deepEqual(out.adapters, [], 'no adapter was added');
   assert.deepEqual(b.errors, []);
 });
+
+test('a GPU lost mid-generation: the stream rejects saying so; recover() restores the adapter and the same text and logits', async () => {
+  const out = await b.page.evaluate(async (ids) => {
+    const { LoraModel } = window.app.webgpuLora;
+    const failure = (p) => p.then(() => 'resolved', (e) => e.message);
+    const m = await LoraModel.fromPretrained('/fixtures/tiny-chat/');
+    await m.loadAdapter('/fixtures/peft/qv-r8/', 'qv', { allowOtherBase: true });
+    await m.setAdapter('qv');
+    const sampling = { maxNewTokens: 24, temperature: 1, seed: 7 };
+    const text = async () => (await m.generate('Hello robot', sampling).result).text;
+    const before = { text: await text(), logits: Array.from((await m.logits(ids)).data) };
+    const pieces = [];
+    let lost = null;
+    const stream = m.generate('Hello robot', sampling);
+    const streamed = (async () => {
+      for await (const piece of stream) { pieces.push(piece); if (pieces.length === 3) lost = m.destroyDevice(); }
+    })();
+    const ended = await failure(streamed);
+    await lost;
+    const report = await m.recover();
+    const after = { text: await text(), logits: Array.from((await m.logits(ids)).data) };
+    m.dispose();
+    return { ended, pieces: pieces.length, report, before, after };
+  }, ids);
+  assert.match(out.ended, /^the GPU device was lost \(destroyed: .*\): the model is gone from the GPU; model\.recover\(\) loads it again with its adapters$/);
+  assert.ok(out.pieces >= 3 && out.pieces < 24, `the stream stopped mid-way (${out.pieces} pieces)`);
+  assert.deepEqual(out.report, { restored: ['qv'], lost: [], mergedAway: [] });
+  assert.equal(out.after.text, out.before.text, 'the same seeded text after the recovery');
+  assert.deepEqual(out.after.logits, out.before.logits);
+  assert.deepEqual(b.errors, []);
+});

@@ -248,6 +248,8 @@ const ops = {
     // yield once so the progress message goes out before the (synchronous) upload
     await new Promise((r) => setTimeout(r, 0));
     e.loadModel((stage, done, total) => emit({ stage: 'upload', done, total }), dtype);
+    // the GPU reports a failed upload (out of memory) asynchronously: wait for it here
+    await device?.queue.onSubmittedWorkDone();
     loaded = true;
     configsSent.clear();
     return JSON.parse(e.modelConfig());
@@ -364,6 +366,7 @@ self.onmessage = ({ data: { id, op, args = [], now = false } }) => {
       if (crashed) throw new Error('crashed');
       if (!(op in ops)) throw new Error(`unknown operation ${op}`);
       const result = await ops[op](...args, emit);
+      if (panicked) throw new Error(panicked); // a WebGPU error during the call, reported beside it
       // hand big byte arrays over instead of copying them
       const transfer = Object.values(ArrayBuffer.isView(result) ? { result } : result ?? {}).filter(ArrayBuffer.isView).map((v) => v.buffer);
       // these run beside the operation they act on, which holds the model: they change no state

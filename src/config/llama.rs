@@ -1,4 +1,7 @@
-//! `LlamaConfig`: the Hugging Face `config.json` of a `LlamaForCausalLM`.
+//! `LlamaConfig`: the Hugging Face `config.json` of a Llama-architecture causal LM: a
+//! `LlamaForCausalLM` (Llama 2 and 3.x, with their rotary scalings), a `SmolLM3ForCausalLM`
+//! (no rotary embedding on some layers), a `Qwen2ForCausalLM` (bias on q, k and v) or a
+//! `Qwen3ForCausalLM` (an RMSNorm on each head of q and k; `head_dim` of its own).
 //!
 //! Only what the forward pass needs is typed; the rest of the file is kept as it was so that a
 //! merged model can be written back with the same config.
@@ -8,12 +11,37 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
-/// The architecture this crate runs.
+/// The architecture of plain Llama models (and of GGUF files we write).
 pub const LLAMA_ARCHITECTURE: &str = "LlamaForCausalLM";
+
+/// The architectures this crate runs, with their config.json `model_type`.
+pub const ARCHITECTURES: [(&str, &str); 4] =
+    [(LLAMA_ARCHITECTURE, "llama"), ("SmolLM3ForCausalLM", "smollm3"), ("Qwen2ForCausalLM", "qwen2"), ("Qwen3ForCausalLM", "qwen3")];
+
+/// How rotary angles are scaled for contexts longer than the model was trained on
+/// (`rope_parameters.rope_type`, or `rope_scaling` in older files).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Every frequency divided by `factor`.
+    Linear {
+        factor: f64,
+    },
+    /// Llama 3.1's: low frequencies divided by `factor`, high ones kept, the band between them
+    /// interpolated.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
 
 /// The shape and constants of a Llama-architecture causal LM.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
+    /// The family (config.json's `model_type`, one of [`ARCHITECTURES`]).
+    pub model_type: &'static str,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -23,8 +51,18 @@ pub struct LlamaConfig {
     pub head_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    /// Per layer, whether its attention rotates queries and keys (SmolLM3's `no_rope_layers`:
+    /// 0 marks a layer without positions, "NoPE"); all true for Llama.
+    pub rope_layers: Vec<bool>,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
+    /// Whether q, k and v have a bias (Qwen2's always do; `attention_bias` elsewhere).
+    pub qkv_bias: bool,
+    /// Whether o has a bias (`attention_bias`; not Qwen2's).
+    pub o_bias: bool,
+    /// Qwen3's RMSNorm over each head of q and of k, before the rotary embedding.
+    pub qk_norm: bool,
     pub bos_token_id: Option<u32>,
     /// End-of-sequence ids: `eos_token_id` may be one id or a list in config.json.
     pub eos_token_ids: Vec<u32>,
@@ -59,6 +97,11 @@ struct RawConfig {
     hidden_act: Option<String>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<Value>,
+    no_rope_layers: Option<Vec<u8>>,
+    #[serde(default = "default_no_rope_layer_interval")]
+    no_rope_layer_interval: usize,
+    #[serde(default)]
+    use_sliding_window: bool,
 }
 
 fn default_rms_norm_eps() -> f64 {
@@ -66,6 +109,9 @@ fn default_rms_norm_eps() -> f64 {
 }
 fn default_max_position_embeddings() -> usize {
     2048
+}
+fn default_no_rope_layer_interval() -> usize {
+    4
 }
 const DEFAULT_ROPE_THETA: f64 = 10000.0;
 
@@ -76,30 +122,43 @@ impl LlamaConfig {
         let Value::Object(raw) = value else {
             return Err(Error::file(file, "expected a JSON object"));
         };
-        check_architecture(&raw, file)?;
+        let model_type = check_architecture(&raw, file)?;
         let c: RawConfig =
             serde_json::from_value(Value::Object(raw.clone())).map_err(|e| Error::file(file, format!("not a Llama config: {e}")))?;
         let bad = |m: String| Err(Error::file(file, m));
 
-        if c.attention_bias || c.mlp_bias {
-            return bad("attention_bias/mlp_bias = true is not supported (Llama linears have no bias here)".into());
+        if c.mlp_bias {
+            return bad("mlp_bias = true is not supported (the MLP's linears have no bias here)".into());
         }
         if let Some(act) = &c.hidden_act {
             if act != "silu" {
                 return bad(format!("hidden_act {act:?} is not supported; only \"silu\" (SwiGLU)"));
             }
         }
-        if let Some(scaling) = c.rope_scaling.as_ref().filter(|v| !v.is_null()) {
-            check_rope_type(scaling, "rope_scaling", file)?;
+        if c.use_sliding_window {
+            return bad("use_sliding_window = true is not supported for this architecture".into());
         }
-        // transformers >= 5 writes `rope_parameters: {rope_theta, rope_type}`; older files `rope_theta`.
+        // transformers >= 5 writes `rope_parameters: {rope_theta, rope_type, ...}`; older files
+        // `rope_theta` and `rope_scaling`.
         let mut rope_theta = c.rope_theta;
-        if let Some(params) = c.rope_parameters.as_ref().filter(|v| !v.is_null()) {
-            check_rope_type(params, "rope_parameters", file)?;
-            if let Some(theta) = params.get("rope_theta").and_then(Value::as_f64) {
-                rope_theta = Some(theta);
+        let mut rope_scaling = RopeScaling::None;
+        for (key, params) in [("rope_scaling", &c.rope_scaling), ("rope_parameters", &c.rope_parameters)] {
+            if let Some(params) = params.as_ref().filter(|v| !v.is_null()) {
+                rope_scaling = parse_rope_scaling(params, key, c.max_position_embeddings, file)?;
+                if let Some(theta) = params.get("rope_theta").and_then(Value::as_f64) {
+                    rope_theta = Some(theta);
+                }
             }
         }
+        let rope_layers = match (model_type, &c.no_rope_layers) {
+            ("smollm3", Some(layers)) if layers.len() == c.num_hidden_layers => layers.iter().map(|&l| l != 0).collect(),
+            ("smollm3", Some(layers)) => {
+                return bad(format!("no_rope_layers has {} entries for {} layers", layers.len(), c.num_hidden_layers));
+            }
+            // transformers' default: every `no_rope_layer_interval`-th layer without positions
+            ("smollm3", None) => (0..c.num_hidden_layers).map(|i| (i + 1) % c.no_rope_layer_interval.max(1) != 0).collect(),
+            _ => vec![true; c.num_hidden_layers],
+        };
         let num_key_value_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
         if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 && c.head_dim.is_none() {
             return bad(format!("hidden_size {} is not divisible by num_attention_heads {}", c.hidden_size, c.num_attention_heads));
@@ -121,6 +180,7 @@ impl LlamaConfig {
             Some(other) => return bad(format!("eos_token_id must be an id or a list of ids, got {other}")),
         };
         Ok(LlamaConfig {
+            model_type,
             vocab_size: c.vocab_size,
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
@@ -130,8 +190,13 @@ impl LlamaConfig {
             head_dim,
             rms_norm_eps: c.rms_norm_eps,
             rope_theta: rope_theta.unwrap_or(DEFAULT_ROPE_THETA),
+            rope_scaling,
+            rope_layers,
             max_position_embeddings: c.max_position_embeddings,
             tie_word_embeddings: c.tie_word_embeddings,
+            qkv_bias: c.attention_bias || model_type == "qwen2",
+            o_bias: c.attention_bias && model_type != "qwen2",
+            qk_norm: model_type == "qwen3",
             bos_token_id: c.bos_token_id,
             eos_token_ids,
             raw,
@@ -149,29 +214,49 @@ impl LlamaConfig {
     }
 }
 
-/// Refuses anything but a Llama causal LM, naming what was found.
-fn check_architecture(raw: &Map<String, Value>, file: &str) -> Result<()> {
+/// The `model_type` of a supported architecture; anything else is refused, naming what was
+/// found and what is supported.
+fn check_architecture(raw: &Map<String, Value>, file: &str) -> Result<&'static str> {
     let architectures: Vec<&str> =
         raw.get("architectures").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
     let model_type = raw.get("model_type").and_then(Value::as_str);
-    let is_llama = if architectures.is_empty() { model_type == Some("llama") } else { architectures.contains(&LLAMA_ARCHITECTURE) };
-    if is_llama {
-        return Ok(());
+    let supported =
+        ARCHITECTURES.iter().find(
+            |(architecture, kind)| {
+                if architectures.is_empty() { model_type == Some(kind) } else { architectures.contains(architecture) }
+            },
+        );
+    if let Some((_, kind)) = supported {
+        return Ok(kind);
     }
     let found = if architectures.is_empty() {
         format!("model_type {:?}", model_type.unwrap_or("(none)"))
     } else {
         format!("architectures {architectures:?}")
     };
-    Err(Error::file(file, format!("unsupported architecture: {found}; only {LLAMA_ARCHITECTURE} (model_type \"llama\") is supported")))
+    let list: Vec<String> = ARCHITECTURES.iter().map(|(a, t)| format!("{a} (model_type \"{t}\")")).collect();
+    Err(Error::file(file, format!("unsupported architecture: {found}; supported: {}", list.join(", "))))
 }
 
-/// Only plain rotary embeddings are implemented; scaled variants would silently give wrong logits.
-fn check_rope_type(params: &Value, key: &str, file: &str) -> Result<()> {
+/// The rotary scaling `params` (the object under `key`) ask for; a kind not implemented is
+/// refused: it would silently give wrong logits.
+fn parse_rope_scaling(params: &Value, key: &str, max_position_embeddings: usize, file: &str) -> Result<RopeScaling> {
     let kind = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str);
+    let number = |name: &str| {
+        params.get(name).and_then(Value::as_f64).ok_or_else(|| Error::file(file, format!("{key}.{name} is missing or not a number")))
+    };
     match kind {
-        None | Some("default") => Ok(()),
-        Some(other) => Err(Error::file(file, format!("{key}.rope_type {other:?} is not supported; only the default rotary embedding"))),
+        None | Some("default") => Ok(RopeScaling::None),
+        Some("linear") => Ok(RopeScaling::Linear { factor: number("factor")? }),
+        Some("llama3") => Ok(RopeScaling::Llama3 {
+            factor: number("factor")?,
+            low_freq_factor: number("low_freq_factor")?,
+            high_freq_factor: number("high_freq_factor")?,
+            original_max_position_embeddings: number("original_max_position_embeddings").unwrap_or(max_position_embeddings as f64),
+        }),
+        Some(other) => {
+            Err(Error::file(file, format!("{key}.rope_type {other:?} is not supported; supported: \"default\", \"linear\" and \"llama3\"")))
+        }
     }
 }
 
@@ -198,6 +283,34 @@ mod tests {
     }
 
     #[test]
+    fn rope_scalings_and_nope_layers() {
+        let c = parse(r#","rope_parameters":{"rope_theta":5e5,"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#).unwrap();
+        assert_eq!(
+            (c.rope_theta, c.rope_scaling),
+            (
+                5e5,
+                RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 }
+            )
+        );
+        assert_eq!(parse(r#","rope_scaling":{"type":"linear","factor":2.0}"#).unwrap().rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        assert_eq!(parse("").unwrap().rope_layers, [true]);
+        let smollm3 = |extra: &str| {
+            let json = format!(
+                r#"{{"architectures":["SmolLM3ForCausalLM"],"vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":8,"num_attention_heads":2{extra}}}"#
+            );
+            LlamaConfig::from_json(json.as_bytes(), "config.json")
+        };
+        // transformers' default: no rotary on every fourth layer
+        assert_eq!(smollm3("").unwrap().rope_layers, [true, true, true, false, true, true, true, false]);
+        assert_eq!(
+            smollm3(r#","no_rope_layers":[1,0,1,0,1,0,1,0]"#).unwrap().rope_layers,
+            [true, false, true, false, true, false, true, false]
+        );
+        assert!(smollm3(r#","no_rope_layers":[1,0]"#).unwrap_err().to_string().contains("no_rope_layers has 2 entries for 8 layers"));
+        assert!(smollm3(r#","use_sliding_window":true"#).unwrap_err().to_string().contains("use_sliding_window"));
+    }
+
+    #[test]
     fn eos_may_be_a_list() {
         assert_eq!(parse(r#","eos_token_id":[2,7]"#).unwrap().eos_token_ids, vec![2, 7]);
         assert_eq!(parse(r#","eos_token_id":2"#).unwrap().eos_token_ids, vec![2]);
@@ -205,12 +318,15 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_run() {
-        let err = parse(r#","rope_scaling":{"rope_type":"llama3","factor":8.0}"#).unwrap_err().to_string();
-        assert!(err.contains("config.json") && err.contains("llama3"), "{err}");
-        let err = parse(r#","attention_bias":true"#).unwrap_err().to_string();
-        assert!(err.contains("attention_bias"), "{err}");
+        let err = parse(r#","rope_scaling":{"rope_type":"yarn","factor":8.0}"#).unwrap_err().to_string();
+        assert!(err.contains("config.json") && err.contains("rope_scaling.rope_type \"yarn\" is not supported"), "{err}");
+        let err = parse(r#","rope_parameters":{"rope_type":"llama3","factor":8.0}"#).unwrap_err().to_string();
+        assert!(err.contains("rope_parameters.low_freq_factor is missing"), "{err}");
+        let err = parse(r#","mlp_bias":true"#).unwrap_err().to_string();
+        assert!(err.contains("mlp_bias"), "{err}");
         let err = LlamaConfig::from_json(br#"{"architectures":["GPT2LMHeadModel"]}"#, "m/config.json").unwrap_err().to_string();
         assert!(err.starts_with("m/config.json: unsupported architecture") && err.contains("GPT2LMHeadModel"), "{err}");
+        assert!(err.contains("supported: LlamaForCausalLM (model_type \"llama\"), SmolLM3ForCausalLM"), "{err}");
         assert!(LlamaConfig::from_json(b"{", "c.json").unwrap_err().to_string().contains("not valid JSON"));
     }
 }

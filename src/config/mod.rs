@@ -2,4 +2,4 @@
 
 mod llama;
 
-pub use llama::{LLAMA_ARCHITECTURE, LlamaConfig};
+pub use llama::{ARCHITECTURES, LLAMA_ARCHITECTURE, LlamaConfig, RopeScaling};

@@ -11,7 +11,7 @@
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::io::gguf::RawMetadata;
 use crate::io::gguf_write::GgufWriter;
@@ -58,6 +58,16 @@ pub fn model_metadata(
     text_files: &[(String, Vec<u8>)],
     file_type: u32,
 ) -> Result<RawMetadata> {
+    // llama.cpp keeps Llama 3's scaled frequencies as a tensor (rope_freqs) and the other families
+    // as architectures of their own: none is written yet, and llama.* metadata would run them wrongly
+    if config.model_type != "llama" || config.rope_scaling != RopeScaling::None {
+        return Err(Error::invalid(format!(
+            "GGUF export supports plain Llama models so far (this one is {}{}): export a Hugging Face directory \
+             and convert it with llama.cpp's convert_hf_to_gguf.py",
+            config.model_type,
+            if config.rope_scaling == RopeScaling::None { "" } else { ", with scaled rotary embeddings" }
+        )));
+    }
     let file = |name: &str| text_files.iter().find(|(n, _)| n == name).map(|(_, b)| b.as_slice());
     let (Some(text_tokenizer), Some(tokenizer_json)) = (text_tokenizer, file(TOKENIZER_FILE)) else {
         return Err(Error::invalid(

@@ -182,7 +182,7 @@ impl LoraLinear {
         let dropout = run.and_then(|run| run.dropout);
         let [batch, seq, d_in] = x.dims();
         let x2 = x.reshape([batch * seq, d_in]);
-        let base = self.base.weight_t.apply(x2.clone());
+        let base = self.base.apply(x2.clone());
         let dropout = dropout.map(|dropout| dropout.mask(d_in, &x2.device()));
         let d_out = self.base.weight_t.dims()[1];
         nn::ops::lora(base, x2, dropout, lora.a_t.clone(), lora.b_t.clone(), lora.scaling as f32).reshape([batch, seq, d_out])

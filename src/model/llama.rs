@@ -1,4 +1,4 @@
-//! A Llama-architecture causal LM (`LlamaForCausalLM`), written to read like the math:
+//! A Llama-architecture causal LM (`LlamaForCausalLM`, `SmolLM3ForCausalLM`), written to read like the math:
 //!
 //! ```text
 //! h = embed(ids)
@@ -8,6 +8,9 @@
 //! mlp(x)  = down(silu(gate(x)) * up(x))
 //! ```
 //!
+//! rope rotates by the position's angles, pos * inv_freq (scaled for Llama 3.x); SmolLM3's NoPE
+//! layers leave q and k as they are.
+//!
 //! Weights are loaded by their Hugging Face names and stay constants: nothing here requires a
 //! gradient. Linear weights are kept transposed ([in, out]) so that every projection is `x @ W^T`
 //! as one plain matmul.
@@ -16,7 +19,7 @@ use std::collections::BTreeMap;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::io::WeightSource;
 use crate::io::gguf::StoredTensor;
@@ -73,12 +76,46 @@ impl Residual {
     }
 }
 
-/// cos and sin of the rotary angles for a run of positions, [2, seq, head_dim], as transformers
-/// computes them, in f32: inv_freq = 1 / theta^(2i/d), angle = pos * inv_freq.
-fn rotary_tables(config: &LlamaConfig, start: usize, seq: usize, device: &Device) -> Tensor<3> {
+/// The rotary frequencies as transformers computes them, in f32: inv_freq_i = 1 / theta^(2i/d),
+/// then scaled. Llama 3's scaling, with wavelength w = 2 pi / inv_freq and the original context L:
+///
+/// ```text
+/// w < L / high_freq_factor:   inv_freq                                      (kept)
+/// w > L / low_freq_factor:    inv_freq / factor
+/// otherwise:                  (1 - s) inv_freq / factor + s inv_freq,  s = (L / w - low) / (high - low)
+/// ```
+fn inv_freq(config: &LlamaConfig) -> Vec<f32> {
     let d = config.head_dim;
     let theta = config.rope_theta as f32;
-    let inv_freq: Vec<f32> = (0..d / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32)).collect();
+    let plain = (0..d / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32));
+    match config.rope_scaling {
+        RopeScaling::None => plain.collect(),
+        RopeScaling::Linear { factor } => plain.map(|f| f / factor as f32).collect(),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            let [factor, low, high, context] =
+                [factor, low_freq_factor, high_freq_factor, original_max_position_embeddings].map(|v| v as f32);
+            plain
+                .map(|f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    if wavelen < context / high {
+                        f
+                    } else if wavelen > context / low {
+                        f / factor
+                    } else {
+                        let smooth = (context / wavelen - low) / (high - low);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// cos and sin of the rotary angles for a run of positions, [2, seq, head_dim], as transformers
+/// computes them, in f32: angle = pos * inv_freq.
+fn rotary_tables(config: &LlamaConfig, start: usize, seq: usize, device: &Device) -> Tensor<3> {
+    let d = config.head_dim;
+    let inv_freq = inv_freq(config);
     let mut cos = Vec::with_capacity(seq * d);
     let mut sin = Vec::with_capacity(seq * d);
     for pos in start..start + seq {
@@ -99,8 +136,12 @@ pub struct Positions {
     start: usize,
     /// The positions' rotary cos and sin [2, seq, head_dim].
     rotary: Tensor<3>,
+    /// cos 1 and sin 0, which rotate nothing, for layers without positions (NoPE); only when
+    /// the model has such layers.
+    unrotated: Option<Tensor<3>>,
     /// Attention's 1 / sqrt(head_dim).
     scale: f32,
+    head_dim: usize,
 }
 
 /// Grouped-query attention with rotary embeddings.
@@ -109,21 +150,34 @@ pub struct Attention {
     pub k_proj: LoraLinear,
     pub v_proj: LoraLinear,
     pub o_proj: LoraLinear,
+    /// Qwen3's RMSNorm over each head of q and of k.
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
     layer: usize,
+    /// Whether queries and keys are rotated by their positions (false: a NoPE layer).
+    rope: bool,
 }
 
 impl Attention {
     /// With a cache, this step's keys and values join it and the queries attend over all of it.
     fn forward(&self, x: Tensor<3>, at: &Positions, cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Tensor<3> {
-        let q = self.q_proj.forward(x.clone(), lora);
-        let (k, v) = (self.k_proj.forward(x.clone(), lora), self.v_proj.forward(x, lora));
-        let rotary = at.rotary.clone();
+        let q = per_head(self.q_norm.as_ref(), self.q_proj.forward(x.clone(), lora), at.head_dim);
+        let k = per_head(self.k_norm.as_ref(), self.k_proj.forward(x.clone(), lora), at.head_dim);
+        let v = self.v_proj.forward(x, lora);
+        let rotary = if self.rope { at.rotary.clone() } else { at.unrotated.clone().expect("tables for NoPE layers") };
         let out = match cache {
             Some(cache) => causal_attention(q, cache.append(self.layer, k, v, rotary.clone(), at.start), rotary, at.scale, at.start),
             None => self_attention(q, k, v, rotary, at.scale),
         };
         self.o_proj.forward(out, lora)
     }
+}
+
+/// `norm` over each head of x [batch, seq, heads * head_dim] (x itself without a norm).
+fn per_head(norm: Option<&RmsNorm>, x: Tensor<3>, head_dim: usize) -> Tensor<3> {
+    let Some(norm) = norm else { return x };
+    let [batch, seq, width] = x.dims();
+    norm.forward(x.reshape([batch, seq * width / head_dim, head_dim])).reshape([batch, seq, width])
 }
 
 /// The SwiGLU feed-forward block.
@@ -153,6 +207,17 @@ impl DecoderLayer {
         let (x, normed) = x.normed(&self.input_layernorm);
         let (h, normed) = Residual::with_pending(x, self.self_attn.forward(normed, at, cache, lora)).normed(&self.post_attention_layernorm);
         Residual::with_pending(h, self.mlp.forward(normed, lora))
+    }
+
+    /// The block's f32 vectors: its norms' weights and its linears' biases.
+    pub fn vectors(&self) -> impl Iterator<Item = &Tensor<1>> {
+        let norms = [
+            Some(&self.input_layernorm),
+            Some(&self.post_attention_layernorm),
+            self.self_attn.q_norm.as_ref(),
+            self.self_attn.k_norm.as_ref(),
+        ];
+        norms.into_iter().flatten().map(|n| &n.weight).chain(self.linears().into_iter().filter_map(|l| l.base.bias.as_ref()))
     }
 
     /// The block's linear layers in model order.
@@ -210,8 +275,13 @@ impl LlamaModel {
         let [batch, seq] = input_ids.dims();
         let device = self.embed_tokens.device();
         let rotary = rotary_tables(&self.config, start, seq, &device);
+        let unrotated = self.config.rope_layers.contains(&false).then(|| {
+            let d = self.config.head_dim;
+            Tensor::cat(vec![Tensor::ones([1, seq, d], &device), Tensor::zeros([1, seq, d], &device)], 0)
+        });
         let h = self.embed_tokens.rows(input_ids.reshape([batch * seq])).reshape([batch, seq, self.config.hidden_size]);
-        (h, Positions { start, rotary, scale: 1.0 / (self.config.head_dim as f32).sqrt() })
+        let head_dim = self.config.head_dim;
+        (h, Positions { start, rotary, unrotated, scale: 1.0 / (head_dim as f32).sqrt(), head_dim })
     }
 
     /// Layer `i` on its input `h` (no cache): the decoder a layer at a time, for training that
@@ -267,7 +337,7 @@ impl LlamaModel {
         let f32_bytes = |dims: &[usize]| 4 * dims.iter().product::<usize>();
         let mut bytes = self.embed_tokens.bytes() + self.lm_head.as_ref().map_or(0, Weight::bytes) + f32_bytes(&self.norm.weight.dims());
         for layer in &self.layers {
-            bytes += f32_bytes(&layer.input_layernorm.weight.dims()) + f32_bytes(&layer.post_attention_layernorm.weight.dims());
+            bytes += layer.vectors().map(|v| f32_bytes(&v.dims())).sum::<usize>();
             for linear in layer.linears() {
                 bytes += linear.base.weight_t.bytes();
                 for lora in linear.adapters.values().chain(linear.initial.values()) {
@@ -348,6 +418,11 @@ impl LlamaModel {
             let p = format!("model.layers.{i}");
             out.insert(format!("{p}.input_layernorm.weight"), vector(&layer.input_layernorm.weight).await?);
             out.insert(format!("{p}.post_attention_layernorm.weight"), vector(&layer.post_attention_layernorm.weight).await?);
+            for (name, norm) in [("q_norm", &layer.self_attn.q_norm), ("k_norm", &layer.self_attn.k_norm)] {
+                if let Some(norm) = norm {
+                    out.insert(format!("{p}.self_attn.{name}.weight"), vector(&norm.weight).await?);
+                }
+            }
         }
         for linear in self.lora_linears() {
             let delta = merge.filter(|m| !linear.merged.iter().any(|done| done == m)).and_then(|m| linear.delta_t(m));
@@ -361,6 +436,9 @@ impl LlamaModel {
                 None => linear.base.weight_t.clone(),
             };
             out.insert(format!("{}.weight", linear.name), kept(weight_t.read().await?));
+            if let Some(bias) = &linear.base.bias {
+                out.insert(format!("{}.bias", linear.name), vector(bias).await?);
+            }
         }
         Ok(out)
     }
@@ -377,7 +455,7 @@ impl LlamaModel {
     ) -> Result<Self> {
         let c = &config;
         let (hidden, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
-        let per_layer = 9;
+        let per_layer = 9 + 3 * usize::from(c.qkv_bias) + usize::from(c.o_bias) + 2 * usize::from(c.qk_norm);
         let total = 2 + per_layer * c.num_hidden_layers + usize::from(!c.tie_word_embeddings);
         let mut loader = Loader { weights, dtype, device, done: 0, total, progress };
 
@@ -385,14 +463,27 @@ impl LlamaModel {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let mut linear = |name: &str, d_out: usize, d_in: usize| loader.lora_linear(&format!("{p}.{name}"), d_out, d_in);
+            let mut linear =
+                |name: &str, d_out: usize, d_in: usize, bias: bool| loader.lora_linear(&format!("{p}.{name}"), d_out, d_in, bias);
+            let (q_proj, k_proj, v_proj, o_proj) = (
+                linear("self_attn.q_proj", c.num_attention_heads * hd, hidden, c.qkv_bias)?,
+                linear("self_attn.k_proj", c.num_key_value_heads * hd, hidden, c.qkv_bias)?,
+                linear("self_attn.v_proj", c.num_key_value_heads * hd, hidden, c.qkv_bias)?,
+                linear("self_attn.o_proj", hidden, c.num_attention_heads * hd, c.o_bias)?,
+            );
+            let mut head_norm =
+                |name: &str| c.qk_norm.then(|| loader.norm(&format!("{p}.self_attn.{name}.weight"), hd, c.rms_norm_eps)).transpose();
             let self_attn = Attention {
-                q_proj: linear("self_attn.q_proj", c.num_attention_heads * hd, hidden)?,
-                k_proj: linear("self_attn.k_proj", c.num_key_value_heads * hd, hidden)?,
-                v_proj: linear("self_attn.v_proj", c.num_key_value_heads * hd, hidden)?,
-                o_proj: linear("self_attn.o_proj", hidden, c.num_attention_heads * hd)?,
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj,
+                q_norm: head_norm("q_norm")?,
+                k_norm: head_norm("k_norm")?,
                 layer: i,
+                rope: c.rope_layers[i],
             };
+            let mut linear = |name: &str, d_out: usize, d_in: usize| loader.lora_linear(&format!("{p}.{name}"), d_out, d_in, false);
             let mlp = Mlp {
                 gate_proj: linear("mlp.gate_proj", inter, hidden)?,
                 up_proj: linear("mlp.up_proj", inter, hidden)?,
@@ -429,12 +520,12 @@ impl LoraLayers for LlamaModel {
         &mut self.adapters
     }
 
-    /// Embeddings, norms, every linear layer and an untied head.
+    /// Embeddings, norms, every linear layer (with its bias) and an untied head.
     fn base_parameters(&self) -> usize {
         let c = &self.config;
         let numel = |dims: [usize; 2]| dims[0] * dims[1];
         let linears: usize = self.lora_linears().map(|l| numel(l.base.weight_t.dims())).sum();
-        let norms = (2 * self.layers.len() + 1) * c.hidden_size;
+        let norms = c.hidden_size + self.layers.iter().flat_map(DecoderLayer::vectors).map(|v| v.dims()[0]).sum::<usize>();
         numel(self.embed_tokens.dims()) + norms + linears + self.lm_head.as_ref().map_or(0, |head| numel(head.dims()))
     }
 
@@ -517,15 +608,23 @@ impl Loader<'_> {
         Ok(self.uploaded(weight))
     }
 
-    /// An adaptable linear layer, named after its module (`name` without `.weight`).
-    fn lora_linear(&mut self, module: &str, d_out: usize, d_in: usize) -> Result<LoraLinear> {
+    /// An adaptable linear layer, named after its module (`name` without `.weight`), with its
+    /// `.bias` where the family has one.
+    fn lora_linear(&mut self, module: &str, d_out: usize, d_in: usize, bias: bool) -> Result<LoraLinear> {
         let weight_t = self.weight(&format!("{module}.weight"), [d_out, d_in], true, true)?;
-        Ok(LoraLinear::new(module.to_string(), Linear { weight_t }))
+        let bias = bias.then(|| self.vector(&format!("{module}.bias"), d_out)).transpose()?;
+        Ok(LoraLinear::new(module.to_string(), Linear { weight_t, bias }))
     }
 
     fn norm(&mut self, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
+        let weight = self.vector(name, size)?;
+        Ok(RmsNorm { weight, eps })
+    }
+
+    /// A vector of `size` in f32 (a norm's weight, a bias).
+    fn vector(&mut self, name: &str, size: usize) -> Result<Tensor<1>> {
         let t = self.host(name, &[size])?;
-        let weight = Tensor::from_data(TensorData::new(t.data, [size]), self.device);
-        Ok(self.uploaded(RmsNorm { weight, eps }))
+        let vector = Tensor::from_data(TensorData::new(t.data, [size]), self.device);
+        Ok(self.uploaded(vector))
     }
 }

@@ -6,6 +6,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
+import { statSync } from 'node:fs';
 import { start, root, readJson, maxAbsDiff } from './helpers.mjs';
 
 const { ids } = readJson(join(root, 'tests/fixtures/tiny-llama/expected.json'));
@@ -214,5 +215,27 @@ test('a GPU lost mid-generation: the stream rejects saying so; recover() restore
   assert.deepEqual(out.report, { restored: ['qv'], lost: [], mergedAway: [] });
   assert.equal(out.after.text, out.before.text, 'the same seeded text after the recovery');
   assert.deepEqual(out.after.logits, out.before.logits);
+  assert.deepEqual(b.errors, []);
+});
+
+test('the GPU out of memory while loading: the load says so, with the files\' size and a smaller dtype to use', async () => {
+  // the new engine's first large GPU buffer asks for 1 GiB (SwiftShader's GPUOutOfMemoryError):
+  // armed as soon as the worker exists, long before its wasm is compiled and it has a device
+  const armed = new Promise((resolve) => b.page.once('worker', (worker) => resolve(worker.evaluate(() => {
+    const createBuffer = GPUDevice.prototype.createBuffer;
+    let armed = true;
+    GPUDevice.prototype.createBuffer = function (descriptor) {
+      if (!armed || descriptor.size < 4096) return createBuffer.call(this, descriptor);
+      armed = false;
+      return createBuffer.call(this, { ...descriptor, size: 2 ** 30 });
+    };
+  }))));
+  const loading = b.page.evaluate(() => window.app.webgpuLora.LoraModel.fromPretrained('/fixtures/tiny-llama/').then((m) => { m.dispose(); return 'loaded'; }, (e) => e.message));
+  await armed;
+  const bytes = statSync(join(root, 'tests/fixtures/tiny-llama/model.safetensors')).size + statSync(join(root, 'tests/fixtures/tiny-llama/config.json')).size;
+  const ended = await loading;
+  assert.match(ended, /^the GPU ran out of memory while loading the model \(the model's files hold ([\d.]+) MB\): load the model with a smaller dtype \("f16" halves f32; "q8_0" and "q4_1" keep about a quarter and an eighth of it\) or from a quantized GGUF, or close other pages that use the GPU; model\.recover\(\) starts the engine again and loads the model with its adapters$/);
+  assert.ok(Number(ended.match(/hold ([\d.]+) MB/)[1]) >= bytes / 1e6 - 0.05, `the files' size is counted (${bytes} bytes of weights and config at least)`);
+  b.errors.splice(0, b.errors.length, ...b.errors.filter((e) => !/wgpu error: Out of Memory/.test(e)));
   assert.deepEqual(b.errors, []);
 });

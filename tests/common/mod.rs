@@ -269,8 +269,14 @@ pub fn assert_gradients_match_peft(model: &LlamaModel) {
 
 fn assert_gradients_match_peft_with(model: &LlamaModel, checkpointing: bool) {
     let t = read_json(fixture("train/trajectory.json"));
-    let (loss, grads) = adapter_gradients(model, "a", &batch(&t["grad_batch"]), checkpointing);
-    let bytes = std::fs::read(fixture("train/grads.safetensors")).unwrap();
+    assert_gradients_match(model, &batch(&t["grad_batch"]), fixture("train/grads.safetensors"), checkpointing);
+}
+
+/// The loss and gradients of adapter "a" of `model` for `batch` equal PEFT's in `grads_file`
+/// (its `loss` and each lora_A / lora_B under PEFT's names), 1e-4 relative.
+pub fn assert_gradients_match(model: &LlamaModel, batch: &Batch, grads_file: PathBuf, checkpointing: bool) {
+    let (loss, grads) = adapter_gradients(model, "a", batch, checkpointing);
+    let bytes = std::fs::read(grads_file).unwrap();
     let peft = webgpu_lora::io::SafetensorsWeights::new(vec![("grads".into(), bytes)]).unwrap();
     let peft_loss = peft.tensor("loss").unwrap().data[0] as f64;
     assert!((loss - peft_loss).abs() < 1e-5 * peft_loss.abs(), "checkpointing {checkpointing}: loss {loss} vs PEFT {peft_loss}");

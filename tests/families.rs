@@ -1,0 +1,91 @@
+//! The model families one configured Llama runs, each a tiny random model made by transformers
+//! (tests/fixtures/make_fixtures.py, `families`): Llama 3.x's rotary scaling, SmolLM3's layers
+//! without rotary embeddings, Qwen2's q/k/v biases and Qwen3's q/k norms with a head_dim of its own. Against transformers' logits, with PEFT's all-linear adapter and its
+//! merge, and the KV cache against a full pass, on the CPU backend and on native wgpu.
+
+mod common;
+
+use common::*;
+use webgpu_lora::LoraModel;
+use webgpu_lora::lora::AdapterSource;
+use webgpu_lora::tensor::read_f32;
+
+/// Stated tolerance: max absolute logit difference against transformers/PEFT in f32.
+const TOLERANCE: f32 = 1e-4;
+const FAMILIES: [&str; 4] = ["tiny-llama3", "tiny-smollm3", "tiny-qwen2", "tiny-qwen3"];
+
+fn reference(family: &str, key: &str) -> Vec<f32> {
+    let path = fixture("families").join(family).join("expected.safetensors");
+    let w = webgpu_lora::io::SafetensorsWeights::new(vec![(path.display().to_string(), std::fs::read(&path).unwrap())]).unwrap();
+    w.tensor(key).unwrap().data
+}
+
+fn families_match_transformers_and_peft(device: &burn::tensor::Device) {
+    for family in FAMILIES {
+        let dir = fixture("families").join(family);
+        let mut model = load(&dir, device).model;
+        let input = ids(&read_json(dir.join("expected.json"))["ids"]);
+        let check = |logits: &[f32], key: &str, what: &str| {
+            let diff = max_abs_diff(logits, &reference(family, key));
+            assert!(diff < TOLERANCE, "{family}, {what}: max |ours - reference| = {diff}");
+        };
+        check(&logits_of(&model, &input), "logits", "base vs transformers");
+
+        let adapter = AdapterSource::from_dir(&dir.join("peft-all-linear")).unwrap();
+        pollster::block_on(model.load_adapter("all", adapter)).unwrap();
+        model.set_adapter("all").unwrap();
+        check(&logits_of(&model, &input), "adapter_logits", "all-linear adapter vs PEFT");
+        pollster::block_on(model.merge_and_unload(&[], true)).unwrap();
+        check(&logits_of(&model, &input), "merged_logits", "merged vs PEFT's merge_and_unload");
+    }
+}
+
+/// Decoding a token at a time through the KV cache gives the logits of one full pass, past the
+/// Llama 3 model's original context (32) and through SmolLM3's NoPE layer.
+fn kv_cache_decoding_equals_full_forward(device: &burn::tensor::Device) {
+    for family in FAMILIES {
+        let dir = fixture("families").join(family);
+        let model = load(&dir, device).model;
+        let input = ids(&read_json(dir.join("expected.json"))["ids"]);
+        let full = logits_of(&model, &input);
+        let mut cache = model.new_cache();
+        let mut incremental = pollster::block_on(read_f32(model.forward(model.ids_tensor(&input[..5]), Some(&mut cache)))).unwrap();
+        for &id in &input[5..] {
+            incremental.extend(pollster::block_on(read_f32(model.forward_last(model.ids_tensor(&[id]), Some(&mut cache)))).unwrap());
+        }
+        let diff = max_abs_diff(&full, &incremental);
+        assert!(diff < 1e-5, "{family}: cached decoding differs from the full pass by {diff}");
+    }
+}
+
+/// The loss and the gradient of every lora_A / lora_B of the all-linear adapter for one batch
+/// equal PEFT's (1e-4 relative), with and without gradient checkpointing: training is PEFT's on
+/// each family.
+fn gradients_match_peft(device: &burn::tensor::Device) {
+    for family in FAMILIES {
+        let dir = fixture("families").join(family);
+        let mut model = load(&dir, device).model;
+        let adapter = dir.join("peft-all-linear");
+        pollster::block_on(model.load_adapter("a", AdapterSource::from_dir(&adapter).unwrap())).unwrap();
+        let grad_batch = batch(&read_json(dir.join("expected.json"))["grad_batch"]);
+        for checkpointing in [false, true] {
+            assert_gradients_match(&model, &grad_batch, adapter.join("grads.safetensors"), checkpointing);
+        }
+    }
+}
+
+on_cpu_and_wgpu!(families_match_transformers_and_peft, kv_cache_decoding_equals_full_forward, gradients_match_peft);
+
+/// What a family's file asks for and we do not run is refused by name.
+#[test]
+fn unsupported_family_features_are_named() {
+    let config = std::fs::read_to_string(fixture("families/tiny-llama3/config.json")).unwrap();
+    let yarn = config.replace("\"llama3\"", "\"yarn\"");
+    let err = webgpu_lora::LlamaConfig::from_json(yarn.as_bytes(), "config.json").unwrap_err().to_string();
+    assert!(err.contains("rope_parameters.rope_type \"yarn\" is not supported"), "{err}");
+    let gemma = config.replace("LlamaForCausalLM", "Gemma3ForCausalLM");
+    let err = webgpu_lora::LlamaConfig::from_json(gemma.as_bytes(), "config.json").unwrap_err().to_string();
+    let supported = "supported: LlamaForCausalLM (model_type \"llama\"), SmolLM3ForCausalLM (model_type \"smollm3\"), \
+                     Qwen2ForCausalLM (model_type \"qwen2\"), Qwen3ForCausalLM (model_type \"qwen3\")";
+    assert!(err.contains(&format!("unsupported architecture: architectures [\"Gemma3ForCausalLM\"]; {supported}")), "{err}");
+}

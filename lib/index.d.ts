@@ -158,6 +158,35 @@ export interface DataReport {
 
 export interface TrainReport { summary: TrainingSummary; trainData: DataReport; valData: DataReport | null }
 
+/** model.evaluate(): the model as it is on held-out data. */
+export interface Evaluation {
+  examples: number;
+  /** The tokens the loss counts (completions and assistant turns; every token of plain text). */
+  tokens: number;
+  meanLoss: number;
+  /** exp(meanLoss). */
+  perplexity: number;
+  /** Over the rows with a reference; null when there are none or maxNewTokens is 0. */
+  generation: GenerationScores | null;
+}
+
+export interface GenerationScores {
+  pairs: number;
+  /** Pairs whose prompt fills the model's context: not scored. */
+  skipped: number;
+  exactMatch: number;
+  rougeL: number;
+}
+
+export interface EvaluateOptions {
+  /** Decides the format: ".jsonl" (default "data.jsonl") or plain text. */
+  dataName?: string;
+  /** The longest greedy answer (default 64); 0 skips exact match and ROUGE-L. */
+  maxNewTokens?: number;
+  batchSize?: number;
+  maxSeqLen?: number;
+}
+
 export interface CheckpointFiles {
   step: number; 'adapter_config.json': string; 'adapter_model.safetensors': Uint8Array; 'trainer_state.safetensors': Uint8Array;
 }
@@ -253,6 +282,8 @@ export class LoraModel {
   logits(ids: Int32Array | Uint32Array | number[]): Promise<{ data: Float32Array; dims: [number, number] }>;
   generate(prompt: string | ChatMessage[], options?: GenerateOptions): TextStream;
   train(options: TrainOptions): Promise<TrainReport>;
+  /** Loss, perplexity, exact match and ROUGE-L of the model as it is (the active adapter) on held-out data. */
+  evaluate(data: TrainData, options?: EvaluateOptions): Promise<Evaluation>;
   saveAdapter(name: string, options?: { as?: string; overwrite?: boolean; store?: AdapterStore }): Promise<StoredAdapter>;
   /** After a crash, running out of memory, a lost GPU or an ended worker: a new engine with the base and every adapter that came from a URL, files or the store; what could not come back is listed. */
   recover(options?: { onProgress?: (event: LoadProgress) => void }): Promise<{ restored: string[]; lost: string[]; mergedAway: string[] }>;

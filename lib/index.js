@@ -439,6 +439,20 @@ export class LoraModel {
   }
 
   /**
+   * Evaluates the model as it is (the active adapter, merged adapters included; none while
+   * disabled) on held-out `data` (JSONL text, a File, or an array of rows, as train() takes it):
+   * {examples, tokens, meanLoss, perplexity, generation: {pairs, exactMatch, rougeL} | null}.
+   * Exact match and ROUGE-L (rouge_score's, without stemming) score greedy answers of the rows
+   * with a reference ({prompt, completion}, or messages ending with the assistant's).
+   * Options: dataName, maxNewTokens (default 64; 0 skips generation), batchSize, maxSeqLen.
+   */
+  async evaluate(data, { dataName, ...options } = {}) {
+    if (data == null) throw new Error('evaluate: "data" is required (JSONL text, a File, or an array of rows)');
+    const name = dataName ?? (typeof File !== 'undefined' && data instanceof File ? data.name : 'data.jsonl');
+    return this.#engine.callPrepared('evaluate', dataBytes(data, 'evaluate: data').then((bytes) => ({ args: [name, bytes, options] })));
+  }
+
+  /**
    * The adapter's PEFT files as Blobs: {"adapter_config.json", "adapter_model.safetensors"}.
    * With {asLora: true}, an OLoRA/PiSSA adapter as a plain LoRA of rank 2r that loads on the
    * unmodified base (PEFT's path_initial_model_for_weight_conversion). With {format: 'gguf'},

@@ -52,7 +52,7 @@ const LESS = {
   train: 'train on less data at once (the engine reads and tokenizes all of it in its memory) or with a smaller batchSize',
   generate: 'generate from a shorter prompt or fewer tokens (maxNewTokens)',
 };
-const DOING = { load: 'loading the model', train: 'training', generate: 'generating', logits: 'computing logits' };
+const DOING = { load: 'loading the model', train: 'training', generate: 'generating', logits: 'computing logits', evaluate: 'evaluating' };
 
 // The engine's GPU device, kept when the engine asks for it: a lost device (a driver reset, the
 // GPU process restarting, destroy()) ends the engine, and the page can recover() the model.
@@ -318,6 +318,10 @@ const ops = {
       return !emit.cancelled();
     });
     return { ...result, report: JSON.parse(result.report) };
+  },
+
+  async evaluate(dataName, data, options) {
+    return JSON.parse(await (await engine()).evaluate(dataName, await toBytes(data, dataName), options ?? {}));
   },
 
   async exportAdapter(name, asLora) { return (await engine()).exportAdapter(name, asLora); },

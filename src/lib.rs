@@ -21,12 +21,14 @@
 //!   the [`LoraModel`] trait.
 //! - [`model`]: the Llama forward pass with a KV cache; its linear layers carry adapters.
 //! - [`generate`]: greedy and sampled generation, streamed.
+//! - [`evaluate`]: loss, perplexity, exact match and ROUGE-L of the model as it is on held-out data.
 //! - [`llm`]: a model with its tokenizer, loaded from [`io::ModelFiles`].
 //! - [`train`]: SFT of an adapter: options, data, loss, AdamW, the loop, a whole job.
 //! - `web` (wasm32 only): the wasm-bindgen edge.
 
 pub mod config;
 pub mod error;
+pub mod evaluate;
 pub mod generate;
 pub mod io;
 pub mod linalg;

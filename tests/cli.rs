@@ -398,3 +398,34 @@ fn gguf_outputs_of_merge_and_adapter_to_gguf() {
     assert_same_gguf(&std::fs::read(&out).unwrap(), "adapter-qv-r8.gguf");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `evaluate`: one row each for the base, the adapter and the adapter merged; the base's loss is
+/// transformers' (tests/fixtures/eval), the merged row's the adapter's, and --json holds the rows.
+#[test]
+fn evaluate_command_compares_base_adapter_and_merged() {
+    let json = scratch("cli-evaluate.json");
+    let out = cli()
+        .args(["evaluate", "--model"])
+        .arg(fixture("tiny-llama"))
+        .arg("--adapter")
+        .arg(fixture("peft/qv-r8"))
+        .arg("--data")
+        .arg(fixture("eval/ids.jsonl"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.starts_with("model") && table.contains("perplexity") && table.contains("rouge_l"), "{table}");
+    assert_eq!(table.lines().count(), 4, "a header and three rows: {table}");
+    let rows = read_json(json.clone());
+    std::fs::remove_file(&json).unwrap();
+    let loss = |i: usize| rows[i]["evaluation"]["meanLoss"].as_f64().unwrap();
+    assert_eq!(rows[0]["model"], "base");
+    assert!(rows[2]["model"].as_str().unwrap().ends_with("(merged)"));
+    let reference = read_json(fixture("eval/expected.json"))["mean_loss"].as_f64().unwrap();
+    assert!((loss(0) - reference).abs() < 1e-5 * reference, "base {} vs transformers {reference}", loss(0));
+    assert!((loss(1) - loss(0)).abs() > 1e-3, "the adapter changes the loss");
+    assert!((loss(2) - loss(1)).abs() < 1e-4, "merged {} vs adapter {}", loss(2), loss(1));
+}

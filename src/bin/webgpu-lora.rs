@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use burn::tensor::{Device, DeviceKind};
 use clap::{Parser, Subcommand, ValueEnum};
 
+use webgpu_lora::evaluate::{EvalOptions, Evaluation, evaluate};
 use webgpu_lora::io::gguf_convert::GgufModel;
 use webgpu_lora::io::safetensors::write_safetensors;
 use webgpu_lora::io::{ModelFiles, StoreDtype, is_gguf, read_file, write_file, write_files};
@@ -119,6 +120,29 @@ enum Command {
     /// Write an OLoRA/PiSSA adapter as a plain LoRA of rank 2r that loads on the unmodified base
     /// beside other adapters (PEFT's path_initial_model_for_weight_conversion).
     ConvertToLora(AdapterOnBase),
+    /// Evaluate on held-out data (JSONL or text): mean token loss and perplexity, and, for lines
+    /// with a reference ({"prompt","completion"}, or "messages" ending with the assistant's),
+    /// exact match and ROUGE-L of greedy answers. One row for the base, one per --adapter and one
+    /// for the last adapter merged (merge_and_unload), side by side; --json writes them.
+    Evaluate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A PEFT adapter directory to evaluate; repeat for several.
+        #[arg(long)]
+        adapter: Vec<PathBuf>,
+        #[arg(long)]
+        data: PathBuf,
+        /// The longest greedy answer; 0 skips exact match and ROUGE-L.
+        #[arg(long, default_value_t = EvalOptions::default().max_new_tokens)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = EvalOptions::default().batch_size)]
+        batch_size: usize,
+        #[arg(long, default_value_t = EvalOptions::default().max_seq_len)]
+        max_seq_len: usize,
+        /// Write the rows as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Print an adapter's config summary and its parameter counts.
     AdapterInfo {
         adapter: PathBuf,
@@ -300,6 +324,10 @@ fn run(cli: Cli) -> Result<()> {
             }))?;
             println!();
         }
+        Command::Evaluate { model, adapter, data, max_new_tokens, batch_size, max_seq_len, json } => {
+            let options = EvalOptions { max_new_tokens, batch_size, max_seq_len };
+            evaluate_models(&model, &adapter, &data, &options, json.as_deref())?;
+        }
         Command::Logits { model, adapter, merge, ids, text, out } => {
             let mut llm = load(&model)?;
             load_adapters(&mut llm, &adapter)?;
@@ -371,6 +399,51 @@ fn adapter_info(adapter: &Path, model: Option<PathBuf>) -> Result<()> {
     let modules: Vec<&str> = llm.model.lora_linears().map(|l| l.name.as_str()).filter(|m| config.targets(m, true)).collect();
     println!("target modules: {} layers, e.g. {}", modules.len(), modules.first().unwrap_or(&"-"));
     println!("{}", llm.model.trainable_parameters_line());
+    Ok(())
+}
+
+/// The `evaluate` command: the base, each adapter and the last one merged, as a table on stdout.
+fn evaluate_models(model: &ModelArgs, adapters: &[PathBuf], data: &Path, options: &EvalOptions, json: Option<&Path>) -> Result<()> {
+    let mut llm = load(model)?;
+    load_adapters(&mut llm, adapters)?;
+    let bytes = read_file(data)?;
+    let name = data.display().to_string();
+    let mut rows: Vec<(String, Evaluation)> = Vec::new();
+    let mut run = |label: String, llm: &Llm| -> Result<()> {
+        eprintln!("evaluating {label} ...");
+        rows.push((label, pollster::block_on(evaluate(llm, &name, &bytes, options))?));
+        Ok(())
+    };
+    if !adapters.is_empty() {
+        pollster::block_on(llm.model.disable_adapter())?;
+    }
+    run("base".into(), &llm)?;
+    llm.model.enable_adapter();
+    for (i, dir) in adapters.iter().enumerate() {
+        llm.model.set_adapter(&format!("adapter{i}"))?;
+        run(dir.display().to_string(), &llm)?;
+    }
+    if let Some(last) = adapters.last() {
+        pollster::block_on(llm.model.merge_and_unload(&[], false))?;
+        run(format!("{} (merged)", last.display()), &llm)?;
+    }
+    let width = rows.iter().map(|(label, _)| label.len()).max().unwrap_or(5).max(5);
+    println!(
+        "{:width$}  {:>8}  {:>7}  {:>9}  {:>10}  {:>11}  {:>7}",
+        "model", "examples", "tokens", "mean_loss", "perplexity", "exact_match", "rouge_l"
+    );
+    for (label, e) in &rows {
+        let (exact, rouge) =
+            e.generation.as_ref().map_or(("-".into(), "-".into()), |g| (format!("{:.3}", g.exact_match), format!("{:.4}", g.rouge_l)));
+        println!(
+            "{label:width$}  {:>8}  {:>7}  {:>9.4}  {:>10.3}  {exact:>11}  {rouge:>7}",
+            e.examples, e.tokens, e.mean_loss, e.perplexity
+        );
+    }
+    if let Some(path) = json {
+        let rows: Vec<_> = rows.iter().map(|(label, e)| serde_json::json!({"model": label, "evaluation": e})).collect();
+        write_file(path, serde_json::to_string_pretty(&rows).expect("serializable").into_bytes())?;
+    }
     Ok(())
 }
 

@@ -12,6 +12,7 @@ use js_sys::{Function, Promise, Uint8Array};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::future_to_promise;
 
+use crate::evaluate::{EvalOptions, evaluate};
 use crate::generate::GenerationConfig;
 use crate::io::{ChatMessage, ModelFiles};
 use crate::lora::{AdapterFiles, AdapterSource, Combination, LoraModel};
@@ -486,6 +487,19 @@ impl Engine {
             let llm = llm.try_borrow().map_err(|_| busy())?;
             let values = llm.model.logits(&ids).await.map_err(js_error)?;
             Ok(js_sys::Float32Array::from(values.as_slice()).into())
+        })
+    }
+
+    /// Evaluates the model as it is on `data` (see `evaluate::evaluate`; `data_name` decides the
+    /// format); `options`: EvalOptions in camelCase. Resolves to the Evaluation as JSON text.
+    pub fn evaluate(&self, data_name: String, data: Uint8Array, options: JsValue) -> Promise {
+        let llm = self.llm();
+        future_to_promise(async move {
+            let llm = llm?;
+            let llm = llm.try_borrow().map_err(|_| busy())?;
+            let options: EvalOptions = parse_options(options, "evaluation options")?;
+            let evaluation = evaluate(&llm, &data_name, &data.to_vec(), &options).await.map_err(js_error)?;
+            Ok(serde_json::to_string(&evaluation).expect("serializable").into())
         })
     }
 

@@ -13,7 +13,7 @@ const PAGES = [
   ['1-adapters', '?model=/fixtures/tiny-llama/&adapters=/fixtures/peft/qv-r8/,/fixtures/peft/all7-r4/', 6],
   // the tiny chat model (byte tokenizer, SmolLM2's template) trains quickly on the sample data
   ['2-fine-tune', '?model=/fixtures/tiny-chat/&steps=6&lr=0.05', 6],
-  ['3-merge', '?model=/fixtures/tiny-chat/', 5],
+  ['3-merge', '?model=/fixtures/tiny-chat/', 6],
   ['4-olora', '?model=/fixtures/tiny-chat/&steps=4&lr=0.05', 4],
 ];
 

@@ -1,5 +1,5 @@
 // lib/index.d.ts against what the package really hands out: a short session in headless Chromium
-// (load with progress, train with every event, generate, store and list the adapter) collects the
+// (load with progress, train with every event, generate, evaluate, store and list the adapter) collects the
 // objects the callbacks and promises deliver, and each is compared with its declared interface in
 // both directions: no key the declaration lacks, and every required declared key present. The
 // training options are checked the same way against the engine: each declared key is accepted on
@@ -62,6 +62,8 @@ test('index.d.ts declares exactly the keys of what a session emits', async () =>
     const stream = m.generate('Hi', { maxNewTokens: 2 });
     for await (const _ of stream);
     const generation = await stream.result;
+    // robot.jsonl's lines are conversations: each has a reference answer
+    const evaluation = await m.evaluate(data, { dataName: 'robot.jsonl', maxNewTokens: 2 });
     const stored = await m.saveAdapter('typed', { as: 'typed-check', overwrite: true });
     const store = await AdapterStore.open();
     const listed = (await store.list()).find((a) => a.name === 'typed-check');
@@ -70,7 +72,7 @@ test('index.d.ts declares exactly the keys of what a session emits', async () =>
     store.close();
     m.dispose();
     // checkpoint files arrive as bytes: only their keys matter here
-    return { progress, steps, evals, checkpoints: checkpoints.map((c) => Object.fromEntries(Object.keys(c).map((k) => [k, 0]))), report, generation, stored, listed, got };
+    return { progress, steps, evals, checkpoints: checkpoints.map((c) => Object.fromEntries(Object.keys(c).map((k) => [k, 0]))), report, generation, evaluation, stored, listed, got };
   }, data);
 
   const problems = [];
@@ -88,6 +90,9 @@ test('index.d.ts declares exactly the keys of what a session emits', async () =>
   check('DataReport', got.report.trainData);
   check('DataReport', got.report.valData);
   check('GenerationResult', got.generation);
+  check('Evaluation', got.evaluation);
+  check('GenerationScores', got.evaluation.generation);
+  assert.equal(got.evaluation.generation.pairs + got.evaluation.generation.skipped, 8, 'every conversation is a pair');
   for (const adapter of [got.stored, got.listed, got.got]) {
     check('StoredAdapter', adapter);
     check('BaseModel', adapter.baseModel);

@@ -99,6 +99,19 @@ async function endTheEngine(run, strike) {
   return session;
 }
 
+// Run in the engine's worker: its next new GPU buffer (of 4 KiB or more) asks for 1 GiB, which
+// SwiftShader refuses as a full GPU does, with Dawn's GPUOutOfMemoryError: the rest of the path
+// (wgpu's error, the engine's end, the message) is the real one.
+function outOfGpuMemoryNext() {
+  const createBuffer = GPUDevice.prototype.createBuffer;
+  let armed = true;
+  GPUDevice.prototype.createBuffer = function (descriptor) {
+    if (!armed || descriptor.size < 4096) return createBuffer.call(this, descriptor);
+    armed = false;
+    return createBuffer.call(this, { ...descriptor, size: 2 ** 30 });
+  };
+}
+
 test('a worker killed mid-training: the run and later calls reject saying so; recover() restores the model', async () => {
   const out = await endTheEngine((m) => m.train({
     data: Array.from({ length: 8 }, (_, i) => ({ input_ids: Array.from({ length: 16 }, (_, j) => (i * 7 + j * 3) % 250 + 1) })),
@@ -146,17 +159,7 @@ test('the GPU out of memory mid-training: the run says so, with the weights\' si
       dataName: 'ids.jsonl', adapterName: 'run', trainingArgs: { maxSteps: 20, batchSize: 8 },
     });
   }, async (worker) => {
-    // the engine's next new GPU buffer asks for 1 GiB, which SwiftShader (as a GPU that is full)
-    // refuses with Dawn's GPUOutOfMemoryError: the rest of the path is the real one
-    await worker.evaluate(() => {
-      const createBuffer = GPUDevice.prototype.createBuffer;
-      let armed = true;
-      GPUDevice.prototype.createBuffer = function (descriptor) {
-        if (!armed || descriptor.size < 4096) return createBuffer.call(this, descriptor);
-        armed = false;
-        return createBuffer.call(this, { ...descriptor, size: 2 ** 30 });
-      };
-    });
+    await worker.evaluate(outOfGpuMemoryNext);
     await b.page.evaluate(() => { window.__ready = false; });
   });
   assert.match(out.ended, /^the GPU ran out of memory while training \(the model's weights take [\d.]+ MB of it\): lower batchSize or maxSeqLen \(gradientAccumulationSteps keeps the effective batch size\), or load the base model with a smaller dtype \("q8_0", "q4_1"\), or close other pages that use the GPU; model\.recover\(\) starts the engine again and loads the model with its adapters$/);
@@ -219,17 +222,8 @@ test('a GPU lost mid-generation: the stream rejects saying so; recover() restore
 });
 
 test('the GPU out of memory while loading: the load says so, with the files\' size and a smaller dtype to use', async () => {
-  // the new engine's first large GPU buffer asks for 1 GiB (SwiftShader's GPUOutOfMemoryError):
   // armed as soon as the worker exists, long before its wasm is compiled and it has a device
-  const armed = new Promise((resolve) => b.page.once('worker', (worker) => resolve(worker.evaluate(() => {
-    const createBuffer = GPUDevice.prototype.createBuffer;
-    let armed = true;
-    GPUDevice.prototype.createBuffer = function (descriptor) {
-      if (!armed || descriptor.size < 4096) return createBuffer.call(this, descriptor);
-      armed = false;
-      return createBuffer.call(this, { ...descriptor, size: 2 ** 30 });
-    };
-  }))));
+  const armed = new Promise((resolve) => b.page.once('worker', (worker) => resolve(worker.evaluate(outOfGpuMemoryNext))));
   const loading = b.page.evaluate(() => window.app.webgpuLora.LoraModel.fromPretrained('/fixtures/tiny-llama/').then((m) => { m.dispose(); return 'loaded'; }, (e) => e.message));
   await armed;
   const bytes = statSync(join(root, 'tests/fixtures/tiny-llama/model.safetensors')).size + statSync(join(root, 'tests/fixtures/tiny-llama/config.json')).size;

@@ -30,7 +30,8 @@ self.addEventListener('error', (event) => {
   end(panicked ?? event.error.message);
 });
 let loaded = false;
-// The call running now ({id, op, args, ...what it needs}), which a crash answers at once.
+// The call running now ({id, op} and the sizes an out-of-memory message names), which a crash
+// answers at once.
 let running = null;
 const answered = new Set();
 // The calls queued behind it.
@@ -88,8 +89,7 @@ function crashMessage(message, lost) {
   }
   const failed = wasm ? failedAllocation() : 0;
   if (failed > 0) {
-    const used = wasm ? ` with ${mb(wasm.memory.buffer.byteLength)} in use` : '';
-    return `the engine ran out of memory while ${doing}: it asked for ${mb(failed)} more${used}, and a page's WebAssembly memory ends at 4 GB (or sooner, where the browser is short of memory): ${LESS[running?.op] ?? 'use a smaller model'}; ${RECOVER}`;
+    return `the engine ran out of memory while ${doing}: it asked for ${mb(failed)} more with ${mb(wasm.memory.buffer.byteLength)} in use, and a page's WebAssembly memory ends at 4 GB (or sooner, where the browser is short of memory): ${LESS[running?.op] ?? 'use a smaller model'}; ${RECOVER}`;
   }
   return `the engine crashed (${message}): this is a bug in webgpu-lora, please report it; ${RECOVER}`;
 }

@@ -19,11 +19,12 @@
 //! - [`lora`]: LoRA as PEFT's `tuners/lora/`: `LoraConfig`, `LoraLinear`, initialisation, dropout,
 //!   PEFT's files, what a model shows of its layers ([`LoraLayers`]) and the model-level verbs of
 //!   the [`LoraModel`] trait.
-//! - [`model`]: the Llama forward pass with a KV cache; its linear layers carry adapters.
+//! - [`model`]: the Llama forward pass (Llama 2/3.x, SmolLM3, Qwen2/3 by config) with a KV cache; its
+//!   linear layers carry adapters.
 //! - [`generate`]: greedy and sampled generation, streamed.
-//! - [`evaluate`]: loss, perplexity, exact match and ROUGE-L of the model as it is on held-out data.
 //! - [`llm`]: a model with its tokenizer, loaded from [`io::ModelFiles`].
 //! - [`train`]: SFT of an adapter: options, data, loss, AdamW, the loop, a whole job.
+//! - [`evaluate`]: loss, perplexity, exact match and ROUGE-L of the model as it is on held-out data.
 //! - `web` (wasm32 only): the wasm-bindgen edge.
 
 pub mod config;

@@ -123,6 +123,9 @@ export class AdapterStore {
 
   #channel;
   #persistence = null;
+  // checkpoint saves, one after another in the order they were asked for: a slow one (a large
+  // Blob to read) must not land after, and over, a later step's
+  #checkpointSaves = Promise.resolve();
 
   constructor(db, name = db.name) {
     this.db = db;
@@ -295,9 +298,16 @@ export class AdapterStore {
    * Keeps a training run's latest checkpoint under `name` (the files an onCheckpoint callback got,
    * with its `step`), replacing the one before in one transaction: a failure (a full quota
    * included) leaves the previous checkpoint as it was. `job`: whatever the page needs to start
-   * the run again (its data's name, trainingArgs...), kept beside it.
+   * the run again (its data's name, trainingArgs...), kept beside it. Saves through one store land
+   * in the order they were asked for, so the last one asked for is the one kept.
    */
-  async saveCheckpoint(name, files, job = null) {
+  saveCheckpoint(name, files, job = null) {
+    const save = this.#checkpointSaves.then(() => this.#saveCheckpoint(name, files, job));
+    this.#checkpointSaves = save.catch(() => {});
+    return save;
+  }
+
+  async #saveCheckpoint(name, files, job) {
     const record = {
       name,
       step: files.step,

@@ -338,10 +338,16 @@ test('two pages racing the model: a delete while the other loads the adapter, im
       });
       await Promise.all(saves);
       const checkpoint = await store.getCheckpoint('race-run');
+      // saves asked for without waiting land in order: a slow one (a 64 MB Blob to read) does not
+      // land after, and over, a later step's
+      const files = (step, weights) => ({ step, 'adapter_config.json': '{}', 'adapter_model.safetensors': weights, 'trainer_state.safetensors': new Uint8Array(4) });
+      await Promise.all([store.saveCheckpoint('race-order', files(4, new Blob([new Uint8Array(64 << 20)]))), store.saveCheckpoint('race-order', files(8, new Uint8Array(4)))]);
+      const orderKept = (await store.getCheckpoint('race-order')).step;
+      await store.deleteCheckpoint('race-order');
       await window.m.saveAdapter('trained', { as: 'race-trained', overwrite: true });
       await store.deleteCheckpoint('race-run');
       store.close();
-      return { steps: report.summary.steps, losses: losses.length, checkpointStep: checkpoint?.step };
+      return { steps: report.summary.steps, losses: losses.length, checkpointStep: checkpoint?.step, orderKept };
     }),
     other.evaluate(async () => {
       const made = [];
@@ -355,6 +361,7 @@ test('two pages racing the model: a delete while the other loads the adapter, im
   ]);
   assert.equal(training.steps, 24, 'the training run finished');
   assert.equal(training.losses, 24);
+  assert.equal(training.orderKept, 8, 'of two checkpoint saves asked for at once, the later step is kept');
   assert.equal(training.checkpointStep, 20, 'the last checkpoint (every 4 steps, none at the end: the adapter is the result) is whole and the latest');
   const final = await other.evaluate(async () => {
     const left = (await window.store.list()).filter((a) => a.name.startsWith('race-'));

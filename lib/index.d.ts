@@ -242,8 +242,7 @@ export class AdapterStore {
   import(files: Files | FileList | File[], options?: { name?: string; overwrite?: boolean }): Promise<StoredAdapter>;
   export(name: string): Promise<AdapterFiles>;
   usage(): Promise<{ adapters: number; bytes: number; usage: number | null; quota: number | null }>;
-  /** Keeps a training run's latest checkpoint (onCheckpoint's files) under `name`, replacing the one before atomically; `job` is kept beside it. */
-  /** Keeps a run's latest checkpoint under `name` in one transaction; saves land in the order they were asked for. */
+  /** Keeps a training run's latest checkpoint (onCheckpoint's files) under `name`, replacing the one before atomically; `job` is kept beside it. Saves land in the order they were asked for. */
   saveCheckpoint(name: string, files: CheckpointFiles, job?: unknown): Promise<void>;
   /** The checkpoint kept under `name`, its files as train({resumeFrom}) takes them, or null. */
   getCheckpoint(name: string): Promise<{ name: string; step: number; job: unknown; updated: number; files: CheckpointFiles } | null>;

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::generate::{Generation, GenerationConfig, StopReason, StopText, generate};
 use crate::io::gguf::RawMetadata;
 use crate::io::gguf_convert::{TensorType, write_model_gguf};
-use crate::io::gguf_metadata::model_metadata;
+use crate::io::gguf_metadata::{check_gguf_family, model_metadata};
 use crate::io::model_files::{CONFIG_FILE, TEXT_FILES};
 use crate::io::safetensors::{SINGLE_FILE, write_safetensors};
 use crate::io::{ChatMessage, ModelFiles, StoreDtype, TextTokenizer};
@@ -150,6 +150,7 @@ impl Llm {
     /// adapters to the weights as loaded.
     pub async fn adapter_gguf(&self, name: &str) -> Result<Vec<u8>> {
         let config = self.model.known_adapter(name)?;
+        check_gguf_family(&self.model.config)?;
         let files = if matches!(config.init_lora_weights, LoraInit::Olora | LoraInit::Pissa) {
             self.model.export_adapter_as_lora(name).await?
         } else {

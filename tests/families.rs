@@ -89,3 +89,18 @@ fn unsupported_family_features_are_named() {
                      Qwen2ForCausalLM (model_type \"qwen2\"), Qwen3ForCausalLM (model_type \"qwen3\")";
     assert!(err.contains(&format!("unsupported architecture: architectures [\"Gemma3ForCausalLM\"]; {supported}")), "{err}");
 }
+
+/// GGUF files of these families are not written yet (llama.cpp gives them architectures of their
+/// own, or a rope_freqs tensor): the merged model and the adapter are refused, naming the family.
+#[test]
+fn gguf_export_of_the_families_is_refused() {
+    for (family, kind) in [("tiny-qwen2", "qwen2"), ("tiny-smollm3", "smollm3"), ("tiny-llama3", "llama, with scaled rotary embeddings")] {
+        let dir = fixture("families").join(family);
+        let mut llm = load(&dir, &cpu());
+        let merged = pollster::block_on(llm.merged_gguf(None, webgpu_lora::nn::WeightDtype::Auto)).unwrap_err().to_string();
+        assert!(merged.starts_with(&format!("GGUF export supports plain Llama models so far (this one is {kind})")), "{merged}");
+        pollster::block_on(llm.model.load_adapter("all", AdapterSource::from_dir(&dir.join("peft-all-linear")).unwrap())).unwrap();
+        let adapter = pollster::block_on(llm.adapter_gguf("all")).unwrap_err().to_string();
+        assert_eq!(adapter, merged, "{family}");
+    }
+}

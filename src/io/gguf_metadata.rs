@@ -49,6 +49,21 @@ const SPECIAL_TOKENS: [(&str, &str); 6] = [
     ("mask", "tokenizer.ggml.mask_token_id"),
 ];
 
+/// Refuses a model GGUF files are not written for yet: llama.cpp keeps Llama 3's scaled
+/// frequencies as a tensor (rope_freqs) and the other families as architectures of their own (and
+/// their q/k rows unpermuted); llama.* metadata and tensors would run them wrongly.
+pub fn check_gguf_family(config: &LlamaConfig) -> Result<()> {
+    if config.model_type == "llama" && config.rope_scaling == RopeScaling::None {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "GGUF export supports plain Llama models so far (this one is {}{}): export a Hugging Face directory \
+         (or a PEFT adapter) and convert it with llama.cpp's convert_hf_to_gguf.py (or convert_lora_to_gguf.py)",
+        config.model_type,
+        if config.rope_scaling == RopeScaling::None { "" } else { ", with scaled rotary embeddings" }
+    )))
+}
+
 /// GGUF metadata for the model of `config` with `text_tokenizer`, loaded from `text_files` (the
 /// vocabulary and merges are read from its tokenizer.json, the special tokens from
 /// tokenizer_config.json), `file_type` being llama.cpp's `LlamaFileType` of the tensors written.
@@ -58,16 +73,7 @@ pub fn model_metadata(
     text_files: &[(String, Vec<u8>)],
     file_type: u32,
 ) -> Result<RawMetadata> {
-    // llama.cpp keeps Llama 3's scaled frequencies as a tensor (rope_freqs) and the other families
-    // as architectures of their own: none is written yet, and llama.* metadata would run them wrongly
-    if config.model_type != "llama" || config.rope_scaling != RopeScaling::None {
-        return Err(Error::invalid(format!(
-            "GGUF export supports plain Llama models so far (this one is {}{}): export a Hugging Face directory \
-             and convert it with llama.cpp's convert_hf_to_gguf.py",
-            config.model_type,
-            if config.rope_scaling == RopeScaling::None { "" } else { ", with scaled rotary embeddings" }
-        )));
-    }
+    check_gguf_family(config)?;
     let file = |name: &str| text_files.iter().find(|(n, _)| n == name).map(|(_, b)| b.as_slice());
     let (Some(text_tokenizer), Some(tokenizer_json)) = (text_tokenizer, file(TOKENIZER_FILE)) else {
         return Err(Error::invalid(

@@ -90,6 +90,22 @@ fn unsupported_family_features_are_named() {
     assert!(err.contains(&format!("unsupported architecture: architectures [\"Gemma3ForCausalLM\"]; {supported}")), "{err}");
 }
 
+/// A new adapter with `target_modules: "all-linear"` takes the modules PEFT's all-linear adapter of
+/// the same family has (every linear layer but the head).
+#[test]
+fn all_linear_resolves_as_peft_on_each_family() {
+    use webgpu_lora::lora::{LoraConfig, TargetModules};
+    for family in FAMILIES {
+        let dir = fixture("families").join(family);
+        let mut model = load(&dir, &cpu()).model;
+        pollster::block_on(model.load_adapter("peft", AdapterSource::from_dir(&dir.join("peft-all-linear")).unwrap())).unwrap();
+        pollster::block_on(model.add_adapter("ours", LoraConfig::new(4, 8.0, TargetModules::AllLinear).unwrap(), 0)).unwrap();
+        let modules = |name: &str| model.adapter_weights(name).unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(modules("ours"), modules("peft"), "{family}");
+        assert_eq!(modules("ours").len(), 7 * model.layers.len(), "{family}: seven linears a layer");
+    }
+}
+
 /// GGUF files of these families are not written yet (llama.cpp gives them architectures of their
 /// own, or a rope_freqs tensor): the merged model and the adapter are refused, naming the family.
 #[test]

@@ -259,7 +259,9 @@ fn merge_and_convert_gguf_keep_the_base_dtype() {
         (convert("quant/tiny-q4_0.gguf"), "F32", "quant/expected.safetensors", "Q4_0.logits"),
     ];
     let checked = read_json(fixture("convert/cli_outputs.json"));
-    assert_eq!(checked["checked"].as_object().unwrap().len(), cases.len(), "transformers checked each case");
+    let merges_and_conversions =
+        checked["checked"].as_object().unwrap().keys().filter(|k| k.starts_with("merge ") || k.starts_with("convert-gguf ")).count();
+    assert_eq!(merges_and_conversions, cases.len(), "transformers checked each case");
     for (command, dtype, reference, key) in cases {
         let out = scratch("cli-dtype");
         let mut cli_command = cli();

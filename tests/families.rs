@@ -106,6 +106,19 @@ fn all_linear_resolves_as_peft_on_each_family() {
     }
 }
 
+/// make_fixtures.py's cli-outputs loaded an adapter our `train` made on each family into PEFT and
+/// found PEFT's logits equal to ours (convert/cli_outputs.json): every family is recorded there.
+#[test]
+fn peft_loaded_an_adapter_trained_here_on_each_family() {
+    let checked = read_json(fixture("convert/cli_outputs.json"));
+    for family in FAMILIES {
+        let case = &checked["checked"][format!("train on {family}, loaded by PEFT")];
+        let diff =
+            case["max_abs_diff"].as_f64().unwrap_or_else(|| panic!("{family} is not recorded: rerun make_fixtures.py --only cli-outputs"));
+        assert!(diff < 1e-4 && case["adapter_moved_logits_by"].as_f64().unwrap() > 1e-3, "{family}: {case}");
+    }
+}
+
 /// GGUF files of these families are not written yet (llama.cpp gives them architectures of their
 /// own, or a rope_freqs tensor): the merged model and the adapter are refused, naming the family.
 #[test]

@@ -20,9 +20,8 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::generate::GenerationConfig;
-use crate::io::ChatMessage;
 use crate::llm::Llm;
-use crate::train::data::{DataOptions, ordered_batches, read_dataset};
+use crate::train::data::{DataOptions, is_jsonl, ordered_batches, parse_messages, read_dataset};
 use crate::train::trainer;
 
 /// What to evaluate and how (camelCase in JS: maxSeqLen, batchSize, maxNewTokens).
@@ -71,12 +70,11 @@ pub struct GenerationScores {
 pub async fn evaluate(llm: &Llm, file: &str, bytes: &[u8], options: &EvalOptions) -> Result<Evaluation> {
     let data = DataOptions { max_seq_len: options.max_seq_len, truncate: true, ..DataOptions::default() };
     let dataset = read_dataset(file, bytes, llm.tokenizer.as_ref(), &data)?;
-    let pad = llm.model.config.eos_token_ids.first().copied().unwrap_or(0);
-    let batches = ordered_batches(&dataset.examples, options.batch_size.max(1), pad);
+    let batches = ordered_batches(&dataset.examples, options.batch_size.max(1), llm.model.config.pad_token_id());
     let mean_loss = trainer::evaluate(&llm.model, &batches).await?;
     let tokens = batches.iter().map(|b| b.trainable_tokens()).sum();
 
-    let pairs = if options.max_new_tokens > 0 && file.ends_with(".jsonl") { reference_pairs(llm, file, bytes)? } else { vec![] };
+    let pairs = if options.max_new_tokens > 0 && is_jsonl(file) { reference_pairs(llm, file, bytes)? } else { vec![] };
     let mut generation = None;
     if !pairs.is_empty() {
         let context = llm.model.config.max_position_embeddings;
@@ -106,7 +104,7 @@ fn reference_pairs(llm: &Llm, file: &str, bytes: &[u8]) -> Result<Vec<(Vec<u32>,
         if let (Some(prompt), Some(completion)) = (text_of("prompt"), text_of("completion")) {
             pairs.push((llm.tokenizer()?.encode(prompt, false)?, completion.to_string()));
         } else if let Some(messages) = value.get("messages") {
-            let messages: Vec<ChatMessage> = serde_json::from_value(messages.clone()).map_err(|e| at(&e))?;
+            let messages = parse_messages(messages).map_err(|e| at(&e))?;
             if let Some((last, before)) = messages.split_last().filter(|(last, before)| last.role == "assistant" && !before.is_empty()) {
                 pairs.push((llm.chat_ids(before)?, last.content.clone()));
             }

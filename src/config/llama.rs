@@ -208,6 +208,11 @@ impl LlamaConfig {
         serde_json::to_string_pretty(&Value::Object(self.raw.clone())).expect("a JSON map serializes")
     }
 
+    /// The id batches are padded with (its labels are ignored): the first end-of-sequence id.
+    pub fn pad_token_id(&self) -> u32 {
+        self.eos_token_ids.first().copied().unwrap_or(0)
+    }
+
     /// Query heads per key/value head (grouped-query attention).
     pub fn kv_groups(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads

@@ -92,6 +92,11 @@ impl<'a> Text<'a> {
 
 /// Reads a training file: JSONL when `file` ends in `.jsonl` (or `.json`), plain text otherwise.
 /// `tokenizer` is the model's, if it has one.
+/// Whether `file` is read as JSONL (one example per line) rather than plain text: by its name.
+pub fn is_jsonl(file: &str) -> bool {
+    file.ends_with(".jsonl") || file.ends_with(".json")
+}
+
 pub fn read_dataset(file: &str, bytes: &[u8], tokenizer: Option<&TextTokenizer>, options: &DataOptions) -> Result<Dataset> {
     let text = std::str::from_utf8(bytes).map_err(|e| Error::file(file, format!("not UTF-8 text: {e}")))?;
     if text.trim().is_empty() {
@@ -100,7 +105,7 @@ pub fn read_dataset(file: &str, bytes: &[u8], tokenizer: Option<&TextTokenizer>,
     if options.max_seq_len < 2 {
         return Err(Error::invalid(format!("max_seq_len = {}: needs at least 2 tokens", options.max_seq_len)));
     }
-    let examples = if file.ends_with(".jsonl") || file.ends_with(".json") {
+    let examples = if is_jsonl(file) {
         read_jsonl(file, text, Text(tokenizer), options)?
     } else {
         let (tokenizer, eos) = Text(tokenizer).needed().map_err(|problem| Error::file(file, problem))?;
@@ -249,7 +254,8 @@ fn tokenized_line(ids: &Value, labels: Option<&Value>) -> std::result::Result<Ex
     Ok(Example { ids: ids.into_iter().map(|i| i as u32).collect(), labels })
 }
 
-fn parse_messages(value: &Value) -> std::result::Result<Vec<ChatMessage>, String> {
+/// A `"messages"` list: each a {role, content} of a known role.
+pub(crate) fn parse_messages(value: &Value) -> std::result::Result<Vec<ChatMessage>, String> {
     let list = value.as_array().filter(|l| !l.is_empty()).ok_or("\"messages\" must be a non-empty list")?;
     list.iter()
         .enumerate()

@@ -88,7 +88,7 @@ pub async fn fine_tune(
     }
 
     let model = &mut llm.model;
-    let pad = model.config.eos_token_ids.first().copied().unwrap_or(0);
+    let pad = model.config.pad_token_id();
     let (steps, steps_per_epoch) = plan_steps(&train, options, pad);
     let val_batches = val.as_ref().map(|v| ordered_batches(&v.examples, options.batch_size, pad));
     let batches = steps.iter().flatten().chain(val_batches.iter().flatten());

@@ -11,6 +11,8 @@
 //! logits            LOSS_ROWS * vocab               (the loss takes a slice of positions at a time)
 //! ```
 
+use std::collections::BTreeSet;
+
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::train::data::Batch;
@@ -45,20 +47,25 @@ pub fn step_buffers(config: &LlamaConfig, rows: usize, seq: usize) -> Vec<StepBu
     buffers
 }
 
-/// Refuses a run whose largest micro-batch (of `batches`) needs a buffer above `limit` bytes (0:
-/// no limit known), before anything is allocated.
+/// Refuses a run with a micro-batch (of `batches`) that needs a buffer above `limit` bytes (0:
+/// no limit known), before anything is allocated. Each shape is checked: the batch with the
+/// largest attention scores (rows x seq^2) need not be the one with the largest MLP activations
+/// (rows x seq).
 pub fn check_step_buffers<'a>(config: &LlamaConfig, batches: impl IntoIterator<Item = &'a Batch>, limit: usize) -> Result<()> {
-    let Some(largest) = batches.into_iter().max_by_key(|b| b.batch * b.seq * b.seq) else { return Ok(()) };
     if limit == 0 {
         return Ok(());
     }
-    let Some(over) = step_buffers(config, largest.batch, largest.seq).into_iter().find(|b| b.bytes > limit) else { return Ok(()) };
+    let shapes: BTreeSet<(usize, usize)> = batches.into_iter().map(|b| (b.batch, b.seq)).collect();
+    let over = shapes
+        .into_iter()
+        .find_map(|(rows, seq)| step_buffers(config, rows, seq).into_iter().find(|b| b.bytes > limit).map(|b| (rows, seq, b)));
+    let Some((rows, seq, over)) = over else { return Ok(()) };
     Err(Error::invalid(format!(
         "a training step of {} x {} tokens needs {} in one GPU buffer for its {} ({}), more than this GPU's largest buffer, {} \
          (WebGPU's maxStorageBufferBindingSize / maxBufferSize): lower the batch size (batchSize, --batch-size; \
          gradientAccumulationSteps, --grad-accum, keeps the effective batch size) or the longest sequence (maxSeqLen, --max-seq-len)",
-        largest.batch,
-        largest.seq,
+        rows,
+        seq,
         megabytes(over.bytes),
         over.what,
         over.dims,
@@ -115,5 +122,14 @@ mod tests {
         assert!(e.contains("4097 rows x 4 heads x 128 x 128 positions x 4 bytes"), "{e}");
         assert!(e.contains("batchSize, --batch-size") && e.contains("maxSeqLen, --max-seq-len"), "{e}");
         check_step_buffers(&c, &[batch(4097, 128)], 0).expect("no limit known: nothing refused");
+        // the batch with the most attention scores (4 x 128 x 128 against 8192 x 2 x 2) is not the
+        // one whose MLP activations (8192 x 2 x 128 x 4 bytes = 8.4 MB) are over a 4 MiB limit
+        let (long, wide) = (batch(4, 128), batch(8192, 2));
+        check_step_buffers(&c, &[long.clone()], 1 << 22).expect("the long batch fits");
+        let e = check_step_buffers(&c, &[long, wide], 1 << 22).unwrap_err().to_string();
+        assert!(
+            e.contains("a training step of 8192 x 2 tokens needs 8.4 MB (8388608 bytes) in one GPU buffer for its MLP activations"),
+            "{e}"
+        );
     }
 }

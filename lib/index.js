@@ -148,6 +148,9 @@ const absolute = (source) => (typeof source === 'string' ? new URL(source, globa
 const jsonl = (rows) => rows.map((r) => JSON.stringify(r)).join('\n');
 const isStoreName = (s) => typeof s === 'string' && !s.includes('/') && !s.includes(':');
 
+/** The name data goes by (its extension decides the format): as given, a File's own, or "data.jsonl". */
+const dataFileName = (data, dataName) => dataName ?? (typeof File !== 'undefined' && data instanceof File ? data.name : 'data.jsonl');
+
 /** Data for train(): text, bytes, a File/Blob, or an array of rows (objects, written as JSONL). */
 async function dataBytes(data, what) {
   if (Array.isArray(data)) return new TextEncoder().encode(jsonl(data));
@@ -403,7 +406,7 @@ export class LoraModel {
     if (data == null) throw new Error('train: "data" is required (JSONL text, a File, or an array of examples)');
     if (initFrom != null && resumeFrom != null) throw new Error('train: give "initFrom" (an adapter to train further) or "resumeFrom" (a checkpoint to resume), not both');
     if (resumeFrom != null && resumeFrom[CHECKPOINT_STATE] == null) throw new Error(`train: "resumeFrom" is a checkpoint's files, as onCheckpoint gets them; it has no "${CHECKPOINT_STATE}"`);
-    const name = dataName ?? (typeof File !== 'undefined' && data instanceof File ? data.name : 'data.jsonl');
+    const name = dataFileName(data, dataName);
     const options = { baseModelNameOrPath: this.#base.name, ...loraConfig, ...trainingArgs, adapterName };
     const prepared = (async () => {
       const bytes = await dataBytes(data, 'train: data');
@@ -441,14 +444,14 @@ export class LoraModel {
   /**
    * Evaluates the model as it is (the active adapter, merged adapters included; none while
    * disabled) on held-out `data` (JSONL text, a File, or an array of rows, as train() takes it):
-   * {examples, tokens, meanLoss, perplexity, generation: {pairs, exactMatch, rougeL} | null}.
+   * {examples, tokens, meanLoss, perplexity, generation: {pairs, skipped, exactMatch, rougeL} | null}.
    * Exact match and ROUGE-L (rouge_score's, without stemming) score greedy answers of the rows
-   * with a reference ({prompt, completion}, or messages ending with the assistant's).
-   * Options: dataName, maxNewTokens (default 64; 0 skips generation), batchSize, maxSeqLen.
+   * with a reference ({prompt, completion}, or messages ending with the assistant's); a prompt that
+   * fills the model's context is skipped and counted. Options: dataName, maxNewTokens (default 64; 0 skips generation), batchSize, maxSeqLen.
    */
   async evaluate(data, { dataName, ...options } = {}) {
     if (data == null) throw new Error('evaluate: "data" is required (JSONL text, a File, or an array of rows)');
-    const name = dataName ?? (typeof File !== 'undefined' && data instanceof File ? data.name : 'data.jsonl');
+    const name = dataFileName(data, dataName);
     return this.#engine.callPrepared('evaluate', dataBytes(data, 'evaluate: data').then((bytes) => ({ args: [name, bytes, options] })));
   }
 

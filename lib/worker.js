@@ -4,7 +4,7 @@
 // those the page marks `now` (`cancel`, which stops a generation or a training run, running or
 // queued, and `destroyDevice`) jump the queue.
 import init, { Engine, failedAllocation } from './pkg/webgpu_lora.js';
-import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, toBytes } from './store.js';
+import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINT_STATE, toBytes } from './store.js';
 
 const CACHE_NAME = 'webgpu-lora-models-v1';
 let enginePromise = null;
@@ -307,11 +307,11 @@ const ops = {
   },
 
   // `initFrom`: an adapter to train further, as loadAdapter takes it (or null); with
-  // `resumeState` (trainer_state.safetensors), a checkpoint's adapter to resume
+  // `resumeState` (its CHECKPOINT_STATE file), a checkpoint's adapter to resume
   async train(dataName, data, val, options, initFrom, resumeState, emit) {
     const e = await engine();
     const init = initFrom == null ? undefined : await adapterBytes(initFrom, emit);
-    const state = resumeState == null ? undefined : await toBytes(resumeState, 'trainer_state.safetensors');
+    const state = resumeState == null ? undefined : await toBytes(resumeState, CHECKPOINT_STATE);
     if (emit.cancelled()) throw new Error('training was cancelled before it started: nothing was trained');
     const result = await e.train(dataName, await toBytes(data, dataName), val == null ? undefined : await toBytes(val, 'validation data'), options ?? {}, init, state, (json, files) => {
       emit(files ? { ...JSON.parse(json), files } : JSON.parse(json));

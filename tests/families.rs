@@ -15,9 +15,7 @@ const TOLERANCE: f32 = 1e-4;
 const FAMILIES: [&str; 4] = ["tiny-llama3", "tiny-smollm3", "tiny-qwen2", "tiny-qwen3"];
 
 fn reference(family: &str, key: &str) -> Vec<f32> {
-    let path = fixture("families").join(family).join("expected.safetensors");
-    let w = webgpu_lora::io::SafetensorsWeights::new(vec![(path.display().to_string(), std::fs::read(&path).unwrap())]).unwrap();
-    w.tensor(key).unwrap().data
+    expected_tensor(fixture("families").join(family).join("expected.safetensors"), key)
 }
 
 fn families_match_transformers_and_peft(device: &burn::tensor::Device) {

@@ -121,7 +121,8 @@ export function setupTraining(app) {
         ...(from ? { resumeFrom: from.files } : job.initFrom ? { initFrom: job.initFrom } : { loraConfig: job.loraConfig }),
         trainingArgs,
         onCheckpoint: (files) => {
-          keeping = keeping.then(() => app.store?.saveCheckpoint(CHECKPOINT, files, job)).catch((e) => {
+          // the store keeps saves in call order: the last one settles after those before it
+          keeping = Promise.resolve(app.store?.saveCheckpoint(CHECKPOINT, files, job)).catch((e) => {
             $('train-status').textContent = `Could not keep a checkpoint: ${e.message}`;
           });
         },

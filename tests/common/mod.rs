@@ -120,9 +120,14 @@ pub fn rounded_to_f16_files(dir: &PathBuf) -> ModelFiles {
 
 /// The `logits` tensor of a reference file, flat.
 pub fn expected_logits(path: PathBuf) -> Vec<f32> {
+    expected_tensor(path, "logits")
+}
+
+/// The tensor `key` of a reference file, flat.
+pub fn expected_tensor(path: PathBuf, key: &str) -> Vec<f32> {
     let bytes = std::fs::read(&path).unwrap();
     let w = SafetensorsWeights::new(vec![(path.display().to_string(), bytes)]).unwrap();
-    w.tensor("logits").unwrap().data
+    w.tensor(key).unwrap().data
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -69,3 +69,15 @@ fn generation_metrics_by_identity_and_merge_equals_adapter() {
     assert_eq!(merged.generation, adapter.generation, "the merged model answers as the adapter");
     assert!((merged.mean_loss - adapter.mean_loss).abs() < 1e-4, "merged loss {} vs adapter {}", merged.mean_loss, adapter.mean_loss);
 }
+
+/// Bad data is refused naming the file and line, as training refuses it.
+#[test]
+fn bad_data_is_refused_with_the_line() {
+    let llm = load(&fixture("tiny-chat"), &cpu());
+    let run = |data: &str| {
+        pollster::block_on(evaluate(&llm, "held-out.jsonl", data.as_bytes(), &EvalOptions::default())).unwrap_err().to_string()
+    };
+    assert_eq!(run(""), "held-out.jsonl: the file is empty: give at least one example");
+    let e = run("{\"prompt\": \"Hi\", \"completion\": \"Hello\"}\n{\"messages\": [{\"role\": \"robot\", \"content\": \"beep\"}]}");
+    assert!(e.starts_with("held-out.jsonl:2: message 0 has role \"robot\""), "{e}");
+}

@@ -19,7 +19,7 @@
 //! - [`lora`]: LoRA as PEFT's `tuners/lora/`: `LoraConfig`, `LoraLinear`, initialisation, dropout,
 //!   PEFT's files, what a model shows of its layers ([`LoraLayers`]) and the model-level verbs of
 //!   the [`LoraModel`] trait.
-//! - [`model`]: the Llama forward pass (Llama 2/3.x, SmolLM3, Qwen2/3 by config) with a KV cache; its
+//! - [`model`]: the Llama forward pass (Llama 2/3.x, SmolLM3, Qwen2/3, Gemma 3 by config) with a KV cache; its
 //!   linear layers carry adapters.
 //! - [`generate`]: greedy and sampled generation, streamed.
 //! - [`llm`]: a model with its tokenizer, loaded from [`io::ModelFiles`].

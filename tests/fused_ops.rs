@@ -13,8 +13,8 @@ mod common;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use webgpu_lora::nn::ops::{
-    AdamWStep, adamw, add_rms_norm, causal_attention, cross_entropy, kv_append, lora, masked_softmax, rms_norm, rotary, self_attention,
-    sum_squares_into, swiglu,
+    Activation, AdamWStep, adamw, add_rms_norm, causal_attention, cross_entropy, gated, kv_append, lora, masked_softmax, rms_norm, rotary,
+    self_attention, sum_squares_into,
 };
 
 fn random(n: usize, scale: f32, seed: u64) -> Vec<f32> {
@@ -42,6 +42,11 @@ fn derivative(mut f: impl FnMut(f64) -> f64, x: f64) -> f64 {
 
 fn silu_f64(x: f64) -> f64 {
     x / (1.0 + (-x).exp())
+}
+
+/// torch's gelu(approximate="tanh") in f64.
+fn gelu_tanh_f64(x: f64) -> f64 {
+    0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
 }
 
 /// RMSNorm of one row in f64: x / sqrt(mean(x^2) + eps) * w.
@@ -117,26 +122,30 @@ fn rotary_matches(device: &Device) {
     }
 }
 
-fn swiglu_matches(device: &Device) {
+/// act(gate) * up and its gradients for SwiGLU's silu and GeGLU's gelu_tanh, against the f64
+/// functions and central differences of them.
+fn gated_matches(device: &Device) {
     let shape = [2, 37, 1001]; // 74074 elements: several parallel tasks, a tail of 10
     let n: usize = shape.iter().product();
     let (g, u, w) = (random(n, 12.0, 1), random(n, 3.0, 2), random(n, 1.0, 3));
-    let tracked = |v: &[f32]| Tensor::<3>::from_data(TensorData::new(v.to_vec(), shape), &device.clone().autodiff()).require_grad();
-    let (gate, up) = (tracked(&g), tracked(&u));
-    let out = swiglu(gate.clone(), up.clone());
-    let expected: Vec<f64> = g.iter().zip(&u).map(|(&g, &u)| silu_f64(g as f64) * u as f64).collect();
-    assert_close("swiglu", &values(out.clone().inner()), &expected, 1e-6);
+    for (act, f) in [(Activation::Silu, silu_f64 as fn(f64) -> f64), (Activation::GeluTanh, gelu_tanh_f64)] {
+        let tracked = |v: &[f32]| Tensor::<3>::from_data(TensorData::new(v.to_vec(), shape), &device.clone().autodiff()).require_grad();
+        let (gate, up) = (tracked(&g), tracked(&u));
+        let out = gated(gate.clone(), up.clone(), act);
+        let expected: Vec<f64> = g.iter().zip(&u).map(|(&g, &u)| f(g as f64) * u as f64).collect();
+        assert_close(&format!("{act:?}"), &values(out.clone().inner()), &expected, 1e-6);
 
-    // L = sum(out * w): dL/dgate = w u silu'(gate), dL/dup = w silu(gate)
-    let grads = (out * Tensor::from_data(TensorData::new(w.clone(), shape), &device.clone().autodiff())).sum().backward();
-    let d_gate: Vec<f64> = (0..n).map(|i| w[i] as f64 * u[i] as f64 * derivative(silu_f64, g[i] as f64)).collect();
-    let d_up: Vec<f64> = (0..n).map(|i| w[i] as f64 * silu_f64(g[i] as f64)).collect();
-    assert_close("dL/dgate", &values(gate.grad(&grads).unwrap()), &d_gate, 1e-5);
-    assert_close("dL/dup", &values(up.grad(&grads).unwrap()), &d_up, 1e-6);
+        // L = sum(out * w): dL/dgate = w u act'(gate), dL/dup = w act(gate)
+        let grads = (out * Tensor::from_data(TensorData::new(w.clone(), shape), &device.clone().autodiff())).sum().backward();
+        let d_gate: Vec<f64> = (0..n).map(|i| w[i] as f64 * u[i] as f64 * derivative(f, g[i] as f64)).collect();
+        let d_up: Vec<f64> = (0..n).map(|i| w[i] as f64 * f(g[i] as f64)).collect();
+        assert_close(&format!("{act:?}: dL/dgate"), &values(gate.grad(&grads).unwrap()), &d_gate, 1e-5);
+        assert_close(&format!("{act:?}: dL/dup"), &values(up.grad(&grads).unwrap()), &d_up, 1e-6);
 
-    // untracked (inference): the same values
-    let plain = |v: &[f32]| Tensor::<3>::from_data(TensorData::new(v.to_vec(), shape), device);
-    assert_close("swiglu (plain)", &values(swiglu(plain(&g), plain(&u))), &expected, 1e-6);
+        // untracked (inference): the same values
+        let plain = |v: &[f32]| Tensor::<3>::from_data(TensorData::new(v.to_vec(), shape), device);
+        assert_close(&format!("{act:?} (plain)"), &values(gated(plain(&g), plain(&u), act)), &expected, 1e-6);
+    }
 }
 
 /// softmax over a row of `keys` scores with an additive mask, in f64.
@@ -286,17 +295,19 @@ fn attention_f64(q: &[f64], keys: &[f64], vals: &[f64], n: usize, d: usize) -> V
 }
 
 /// Queries at positions start..start + seq over a cache of `capacity` whose unfilled tail is NaN
-/// (never read); 6 query heads over 2 key/value heads; more keys than one chunk of d.
-fn causal_attention_case(device: &Device, d: usize, seq: usize, start: usize) {
-    let (b, heads, kv_heads, capacity) = (2, 6, 2, start + seq + 3);
-    let (groups, keys, scale) = (heads / kv_heads, start + seq, 1.0 / (d as f32).sqrt());
+/// (never read); 6 query heads over 2 key/value heads; more keys than one chunk of d; with a
+/// sliding `window`, each query over its last w keys only, from a cache whose first slot holds
+/// position `cached_from` (the positions before it dropped, as a sliding layer's cache drops them).
+fn causal_attention_case(device: &Device, d: usize, seq: usize, start: usize, window: Option<usize>, cached_from: usize) {
+    let (b, heads, kv_heads, capacity) = (2, 6, 2, start + seq - cached_from + 3);
+    let (groups, keys, scale) = (heads / kv_heads, start + seq - cached_from, 1.0 / (d as f32).sqrt());
     let q = random(b * seq * heads * d, 2.0, 51);
     let mut kv = random(2 * b * kv_heads * capacity * d, 1.0, 52);
     kv.iter_mut().enumerate().filter(|(i, _)| (i / d) % capacity >= keys).for_each(|(_, x)| *x = f32::NAN);
     let (cos, sin) = tables(seq, d, start);
     let run = |q: Tensor<3>, device: &Device| {
         let cache = Tensor::<5>::from_data(TensorData::new(kv.clone(), [2, b, kv_heads, capacity, d]), device);
-        causal_attention(q, cache, tables_tensor(&(cos.clone(), sin.clone()), d, device), scale, start)
+        causal_attention(q, cache, tables_tensor(&(cos.clone(), sin.clone()), d, device), scale, start, cached_from, window)
     };
     let mut expected = vec![0.0; q.len()];
     let values_at = b * kv_heads * capacity * d;
@@ -305,14 +316,20 @@ fn causal_attention_case(device: &Device, d: usize, seq: usize, start: usize) {
         let row: Vec<f64> = q[at..at + d].iter().map(|&x| x as f64).collect();
         let turned: Vec<f64> =
             rotary_f64(&row, &cos[i * d..(i + 1) * d], &sin[i * d..(i + 1) * d]).iter().map(|x| x * scale as f64).collect();
-        let base = (bi * kv_heads + h / groups) * capacity * d;
-        let n = start + i + 1;
+        let first = (start + i + 1).saturating_sub(window.unwrap_or(usize::MAX));
+        let base = (bi * kv_heads + h / groups) * capacity * d + (first - cached_from) * d;
+        let n = start + i + 1 - first;
         let as64 = |from: usize| kv[from..from + n * d].iter().map(|&x| x as f64).collect::<Vec<_>>();
         expected[at..at + d].copy_from_slice(&attention_f64(&turned, &as64(base), &as64(values_at + base), n, d));
     }
     let shape = [b, seq, heads * d];
     let plain = Tensor::<3>::from_data(TensorData::new(q.clone(), shape), device);
-    assert_close(&format!("attention d={d} seq={seq} start={start}"), &values(run(plain, device)), &expected, 1e-5);
+    assert_close(
+        &format!("attention d={d} seq={seq} start={start} window={window:?} from {cached_from}"),
+        &values(run(plain, device)),
+        &expected,
+        1e-5,
+    );
 
     // tracked: the composed steps give the same values
     let ad = device.clone().autodiff();
@@ -321,9 +338,16 @@ fn causal_attention_case(device: &Device, d: usize, seq: usize, start: usize) {
 }
 
 fn causal_attention_matches(device: &Device) {
-    causal_attention_case(device, 32, 5, 70); // a prefill after a cache: 75 keys, chunks of 32
-    causal_attention_case(device, 64, 1, 130); // a decoded token: 131 keys, chunks of 64
-    causal_attention_case(device, 16, 9, 0); // a prefill without a cache
+    causal_attention_case(device, 32, 5, 70, None, 0); // a prefill after a cache: 75 keys, chunks of 32
+    causal_attention_case(device, 64, 1, 130, None, 0); // a decoded token: 131 keys, chunks of 64
+    causal_attention_case(device, 16, 9, 0, None, 0); // a prefill without a cache
+    // sliding windows: starting inside a chunk, shorter than the run, and over a cache that
+    // dropped what the window no longer sees
+    causal_attention_case(device, 32, 5, 70, Some(45), 0);
+    causal_attention_case(device, 64, 1, 130, Some(100), 0);
+    causal_attention_case(device, 16, 9, 0, Some(4), 0);
+    causal_attention_case(device, 32, 5, 70, Some(45), 26);
+    causal_attention_case(device, 64, 1, 130, Some(100), 31);
 }
 
 /// One AdamW step against PyTorch's formula in f64, with a clipping scale and weight decay; the
@@ -436,8 +460,14 @@ fn lora_matches(device: &Device) {
 /// Self-attention of a run as training computes it, from the projections [batch, seq, heads * d]
 /// and [batch, seq, kv_heads * d]: values against the f64 math, and for L = sum(out * c) the
 /// gradients of q, k and v against central differences of it at a sample of entries (6 query
-/// heads over 2 key/value heads; more keys and more queries per key than one chunk of d).
+/// heads over 2 key/value heads; more keys and more queries per key than one chunk of d), without
+/// and with a sliding window shorter than the run.
 fn self_attention_matches(device: &Device) {
+    self_attention_case(device, None);
+    self_attention_case(device, Some(5));
+}
+
+fn self_attention_case(device: &Device, window: Option<usize>) {
     let (b, heads, kv_heads, seq, d) = (2, 6, 2, 21, 16);
     let groups = heads / kv_heads;
     let (q, k, v) =
@@ -453,28 +483,30 @@ fn self_attention_matches(device: &Device) {
             let turned: Vec<f64> =
                 rotary_f64(&q[at..at + d], &cos[i * d..(i + 1) * d], &sin[i * d..(i + 1) * d]).iter().map(|x| x * scale as f64).collect();
             let (mut keys, mut vals) = (vec![], vec![]);
-            for j in 0..=i {
+            let first = (i + 1).saturating_sub(window.unwrap_or(usize::MAX));
+            for j in first..=i {
                 let kat = ((bi * seq + j) * kv_heads + h / groups) * d;
                 keys.extend(rotary_f64(&k[kat..kat + d], &cos[j * d..(j + 1) * d], &sin[j * d..(j + 1) * d]));
                 vals.extend_from_slice(&v[kat..kat + d]);
             }
-            out[at..at + d].copy_from_slice(&attention_f64(&turned, &keys, &vals, i + 1, d));
+            out[at..at + d].copy_from_slice(&attention_f64(&turned, &keys, &vals, i + 1 - first, d));
         }
         out
     };
     let inputs = [f64s(&q), f64s(&k), f64s(&v)];
     let expected = forward(&inputs[0], &inputs[1], &inputs[2]);
     let shapes = [[b, seq, heads * d], [b, seq, kv_heads * d], [b, seq, kv_heads * d]];
-    let run =
-        |[q, k, v]: [Tensor<3>; 3], device: &Device| self_attention(q, k, v, tables_tensor(&(cos.clone(), sin.clone()), d, device), scale);
+    let run = |[q, k, v]: [Tensor<3>; 3], device: &Device| {
+        self_attention(q, k, v, tables_tensor(&(cos.clone(), sin.clone()), d, device), scale, window)
+    };
     let t3 = |v: &[f32], shape: [usize; 3], device: &Device| Tensor::<3>::from_data(TensorData::new(v.to_vec(), shape), device);
     let plain = [t3(&q, shapes[0], device), t3(&k, shapes[1], device), t3(&v, shapes[2], device)];
-    assert_close("self_attention", &values(run(plain, device)), &expected, 1e-5);
+    assert_close(&format!("self_attention, window {window:?}"), &values(run(plain, device)), &expected, 1e-5);
 
     let ad = device.clone().autodiff();
     let leaves = [t3(&q, shapes[0], &ad).require_grad(), t3(&k, shapes[1], &ad).require_grad(), t3(&v, shapes[2], &ad).require_grad()];
     let out = run(leaves.clone(), &ad);
-    assert_close("self_attention, tracked", &values(out.clone().inner()), &expected, 1e-5);
+    assert_close(&format!("self_attention, tracked, window {window:?}"), &values(out.clone().inner()), &expected, 1e-5);
     let grads = (out * t3(&c, shapes[0], &ad)).sum().backward();
     for (which, leaf) in leaves.iter().enumerate() {
         let ours = values(leaf.grad(&grads).unwrap());
@@ -499,7 +531,7 @@ on_cpu_and_wgpu!(
     causal_attention_matches,
     rms_norm_matches,
     rotary_matches,
-    swiglu_matches,
+    gated_matches,
     masked_softmax_matches,
     cross_entropy_matches
 );

@@ -2,4 +2,4 @@
 
 mod llama;
 
-pub use llama::{ARCHITECTURES, LLAMA_ARCHITECTURE, LlamaConfig, RopeScaling};
+pub use llama::{ARCHITECTURES, Activation, LLAMA_ARCHITECTURE, LayerAttention, LlamaConfig, Rope, RopeScaling};

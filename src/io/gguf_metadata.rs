@@ -53,14 +53,14 @@ const SPECIAL_TOKENS: [(&str, &str); 6] = [
 /// frequencies as a tensor (rope_freqs) and the other families as architectures of their own (and
 /// their q/k rows unpermuted); llama.* metadata and tensors would run them wrongly.
 pub fn check_gguf_family(config: &LlamaConfig) -> Result<()> {
-    if config.model_type == "llama" && config.rope_scaling == RopeScaling::None {
+    if config.model_type == "llama" && config.rope.scaling == RopeScaling::None {
         return Ok(());
     }
     Err(Error::invalid(format!(
         "GGUF export supports plain Llama models so far (this one is {}{}): export a Hugging Face directory \
          (or a PEFT adapter) and convert it with llama.cpp's convert_hf_to_gguf.py (or convert_lora_to_gguf.py)",
         config.model_type,
-        if config.rope_scaling == RopeScaling::None { "" } else { ", with scaled rotary embeddings" }
+        if config.rope.scaling == RopeScaling::None { "" } else { ", with scaled rotary embeddings" }
     )))
 }
 
@@ -119,7 +119,7 @@ fn hyperparameters(w: &mut GgufWriter, c: &LlamaConfig, file_type: u32) {
     w.set_u32("llama.feed_forward_length", c.intermediate_size as u32);
     w.set_u32("llama.attention.head_count", c.num_attention_heads as u32);
     w.set_u32("llama.attention.head_count_kv", c.num_key_value_heads as u32);
-    w.set_f32("llama.rope.freq_base", c.rope_theta as f32);
+    w.set_f32("llama.rope.freq_base", c.rope.theta as f32);
     w.set_f32("llama.attention.layer_norm_rms_epsilon", c.rms_norm_eps as f32);
     w.set_u32("general.file_type", file_type);
     w.set_u32("llama.vocab_size", c.vocab_size as u32);

@@ -1,15 +1,19 @@
-//! A Llama-architecture causal LM (`LlamaForCausalLM`, `SmolLM3ForCausalLM`), written to read like the math:
+//! A Llama-architecture causal LM (Llama, SmolLM3, Qwen2/3, Gemma 3), written to read like the math:
 //!
 //! ```text
-//! h = embed(ids)
+//! h = embed(ids)                         (Gemma: times sqrt(hidden))
 //! for each layer:  h = h + attn(rmsnorm(h));  h = h + mlp(rmsnorm(h))
 //! logits = rmsnorm(h) @ lm_head          (lm_head = embed^T when tied)
-//! attn(x) = softmax(rope(q) rope(k)^T / sqrt(d) + causal_mask) v,  each k/v head shared by a group of q heads
-//! mlp(x)  = down(silu(gate(x)) * up(x))
+//! attn(x) = softmax(rope(q) rope(k)^T * scale + causal_mask) v,  each k/v head shared by a group of q heads
+//! mlp(x)  = down(act(gate(x)) * up(x))   (act: silu, SwiGLU; Gemma's gelu_tanh, GeGLU)
+//! rmsnorm(x) = x / sqrt(mean(x^2) + eps) * w   (Gemma: * (1 + w))
 //! ```
 //!
 //! rope rotates by the position's angles, pos * inv_freq (scaled for Llama 3.x); SmolLM3's NoPE
-//! layers leave q and k as they are.
+//! layers leave q and k as they are. scale is 1 / sqrt(head_dim) (Gemma: 1 / sqrt(query_pre_attn_scalar)).
+//! Qwen3 and Gemma normalise each head of q and k first (rmsnorm over head_dim). Gemma 3 also
+//! normalises each block's output before adding it (attn and mlp end in a norm of their own), and
+//! its sliding layers' queries see only the last `sliding_window` keys, rotated by a base of their own.
 //!
 //! Weights are loaded by their Hugging Face names and stay constants: nothing here requires a
 //! gradient. Linear weights are kept transposed ([in, out]) so that every projection is `x @ W^T`
@@ -19,26 +23,31 @@ use std::collections::BTreeMap;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::config::{LlamaConfig, RopeScaling};
+use crate::config::{LayerAttention, LlamaConfig, Rope, RopeScaling};
 use crate::error::{Error, Result};
 use crate::io::WeightSource;
 use crate::io::gguf::StoredTensor;
 use crate::io::quant::QuantMatrix;
 use crate::lora::{AdapterState, LoraLayers, LoraLinear, LoraRun};
 use crate::model::KvCache;
-use crate::nn::ops::{add_rms_norm, causal_attention, rms_norm, self_attention, swiglu};
+use crate::nn::ops::{Activation, add_rms_norm, causal_attention, gated, rms_norm, self_attention};
 use crate::nn::{Linear, Weight, WeightDtype};
 use crate::tensor::{HostTensor, read_f32, read_host};
 
-/// Root-mean-square normalisation: x / sqrt(mean(x^2) + eps) * weight.
+/// Root-mean-square normalisation: x / sqrt(mean(x^2) + eps) * gain, the gain being the weight
+/// (Gemma's: 1 + the weight).
 pub struct RmsNorm {
+    /// As stored (what is written back).
     pub weight: Tensor<1>,
+    /// What multiplies: `weight`, or Gemma's 1 + weight, added once at load in f32 as
+    /// transformers adds it.
+    pub gain: Tensor<1>,
     pub eps: f64,
 }
 
 impl RmsNorm {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        rms_norm(x, self.weight.clone(), self.eps)
+        rms_norm(x, self.gain.clone(), self.eps)
     }
 }
 
@@ -70,7 +79,7 @@ impl Residual {
     /// (the stream's value, norm(that value)).
     fn normed(self, norm: &RmsNorm) -> (Tensor<3>, Tensor<3>) {
         match self.pending {
-            Some(delta) => add_rms_norm(self.h, delta, norm.weight.clone(), norm.eps),
+            Some(delta) => add_rms_norm(self.h, delta, norm.gain.clone(), norm.eps),
             None => (self.h.clone(), norm.forward(self.h)),
         }
     }
@@ -84,11 +93,10 @@ impl Residual {
 /// w > L / low_freq_factor:    inv_freq / factor
 /// otherwise:                  (1 - s) inv_freq / factor + s inv_freq,  s = (L / w - low) / (high - low)
 /// ```
-fn inv_freq(config: &LlamaConfig) -> Vec<f32> {
-    let d = config.head_dim;
-    let theta = config.rope_theta as f32;
+fn inv_freq(rope: &Rope, d: usize) -> Vec<f32> {
+    let theta = rope.theta as f32;
     let plain = (0..d / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32));
-    match config.rope_scaling {
+    match rope.scaling {
         RopeScaling::None => plain.collect(),
         RopeScaling::Linear { factor } => plain.map(|f| f / factor as f32).collect(),
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
@@ -113,9 +121,8 @@ fn inv_freq(config: &LlamaConfig) -> Vec<f32> {
 
 /// cos and sin of the rotary angles for a run of positions, [2, seq, head_dim], as transformers
 /// computes them, in f32: angle = pos * inv_freq.
-fn rotary_tables(config: &LlamaConfig, start: usize, seq: usize, device: &Device) -> Tensor<3> {
-    let d = config.head_dim;
-    let inv_freq = inv_freq(config);
+fn rotary_tables(rope: &Rope, d: usize, start: usize, seq: usize, device: &Device) -> Tensor<3> {
+    let inv_freq = inv_freq(rope, d);
     let mut cos = Vec::with_capacity(seq * d);
     let mut sin = Vec::with_capacity(seq * d);
     for pos in start..start + seq {
@@ -136,10 +143,12 @@ pub struct Positions {
     start: usize,
     /// The positions' rotary cos and sin [2, seq, head_dim].
     rotary: Tensor<3>,
+    /// The same for Gemma 3's sliding layers, with their own base.
+    local: Option<Tensor<3>>,
     /// cos 1 and sin 0, which rotate nothing, for layers without positions (NoPE); only when
     /// the model has such layers.
     unrotated: Option<Tensor<3>>,
-    /// Attention's 1 / sqrt(head_dim).
+    /// Attention's scale of scores.
     scale: f32,
     head_dim: usize,
 }
@@ -154,8 +163,8 @@ pub struct Attention {
     pub q_norm: Option<RmsNorm>,
     pub k_norm: Option<RmsNorm>,
     layer: usize,
-    /// Whether queries and keys are rotated by their positions (false: a NoPE layer).
-    rope: bool,
+    /// Rotated or not (NoPE), sliding or not.
+    kind: LayerAttention,
 }
 
 impl Attention {
@@ -164,10 +173,18 @@ impl Attention {
         let q = per_head(self.q_norm.as_ref(), self.q_proj.forward(x.clone(), lora), at.head_dim);
         let k = per_head(self.k_norm.as_ref(), self.k_proj.forward(x.clone(), lora), at.head_dim);
         let v = self.v_proj.forward(x, lora);
-        let rotary = if self.rope { at.rotary.clone() } else { at.unrotated.clone().expect("tables for NoPE layers") };
+        let rotary = match (self.kind.rope, self.kind.sliding_window) {
+            (false, _) => at.unrotated.clone().expect("tables for NoPE layers"),
+            (true, Some(_)) => at.local.clone().unwrap_or_else(|| at.rotary.clone()),
+            (true, None) => at.rotary.clone(),
+        };
+        let window = self.kind.sliding_window;
         let out = match cache {
-            Some(cache) => causal_attention(q, cache.append(self.layer, k, v, rotary.clone(), at.start), rotary, at.scale, at.start),
-            None => self_attention(q, k, v, rotary, at.scale),
+            Some(cache) => {
+                let (kv, cached_from) = cache.append(self.layer, k, v, rotary.clone(), at.start, window);
+                causal_attention(q, kv, rotary, at.scale, at.start, cached_from, window)
+            }
+            None => self_attention(q, k, v, rotary, at.scale, window),
         };
         self.o_proj.forward(out, lora)
     }
@@ -180,17 +197,25 @@ fn per_head(norm: Option<&RmsNorm>, x: Tensor<3>, head_dim: usize) -> Tensor<3> 
     norm.forward(x.reshape([batch, seq * width / head_dim, head_dim])).reshape([batch, seq, width])
 }
 
-/// The SwiGLU feed-forward block.
+/// The gated feed-forward block (SwiGLU, GeGLU).
 pub struct Mlp {
     pub gate_proj: LoraLinear,
     pub up_proj: LoraLinear,
     pub down_proj: LoraLinear,
+    act: Activation,
 }
 
 impl Mlp {
     fn forward(&self, x: Tensor<3>, lora: Option<LoraRun>) -> Tensor<3> {
-        self.down_proj.forward(swiglu(self.gate_proj.forward(x.clone(), lora), self.up_proj.forward(x, lora)), lora)
+        self.down_proj.forward(gated(self.gate_proj.forward(x.clone(), lora), self.up_proj.forward(x, lora), self.act), lora)
     }
+}
+
+/// Gemma's norms around the MLP: `post_attention_layernorm` then normalises attention's output,
+/// and these the MLP's input and output.
+pub struct FeedforwardNorms {
+    pub pre_feedforward_layernorm: RmsNorm,
+    pub post_feedforward_layernorm: RmsNorm,
 }
 
 /// One transformer block.
@@ -198,6 +223,7 @@ pub struct DecoderLayer {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
     pub post_attention_layernorm: RmsNorm,
+    pub feedforward_norms: Option<FeedforwardNorms>,
     pub mlp: Mlp,
 }
 
@@ -205,19 +231,48 @@ impl DecoderLayer {
     /// h = x + attn(norm(x)); out = h + mlp(norm(h)), each residual add done by the norm after it.
     fn forward(&self, x: Residual, at: &Positions, cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Residual {
         let (x, normed) = x.normed(&self.input_layernorm);
-        let (h, normed) = Residual::with_pending(x, self.self_attn.forward(normed, at, cache, lora)).normed(&self.post_attention_layernorm);
-        Residual::with_pending(h, self.mlp.forward(normed, lora))
+        let (h, normed) = Residual::with_pending(x, self.attention_out(normed, at, cache, lora)).normed(self.mlp_norm());
+        Residual::with_pending(h, self.mlp_out(normed, lora))
+    }
+
+    /// attn(x), normalised where the family normalises block outputs (Gemma).
+    fn attention_out(&self, x: Tensor<3>, at: &Positions, cache: Option<&mut KvCache>, lora: Option<LoraRun>) -> Tensor<3> {
+        let out = self.self_attn.forward(x, at, cache, lora);
+        if self.feedforward_norms.is_some() { self.post_attention_layernorm.forward(out) } else { out }
+    }
+
+    /// The norm of the MLP's input.
+    fn mlp_norm(&self) -> &RmsNorm {
+        self.feedforward_norms.as_ref().map_or(&self.post_attention_layernorm, |n| &n.pre_feedforward_layernorm)
+    }
+
+    /// mlp(x), normalised where the family normalises block outputs (Gemma).
+    fn mlp_out(&self, x: Tensor<3>, lora: Option<LoraRun>) -> Tensor<3> {
+        let out = self.mlp.forward(x, lora);
+        match &self.feedforward_norms {
+            Some(norms) => norms.post_feedforward_layernorm.forward(out),
+            None => out,
+        }
+    }
+
+    /// The block's norms under their Hugging Face names (after `model.layers.N.`).
+    pub fn norms(&self) -> impl Iterator<Item = (&'static str, &RmsNorm)> {
+        let ff = self.feedforward_norms.as_ref();
+        [
+            ("input_layernorm", Some(&self.input_layernorm)),
+            ("post_attention_layernorm", Some(&self.post_attention_layernorm)),
+            ("pre_feedforward_layernorm", ff.map(|n| &n.pre_feedforward_layernorm)),
+            ("post_feedforward_layernorm", ff.map(|n| &n.post_feedforward_layernorm)),
+            ("self_attn.q_norm", self.self_attn.q_norm.as_ref()),
+            ("self_attn.k_norm", self.self_attn.k_norm.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(name, norm)| norm.map(|n| (name, n)))
     }
 
     /// The block's f32 vectors: its norms' weights and its linears' biases.
     pub fn vectors(&self) -> impl Iterator<Item = &Tensor<1>> {
-        let norms = [
-            Some(&self.input_layernorm),
-            Some(&self.post_attention_layernorm),
-            self.self_attn.q_norm.as_ref(),
-            self.self_attn.k_norm.as_ref(),
-        ];
-        norms.into_iter().flatten().map(|n| &n.weight).chain(self.linears().into_iter().filter_map(|l| l.base.bias.as_ref()))
+        self.norms().map(|(_, n)| &n.weight).chain(self.linears().into_iter().filter_map(|l| l.base.bias.as_ref()))
     }
 
     /// The block's linear layers in model order.
@@ -273,15 +328,21 @@ impl LlamaModel {
     /// The embedded ids [batch, seq, hidden], at positions from `start` on, and those positions.
     pub fn decoder_input(&self, input_ids: Tensor<2, Int>, start: usize) -> (Tensor<3>, Positions) {
         let [batch, seq] = input_ids.dims();
-        let device = self.embed_tokens.device();
-        let rotary = rotary_tables(&self.config, start, seq, &device);
-        let unrotated = self.config.rope_layers.contains(&false).then(|| {
-            let d = self.config.head_dim;
-            Tensor::cat(vec![Tensor::ones([1, seq, d], &device), Tensor::zeros([1, seq, d], &device)], 0)
-        });
-        let h = self.embed_tokens.rows(input_ids.reshape([batch * seq])).reshape([batch, seq, self.config.hidden_size]);
-        let head_dim = self.config.head_dim;
-        (h, Positions { start, rotary, unrotated, scale: 1.0 / (head_dim as f32).sqrt(), head_dim })
+        let (c, device) = (&self.config, self.embed_tokens.device());
+        let d = c.head_dim;
+        let rotary = rotary_tables(&c.rope, d, start, seq, &device);
+        let local = c.local_rope.map(|rope| rotary_tables(&rope, d, start, seq, &device));
+        let unrotated = c
+            .layers
+            .iter()
+            .any(|l| !l.rope)
+            .then(|| Tensor::cat(vec![Tensor::ones([1, seq, d], &device), Tensor::zeros([1, seq, d], &device)], 0));
+        let h = self.embed_tokens.rows(input_ids.reshape([batch * seq])).reshape([batch, seq, c.hidden_size]);
+        let h = match c.embed_scale {
+            Some(scale) => h * scale,
+            None => h,
+        };
+        (h, Positions { start, rotary, local, unrotated, scale: c.attention_scale as f32, head_dim: d })
     }
 
     /// Layer `i` on its input `h` (no cache): the decoder a layer at a time, for training that
@@ -415,13 +476,8 @@ impl LlamaModel {
             out.insert("lm_head.weight".to_string(), kept(head_t.read().await?));
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.insert(format!("{p}.input_layernorm.weight"), vector(&layer.input_layernorm.weight).await?);
-            out.insert(format!("{p}.post_attention_layernorm.weight"), vector(&layer.post_attention_layernorm.weight).await?);
-            for (name, norm) in [("q_norm", &layer.self_attn.q_norm), ("k_norm", &layer.self_attn.k_norm)] {
-                if let Some(norm) = norm {
-                    out.insert(format!("{p}.self_attn.{name}.weight"), vector(&norm.weight).await?);
-                }
+            for (name, norm) in layer.norms() {
+                out.insert(format!("model.layers.{i}.{name}.weight"), vector(&norm.weight).await?);
             }
         }
         for linear in self.lora_linears() {
@@ -455,9 +511,10 @@ impl LlamaModel {
     ) -> Result<Self> {
         let c = &config;
         let (hidden, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
-        let per_layer = 9 + 3 * usize::from(c.qkv_bias) + usize::from(c.o_bias) + 2 * usize::from(c.qk_norm);
+        let per_layer =
+            9 + 3 * usize::from(c.qkv_bias) + usize::from(c.o_bias) + 2 * usize::from(c.qk_norm) + 2 * usize::from(c.post_norms);
         let total = 2 + per_layer * c.num_hidden_layers + usize::from(!c.tie_word_embeddings);
-        let mut loader = Loader { weights, dtype, device, done: 0, total, progress };
+        let mut loader = Loader { weights, dtype, norm_adds_one: c.norm_adds_one, device, done: 0, total, progress };
 
         let embed_tokens = loader.weight("model.embed_tokens.weight", [c.vocab_size, hidden], false, false)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
@@ -481,20 +538,25 @@ impl LlamaModel {
                 q_norm: head_norm("q_norm")?,
                 k_norm: head_norm("k_norm")?,
                 layer: i,
-                rope: c.rope_layers[i],
+                kind: c.layers[i],
             };
             let mut linear = |name: &str, d_out: usize, d_in: usize| loader.lora_linear(&format!("{p}.{name}"), d_out, d_in, false);
             let mlp = Mlp {
                 gate_proj: linear("mlp.gate_proj", inter, hidden)?,
                 up_proj: linear("mlp.up_proj", inter, hidden)?,
                 down_proj: linear("mlp.down_proj", hidden, inter)?,
+                act: c.activation,
             };
-            layers.push(DecoderLayer {
-                input_layernorm: loader.norm(&format!("{p}.input_layernorm.weight"), hidden, c.rms_norm_eps)?,
-                self_attn,
-                post_attention_layernorm: loader.norm(&format!("{p}.post_attention_layernorm.weight"), hidden, c.rms_norm_eps)?,
-                mlp,
-            });
+            let mut norm = |name: &str| loader.norm(&format!("{p}.{name}.weight"), hidden, c.rms_norm_eps);
+            let (input_layernorm, post_attention_layernorm) = (norm("input_layernorm")?, norm("post_attention_layernorm")?);
+            let feedforward_norms = match c.post_norms {
+                true => Some(FeedforwardNorms {
+                    pre_feedforward_layernorm: norm("pre_feedforward_layernorm")?,
+                    post_feedforward_layernorm: norm("post_feedforward_layernorm")?,
+                }),
+                false => None,
+            };
+            layers.push(DecoderLayer { input_layernorm, self_attn, post_attention_layernorm, feedforward_norms, mlp });
         }
         let norm = loader.norm("model.norm.weight", hidden, c.rms_norm_eps)?;
         let lm_head =
@@ -559,6 +621,8 @@ impl Head {
 struct Loader<'a> {
     weights: &'a WeightSource,
     dtype: WeightDtype,
+    /// Gemma's norms, whose gain is 1 + the weight.
+    norm_adds_one: bool,
     device: &'a Device,
     done: usize,
     total: usize,
@@ -618,7 +682,8 @@ impl Loader<'_> {
 
     fn norm(&mut self, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
         let weight = self.vector(name, size)?;
-        Ok(RmsNorm { weight, eps })
+        let gain = if self.norm_adds_one { weight.clone() + 1.0 } else { weight.clone() };
+        Ok(RmsNorm { weight, gain, eps })
     }
 
     /// A vector of `size` in f32 (a norm's weight, a bias).

@@ -1,5 +1,6 @@
 // The model families beside plain Llama (Llama 3.x's rotary scaling, SmolLM3's NoPE layers, Qwen2's
-// q/k/v biases, Qwen3's q/k norms) in headless Chromium on WebGPU: each tiny model made by
+// q/k/v biases, Qwen3's q/k norms, Gemma 3's GeGLU, norms and sliding-window layers) in headless
+// Chromium on WebGPU: each tiny model made by
 // transformers, with PEFT's all-linear adapter, gives transformers' and PEFT's logits (1e-4;
 // tests/fixtures/make_fixtures.py, `families`).
 import { test, before, after } from 'node:test';
@@ -7,7 +8,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { start, root, readJson, readSafetensors, maxAbsDiff } from './helpers.mjs';
 
-const FAMILIES = ['tiny-llama3', 'tiny-smollm3', 'tiny-qwen2', 'tiny-qwen3'];
+const FAMILIES = ['tiny-llama3', 'tiny-smollm3', 'tiny-qwen2', 'tiny-qwen3', 'tiny-gemma3'];
 let b;
 before(async () => { b = await start(); });
 after(async () => { await b.close(); });

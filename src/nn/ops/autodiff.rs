@@ -9,20 +9,21 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend};
 
-use super::{Dropout, FusedOps, InnerOps, SavedAttention, composed};
+use super::{Activation, Dropout, FusedOps, InnerOps, SavedAttention, composed};
 
-/// SwiGLU's autodiff node: keeps gate and up, and runs [`FusedOps::swiglu_backward`].
+/// The gated activation's autodiff node: keeps gate, up and the activation, and runs
+/// [`FusedOps::gated_backward`].
 #[derive(Debug)]
-struct SwigluBackward;
+struct GatedBackward;
 
-impl<B: FusedOps> Backward<B, 2> for SwigluBackward {
-    type State = (FloatTensor<B>, FloatTensor<B>);
+impl<B: FusedOps> Backward<B, 2> for GatedBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>, Activation);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [gate_node, up_node] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
-        let (gate, up) = ops.state;
-        let (d_gate, d_up) = B::swiglu_backward(gate, up, grad);
+        let (gate, up, act) = ops.state;
+        let (d_gate, d_up) = B::gated_backward(gate, up, grad, act);
         if let Some(node) = gate_node {
             grads.register::<B>(node.id, d_gate);
         }
@@ -164,14 +165,14 @@ impl<B: FusedOps + InnerOps> Backward<B, 3> for SelfAttentionBackward {
 }
 
 impl<B: FusedOps + InnerOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
-    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        match SwigluBackward.prepare::<C>([gate.node(), up.node()]).compute_bound().stateful() {
+    fn gated(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
+        match GatedBackward.prepare::<C>([gate.node(), up.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let (gate, up) = (gate.into_primitive(), up.into_primitive());
-                let out = B::swiglu(gate.clone(), up.clone());
-                prep.finish((gate, up), out)
+                let out = B::gated(gate.clone(), up.clone(), act);
+                prep.finish((gate, up, act), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::swiglu(gate.into_primitive(), up.into_primitive())),
+            OpsKind::UnTracked(prep) => prep.finish(B::gated(gate.into_primitive(), up.into_primitive(), act)),
         }
     }
 
@@ -225,18 +226,19 @@ impl<B: FusedOps + InnerOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> 
         v: FloatTensor<Self>,
         tables: FloatTensor<Self>,
         scale: f32,
+        window: Option<usize>,
     ) -> FloatTensor<Self> {
         if !(q.is_tracked() || k.is_tracked() || v.is_tracked()) {
             let [q, k, v, tables] = [q, k, v, tables].map(|t| t.into_primitive());
-            return Self::from_inner(B::self_attention(q, k, v, tables, scale));
+            return Self::from_inner(B::self_attention(q, k, v, tables, scale, window));
         }
         let inner = |t: &FloatTensor<Self>| t.primitive().clone();
-        match B::self_attention_kernels(inner(&q), inner(&k), inner(&v), inner(&tables), scale) {
+        match B::self_attention_kernels(inner(&q), inner(&k), inner(&v), inner(&tables), scale, window) {
             Some((out, saved)) => match SelfAttentionBackward.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => prep.finish(saved, out),
                 OpsKind::UnTracked(prep) => prep.finish(out),
             },
-            None => composed::self_attention::<Self>(q, k, v, tables, scale),
+            None => composed::self_attention::<Self>(q, k, v, tables, scale, window),
         }
     }
 
@@ -283,12 +285,14 @@ impl<B: FusedOps + InnerOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> 
         tables: FloatTensor<Self>,
         scale: f32,
         start: usize,
+        cached_from: usize,
+        window: Option<usize>,
     ) -> FloatTensor<Self> {
         if q.is_tracked() || kv.is_tracked() {
-            return composed::causal_attention::<Self>(q, kv, tables, scale, start);
+            return composed::causal_attention::<Self>(q, kv, tables, scale, start, cached_from, window);
         }
         let [q, kv, tables] = [q, kv, tables].map(|t| t.into_primitive());
-        Self::from_inner(B::causal_attention(q, kv, tables, scale, start))
+        Self::from_inner(B::causal_attention(q, kv, tables, scale, start, cached_from, window))
     }
 
     fn masked_softmax(scores: FloatTensor<Self>, mask: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -6,19 +6,49 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, FloatDType, TensorMetadata};
 use burn::tensor::{IndexingUpdateOp, Slice, TensorData};
 
-use super::{AdamWStep, Dropout, FusedOps};
+use super::{Activation, AdamWStep, Dropout, FusedOps, GELU_C, GELU_K};
 
-pub fn swiglu<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
-    let s = B::sigmoid(gate.clone());
-    B::float_mul(B::float_mul(gate, s), up)
+/// (act(x), act'(x)) of [`Activation`] from burn's primitives; the slope only when `slope`.
+fn activation<B: Backend>(x: FloatTensor<B>, act: Activation, slope: bool) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+    let mul = B::float_mul;
+    let plus_one = |t| B::float_add_scalar(t, 1.0f32.into());
+    match act {
+        Activation::Silu => {
+            let s = B::sigmoid(x.clone());
+            let a = mul(x.clone(), s.clone());
+            let slope = slope.then(|| mul(s, plus_one(B::float_sub(x, a.clone()))));
+            (a, slope)
+        }
+        Activation::GeluTanh => {
+            let x2 = mul(x.clone(), x.clone());
+            let u = B::float_mul_scalar(mul(x.clone(), plus_one(B::float_mul_scalar(x2.clone(), GELU_K.into()))), GELU_C.into());
+            let one_plus_t = plus_one(B::float_tanh(u));
+            let half_x = B::float_mul_scalar(x, 0.5f32.into());
+            let a = mul(half_x.clone(), one_plus_t.clone());
+            let slope = slope.then(|| {
+                // (1 + t)/2 + x/2 (1 - t^2) c (1 + 3k x^2), with 1 - t^2 = (1 + t)(2 - (1 + t))
+                let one_minus_t2 = mul(one_plus_t.clone(), B::float_add_scalar(B::float_neg(one_plus_t.clone()), 2.0f32.into()));
+                let du = B::float_mul_scalar(plus_one(B::float_mul_scalar(x2, (3.0 * GELU_K).into())), GELU_C.into());
+                B::float_add(B::float_mul_scalar(one_plus_t, 0.5f32.into()), mul(mul(half_x, one_minus_t2), du))
+            });
+            (a, slope)
+        }
+    }
 }
 
-pub fn swiglu_backward<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>, grad: FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
-    let s = B::sigmoid(gate.clone());
-    let silu = B::float_mul(gate.clone(), s.clone());
-    let d_up = B::float_mul(grad.clone(), silu.clone());
-    let slope = B::float_mul(s, B::float_add_scalar(B::float_sub(gate, silu), 1.0f32.into()));
-    (B::float_mul(B::float_mul(grad, up), slope), d_up)
+pub fn gated<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>, act: Activation) -> FloatTensor<B> {
+    B::float_mul(activation::<B>(gate, act, false).0, up)
+}
+
+pub fn gated_backward<B: Backend>(
+    gate: FloatTensor<B>,
+    up: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    act: Activation,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (a, slope) = activation::<B>(gate, act, true);
+    let d_up = B::float_mul(grad.clone(), a);
+    (B::float_mul(B::float_mul(grad, up), slope.expect("asked for")), d_up)
 }
 
 /// 1 / sqrt(mean(x^2) + eps) over the last axis, kept as a size-1 axis; and `weight` shaped to
@@ -125,15 +155,24 @@ pub fn add_rms_norm<B: FusedOps>(
     (h.clone(), B::rms_norm(h, weight, eps))
 }
 
-/// Additive causal mask [1, 1, groups * seq, start + seq] for queries stacked per key/value head
-/// (see [`attend`]): row g * seq + i is query i, at position start + i, which sees keys
-/// 0..=start + i. One query row sees every key: a single row of zeros.
-fn causal_mask<B: Backend>(start: usize, seq: usize, groups: usize, device: &B::Device) -> FloatTensor<B> {
-    let (rows, total) = if seq == 1 { (1, start + 1) } else { (groups * seq, start + seq) };
+/// Additive causal mask [1, 1, groups * seq, keys] for queries stacked per key/value head (see
+/// [`attend`]) over keys at positions first..first + keys: row g * seq + i is query i, at position
+/// start + i, which sees keys 0..=start + i, within a sliding `window` the last w of them. One
+/// query row: a single row.
+fn causal_mask<B: Backend>(
+    start: usize,
+    seq: usize,
+    groups: usize,
+    keys: (usize, usize),
+    window: Option<usize>,
+    device: &B::Device,
+) -> FloatTensor<B> {
+    let ((first, total), rows) = (keys, if seq == 1 { 1 } else { groups * seq });
+    let window = window.unwrap_or(usize::MAX);
     let values: Vec<f32> = (0..rows)
         .flat_map(|row| {
-            let i = row % seq;
-            (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })
+            let at = start + row % seq;
+            (first..first + total).map(move |j| if j > at || at - j >= window { f32::NEG_INFINITY } else { 0.0 })
         })
         .collect();
     B::float_from_data(TensorData::new(values, [1, 1, rows, total]), device)
@@ -191,11 +230,12 @@ pub fn self_attention<B: FusedOps>(
     v: FloatTensor<B>,
     tables: FloatTensor<B>,
     scale: f32,
+    window: Option<usize>,
 ) -> FloatTensor<B> {
     let d = tables.shape()[2];
     let (cos, sin) = cos_sin::<B>(tables.clone(), 1.0);
     let k = B::rotary(heads::<B>(k, d), cos, sin, false);
-    attend::<B>(q, k, heads::<B>(v, d), tables, scale, 0)
+    attend::<B>(q, k, heads::<B>(v, d), tables, scale, 0, 0, window)
 }
 
 pub fn causal_attention<B: FusedOps>(
@@ -204,17 +244,20 @@ pub fn causal_attention<B: FusedOps>(
     tables: FloatTensor<B>,
     scale: f32,
     start: usize,
+    cached_from: usize,
+    window: Option<usize>,
 ) -> FloatTensor<B> {
     let seq = q.shape()[1];
-    let keys = start + seq;
+    let keys = start + seq - cached_from;
     // the keys and values filled so far
     let filled = [Slice::full(), Slice::full(), Slice::new(0, Some(keys as isize), 1), Slice::full()];
     let (k, v) = (B::float_slice(part::<B>(kv.clone(), 0), &filled), B::float_slice(part::<B>(kv, 1), &filled));
-    attend::<B>(q, k, v, tables, scale, start)
+    attend::<B>(q, k, v, tables, scale, start, cached_from, window)
 }
 
 /// softmax(rope(q) k^T scale + causal mask) v for queries [batch, seq, heads * d] as projected,
-/// at positions start.., and keys (turned) and values [batch, kv_heads, start + seq, d].
+/// at positions start.., and keys (turned) and values [batch, kv_heads, keys, d] at positions
+/// `first`..; the mask within a sliding `window` where there is one.
 fn attend<B: FusedOps>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
@@ -222,15 +265,17 @@ fn attend<B: FusedOps>(
     tables: FloatTensor<B>,
     scale: f32,
     start: usize,
+    first: usize,
+    window: Option<usize>,
 ) -> FloatTensor<B> {
     let [batch, seq, width] = q.shape().dims::<3>();
-    let [_, kv_heads, _, d] = k.shape().dims::<4>();
+    let [_, kv_heads, keys, d] = k.shape().dims::<4>();
     let (cos, sin) = cos_sin::<B>(tables, scale);
     // the query heads that share a key/value head stacked along the sequence axis,
     // [b, kv_heads, groups * seq, d]: grouped-query attention without copying k and v per group
     let groups = width / d / kv_heads;
     let q = B::float_reshape(B::rotary(heads::<B>(q, d), cos, sin, false), [batch, kv_heads, groups * seq, d].into());
-    let mask = causal_mask::<B>(start, seq, groups, &v.device());
+    let mask = causal_mask::<B>(start, seq, groups, (first, keys), window, &v.device());
     let probs = B::masked_softmax(B::float_matmul(q, B::float_swap_dims(k, 2, 3)), mask);
     let out = B::float_reshape(B::float_matmul(probs, v), [batch, width / d, seq, d].into());
     B::float_reshape(B::float_swap_dims(out, 1, 2), [batch, seq, width].into())

@@ -10,7 +10,7 @@ use burn::tensor::{Shape, TensorData};
 use rayon::prelude::*;
 
 use super::quant::{QuantOps, ROW_BY_ROW, layout};
-use super::{FusedOps, InnerOps, composed};
+use super::{Activation, FusedOps, GELU_C, GELU_K, InnerOps, composed};
 use crate::io::quant::{QuantType, RowLayout};
 
 /// Elements one parallel task takes at least: below this, handing work out costs more than it saves.
@@ -118,19 +118,62 @@ fn softmax_row(row: &[f32], mask: Option<&[f32]>, out: &mut [f32]) -> (f32, f32)
     (max, total)
 }
 
-kernel!(SwigluKernel { gate: &'a [f32], up: &'a [f32], out: &'a mut [f32] } -> (), |k| {
-    for ((o, &g), &u) in k.out.iter_mut().zip(k.gate).zip(k.up) {
-        *o = g * sigmoid(g) * u;
-    }
+/// tanh(x) = 1 - 2 / (exp(2x) + 1): exact at the limits (exp overflowing to inf gives 1, to 0
+/// gives -1) and, through [`exp`], vectorised.
+#[inline(always)]
+fn tanh(x: f32) -> f32 {
+    1.0 - 2.0 / (exp(2.0 * x) + 1.0)
+}
+
+/// silu(x) and its slope (see [`Activation`]).
+#[inline(always)]
+fn silu(x: f32) -> (f32, f32) {
+    let s = sigmoid(x);
+    let a = x * s;
+    (a, s * (1.0 + x - a))
+}
+
+/// gelu_tanh(x) and its slope (see [`Activation`]).
+#[inline(always)]
+fn gelu_tanh(x: f32) -> (f32, f32) {
+    let x2 = x * x;
+    let t = tanh(GELU_C * x * (1.0 + GELU_K * x2));
+    (0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_K * x2))
+}
+
+/// Runs `body` with `f` the (value, slope) function of `act`: chosen once, outside the loop that
+/// applies it, and bound as the function itself, so that the loop inlines it and vectorises.
+macro_rules! with_activation {
+    ($act:expr, |$f:ident| $body:block) => {
+        match $act {
+            Activation::Silu => {
+                let $f = silu;
+                $body
+            }
+            Activation::GeluTanh => {
+                let $f = gelu_tanh;
+                $body
+            }
+        }
+    };
+}
+
+kernel!(GatedKernel { gate: &'a [f32], up: &'a [f32], act: Activation, out: &'a mut [f32] } -> (), |k| {
+    with_activation!(k.act, |f| {
+        for ((o, &g), &u) in k.out.iter_mut().zip(k.gate).zip(k.up) {
+            *o = f(g).0 * u;
+        }
+    });
 });
 
-kernel!(SwigluBackwardKernel { gate: &'a [f32], up: &'a [f32], grad: &'a [f32], d_gate: &'a mut [f32], d_up: &'a mut [f32] } -> (), |k| {
-    for ((((dg, du), &g), &u), &dy) in k.d_gate.iter_mut().zip(k.d_up.iter_mut()).zip(k.gate).zip(k.up).zip(k.grad) {
-        let s = sigmoid(g);
-        let silu = g * s;
-        *du = dy * silu;
-        *dg = dy * u * s * (1.0 + g - silu);
-    }
+kernel!(GatedBackwardKernel { gate: &'a [f32], up: &'a [f32], grad: &'a [f32], act: Activation, d_gate: &'a mut [f32], d_up: &'a mut [f32] } -> (), |k| {
+    with_activation!(k.act, |f| {
+        for ((((dg, du), &g), &u), &dy) in k.d_gate.iter_mut().zip(k.d_up.iter_mut()).zip(k.gate).zip(k.up).zip(k.grad) {
+            let (a, slope) = f(g);
+            *du = dy * a;
+            *dg = dy * u * slope;
+        }
+    });
 });
 
 // Rows of `keys` scores, the first at the mask's first row: out = softmax(scores + mask) row by
@@ -236,22 +279,27 @@ impl FusedOps for Flex {
         tensor(out, x.shape())
     }
 
-    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn gated(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
         if !all_f32(&[&gate, &up]) || gate.shape() != up.shape() {
-            return composed::swiglu::<Self>(gate, up);
+            return composed::gated::<Self>(gate, up, act);
         }
         let (g, u) = (values(&gate), values(&up));
         let mut out = vec![0.0f32; g.len()];
         out.par_chunks_mut(GRAIN)
             .zip(g.par_chunks(GRAIN))
             .zip(u.par_chunks(GRAIN))
-            .for_each(|((out, gate), up)| vectorised(SwigluKernel { gate, up, out }));
+            .for_each(|((out, gate), up)| vectorised(GatedKernel { gate, up, act, out }));
         tensor(out, gate.shape())
     }
 
-    fn swiglu_backward(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+    fn gated_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        act: Activation,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         if !all_f32(&[&gate, &up, &grad]) || gate.shape() != up.shape() || gate.shape() != grad.shape() {
-            return composed::swiglu_backward::<Self>(gate, up, grad);
+            return composed::gated_backward::<Self>(gate, up, grad, act);
         }
         let shape = gate.shape();
         let (g, u, dy) = (values(&gate), values(&up), values(&grad));
@@ -262,7 +310,7 @@ impl FusedOps for Flex {
             .zip(g.par_chunks(GRAIN))
             .zip(u.par_chunks(GRAIN))
             .zip(dy.par_chunks(GRAIN))
-            .for_each(|((((d_gate, d_up), gate), up), grad)| vectorised(SwigluBackwardKernel { gate, up, grad, d_gate, d_up }));
+            .for_each(|((((d_gate, d_up), gate), up), grad)| vectorised(GatedBackwardKernel { gate, up, grad, act, d_gate, d_up }));
         (tensor(d_gate, shape.clone()), tensor(d_up, shape))
     }
 

@@ -27,7 +27,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::{CubeCount, CubeDim};
 
-use super::{AdamWStep, Dropout, FusedOps, InnerOps, SavedAttention, composed};
+use super::{Activation, AdamWStep, Dropout, FusedOps, InnerOps, SavedAttention, composed};
 
 mod kernels {
     use cubecl::prelude::*;
@@ -38,33 +38,56 @@ mod kernels {
         1.0f32 / (1.0f32 + f32::exp(-x))
     }
 
+    /// tanh(x) = 1 - 2 / (exp(2x) + 1), exact at the limits (WGSL's tanh may be NaN for large x).
+    #[cube]
+    fn tanh(x: f32) -> f32 {
+        1.0f32 - 2.0f32 / (f32::exp(2.0f32 * x) + 1.0f32)
+    }
+
+    /// The gated MLP's activation of x and its slope ([`super::Activation`]): gelu_tanh when
+    /// `gelu`, silu otherwise.
+    #[cube]
+    fn activation(x: f32, #[comptime] gelu: bool) -> (f32, f32) {
+        if gelu {
+            let x2 = x * x;
+            let t = tanh(f32::new(crate::nn::ops::GELU_C) * x * (1.0f32 + f32::new(crate::nn::ops::GELU_K) * x2));
+            let slope = 0.5f32 * (1.0f32 + t)
+                + 0.5f32 * x * (1.0f32 - t * t) * f32::new(crate::nn::ops::GELU_C) * (1.0f32 + f32::new(3.0 * crate::nn::ops::GELU_K) * x2);
+            (0.5f32 * x * (1.0f32 + t), slope)
+        } else {
+            let s = sigmoid(x);
+            let a = x * s;
+            (a, s * (1.0f32 + x - a))
+        }
+    }
+
     #[cube(launch)]
-    pub fn swiglu_kernel(gate: &Tensor<f32>, up: &Tensor<f32>, out: &mut Tensor<f32>) {
+    pub fn gated_kernel(gate: &Tensor<f32>, up: &Tensor<f32>, out: &mut Tensor<f32>, #[comptime] gelu: bool) {
         let i = ABSOLUTE_POS;
         if i >= out.len() {
             terminate!();
         }
-        let g = gate[i];
-        out[i] = g * sigmoid(g) * up[i];
+        let (a, _) = activation(gate[i], gelu);
+        out[i] = a * up[i];
     }
 
     #[cube(launch)]
-    pub fn swiglu_backward_kernel(
+    pub fn gated_backward_kernel(
         gate: &Tensor<f32>,
         up: &Tensor<f32>,
         grad: &Tensor<f32>,
         d_gate: &mut Tensor<f32>,
         d_up: &mut Tensor<f32>,
+        #[comptime] gelu: bool,
     ) {
         let i = ABSOLUTE_POS;
         if i >= d_up.len() {
             terminate!();
         }
-        let (g, dy) = (gate[i], grad[i]);
-        let s = sigmoid(g);
-        let silu = g * s;
-        d_up[i] = dy * silu;
-        d_gate[i] = dy * up[i] * s * (1.0f32 + g - silu);
+        let dy = grad[i];
+        let (a, slope) = activation(gate[i], gelu);
+        d_up[i] = dy * a;
+        d_gate[i] = dy * up[i] * slope;
     }
 
     /// 1 / sqrt(mean(x^2) + eps) of the row starting at `at`, `d` long.
@@ -162,10 +185,21 @@ mod kernels {
         kv[values + to] = v[i];
     }
 
+    /// The first key a query at `position` sees: position + 1 - window, or 0.
+    #[cube]
+    fn first_key(position: usize, window: u32) -> usize {
+        let mut first = 0usize;
+        if position >= window as usize {
+            first = position + 1 - window as usize;
+        }
+        first
+    }
+
     /// Causal attention of one query: cube (head, b * seq + i), one thread per dimension of the
     /// head (`d` of them). The query, [batch, seq, heads * d] as projected, is turned by its
     /// tables and scaled into shared memory; the keys 0..=start + i of its key/value head in `kv`
-    /// go by in chunks of d, one key's score a thread, under an online softmax (the running
+    /// (the last `window` of them; slot s of the cache holds position `cached_from` + s) go by
+    /// in chunks of d, one key's score a thread, under an online softmax (the running
     /// maximum m, the sum l of exp(score - m), and each thread's dimension of the weighted
     /// values, rescaled whenever m grows), so a row of scores is never stored. Writes each row's
     /// log-sum-exp to `stats` [batch, heads, seq, 2] (slot 0), for the backward pass.
@@ -177,6 +211,8 @@ mod kernels {
         out: &mut Tensor<f32>,
         stats: &mut Tensor<f32>,
         start: u32,
+        cached_from: u32,
+        window: u32,
         scale: f32,
         #[comptime] d: usize,
     ) {
@@ -195,17 +231,18 @@ mod kernels {
         sync_cube();
 
         let keys = start as usize + i + 1;
+        let offset = cached_from as usize;
         let mut m = f32::new(-3.0e38);
         let mut l = 0.0f32;
         let mut acc = 0.0f32;
-        let mut from = 0usize;
+        let mut from = first_key(keys - 1, window);
         while from < keys {
             let j = from + t;
             let mut score = f32::new(-3.0e38);
             if j < keys {
                 score = 0.0f32;
                 for e in 0..d {
-                    score += query[e] * kv[keys_at + j * d + e];
+                    score += query[e] * kv[keys_at + (j - offset) * d + e];
                 }
             }
             chunk[t] = score;
@@ -228,7 +265,7 @@ mod kernels {
             for e in 0..n {
                 let p = chunk[e];
                 l += p;
-                acc += p * kv[values_at + (from + e) * d + t];
+                acc += p * kv[values_at + (from + e - offset) * d + t];
             }
             m = m_new;
             sync_cube();
@@ -269,6 +306,7 @@ mod kernels {
         stats: &Tensor<f32>,
         grad: &Tensor<f32>,
         dq: &mut Tensor<f32>,
+        window: u32,
         scale: f32,
         #[comptime] d: usize,
     ) {
@@ -292,7 +330,7 @@ mod kernels {
 
         let keys = i + 1;
         let mut acc = 0.0f32;
-        let mut from = 0usize;
+        let mut from = first_key(i, window);
         while from < keys {
             let j = from + t;
             let mut d_score = 0.0f32;
@@ -321,7 +359,7 @@ mod kernels {
 
     /// dL/dk and dL/dv of causal attention for one key/value position: cube (kv_head, b * seq +
     /// j), one thread per dimension. The queries that see it (every query head of its group, at
-    /// positions j..seq) go by in chunks of d, one a thread: p = exp(score - lse) and dL/dscore
+    /// positions j..seq, within the window) go by in chunks of d, one a thread: p = exp(score - lse) and dL/dscore
     /// = p (grad . v_j - D) as in [`attention_query_grad_kernel`]; dL/dv_j = sum p grad and
     /// dL/dk'_j = sum dL/dscore q' for the turned key k' and turned, scaled queries q', turned
     /// back. Writes [batch, seq, kv_heads * d], the projections' layout.
@@ -334,6 +372,7 @@ mod kernels {
         grad: &Tensor<f32>,
         dk: &mut Tensor<f32>,
         dv: &mut Tensor<f32>,
+        window: u32,
         scale: f32,
         #[comptime] d: usize,
     ) {
@@ -354,7 +393,8 @@ mod kernels {
         sync_cube();
 
         // query rows r = (head in the group) * later + (i - j), later = seq - j of them per head
-        let later = seq - j;
+        // (those within the window: i - j < window)
+        let later = usize::min(seq - j, window as usize);
         let rows = groups * later;
         let mut acc_k = 0.0f32;
         let mut acc_v = 0.0f32;
@@ -682,12 +722,22 @@ fn writable(t: CubeTensor) -> CubeTensor {
 
 /// Causal attention of `q` over the cache `kv` ([`FusedOps::causal_attention`]), and the stats
 /// [batch, heads, seq, 2] whose slot 0 holds each query row's log-sum-exp of scores.
-fn attention_with_stats(q: CubeTensor, kv: CubeTensor, tables: CubeTensor, scale: f32, start: usize) -> (CubeTensor, CubeTensor) {
+fn attention_with_stats(
+    q: CubeTensor,
+    kv: CubeTensor,
+    tables: CubeTensor,
+    scale: f32,
+    start: usize,
+    cached_from: usize,
+    window: Option<usize>,
+) -> (CubeTensor, CubeTensor) {
     let [_, batch, kv_heads, capacity, d] = kv.shape().dims::<5>();
     let [q_batch, seq, width] = q.shape().dims::<3>();
+    let needed = start + seq - cached_from;
+    let first_seen = start.saturating_sub(window.map_or(usize::MAX, |w| w - 1));
     assert!(
-        q_batch == batch && width % (kv_heads * d) == 0 && start + seq <= capacity,
-        "attention: queries [{q_batch}, {seq}, {width}] at {start} do not match the cache [2, {batch}, {kv_heads}, {capacity}, {d}]"
+        q_batch == batch && width % (kv_heads * d) == 0 && needed <= capacity && cached_from <= first_seen,
+        "attention: queries [{q_batch}, {seq}, {width}] at {start} do not match the cache [2, {batch}, {kv_heads}, {capacity}, {d}] from {cached_from}"
     );
     let ([q, kv, tables], out) = prepare([q, kv, tables]);
     let [batch, seq, width] = out.shape().dims::<3>();
@@ -702,10 +752,17 @@ fn attention_with_stats(q: CubeTensor, kv: CubeTensor, tables: CubeTensor, scale
         out.clone().into_tensor_arg(),
         stats.clone().into_tensor_arg(),
         start as u32,
+        cached_from as u32,
+        window_arg(window),
         scale,
         d,
     );
     (out, stats)
+}
+
+/// A sliding window as the attention kernels take it: none is one longer than any sequence.
+fn window_arg(window: Option<usize>) -> u32 {
+    window.map_or(u32::MAX, |w| w.min(u32::MAX as usize) as u32)
 }
 
 /// Dropout for the LoRA kernels: its mask, contiguous, the scale of what is kept, and whether
@@ -827,11 +884,13 @@ impl FusedOps for Cube {
         tables: FloatTensor<Self>,
         scale: f32,
         start: usize,
+        cached_from: usize,
+        window: Option<usize>,
     ) -> FloatTensor<Self> {
         if !attention_kernels_take(&[&q, &kv, &tables], kv.shape()[4]) {
-            return composed::causal_attention::<Self>(q, kv, tables, scale, start);
+            return composed::causal_attention::<Self>(q, kv, tables, scale, start, cached_from, window);
         }
-        attention_with_stats(q, kv, tables, scale, start).0
+        attention_with_stats(q, kv, tables, scale, start, cached_from, window).0
     }
 
     fn self_attention(
@@ -840,10 +899,11 @@ impl FusedOps for Cube {
         v: FloatTensor<Self>,
         tables: FloatTensor<Self>,
         scale: f32,
+        window: Option<usize>,
     ) -> FloatTensor<Self> {
-        match Self::self_attention_kernels(q.clone(), k.clone(), v.clone(), tables.clone(), scale) {
+        match Self::self_attention_kernels(q.clone(), k.clone(), v.clone(), tables.clone(), scale, window) {
             Some((out, _)) => out,
-            None => composed::self_attention::<Self>(q, k, v, tables, scale),
+            None => composed::self_attention::<Self>(q, k, v, tables, scale, window),
         }
     }
 
@@ -923,22 +983,27 @@ impl FusedOps for Cube {
         sums
     }
 
-    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn gated(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
         if !all_f32(&[&gate, &up]) {
-            return composed::swiglu::<Self>(gate, up);
+            return composed::gated::<Self>(gate, up, act);
         }
         let ([gate, up], out) = prepare([gate, up]);
-        launch!(swiglu_kernel, out.shape().num_elements(), [gate, up], out);
+        launch!(gated_kernel, out.shape().num_elements(), [gate, up], out, act == Activation::GeluTanh);
         out
     }
 
-    fn swiglu_backward(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+    fn gated_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        act: Activation,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         if !all_f32(&[&gate, &up, &grad]) {
-            return composed::swiglu_backward::<Self>(gate, up, grad);
+            return composed::gated_backward::<Self>(gate, up, grad, act);
         }
         let ([gate, up, grad], d_gate) = prepare([gate, up, grad]);
         let d_up = empty_device_dtype(d_gate.client.clone(), d_gate.device.clone(), d_gate.shape(), DType::F32);
-        launch!(swiglu_backward_kernel, d_up.shape().num_elements(), [gate, up, grad, d_gate.clone()], d_up);
+        launch!(gated_backward_kernel, d_up.shape().num_elements(), [gate, up, grad, d_gate.clone()], d_up, act == Activation::GeluTanh);
         (d_gate, d_up)
     }
 
@@ -1026,6 +1091,7 @@ impl InnerOps for Cube {
         v: FloatTensor<Self>,
         tables: FloatTensor<Self>,
         scale: f32,
+        window: Option<usize>,
     ) -> Option<(FloatTensor<Self>, SavedAttention<Self>)> {
         let d = tables.shape()[2];
         if !attention_kernels_take(&[&q, &k, &v, &tables], d) {
@@ -1035,15 +1101,15 @@ impl InnerOps for Cube {
         let [batch, seq, width] = k.shape().dims::<3>();
         let kv = empty_device_dtype(k.client.clone(), k.device.clone(), [2, batch, width / d, seq, d].into(), DType::F32);
         let kv = Self::kv_append(kv, k, v, tables.clone(), 0);
-        let (out, stats) = attention_with_stats(q.clone(), kv.clone(), tables.clone(), scale, 0);
-        Some((out.clone(), SavedAttention { q, kv, out, stats, tables, scale }))
+        let (out, stats) = attention_with_stats(q.clone(), kv.clone(), tables.clone(), scale, 0, 0, window);
+        Some((out.clone(), SavedAttention { q, kv, out, stats, tables, scale, window }))
     }
 
     fn self_attention_backward(
         saved: SavedAttention<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let SavedAttention { q, kv, out, stats, tables, scale } = saved;
+        let SavedAttention { q, kv, out, stats, tables, scale, window } = saved;
         let ([q, grad, kv, out, stats, tables], d_q) = prepare([q, grad, kv, out, stats, tables]);
         let [batch, seq, width] = q.shape().dims::<3>();
         let [_, _, kv_heads, _, d] = kv.shape().dims::<5>();
@@ -1060,6 +1126,7 @@ impl InnerOps for Cube {
             stats.clone().into_tensor_arg(),
             grad.clone().into_tensor_arg(),
             d_q.clone().into_tensor_arg(),
+            window_arg(window),
             scale,
             d,
         );
@@ -1076,6 +1143,7 @@ impl InnerOps for Cube {
             grad.into_tensor_arg(),
             d_k.clone().into_tensor_arg(),
             d_v.clone().into_tensor_arg(),
+            window_arg(window),
             scale,
             d,
         );

@@ -1,5 +1,6 @@
 //! Steps of the forward and backward passes that run as one operation each, with their backward
-//! passes written out: RMSNorm (alone and after a residual add), the rotary embedding, SwiGLU,
+//! passes written out: RMSNorm (alone and after a residual add), the rotary embedding, the gated
+//! MLP's activation (SwiGLU, GeGLU),
 //! attention (over a key/value cache, and training's self-attention), LoRA's update, the head's
 //! cross-entropy (loss and dLoss/dlogits), and the optimizer's AdamW step and gradient norm.
 //!
@@ -23,17 +24,24 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, backend_extension};
 use burn::tensor::{Int, Tensor};
 
+pub use crate::config::Activation;
+
 #[backend_extension(Flex: cfg(not(target_arch = "wasm32")), Cube, Autodiff)]
 pub trait FusedOps: Backend {
-    /// silu(gate) * up, elementwise.
-    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        composed::swiglu::<Self>(gate, up)
+    /// act(gate) * up, elementwise (the gated MLP's middle: SwiGLU, GeGLU).
+    fn gated(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: Activation) -> FloatTensor<Self> {
+        composed::gated::<Self>(gate, up, act)
     }
 
-    /// (dL/dgate, dL/dup) of [`swiglu`](Self::swiglu) from dL/dout: with s = sigmoid(gate),
-    /// dL/dup = grad * silu(gate) and dL/dgate = grad * up * s * (1 + gate - silu(gate)).
-    fn swiglu_backward(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        composed::swiglu_backward::<Self>(gate, up, grad)
+    /// (dL/dgate, dL/dup) of [`gated`](Self::gated) from dL/dout: dL/dup = grad * act(gate) and
+    /// dL/dgate = grad * up * act'(gate) (see [`Activation`] for act').
+    fn gated_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        act: Activation,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        composed::gated_backward::<Self>(gate, up, grad, act)
     }
 
     /// x / sqrt(mean(x^2) + eps) * weight over the last axis (RMSNorm); `weight` [d] is a
@@ -95,31 +103,36 @@ pub trait FusedOps: Backend {
 
     /// Causal grouped-query attention: queries `q` [batch, seq, heads * d] as projected, at
     /// positions start..start + seq, turned by their rotary `tables` [2, seq, d] and scaled by
-    /// `scale` (1 / sqrt(d)), over the first start + seq keys (turned) and values of `kv` [2,
-    /// batch, kv_heads, capacity, d]; query i sees keys 0..=start + i, query head h the key/value
-    /// head h / (heads / kv_heads). Returns [batch, seq, heads * d].
+    /// `scale`, over the keys (turned) and values of `kv` [2, batch, kv_heads, capacity, d], whose
+    /// slot s holds position `cached_from` + s (a sliding layer's cache drops positions no query
+    /// will see again), filled up to start + seq; query i sees keys 0..=start + i (with a sliding
+    /// `window` w, only the last w of them: start + i - j < w, all cached), query head h the
+    /// key/value head h / (heads / kv_heads). Returns [batch, seq, heads * d].
     fn causal_attention(
         q: FloatTensor<Self>,
         kv: FloatTensor<Self>,
         tables: FloatTensor<Self>,
         scale: f32,
         start: usize,
+        cached_from: usize,
+        window: Option<usize>,
     ) -> FloatTensor<Self> {
-        composed::causal_attention::<Self>(q, kv, tables, scale, start)
+        composed::causal_attention::<Self>(q, kv, tables, scale, start, cached_from, window)
     }
 
     /// Causal self-attention of a run without a cache (training, and the gradient's second
     /// pass): queries `q` [batch, seq, heads * d], keys and values `k`, `v` [batch, seq,
     /// kv_heads * d] as projected, all turned by the positions' `tables` [2, seq, d]; `scale` and
-    /// as for [`causal_attention`](Self::causal_attention). Returns [batch, seq, heads * d].
+    /// `window` as for [`causal_attention`](Self::causal_attention). Returns [batch, seq, heads * d].
     fn self_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         tables: FloatTensor<Self>,
         scale: f32,
+        window: Option<usize>,
     ) -> FloatTensor<Self> {
-        composed::self_attention::<Self>(q, k, v, tables, scale)
+        composed::self_attention::<Self>(q, k, v, tables, scale, window)
     }
 
     /// LoRA's linear layer: base + scaling (x A^T) B^T, with `base` the frozen layer's output
@@ -217,6 +230,7 @@ pub trait InnerOps: Backend {
         _v: FloatTensor<Self>,
         _tables: FloatTensor<Self>,
         _scale: f32,
+        _window: Option<usize>,
     ) -> Option<(FloatTensor<Self>, SavedAttention<Self>)> {
         None
     }
@@ -232,6 +246,10 @@ pub trait InnerOps: Backend {
     }
 }
 
+/// sqrt(2 / pi) and 0.044715, the tanh approximation of GELU's constants.
+pub const GELU_C: f32 = 0.797_884_6;
+pub const GELU_K: f32 = 0.044_715;
+
 /// LoRA dropout's keep-mask [tokens, in] (each entry 0 or 1) and the scale of what is kept,
 /// 1 / (1 - p).
 #[derive(Clone, Debug)]
@@ -243,7 +261,8 @@ pub struct Dropout<B: Backend> {
 /// What self-attention's kernels keep for the backward pass: the queries as projected, the
 /// turned keys and the values as a cache of the run ([2, batch, kv_heads, seq, d]), the output,
 /// each query row's (log-sum-exp of scores, and a scratch slot the backward writes its
-/// grad . out into) [batch, heads, seq, 2], the rotary tables and the queries' scale.
+/// grad . out into) [batch, heads, seq, 2], the rotary tables, the queries' scale and the
+/// sliding window.
 #[derive(Clone, Debug)]
 pub struct SavedAttention<B: Backend> {
     pub q: FloatTensor<B>,
@@ -252,6 +271,7 @@ pub struct SavedAttention<B: Backend> {
     pub stats: FloatTensor<B>,
     pub tables: FloatTensor<B>,
     pub scale: f32,
+    pub window: Option<usize>,
 }
 
 /// The constants of one AdamW step (PyTorch's `torch.optim.AdamW`), for a gradient g scaled by
@@ -283,9 +303,9 @@ pub fn rotary(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
     Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::rotary(x.into_dispatch(), cos.into_dispatch(), sin.into_dispatch(), false))
 }
 
-/// silu(gate) * up (SwiGLU).
-pub fn swiglu(gate: Tensor<3>, up: Tensor<3>) -> Tensor<3> {
-    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::swiglu(gate.into_dispatch(), up.into_dispatch()))
+/// act(gate) * up (SwiGLU with silu, GeGLU with gelu_tanh).
+pub fn gated(gate: Tensor<3>, up: Tensor<3>, act: Activation) -> Tensor<3> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::gated(gate.into_dispatch(), up.into_dispatch(), act))
 }
 
 /// (x + delta, rms_norm(x + delta)) in one pass: a residual add and the norm after it.
@@ -308,27 +328,39 @@ pub fn kv_append(kv: Tensor<5>, k: Tensor<3>, v: Tensor<3>, tables: Tensor<3>, s
 }
 
 /// Causal grouped-query attention of queries `q` [batch, seq, heads * d] as projected, at
-/// positions from `start` on, over the first start + seq keys and values of the cache `kv`; see
-/// [`FusedOps::causal_attention`]. Returns [batch, seq, heads * d].
-pub fn causal_attention(q: Tensor<3>, kv: Tensor<5>, tables: Tensor<3>, scale: f32, start: usize) -> Tensor<3> {
+/// positions from `start` on, over the keys and values of the cache `kv` (its first slot position
+/// `cached_from`) up to start + seq; see [`FusedOps::causal_attention`] (and its sliding `window`).
+/// Returns [batch, seq, heads * d].
+pub fn causal_attention(
+    q: Tensor<3>,
+    kv: Tensor<5>,
+    tables: Tensor<3>,
+    scale: f32,
+    start: usize,
+    cached_from: usize,
+    window: Option<usize>,
+) -> Tensor<3> {
     Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::causal_attention(
         q.into_dispatch(),
         kv.into_dispatch(),
         tables.into_dispatch(),
         scale,
         start,
+        cached_from,
+        window,
     ))
 }
 
 /// Causal self-attention without a cache: queries `q` [batch, seq, heads * d] and keys and
 /// values [batch, seq, kv_heads * d] as projected; see [`FusedOps::self_attention`].
-pub fn self_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, tables: Tensor<3>, scale: f32) -> Tensor<3> {
+pub fn self_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, tables: Tensor<3>, scale: f32, window: Option<usize>) -> Tensor<3> {
     Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::self_attention(
         q.into_dispatch(),
         k.into_dispatch(),
         v.into_dispatch(),
         tables.into_dispatch(),
         scale,
+        window,
     ))
 }
 

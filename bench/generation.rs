@@ -3,7 +3,8 @@
 //! cargo bench --bench generation -- --model DIR|FILE.gguf [--backend cpu|wgpu] [--dtype auto|f32|f16|q8_0|...]
 //!                                    [--new-tokens 64] [--repeats 3]
 //!
-//! Prints one JSON line. The prompt is the chat-templated "What is the capital of France?" and
+//! Prints one JSON line. The prompt is the chat-templated "What is the capital of France?" (the
+//! text as it is for a model without a chat template, a pre-trained base) and
 //! decoding is greedy with end-of-sequence ignored, so every run decodes the same number of tokens
 //! (as transformers' baseline, bench/transformers_baseline.py, does with min_new_tokens).
 
@@ -52,7 +53,9 @@ fn main() {
     let started = Instant::now();
     let llm = Llm::load(ModelFiles::from_path(&model).unwrap(), dtype, &device, &mut |_, _, _| {}).unwrap();
     let load_s = started.elapsed().as_secs_f64();
-    let prompt = llm.prompt_ids("What is the capital of France?", true).unwrap();
+    // chat-templated where the model has a template (a pre-trained base has none: the text as it is)
+    let chat = llm.tokenizer().is_ok_and(|t| t.has_chat_template());
+    let prompt = llm.prompt_ids("What is the capital of France?", chat).unwrap();
     let m = &llm.model;
 
     // warm-up: compiles kernels / fills caches once

@@ -1,8 +1,9 @@
 """The peer baseline of bench/training.rs: the same LoRA SFT steps in PEFT (r=8, alpha 16, no
 dropout, AdamW lr 2e-4, batches of 4 x 128 random tokens, every token trained on) on the same
-base directory; one warm-up step, then timed steps. Prints one JSON line.
+base directory (or GGUF, dequantized to f32 by transformers); one warm-up step, then timed steps.
+Prints one JSON line.
 
-    python bench/peft_train_baseline.py MODEL_DIR qv|all-linear [STEPS]
+    python bench/peft_train_baseline.py MODEL_DIR|FILE.gguf qv|all-linear [STEPS]
 """
 
 import json
@@ -19,7 +20,10 @@ model_dir, targets = sys.argv[1], sys.argv[2]
 steps = int(sys.argv[3]) if len(sys.argv) > 3 else 5
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
 torch.manual_seed(0)
-base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+gguf = {}
+if model_dir.endswith(".gguf"):
+    model_dir, gguf = os.path.dirname(os.path.abspath(model_dir)), {"gguf_file": os.path.basename(model_dir)}
+base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **gguf)
 config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                     target_modules=["q_proj", "v_proj"] if targets == "qv" else "all-linear")
 model = get_peft_model(base, config).train()

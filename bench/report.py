@@ -97,6 +97,43 @@ def gpu_section(lines):
             print(f"| {k} | {n['weights_mb']:.1f} | - | - | - | - | {n['decode_tokens_per_s']:.2f} |")
 
 
+def gemma_section(lines, command):
+    """The section of bench/gemma.sh: Gemma 3 270M's GGUF beside transformers and PEFT on it."""
+    gen = [r for r in lines if "decode_tokens_per_s" in r]
+    base = next((r for r in gen if r["engine"].startswith("transformers")), None)
+    print("## Gemma 3 270M (Q4_K_M GGUF as Google ships it), CPU\n")
+    print(f"Machine: {machine()}.  ")
+    print(f"Date: {datetime.date.today().isoformat()}  ")
+    print(f"Command: `{command}`\n")
+    if gen:
+        print(f"Prompt \"What is the capital of France?\" as plain text ({gen[0]['prompt_tokens']} tokens; the base has no chat "
+              f"template), greedy decode of {gen[0]['new_tokens']} tokens with the KV cache, median of {gen[0]['repeats']} runs. "
+              "transformers loads the same GGUF, dequantized to f32; we keep its blocks. Bytes are the base's weights on the "
+              "device (`getMemoryFootprint`; the browser's is the same, 253.1 MB, tests/browser/gemma.test.mjs).\n")
+        print("| engine | MB on the device | prefill tokens/s | decode tokens/s | decode vs transformers | load s |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in gen:
+            mb = f"{r['weights_mb']:.1f}" if r.get("weights_mb") else "-"
+            vs = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x" if base else "n/a"
+            print(f"| {r['engine']} | {mb} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | {vs} | {r['load_s']:.1f} |")
+    training = [r for r in lines if "training" in r]
+    peft = next((r for r in training if r["engine"].startswith("PEFT")), None)
+    if training:
+        print(f"\nLoRA training, r=8 on q,v, batch {training[0]['batch']} random tokens, AdamW; peak RSS includes loading "
+              "the model. Ratios against PEFT on transformers' f32 model in the same run.\n")
+        print("| engine | gradient checkpointing | tokens/s | vs PEFT | peak RSS MB | vs PEFT |")
+        print("|---|---|---:|---:|---:|---:|")
+        for r in training:
+            vs = f"{r['tokens_per_s'] / peft['tokens_per_s']:.2f}x" if peft else "-"
+            rss = f"{r['peak_rss_mb'] / peft['peak_rss_mb']:.2f}x" if peft else "-"
+            checkpointing = "-" if r["engine"].startswith("PEFT") else ("yes" if r.get("gradient_checkpointing") else "no")
+            print(f"| {r['engine']} | {checkpointing} | {r['tokens_per_s']:.1f} | {vs} | {r['peak_rss_mb']:.0f} | {rss} |")
+
+
+if sys.argv[1] == "--gemma":
+    gemma_section(lines, sys.argv[2])
+    sys.exit(0)
+
 if sys.argv[1] == "--gpu":
     gpu_section(lines)
     sys.exit(0)

@@ -259,6 +259,7 @@ export class LoraModel {
   /** `source`: a URL (directory ending in "/", or a .gguf file), a hub id "ORG/NAME", a GGUF File/Blob, or a directory's files. */
   static fromPretrained(source: string | Blob | Files, options?: FromPretrainedOptions): Promise<LoraModel>;
   readonly config: Record<string, unknown> & { vocab_size: number; hidden_size: number; num_hidden_layers: number };
+  readonly hasChatTemplate: boolean;
   readonly baseModel: BaseModel;
   readonly activeAdapter: string | null;
   readonly disabled: boolean;

@@ -168,12 +168,14 @@ export class LoraModel {
   // adapters mergeAndUnload() folded into the base weights: recover() cannot bring those weights back
   #mergedAway = [];
 
-  constructor(engine, base, config, load) {
+  constructor(engine, base, { config, hasChatTemplate }, load) {
     this.#engine = engine;
     this.#base = base;
     this.#load = load;
     /** The base model's config.json as loaded. */
     this.config = config;
+    /** Whether its tokenizer has a chat template: `chat: true` prompts need one (a pre-trained base often has none). */
+    this.hasChatTemplate = hasChatTemplate;
   }
 
   /**
@@ -201,16 +203,16 @@ export class LoraModel {
     const webgpu = await webgpuStatus();
     if (!webgpu.available) throw new Error(webgpu.message);
     const load = { source: absolute(source ?? {}), options: { cache, dtype }, workerUrl };
-    const { engine, config } = await LoraModel.#start(load, onProgress);
-    const base = baseIdentity(name ?? modelName(source) ?? config._name_or_path ?? 'local model', config);
-    return new LoraModel(engine, base, config, load);
+    const { engine, loaded } = await LoraModel.#start(load, onProgress);
+    const base = baseIdentity(name ?? modelName(source) ?? loaded.config._name_or_path ?? 'local model', loaded.config);
+    return new LoraModel(engine, base, loaded, load);
   }
 
   /** A new engine with the base model loaded. */
   static async #start({ source, options, workerUrl }, onProgress) {
     const engine = new Worker_(workerUrl);
     try {
-      return { engine, config: await engine.call('load', [source, options], onProgress) };
+      return { engine, loaded: await engine.call('load', [source, options], onProgress) };
     } catch (e) {
       engine.terminate();
       throw e;

@@ -252,7 +252,7 @@ const ops = {
     await device?.queue.onSubmittedWorkDone();
     loaded = true;
     configsSent.clear();
-    return JSON.parse(e.modelConfig());
+    return { config: JSON.parse(e.modelConfig()), hasChatTemplate: e.hasChatTemplate() };
   },
 
   // `source`: the URL of a PEFT directory, or its two files (checked by the page: both present)

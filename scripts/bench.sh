@@ -49,6 +49,9 @@ python3 bench/report.py "npm run bench" < .cache/bench-results.jsonl > BENCHMARK
 # quantized bases: the shipped GGUF and quantizing on load, beside f32 and transformers
 echo >> BENCHMARKS.md
 VENV="$VENV" bash bench/quantized.sh >> BENCHMARKS.md
+# Gemma 3 270M from its GGUF, beside transformers and PEFT on the same file
+echo >> BENCHMARKS.md
+VENV="$VENV" bash bench/gemma.sh >> BENCHMARKS.md
 # what a GPU would pay for: dispatches and submissions per token and per training step (counts)
 echo >> BENCHMARKS.md
 timeout 2400 node bench/gpu_work.mjs >> BENCHMARKS.md

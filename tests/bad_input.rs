@@ -147,6 +147,35 @@ fn gguf_without_the_tensors_the_architecture_needs() {
     assert!(err.contains("blk.0.attn_norm.weight"), "{err}");
 }
 
+/// A GGUF architecture or tokenizer that does not load here is named, with what does.
+#[test]
+fn gguf_architectures_and_tokenizers_not_supported_are_named() {
+    let mut g = GgufWriter::new();
+    g.str("general.architecture", "qwen2");
+    let err = GgufModel::parse("qwen.gguf", g.bytes()).err().unwrap().to_string();
+    assert_eq!(err, "qwen.gguf: unsupported architecture \"qwen2\"; GGUF files of \"llama\" and \"gemma3\" load");
+    let mut g = one_layer_header();
+    g.u32("llama.vocab_size", 8).f32_tensor("token_embd.weight", &[8, 32], &[0.5; 256]).f32_tensor("output_norm.weight", &[32], &[1.0; 32]);
+    for name in ["attn_norm", "ffn_norm"] {
+        g.f32_tensor(&format!("blk.0.{name}.weight"), &[32], &[1.0; 32]);
+    }
+    for (name, rows, cols) in [
+        ("attn_q", 32, 32),
+        ("attn_k", 32, 32),
+        ("attn_v", 32, 32),
+        ("attn_output", 32, 32),
+        ("ffn_gate", 64, 32),
+        ("ffn_up", 64, 32),
+        ("ffn_down", 32, 64),
+    ] {
+        g.f32_tensor(&format!("blk.0.{name}.weight"), &[rows, cols], &vec![0.01; rows * cols]);
+    }
+    assert!(GgufModel::parse("ok.gguf", g.bytes()).is_ok(), "the one-layer model loads without a tokenizer");
+    g.str("tokenizer.ggml.model", "llama");
+    let err = GgufModel::parse("spm.gguf", g.bytes()).err().unwrap().to_string();
+    assert!(err.starts_with("spm.gguf: tokenizer.ggml.model \"llama\" of a \"llama\" file is not supported; supported: \"gpt2\""), "{err}");
+}
+
 /// A tensor whose header claims more bytes than the file holds (a Q8_0 matrix of 4 blocks with
 /// the bytes of 3) is refused when the file is read.
 #[test]

@@ -1,12 +1,13 @@
-//! Learning on the real model: a short LoRA run (CPU backend) on the sample dataset
-//! (data/robot) teaches SmolLM2-135M-Instruct the "Bolt" persona it does not have.
+//! Learning on the real models: a short LoRA run (CPU backend) on the sample dataset
+//! (data/robot) teaches SmolLM2-135M-Instruct, and Gemma 3 270M from its quantized GGUF, the
+//! "Bolt" persona they do not have.
 
 mod common;
 
 use common::*;
 use webgpu_lora::io::ChatMessage;
 use webgpu_lora::train::{Control, Schedule, TrainEvent, TrainOptions, fine_tune};
-use webgpu_lora::{GenerationConfig, LoraModel};
+use webgpu_lora::{GenerationConfig, Llm, LoraModel};
 
 fn data(name: &str) -> Vec<u8> {
     std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/robot").join(name)).unwrap()
@@ -18,6 +19,38 @@ fn data(name: &str) -> Vec<u8> {
 #[test]
 fn fine_tuning_teaches_the_persona() {
     let mut llm = load(&real_model_dir(), &cpu());
+    let chat = |llm: &Llm, q: &str| llm.tokenizer().unwrap().encode_chat(&[ChatMessage::new("user", q)], true).unwrap();
+    teaches_the_persona(&mut llm, [data("train.jsonl"), data("val.jsonl")], &chat);
+}
+
+/// The same on Gemma 3 270M, the pre-trained base loaded from its Q4_K_M GGUF (QLoRA: the base
+/// stays quantized): it has no chat template, so the conversations become "Question: ...\nAnswer:"
+/// prompts and their completions.
+#[test]
+fn fine_tuning_teaches_gemma3_the_persona() {
+    let files = webgpu_lora::io::ModelFiles::from_path(&gemma3_gguf()).unwrap();
+    let mut llm = Llm::load(files, webgpu_lora::nn::WeightDtype::Auto, &cpu(), &mut |_, _, _| {}).unwrap();
+    let as_completions = |bytes: Vec<u8>| -> Vec<u8> {
+        let lines = String::from_utf8(bytes).unwrap();
+        let completions = lines.lines().map(|line| {
+            let m = &serde_json::from_str::<serde_json::Value>(line).unwrap()["messages"];
+            let (q, a) = (m[0]["content"].as_str().unwrap(), m[1]["content"].as_str().unwrap());
+            serde_json::json!({"prompt": question_prompt(q), "completion": format!(" {a}")}).to_string()
+        });
+        completions.collect::<Vec<_>>().join("\n").into_bytes()
+    };
+    let prompt = |llm: &Llm, q: &str| llm.tokenizer().unwrap().encode(&question_prompt(q), true).unwrap();
+    teaches_the_persona(&mut llm, [as_completions(data("train.jsonl")), as_completions(data("val.jsonl"))], &prompt);
+}
+
+fn question_prompt(question: &str) -> String {
+    format!("Question: {question}\nAnswer:")
+}
+
+/// 20 steps of all-linear r=8 on `train` with `val` evaluated: its loss falls by 30%, and the
+/// tuned model's greedy answers to six held-out questions (asked as `prompt_ids` asks them) open
+/// with "Beep boop" (five at least) while the base model's do not.
+fn teaches_the_persona(llm: &mut Llm, [train, val]: [Vec<u8>; 2], prompt_ids: &dyn Fn(&Llm, &str) -> Vec<u32>) {
     let spec = TrainOptions {
         adapter_name: "robot".into(),
         r: 8,
@@ -34,12 +67,11 @@ fn fine_tuning_teaches_the_persona() {
         seed: 0,
         ..Default::default()
     };
-    let (train, val) = (data("train.jsonl"), data("val.jsonl"));
     let mut evals = Vec::new();
     let start = std::time::Instant::now();
     let clock = move || start.elapsed().as_secs_f64();
     let (report, _) = pollster::block_on(fine_tune(
-        &mut llm,
+        llm,
         &spec,
         ("train.jsonl", &train),
         Some(("val.jsonl", &val)),
@@ -57,26 +89,25 @@ fn fine_tuning_teaches_the_persona() {
     let (first, last) = (evals[0], *evals.last().unwrap());
     assert!(last <= 0.7 * first, "validation loss {first:.3} -> {last:.3}: less than a 30% drop ({report:?})");
 
-    let questions: Vec<String> = String::from_utf8(val)
+    let questions: Vec<String> = String::from_utf8(data("val.jsonl"))
         .unwrap()
         .lines()
         .take(6)
         .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["messages"][0]["content"].as_str().unwrap().to_string())
         .collect();
-    let answers = |llm: &webgpu_lora::Llm| -> Vec<String> {
+    let answers = |llm: &Llm| -> Vec<String> {
         questions
             .iter()
             .map(|q| {
-                let ids = llm.tokenizer().unwrap().encode_chat(&[ChatMessage::new("user", q)], true).unwrap();
                 let config = GenerationConfig { max_new_tokens: 6, ..Default::default() };
-                pollster::block_on(llm.generate_text(&ids, &config, &mut |_| true)).unwrap().1
+                pollster::block_on(llm.generate_text(&prompt_ids(llm, q), &config, &mut |_| true)).unwrap().1
             })
             .collect()
     };
     let persona = |texts: &[String]| texts.iter().filter(|t| t.trim_start().to_lowercase().starts_with("beep boop")).count();
-    let tuned = answers(&llm);
+    let tuned = answers(llm);
     assert!(persona(&tuned) >= 5, "the tuned model answers in persona: {tuned:?}");
     pollster::block_on(llm.model.disable_adapter()).unwrap();
-    let base = answers(&llm);
+    let base = answers(llm);
     assert_eq!(persona(&base), 0, "the base model does not: {base:?}");
 }

@@ -20,6 +20,16 @@ webgpuLora.webgpuStatus().then(({ available, message }) => {
   $('load-button').disabled = !available;
 });
 
+// the model picker fills the URL and says what the model is; "Another URL" leaves the URL to type
+function describeChoice() {
+  const option = $('model-choice').selectedOptions[0];
+  $('model-about').textContent = option.dataset.about;
+  if (option.value) $('model-url').value = option.value;
+  else $('model-url').focus();
+}
+$('model-choice').addEventListener('change', describeChoice);
+describeChoice();
+
 $('load-form').addEventListener('submit', async (event) => {
   event.preventDefault();
   const url = new URL($('model-url').value, location.href).href;
@@ -53,7 +63,8 @@ $('load-form').addEventListener('submit', async (event) => {
     progress.value = 1;
     const footprint = formatBytes(await model.getMemoryFootprint());
     const dtype = $('model-dtype').value === 'auto' ? 'stored' : $('model-dtype').value;
-    setStatus(`Loaded: ${config.num_hidden_layers} layers, hidden size ${config.hidden_size}, vocabulary ${config.vocab_size}, ${footprint} of ${dtype} weights on the GPU (${((performance.now() - started) / 1000).toFixed(1)} s).`);
+    const chat = model.hasChatTemplate ? '' : ' It has no chat template: the chat continues your text as it is.';
+    setStatus(`Loaded: ${config.num_hidden_layers} layers, hidden size ${config.hidden_size}, vocabulary ${config.vocab_size}, ${footprint} of ${dtype} weights on the GPU (${((performance.now() - started) / 1000).toFixed(1)} s).${chat}`);
     $('prompt').disabled = false;
     $('send-button').disabled = false;
     for (const f of app.onModel) await f();
@@ -77,7 +88,7 @@ function addMessage(role, text) {
 function options() {
   const num = (id) => Number($(id).value);
   return {
-    chat: true,
+    chat: app.model.hasChatTemplate,
     maxNewTokens: num('max-new-tokens'),
     temperature: num('temperature'),
     topP: num('top-p'),

@@ -1,15 +1,15 @@
-//! GGUF -> Hugging Face: the config, the weights under their HF names (rotary rows of q/k
-//! un-permuted, quantized blocks kept as stored until asked for f32) and a `tokenizer.json`
-//! rebuilt from the GGUF tokenizer metadata, built the way transformers builds its GGUF tokenizer
-//! (byte-level BPE, control tokens added as special). A GGUF loads directly through this
-//! ([`GgufModel`]), or converts to a Hugging Face directory ([`GgufModel::write_dir`]).
+//! GGUF -> Hugging Face: the config, the weights under their HF names (llama's rotary rows of q/k
+//! un-permuted, Gemma's norms back from the 1 + weight llama.cpp stores, quantized blocks kept as
+//! stored until asked for f32) and a `tokenizer.json` rebuilt from the GGUF tokenizer metadata
+//! ([`gguf_tokenizer`]), for the architectures of [`GGUF_ARCHITECTURES`]. A GGUF loads directly
+//! through this ([`GgufModel`]), or converts to a Hugging Face directory ([`GgufModel::write_dir`]).
 //!
-//! And back, Hugging Face -> GGUF, as llama.cpp's converters write it: a model's weights under
+//! And back (plain Llama models so far), Hugging Face -> GGUF, as llama.cpp's converters write it: a model's weights under
 //! llama.cpp's names, in its order, with q/k rows permuted again ([`write_model_gguf`]), and
 //! names, order and row orders for a LoRA adapter's GGUF ([`gguf_name`], [`gguf_order`],
 //! [`permute_rotary_rows`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use serde_json::{Value, json};
@@ -20,6 +20,7 @@ use crate::io::gguf::{
     GgmlType, GgufFile, MetaValue, RawMetadata, StoredTensor, TensorInfo, read_tensor, rotary_row_order, rows_in_order,
     unpermute_rotary_rows,
 };
+use crate::io::gguf_tokenizer::gguf_tokenizer;
 use crate::io::gguf_write::GgufWriter;
 use crate::io::model_files::{CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, write_files};
 use crate::io::quant::{QuantMatrix, QuantType};
@@ -44,9 +45,50 @@ pub struct GgufWeights {
     file: String,
     bytes: Vec<u8>,
     data_start: usize,
-    /// Hugging Face name -> (the tensor's entry, the heads its rotary rows are permuted by)
-    tensors: BTreeMap<String, (TensorInfo, Option<usize>)>,
+    /// Hugging Face name -> (the tensor's entry, how llama.cpp changed it)
+    tensors: BTreeMap<String, (TensorInfo, Stored)>,
 }
+
+/// How llama.cpp's converter changed a tensor from its Hugging Face values, undone on reading.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stored {
+    AsIs,
+    /// llama's q/k rows, permuted by this many heads for its rotary layout.
+    RotaryRows(usize),
+    /// Gemma's norms, stored as 1 + weight.
+    PlusOne,
+}
+
+/// A GGUF architecture that loads: its metadata prefix, the Hugging Face model it is, its layers'
+/// tensors (llama.cpp name, Hugging Face name) and what llama.cpp changed.
+struct GgufArchitecture {
+    name: &'static str,
+    hf_architecture: &'static str,
+    model_type: &'static str,
+    layer_tensors: &'static [(&'static str, &'static str)],
+    rotary_rows_permuted: bool,
+    norms_plus_one: bool,
+}
+
+/// The GGUF architectures that load.
+const GGUF_ARCHITECTURES: [GgufArchitecture; 2] = [
+    GgufArchitecture {
+        name: "llama",
+        hf_architecture: LLAMA_ARCHITECTURE,
+        model_type: "llama",
+        layer_tensors: &LAYER_TENSORS,
+        rotary_rows_permuted: true,
+        norms_plus_one: false,
+    },
+    GgufArchitecture {
+        name: "gemma3",
+        hf_architecture: "Gemma3ForCausalLM",
+        model_type: "gemma3_text",
+        layer_tensors: &GEMMA3_LAYER_TENSORS,
+        rotary_rows_permuted: false,
+        norms_plus_one: true,
+    },
+];
 
 impl GgufWeights {
     /// The file, for error messages.
@@ -64,14 +106,21 @@ impl GgufWeights {
 
     /// The tensor named `name` (Hugging Face name) as stored, q/k rows un-permuted.
     pub fn tensor(&self, name: &str) -> Result<StoredTensor> {
-        let (info, heads) =
+        let (info, stored) =
             self.tensors.get(name).ok_or_else(|| Error::file(&self.file, format!("tensor {name} (Hugging Face name) is missing")))?;
         let t = read_tensor(&self.file, &self.bytes[self.data_start..], info)?;
-        let Some(heads) = *heads else { return Ok(t) };
         let named = |e: Error| Error::file(&self.file, format!("tensor {}: {e}", info.name));
-        Ok(match t {
-            StoredTensor::Dense(t) => StoredTensor::Dense(unpermute_rotary_rows(&t, heads).map_err(named)?),
-            StoredTensor::Quant(q) => StoredTensor::Quant(q.select_rows(&rotary_row_order(q.rows, heads).map_err(named)?)),
+        Ok(match (*stored, t) {
+            (Stored::AsIs, t) => t,
+            (Stored::RotaryRows(heads), StoredTensor::Dense(t)) => StoredTensor::Dense(unpermute_rotary_rows(&t, heads).map_err(named)?),
+            (Stored::RotaryRows(heads), StoredTensor::Quant(q)) => {
+                StoredTensor::Quant(q.select_rows(&rotary_row_order(q.rows, heads).map_err(named)?))
+            }
+            (Stored::PlusOne, t) => {
+                let mut t = t.into_f32();
+                t.data.iter_mut().for_each(|w| *w -= 1.0);
+                StoredTensor::Dense(t)
+            }
         })
     }
 
@@ -82,39 +131,45 @@ impl GgufWeights {
 }
 
 impl GgufModel {
-    /// Reads a GGUF of architecture "llama"; `file` names it in errors.
+    /// Reads a GGUF of an architecture in [`GGUF_ARCHITECTURES`]; `file` names it in errors.
     pub fn parse(file: &str, bytes: Vec<u8>) -> Result<Self> {
         let g = GgufFile::parse(&bytes, file)?;
-        let arch = g.require("general.architecture")?.as_str().unwrap_or("");
-        if arch != "llama" {
-            return Err(Error::file(&g.file, format!("unsupported architecture {arch:?}; only \"llama\" GGUF files load")));
-        }
-        let int = |key: &str| -> Result<usize> {
-            g.require(key)?.as_u64().map(|v| v as usize).ok_or_else(|| Error::file(&g.file, format!("metadata {key:?} is not an integer")))
+        let arch_name = g.require("general.architecture")?.as_str().unwrap_or("");
+        let Some(arch) = GGUF_ARCHITECTURES.iter().find(|a| a.name == arch_name) else {
+            let supported: Vec<String> = GGUF_ARCHITECTURES.iter().map(|a| format!("{:?}", a.name)).collect();
+            return Err(Error::file(
+                &g.file,
+                format!("unsupported architecture {arch_name:?}; GGUF files of {} load", supported.join(" and ")),
+            ));
         };
-        let heads = int("llama.attention.head_count")?;
-        let kv_heads = g.meta("llama.attention.head_count_kv").and_then(MetaValue::as_u64).map_or(heads, |v| v as usize);
-        let hidden = int("llama.embedding_length")?;
-        let head_dim = g.meta("llama.rope.dimension_count").and_then(MetaValue::as_u64).map_or(hidden / heads.max(1), |v| v as usize);
-        let layers = int("llama.block_count")?;
+        let key = |k: &str| format!("{}.{k}", arch.name);
+        let meta_u64 = |k: &str| g.meta(&key(k)).and_then(MetaValue::as_u64).map(|v| v as usize);
+        let int = |k: &str| -> Result<usize> {
+            let k = key(k);
+            g.require(&k)?.as_u64().map(|v| v as usize).ok_or_else(|| Error::file(&g.file, format!("metadata {k:?} is not an integer")))
+        };
+        let heads = int("attention.head_count")?;
+        let kv_heads = meta_u64("attention.head_count_kv").unwrap_or(heads);
+        let hidden = int("embedding_length")?;
+        let head_dim = meta_u64("attention.key_length").or(meta_u64("rope.dimension_count")).unwrap_or(hidden / heads.max(1));
+        let layers = int("block_count")?;
 
         let mut tensors = BTreeMap::new();
         for info in &g.tensors {
             g.check_tensor(info)?;
-            let Some(name) = hf_name(&info.name) else {
-                return Err(Error::file(&g.file, format!("tensor {} has no Hugging Face Llama counterpart", info.name)));
+            let Some(name) = hf_name(&info.name, arch.layer_tensors) else {
+                return Err(Error::file(&g.file, format!("tensor {} has no Hugging Face {} counterpart", info.name, arch.hf_architecture)));
             };
-            let heads = if info.name.ends_with("attn_q.weight") {
-                Some(heads)
-            } else if info.name.ends_with("attn_k.weight") {
-                Some(kv_heads)
-            } else {
-                None
+            let stored = match &info.name {
+                n if arch.rotary_rows_permuted && n.ends_with("attn_q.weight") => Stored::RotaryRows(heads),
+                n if arch.rotary_rows_permuted && n.ends_with("attn_k.weight") => Stored::RotaryRows(kv_heads),
+                n if arch.norms_plus_one && n.ends_with("norm.weight") => Stored::PlusOne,
+                _ => Stored::AsIs,
             };
-            tensors.insert(name, (info.clone(), heads));
+            tensors.insert(name, (info.clone(), stored));
         }
-        let vocab_size = match g.meta("llama.vocab_size").and_then(MetaValue::as_u64) {
-            Some(v) => v as usize,
+        let vocab_size = match meta_u64("vocab_size") {
+            Some(v) => v,
             None => tensors
                 .get("model.embed_tokens.weight")
                 .map(|(info, _)| info.shape()[0])
@@ -122,14 +177,15 @@ impl GgufModel {
         };
         // every tensor the architecture runs on, before anything is converted or loaded (named one
         // at a time: a layer count the file cannot hold makes no list of names)
-        let layer_tensors = (0..layers).flat_map(|i| LAYER_TENSORS.iter().map(move |(_, hf)| format!("model.layers.{i}.{hf}")));
+        let layer_tensors = (0..layers).flat_map(|i| arch.layer_tensors.iter().map(move |(_, hf)| format!("model.layers.{i}.{hf}")));
         let mut required = ["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()].into_iter().chain(layer_tensors);
         if let Some(missing) = required.find(|name| !tensors.contains_key(name)) {
-            let gguf_name = reverse_name(&missing);
+            let gguf_name = gguf_name_in(&missing, arch.layer_tensors).unwrap_or_else(|| missing.clone());
             return Err(Error::file(
                 &g.file,
                 format!(
-                    "tensor {gguf_name} ({missing}) is missing: a {layers}-layer llama model needs it; the file holds {} tensors",
+                    "tensor {gguf_name} ({missing}) is missing: a {layers}-layer {} model needs it; the file holds {} tensors",
+                    arch.name,
                     g.tensors.len()
                 ),
             ));
@@ -137,45 +193,51 @@ impl GgufModel {
         let tied = !tensors.contains_key("lm_head.weight");
         // f32 metadata widened to f64 prints as 9.999999747378752e-06; keep the value the author wrote
         let shortest = |v: f64| format!("{}", v as f32).parse::<f64>().unwrap_or(v);
+        let float = |k: &str| g.meta(&key(k)).and_then(MetaValue::as_f64).map(shortest);
         let token_id = |key: &str| g.meta(key).and_then(MetaValue::as_u64);
         let (bos, eos, pad) =
             (token_id("tokenizer.ggml.bos_token_id"), token_id("tokenizer.ggml.eos_token_id"), token_id("tokenizer.ggml.padding_token_id"));
-        let config = json!({
-            "architectures": [LLAMA_ARCHITECTURE],
-            "model_type": "llama",
+        let gemma = arch.name == "gemma3";
+        let mut config = json!({
+            "architectures": [arch.hf_architecture],
+            "model_type": arch.model_type,
             "vocab_size": vocab_size,
             "hidden_size": hidden,
-            "intermediate_size": int("llama.feed_forward_length")?,
+            "intermediate_size": int("feed_forward_length")?,
             "num_hidden_layers": layers,
             "num_attention_heads": heads,
             "num_key_value_heads": kv_heads,
             "head_dim": head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": int("llama.context_length")?,
-            "rms_norm_eps": shortest(g.meta("llama.attention.layer_norm_rms_epsilon").and_then(MetaValue::as_f64).unwrap_or(1e-5)),
-            "rope_theta": shortest(g.meta("llama.rope.freq_base").and_then(MetaValue::as_f64).unwrap_or(10000.0)),
+            "max_position_embeddings": int("context_length")?,
+            "rms_norm_eps": float("attention.layer_norm_rms_epsilon").unwrap_or(if gemma { 1e-6 } else { 1e-5 }),
+            "rope_theta": float("rope.freq_base").unwrap_or(if gemma { 1e6 } else { 1e4 }),
             "rope_scaling": null,
             "attention_bias": false,
-            "mlp_bias": false,
             "tie_word_embeddings": tied,
             "bos_token_id": bos,
             "eos_token_id": eos,
             "pad_token_id": pad,
         });
+        if gemma {
+            // what llama.cpp runs a gemma3 file with (and transformers reads it as): every sixth
+            // layer full attention, the sliding ones at base 10000, scores by 1 / sqrt(head_dim)
+            let sliding = |i: usize| if (i + 1) % 6 != 0 { "sliding_attention" } else { "full_attention" };
+            let extra = json!({
+                "hidden_activation": "gelu_pytorch_tanh",
+                "sliding_window": meta_u64("attention.sliding_window"),
+                "layer_types": (0..layers).map(sliding).collect::<Vec<_>>(),
+                "rope_local_base_freq": 10000.0,
+                "query_pre_attn_scalar": head_dim,
+                "final_logit_softcapping": null,
+                "attn_logit_softcapping": null,
+            });
+            config.as_object_mut().expect("an object").extend(extra.as_object().expect("an object").clone());
+        } else {
+            config["hidden_act"] = json!("silu");
+            config["mlp_bias"] = json!(false);
+        }
         let generation_config = json!({"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad});
-        let (tokenizer, tokenizer_config) = match g.meta("tokenizer.ggml.model").and_then(MetaValue::as_str) {
-            None => (None, None),
-            Some("gpt2") => {
-                let (tok, tok_config) = byte_level_tokenizer(&g)?;
-                (Some(tok), Some(tok_config))
-            }
-            Some(other) => {
-                return Err(Error::file(
-                    &g.file,
-                    format!("tokenizer.ggml.model {other:?} is not supported; only \"gpt2\" (byte-level BPE)"),
-                ));
-            }
-        };
+        let (tokenizer, tokenizer_config) = gguf_tokenizer(&g, arch.name)?.unzip();
         let (file, data_start, metadata) = (g.file.clone(), g.data_start, g.raw_metadata);
         let weights = GgufWeights { file, bytes, data_start, tensors };
         Ok(GgufModel { metadata, config, tokenizer, tokenizer_config, generation_config, weights })
@@ -231,7 +293,7 @@ fn pretty(v: &Value) -> Vec<u8> {
     bytes
 }
 
-/// The tensors of each decoder layer: (llama.cpp name, Hugging Face name).
+/// The tensors of each decoder layer of a `llama` file: (llama.cpp name, Hugging Face name).
 const LAYER_TENSORS: [(&str, &str); 9] = [
     ("attn_norm.weight", "input_layernorm.weight"),
     ("attn_q.weight", "self_attn.q_proj.weight"),
@@ -244,30 +306,53 @@ const LAYER_TENSORS: [(&str, &str); 9] = [
     ("ffn_down.weight", "mlp.down_proj.weight"),
 ];
 
+/// Gemma 3's, as llama.cpp names them (its ffn_norm is the MLP's input norm, its
+/// post_attention_norm the norm of attention's output).
+const GEMMA3_LAYER_TENSORS: [(&str, &str); 13] = [
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("attn_q_norm.weight", "self_attn.q_norm.weight"),
+    ("attn_k_norm.weight", "self_attn.k_norm.weight"),
+    ("post_attention_norm.weight", "post_attention_layernorm.weight"),
+    ("ffn_norm.weight", "pre_feedforward_layernorm.weight"),
+    ("post_ffw_norm.weight", "post_feedforward_layernorm.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+];
+
 /// The tensors outside the layers: (llama.cpp name, Hugging Face name).
 const MODEL_TENSORS: [(&str, &str); 3] =
     [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
 
-/// llama.cpp tensor names -> Hugging Face Llama names.
-fn hf_name(gguf_name: &str) -> Option<String> {
+/// llama.cpp tensor names -> Hugging Face names, with an architecture's layer tensors.
+fn hf_name(gguf_name: &str, layer_tensors: &[(&str, &str)]) -> Option<String> {
     if let Some((_, hf)) = MODEL_TENSORS.iter().find(|(gg, _)| *gg == gguf_name) {
         return Some(hf.to_string());
     }
     let rest = gguf_name.strip_prefix("blk.")?;
     let (layer, part) = rest.split_once('.')?;
     layer.parse::<usize>().ok()?;
-    let (_, hf) = LAYER_TENSORS.iter().find(|(gg, _)| *gg == part)?;
+    let (_, hf) = layer_tensors.iter().find(|(gg, _)| *gg == part)?;
     Some(format!("model.layers.{layer}.{hf}"))
 }
 
-/// Hugging Face Llama names -> llama.cpp tensor names.
-pub fn gguf_name(hf: &str) -> Option<String> {
+/// Hugging Face names -> llama.cpp tensor names, with an architecture's layer tensors.
+fn gguf_name_in(hf: &str, layer_tensors: &[(&str, &str)]) -> Option<String> {
     if let Some((gg, _)) = MODEL_TENSORS.iter().find(|(_, h)| *h == hf) {
         return Some(gg.to_string());
     }
     let (layer, part) = hf.strip_prefix("model.layers.")?.split_once('.')?;
-    let (gg, _) = LAYER_TENSORS.iter().find(|(_, h)| *h == part)?;
+    let (gg, _) = layer_tensors.iter().find(|(_, h)| *h == part)?;
     Some(format!("blk.{layer}.{gg}"))
+}
+
+/// Hugging Face Llama names -> llama.cpp tensor names (what GGUF export writes).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    gguf_name_in(hf, &LAYER_TENSORS)
 }
 
 /// Where llama.cpp's converter writes the tensor `hf` (Hugging Face name): the embedding, each
@@ -283,11 +368,6 @@ pub fn gguf_order(hf: &str) -> (usize, usize) {
         "lm_head.weight" => (usize::MAX, 1),
         _ => hf.strip_prefix("model.layers.").and_then(layer_part).unwrap_or((usize::MAX - 1, 0)),
     }
-}
-
-/// For messages: the llama.cpp name where there is one.
-fn reverse_name(hf: &str) -> String {
-    gguf_name(hf).unwrap_or_else(|| hf.to_string())
 }
 
 /// The heads whose rotary rows llama.cpp permutes in the tensor `hf` (q_proj: the attention
@@ -366,112 +446,4 @@ pub fn write_model_gguf(
         }
     }
     Ok(w.bytes())
-}
-
-/// GGUF token types (llama.cpp `llama_token_type`).
-const TOKEN_CONTROL: i64 = 3;
-const TOKEN_USER_DEFINED: i64 = 4;
-
-/// GPT-2's reversible map from bytes to printable characters.
-fn bytes_to_unicode() -> [char; 256] {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-    let mut map = ['\0'; 256];
-    let mut next = 256;
-    for b in 0..256u32 {
-        map[b as usize] = if printable(b) {
-            char::from_u32(b).unwrap()
-        } else {
-            next += 1;
-            char::from_u32(next - 1).unwrap()
-        };
-    }
-    map
-}
-
-/// tokenizer.json and tokenizer_config.json for a "gpt2" (byte-level BPE) GGUF vocabulary.
-fn byte_level_tokenizer(g: &GgufFile) -> Result<(Value, Value)> {
-    let strings = |key: &str| -> Result<Vec<&str>> {
-        let arr = g.require(key)?.as_array().ok_or_else(|| Error::file(&g.file, format!("{key} is not an array")))?;
-        arr.iter().map(|v| v.as_str().ok_or_else(|| Error::file(&g.file, format!("{key} holds a non-string")))).collect()
-    };
-    let tokens = strings("tokenizer.ggml.tokens")?;
-    let merges = strings("tokenizer.ggml.merges")?;
-    let types: Vec<i64> = match g.meta("tokenizer.ggml.token_type").and_then(MetaValue::as_array) {
-        Some(arr) => arr.iter().map(|v| v.as_f64().unwrap_or(1.0) as i64).collect(),
-        None => vec![1; tokens.len()],
-    };
-    let spelling = bytes_to_unicode();
-    let alphabet: BTreeSet<char> = spelling.iter().copied().collect();
-    let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
-    // tokens written in raw text (not in the byte alphabet) are respelled byte by byte
-    let vocab: serde_json::Map<String, Value> = tokens
-        .iter()
-        .enumerate()
-        .map(|(id, &t)| {
-            let spelled = if in_alphabet(t) { t.to_string() } else { t.bytes().map(|b| spelling[b as usize]).collect() };
-            (spelled, json!(id))
-        })
-        .collect();
-    let merges: Vec<Value> = merges
-        .iter()
-        .map(|m| m.split_once(' ').map(|(a, b)| json!([a, b])).ok_or_else(|| Error::file(&g.file, format!("merge {m:?} is not \"a b\""))))
-        .collect::<Result<_>>()?;
-    let added_tokens: Vec<Value> = tokens
-        .iter()
-        .zip(&types)
-        .enumerate()
-        .filter(|(_, (t, kind))| (**kind == TOKEN_CONTROL && in_alphabet(t)) || **kind == TOKEN_USER_DEFINED)
-        .map(|(id, (t, kind))| {
-            json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                   "normalized": false, "special": *kind == TOKEN_CONTROL})
-        })
-        .collect();
-    let token_text = |key: &str| g.meta(key).and_then(MetaValue::as_u64).and_then(|id| tokens.get(id as usize)).map(|t| t.to_string());
-    let add_bos = g.meta("tokenizer.ggml.add_bos_token").and_then(MetaValue::as_bool).unwrap_or(false);
-    let bos = token_text("tokenizer.ggml.bos_token_id");
-    let bos_id = g.meta("tokenizer.ggml.bos_token_id").and_then(MetaValue::as_u64);
-    let (single, pair, special) = match (add_bos, &bos, bos_id) {
-        (true, Some(bos), Some(id)) => (
-            json!([{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]),
-            json!([{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                   {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}]),
-            json!({bos.clone(): {"id": bos, "ids": [id], "tokens": [bos]}}),
-        ),
-        _ => (
-            json!([{"Sequence": {"id": "A", "type_id": 0}}]),
-            json!([{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}]),
-            json!({}),
-        ),
-    };
-    let tokenizer = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added_tokens,
-        "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": vocab, "merges": merges},
-    });
-    let mut config = json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": add_bos,
-        "clean_up_tokenization_spaces": false,
-        "model_max_length": g.meta("llama.context_length").and_then(MetaValue::as_u64),
-        "bos_token": bos,
-        "eos_token": token_text("tokenizer.ggml.eos_token_id"),
-        "unk_token": token_text("tokenizer.ggml.unknown_token_id"),
-        "pad_token": token_text("tokenizer.ggml.padding_token_id"),
-    });
-    if let Some(template) = g.meta("tokenizer.chat_template").and_then(MetaValue::as_str) {
-        config["chat_template"] = json!(template);
-    }
-    // transformers' name for it; a GGUF export writes it back (src/io/gguf_metadata.rs)
-    if let Some(add) = g.meta("tokenizer.ggml.add_space_prefix").and_then(MetaValue::as_bool) {
-        config["add_prefix_space"] = json!(add);
-    }
-    Ok((tokenizer, config))
 }

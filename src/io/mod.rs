@@ -4,6 +4,7 @@
 pub mod gguf;
 pub mod gguf_convert;
 pub mod gguf_metadata;
+pub mod gguf_tokenizer;
 pub mod gguf_write;
 pub mod model_files;
 pub mod quant;

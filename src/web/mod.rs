@@ -441,6 +441,12 @@ impl Engine {
         self.read(|llm| Ok(llm.model.config.to_json()))
     }
 
+    /// Whether the model's tokenizer has a chat template (what `chat` prompts need).
+    #[wasm_bindgen(js_name = hasChatTemplate)]
+    pub fn has_chat_template(&self) -> Result<bool, JsValue> {
+        self.read(|llm| Ok(llm.tokenizer.as_ref().is_some_and(|t| t.has_chat_template())))
+    }
+
     /// Prompt token ids: `chat` wraps the text as a user message in the chat template.
     #[wasm_bindgen(js_name = promptIds)]
     pub fn prompt_ids(&self, text: &str, chat: bool) -> Result<Vec<u32>, JsValue> {

@@ -58,6 +58,13 @@ pub fn real_gguf() -> PathBuf {
     file
 }
 
+/// Gemma 3 270M's GGUF as Google's conversion ships it (scripts/fetch-gemma.sh; npm test runs it).
+pub fn gemma3_gguf() -> PathBuf {
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/gemma-3-270m-q4_k_m.gguf");
+    assert!(file.is_file(), "{} is missing: run `bash scripts/fetch-gemma.sh` (npm test does) before these tests", file.display());
+    file
+}
+
 pub fn cpu() -> Device {
     Device::flex()
 }
@@ -141,6 +148,18 @@ pub fn read_json(path: PathBuf) -> serde_json::Value {
 
 pub fn ids(value: &serde_json::Value) -> Vec<u32> {
     value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+/// `tokenizer` encodes each case's text (special tokens added) to the case's ids, transformers'
+/// (a fixture's `[{text, ids}]`); with `round_trip`, the ids also decode back to the text.
+pub fn assert_tokenizes_like_transformers(tokenizer: &webgpu_lora::io::TextTokenizer, cases: &serde_json::Value, round_trip: bool) {
+    for case in cases.as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(tokenizer.encode(text, true).unwrap(), ids(&case["ids"]), "{text:?}");
+        if round_trip {
+            assert_eq!(tokenizer.decode(&ids(&case["ids"]), false).unwrap(), text);
+        }
+    }
 }
 
 /// Writes a GGUF v3 file: metadata (key, type id, encoded value) and tensors (name, GGML dims,

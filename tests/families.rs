@@ -108,6 +108,21 @@ on_cpu_and_wgpu!(
     gradients_match_peft
 );
 
+/// qwen2 and qwen3 GGUF files laid out as llama.cpp's converter writes them (gguf-py's tensor
+/// names: biases, q/k norms, no rotary permutation) load directly and give transformers' logits
+/// from loading the same file (F32: 1e-4), on the CPU backend.
+#[test]
+fn qwen_gguf_files_load_as_transformers_reads_them() {
+    for arch in ["qwen2", "qwen3"] {
+        let dir = fixture("families").join(format!("gguf-{arch}"));
+        let llm = load(&dir.join("model.gguf"), &cpu());
+        assert_eq!(llm.model.config.model_type, arch);
+        let input = ids(&read_json(dir.join("expected.json"))["ids"]);
+        let diff = max_abs_diff(&logits_of(&llm.model, &input), &expected_tensor(dir.join("expected.safetensors"), "logits"));
+        assert!(diff < TOLERANCE, "{arch} GGUF: max |ours - transformers| = {diff}");
+    }
+}
+
 /// What a family's file asks for and we do not run is refused by name.
 #[test]
 fn unsupported_family_features_are_named() {

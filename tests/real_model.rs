@@ -159,3 +159,40 @@ fn a_gguf_export_of_the_directory_has_llama_cpps_metadata() {
     let (_, text) = pollster::block_on(exported.generate_text(&ids, &config, &mut |_| true)).unwrap();
     assert_eq!(text, "The capital of France is Paris.");
 }
+
+/// A byte-level vocabulary whose `tokenizer.ggml.pre` names another family's split regex (Llama
+/// 3's, Qwen2's, Tekken's, GPT-4o's, ...) tokenizes as transformers' GGUF tokenizer does: SmolLM2's
+/// GGUF metadata written again under each name, without tensors
+/// (tests/fixtures/smollm2/pre_tokenizers.json).
+#[test]
+fn gguf_pre_tokenizer_names_pick_their_split_regexes() {
+    use webgpu_lora::io::gguf::GgufFile;
+    use webgpu_lora::io::gguf_convert::GgufModel;
+    use webgpu_lora::io::gguf_tokenizer::gguf_tokenizer;
+    use webgpu_lora::io::gguf_write::GgufWriter;
+
+    let metadata = GgufModel::parse("smollm2.gguf", std::fs::read(real_gguf()).unwrap()).unwrap().metadata;
+    let expected = read_json(fixture("smollm2/pre_tokenizers.json"));
+    for (pre, ids) in expected["ids"].as_object().unwrap() {
+        let mut w = GgufWriter::default();
+        w.copy_metadata(&metadata);
+        w.set_str("tokenizer.ggml.pre", pre);
+        let bytes = w.bytes();
+        let g = GgufFile::parse(&bytes, &format!("{pre}.gguf")).unwrap();
+        let (json, config) = gguf_tokenizer(&g, "llama").unwrap().unwrap();
+        let tokenizer = webgpu_lora::io::TextTokenizer::from_files(
+            &serde_json::to_vec(&json).unwrap(),
+            Some(&serde_json::to_vec(&config).unwrap()),
+            None,
+        )
+        .unwrap();
+        let cases: Vec<Value> = expected["strings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(ids.as_array().unwrap())
+            .map(|(text, ids)| serde_json::json!({"text": text, "ids": ids}))
+            .collect();
+        assert_tokenizes_like_transformers(&tokenizer, &Value::Array(cases), false);
+    }
+}

@@ -60,24 +60,56 @@ enum Stored {
 }
 
 /// A GGUF architecture that loads: its metadata prefix, the Hugging Face model it is, its layers'
-/// tensors (llama.cpp name, Hugging Face name) and what llama.cpp changed.
+/// tensors (llama.cpp name, Hugging Face name: a table, and the family's own besides) and what
+/// llama.cpp changed.
 struct GgufArchitecture {
     name: &'static str,
     hf_architecture: &'static str,
     model_type: &'static str,
     layer_tensors: &'static [(&'static str, &'static str)],
+    extra_layer_tensors: &'static [(&'static str, &'static str)],
     rotary_rows_permuted: bool,
     norms_plus_one: bool,
 }
 
+impl GgufArchitecture {
+    /// Every tensor of a layer: (llama.cpp name, Hugging Face name).
+    fn layer_tensors(&self) -> impl Iterator<Item = &(&'static str, &'static str)> {
+        self.layer_tensors.iter().chain(self.extra_layer_tensors)
+    }
+}
+
 /// The GGUF architectures that load.
-const GGUF_ARCHITECTURES: [GgufArchitecture; 2] = [
+const GGUF_ARCHITECTURES: [GgufArchitecture; 4] = [
     GgufArchitecture {
         name: "llama",
         hf_architecture: LLAMA_ARCHITECTURE,
         model_type: "llama",
         layer_tensors: &LAYER_TENSORS,
+        extra_layer_tensors: &[],
         rotary_rows_permuted: true,
+        norms_plus_one: false,
+    },
+    GgufArchitecture {
+        name: "qwen2",
+        hf_architecture: "Qwen2ForCausalLM",
+        model_type: "qwen2",
+        layer_tensors: &LAYER_TENSORS,
+        extra_layer_tensors: &[
+            ("attn_q.bias", "self_attn.q_proj.bias"),
+            ("attn_k.bias", "self_attn.k_proj.bias"),
+            ("attn_v.bias", "self_attn.v_proj.bias"),
+        ],
+        rotary_rows_permuted: false,
+        norms_plus_one: false,
+    },
+    GgufArchitecture {
+        name: "qwen3",
+        hf_architecture: "Qwen3ForCausalLM",
+        model_type: "qwen3",
+        layer_tensors: &LAYER_TENSORS,
+        extra_layer_tensors: &[("attn_q_norm.weight", "self_attn.q_norm.weight"), ("attn_k_norm.weight", "self_attn.k_norm.weight")],
+        rotary_rows_permuted: false,
         norms_plus_one: false,
     },
     GgufArchitecture {
@@ -85,6 +117,7 @@ const GGUF_ARCHITECTURES: [GgufArchitecture; 2] = [
         hf_architecture: "Gemma3ForCausalLM",
         model_type: "gemma3_text",
         layer_tensors: &GEMMA3_LAYER_TENSORS,
+        extra_layer_tensors: &[],
         rotary_rows_permuted: false,
         norms_plus_one: true,
     },
@@ -157,7 +190,7 @@ impl GgufModel {
         let mut tensors = BTreeMap::new();
         for info in &g.tensors {
             g.check_tensor(info)?;
-            let Some(name) = hf_name(&info.name, arch.layer_tensors) else {
+            let Some(name) = hf_name(&info.name, arch.layer_tensors()) else {
                 return Err(Error::file(&g.file, format!("tensor {} has no Hugging Face {} counterpart", info.name, arch.hf_architecture)));
             };
             let stored = match &info.name {
@@ -177,10 +210,10 @@ impl GgufModel {
         };
         // every tensor the architecture runs on, before anything is converted or loaded (named one
         // at a time: a layer count the file cannot hold makes no list of names)
-        let layer_tensors = (0..layers).flat_map(|i| arch.layer_tensors.iter().map(move |(_, hf)| format!("model.layers.{i}.{hf}")));
+        let layer_tensors = (0..layers).flat_map(|i| arch.layer_tensors().map(move |(_, hf)| format!("model.layers.{i}.{hf}")));
         let mut required = ["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()].into_iter().chain(layer_tensors);
         if let Some(missing) = required.find(|name| !tensors.contains_key(name)) {
-            let gguf_name = gguf_name_in(&missing, arch.layer_tensors).unwrap_or_else(|| missing.clone());
+            let gguf_name = gguf_name_in(&missing, arch.layer_tensors()).unwrap_or_else(|| missing.clone());
             return Err(Error::file(
                 &g.file,
                 format!(
@@ -329,30 +362,30 @@ const MODEL_TENSORS: [(&str, &str); 3] =
     [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
 
 /// llama.cpp tensor names -> Hugging Face names, with an architecture's layer tensors.
-fn hf_name(gguf_name: &str, layer_tensors: &[(&str, &str)]) -> Option<String> {
+fn hf_name<'a>(gguf_name: &str, mut layer_tensors: impl Iterator<Item = &'a (&'a str, &'a str)>) -> Option<String> {
     if let Some((_, hf)) = MODEL_TENSORS.iter().find(|(gg, _)| *gg == gguf_name) {
         return Some(hf.to_string());
     }
     let rest = gguf_name.strip_prefix("blk.")?;
     let (layer, part) = rest.split_once('.')?;
     layer.parse::<usize>().ok()?;
-    let (_, hf) = layer_tensors.iter().find(|(gg, _)| *gg == part)?;
+    let (_, hf) = layer_tensors.find(|(gg, _)| *gg == part)?;
     Some(format!("model.layers.{layer}.{hf}"))
 }
 
 /// Hugging Face names -> llama.cpp tensor names, with an architecture's layer tensors.
-fn gguf_name_in(hf: &str, layer_tensors: &[(&str, &str)]) -> Option<String> {
+fn gguf_name_in<'a>(hf: &str, mut layer_tensors: impl Iterator<Item = &'a (&'a str, &'a str)>) -> Option<String> {
     if let Some((gg, _)) = MODEL_TENSORS.iter().find(|(_, h)| *h == hf) {
         return Some(gg.to_string());
     }
     let (layer, part) = hf.strip_prefix("model.layers.")?.split_once('.')?;
-    let (gg, _) = layer_tensors.iter().find(|(_, h)| *h == part)?;
+    let (gg, _) = layer_tensors.find(|(_, h)| *h == part)?;
     Some(format!("blk.{layer}.{gg}"))
 }
 
 /// Hugging Face Llama names -> llama.cpp tensor names (what GGUF export writes).
 pub fn gguf_name(hf: &str) -> Option<String> {
-    gguf_name_in(hf, &LAYER_TENSORS)
+    gguf_name_in(hf, LAYER_TENSORS.iter())
 }
 
 /// Where llama.cpp's converter writes the tensor `hf` (Hugging Face name): the embedding, each

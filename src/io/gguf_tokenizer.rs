@@ -3,7 +3,8 @@
 //! a GGUF tokenizes here as transformers tokenizes it:
 //!
 //! - `gpt2`: byte-level BPE; tokens written in raw text respelled into GPT-2's byte alphabet, the
-//!   file's merges.
+//!   file's merges; text split first by the regex `tokenizer.ggml.pre` names where transformers
+//!   knows one ([`PRE_TOKENIZER_SPLITS`]: Llama 3's, Qwen2's, ...), by GPT-2's otherwise.
 //! - `llama` in a `gemma3` file: Gemma's SentencePiece BPE. Spaces become "▁" (whitespace-only
 //!   tokens are stored with real spaces and respelled so), unknown bytes fall back to `<0xNN>`
 //!   tokens, and the merges, which the file does not list, are rebuilt from the vocabulary: every
@@ -26,6 +27,40 @@ const TOKEN_USER_DEFINED: i64 = 4;
 
 /// SentencePiece's space.
 const SPACE: char = '\u{2581}';
+
+/// The pre-tokenizer regexes of byte-level vocabularies, by `tokenizer.ggml.pre` (transformers'
+/// `GGUF_PRE_TOKENIZER_SPLITS`, the regexes of each family's own tokenizer.json); a name not
+/// here splits as GPT-2 does.
+const PRE_TOKENIZER_SPLITS: [(&[&str], &str); 5] = [
+    (
+        &["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano", "dbrx", "smaug-bpe"],
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    ),
+    (
+        &["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"],
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    ),
+    (
+        &["qwen35"],
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    ),
+    (
+        &["tekken"],
+        concat!(
+            r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+",
+            r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*",
+            r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        ),
+    ),
+    (
+        &["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"],
+        concat!(
+            r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+            r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+            r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        ),
+    ),
+];
 
 /// (tokenizer.json, tokenizer_config.json) for the file's tokenizer, `None` without one; a
 /// tokenizer kind not rebuilt here is refused by name.
@@ -147,7 +182,13 @@ fn byte_level(g: &GgufFile, vocab: &Vocabulary) -> Result<Parts> {
         .map(|m| m.split_once(' ').map(|(a, b)| json!([a, b])).ok_or_else(|| Error::file(&g.file, format!("merge {m:?} is not \"a b\""))))
         .collect::<Result<_>>()?;
     let added = by_id(vocab.added(TOKEN_CONTROL, |_, t| in_alphabet(t)).chain(vocab.added(TOKEN_USER_DEFINED, |_, _| true)));
-    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let pre = g.meta("tokenizer.ggml.pre").and_then(MetaValue::as_str).unwrap_or("");
+    let byte_level = match PRE_TOKENIZER_SPLITS.iter().find(|(names, _)| names.contains(&pre)) {
+        Some((_, split)) => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
+        None => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
+    };
     let model = json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
                        "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                        "vocab": spelled, "merges": merges});

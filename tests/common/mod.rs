@@ -74,13 +74,13 @@ pub fn wgpu() -> Device {
     Device::wgpu(DeviceKind::DefaultDevice)
 }
 
-/// The model in `dir` with its matrices in f32.
+/// The model in `dir` (or a .gguf file) with its matrices in f32.
 pub fn load(dir: &PathBuf, device: &Device) -> Llm {
     load_as(dir, WeightDtype::F32, device)
 }
 
 pub fn load_as(dir: &PathBuf, dtype: WeightDtype, device: &Device) -> Llm {
-    Llm::load(ModelFiles::from_dir(dir).unwrap(), dtype, device, &mut |_, _, _| {}).unwrap()
+    Llm::load(ModelFiles::from_path(dir).unwrap(), dtype, device, &mut |_, _, _| {}).unwrap()
 }
 
 /// The logits [ids.len() * vocab] of one forward pass.

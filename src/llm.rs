@@ -5,8 +5,8 @@ use burn::tensor::Device;
 use crate::error::{Error, Result};
 use crate::generate::{Generation, GenerationConfig, StopReason, StopText, generate};
 use crate::io::gguf::RawMetadata;
-use crate::io::gguf_convert::{TensorType, write_model_gguf};
-use crate::io::gguf_metadata::{check_gguf_family, model_metadata};
+use crate::io::gguf_convert::{GgufArchitecture, TensorType, write_model_gguf};
+use crate::io::gguf_metadata::model_metadata;
 use crate::io::model_files::{CONFIG_FILE, TEXT_FILES};
 use crate::io::safetensors::{SINGLE_FILE, write_safetensors};
 use crate::io::{ChatMessage, ModelFiles, StoreDtype, TextTokenizer};
@@ -141,7 +141,7 @@ impl Llm {
             tensors.push((name, t, tensor_type(dtype)));
         }
         let file_type = (out != WeightDtype::Auto).then(|| file_type(out));
-        write_model_gguf(metadata, file_type, tensors, c.num_attention_heads, c.num_key_value_heads)
+        write_model_gguf(c, metadata, file_type, tensors)
     }
 
     /// Adapter `name` as a GGUF LoRA in llama.cpp's adapter format (see
@@ -150,7 +150,7 @@ impl Llm {
     /// adapters to the weights as loaded.
     pub async fn adapter_gguf(&self, name: &str) -> Result<Vec<u8>> {
         let config = self.model.known_adapter(name)?;
-        check_gguf_family(&self.model.config)?;
+        let arch = GgufArchitecture::of(&self.model.config)?;
         let files = if matches!(config.init_lora_weights, LoraInit::Olora | LoraInit::Pissa) {
             self.model.export_adapter_as_lora(name).await?
         } else {
@@ -158,7 +158,7 @@ impl Llm {
         };
         let contents = AdapterSource::from_files(files, name).read()?;
         let c = &self.model.config;
-        contents.to_gguf(c.num_attention_heads, c.num_key_value_heads)
+        contents.to_gguf(arch, c.num_attention_heads, c.num_key_value_heads)
     }
 
     fn check_merge(&self, merge: Option<&str>) -> Result<()> {

@@ -107,3 +107,41 @@ fn the_gguf_stays_quantized_on_the_device() {
 fn ids_of(v: &Value) -> Vec<u32> {
     ids(v)
 }
+
+/// Written back as a GGUF as it is (no adapter merged), the file holds the shipped file's
+/// tensors: the same names, and the same types and values, Gemma's norms stored as 1 + weight
+/// again (llama.cpp's gemma3 layout, read back from Google's own file), but for the k-quant
+/// matrices, which are written in the type each requantizes to (Q4_K as Q4_1, Q6_K as Q8_0:
+/// k-quants are not quantized here).
+#[test]
+fn a_gguf_export_holds_the_shipped_tensors() {
+    use webgpu_lora::io::gguf::GgufFile;
+    use webgpu_lora::io::quant::QuantType;
+    let exported = pollster::block_on(llm().merged_gguf(None, WeightDtype::Auto)).unwrap();
+    let shipped = std::fs::read(gemma3_gguf()).unwrap();
+    let (ours, theirs) = (GgufFile::parse(&exported, "exported.gguf").unwrap(), GgufFile::parse(&shipped, "shipped.gguf").unwrap());
+    let by_name = |g: &GgufFile| {
+        let mut infos = g.tensors.clone();
+        infos.sort_by(|a, b| a.name.cmp(&b.name));
+        infos
+    };
+    let (a, b) = (by_name(&ours), by_name(&theirs));
+    assert_eq!(a.len(), b.len(), "tensor count");
+    let mut k_quants = 0;
+    for (ours_info, theirs_info) in a.iter().zip(&b) {
+        assert_eq!((&ours_info.name, &ours_info.dims), (&theirs_info.name, &theirs_info.dims));
+        match QuantType::from_ggml_id(theirs_info.ggml_type).filter(|k| k.requantized_as() != *k) {
+            Some(k_quant) => {
+                assert_eq!(ours_info.ggml_type, k_quant.requantized_as().ggml_id(), "{}", ours_info.name);
+                k_quants += 1;
+            }
+            None => {
+                assert_eq!(ours_info.ggml_type, theirs_info.ggml_type, "{}", ours_info.name);
+                let (x, y) = (ours.tensor_f32(ours_info).unwrap(), theirs.tensor_f32(theirs_info).unwrap());
+                assert!(x.data == y.data, "{}: values differ", ours_info.name);
+            }
+        }
+    }
+    assert_eq!(k_quants, 36, "the file's Q4_K and Q6_K matrices");
+    assert_eq!(ours.meta("general.architecture").and_then(|v| v.as_str()), Some("gemma3"));
+}

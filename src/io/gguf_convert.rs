@@ -4,17 +4,17 @@
 //! ([`gguf_tokenizer`]), for the architectures of [`GGUF_ARCHITECTURES`]. A GGUF loads directly
 //! through this ([`GgufModel`]), or converts to a Hugging Face directory ([`GgufModel::write_dir`]).
 //!
-//! And back (plain Llama models so far), Hugging Face -> GGUF, as llama.cpp's converters write it: a model's weights under
-//! llama.cpp's names, in its order, with q/k rows permuted again ([`write_model_gguf`]), and
-//! names, order and row orders for a LoRA adapter's GGUF ([`gguf_name`], [`gguf_order`],
-//! [`permute_rotary_rows`]).
+//! And back, Hugging Face -> GGUF, as llama.cpp's converters write it: a model's weights under
+//! llama.cpp's names for its architecture, in its order, with llama's q/k rows permuted again and
+//! Gemma's norms stored as 1 + weight ([`write_model_gguf`]), and names, order and row orders for
+//! a LoRA adapter's GGUF ([`GgufArchitecture`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::config::LLAMA_ARCHITECTURE;
+use crate::config::{LLAMA_ARCHITECTURE, LlamaConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::io::gguf::{
     GgmlType, GgufFile, MetaValue, RawMetadata, StoredTensor, TensorInfo, read_tensor, rotary_row_order, rows_in_order,
@@ -62,8 +62,8 @@ enum Stored {
 /// A GGUF architecture that loads: its metadata prefix, the Hugging Face model it is, its layers'
 /// tensors (llama.cpp name, Hugging Face name: a table, and the family's own besides) and what
 /// llama.cpp changed.
-struct GgufArchitecture {
-    name: &'static str,
+pub struct GgufArchitecture {
+    pub name: &'static str,
     hf_architecture: &'static str,
     model_type: &'static str,
     layer_tensors: &'static [(&'static str, &'static str)],
@@ -73,9 +73,79 @@ struct GgufArchitecture {
 }
 
 impl GgufArchitecture {
+    /// The architecture llama.cpp gives a model of `config`, where GGUF files of it are written
+    /// here; a model llama.cpp runs otherwise is refused by name (Llama 3's scaled rotary
+    /// frequencies are a tensor of their own there, SmolLM3 an architecture of its own).
+    pub fn of(config: &LlamaConfig) -> Result<&'static GgufArchitecture> {
+        let arch = GGUF_ARCHITECTURES.iter().find(|a| a.model_type == config.model_type);
+        match arch {
+            Some(arch) if config.rope.scaling == RopeScaling::None && config.local_rope.is_none_or(|r| r.scaling == RopeScaling::None) => {
+                Ok(arch)
+            }
+            _ => {
+                let supported: Vec<&str> = GGUF_ARCHITECTURES.iter().map(|a| a.model_type).collect();
+                Err(Error::invalid(format!(
+                    "GGUF files are written for {} models without rotary scaling (this one is {}{}): export a Hugging Face \
+                     directory (or a PEFT adapter) and convert it with llama.cpp's convert_hf_to_gguf.py (or convert_lora_to_gguf.py)",
+                    supported.join(", "),
+                    config.model_type,
+                    if config.rope.scaling == RopeScaling::None { "" } else { ", with scaled rotary embeddings" }
+                )))
+            }
+        }
+    }
+
     /// Every tensor of a layer: (llama.cpp name, Hugging Face name).
     fn layer_tensors(&self) -> impl Iterator<Item = &(&'static str, &'static str)> {
         self.layer_tensors.iter().chain(self.extra_layer_tensors)
+    }
+
+    /// llama.cpp's name of the tensor `hf` (Hugging Face name).
+    pub fn gguf_name(&self, hf: &str) -> Option<String> {
+        gguf_name_in(hf, self.layer_tensors())
+    }
+
+    /// Where llama.cpp's converter writes the tensor `hf`: the embedding, each layer's tensors in
+    /// order, the final norm, the head.
+    pub fn order(&self, hf: &str) -> (usize, usize) {
+        let layer_part = |rest: &str| {
+            let (layer, part) = rest.split_once('.')?;
+            Some((1 + layer.parse::<usize>().ok()?, self.layer_tensors().position(|(_, h)| *h == part)?))
+        };
+        match hf {
+            "model.embed_tokens.weight" => (0, 0),
+            "model.norm.weight" => (usize::MAX, 0),
+            "lm_head.weight" => (usize::MAX, 1),
+            _ => hf.strip_prefix("model.layers.").and_then(layer_part).unwrap_or((usize::MAX - 1, 0)),
+        }
+    }
+
+    /// The heads whose rotary rows llama.cpp permutes in the tensor `hf` (llama's q_proj: the
+    /// attention heads, k_proj: the key/value heads), if it does.
+    pub fn rotary_heads(&self, hf: &str, heads: usize, kv_heads: usize) -> Option<usize> {
+        match hf {
+            _ if !self.rotary_rows_permuted => None,
+            hf if hf.ends_with("self_attn.q_proj.weight") => Some(heads),
+            hf if hf.ends_with("self_attn.k_proj.weight") => Some(kv_heads),
+            _ => None,
+        }
+    }
+
+    /// The tensor `hf` as llama.cpp's converter stores it: q/k rows in llama's rotary order, Gemma's
+    /// norms as 1 + weight.
+    fn stored(&self, hf: &str, t: StoredTensor, heads: usize, kv_heads: usize) -> Result<StoredTensor> {
+        if let Some(heads) = self.rotary_heads(hf, heads, kv_heads) {
+            return Ok(match t {
+                StoredTensor::Dense(t) => StoredTensor::Dense(permute_rotary_rows(&t, heads)?),
+                StoredTensor::Quant(q) => StoredTensor::Quant(q.select_rows(&llama_cpp_row_order(q.rows, heads)?)),
+            });
+        }
+        if self.norms_plus_one && hf.ends_with("norm.weight") {
+            let mut t = t.into_f32();
+            t.data.iter_mut().for_each(|w| *w += 1.0);
+            return Ok(StoredTensor::Dense(t));
+        }
+        Ok(t)
     }
 }
 
@@ -362,7 +432,7 @@ const MODEL_TENSORS: [(&str, &str); 3] =
     [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
 
 /// llama.cpp tensor names -> Hugging Face names, with an architecture's layer tensors.
-fn hf_name<'a>(gguf_name: &str, mut layer_tensors: impl Iterator<Item = &'a (&'a str, &'a str)>) -> Option<String> {
+fn hf_name<'a, 'b: 'a>(gguf_name: &str, mut layer_tensors: impl Iterator<Item = &'a (&'b str, &'b str)>) -> Option<String> {
     if let Some((_, hf)) = MODEL_TENSORS.iter().find(|(gg, _)| *gg == gguf_name) {
         return Some(hf.to_string());
     }
@@ -374,45 +444,13 @@ fn hf_name<'a>(gguf_name: &str, mut layer_tensors: impl Iterator<Item = &'a (&'a
 }
 
 /// Hugging Face names -> llama.cpp tensor names, with an architecture's layer tensors.
-fn gguf_name_in<'a>(hf: &str, mut layer_tensors: impl Iterator<Item = &'a (&'a str, &'a str)>) -> Option<String> {
+fn gguf_name_in<'a, 'b: 'a>(hf: &str, mut layer_tensors: impl Iterator<Item = &'a (&'b str, &'b str)>) -> Option<String> {
     if let Some((gg, _)) = MODEL_TENSORS.iter().find(|(_, h)| *h == hf) {
         return Some(gg.to_string());
     }
     let (layer, part) = hf.strip_prefix("model.layers.")?.split_once('.')?;
     let (gg, _) = layer_tensors.find(|(_, h)| *h == part)?;
     Some(format!("blk.{layer}.{gg}"))
-}
-
-/// Hugging Face Llama names -> llama.cpp tensor names (what GGUF export writes).
-pub fn gguf_name(hf: &str) -> Option<String> {
-    gguf_name_in(hf, LAYER_TENSORS.iter())
-}
-
-/// Where llama.cpp's converter writes the tensor `hf` (Hugging Face name): the embedding, each
-/// layer's tensors in order, the final norm, the head.
-pub fn gguf_order(hf: &str) -> (usize, usize) {
-    let layer_part = |rest: &str| {
-        let (layer, part) = rest.split_once('.')?;
-        Some((1 + layer.parse::<usize>().ok()?, LAYER_TENSORS.iter().position(|(_, h)| *h == part)?))
-    };
-    match hf {
-        "model.embed_tokens.weight" => (0, 0),
-        "model.norm.weight" => (usize::MAX, 0),
-        "lm_head.weight" => (usize::MAX, 1),
-        _ => hf.strip_prefix("model.layers.").and_then(layer_part).unwrap_or((usize::MAX - 1, 0)),
-    }
-}
-
-/// The heads whose rotary rows llama.cpp permutes in the tensor `hf` (q_proj: the attention
-/// heads, k_proj: the key/value heads), if it does.
-pub fn rotary_heads(hf: &str, heads: usize, kv_heads: usize) -> Option<usize> {
-    if hf.ends_with("self_attn.q_proj.weight") {
-        Some(heads)
-    } else if hf.ends_with("self_attn.k_proj.weight") {
-        Some(kv_heads)
-    } else {
-        None
-    }
 }
 
 /// Rows of a Hugging Face matrix in llama.cpp's rotary order (the permutation its converter
@@ -439,34 +477,28 @@ pub enum TensorType {
     Quant(QuantType),
 }
 
-/// A model as a GGUF: `metadata` copied as stored (with `general.file_type` set to `file_type`,
-/// llama.cpp's `LlamaFileType`, where given), then every tensor (Hugging Face name -> value, type to write)
-/// under llama.cpp's name, q/k rows permuted for `heads`/`kv_heads` as llama.cpp's converter
-/// does. Vectors are written in F32; a quantized type that is not written here (a k-quant) is
-/// written as [`QuantType::requantized_as`]. The tensor is named in an error (a value that
-/// cannot be quantized).
+/// A model of `config` as a GGUF: `metadata` copied as stored (with `general.file_type` set to
+/// `file_type`, llama.cpp's `LlamaFileType`, where given), then every tensor (Hugging Face name ->
+/// value, type to write) under llama.cpp's name for the model's architecture, stored as its
+/// converter stores it ([`GgufArchitecture`]). Vectors are written in F32; a quantized type that
+/// is not written here (a k-quant) is written as [`QuantType::requantized_as`]. The tensor is
+/// named in an error (a value that cannot be quantized).
 pub fn write_model_gguf(
+    config: &LlamaConfig,
     metadata: &RawMetadata,
     file_type: Option<u32>,
     mut tensors: Vec<(String, StoredTensor, TensorType)>,
-    heads: usize,
-    kv_heads: usize,
 ) -> Result<Vec<u8>> {
+    let arch = GgufArchitecture::of(config)?;
     let mut w = GgufWriter::default();
     w.copy_metadata(metadata);
     if let Some(file_type) = file_type {
         w.set_u32("general.file_type", file_type);
     }
-    tensors.sort_by_key(|(hf, ..)| gguf_order(hf));
+    tensors.sort_by_key(|(hf, ..)| arch.order(hf));
     for (hf, t, kind) in tensors {
-        let name = gguf_name(&hf).ok_or_else(|| Error::invalid(format!("tensor {hf} has no llama.cpp name")))?;
-        let permuted = |t: StoredTensor| -> Result<StoredTensor> {
-            let Some(heads) = rotary_heads(&hf, heads, kv_heads) else { return Ok(t) };
-            Ok(match t {
-                StoredTensor::Dense(t) => StoredTensor::Dense(permute_rotary_rows(&t, heads)?),
-                StoredTensor::Quant(q) => StoredTensor::Quant(q.select_rows(&llama_cpp_row_order(q.rows, heads)?)),
-            })
-        };
+        let name = arch.gguf_name(&hf).ok_or_else(|| Error::invalid(format!("tensor {hf} has no llama.cpp name")))?;
+        let permuted = |t: StoredTensor| arch.stored(&hf, t, config.num_attention_heads, config.num_key_value_heads);
         let kind = match (&t, kind) {
             (StoredTensor::Dense(d), _) if d.shape.len() == 1 => TensorType::F32,
             (_, TensorType::Quant(k)) => TensorType::Quant(k.requantized_as()),

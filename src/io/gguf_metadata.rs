@@ -11,9 +11,10 @@
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::config::{LlamaConfig, RopeScaling};
+use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::io::gguf::RawMetadata;
+use crate::io::gguf_convert::GgufArchitecture;
 use crate::io::gguf_write::GgufWriter;
 use crate::io::model_files::{TOKENIZER_CONFIG_FILE, TOKENIZER_FILE};
 use crate::io::tokenizer::{TextTokenizer, special_token};
@@ -49,18 +50,19 @@ const SPECIAL_TOKENS: [(&str, &str); 6] = [
     ("mask", "tokenizer.ggml.mask_token_id"),
 ];
 
-/// Refuses a model GGUF files are not written for yet: llama.cpp keeps Llama 3's scaled
-/// frequencies as a tensor (rope_freqs) and the other families as architectures of their own (and
-/// their q/k rows unpermuted); llama.* metadata and tensors would run them wrongly.
-pub fn check_gguf_family(config: &LlamaConfig) -> Result<()> {
-    if config.model_type == "llama" && config.rope.scaling == RopeScaling::None {
+/// Refuses a model whose GGUF metadata is not written here from its Hugging Face files: only
+/// plain Llama's (`llama.*` and a byte-level vocabulary); the other families' GGUFs are written
+/// from a GGUF base, whose metadata is copied.
+fn check_metadata_family(config: &LlamaConfig) -> Result<()> {
+    GgufArchitecture::of(config)?;
+    if config.model_type == "llama" {
         return Ok(());
     }
     Err(Error::invalid(format!(
-        "GGUF export supports plain Llama models so far (this one is {}{}): export a Hugging Face directory \
-         (or a PEFT adapter) and convert it with llama.cpp's convert_hf_to_gguf.py (or convert_lora_to_gguf.py)",
-        config.model_type,
-        if config.rope.scaling == RopeScaling::None { "" } else { ", with scaled rotary embeddings" }
+        "a GGUF of a {} model is written from its GGUF (its metadata is copied); from a Hugging Face directory, \
+         only plain Llama models: load the model's GGUF, or export a Hugging Face directory and convert it with \
+         llama.cpp's convert_hf_to_gguf.py",
+        config.model_type
     )))
 }
 
@@ -73,7 +75,7 @@ pub fn model_metadata(
     text_files: &[(String, Vec<u8>)],
     file_type: u32,
 ) -> Result<RawMetadata> {
-    check_gguf_family(config)?;
+    check_metadata_family(config)?;
     let file = |name: &str| text_files.iter().find(|(n, _)| n == name).map(|(_, b)| b.as_slice());
     let (Some(text_tokenizer), Some(tokenizer_json)) = (text_tokenizer, file(TOKENIZER_FILE)) else {
         return Err(Error::invalid(

@@ -14,7 +14,7 @@ use std::path::Path;
 use burn::tensor::Tensor;
 
 use crate::error::{Error, Result};
-use crate::io::gguf_convert::{gguf_name, gguf_order, permute_rotary_rows, rotary_heads};
+use crate::io::gguf_convert::{GgufArchitecture, permute_rotary_rows};
 use crate::io::gguf_write::GgufWriter;
 use crate::io::safetensors::write_safetensors;
 use crate::io::{SafetensorsWeights, StoreDtype};
@@ -143,14 +143,15 @@ impl AdapterContents {
 
 impl AdapterContents {
     /// The adapter as a GGUF LoRA in llama.cpp's adapter format, as its convert_lora_to_gguf.py
-    /// writes it: general.architecture "llama", general.type "adapter", adapter.type "lora",
-    /// adapter.lora.alpha, and for each module `blk.N.<tensor>.weight.lora_a` (A, [r, in]) and
-    /// `.lora_b` (B, [out, r]) in F32, B's rows of q/k in llama.cpp's rotary order (`heads`,
-    /// `kv_heads`), as the converter permutes them with the weight's. llama.cpp scales every
+    /// writes it for a base of architecture `arch`: general.architecture (the base's), general.type
+    /// "adapter", adapter.type "lora", adapter.lora.alpha, and for each module
+    /// `blk.N.<tensor>.weight.lora_a` (A, [r, in]) and `.lora_b` (B, [out, r]) in F32, llama's B
+    /// rows of q/k in llama.cpp's rotary order (`heads`, `kv_heads`), as the converter permutes
+    /// them with the weight's. llama.cpp scales every
     /// module by alpha / r (1 where alpha is 0): where PEFT's scaling differs (rsLoRA,
     /// rank_pattern, alpha_pattern), the ratio is folded into B. An OLoRA/PiSSA adapter is
     /// refused: it is relative to a residual base that llama.cpp does not make.
-    pub fn to_gguf(&self, heads: usize, kv_heads: usize) -> Result<Vec<u8>> {
+    pub fn to_gguf(&self, arch: &GgufArchitecture, heads: usize, kv_heads: usize) -> Result<Vec<u8>> {
         if matches!(self.config.init_lora_weights, LoraInit::Olora | LoraInit::Pissa) {
             return Err(Error::file(
                 &self.config_file,
@@ -159,16 +160,17 @@ impl AdapterContents {
         }
         let alpha = self.config.lora_alpha;
         let mut w = GgufWriter::default();
-        w.set_str("general.architecture", "llama");
+        w.set_str("general.architecture", arch.name);
         w.set_str("general.type", "adapter");
         w.set_u32("general.file_type", 0);
         w.set_str("adapter.type", "lora");
         w.set_f32("adapter.lora.alpha", alpha as f32);
         let mut modules: Vec<&String> = self.modules.keys().collect();
-        modules.sort_by_key(|m| gguf_order(&format!("{m}.weight")));
+        modules.sort_by_key(|m| arch.order(&format!("{m}.weight")));
         for module in modules {
             let weight = format!("{module}.weight");
-            let name = gguf_name(&weight)
+            let name = arch
+                .gguf_name(&weight)
                 .ok_or_else(|| Error::file(&self.weights_file, format!("module {module} has no llama.cpp tensor to adapt")))?;
             let (a, mut b) = (self.tensors.tensor(&lora_key(module, "lora_A"))?, self.tensors.tensor(&lora_key(module, "lora_B"))?);
             let rank = a.shape[0] as f64;
@@ -177,7 +179,7 @@ impl AdapterContents {
             if ratio != 1.0 {
                 b.data.iter_mut().for_each(|v| *v *= ratio);
             }
-            if let Some(heads) = rotary_heads(&weight, heads, kv_heads) {
+            if let Some(heads) = arch.rotary_heads(&weight, heads, kv_heads) {
                 b = permute_rotary_rows(&b, heads).map_err(|e| Error::file(&self.weights_file, format!("{module}: {e}")))?;
             }
             w.add_dense(&format!("{name}.lora_a"), &a, false);

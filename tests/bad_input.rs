@@ -171,6 +171,14 @@ fn gguf_architectures_and_tokenizers_not_supported_are_named() {
         g.f32_tensor(&format!("blk.0.{name}.weight"), &[rows, cols], &vec![0.01; rows * cols]);
     }
     assert!(GgufModel::parse("ok.gguf", g.bytes()).is_ok(), "the one-layer model loads without a tokenizer");
+    let err =
+        GgufModel::parse("llama3.gguf", g.clone().f32_tensor("rope_freqs.weight", &[8], &[1.0; 8]).bytes()).err().unwrap().to_string();
+    assert!(
+        err.contains(
+            "tensor rope_freqs.weight has no Hugging Face LlamaForCausalLM counterpart: it holds Llama 3's scaled rotary frequencies"
+        ),
+        "{err}"
+    );
     g.str("tokenizer.ggml.model", "llama");
     let err = GgufModel::parse("spm.gguf", g.bytes()).err().unwrap().to_string();
     assert!(err.starts_with("spm.gguf: tokenizer.ggml.model \"llama\" of a \"llama\" file is not supported; supported: \"gpt2\""), "{err}");

@@ -261,7 +261,17 @@ impl GgufModel {
         for info in &g.tensors {
             g.check_tensor(info)?;
             let Some(name) = hf_name(&info.name, arch.layer_tensors()) else {
-                return Err(Error::file(&g.file, format!("tensor {} has no Hugging Face {} counterpart", info.name, arch.hf_architecture)));
+                // llama.cpp's Llama 3.x files carry their scaled rotary frequencies as a tensor
+                let why = if info.name == "rope_freqs.weight" {
+                    ": it holds Llama 3's scaled rotary frequencies, which load from a Hugging Face directory \
+                     (config.json's rope_scaling) but not yet from a GGUF"
+                } else {
+                    ""
+                };
+                return Err(Error::file(
+                    &g.file,
+                    format!("tensor {} has no Hugging Face {} counterpart{why}", info.name, arch.hf_architecture),
+                ));
             };
             let stored = match &info.name {
                 n if arch.rotary_rows_permuted && n.ends_with("attn_q.weight") => Stored::RotaryRows(heads),

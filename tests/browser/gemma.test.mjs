@@ -14,7 +14,7 @@ let b;
 before(async () => { b = await start(); });
 after(async () => { await b?.close(); });
 
-test('the picker loads Gemma 3 270M from its GGUF: transformers\' logits, and the chat continues the text as transformers does', async () => {
+test('the picker loads Gemma 3 270M from its GGUF: transformers\' logits, and the chat continues the text as transformers does', async (t) => {
   const { page } = b;
   await page.selectOption('#model-choice', 'models/gemma-3-270m-q4_k_m.gguf');
   assert.match(await page.textContent('#model-about'), /Gemma 3 270M .*pre-trained base.*Gemma Terms of Use/);
@@ -31,6 +31,7 @@ test('the picker loads Gemma 3 270M from its GGUF: transformers\' logits, and th
   }, expected.prompt_ids);
   assert.equal(out.hasChatTemplate, false);
   assert.ok(out.footprint < 260e6, `weights on the GPU: ${out.footprint} bytes (kept quantized)`);
+  t.diagnostic(`Gemma 3 270M's weights on the GPU: ${out.footprint} bytes`);
   const vocab = 262144;
   for (const at of expected.positions) {
     const row = out.logits.slice(at.position * vocab, (at.position + 1) * vocab);

@@ -164,6 +164,7 @@ pub fn assert_tokenizes_like_transformers(tokenizer: &webgpu_lora::io::TextToken
 
 /// Writes a GGUF v3 file: metadata (key, type id, encoded value) and tensors (name, GGML dims,
 /// GGML type id, raw data), tensor data aligned to 32 bytes.
+#[derive(Clone)]
 pub struct GgufWriter {
     kv: Vec<(String, u32, Vec<u8>)>,
     tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,

@@ -1,7 +1,10 @@
 """Writes the sample SFT dataset data/robot/{train,val}.jsonl: chat examples that teach SmolLM2 a
 visible behaviour it lacks, the persona of "Bolt", a cheerful robot who opens every answer with
 "Beep boop!" and then answers correctly and briefly. Every fact is true; the split is by question,
-so validation questions never appear in training. Deterministic: run it again to get the same files.
+so validation questions never appear in training. The same examples go into
+data/robot-completions/{train,val}.jsonl as prompt/completion pairs ("Question: ...\nAnswer:",
+" Beep boop! ..."), for a pre-trained base without a chat template (Gemma 3 270M).
+Deterministic: run it again to get the same files.
 
     python3 data/make_robot_dataset.py
 """
@@ -106,13 +109,18 @@ def main():
     items = examples(rng)
     rng.shuffle(items)
     val, train = items[:30], items[30:]
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "robot")
-    os.makedirs(here, exist_ok=True)
-    for name, part in [("train", train), ("val", val)]:
-        with open(os.path.join(here, f"{name}.jsonl"), "w") as f:
-            for q, a in part:
-                f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer(a)}]}) + "\n")
-    print(f"wrote {len(train)} training and {len(val)} validation examples to {here}")
+    forms = {
+        "robot": lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer(a)}]},
+        "robot-completions": lambda q, a: {"prompt": f"Question: {q}\nAnswer:", "completion": " " + answer(a)},
+    }
+    for folder, form in forms.items():
+        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), folder)
+        os.makedirs(here, exist_ok=True)
+        for name, part in [("train", train), ("val", val)]:
+            with open(os.path.join(here, f"{name}.jsonl"), "w") as f:
+                for q, a in part:
+                    f.write(json.dumps(form(q, a)) + "\n")
+        print(f"wrote {len(train)} training and {len(val)} validation examples to {here}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,19 @@
 //! Learning on the real models: a short LoRA run (CPU backend) on the sample dataset
-//! (data/robot) teaches SmolLM2-135M-Instruct, and Gemma 3 270M from its quantized GGUF, the
+//! (data/robot, and data/robot-completions for the base without a chat template) teaches SmolLM2-135M-Instruct, and Gemma 3 270M from its quantized GGUF, the
 //! "Bolt" persona they do not have.
 
 mod common;
 
 use common::*;
+use serde_json::Value;
 use webgpu_lora::io::ChatMessage;
 use webgpu_lora::train::{Control, Schedule, TrainEvent, TrainOptions, fine_tune};
 use webgpu_lora::{GenerationConfig, Llm, LoraModel};
 
-fn data(name: &str) -> Vec<u8> {
-    std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/robot").join(name)).unwrap()
+/// A file of the sample dataset (data/make_robot_dataset.py): `folder` "robot" (chat) or
+/// "robot-completions" (the same examples as prompt/completion pairs).
+fn data(folder: &str, name: &str) -> Vec<u8> {
+    std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(folder).join(name)).unwrap()
 }
 
 /// Validation loss falls by at least 30%, and greedy answers to held-out questions open with the
@@ -19,38 +22,28 @@ fn data(name: &str) -> Vec<u8> {
 #[test]
 fn fine_tuning_teaches_the_persona() {
     let mut llm = load(&real_model_dir(), &cpu());
-    let chat = |llm: &Llm, q: &str| llm.tokenizer().unwrap().encode_chat(&[ChatMessage::new("user", q)], true).unwrap();
-    teaches_the_persona(&mut llm, [data("train.jsonl"), data("val.jsonl")], &chat);
+    let ask = |llm: &Llm, example: &Value| {
+        let question = example["messages"][0]["content"].as_str().unwrap();
+        llm.tokenizer().unwrap().encode_chat(&[ChatMessage::new("user", question)], true).unwrap()
+    };
+    teaches_the_persona(&mut llm, "robot", &ask);
 }
 
 /// The same on Gemma 3 270M, the pre-trained base loaded from its Q4_K_M GGUF (QLoRA: the base
-/// stays quantized): it has no chat template, so the conversations become "Question: ...\nAnswer:"
-/// prompts and their completions.
+/// stays quantized): it has no chat template, so it learns from the prompt/completion form.
 #[test]
 fn fine_tuning_teaches_gemma3_the_persona() {
     let files = webgpu_lora::io::ModelFiles::from_path(&gemma3_gguf()).unwrap();
     let mut llm = Llm::load(files, webgpu_lora::nn::WeightDtype::Auto, &cpu(), &mut |_, _, _| {}).unwrap();
-    let as_completions = |bytes: Vec<u8>| -> Vec<u8> {
-        let lines = String::from_utf8(bytes).unwrap();
-        let completions = lines.lines().map(|line| {
-            let m = &serde_json::from_str::<serde_json::Value>(line).unwrap()["messages"];
-            let (q, a) = (m[0]["content"].as_str().unwrap(), m[1]["content"].as_str().unwrap());
-            serde_json::json!({"prompt": question_prompt(q), "completion": format!(" {a}")}).to_string()
-        });
-        completions.collect::<Vec<_>>().join("\n").into_bytes()
-    };
-    let prompt = |llm: &Llm, q: &str| llm.tokenizer().unwrap().encode(&question_prompt(q), true).unwrap();
-    teaches_the_persona(&mut llm, [as_completions(data("train.jsonl")), as_completions(data("val.jsonl"))], &prompt);
+    let ask = |llm: &Llm, example: &Value| llm.tokenizer().unwrap().encode(example["prompt"].as_str().unwrap(), true).unwrap();
+    teaches_the_persona(&mut llm, "robot-completions", &ask);
 }
 
-fn question_prompt(question: &str) -> String {
-    format!("Question: {question}\nAnswer:")
-}
-
-/// 20 steps of all-linear r=8 on `train` with `val` evaluated: its loss falls by 30%, and the
-/// tuned model's greedy answers to six held-out questions (asked as `prompt_ids` asks them) open
-/// with "Beep boop" (five at least) while the base model's do not.
-fn teaches_the_persona(llm: &mut Llm, [train, val]: [Vec<u8>; 2], prompt_ids: &dyn Fn(&Llm, &str) -> Vec<u32>) {
+/// 20 steps of all-linear r=8 on `folder`'s train.jsonl with its val.jsonl evaluated: the
+/// validation loss falls by 30%, and the tuned model's greedy answers to six held-out examples
+/// (asked as `ask` asks them) open with "Beep boop" (five at least) while the base model's do not.
+fn teaches_the_persona(llm: &mut Llm, folder: &str, ask: &dyn Fn(&Llm, &Value) -> Vec<u32>) {
+    let (train, val) = (data(folder, "train.jsonl"), data(folder, "val.jsonl"));
     let spec = TrainOptions {
         adapter_name: "robot".into(),
         r: 8,
@@ -89,18 +82,13 @@ fn teaches_the_persona(llm: &mut Llm, [train, val]: [Vec<u8>; 2], prompt_ids: &d
     let (first, last) = (evals[0], *evals.last().unwrap());
     assert!(last <= 0.7 * first, "validation loss {first:.3} -> {last:.3}: less than a 30% drop ({report:?})");
 
-    let questions: Vec<String> = String::from_utf8(data("val.jsonl"))
-        .unwrap()
-        .lines()
-        .take(6)
-        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["messages"][0]["content"].as_str().unwrap().to_string())
-        .collect();
+    let held_out: Vec<Value> = String::from_utf8(val).unwrap().lines().take(6).map(|line| serde_json::from_str(line).unwrap()).collect();
     let answers = |llm: &Llm| -> Vec<String> {
-        questions
+        held_out
             .iter()
-            .map(|q| {
+            .map(|example| {
                 let config = GenerationConfig { max_new_tokens: 6, ..Default::default() };
-                pollster::block_on(llm.generate_text(&prompt_ids(llm, q), &config, &mut |_| true)).unwrap().1
+                pollster::block_on(llm.generate_text(&ask(llm, example), &config, &mut |_| true)).unwrap().1
             })
             .collect()
     };

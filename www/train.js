@@ -54,12 +54,14 @@ export function setupTraining(app) {
   });
   $('sample-button').addEventListener('click', async () => {
     try {
+      // chat examples for a model with a chat template; the same as prompt/completion pairs otherwise
+      const folder = app.model && !app.model.hasChatTemplate ? 'robot-completions' : 'robot';
       const get = async (f) => {
-        const r = await fetch(new URL(`data/robot/${f}`, location.href));
-        if (!r.ok) throw new Error(`data/robot/${f}: HTTP ${r.status}`);
+        const r = await fetch(new URL(`data/${folder}/${f}`, location.href));
+        if (!r.ok) throw new Error(`data/${folder}/${f}: HTTP ${r.status}`);
         return r.text();
       };
-      showData('robot/train.jsonl', await get('train.jsonl'), await get('val.jsonl'));
+      showData(`${folder}/train.jsonl`, await get('train.jsonl'), await get('val.jsonl'));
     } catch (e) {
       $('data-status').textContent = `Could not fetch the sample dataset: ${e.message}`;
     }

@@ -2,7 +2,8 @@
 // model picker and loaded straight from Google's Q4_K_M GGUF (scripts/fetch-gemma.sh): its
 // 262,144 x 640 embedding (178 MB in Q8_0) stays quantized, the logits of the prompt equal
 // transformers' on the same GGUF (5e-3, same argmax: tests/fixtures/gemma3-270m/expected.json),
-// and the chat, without a chat template, continues the text greedily as transformers does.
+// and the chat, without a chat template, continues the text greedily as transformers does; the
+// Train panel's sample dataset is then the prompt/completion form.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
@@ -49,5 +50,9 @@ test('the picker loads Gemma 3 270M from its GGUF: transformers\' logits, and th
   const tokens = JSON.parse(await page.locator('.message.assistant').last().getAttribute('data-tokens'));
   assert.deepEqual(tokens, expected.greedy_ids.slice(0, 4));
   await b.screenshot('gemma-chat');
+  // the Train panel's sample dataset comes as prompt/completion pairs for a model without a chat template
+  await page.click('#sample-button');
+  await page.waitForFunction(() => document.querySelector('#data-status').textContent !== '');
+  assert.equal(await page.textContent('#data-status'), 'robot-completions/train.jsonl: 200 examples + 30 for validation.');
   assert.deepEqual(b.errors, [], 'console errors');
 });

@@ -108,6 +108,27 @@ on_cpu_and_wgpu!(
     gradients_match_peft
 );
 
+/// A Llama 3.x GGUF as llama.cpp writes it, its scaled rotary frequencies as the rope_freqs
+/// divisors: the scaling is recovered (factor 32, high_freq_factor 4, original context 8192) and
+/// the logits are transformers' of the Hugging Face model (1e-4).
+#[test]
+fn a_llama3_gguf_loads_its_rotary_scaling() {
+    let dir = fixture("families/gguf-llama3");
+    let llm = load(&dir.join("model.gguf"), &cpu());
+    assert_eq!(
+        llm.model.config.rope.scaling,
+        webgpu_lora::config::RopeScaling::Llama3 {
+            factor: 32.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0
+        }
+    );
+    let input = ids(&read_json(dir.join("expected.json"))["ids"]);
+    let diff = max_abs_diff(&logits_of(&llm.model, &input), &expected_tensor(dir.join("expected.safetensors"), "logits"));
+    assert!(diff < TOLERANCE, "llama3 GGUF: max |ours - transformers| = {diff}");
+}
+
 /// qwen2 and qwen3 GGUF files laid out as llama.cpp's converter writes them (gguf-py's tensor
 /// names: biases, q/k norms, no rotary permutation) load directly and give transformers' logits
 /// from loading the same file (F32: 1e-4), on the CPU backend.

@@ -258,20 +258,15 @@ impl GgufModel {
         let layers = int("block_count")?;
 
         let mut tensors = BTreeMap::new();
+        let mut rope_freqs = None;
         for info in &g.tensors {
             g.check_tensor(info)?;
+            if info.name == ROPE_FREQS && arch.name == "llama" {
+                rope_freqs = Some(g.tensor_f32(info)?.data);
+                continue;
+            }
             let Some(name) = hf_name(&info.name, arch.layer_tensors()) else {
-                // llama.cpp's Llama 3.x files carry their scaled rotary frequencies as a tensor
-                let why = if info.name == "rope_freqs.weight" {
-                    ": it holds Llama 3's scaled rotary frequencies, which load from a Hugging Face directory \
-                     (config.json's rope_scaling) but not yet from a GGUF"
-                } else {
-                    ""
-                };
-                return Err(Error::file(
-                    &g.file,
-                    format!("tensor {} has no Hugging Face {} counterpart{why}", info.name, arch.hf_architecture),
-                ));
+                return Err(Error::file(&g.file, format!("tensor {} has no Hugging Face {} counterpart", info.name, arch.hf_architecture)));
             };
             let stored = match &info.name {
                 n if arch.rotary_rows_permuted && n.ends_with("attn_q.weight") => Stored::RotaryRows(heads),
@@ -331,6 +326,15 @@ impl GgufModel {
             "eos_token_id": eos,
             "pad_token_id": pad,
         });
+        if let Some(divisors) = rope_freqs {
+            let theta = config["rope_theta"].as_f64().expect("a number");
+            config["rope_scaling"] = llama3_scaling(&divisors, theta, head_dim).ok_or_else(|| {
+                Error::file(
+                    &g.file,
+                    format!("{ROPE_FREQS} holds rotary divisors that are not Llama 3's scaling (low_freq_factor 1): {divisors:?}"),
+                )
+            })?;
+        }
         if gemma {
             // what llama.cpp runs a gemma3 file with (and transformers reads it as): every sixth
             // layer full attention, the sliding ones at base 10000, scores by 1 / sqrt(head_dim)
@@ -404,6 +408,47 @@ fn pretty(v: &Value) -> Vec<u8> {
     let mut bytes = serde_json::to_vec_pretty(v).expect("JSON");
     bytes.push(b'\n');
     bytes
+}
+
+/// Llama 3's scaled rotary frequencies in a llama file: a divisor per frequency.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// config.json's `rope_scaling` of Llama 3 from the divisors llama.cpp stores for it (rope_freqs:
+/// 1 for high frequencies, `factor` for low ones, 1 / ((1 - s) / factor + s) between, s =
+/// (L / wavelength - low) / (high - low)). factor is the largest divisor; with low_freq_factor 1
+/// (every Llama 3.x's) two divisors of the band fix high_freq_factor and the original context L.
+/// `None` where the band holds fewer than two, or where the scaling found does not give back
+/// every divisor (1e-5 relative). Divisors of 1 alone scale nothing: null.
+fn llama3_scaling(divisors: &[f32], theta: f64, head_dim: usize) -> Option<Value> {
+    let wavelength = |i: usize| 2.0 * std::f64::consts::PI * theta.powf((2 * i) as f64 / head_dim as f64);
+    let factor = divisors.iter().fold(1.0f32, |m, &d| m.max(d)) as f64;
+    if factor == 1.0 && divisors.iter().all(|&d| d == 1.0) {
+        return Some(Value::Null);
+    }
+    let band: Vec<usize> = (0..divisors.len()).filter(|&i| divisors[i] > 1.0 && (divisors[i] as f64) < factor).collect();
+    let (&first, &last) = (band.first()?, band.last().filter(|&&l| l != band[0])?);
+    let smooth = |i: usize| (1.0 / divisors[i] as f64 - 1.0 / factor) / (1.0 - 1.0 / factor);
+    // L / w = 1 + s k (k = high - 1) at both ends of the band
+    let (w1, s1, w2, s2) = (wavelength(first), smooth(first), wavelength(last), smooth(last));
+    let ratio = w1 / w2;
+    let k = (1.0 - ratio) / (s1 * ratio - s2);
+    let (high, context) = (((1.0 + k) * 1000.0).round() / 1000.0, (w1 * (1.0 + s1 * k)).round());
+    let recomputed = |i: usize| {
+        let w = wavelength(i);
+        if w < context / high {
+            1.0
+        } else if w > context {
+            factor
+        } else {
+            let s = (context / w - 1.0) / (high - 1.0);
+            1.0 / ((1.0 - s) / factor + s)
+        }
+    };
+    let fits = (0..divisors.len()).all(|i| (recomputed(i) - divisors[i] as f64).abs() <= 1e-5 * recomputed(i));
+    fits.then(|| {
+        json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": high,
+               "original_max_position_embeddings": context as u64})
+    })
 }
 
 /// The tensors of each decoder layer of a `llama` file: (llama.cpp name, Hugging Face name).

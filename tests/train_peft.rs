@@ -106,7 +106,7 @@ fn head_loss_equals_autodiff_of_the_plain_loss() {
     use burn::tensor::{Distribution, Int, Tensor, TensorData};
     use webgpu_lora::train::data::IGNORE;
     let _turn = rng_turn();
-    use webgpu_lora::train::loss::{head_loss_backward, summed_token_loss};
+    use webgpu_lora::train::loss::{LossWeights, head_loss_backward, summed_token_loss};
     let t = trajectory();
     let model = tiny_with_adapter();
     let mut batch = batch(&t["grad_batch"]);
@@ -142,7 +142,7 @@ fn head_loss_equals_autodiff_of_the_plain_loss() {
         assert!((summed - expected_loss).abs() < 1e-5 * expected_loss.abs(), "masked {masked}: loss {summed} vs {expected_loss}");
         for rows in [1, 5, 7, 1000] {
             let leaf = hidden.clone().autodiff().require_grad();
-            let (surrogate, loss) = head_loss_backward(&model.head_for_slices(), leaf.clone(), &batch, 0.5, rows);
+            let (surrogate, loss) = head_loss_backward(&model.head_for_slices(), leaf.clone(), &batch, LossWeights::Uniform(0.5), rows);
             let g = surrogate.backward();
             let loss = loss.into_data().try_to_vec::<f32>().unwrap()[0];
             assert!(
@@ -156,7 +156,7 @@ fn head_loss_equals_autodiff_of_the_plain_loss() {
     // no position counts: zero loss, zero gradient, nothing through the head
     batch.labels.iter_mut().for_each(|l| *l = IGNORE);
     let leaf = Tensor::<3>::ones([batch.batch, batch.seq, model.config.hidden_size], &cpu()).autodiff().require_grad();
-    let (surrogate, loss) = head_loss_backward(&model.head_for_slices(), leaf.clone(), &batch, 0.5, 7);
+    let (surrogate, loss) = head_loss_backward(&model.head_for_slices(), leaf.clone(), &batch, LossWeights::Uniform(0.5), 7);
     let g = surrogate.backward();
     assert_eq!(loss.into_data().try_to_vec::<f32>().unwrap(), vec![0.0]);
     assert!(host(leaf.grad(&g).unwrap()).iter().all(|&x| x == 0.0));

@@ -71,9 +71,14 @@ impl TextTokenizer {
         self.tokenizer.token_to_id(token)
     }
 
-    /// The id of the end-of-turn token named by tokenizer_config.json (e.g. `<|im_end|>`).
+    /// The end-of-turn token named by tokenizer_config.json (e.g. `<|im_end|>`).
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos_token.as_deref()
+    }
+
+    /// Its id.
     pub fn eos_token_id(&self) -> Option<u32> {
-        self.eos_token.as_deref().and_then(|t| self.token_id(t))
+        self.eos_token().and_then(|t| self.token_id(t))
     }
 
     pub fn has_chat_template(&self) -> bool {

@@ -7,9 +7,21 @@
 
 use burn::tensor::{Int, Tensor, TensorData};
 
+use crate::error::Result;
 use crate::model::Head;
 use crate::nn::ops::cross_entropy;
+use crate::tensor::read_f32;
 use crate::train::data::{Batch, IGNORE};
+
+/// How each trained token's loss weighs in a gradient.
+#[derive(Debug, Clone, Copy)]
+pub enum LossWeights<'a> {
+    /// Every token alike (SFT: 1 / the step's trainable tokens, for the mean).
+    Uniform(f64),
+    /// Every token of row `b` of the batch by `weights[b]` (DPO: a sequence's log-probability is
+    /// minus its tokens' summed loss, and the pair's loss weighs it; see [`crate::train::dpo`]).
+    PerRow(&'a [f64]),
+}
 
 /// Positions whose logits exist at once: 128 x a 49152-word vocabulary is 25 MB (twice: the
 /// logits and their softmax) instead of the 100 MB of a 4 x 128 batch's logits.
@@ -84,16 +96,49 @@ pub fn summed_token_loss(head: &Head, hidden: Tensor<3>, batch: &Batch, rows_at_
     }
 }
 
+/// The summed token loss of each row of `batch` (minus the row's log-probability of its
+/// labelled tokens) from its final hidden states [batch, seq, hidden] (no gradients).
+pub async fn row_losses(head: &Head, hidden: Tensor<3>, batch: &Batch, rows_at_once: usize) -> Result<Vec<f64>> {
+    let mut sums = vec![0.0; batch.batch];
+    let Some((rows, targets)) = counted_rows(hidden, batch) else { return Ok(sums) };
+    let n = rows.dims()[0];
+    let mut losses = Vec::with_capacity(n);
+    for start in (0..n).step_by(rows_at_once) {
+        let len = rows_at_once.min(n - start);
+        let (loss, _) = cross_entropy(head.logits(rows.clone().narrow(0, start, len)), targets.clone().narrow(0, start, len));
+        losses.extend(read_f32(loss).await?);
+    }
+    for (position, loss) in counted_targets(batch).0.into_iter().zip(losses) {
+        sums[position as usize / (batch.seq - 1)] += loss as f64;
+    }
+    Ok(sums)
+}
+
 /// The loss of `batch` from its final hidden states [batch, seq, hidden] (autodiff) and the
-/// model's `head`, times `scale`: returns the surrogate sum(h * dLoss/dh), whose backward gives every earlier parameter
-/// its true gradient, and the loss value ([1], plain).
-pub fn head_loss_backward(head: &Head, hidden: Tensor<3>, batch: &Batch, scale: f64, rows_at_once: usize) -> (Tensor<1>, Tensor<1>) {
+/// model's `head`, each token's weighted by `weights`: returns the surrogate sum(h * dLoss/dh),
+/// whose backward gives every earlier parameter its true gradient, and the loss value ([1],
+/// plain; with per-row weights, the unweighted sum).
+pub fn head_loss_backward(
+    head: &Head,
+    hidden: Tensor<3>,
+    batch: &Batch,
+    weights: LossWeights,
+    rows_at_once: usize,
+) -> (Tensor<1>, Tensor<1>) {
     let device = hidden.device();
     let Some((rows, targets)) = counted_rows(hidden.clone(), batch) else {
         // nothing counts: a zero loss whose gradient is zero everywhere
         return (hidden.sum().mul_scalar(0.0), Tensor::zeros([1], &device.inner()));
     };
     let (loss, grad) = head_loss_slices(head, rows.clone().inner(), targets, rows_at_once, true);
-    let grad = grad.expect("asked for").mul_scalar(scale);
-    ((rows * grad).sum(), loss.mul_scalar(scale))
+    let grad = grad.expect("asked for");
+    let (grad, loss) = match weights {
+        LossWeights::Uniform(scale) => (grad.mul_scalar(scale), loss.mul_scalar(scale)),
+        LossWeights::PerRow(per_row) => {
+            let of_position: Vec<f32> = counted_targets(batch).0.iter().map(|&p| per_row[p as usize / (batch.seq - 1)] as f32).collect();
+            let k = of_position.len();
+            (grad * Tensor::<2>::from_data(TensorData::new(of_position, [k, 1]), &device.inner()), loss)
+        }
+    };
+    ((rows * grad).sum(), loss)
 }

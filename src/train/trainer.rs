@@ -18,7 +18,7 @@ use crate::model::{Head, LlamaModel};
 use crate::tensor::{HostTensor, read_host, read_scalar, upload};
 use crate::train::TrainOptions;
 use crate::train::data::{Batch, Dataset, epoch_batches, ordered_batches};
-use crate::train::loss::{LOSS_ROWS, head_loss_backward, summed_token_loss};
+use crate::train::loss::{LOSS_ROWS, LossWeights, head_loss_backward, summed_token_loss};
 use crate::train::optimizer::{clip_factor, global_norm};
 
 /// Metrics of one optimizer step.
@@ -174,7 +174,7 @@ async fn group_gradients(
         let run = |k: usize, part: &Batch| {
             let dropout = masks.as_ref().map(|m| m.part(starts[k]..starts[k] + part.batch * part.seq));
             let run = LoraRun { adapter: &trainee.adapter, weights: Some(&leaves[k]), dropout: dropout.as_ref() };
-            part_gradients(model, &head, run, &trainee.flat(&leaves[k]), part, scale, checkpointing)
+            part_gradients(model, &head, run, &trainee.flat(&leaves[k]), part, LossWeights::Uniform(scale), checkpointing)
         };
         let results: Vec<(Tensor<1>, Vec<Tensor<2>>)> = if parts.len() == 1 {
             vec![run(0, &parts[0])]
@@ -200,8 +200,8 @@ pub fn autodiff_leaves(weights: &AdapterWeights) -> AdapterWeights {
     weights.iter().map(|(m, w)| (m.clone(), w.map(leaf))).collect()
 }
 
-/// The summed token loss of `batch` (times `scale` in the gradient) under `run`, and the
-/// gradient of each of `leaves` (the autodiff matrices `run` reads); `head` is the model's
+/// The summed token loss of `batch` (each token's weighted by `loss_weights` in the gradient) under
+/// `run`, and the gradient of each of `leaves` (the autodiff matrices `run` reads); `head` is the model's
 /// ([`LlamaModel::head_for_slices`], shared by the parts of a step). With `checkpointing`
 /// (transformers' gradient checkpointing) the forward pass keeps only each layer's input, and
 /// the backward pass runs the layers again one at a time, last first: one layer's activations
@@ -212,13 +212,13 @@ pub fn part_gradients(
     run: LoraRun,
     leaves: &[Tensor<2>],
     batch: &Batch,
-    scale: f64,
+    loss_weights: LossWeights,
     checkpointing: bool,
 ) -> (Tensor<1>, Vec<Tensor<2>>) {
     let ids = model.ids_batch(&batch.ids, batch.batch, batch.seq);
     if !checkpointing {
         let hidden = model.hidden_states_with(ids, None, Some(run));
-        let (surrogate, loss) = head_loss_backward(head, hidden, batch, scale, LOSS_ROWS);
+        let (surrogate, loss) = head_loss_backward(head, hidden, batch, loss_weights, LOSS_ROWS);
         let g = surrogate.backward();
         return (loss, leaves.iter().map(|l| l.grad(&g).expect("a trainable leaf has a gradient")).collect());
     }
@@ -236,7 +236,7 @@ pub fn part_gradients(
     }
     // backward: the head's gradient of the last layer's output, then each layer again, recorded
     let out = h.autodiff().require_grad();
-    let (surrogate, loss) = head_loss_backward(head, model.norm.forward(out.clone()), batch, scale, LOSS_ROWS);
+    let (surrogate, loss) = head_loss_backward(head, model.norm.forward(out.clone()), batch, loss_weights, LOSS_ROWS);
     let mut upstream = out.grad(&surrogate.backward()).expect("the loss depends on the last layer");
     let mut grads: Vec<Option<Tensor<2>>> = vec![None; leaves.len()];
     for (i, (input, mask)) in inputs.into_iter().enumerate().rev() {

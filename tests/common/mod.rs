@@ -8,10 +8,11 @@ use std::path::PathBuf;
 
 use burn::tensor::{Device, DeviceKind};
 use webgpu_lora::io::{ModelFiles, SafetensorsWeights};
-use webgpu_lora::lora::LoraRun;
+use webgpu_lora::lora::{AdapterWeights, LoraRun};
 use webgpu_lora::nn::WeightDtype;
 use webgpu_lora::tensor::{HostTensor, read_host};
 use webgpu_lora::train::Batch;
+use webgpu_lora::train::loss::LossWeights;
 use webgpu_lora::train::trainer::{autodiff_leaves, part_gradients};
 use webgpu_lora::{LlamaModel, Llm, LoraModel};
 
@@ -264,23 +265,33 @@ pub fn batch(value: &serde_json::Value) -> Batch {
     }
 }
 
-/// The mean token loss of `batch` and its gradient for every lora_A / lora_B of `adapter`, under
-/// PEFT's names and layout (`model.layers.0.self_attn.q_proj.lora_A.weight`, [r, in]): what PEFT
-/// computes with `loss.backward()` (no dropout), through the trainer's own gradient step, with
-/// or without gradient checkpointing.
-pub fn adapter_gradients(model: &LlamaModel, adapter: &str, batch: &Batch, checkpointing: bool) -> (f64, BTreeMap<String, HostTensor>) {
+/// `adapter`'s matrices as autodiff leaves, and the same tensors under PEFT's names
+/// (`model.layers.0.self_attn.q_proj.lora_A.weight`), in the order gradients come back.
+pub fn peft_named_leaves(model: &LlamaModel, adapter: &str) -> (AdapterWeights, Vec<(String, burn::tensor::Tensor<2>)>) {
     let leaves = autodiff_leaves(&model.adapter_weights(adapter).unwrap());
-    let named: Vec<(String, burn::tensor::Tensor<2>)> = leaves
+    let named = leaves
         .iter()
         .flat_map(|(m, w)| [(format!("{m}.lora_A.weight"), w.a_t.clone()), (format!("{m}.lora_B.weight"), w.b_t.clone())])
         .collect();
+    (leaves, named)
+}
+
+/// Gradients of `named` leaves read back in PEFT's layout ([r, in] for lora_A).
+pub fn in_peft_layout(named: Vec<(String, burn::tensor::Tensor<2>)>, grads: Vec<burn::tensor::Tensor<2>>) -> BTreeMap<String, HostTensor> {
+    named.into_iter().zip(grads).map(|((name, _), g)| (name, pollster::block_on(read_host(g)).unwrap().transpose())).collect()
+}
+
+/// The mean token loss of `batch` and its gradient for every lora_A / lora_B of `adapter`, under
+/// PEFT's names and layout: what PEFT computes with `loss.backward()` (no dropout), through the
+/// trainer's own gradient step, with or without gradient checkpointing.
+pub fn adapter_gradients(model: &LlamaModel, adapter: &str, batch: &Batch, checkpointing: bool) -> (f64, BTreeMap<String, HostTensor>) {
+    let (leaves, named) = peft_named_leaves(model, adapter);
     let run = LoraRun { adapter, weights: Some(&leaves), dropout: None };
     let tensors: Vec<_> = named.iter().map(|(_, t)| t.clone()).collect();
-    let (loss, grads) =
-        part_gradients(model, &model.head_for_slices(), run, &tensors, batch, 1.0 / batch.trainable_tokens() as f64, checkpointing);
+    let weights = LossWeights::Uniform(1.0 / batch.trainable_tokens() as f64);
+    let (loss, grads) = part_gradients(model, &model.head_for_slices(), run, &tensors, batch, weights, checkpointing);
     let loss = pollster::block_on(webgpu_lora::tensor::read_scalar(loss)).unwrap();
-    let grads = named.into_iter().zip(grads).map(|((name, _), g)| (name, pollster::block_on(read_host(g)).unwrap().transpose())).collect();
-    (loss, grads)
+    (loss, in_peft_layout(named, grads))
 }
 
 /// PEFT's loss and the gradient of every lora_A / lora_B for one batch (tests/fixtures/train,
@@ -305,12 +316,19 @@ pub fn assert_gradients_match(model: &LlamaModel, batch: &Batch, grads_file: Pat
     let peft = webgpu_lora::io::SafetensorsWeights::new(vec![("grads".into(), bytes)]).unwrap();
     let peft_loss = peft.tensor("loss").unwrap().data[0] as f64;
     assert!((loss - peft_loss).abs() < 1e-5 * peft_loss.abs(), "checkpointing {checkpointing}: loss {loss} vs PEFT {peft_loss}");
-    assert_eq!(grads.len(), peft.names().len() - 1, "one gradient per lora_A / lora_B");
-    for (name, ours) in &grads {
-        let theirs = peft.tensor(name).unwrap();
+    assert_same_gradients(&grads, &peft, &format!("checkpointing {checkpointing}"));
+}
+
+/// `grads` equal each lora_A / lora_B of `reference` (its other tensors are not gradients):
+/// within 1e-4 of the largest |gradient| of each matrix.
+pub fn assert_same_gradients(grads: &BTreeMap<String, HostTensor>, reference: &SafetensorsWeights, what: &str) {
+    let names: Vec<&str> = reference.names().into_iter().filter(|n| n.contains(".lora_")).collect();
+    assert_eq!(grads.len(), names.len(), "{what}: one gradient per lora_A / lora_B");
+    for (name, ours) in grads {
+        let theirs = reference.tensor(name).unwrap();
         assert_eq!(ours.shape, theirs.shape, "{name}");
         let scale = theirs.data.iter().fold(0f32, |m, v| m.max(v.abs()));
         let diff = max_abs_diff(&ours.data, &theirs.data);
-        assert!(diff <= 1e-4 * scale, "checkpointing {checkpointing}, {name}: max diff {diff}, max |grad| {scale}");
+        assert!(diff <= 1e-4 * scale, "{what}, {name}: max diff {diff}, max |grad| {scale}");
     }
 }

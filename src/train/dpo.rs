@@ -1,0 +1,153 @@
+//! Direct preference optimisation of a LoRA adapter, as TRL's `DPOTrainer` computes it with PEFT
+//! (sigmoid loss): for a pair of completions of one prompt, chosen `c` and rejected `r`,
+//!
+//! ```text
+//! loss = -log sigmoid(beta ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))))
+//! ```
+//!
+//! where log pi is the completion's summed token log-probability with the adapter and log ref
+//! the same with the adapter disabled (the reference model, without a second copy of it), the
+//! loss averaged over the batch's pairs. TRL's metrics: rewards/chosen = beta (log pi(c) - log
+//! ref(c)), rewards/rejected likewise, their margin and how often chosen wins.
+//!
+//! The gradient is SFT's with a weight per sequence: a completion's log-probability is minus its
+//! tokens' summed loss, so dLoss/d(token loss) = beta sigmoid(-beta delta) / pairs for the
+//! chosen completion's tokens and its negative for the rejected one's. A step computes both
+//! log-probabilities without gradients first, then runs the trainer's weighted backward pass
+//! ([`LossWeights::PerRow`]). The two passes see the same adapter, so LoRA dropout must be 0.
+
+use burn::tensor::Tensor;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::io::TextTokenizer;
+use crate::lora::LoraRun;
+use crate::model::LlamaModel;
+use crate::train::data::{Batch, Example, IGNORE};
+use crate::train::loss::{LOSS_ROWS, LossWeights, row_losses};
+use crate::train::trainer::part_gradients;
+
+/// A preference pair as token ids: the prompt, and each completion after it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreferencePair {
+    pub prompt: Vec<u32>,
+    pub chosen: Vec<u32>,
+    pub rejected: Vec<u32>,
+}
+
+/// The pairs of a JSONL file of `{"prompt", "chosen", "rejected"}` lines (text), tokenized as
+/// TRL tokenizes them: the end-of-sequence token appended to each completion that lacks it, the
+/// prompt and each prompt + completion tokenized with the tokenizer's special tokens, and the
+/// prompt cut where it stops being a prefix of both. `file` names the file in errors.
+pub fn read_preferences(file: &str, bytes: &[u8], tokenizer: &TextTokenizer) -> Result<Vec<PreferencePair>> {
+    let text = std::str::from_utf8(bytes).map_err(|_| Error::file(file, "not UTF-8 text"))?;
+    let eos = tokenizer.eos_token().unwrap_or("");
+    let mut pairs = Vec::new();
+    for (index, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let at = format!("{file}:{}", index + 1);
+        let value: Value = serde_json::from_str(line).map_err(|e| Error::file(&at, format!("invalid JSON: {e}")))?;
+        let field = |key: &str| -> Result<&str> {
+            match value.get(key) {
+                Some(Value::String(s)) => Ok(s),
+                Some(Value::Array(_)) => {
+                    Err(Error::file(&at, format!("\"{key}\" is a conversation: give the text of the prompt and completions")))
+                }
+                _ => Err(Error::file(&at, format!("missing \"{key}\": each line needs \"prompt\", \"chosen\" and \"rejected\" (text)"))),
+            }
+        };
+        let (prompt, chosen, rejected) = (field("prompt")?, field("chosen")?, field("rejected")?);
+        if chosen == rejected {
+            return Err(Error::file(&at, "\"chosen\" and \"rejected\" are the same text: a pair needs two different completions"));
+        }
+        let with_eos = |c: &str| if c.ends_with(eos) { c.to_string() } else { format!("{c}{eos}") };
+        let encode = |t: &str| tokenizer.encode(t, true).map_err(|e| Error::file(&at, e.to_string()));
+        let prompt_ids = encode(prompt)?;
+        let (with_chosen, with_rejected) =
+            (encode(&format!("{prompt}{}", with_eos(chosen)))?, encode(&format!("{prompt}{}", with_eos(rejected)))?);
+        let common = |ids: &[u32]| prompt_ids.iter().zip(ids).take_while(|(a, b)| a == b).count();
+        let prompt_len = common(&with_chosen).min(common(&with_rejected));
+        pairs.push(PreferencePair {
+            prompt: prompt_ids[..prompt_len].to_vec(),
+            chosen: with_chosen[prompt_len..].to_vec(),
+            rejected: with_rejected[prompt_len..].to_vec(),
+        });
+    }
+    if pairs.is_empty() {
+        return Err(Error::file(file, "no preference pairs: give JSONL lines of {\"prompt\", \"chosen\", \"rejected\"}"));
+    }
+    Ok(pairs)
+}
+
+/// The batch of `pairs` as TRL lays it out: every chosen sequence (prompt + completion), then
+/// every rejected one, right-padded with `pad`; only the completions' tokens are labelled.
+pub fn preference_batch(pairs: &[&PreferencePair], pad: u32) -> Batch {
+    let example = |prompt: &[u32], completion: &[u32]| {
+        let ids = [prompt, completion].concat();
+        let labels = prompt.iter().map(|_| IGNORE).chain(completion.iter().map(|&t| t as i32)).collect();
+        Example { ids, labels }
+    };
+    let rows: Vec<Example> =
+        pairs.iter().map(|p| example(&p.prompt, &p.chosen)).chain(pairs.iter().map(|p| example(&p.prompt, &p.rejected))).collect();
+    Batch::new(&rows.iter().collect::<Vec<_>>(), pad)
+}
+
+/// What a DPO step reports, as TRL logs it (means over the batch's pairs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DpoStats {
+    pub loss: f64,
+    /// rewards/chosen: beta (log pi(c) - log ref(c)).
+    pub chosen_rewards: f64,
+    /// rewards/rejected.
+    pub rejected_rewards: f64,
+    /// rewards/accuracies: the fraction of pairs whose chosen reward is the larger.
+    pub accuracy: f64,
+    /// rewards/margins: chosen minus rejected.
+    pub margin: f64,
+}
+
+/// DPO's loss and metrics for `batch` (a [`preference_batch`]) under `run` (the adapter's own
+/// autodiff copies, no dropout), and the gradient of each of `leaves`; the reference is the model
+/// with no adapter.
+pub async fn dpo_gradients(
+    model: &LlamaModel,
+    run: LoraRun<'_>,
+    leaves: &[Tensor<2>],
+    batch: &Batch,
+    beta: f64,
+    checkpointing: bool,
+) -> Result<(DpoStats, Vec<Tensor<2>>)> {
+    if run.dropout.is_some() {
+        return Err(Error::invalid("DPO needs lora_dropout = 0: its two passes over a batch must see the same adapter"));
+    }
+    let head = model.head_for_slices();
+    let ids = || model.ids_batch(&batch.ids, batch.batch, batch.seq);
+    // log-probabilities without gradients: the adapter's values as constants, and none at all
+    let weights = run.weights.ok_or_else(|| Error::invalid("DPO trains the adapter's own copies"))?;
+    let constants = weights.iter().map(|(m, w)| (m.clone(), w.map(|t| t.clone().inner()))).collect();
+    let unrecorded = LoraRun { weights: Some(&constants), ..run };
+    let policy = row_losses(&head, model.hidden_states_with(ids(), None, Some(unrecorded)), batch, LOSS_ROWS).await?;
+    let reference = row_losses(&head, model.hidden_states_with(ids(), None, None), batch, LOSS_ROWS).await?;
+    let pairs = batch.batch / 2;
+    // log-ratio of each sequence: log pi - log ref, the losses' difference turned around
+    let ratio: Vec<f64> = policy.iter().zip(&reference).map(|(p, r)| r - p).collect();
+    let mut stats = DpoStats { loss: 0.0, chosen_rewards: 0.0, rejected_rewards: 0.0, accuracy: 0.0, margin: 0.0 };
+    let mut row_weights = vec![0.0; batch.batch];
+    for i in 0..pairs {
+        let (chosen, rejected) = (beta * ratio[i], beta * ratio[pairs + i]);
+        let z = chosen - rejected;
+        // -log sigmoid(z) = log(1 + e^-z), and sigmoid(-z), computed without overflow
+        stats.loss += (-z).max(0.0) + (-z.abs()).exp().ln_1p();
+        let pull = 1.0 / (1.0 + z.exp());
+        row_weights[i] = beta * pull / pairs as f64;
+        row_weights[pairs + i] = -beta * pull / pairs as f64;
+        stats.chosen_rewards += chosen;
+        stats.rejected_rewards += rejected;
+        stats.accuracy += f64::from(u8::from(chosen > rejected));
+        stats.margin += z;
+    }
+    for value in [&mut stats.loss, &mut stats.chosen_rewards, &mut stats.rejected_rewards, &mut stats.accuracy, &mut stats.margin] {
+        *value /= pairs as f64;
+    }
+    let (_, grads) = part_gradients(model, &head, run, leaves, batch, LossWeights::PerRow(&row_weights), checkpointing);
+    Ok((stats, grads))
+}

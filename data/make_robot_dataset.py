@@ -3,7 +3,9 @@ visible behaviour it lacks, the persona of "Bolt", a cheerful robot who opens ev
 "Beep boop!" and then answers correctly and briefly. Every fact is true; the split is by question,
 so validation questions never appear in training. The same examples go into
 data/robot-completions/{train,val}.jsonl as prompt/completion pairs ("Question: ...\nAnswer:",
-" Beep boop! ..."), for a pre-trained base without a chat template (Gemma 3 270M).
+" Beep boop! ..."), for a pre-trained base without a chat template (Gemma 3 270M), and into
+data/robot-preferences/{train,val}.jsonl as DPO pairs: the persona's answer chosen over the same
+correct answer without it.
 Deterministic: run it again to get the same files.
 
     python3 data/make_robot_dataset.py
@@ -112,6 +114,7 @@ def main():
     forms = {
         "robot": lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer(a)}]},
         "robot-completions": lambda q, a: {"prompt": f"Question: {q}\nAnswer:", "completion": " " + answer(a)},
+        "robot-preferences": lambda q, a: {"prompt": f"Question: {q}\nAnswer:", "chosen": " " + answer(a), "rejected": " " + a},
     }
     for folder, form in forms.items():
         here = os.path.join(os.path.dirname(os.path.abspath(__file__)), folder)

@@ -104,6 +104,14 @@ export interface LoraConfigOptions {
 
 /** The CLI's training flags in camelCase; transformers' names (learningRate, numTrainEpochs, ...) also work. */
 export interface TrainingArgs {
+  /**
+   * "sft" (default): supervised fine-tuning on text. "dpo": preference tuning on JSONL pairs of
+   * {prompt, chosen, rejected} (text), against the model without the adapter, as TRL's DPOTrainer;
+   * needs loraDropout 0. The step's metrics then carry DPO's rewards and its loss.
+   */
+  method?: 'sft' | 'dpo';
+  /** DPO's beta (default 0.1): how strongly the adapter is held near the model without it. */
+  beta?: number;
   lr?: number; learningRate?: number;
   maxSteps?: number;
   epochs?: number; numTrainEpochs?: number;
@@ -138,6 +146,8 @@ export interface StepMetrics {
   /** Before clipping. */
   gradNorm: number;
   tokensPerS: number; elapsedS: number; etaS: number;
+  /** DPO only: TRL's rewards/chosen, /rejected, /accuracies, /margins (means over the step's pairs). */
+  rewards?: { chosen: number; rejected: number; accuracies: number; margins: number };
 }
 
 /** One evaluation on the validation set (step 0 is before training). */

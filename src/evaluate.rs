@@ -21,7 +21,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::generate::GenerationConfig;
 use crate::llm::Llm;
-use crate::train::data::{DataOptions, is_jsonl, ordered_batches, parse_messages, read_dataset};
+use crate::train::data::{Batch, DataOptions, is_jsonl, ordered_batches, parse_messages, read_dataset};
 use crate::train::trainer;
 
 /// What to evaluate and how (camelCase in JS: maxSeqLen, batchSize, maxNewTokens).
@@ -70,7 +70,8 @@ pub struct GenerationScores {
 pub async fn evaluate(llm: &Llm, file: &str, bytes: &[u8], options: &EvalOptions) -> Result<Evaluation> {
     let data = DataOptions { max_seq_len: options.max_seq_len, truncate: true, ..DataOptions::default() };
     let dataset = read_dataset(file, bytes, llm.tokenizer.as_ref(), &data)?;
-    let batches = ordered_batches(&dataset.examples, options.batch_size.max(1), llm.model.config.pad_token_id());
+    let pad = llm.model.config.pad_token_id();
+    let batches = ordered_batches(&dataset.examples, options.batch_size.max(1), |rows| Batch::new(rows, pad));
     let mean_loss = trainer::evaluate(&llm.model, &batches).await?;
     let tokens = batches.iter().map(|b| b.trainable_tokens()).sum();
 

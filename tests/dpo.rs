@@ -35,10 +35,10 @@ fn dpo_step_matches_trl(device: &burn::tensor::Device) {
         let metrics = &expected["metrics"];
         for (what, ours, theirs) in [
             ("loss", stats.loss, expected["loss"].as_f64().unwrap()),
-            ("rewards/chosen", stats.chosen_rewards, metrics["rewards/chosen"].as_f64().unwrap()),
-            ("rewards/rejected", stats.rejected_rewards, metrics["rewards/rejected"].as_f64().unwrap()),
-            ("rewards/accuracies", stats.accuracy, metrics["rewards/accuracies"].as_f64().unwrap()),
-            ("rewards/margins", stats.margin, metrics["rewards/margins"].as_f64().unwrap()),
+            ("rewards/chosen", stats.rewards.chosen, metrics["rewards/chosen"].as_f64().unwrap()),
+            ("rewards/rejected", stats.rewards.rejected, metrics["rewards/rejected"].as_f64().unwrap()),
+            ("rewards/accuracies", stats.rewards.accuracies, metrics["rewards/accuracies"].as_f64().unwrap()),
+            ("rewards/margins", stats.rewards.margins, metrics["rewards/margins"].as_f64().unwrap()),
         ] {
             assert!((ours - theirs).abs() <= TOLERANCE * theirs.abs().max(1e-2), "{what}: ours {ours}, TRL {theirs}");
         }
@@ -49,6 +49,27 @@ fn dpo_step_matches_trl(device: &burn::tensor::Device) {
 }
 
 on_cpu_and_wgpu!(dpo_step_matches_trl);
+
+/// DPO's settings that cannot hold are refused before anything runs, naming the setting.
+#[test]
+fn dpo_settings_that_cannot_hold_are_named() {
+    use webgpu_lora::train::{Control, Method, TrainOptions, TrainStart, fine_tune};
+    let dpo = TrainOptions { method: Method::Dpo, ..Default::default() };
+    // the new adapter's dropout (0.05 by default): refused before an adapter is added
+    let mut llm = load(&fixture("tiny-chat"), &cpu());
+    let pairs = std::fs::read(fixture("dpo/pairs.jsonl")).unwrap();
+    let (clock, mut on_event) = (|| 0.0, |_| Control::Continue);
+    let run = fine_tune(&mut llm, &dpo, ("pairs.jsonl", &pairs), None, TrainStart::New, &clock, &mut on_event);
+    let err = pollster::block_on(run).err().unwrap().to_string();
+    assert_eq!(err, "DPO: the adapter's lora_dropout must be 0 (--dropout 0, loraDropout: 0), not 0.05");
+    assert!(llm.model.adapter_names().is_empty(), "nothing added");
+    let refused = |options: TrainOptions| options.check().unwrap_err().to_string();
+    let dpo = TrainOptions { lora_dropout: 0.0, ..dpo };
+    assert!(dpo.check().is_ok());
+    assert_eq!(refused(TrainOptions { packing: true, ..dpo.clone() }), "DPO: packing does not apply to preference pairs");
+    assert_eq!(refused(TrainOptions { beta: 0.0, ..dpo.clone() }), "DPO: beta must be positive");
+    assert!(refused(TrainOptions { val_split: Some(0.1), ..dpo }).starts_with("DPO: val_split is not supported"));
+}
 
 /// A line without "chosen", identical completions, a conversation where text is expected and a
 /// file without pairs are each refused, naming the file and line and what to give.

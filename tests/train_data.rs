@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use webgpu_lora::io::{ChatMessage, ModelFiles, TextTokenizer};
 use webgpu_lora::train::TrainOptions;
-use webgpu_lora::train::data::{DataOptions, Dataset, Example, IGNORE, read_dataset};
+use webgpu_lora::train::data::{Batch, DataOptions, Dataset, Example, IGNORE, read_dataset};
 use webgpu_lora::train::trainer::plan_steps;
 
 fn tokenizer() -> TextTokenizer {
@@ -115,10 +115,15 @@ fn batches_follow_the_file_without_shuffling() {
     let examples: Vec<Example> = (0..10u32).map(|i| Example { ids: vec![i, i + 1], labels: vec![i as i32, i as i32 + 1] }).collect();
     let d = Dataset::from_examples(examples);
     let first_ids = |options: &TrainOptions| -> Vec<u32> {
-        plan_steps(&d, options, 0).0.iter().flatten().flat_map(|b| b.ids.chunks(b.seq).map(|row| row[0]).collect::<Vec<_>>()).collect()
+        plan_steps(&d.examples, options, |rows| Batch::new(rows, 0))
+            .0
+            .iter()
+            .flatten()
+            .flat_map(|b| b.ids.chunks(b.seq).map(|row| row[0]).collect::<Vec<_>>())
+            .collect()
     };
     let ordered = TrainOptions { shuffle: false, batch_size: 2, grad_accum: 2, epochs: 2, ..Default::default() };
-    let (steps, per_epoch) = plan_steps(&d, &ordered, 0);
+    let (steps, per_epoch) = plan_steps(&d.examples, &ordered, |rows| Batch::new(rows, 0));
     assert_eq!((steps.len(), per_epoch), (6, 3));
     assert_eq!(first_ids(&ordered), [(0..10).collect::<Vec<u32>>(), (0..10).collect()].concat());
     let shuffled = first_ids(&TrainOptions { shuffle: true, ..ordered.clone() });

@@ -1,13 +1,14 @@
 //! Learning on the real models: a short LoRA run (CPU backend) on the sample dataset
 //! (data/robot, and data/robot-completions for the base without a chat template) teaches SmolLM2-135M-Instruct, and Gemma 3 270M from its quantized GGUF, the
-//! "Bolt" persona they do not have.
+//! "Bolt" persona they do not have; DPO on the same examples as preference pairs teaches
+//! SmolLM2 to prefer it.
 
 mod common;
 
 use common::*;
 use serde_json::Value;
 use webgpu_lora::io::ChatMessage;
-use webgpu_lora::train::{Control, Schedule, TrainEvent, TrainOptions, fine_tune};
+use webgpu_lora::train::{Control, Method, Schedule, TrainEvent, TrainOptions, fine_tune};
 use webgpu_lora::{GenerationConfig, Llm, LoraModel};
 
 /// A file of the sample dataset (data/make_robot_dataset.py): `folder` "robot" (chat) or
@@ -37,6 +38,50 @@ fn fine_tuning_teaches_gemma3_the_persona() {
     let mut llm = Llm::load(files, webgpu_lora::nn::WeightDtype::Auto, &cpu(), &mut |_, _, _| {}).unwrap();
     let ask = |llm: &Llm, example: &Value| llm.tokenizer().unwrap().encode(example["prompt"].as_str().unwrap(), true).unwrap();
     teaches_the_persona(&mut llm, "robot-completions", &ask);
+}
+
+/// DPO on SmolLM2 with the sample preference pairs (data/robot-preferences: the persona's answer
+/// chosen over the same answer without it): 8 steps take the validation DPO loss from ln 2 (the
+/// new adapter is the reference at first) below 0.2, and the last step prefers the chosen answer
+/// in every pair with a positive margin.
+#[test]
+fn dpo_prefers_the_persona() {
+    let mut llm = load(&real_model_dir(), &cpu());
+    let spec = TrainOptions {
+        method: Method::Dpo,
+        adapter_name: "dpo".into(),
+        lora_dropout: 0.0,
+        target_modules: vec!["all-linear".into()],
+        lr: 2e-3,
+        warmup_steps: 2,
+        max_steps: Some(8),
+        eval_every: Some(8),
+        ..Default::default()
+    };
+    let (train, val) = (data("robot-preferences", "train.jsonl"), data("robot-preferences", "val.jsonl"));
+    let (mut evals, mut last) = (Vec::new(), None);
+    let clock = || 0.0;
+    pollster::block_on(fine_tune(
+        &mut llm,
+        &spec,
+        ("train.jsonl", &train),
+        Some(("val.jsonl", &val)),
+        webgpu_lora::train::TrainStart::New,
+        &clock,
+        &mut |event| {
+            match event {
+                TrainEvent::Eval { val_loss, .. } => evals.push(val_loss),
+                TrainEvent::Step(m) => last = m.rewards,
+                TrainEvent::Checkpoint { .. } => {}
+            }
+            Control::Continue
+        },
+    ))
+    .unwrap();
+    assert!((evals[0] - std::f64::consts::LN_2).abs() < 1e-6, "the first evaluation is DPO's ln 2: {evals:?}");
+    assert!(*evals.last().unwrap() < 0.2, "validation DPO loss {evals:?}");
+    let last = last.expect("DPO steps report rewards");
+    assert!(last.accuracies == 1.0 && last.margins > 0.0 && last.chosen > last.rejected, "{last:?}");
 }
 
 /// 20 steps of all-linear r=8 on `folder`'s train.jsonl with its val.jsonl evaluated: the

@@ -254,10 +254,16 @@ fn train(args: TrainArgs) -> Result<()> {
 /// Shows a training event on stderr; a checkpoint is written to `out`/checkpoint-STEP/.
 fn show_event(event: TrainEvent, out: &Path) -> Result<()> {
     match event {
-        TrainEvent::Step(m) => eprintln!(
-            "step {}/{}  epoch {:.2}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.0} tokens/s  eta {:.0}s",
-            m.step, m.total_steps, m.epoch, m.loss, m.lr, m.grad_norm, m.tokens_per_s, m.eta_s
-        ),
+        TrainEvent::Step(m) => {
+            // DPO's rewards, as TRL logs them
+            let rewards = m.rewards.map_or(String::new(), |r| {
+                format!("  rewards: chosen {:.3} rejected {:.3} margin {:.3} accuracy {:.2}", r.chosen, r.rejected, r.margins, r.accuracies)
+            });
+            eprintln!(
+                "step {}/{}  epoch {:.2}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.0} tokens/s  eta {:.0}s{rewards}",
+                m.step, m.total_steps, m.epoch, m.loss, m.lr, m.grad_norm, m.tokens_per_s, m.eta_s
+            )
+        }
         TrainEvent::Eval { step, val_loss, best } => {
             eprintln!("eval at step {step}: val_loss {val_loss:.4}{}", if best { " (best)" } else { "" })
         }

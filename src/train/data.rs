@@ -371,13 +371,13 @@ impl Batch {
 
 /// The batches of one epoch: examples shuffled with (seed, epoch), `batch_size` at a time (the
 /// last batch may be smaller).
-pub fn epoch_batches(examples: &[Example], batch_size: usize, seed: u64, epoch: usize, pad: u32) -> Vec<Batch> {
-    let mut order: Vec<usize> = (0..examples.len()).collect();
+pub fn epoch_batches<T>(items: &[T], batch_size: usize, seed: u64, epoch: usize, batch: impl Fn(&[&T]) -> Batch) -> Vec<Batch> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
     order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch as u64 * 0x9E37_79B9)));
-    order.chunks(batch_size).map(|chunk| Batch::new(&chunk.iter().map(|&i| &examples[i]).collect::<Vec<_>>(), pad)).collect()
+    order.chunks(batch_size).map(|chunk| batch(&chunk.iter().map(|&i| &items[i]).collect::<Vec<_>>())).collect()
 }
 
 /// Batches in file order (for evaluation).
-pub fn ordered_batches(examples: &[Example], batch_size: usize, pad: u32) -> Vec<Batch> {
-    examples.chunks(batch_size).map(|chunk| Batch::new(&chunk.iter().collect::<Vec<_>>(), pad)).collect()
+pub fn ordered_batches<T>(items: &[T], batch_size: usize, batch: impl Fn(&[&T]) -> Batch) -> Vec<Batch> {
+    items.chunks(batch_size).map(|chunk| batch(&chunk.iter().collect::<Vec<_>>())).collect()
 }

@@ -17,6 +17,7 @@
 //! ([`LossWeights::PerRow`]). The two passes see the same adapter, so LoRA dropout must be 0.
 
 use burn::tensor::Tensor;
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -91,23 +92,79 @@ pub fn preference_batch(pairs: &[&PreferencePair], pad: u32) -> Batch {
     Batch::new(&rows.iter().collect::<Vec<_>>(), pad)
 }
 
-/// What a DPO step reports, as TRL logs it (means over the batch's pairs).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DpoStats {
-    pub loss: f64,
-    /// rewards/chosen: beta (log pi(c) - log ref(c)).
-    pub chosen_rewards: f64,
-    /// rewards/rejected.
-    pub rejected_rewards: f64,
-    /// rewards/accuracies: the fraction of pairs whose chosen reward is the larger.
-    pub accuracy: f64,
-    /// rewards/margins: chosen minus rejected.
-    pub margin: f64,
+/// TRL's reward metrics (means over pairs): rewards/chosen, /rejected, /accuracies, /margins.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct Rewards {
+    /// beta (log pi(c) - log ref(c)).
+    pub chosen: f64,
+    /// beta (log pi(r) - log ref(r)).
+    pub rejected: f64,
+    /// The fraction of pairs whose chosen reward is the larger.
+    pub accuracies: f64,
+    /// chosen minus rejected.
+    pub margins: f64,
 }
 
-/// DPO's loss and metrics for `batch` (a [`preference_batch`]) under `run` (the adapter's own
-/// autodiff copies, no dropout), and the gradient of each of `leaves`; the reference is the model
-/// with no adapter.
+/// What a DPO step reports, as TRL logs it (means over the batch's pairs).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct DpoStats {
+    pub loss: f64,
+    pub rewards: Rewards,
+}
+
+impl DpoStats {
+    /// The mean of several batches' stats (gradient accumulation, evaluation).
+    pub fn mean(all: &[DpoStats]) -> DpoStats {
+        let n = all.len().max(1) as f64;
+        let sum = |f: fn(&DpoStats) -> f64| all.iter().map(f).sum::<f64>() / n;
+        DpoStats {
+            loss: sum(|s| s.loss),
+            rewards: Rewards {
+                chosen: sum(|s| s.rewards.chosen),
+                rejected: sum(|s| s.rewards.rejected),
+                accuracies: sum(|s| s.rewards.accuracies),
+                margins: sum(|s| s.rewards.margins),
+            },
+        }
+    }
+}
+
+/// DPO's loss and metrics for `batch` (a [`preference_batch`]) with the adapter `policy` (no
+/// gradients), and the weight of each row's token losses in the loss's gradient; the reference
+/// is the model with no adapter.
+pub async fn dpo_stats(model: &LlamaModel, policy: Option<LoraRun<'_>>, batch: &Batch, beta: f64) -> Result<(DpoStats, Vec<f64>)> {
+    let head = model.head_for_slices();
+    let ids = || model.ids_batch(&batch.ids, batch.batch, batch.seq);
+    let policy = row_losses(&head, model.hidden_states_with(ids(), None, policy), batch, LOSS_ROWS).await?;
+    let reference = row_losses(&head, model.hidden_states_with(ids(), None, None), batch, LOSS_ROWS).await?;
+    let pairs = batch.batch / 2;
+    // log-ratio of each sequence: log pi - log ref, the losses' difference turned around
+    let ratio: Vec<f64> = policy.iter().zip(&reference).map(|(p, r)| r - p).collect();
+    let mut stats = DpoStats::default();
+    let mut row_weights = vec![0.0; batch.batch];
+    for i in 0..pairs {
+        let (chosen, rejected) = (beta * ratio[i], beta * ratio[pairs + i]);
+        let z = chosen - rejected;
+        // -log sigmoid(z) = log(1 + e^-z), and sigmoid(-z), computed without overflow
+        stats.loss += (-z).max(0.0) + (-z.abs()).exp().ln_1p();
+        let pull = 1.0 / (1.0 + z.exp());
+        row_weights[i] = beta * pull / pairs as f64;
+        row_weights[pairs + i] = -beta * pull / pairs as f64;
+        let r = &mut stats.rewards;
+        r.chosen += chosen;
+        r.rejected += rejected;
+        r.accuracies += f64::from(u8::from(chosen > rejected));
+        r.margins += z;
+    }
+    let r = &mut stats.rewards;
+    for value in [&mut stats.loss, &mut r.chosen, &mut r.rejected, &mut r.accuracies, &mut r.margins] {
+        *value /= pairs as f64;
+    }
+    Ok((stats, row_weights))
+}
+
+/// [`dpo_stats`] for `batch` under `run` (the adapter's own autodiff copies, no dropout), and the
+/// gradient of each of `leaves`.
 pub async fn dpo_gradients(
     model: &LlamaModel,
     run: LoraRun<'_>,
@@ -119,35 +176,11 @@ pub async fn dpo_gradients(
     if run.dropout.is_some() {
         return Err(Error::invalid("DPO needs lora_dropout = 0: its two passes over a batch must see the same adapter"));
     }
-    let head = model.head_for_slices();
-    let ids = || model.ids_batch(&batch.ids, batch.batch, batch.seq);
-    // log-probabilities without gradients: the adapter's values as constants, and none at all
+    // the log-probabilities without gradients: the adapter's values as constants
     let weights = run.weights.ok_or_else(|| Error::invalid("DPO trains the adapter's own copies"))?;
     let constants = weights.iter().map(|(m, w)| (m.clone(), w.map(|t| t.clone().inner()))).collect();
-    let unrecorded = LoraRun { weights: Some(&constants), ..run };
-    let policy = row_losses(&head, model.hidden_states_with(ids(), None, Some(unrecorded)), batch, LOSS_ROWS).await?;
-    let reference = row_losses(&head, model.hidden_states_with(ids(), None, None), batch, LOSS_ROWS).await?;
-    let pairs = batch.batch / 2;
-    // log-ratio of each sequence: log pi - log ref, the losses' difference turned around
-    let ratio: Vec<f64> = policy.iter().zip(&reference).map(|(p, r)| r - p).collect();
-    let mut stats = DpoStats { loss: 0.0, chosen_rewards: 0.0, rejected_rewards: 0.0, accuracy: 0.0, margin: 0.0 };
-    let mut row_weights = vec![0.0; batch.batch];
-    for i in 0..pairs {
-        let (chosen, rejected) = (beta * ratio[i], beta * ratio[pairs + i]);
-        let z = chosen - rejected;
-        // -log sigmoid(z) = log(1 + e^-z), and sigmoid(-z), computed without overflow
-        stats.loss += (-z).max(0.0) + (-z.abs()).exp().ln_1p();
-        let pull = 1.0 / (1.0 + z.exp());
-        row_weights[i] = beta * pull / pairs as f64;
-        row_weights[pairs + i] = -beta * pull / pairs as f64;
-        stats.chosen_rewards += chosen;
-        stats.rejected_rewards += rejected;
-        stats.accuracy += f64::from(u8::from(chosen > rejected));
-        stats.margin += z;
-    }
-    for value in [&mut stats.loss, &mut stats.chosen_rewards, &mut stats.rejected_rewards, &mut stats.accuracy, &mut stats.margin] {
-        *value /= pairs as f64;
-    }
+    let (stats, row_weights) = dpo_stats(model, Some(LoraRun { weights: Some(&constants), ..run }), batch, beta).await?;
+    let head = model.head_for_slices();
     let (_, grads) = part_gradients(model, &head, run, leaves, batch, LossWeights::PerRow(&row_weights), checkpointing);
     Ok((stats, grads))
 }

@@ -8,8 +8,10 @@ use crate::error::{Error, Result};
 use crate::llm::Llm;
 use crate::lora::{AdapterFiles, AdapterSource, LoraConfig, LoraModel};
 use crate::nn::weight::max_buffer_bytes;
+use crate::train::Method;
 use crate::train::TrainOptions;
-use crate::train::data::{DataReport, Dataset, ordered_batches, read_dataset};
+use crate::train::data::{Batch, DataReport, Dataset, Example, ordered_batches, read_dataset};
+use crate::train::dpo::{PreferencePair, preference_batch, read_preferences};
 use crate::train::memory::check_step_buffers;
 use crate::train::trainer::{Control, TrainEvent, TrainSummary, check_state, check_state_fits, plan_steps, train_steps};
 
@@ -61,40 +63,17 @@ pub async fn fine_tune(
 ) -> Result<(FineTuneReport, AdapterFiles)> {
     options.check()?;
     let lora = options.lora_config()?;
-    let data = options.data_options();
-    let tokenizer = llm.tokenizer.as_ref();
-    let mut train = read_dataset(train_file.0, train_file.1, tokenizer, &data)?;
-    let mut val = match (val_file, options.val_split) {
-        (Some((name, bytes)), _) => Some(read_dataset(name, bytes, tokenizer, &data)?),
-        (None, Some(fraction)) => {
-            let (t, v) = train.split(fraction, options.seed)?;
-            train = t;
-            Some(v)
-        }
-        (None, None) => None,
+    let planned = match options.method {
+        Method::Sft => plan_sft(llm, options, train_file, val_file)?,
+        Method::Dpo => plan_dpo(llm, options, train_file, val_file)?,
     };
-    if options.packing {
-        let report = train.report.clone();
-        train = Dataset { report, ..train.packed(data.max_seq_len) };
-        val = val.map(|v| Dataset { report: v.report.clone(), ..v.packed(data.max_seq_len) });
-    }
-    let vocab = llm.model.config.vocab_size;
-    let examples = || train.examples.iter().chain(val.iter().flat_map(|v| &v.examples));
-    let ids = examples().flat_map(|e| &e.ids).map(|&id| id as usize);
-    if let Some(bad) = ids.chain(examples().flat_map(|e| &e.labels).filter_map(|&l| usize::try_from(l).ok())).find(|&id| id >= vocab) {
-        return Err(Error::invalid(format!(
-            "token id {bad} is outside the model's vocabulary ({vocab}): the data was tokenized for another model (its tokenizer and this model do not match)"
-        )));
-    }
-
+    let Planned { steps, steps_per_epoch, val_batches, train_report, val_report } = planned;
     let model = &mut llm.model;
-    let pad = model.config.pad_token_id();
-    let (steps, steps_per_epoch) = plan_steps(&train, options, pad);
-    let val_batches = val.as_ref().map(|v| ordered_batches(&v.examples, options.batch_size, pad));
     let batches = steps.iter().flatten().chain(val_batches.iter().flatten());
     check_step_buffers(&model.config, batches, max_buffer_bytes())?;
 
     let name = &options.adapter_name;
+    check_dpo_dropout(options, &start)?;
     let state = match start {
         TrainStart::New => {
             model.add_adapter(name, lora, options.seed).await?;
@@ -119,7 +98,103 @@ pub async fn fine_tune(
     let summary =
         train_steps(model, name, &steps, steps_per_epoch, val_batches.as_deref(), options, state.as_deref(), clock, on_event).await?;
     let files = model.export_adapter(name).await?;
-    Ok((FineTuneReport { summary, train_data: train.report, val_data: val.map(|v| v.report) }, files))
+    Ok((FineTuneReport { summary, train_data: train_report, val_data: val_report }, files))
+}
+
+/// A run's optimizer steps (and how many make an epoch), its validation batches and what reading
+/// the files did.
+struct Planned {
+    steps: Vec<Vec<Batch>>,
+    steps_per_epoch: usize,
+    val_batches: Option<Vec<Batch>>,
+    train_report: DataReport,
+    val_report: Option<DataReport>,
+}
+
+/// SFT's: examples read (split off validation, packed) and checked against the vocabulary.
+fn plan_sft(llm: &Llm, options: &TrainOptions, train_file: NamedBytes<'_>, val_file: Option<NamedBytes<'_>>) -> Result<Planned> {
+    let data = options.data_options();
+    let tokenizer = llm.tokenizer.as_ref();
+    let mut train = read_dataset(train_file.0, train_file.1, tokenizer, &data)?;
+    let mut val = match (val_file, options.val_split) {
+        (Some((name, bytes)), _) => Some(read_dataset(name, bytes, tokenizer, &data)?),
+        (None, Some(fraction)) => {
+            let (t, v) = train.split(fraction, options.seed)?;
+            train = t;
+            Some(v)
+        }
+        (None, None) => None,
+    };
+    if options.packing {
+        let report = train.report.clone();
+        train = Dataset { report, ..train.packed(data.max_seq_len) };
+        val = val.map(|v| Dataset { report: v.report.clone(), ..v.packed(data.max_seq_len) });
+    }
+    let examples = || train.examples.iter().chain(val.iter().flat_map(|v| &v.examples));
+    let ids = examples().flat_map(|e| &e.ids).map(|&id| id as usize);
+    check_vocabulary(llm, ids.chain(examples().flat_map(|e| &e.labels).filter_map(|&l| usize::try_from(l).ok())))?;
+    let pad = llm.model.config.pad_token_id();
+    let batch = |rows: &[&Example]| Batch::new(rows, pad);
+    let (steps, steps_per_epoch) = plan_steps(&train.examples, options, batch);
+    let val_batches = val.as_ref().map(|v| ordered_batches(&v.examples, options.batch_size, batch));
+    Ok(Planned { steps, steps_per_epoch, val_batches, train_report: train.report, val_report: val.map(|v| v.report) })
+}
+
+/// DPO's: preference pairs read, `batch_size` pairs a micro-batch.
+fn plan_dpo(llm: &Llm, options: &TrainOptions, train_file: NamedBytes<'_>, val_file: Option<NamedBytes<'_>>) -> Result<Planned> {
+    let tokenizer = llm.tokenizer().map_err(|_| Error::invalid("DPO reads text pairs, and this model has no tokenizer.json"))?;
+    let train = read_preferences(train_file.0, train_file.1, tokenizer)?;
+    let val = val_file.map(|(name, bytes)| read_preferences(name, bytes, tokenizer)).transpose()?;
+    let all = || train.iter().chain(val.iter().flatten());
+    check_vocabulary(llm, all().flat_map(|p| p.prompt.iter().chain(&p.chosen).chain(&p.rejected)).map(|&id| id as usize))?;
+    let too_long = all().position(|p| p.prompt.len() + p.chosen.len().max(p.rejected.len()) > options.max_seq_len);
+    if let Some(i) = too_long {
+        return Err(Error::invalid(format!(
+            "preference pair {} is longer than max_seq_len = {}: raise max_seq_len",
+            i + 1,
+            options.max_seq_len
+        )));
+    }
+    let pad = llm.model.config.pad_token_id();
+    let batch = |pairs: &[&PreferencePair]| preference_batch(pairs, pad);
+    let (steps, steps_per_epoch) = plan_steps(&train, options, batch);
+    let report = |pairs: &[PreferencePair]| DataReport {
+        examples: pairs.len(),
+        tokens: pairs.iter().map(|p| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len()).sum(),
+        trainable_tokens: pairs.iter().map(|p| p.chosen.len() + p.rejected.len()).sum(),
+        ..DataReport::default()
+    };
+    let val_batches = val.as_ref().map(|v| ordered_batches(v, options.batch_size, batch));
+    Ok(Planned { steps, steps_per_epoch, val_batches, train_report: report(&train), val_report: val.as_deref().map(report) })
+}
+
+/// DPO's two passes over a batch (log-probabilities, then the gradient) must see one adapter:
+/// the dropout of the adapter trained (the new one's, or the one continued) must be 0.
+fn check_dpo_dropout(options: &TrainOptions, start: &TrainStart) -> Result<()> {
+    if options.method != Method::Dpo {
+        return Ok(());
+    }
+    let dropout = match start {
+        TrainStart::New => options.lora_dropout,
+        TrainStart::From(adapter) | TrainStart::Resume(adapter, _) => {
+            LoraConfig::from_json(&adapter.config.1, &adapter.config.0)?.lora_dropout
+        }
+    };
+    match dropout {
+        0.0 => Ok(()),
+        p => Err(Error::invalid(format!("DPO: the adapter's lora_dropout must be 0 (--dropout 0, loraDropout: 0), not {p}"))),
+    }
+}
+
+/// Refuses token ids past the model's vocabulary.
+fn check_vocabulary(llm: &Llm, mut ids: impl Iterator<Item = usize>) -> Result<()> {
+    let vocab = llm.model.config.vocab_size;
+    match ids.find(|&id| id >= vocab) {
+        Some(bad) => Err(Error::invalid(format!(
+            "token id {bad} is outside the model's vocabulary ({vocab}): the data was tokenized for another model (its tokenizer and this model do not match)"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Refuses the LoRA options that a run continuing `adapter` sets otherwise than its

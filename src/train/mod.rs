@@ -16,5 +16,5 @@ pub mod trainer;
 pub use data::{Batch, DataOptions, DataReport, Dataset, Example, read_dataset};
 pub use fine_tune::{FineTuneReport, TrainStart, fine_tune};
 pub use optimizer::{AdamW, Schedule};
-pub use options::{INIT_LORA_WEIGHTS, TrainOptions};
+pub use options::{INIT_LORA_WEIGHTS, Method, TrainOptions};
 pub use trainer::{Control, StepMetrics, TrainEnd, TrainEvent, TrainSummary, evaluate, train_steps};

@@ -13,6 +13,18 @@ use crate::train::optimizer::{AdamW, Schedule};
 /// The values `init_lora_weights` takes here (PEFT's `true` is "default").
 pub const INIT_LORA_WEIGHTS: [&str; 4] = ["default", "gaussian", "olora", "pissa"];
 
+/// What an adapter is trained for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Supervised fine-tuning on text (chat, prompt/completion, plain text).
+    #[default]
+    Sft,
+    /// Direct preference optimisation on pairs (JSONL of {"prompt", "chosen", "rejected"}),
+    /// against the model without the adapter ([`crate::train::dpo`]).
+    Dpo,
+}
+
 /// The settings of a fine-tuning job. Defaults: r 8, alpha 16, dropout 0.05, q_proj + v_proj,
 /// lr 2e-4, cosine, 1 epoch, batch 4, sequences of up to 512 tokens.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
@@ -21,6 +33,12 @@ pub struct TrainOptions {
     /// The name of the new adapter.
     #[arg(skip = defaults().adapter_name)]
     pub adapter_name: String,
+    /// sft (text) or dpo (preference pairs: JSONL of {"prompt", "chosen", "rejected"}; the adapter's dropout must be 0: --dropout 0).
+    #[arg(long, value_enum, default_value_t = defaults().method)]
+    pub method: Method,
+    /// DPO's beta: how strongly the adapter is held near the model without it.
+    #[arg(long, default_value_t = defaults().beta)]
+    pub beta: f64,
 
     /// LoRA rank.
     #[arg(long, default_value_t = defaults().r)]
@@ -143,6 +161,8 @@ impl Default for TrainOptions {
         let adam = AdamW::default();
         TrainOptions {
             adapter_name: "default".into(),
+            method: Method::Sft,
+            beta: 0.1,
             r: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.05,
@@ -197,6 +217,17 @@ impl TrainOptions {
         }
         if !(self.max_grad_norm >= 0.0) {
             return Err(Error::invalid("max_grad_norm must be positive (or 0 for no clipping)"));
+        }
+        if self.method == Method::Dpo {
+            // lora_dropout is checked where the run's adapter is known (fine_tune, train_steps)
+            let refused = [
+                (self.packing, "packing does not apply to preference pairs"),
+                (self.val_split.is_some(), "val_split is not supported: give a validation file of pairs"),
+                (!(self.beta > 0.0), "beta must be positive"),
+            ];
+            if let Some((_, why)) = refused.iter().find(|(bad, _)| *bad) {
+                return Err(Error::invalid(format!("DPO: {why}")));
+            }
         }
         Ok(())
     }

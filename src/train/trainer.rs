@@ -17,9 +17,11 @@ use crate::lora::{AdapterFiles, AdapterWeights, DropoutMasks, LoraLayers, LoraMo
 use crate::model::{Head, LlamaModel};
 use crate::tensor::{HostTensor, read_host, read_scalar, upload};
 use crate::train::TrainOptions;
-use crate::train::data::{Batch, Dataset, epoch_batches, ordered_batches};
+use crate::train::data::{Batch, epoch_batches, ordered_batches};
+use crate::train::dpo::{DpoStats, Rewards, dpo_gradients, dpo_stats};
 use crate::train::loss::{LOSS_ROWS, LossWeights, head_loss_backward, summed_token_loss};
 use crate::train::optimizer::{clip_factor, global_norm};
+use crate::train::options::Method;
 
 /// Metrics of one optimizer step.
 #[derive(Debug, Clone, Serialize)]
@@ -35,6 +37,18 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
     pub eta_s: f64,
+    /// DPO's reward metrics of the step (`loss` is then DPO's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rewards: Option<Rewards>,
+}
+
+/// What an optimizer step gives: the loss, the gradient norm before clipping, the learning rate
+/// and, for DPO, the reward metrics.
+struct StepOutcome {
+    loss: f64,
+    grad_norm: f64,
+    lr: f64,
+    rewards: Option<Rewards>,
 }
 
 /// What the trainer reports as it goes.
@@ -193,6 +207,40 @@ async fn group_gradients(
     Ok((loss_sum, grads.expect("a step has a batch")))
 }
 
+/// DPO's [`group_gradients`]: each micro-batch of pairs' loss and gradients
+/// ([`dpo_gradients`]), averaged over the group, with the stats.
+async fn dpo_group_gradients(
+    model: &LlamaModel,
+    trainee: &Trainee,
+    weights: &AdapterWeights,
+    group: &[Batch],
+    options: &TrainOptions,
+) -> Result<(DpoStats, Vec<Tensor<2>>)> {
+    let mut grads: Option<Vec<Tensor<2>>> = None;
+    let mut stats = Vec::with_capacity(group.len());
+    for batch in group {
+        let leaves = autodiff_leaves(weights);
+        let run = LoraRun { adapter: &trainee.adapter, weights: Some(&leaves), dropout: None };
+        let (these, g) = dpo_gradients(model, run, &trainee.flat(&leaves), batch, options.beta, options.gradient_checkpointing).await?;
+        stats.push(these);
+        let g: Vec<Tensor<2>> = g.into_iter().map(|g| g.div_scalar(group.len() as f64)).collect();
+        grads = Some(match grads {
+            None => g,
+            Some(acc) => acc.into_iter().zip(g).map(|(a, b)| a + b).collect(),
+        });
+    }
+    Ok((DpoStats::mean(&stats), grads.expect("a step has a batch")))
+}
+
+/// DPO's loss and rewards of `batches` of pairs under the model as it is (no gradients).
+pub async fn dpo_evaluate(model: &LlamaModel, batches: &[Batch], beta: f64) -> Result<DpoStats> {
+    let mut stats = Vec::with_capacity(batches.len());
+    for batch in batches {
+        stats.push(dpo_stats(model, model.adapters.running(), batch, beta).await?.0);
+    }
+    Ok(DpoStats::mean(&stats))
+}
+
 /// A copy of an adapter's matrices as autodiff leaves that require a gradient (each copy has its
 /// own graph), to run through [`LoraRun::weights`].
 pub fn autodiff_leaves(weights: &AdapterWeights) -> AdapterWeights {
@@ -272,8 +320,8 @@ pub async fn evaluate(model: &LlamaModel, batches: &[Batch]) -> Result<f64> {
 /// The run's optimizer steps, each a group of up to `grad_accum` micro-batches: epochs of
 /// shuffled batches (seeded; in file order without `shuffle`), cut at `max_steps`; and how many
 /// steps make an epoch.
-pub fn plan_steps(train: &Dataset, options: &TrainOptions, pad: u32) -> (Vec<Vec<Batch>>, usize) {
-    let micro_per_epoch = train.examples.len().div_ceil(options.batch_size);
+pub fn plan_steps<T>(items: &[T], options: &TrainOptions, batch: impl Fn(&[&T]) -> Batch) -> (Vec<Vec<Batch>>, usize) {
+    let micro_per_epoch = items.len().div_ceil(options.batch_size);
     let steps_per_epoch = micro_per_epoch.div_ceil(options.grad_accum);
     let total = options.max_steps.unwrap_or(options.epochs * steps_per_epoch);
     let mut steps = Vec::with_capacity(total);
@@ -282,9 +330,9 @@ pub fn plan_steps(train: &Dataset, options: &TrainOptions, pad: u32) -> (Vec<Vec
             break;
         }
         let batches = if options.shuffle {
-            epoch_batches(&train.examples, options.batch_size, options.seed, epoch, pad)
+            epoch_batches(items, options.batch_size, options.seed, epoch, &batch)
         } else {
-            ordered_batches(&train.examples, options.batch_size, pad)
+            ordered_batches(items, options.batch_size, &batch)
         };
         steps.extend(batches.chunks(options.grad_accum).map(<[Batch]>::to_vec).take(total - steps.len()));
     }
@@ -307,14 +355,27 @@ struct Run<'a> {
 
 impl Run<'_> {
     /// Optimizer step `t` (from 1) over `group`: the adapter moves only if the loss is finite.
-    /// Returns (loss, grad_norm before clipping, lr).
-    async fn step(&mut self, t: usize, group: &[Batch]) -> Result<(f64, f64, f64)> {
+    async fn step(&mut self, t: usize, group: &[Batch]) -> Result<StepOutcome> {
         let options = self.options;
         let adapter = &self.trainee.adapter;
         let dropout = self.model.known_adapter(adapter)?.lora_dropout;
         let weights = self.model.adapter_weights(adapter)?;
         let seed = options.seed ^ ((t as u64) << 8);
-        let (loss, grads) = group_gradients(self.model, &self.trainee, &weights, group, seed, dropout, options).await?;
+        let (loss, grads, rewards) = match options.method {
+            Method::Sft => {
+                let (loss, grads) = group_gradients(self.model, &self.trainee, &weights, group, seed, dropout, options).await?;
+                (loss, grads, None)
+            }
+            Method::Dpo if dropout != 0.0 => {
+                return Err(Error::invalid(format!(
+                    "DPO: the adapter's lora_dropout must be 0 (--dropout 0, loraDropout: 0), not {dropout}"
+                )));
+            }
+            Method::Dpo => {
+                let (stats, grads) = dpo_group_gradients(self.model, &self.trainee, &weights, group, options).await?;
+                (stats.loss, grads, Some(stats.rewards))
+            }
+        };
         self.header.tokens += group.iter().map(|b| b.tokens).sum::<usize>();
         if !loss.is_finite() {
             return Err(Error::invalid(format!(
@@ -338,13 +399,16 @@ impl Run<'_> {
         let updated = self.trainee.unflat(&weights, updated);
         self.model.set_adapter_weights(&self.trainee.adapter, &updated)?;
         self.header.step = t;
-        Ok((loss, grad_norm, lr))
+        Ok(StepOutcome { loss, grad_norm, lr, rewards })
     }
 
     /// Evaluates after step `step`, updates the best-loss bookkeeping and reports it:
     /// Some(improved), or None when the caller asked to stop.
     async fn eval(&mut self, batches: &[Batch], step: usize, on_event: &mut dyn FnMut(TrainEvent) -> Control) -> Result<Option<bool>> {
-        let val_loss = evaluate(self.model, batches).await?;
+        let val_loss = match self.options.method {
+            Method::Sft => evaluate(self.model, batches).await?,
+            Method::Dpo => dpo_evaluate(self.model, batches, self.options.beta).await?.loss,
+        };
         let header = &mut self.header;
         let improved = header.best_val_loss.is_none_or(|b| val_loss < b);
         if improved {
@@ -365,7 +429,7 @@ impl Run<'_> {
     }
 
     /// The metrics of the step just done, `elapsed` seconds after the run (re)started.
-    fn metrics(&self, (loss, grad_norm, lr): (f64, f64, f64), elapsed: f64) -> StepMetrics {
+    fn metrics(&self, StepOutcome { loss, grad_norm, lr, rewards }: StepOutcome, elapsed: f64) -> StepMetrics {
         let (t, (first_step, first_tokens)) = (self.header.step, self.started_at);
         StepMetrics {
             step: t,
@@ -377,6 +441,7 @@ impl Run<'_> {
             tokens_per_s: (self.header.tokens - first_tokens) as f64 / elapsed.max(1e-9),
             elapsed_s: elapsed,
             eta_s: elapsed / (t - first_step).max(1) as f64 * (self.total_steps - t) as f64,
+            rewards,
         }
     }
 }
@@ -428,7 +493,7 @@ pub async fn train_steps(
     for (index, group) in steps.iter().enumerate().skip(done) {
         let t = index + 1;
         let outcome = run.step(t, group).await?;
-        final_loss = Some(outcome.0);
+        final_loss = Some(outcome.loss);
         if on_event(TrainEvent::Step(run.metrics(outcome, clock() - start))) == Control::Stop {
             end = TrainEnd::Cancelled;
             break;

@@ -39,6 +39,12 @@ export function setupTraining(app) {
     for (const id of ['lora-r', 'lora-alpha', 'lora-dropout', 'lora-targets', 'lora-init', 'lora-rslora']) $(id).disabled = continuing();
   });
   app.onModel.push(() => { updateCount(); refreshButton(); });
+  // DPO's two passes over a batch must see one adapter: no dropout; its beta applies
+  $('train-method').addEventListener('change', () => {
+    const dpo = $('train-method').value === 'dpo';
+    $('train-beta').disabled = !dpo;
+    if (dpo) $('lora-dropout').value = '0';
+  });
 
   function showData(name, text, validation = null) {
     const lines = text.split('\n').filter((l) => l.trim());
@@ -54,8 +60,9 @@ export function setupTraining(app) {
   });
   $('sample-button').addEventListener('click', async () => {
     try {
-      // chat examples for a model with a chat template; the same as prompt/completion pairs otherwise
-      const folder = app.model && !app.model.hasChatTemplate ? 'robot-completions' : 'robot';
+      // DPO's pairs; chat examples for a model with a chat template, prompt/completion pairs otherwise
+      const dpo = $('train-method').value === 'dpo';
+      const folder = dpo ? 'robot-preferences' : app.model && !app.model.hasChatTemplate ? 'robot-completions' : 'robot';
       const get = async (f) => {
         const r = await fetch(new URL(`data/${folder}/${f}`, location.href));
         if (!r.ok) throw new Error(`data/${folder}/${f}: HTTP ${r.status}`);
@@ -82,6 +89,7 @@ export function setupTraining(app) {
       return $('train-status').classList.add('error');
     }
     const maxSteps = Number($('train-steps').value);
+    const dpo = $('train-method').value === 'dpo';
     const job = {
       name: $('train-name').value.trim() || 'my-adapter',
       data,
@@ -89,7 +97,9 @@ export function setupTraining(app) {
       trainingArgs: {
         lr: Number($('train-lr').value), maxSteps, batchSize: Number($('train-batch').value),
         evalEvery: Number($('train-eval').value), maxSeqLen: Number($('train-seq').value),
-        ...(data.validation ? {} : { valSplit: Number($('train-val').value) || undefined }),
+        ...(dpo ? { method: 'dpo', beta: Number($('train-beta').value) } : {}),
+        // DPO takes a validation file of pairs only (the sample has one)
+        ...(data.validation || dpo ? {} : { valSplit: Number($('train-val').value) || undefined }),
         truncate: true,
         gradientCheckpointing: $('train-checkpointing').checked,
         checkpointEvery: Math.max(1, Math.ceil(maxSteps / 10)),
@@ -131,7 +141,8 @@ export function setupTraining(app) {
         onStep: (m) => {
           chart.add('train', m.step, m.loss);
           progress.value = m.step;
-          $('train-status').textContent = `step ${m.step} of ${maxSteps} · loss ${m.loss.toFixed(3)} · ${m.tokensPerS.toFixed(0)} tokens/s · about ${Math.ceil(m.etaS)} s left`;
+          const rewards = m.rewards ? ` · reward margin ${m.rewards.margins.toFixed(3)}, chosen preferred in ${(100 * m.rewards.accuracies).toFixed(0)}% of pairs` : '';
+          $('train-status').textContent = `step ${m.step} of ${maxSteps} · loss ${m.loss.toFixed(3)}${rewards} · ${m.tokensPerS.toFixed(0)} tokens/s · about ${Math.ceil(m.etaS)} s left`;
         },
         onEval: (e) => chart.add('val', e.step, e.valLoss),
         signal: controller.signal,

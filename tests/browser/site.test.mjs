@@ -178,3 +178,30 @@ test('playground: a run whose tab was closed is offered on the next visit and re
   await page.close();
   assert.deepEqual(b.errors, []);
 });
+
+test('playground: DPO on the sample preference pairs reports the reward margin and saves the adapter', async () => {
+  const { page } = b;
+  await page.reload();
+  await page.waitForFunction(() => window.app?.ready);
+  await loadTiny(page);
+  await page.selectOption('#train-method', 'dpo');
+  assert.equal(await page.inputValue('#lora-dropout'), '0', 'DPO trains without dropout');
+  assert.equal(await page.isDisabled('#train-beta'), false);
+  await page.click('#sample-button');
+  await page.waitForFunction(() => document.querySelector('#data-status').textContent !== '');
+  assert.equal(await page.textContent('#data-status'), 'robot-preferences/train.jsonl: 200 examples + 30 for validation.');
+  assert.match(await page.textContent('#data-preview'), /"chosen": " Beep boop!/);
+  for (const [id, value] of [['#train-lr', '0.01'], ['#train-steps', '2'], ['#train-batch', '2'], ['#train-eval', '2'], ['#train-seq', '256'], ['#train-name', 'ui-dpo']]) {
+    await page.fill(id, value);
+  }
+  const margins = [];
+  await page.exposeFunction('__status', (text) => margins.push(text));
+  await page.evaluate(() => new MutationObserver(() => window.__status(document.querySelector('#train-status').textContent))
+    .observe(document.querySelector('#train-status'), { childList: true, characterData: true, subtree: true }));
+  await page.click('#train-button');
+  await page.waitForFunction(() => /^(Done|Training failed)/.test(document.querySelector('#train-status').textContent), null, { timeout: limit(300_000) });
+  assert.match(await page.textContent('#train-status'), /^Done: 2 steps, \d+ tokens, best validation loss [\d.]+\. Saved as "ui-dpo" and active\./);
+  assert.ok(margins.some((t) => /reward margin -?[\d.]+, chosen preferred in \d+% of pairs/.test(t)), margins.join(' | '));
+  await page.waitForSelector('#adapter-table tr[data-name="ui-dpo"].active');
+  assert.deepEqual(b.errors, []);
+});

@@ -2,7 +2,8 @@
 // package's train(), with cancel and checkpoints; the tiny chat model (tests/fixtures/tiny-chat,
 // with a tokenizer and chat template) fine-tuned on chat data from data/robot; the adapter it
 // exports loads in the native CLI and gives the browser's logits, and an adapter the CLI trains,
-// imported into the browser's store, gives the CLI's logits.
+// imported into the browser's store, gives the CLI's logits; DPO on WebGPU against TRL's first step
+// and the CLI's run.
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
@@ -223,6 +224,54 @@ test('a LoRA adapter trains on WebGPU and matches the native CLI; one the CLI tr
     }, { files, ids });
     assert.ok(maxAbsDiff(cliLogits, browserLogits) < 1e-4, `max |browser - CLI| = ${maxAbsDiff(cliLogits, browserLogits)}`);
     assert.ok(maxAbsDiff(cliLogits, native) > 1e-3, 'the CLI adapter is another adapter');
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+  assert.deepEqual(b.errors, []);
+});
+
+test('DPO on WebGPU: the first step is TRL\'s, and three steps give the native CLI\'s losses, rewards and adapter', async () => {
+  const pairs = readFileSync(join(root, 'tests/fixtures/dpo/pairs.jsonl'), 'utf8');
+  const trl = readJson(join(root, 'tests/fixtures/dpo/expected.json'));
+  const args = { beta: 0.1, lr: 1e-2, steps: 3, batch: 3, seed: 1 };
+  const result = await b.page.evaluate(async ({ pairs, args }) => {
+    const { LoraModel } = window.app.webgpuLora;
+    const m = await LoraModel.fromPretrained('/fixtures/tiny-chat/');
+    const steps = [];
+    await m.train({
+      data: pairs, dataName: 'pairs.jsonl', adapterName: 'dpo', initFrom: '/fixtures/dpo/adapter/',
+      trainingArgs: { method: 'dpo', beta: args.beta, learningRate: args.lr, maxSteps: args.steps, batchSize: args.batch, seed: args.seed },
+      onStep: (metrics) => steps.push(metrics),
+    });
+    const files = await m.exportAdapter('dpo');
+    m.dispose();
+    return { steps, weights: Array.from(new Uint8Array(await files['adapter_model.safetensors'].arrayBuffer())) };
+  }, { pairs, args });
+  const close = (a, b) => Math.abs(a - b) <= 1e-4 * Math.max(Math.abs(b), 1e-2);
+  // the first step starts from TRL's adapter: TRL's loss and rewards (tests/fixtures/dpo)
+  const first = result.steps[0];
+  assert.ok(close(first.loss, trl.loss) && close(first.rewards.margins, trl.metrics['rewards/margins']), JSON.stringify(first));
+  const dir = mkdtempSync(join(tmpdir(), 'webgpu-lora-dpo-'));
+  try {
+    const log = join(dir, 'log.jsonl');
+    execFileSync(cli, ['train', '--method', 'dpo', '--beta', String(args.beta), '--model', join(root, 'tests/fixtures/tiny-chat'),
+      '--data', join(root, 'tests/fixtures/dpo/pairs.jsonl'), '--init-from', join(root, 'tests/fixtures/dpo/adapter'),
+      '--lr', String(args.lr), '--max-steps', String(args.steps), '--batch-size', String(args.batch), '--seed', String(args.seed),
+      '--out', join(dir, 'adapter'), '--log', log], { stdio: 'ignore' });
+    const native = readFileSync(log, 'utf8').split('\n').filter((l) => l).map((l) => JSON.parse(l)).filter((e) => e.event === 'step').map((e) => e.metrics);
+    assert.equal(native.length, args.steps);
+    for (const [i, ours] of result.steps.entries()) {
+      for (const [what, a, b] of [['loss', ours.loss, native[i].loss], ['margin', ours.rewards.margins, native[i].rewards.margins],
+        ['chosen', ours.rewards.chosen, native[i].rewards.chosen], ['accuracy', ours.rewards.accuracies, native[i].rewards.accuracies]]) {
+        assert.ok(close(a, b), `step ${i + 1} ${what}: browser ${a}, native ${b}`);
+      }
+    }
+    const browser = readSafetensorsBytes(Buffer.from(result.weights));
+    const cliWeights = readSafetensors(join(dir, 'adapter', 'adapter_model.safetensors'));
+    for (const [name, t] of Object.entries(cliWeights)) {
+      const scale = Math.max(...t.data.map(Math.abs));
+      assert.ok(maxAbsDiff(browser[name].data, t.data) <= 1e-4 * scale, `${name}: max |browser - native| = ${maxAbsDiff(browser[name].data, t.data)}`);
+    }
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

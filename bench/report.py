@@ -130,6 +130,35 @@ def gemma_section(lines, command):
             print(f"| {r['engine']} | {checkpointing} | {r['tokens_per_s']:.1f} | {vs} | {r['peak_rss_mb']:.0f} | {rss} |")
 
 
+def dpo_section(lines, command):
+    """The section of bench/dpo.sh: DPO steps, ours beside TRL + PEFT."""
+    rows = [r for r in lines if r.get("method") == "dpo"]
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["engine"], []).append(r)
+    print("## DPO: SmolLM2-135M-Instruct, r=8 on q,v, 4 pairs of 2 x 128 tokens a step\n")
+    print(f"Machine: {machine()}.  ")
+    print(f"Date: {datetime.date.today().isoformat()}  ")
+    print(f"Command: `{command}`\n")
+    print("A new adapter, the reference being the base with it disabled (both engines), sigmoid loss, beta 0.1, "
+          "AdamW lr 2e-4; random tokens, half prompt and half completion; one warm-up step, then 5 timed. The "
+          "engines alternate; median pairs/s [range] and the largest peak RSS (model load included).\n")
+    print("| engine | pairs/s | tokens/s | vs TRL | peak RSS MB | vs TRL |")
+    print("|---|---:|---:|---:|---:|---:|")
+    med = lambda rs, k: sorted(r[k] for r in rs)[len(rs) // 2]
+    trl = next((g for e, g in groups.items() if e.startswith("TRL")), None)
+    for engine, g in groups.items():
+        speed, rss = med(g, "pairs_per_s"), max(r["peak_rss_mb"] for r in g)
+        low, high = min(r["pairs_per_s"] for r in g), max(r["pairs_per_s"] for r in g)
+        vs = f"{speed / med(trl, 'pairs_per_s'):.2f}x" if trl else "-"
+        vs_rss = f"{rss / max(r['peak_rss_mb'] for r in trl):.2f}x" if trl else "-"
+        print(f"| {engine} | {speed:.2f} [{low:.2f}-{high:.2f}] | {med(g, 'tokens_per_s'):.0f} | {vs} | {rss:.0f} | {vs_rss} |")
+
+
+if sys.argv[1] == "--dpo":
+    dpo_section(lines, sys.argv[2])
+    sys.exit(0)
+
 if sys.argv[1] == "--gemma":
     gemma_section(lines, sys.argv[2])
     sys.exit(0)

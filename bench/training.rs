@@ -1,8 +1,11 @@
-//! Training-speed benchmark (not a test): LoRA SFT steps on a real base model.
+//! Training-speed benchmark (not a test): LoRA SFT (or DPO) steps on a real base model.
 //!
 //! cargo bench --bench training -- --model DIR|FILE.gguf --targets qv|all-linear [--dtype auto|f32|q4_0|...] [--backend cpu|wgpu]
-//!     [--steps 5] [--threads N] [--gradient-checkpointing]
+//!     [--steps 5] [--threads N] [--gradient-checkpointing] [--method dpo]
 //!     [--batch 4] [--seq 128]
+//!
+//! With `--method dpo` a micro-batch is `--batch` preference pairs of random tokens, each sequence
+//! `--seq` long (half prompt, half completion), as bench/trl_dpo_baseline.py times TRL's.
 //!
 //! r=8 (alpha 16, no dropout), AdamW lr 2e-4, batches of 4 x 128 random in-vocabulary tokens (by
 //! default), every token trained on (as bench/peft_train_baseline.py does); one warm-up step, then
@@ -18,8 +21,9 @@ use rand::{Rng, SeedableRng};
 use webgpu_lora::io::ModelFiles;
 use webgpu_lora::lora::LoraConfig;
 use webgpu_lora::nn::WeightDtype;
+use webgpu_lora::train::dpo::{PreferencePair, preference_batch};
 use webgpu_lora::train::trainer::train_steps;
-use webgpu_lora::train::{Batch, Control, Schedule, TrainOptions};
+use webgpu_lora::train::{Batch, Control, Method, Schedule, TrainOptions};
 use webgpu_lora::{Llm, LoraModel};
 
 fn arg(name: &str) -> Option<String> {
@@ -62,8 +66,16 @@ fn main() {
     let seq: usize = arg("--seq").map_or(128, |v| v.parse().unwrap());
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let vocab = llm.model.config.vocab_size as u32;
+    let dpo = arg("--method").as_deref() == Some("dpo");
     let mut make = || {
-        let ids: Vec<u32> = (0..batch * seq).map(|_| rng.random_range(0..vocab)).collect();
+        let mut random = |n: usize| (0..n).map(|_| rng.random_range(0..vocab)).collect::<Vec<u32>>();
+        if dpo {
+            let pairs: Vec<PreferencePair> = (0..batch)
+                .map(|_| PreferencePair { prompt: random(seq / 2), chosen: random(seq - seq / 2), rejected: random(seq - seq / 2) })
+                .collect();
+            return vec![preference_batch(&pairs.iter().collect::<Vec<_>>(), 0)];
+        }
+        let ids = random(batch * seq);
         vec![Batch { labels: ids.iter().map(|&i| i as i32).collect(), ids, batch, seq, tokens: batch * seq }]
     };
     let plan: Vec<Vec<Batch>> = (0..steps + 1).map(|_| make()).collect();
@@ -77,6 +89,8 @@ fn main() {
         batch_size: batch,
         threads: Some(threads),
         gradient_checkpointing: std::env::args().any(|a| a == "--gradient-checkpointing"),
+        method: if dpo { Method::Dpo } else { Method::Sft },
+        lora_dropout: 0.0,
         ..Default::default()
     };
     let start = Instant::now();
@@ -98,12 +112,16 @@ fn main() {
     let timed: f64 = times[1..].iter().sum();
     let cpu_per_step = (cpu_seconds() - cpu_at_first_step) / steps as f64;
     let (trainable, _) = llm.model.trainable_parameters();
-    println!(
-        "{}",
-        serde_json::json!({
-            "engine": format!("webgpu-lora ({backend})"), "training": targets, "trainable_params": trainable, "batch": format!("{batch} x {seq}"),
-            "tokens_per_s": (steps * batch * seq) as f64 / timed, "peak_rss_mb": peak_rss_mb(), "load_peak_rss_mb": load_peak_rss, "steps": steps, "threads": threads,
-            "cpu_s_per_step": cpu_per_step, "gradient_checkpointing": train.gradient_checkpointing, "weights": dtype.name(), "weights_mb": llm.model.memory_footprint() as f64 / 1e6,
-        })
-    );
+    let mut line = serde_json::json!({
+        "engine": format!("webgpu-lora ({backend})"), "training": targets, "trainable_params": trainable, "batch": format!("{batch} x {seq}"),
+        "tokens_per_s": (steps * batch * seq) as f64 / timed, "peak_rss_mb": peak_rss_mb(), "load_peak_rss_mb": load_peak_rss, "steps": steps, "threads": threads,
+        "cpu_s_per_step": cpu_per_step, "gradient_checkpointing": train.gradient_checkpointing, "weights": dtype.name(), "weights_mb": llm.model.memory_footprint() as f64 / 1e6,
+    });
+    if dpo {
+        // a pair is two sequences of `seq` tokens
+        line["method"] = "dpo".into();
+        line["pairs_per_s"] = ((steps * batch) as f64 / timed).into();
+        line["tokens_per_s"] = ((steps * batch * 2 * seq) as f64 / timed).into();
+    }
+    println!("{line}");
 }

@@ -13,10 +13,11 @@ MODEL=models/SmolLM2-135M-Instruct
 NEW_TOKENS=${NEW_TOKENS:-64}
 REPEATS=${REPEATS:-3}
 VENV=.cache/bench-venv
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import transformers, torch, peft' 2>/dev/null; then
-  echo "[bench] creating $VENV with torch + transformers + peft (pinned; a few GB, once)"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import transformers, torch, peft, gguf, trl' 2>/dev/null; then
+  echo "[bench] creating $VENV with torch + transformers + peft + gguf + trl (pinned; a few GB, once)"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet torch==2.15.0 transformers==5.24.0 peft==0.21.2 safetensors==0.8.0 numpy==2.4.6
+  # gguf: transformers reading Gemma's GGUF (bench/gemma.sh); trl: the DPO baseline (bench/dpo.sh)
+  "$VENV/bin/pip" install --quiet torch==2.15.0 transformers==5.24.0 peft==0.21.2 safetensors==0.8.0 numpy==2.4.6 gguf==0.19.0 trl==1.16.0
 fi
 results=()
 run() { echo "[bench] $*" >&2; local line; line=$("$@" | tail -n 1) && results+=("$line") || echo "[bench] failed: $*" >&2; }
@@ -52,6 +53,9 @@ VENV="$VENV" bash bench/quantized.sh >> BENCHMARKS.md
 # Gemma 3 270M from its GGUF, beside transformers and PEFT on the same file
 echo >> BENCHMARKS.md
 VENV="$VENV" bash bench/gemma.sh >> BENCHMARKS.md
+# DPO beside TRL + PEFT
+echo >> BENCHMARKS.md
+VENV="$VENV" bash bench/dpo.sh >> BENCHMARKS.md
 # what a GPU would pay for: dispatches and submissions per token and per training step (counts)
 echo >> BENCHMARKS.md
 timeout 2400 node bench/gpu_work.mjs >> BENCHMARKS.md

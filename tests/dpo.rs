@@ -1,6 +1,6 @@
 //! DPO on a LoRA adapter against TRL's `DPOTrainer` (tests/fixtures/dpo, make_fixtures.py `dpo`):
 //! the tiny chat model with a new q/v adapter TRL made, three preference pairs. TRL's tokenization
-//! of each pair, then for the one batch of them the sigmoid loss (beta 0.1), its reward metrics
+//! of each pair (as text, and in TRL's conversational form), then for the one batch of them the sigmoid loss (beta 0.1), its reward metrics
 //! and every lora_A / lora_B gradient, on the CPU backend and on native wgpu; and bad preference
 //! data refused naming the line.
 
@@ -23,6 +23,16 @@ fn dpo_step_matches_trl(device: &burn::tensor::Device) {
         assert_eq!(ours.prompt, ids(&trl["prompt_ids"]), "prompt ids");
         assert_eq!(ours.chosen, ids(&trl["chosen_ids"]), "chosen ids (EOS appended)");
         assert_eq!(ours.rejected, ids(&trl["rejected_ids"]), "rejected ids");
+    }
+    // the conversational form: the prompt through the chat template with its generation prompt
+    let chat =
+        read_preferences("pairs-chat.jsonl", &std::fs::read(dir.join("pairs-chat.jsonl")).unwrap(), llm.tokenizer().unwrap()).unwrap();
+    assert_eq!(chat.len(), expected["chat_tokenized"].as_array().unwrap().len());
+    for (ours, trl) in chat.iter().zip(expected["chat_tokenized"].as_array().unwrap()) {
+        assert_eq!(
+            [&ours.prompt, &ours.chosen, &ours.rejected],
+            [&ids(&trl["prompt_ids"]), &ids(&trl["chosen_ids"]), &ids(&trl["rejected_ids"])]
+        );
     }
     pollster::block_on(llm.model.load_adapter("a", AdapterSource::from_dir(&dir.join("adapter")).unwrap())).unwrap();
     let batch = preference_batch(&pairs.iter().collect::<Vec<_>>(), llm.model.config.pad_token_id());
@@ -81,14 +91,16 @@ fn bad_preference_data_is_named() {
     let good = r#"{"prompt": "Hi", "chosen": " Hello!", "rejected": " No."}"#;
     assert_eq!(
         refused(&format!("{good}\n{{\"prompt\": \"Hi\", \"rejected\": \" No.\"}}")),
-        "prefs.jsonl:2: missing \"chosen\": each line needs \"prompt\", \"chosen\" and \"rejected\" (text)"
+        "prefs.jsonl:2: missing \"chosen\": each line needs \"prompt\", \"chosen\" and \"rejected\" (text, or messages)"
     );
     assert_eq!(
         refused(r#"{"prompt": "Hi", "chosen": " Same", "rejected": " Same"}"#),
-        "prefs.jsonl:1: \"chosen\" and \"rejected\" are the same text: a pair needs two different completions"
+        "prefs.jsonl:1: \"chosen\" and \"rejected\" are the same: a pair needs two different completions"
     );
-    let conversation = r#"{"prompt": [{"role": "user", "content": "Hi"}], "chosen": " a", "rejected": " b"}"#;
-    assert!(refused(conversation).starts_with("prefs.jsonl:1: \"prompt\" is a conversation"), "{}", refused(conversation));
+    let mixed = r#"{"prompt": [{"role": "user", "content": "Hi"}], "chosen": " a", "rejected": " b"}"#;
+    assert_eq!(refused(mixed), "prefs.jsonl:1: \"prompt\", \"chosen\" and \"rejected\" must all be text or all be messages");
+    let wizard = r#"{"prompt": [{"role": "wizard", "content": "Hi"}], "chosen": [], "rejected": []}"#;
+    assert!(refused(wizard).starts_with("prefs.jsonl:1: \"prompt\": message 0 has role \"wizard\""), "{}", refused(wizard));
     assert!(refused("\n\n").starts_with("prefs.jsonl: no preference pairs"));
     assert!(refused("{not json").starts_with("prefs.jsonl:1: invalid JSON"));
 }

@@ -21,10 +21,10 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::io::TextTokenizer;
+use crate::io::{ChatMessage, TextTokenizer};
 use crate::lora::LoraRun;
 use crate::model::LlamaModel;
-use crate::train::data::{Batch, Example, IGNORE};
+use crate::train::data::{Batch, Example, IGNORE, parse_messages};
 use crate::train::loss::{LOSS_ROWS, LossWeights, row_losses};
 use crate::train::trainer::part_gradients;
 
@@ -36,35 +36,53 @@ pub struct PreferencePair {
     pub rejected: Vec<u32>,
 }
 
-/// The pairs of a JSONL file of `{"prompt", "chosen", "rejected"}` lines (text), tokenized as
-/// TRL tokenizes them: the end-of-sequence token appended to each completion that lacks it, the
-/// prompt and each prompt + completion tokenized with the tokenizer's special tokens, and the
-/// prompt cut where it stops being a prefix of both. `file` names the file in errors.
+/// The pairs of a JSONL file of `{"prompt", "chosen", "rejected"}` lines, tokenized as TRL
+/// tokenizes them. As text: the end-of-sequence token appended to each completion that lacks it,
+/// the prompt and each prompt + completion tokenized with the tokenizer's special tokens. As
+/// conversations (TRL's conversational form: the prompt as messages, each completion as the
+/// messages that follow): the prompt rendered by the chat template with the generation prompt,
+/// each prompt + completion without it. Either way the prompt is cut where it stops being a
+/// prefix of both. `file` names the file in errors.
 pub fn read_preferences(file: &str, bytes: &[u8], tokenizer: &TextTokenizer) -> Result<Vec<PreferencePair>> {
     let text = std::str::from_utf8(bytes).map_err(|_| Error::file(file, "not UTF-8 text"))?;
-    let eos = tokenizer.eos_token().unwrap_or("");
     let mut pairs = Vec::new();
     for (index, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let at = format!("{file}:{}", index + 1);
         let value: Value = serde_json::from_str(line).map_err(|e| Error::file(&at, format!("invalid JSON: {e}")))?;
-        let field = |key: &str| -> Result<&str> {
-            match value.get(key) {
-                Some(Value::String(s)) => Ok(s),
-                Some(Value::Array(_)) => {
-                    Err(Error::file(&at, format!("\"{key}\" is a conversation: give the text of the prompt and completions")))
+        let sides = ["prompt", "chosen", "rejected"].map(|key| match value.get(key) {
+            Some(Value::String(s)) => Ok(Side::Text(s.clone())),
+            Some(list @ Value::Array(_)) => {
+                parse_messages(list).map(Side::Messages).map_err(|e| Error::file(&at, format!("\"{key}\": {e}")))
+            }
+            _ => Err(Error::file(
+                &at,
+                format!("missing \"{key}\": each line needs \"prompt\", \"chosen\" and \"rejected\" (text, or messages)"),
+            )),
+        });
+        let [prompt, chosen, rejected] = sides;
+        let (prompt, chosen, rejected) = (prompt?, chosen?, rejected?);
+        if chosen == rejected {
+            return Err(Error::file(&at, "\"chosen\" and \"rejected\" are the same: a pair needs two different completions"));
+        }
+        let tokenized = |prompt: &Side, completion: &Side| -> Result<[Vec<u32>; 2]> {
+            let failed = |e: Error| Error::file(&at, e.to_string());
+            match (prompt, completion) {
+                (Side::Text(p), Side::Text(c)) => {
+                    let eos = tokenizer.eos_token().unwrap_or("");
+                    let c = if c.ends_with(eos) { c.clone() } else { format!("{c}{eos}") };
+                    Ok([tokenizer.encode(p, true).map_err(failed)?, tokenizer.encode(&format!("{p}{c}"), true).map_err(failed)?])
                 }
-                _ => Err(Error::file(&at, format!("missing \"{key}\": each line needs \"prompt\", \"chosen\" and \"rejected\" (text)"))),
+                (Side::Messages(p), Side::Messages(c)) => {
+                    if !tokenizer.has_chat_template() {
+                        return Err(Error::file(&at, "conversations need the model's chat template, and this model has none: give text"));
+                    }
+                    let whole: Vec<ChatMessage> = p.iter().chain(c).cloned().collect();
+                    Ok([tokenizer.encode_chat(p, true).map_err(failed)?, tokenizer.encode_chat(&whole, false).map_err(failed)?])
+                }
+                _ => Err(Error::file(&at, "\"prompt\", \"chosen\" and \"rejected\" must all be text or all be messages")),
             }
         };
-        let (prompt, chosen, rejected) = (field("prompt")?, field("chosen")?, field("rejected")?);
-        if chosen == rejected {
-            return Err(Error::file(&at, "\"chosen\" and \"rejected\" are the same text: a pair needs two different completions"));
-        }
-        let with_eos = |c: &str| if c.ends_with(eos) { c.to_string() } else { format!("{c}{eos}") };
-        let encode = |t: &str| tokenizer.encode(t, true).map_err(|e| Error::file(&at, e.to_string()));
-        let prompt_ids = encode(prompt)?;
-        let (with_chosen, with_rejected) =
-            (encode(&format!("{prompt}{}", with_eos(chosen)))?, encode(&format!("{prompt}{}", with_eos(rejected)))?);
+        let ([prompt_ids, with_chosen], [_, with_rejected]) = (tokenized(&prompt, &chosen)?, tokenized(&prompt, &rejected)?);
         let common = |ids: &[u32]| prompt_ids.iter().zip(ids).take_while(|(a, b)| a == b).count();
         let prompt_len = common(&with_chosen).min(common(&with_rejected));
         pairs.push(PreferencePair {
@@ -77,6 +95,13 @@ pub fn read_preferences(file: &str, bytes: &[u8], tokenizer: &TextTokenizer) -> 
         return Err(Error::file(file, "no preference pairs: give JSONL lines of {\"prompt\", \"chosen\", \"rejected\"}"));
     }
     Ok(pairs)
+}
+
+/// One side of a pair as the file gives it.
+#[derive(PartialEq)]
+enum Side {
+    Text(String),
+    Messages(Vec<ChatMessage>),
 }
 
 /// The batch of `pairs` as TRL lays it out: every chosen sequence (prompt + completion), then

@@ -20,7 +20,7 @@ pub enum Method {
     /// Supervised fine-tuning on text (chat, prompt/completion, plain text).
     #[default]
     Sft,
-    /// Direct preference optimisation on pairs (JSONL of {"prompt", "chosen", "rejected"}),
+    /// Direct preference optimisation on pairs (JSONL of {"prompt", "chosen", "rejected"}, text or messages),
     /// against the model without the adapter ([`crate::train::dpo`]).
     Dpo,
 }

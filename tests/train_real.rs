@@ -8,13 +8,22 @@ mod common;
 use common::*;
 use serde_json::Value;
 use webgpu_lora::io::ChatMessage;
-use webgpu_lora::train::{Control, Method, Schedule, TrainEvent, TrainOptions, fine_tune};
+use webgpu_lora::train::{Control, FineTuneReport, Method, Schedule, TrainEvent, TrainOptions, TrainStart, fine_tune};
 use webgpu_lora::{GenerationConfig, Llm, LoraModel};
 
 /// A file of the sample dataset (data/make_robot_dataset.py): `folder` "robot" (chat) or
 /// "robot-completions" (the same examples as prompt/completion pairs).
 fn data(folder: &str, name: &str) -> Vec<u8> {
     std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(folder).join(name)).unwrap()
+}
+
+/// `spec` run on `folder`'s train.jsonl with its val.jsonl evaluated, events to `on_event`.
+fn train_on(llm: &mut Llm, spec: &TrainOptions, folder: &str, on_event: &mut dyn FnMut(TrainEvent) -> Control) -> FineTuneReport {
+    let (train, val) = (data(folder, "train.jsonl"), data(folder, "val.jsonl"));
+    let start = std::time::Instant::now();
+    let clock = move || start.elapsed().as_secs_f64();
+    let run = fine_tune(llm, spec, ("train.jsonl", &train), Some(("val.jsonl", &val)), TrainStart::New, &clock, on_event);
+    pollster::block_on(run).unwrap().0
 }
 
 /// Validation loss falls by at least 30%, and greedy answers to held-out questions open with the
@@ -58,26 +67,15 @@ fn dpo_prefers_the_persona() {
         eval_every: Some(8),
         ..Default::default()
     };
-    let (train, val) = (data("robot-preferences", "train.jsonl"), data("robot-preferences", "val.jsonl"));
     let (mut evals, mut last) = (Vec::new(), None);
-    let clock = || 0.0;
-    pollster::block_on(fine_tune(
-        &mut llm,
-        &spec,
-        ("train.jsonl", &train),
-        Some(("val.jsonl", &val)),
-        webgpu_lora::train::TrainStart::New,
-        &clock,
-        &mut |event| {
-            match event {
-                TrainEvent::Eval { val_loss, .. } => evals.push(val_loss),
-                TrainEvent::Step(m) => last = m.rewards,
-                TrainEvent::Checkpoint { .. } => {}
-            }
-            Control::Continue
-        },
-    ))
-    .unwrap();
+    train_on(&mut llm, &spec, "robot-preferences", &mut |event| {
+        match event {
+            TrainEvent::Eval { val_loss, .. } => evals.push(val_loss),
+            TrainEvent::Step(m) => last = m.rewards,
+            TrainEvent::Checkpoint { .. } => {}
+        }
+        Control::Continue
+    });
     assert!((evals[0] - std::f64::consts::LN_2).abs() < 1e-6, "the first evaluation is DPO's ln 2: {evals:?}");
     assert!(*evals.last().unwrap() < 0.2, "validation DPO loss {evals:?}");
     let last = last.expect("DPO steps report rewards");
@@ -88,7 +86,6 @@ fn dpo_prefers_the_persona() {
 /// validation loss falls by 30%, and the tuned model's greedy answers to six held-out examples
 /// (asked as `ask` asks them) open with "Beep boop" (five at least) while the base model's do not.
 fn teaches_the_persona(llm: &mut Llm, folder: &str, ask: &dyn Fn(&Llm, &Value) -> Vec<u32>) {
-    let (train, val) = (data(folder, "train.jsonl"), data(folder, "val.jsonl"));
     let spec = TrainOptions {
         adapter_name: "robot".into(),
         r: 8,
@@ -106,28 +103,18 @@ fn teaches_the_persona(llm: &mut Llm, folder: &str, ask: &dyn Fn(&Llm, &Value) -
         ..Default::default()
     };
     let mut evals = Vec::new();
-    let start = std::time::Instant::now();
-    let clock = move || start.elapsed().as_secs_f64();
-    let (report, _) = pollster::block_on(fine_tune(
-        llm,
-        &spec,
-        ("train.jsonl", &train),
-        Some(("val.jsonl", &val)),
-        webgpu_lora::train::TrainStart::New,
-        &clock,
-        &mut |event| {
-            if let TrainEvent::Eval { step, val_loss, .. } = event {
-                eprintln!("step {step}: val_loss {val_loss:.4}");
-                evals.push(val_loss);
-            }
-            Control::Continue
-        },
-    ))
-    .unwrap();
+    let report = train_on(llm, &spec, folder, &mut |event| {
+        if let TrainEvent::Eval { step, val_loss, .. } = event {
+            eprintln!("step {step}: val_loss {val_loss:.4}");
+            evals.push(val_loss);
+        }
+        Control::Continue
+    });
     let (first, last) = (evals[0], *evals.last().unwrap());
     assert!(last <= 0.7 * first, "validation loss {first:.3} -> {last:.3}: less than a 30% drop ({report:?})");
 
-    let held_out: Vec<Value> = String::from_utf8(val).unwrap().lines().take(6).map(|line| serde_json::from_str(line).unwrap()).collect();
+    let held_out: Vec<Value> =
+        String::from_utf8(data(folder, "val.jsonl")).unwrap().lines().take(6).map(|line| serde_json::from_str(line).unwrap()).collect();
     let answers = |llm: &Llm| -> Vec<String> {
         held_out
             .iter()

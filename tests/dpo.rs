@@ -41,7 +41,9 @@ fn dpo_step_matches_trl(device: &burn::tensor::Device) {
         let run = LoraRun { adapter: "a", weights: Some(&leaves), dropout: None };
         let tensors: Vec<_> = named.iter().map(|(_, t)| t.clone()).collect();
         let beta = expected["beta"].as_f64().unwrap();
-        let (stats, grads) = pollster::block_on(dpo_gradients(&llm.model, run, &tensors, &batch, beta, checkpointing)).unwrap();
+        let (stats, grads) =
+            pollster::block_on(dpo_gradients(&llm.model, &llm.model.head_for_slices(), run, &tensors, &batch, beta, checkpointing))
+                .unwrap();
         let metrics = &expected["metrics"];
         for (what, ours, theirs) in [
             ("loss", stats.loss, expected["loss"].as_f64().unwrap()),

@@ -23,10 +23,10 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::io::{ChatMessage, TextTokenizer};
 use crate::lora::LoraRun;
-use crate::model::LlamaModel;
+use crate::model::{Head, LlamaModel};
 use crate::train::data::{Batch, Example, IGNORE, parse_messages};
 use crate::train::loss::{LOSS_ROWS, LossWeights, row_losses};
-use crate::train::trainer::part_gradients;
+use crate::train::trainer::{constant_copies, part_gradients};
 
 /// A preference pair as token ids: the prompt, and each completion after it.
 #[derive(Debug, Clone, PartialEq)]
@@ -156,12 +156,18 @@ impl DpoStats {
 
 /// DPO's loss and metrics for `batch` (a [`preference_batch`]) with the adapter `policy` (no
 /// gradients), and the weight of each row's token losses in the loss's gradient; the reference
-/// is the model with no adapter.
-pub async fn dpo_stats(model: &LlamaModel, policy: Option<LoraRun<'_>>, batch: &Batch, beta: f64) -> Result<(DpoStats, Vec<f64>)> {
-    let head = model.head_for_slices();
+/// is the model with no adapter. `head` is the model's ([`LlamaModel::head_for_slices`], made
+/// once for all of a step's or an evaluation's batches).
+pub async fn dpo_stats(
+    model: &LlamaModel,
+    head: &Head,
+    policy: Option<LoraRun<'_>>,
+    batch: &Batch,
+    beta: f64,
+) -> Result<(DpoStats, Vec<f64>)> {
     let ids = || model.ids_batch(&batch.ids, batch.batch, batch.seq);
-    let policy = row_losses(&head, model.hidden_states_with(ids(), None, policy), batch, LOSS_ROWS).await?;
-    let reference = row_losses(&head, model.hidden_states_with(ids(), None, None), batch, LOSS_ROWS).await?;
+    let policy = row_losses(head, model.hidden_states_with(ids(), None, policy), batch, LOSS_ROWS).await?;
+    let reference = row_losses(head, model.hidden_states_with(ids(), None, None), batch, LOSS_ROWS).await?;
     let pairs = batch.batch / 2;
     // log-ratio of each sequence: log pi - log ref, the losses' difference turned around
     let ratio: Vec<f64> = policy.iter().zip(&reference).map(|(p, r)| r - p).collect();
@@ -192,6 +198,7 @@ pub async fn dpo_stats(model: &LlamaModel, policy: Option<LoraRun<'_>>, batch: &
 /// gradient of each of `leaves`.
 pub async fn dpo_gradients(
     model: &LlamaModel,
+    head: &Head,
     run: LoraRun<'_>,
     leaves: &[Tensor<2>],
     batch: &Batch,
@@ -203,9 +210,8 @@ pub async fn dpo_gradients(
     }
     // the log-probabilities without gradients: the adapter's values as constants
     let weights = run.weights.ok_or_else(|| Error::invalid("DPO trains the adapter's own copies"))?;
-    let constants = weights.iter().map(|(m, w)| (m.clone(), w.map(|t| t.clone().inner()))).collect();
-    let (stats, row_weights) = dpo_stats(model, Some(LoraRun { weights: Some(&constants), ..run }), batch, beta).await?;
-    let head = model.head_for_slices();
-    let (_, grads) = part_gradients(model, &head, run, leaves, batch, LossWeights::PerRow(&row_weights), checkpointing);
+    let constants = constant_copies(weights);
+    let (stats, row_weights) = dpo_stats(model, head, Some(LoraRun { weights: Some(&constants), ..run }), batch, beta).await?;
+    let (_, grads) = part_gradients(model, head, run, leaves, batch, LossWeights::PerRow(&row_weights), checkpointing);
     Ok((stats, grads))
 }

@@ -218,10 +218,13 @@ async fn dpo_group_gradients(
 ) -> Result<(DpoStats, Vec<Tensor<2>>)> {
     let mut grads: Option<Vec<Tensor<2>>> = None;
     let mut stats = Vec::with_capacity(group.len());
+    // one head for the step: a quantized one is dequantized once, not once a pass
+    let head = model.head_for_slices();
     for batch in group {
         let leaves = autodiff_leaves(weights);
         let run = LoraRun { adapter: &trainee.adapter, weights: Some(&leaves), dropout: None };
-        let (these, g) = dpo_gradients(model, run, &trainee.flat(&leaves), batch, options.beta, options.gradient_checkpointing).await?;
+        let (these, g) =
+            dpo_gradients(model, &head, run, &trainee.flat(&leaves), batch, options.beta, options.gradient_checkpointing).await?;
         stats.push(these);
         let g: Vec<Tensor<2>> = g.into_iter().map(|g| g.div_scalar(group.len() as f64)).collect();
         grads = Some(match grads {
@@ -235,10 +238,16 @@ async fn dpo_group_gradients(
 /// DPO's loss and rewards of `batches` of pairs under the model as it is (no gradients).
 pub async fn dpo_evaluate(model: &LlamaModel, batches: &[Batch], beta: f64) -> Result<DpoStats> {
     let mut stats = Vec::with_capacity(batches.len());
+    let head = model.head_for_slices();
     for batch in batches {
-        stats.push(dpo_stats(model, model.adapters.running(), batch, beta).await?.0);
+        stats.push(dpo_stats(model, &head, model.adapters.running(), batch, beta).await?.0);
     }
     Ok(DpoStats::mean(&stats))
+}
+
+/// The plain values of an adapter's autodiff matrices: a pass with them records nothing.
+pub fn constant_copies(weights: &AdapterWeights) -> AdapterWeights {
+    weights.iter().map(|(m, w)| (m.clone(), w.map(|t| t.clone().inner()))).collect()
 }
 
 /// A copy of an adapter's matrices as autodiff leaves that require a gradient (each copy has its
@@ -272,8 +281,7 @@ pub fn part_gradients(
     }
     // forward with the adapter's values as constants, so nothing is recorded: each layer's input,
     // and which dropout mask the layer starts at
-    let weights = run.weights.expect("training runs its own matrices");
-    let constants: AdapterWeights = weights.iter().map(|(m, w)| (m.clone(), w.map(|t| t.clone().inner()))).collect();
+    let constants = constant_copies(run.weights.expect("training runs its own matrices"));
     let unrecorded = LoraRun { weights: Some(&constants), ..run };
     let mask_at = || run.dropout.map_or(0, PartDropout::position);
     let (mut h, at) = model.decoder_input(ids, 0);

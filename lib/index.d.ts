@@ -107,9 +107,11 @@ export interface TrainingArgs {
   /**
    * "sft" (default): supervised fine-tuning on text. "dpo": preference tuning on JSONL pairs of
    * {prompt, chosen, rejected} (text), against the model without the adapter, as TRL's DPOTrainer;
-   * needs loraDropout 0. The step's metrics then carry DPO's rewards and its loss.
+   * needs loraDropout 0. The step's metrics then carry DPO's rewards and its loss. "full": every
+   * weight of the model trained on text (an f32 model with no adapter loaded; no loraConfig); the
+   * model changes in place and the report carries `modelFiles`.
    */
-  method?: 'sft' | 'dpo';
+  method?: 'sft' | 'dpo' | 'full';
   /** DPO's beta (default 0.1): how strongly the adapter is held near the model without it. */
   beta?: number;
   lr?: number; learningRate?: number;
@@ -138,6 +140,15 @@ export interface TrainingArgs {
   skipBadLines?: boolean;
   /** Keep only each layer's input and run the layer again for its gradient: far less memory, ~1/3 more compute. */
   gradientCheckpointing?: boolean;
+  /** Full fine-tuning: refuse a run whose memory estimate is above this many MB. */
+  memoryLimitMb?: number;
+}
+
+/** Full fine-tuning's memory estimate, before the first step. */
+export interface MemoryEstimate {
+  parameters: number;
+  bytes: number;
+  parts: { what: string; bytes: number }[];
 }
 
 /** One optimizer step. */
@@ -166,7 +177,11 @@ export interface DataReport {
   truncated: number; tokens: number; trainableTokens: number;
 }
 
-export interface TrainReport { summary: TrainingSummary; trainData: DataReport; valData: DataReport | null }
+export interface TrainReport {
+  summary: TrainingSummary; trainData: DataReport; valData: DataReport | null;
+  /** Full fine-tuning only: the trained model as a Hugging Face directory (f32), as fromPretrained takes it. */
+  modelFiles?: Record<string, Blob>;
+}
 
 /** model.evaluate(): the model as it is on held-out data. */
 export interface Evaluation {
@@ -197,8 +212,10 @@ export interface EvaluateOptions {
   maxSeqLen?: number;
 }
 
+/** An adapter's checkpoint; a full fine-tuning run's holds the model's files ("model.safetensors", "config.json", the tokenizer's) instead of the adapter's. */
 export interface CheckpointFiles {
-  step: number; 'adapter_config.json': string; 'adapter_model.safetensors': Uint8Array; 'trainer_state.safetensors': Uint8Array;
+  step: number; 'adapter_config.json'?: string; 'adapter_model.safetensors'?: Uint8Array; 'trainer_state.safetensors': Uint8Array;
+  [file: string]: string | number | Uint8Array | undefined;
 }
 
 export type TrainData = string | Bytes | object[];
@@ -223,6 +240,8 @@ export interface TrainOptions {
   onStep?: (metrics: StepMetrics) => void;
   onEval?: (event: EvalEvent) => void;
   onCheckpoint?: (files: CheckpointFiles) => void;
+  /** Full fine-tuning: its memory estimate, before the first step. */
+  onMemory?: (estimate: MemoryEstimate) => void;
   /** Stops after the current step (the adapter so far is kept); aborted before the run starts, train() rejects and nothing is trained. */
   signal?: AbortSignal;
 }

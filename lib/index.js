@@ -387,7 +387,8 @@ export class LoraModel {
   }
 
   /**
-   * Fine-tunes a new LoRA adapter with SFT and leaves it loaded and active. `data` (and
+   * Fine-tunes a new LoRA adapter with SFT and leaves it loaded and active (or, with
+   * `trainingArgs.method`, as below). `data` (and
    * `validation`): JSONL text, bytes, a File/Blob, or an array of rows ({messages}, {prompt,
    * completion} or {text}); `dataName` ("data.jsonl"; a name not ending in .jsonl means plain
    * text). `loraConfig` {r, loraAlpha, loraDropout, targetModules, initLoraWeights, useRslora} and
@@ -403,8 +404,16 @@ export class LoraModel {
    * callback got: {"adapter_config.json", "adapter_model.safetensors",
    * "trainer_state.safetensors"}) resumes that run where its checkpoint was taken: given the same
    * data and trainingArgs, it continues with the losses the uninterrupted run has.
+   *
+   * `trainingArgs.method`: "sft" (the default), "dpo" (preference pairs, see the README) or
+   * "full": every weight of the model trained (an f32 model, no adapter loaded, no `loraConfig`).
+   * Full fine-tuning first calls onMemory({parameters, bytes, parts}) with its memory estimate
+   * (refused above `trainingArgs.memoryLimitMb`), changes the model in place, and resolves to the
+   * report with `modelFiles` ({"model.safetensors", "config.json", the tokenizer's files} as
+   * Blobs: a Hugging Face directory in f32, which fromPretrained takes); its checkpoints are such
+   * files (bytes) plus the trainer state, and `resumeFrom` resumes one on a model loaded from them.
    */
-  async train({ data, validation, dataName, adapterName = 'default', loraConfig = {}, trainingArgs = {}, initFrom, resumeFrom, onStep, onEval, onCheckpoint, signal } = {}) {
+  async train({ data, validation, dataName, adapterName = 'default', loraConfig = {}, trainingArgs = {}, initFrom, resumeFrom, onStep, onEval, onCheckpoint, onMemory, signal } = {}) {
     if (data == null) throw new Error('train: "data" is required (JSONL text, a File, or an array of examples)');
     if (initFrom != null && resumeFrom != null) throw new Error('train: give "initFrom" (an adapter to train further) or "resumeFrom" (a checkpoint to resume), not both');
     if (resumeFrom != null && resumeFrom[CHECKPOINT_STATE] == null) throw new Error(`train: "resumeFrom" is a checkpoint's files, as onCheckpoint gets them; it has no "${CHECKPOINT_STATE}"`);
@@ -413,8 +422,9 @@ export class LoraModel {
     const prepared = (async () => {
       const bytes = await dataBytes(data, 'train: data');
       const val = validation == null ? null : await dataBytes(validation, 'train: validation');
+      const full = options.method === 'full';
       const init = resumeFrom != null
-        ? adapterFilesByName(resumeFrom, 'the checkpoint to resume')
+        ? (full ? null : adapterFilesByName(resumeFrom, 'the checkpoint to resume'))
         : initFrom == null ? null : (await this.#adapterSource(initFrom)).files;
       const state = resumeFrom == null ? null : await toBytes(resumeFrom[CHECKPOINT_STATE], CHECKPOINT_STATE);
       if (signal?.aborted) throw new DOMException('training was aborted before it started', 'AbortError');
@@ -428,6 +438,8 @@ export class LoraModel {
     const call = this.#engine.callPrepared('train', prepared, (e) => {
       if (e.event === 'step') deliver(onStep, e.metrics);
       else if (e.event === 'eval') deliver(onEval, e);
+      else if (e.event === 'memory') deliver(onMemory, { parameters: e.parameters, bytes: e.bytes, parts: e.parts });
+      else if (e.event === 'checkpoint' && e.files.modelFiles) deliver(onCheckpoint, { step: e.step, ...Object.fromEntries(e.files.modelFiles), [CHECKPOINT_STATE]: e.files.state });
       else if (e.event === 'checkpoint') deliver(onCheckpoint, { step: e.step, [ADAPTER_CONFIG]: e.files.adapterConfig, [ADAPTER_WEIGHTS]: e.files.adapterWeights, [CHECKPOINT_STATE]: e.files.state });
     });
     const cancel = () => call.cancel();
@@ -435,6 +447,7 @@ export class LoraModel {
     try {
       const out = await call.catch((e) => { if (!thrown) throw e; });
       if (thrown) throw thrown.error;
+      if (out.modelFiles) return { ...out.report, modelFiles: Object.fromEntries(out.modelFiles.map(([n, bytes]) => [n, new Blob([bytes])])) };
       this.#summaries.set(adapterName, out.report.summary);
       this.#sources.delete(adapterName); // trained here: only a save can bring it back
       return out.report;

@@ -5,6 +5,7 @@ mod common;
 use std::process::Command;
 
 use common::*;
+use webgpu_lora::io::SafetensorsWeights;
 
 fn cli() -> Command {
     Command::new(env!("CARGO_BIN_EXE_webgpu-lora"))
@@ -148,6 +149,61 @@ fn train_command_writes_a_peft_adapter() {
 }
 
 /// The logged step events (`--log`): (loss, gradient norm) of each step.
+/// A trajectory fixture's batches as `{"input_ids", "labels"}` lines in order, written to
+/// `dir`/ids.jsonl (train with `--no-shuffle --batch-size 2 --grad-accum 2`).
+fn trajectory_data(t: &serde_json::Value, dir: &std::path::Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut lines = String::new();
+    for micro in t["steps"].as_array().unwrap().iter().flat_map(|s| s.as_array().unwrap()) {
+        for (ids, labels) in micro["ids"].as_array().unwrap().iter().zip(micro["labels"].as_array().unwrap()) {
+            let (ids, labels) = (ids.as_array().unwrap(), labels.as_array().unwrap());
+            let len = ids.len() - ids.iter().rev().take_while(|&i| i == 2).count(); // right padding (eos 2) off
+            lines += &format!("{}\n", serde_json::json!({"input_ids": ids[..len], "labels": labels[..len]}));
+        }
+    }
+    let data = dir.join("ids.jsonl");
+    std::fs::write(&data, lines).unwrap();
+    data
+}
+
+/// The flags that train on a trajectory fixture's batches in order with its optimizer settings.
+fn trajectory_flags(t: &serde_json::Value) -> String {
+    let c = &t["config"];
+    format!(
+        "--no-shuffle --batch-size 2 --grad-accum 2 --lr {} --adam-beta1 {} --adam-beta2 {} --adam-epsilon {} \
+         --weight-decay {} --schedule cosine --warmup {} --max-grad-norm {}",
+        c["lr"], c["betas"][0], c["betas"][1], c["eps"], c["weight_decay"], c["warmup"], c["max_grad_norm"]
+    )
+}
+
+/// `train --model MODEL --data DATA --out OUT --log LOG`, then `args` and the whitespace-separated
+/// `flags`: the logged (loss, gradient norm) of each step, and what it printed on stderr.
+fn train_via_cli(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    out: &std::path::Path,
+    log: &std::path::Path,
+    args: &[&std::ffi::OsStr],
+    flags: &str,
+) -> (Vec<(f64, f64)>, String) {
+    let output = cli()
+        .args(["train", "--model"])
+        .arg(model)
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .arg("--log")
+        .arg(log)
+        .args(args)
+        .args(flags.split_whitespace())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{stderr}");
+    (logged_steps(log), stderr)
+}
+
 fn logged_steps(log: &std::path::Path) -> Vec<(f64, f64)> {
     let events = std::fs::read_to_string(log).unwrap();
     let events = events.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|e| e["event"] == "step");
@@ -164,39 +220,10 @@ fn logged_steps(log: &std::path::Path) -> Vec<(f64, f64)> {
 fn train_on_fixed_batches_gives_peft_and_resumes() {
     let t = read_json(fixture("train/trajectory.json"));
     let dir = scratch("cli-trajectory");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut lines = String::new();
-    for micro in t["steps"].as_array().unwrap().iter().flat_map(|s| s.as_array().unwrap()) {
-        for (ids, labels) in micro["ids"].as_array().unwrap().iter().zip(micro["labels"].as_array().unwrap()) {
-            let (ids, labels) = (ids.as_array().unwrap(), labels.as_array().unwrap());
-            let len = ids.len() - ids.iter().rev().take_while(|&i| i == 2).count(); // right padding (eos 2) off
-            lines += &format!("{}\n", serde_json::json!({"input_ids": ids[..len], "labels": labels[..len]}));
-        }
-    }
-    let data = dir.join("ids.jsonl");
-    std::fs::write(&data, lines).unwrap();
-    let c = &t["config"];
-    let flags = format!(
-        "--no-shuffle --batch-size 2 --grad-accum 2 --max-steps 20 --lr {} --adam-beta1 {} --adam-beta2 {} --adam-epsilon {} \
-         --weight-decay {} --schedule cosine --warmup {} --max-grad-norm {} --checkpoint-every 10 --backend cpu",
-        c["lr"], c["betas"][0], c["betas"][1], c["eps"], c["weight_decay"], c["warmup"], c["max_grad_norm"]
-    );
+    let data = trajectory_data(&t, &dir);
+    let flags = format!("{} --max-steps 20 --checkpoint-every 10 --backend cpu", trajectory_flags(&t));
     let train = |out: &std::path::Path, log: &std::path::Path, start: &[&std::ffi::OsStr]| {
-        let output = cli()
-            .args(["train", "--model"])
-            .arg(fixture("tiny-llama"))
-            .arg("--data")
-            .arg(&data)
-            .arg("--out")
-            .arg(out)
-            .arg("--log")
-            .arg(log)
-            .args(start)
-            .args(flags.split_whitespace())
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-        logged_steps(log)
+        train_via_cli(&fixture("tiny-llama"), &data, out, log, start, &flags).0
     };
     let (out, log) = (dir.join("run"), dir.join("run.jsonl"));
     let steps = train(&out, &log, &["--init-from".as_ref(), fixture("peft/all7-r4").as_os_str()]);
@@ -430,4 +457,63 @@ fn evaluate_command_compares_base_adapter_and_merged() {
     assert!((loss(0) - reference).abs() < 1e-5 * reference, "base {} vs transformers {reference}", loss(0));
     assert!((loss(1) - loss(0)).abs() > 1e-3, "the adapter changes the loss");
     assert!((loss(2) - loss(1)).abs() < 1e-4, "merged {} vs adapter {}", loss(2), loss(1));
+}
+
+/// Full fine-tuning through the command line: torch's 10-step trajectory (tests/fixtures/full)
+/// from its batches in order; the logged losses (1e-4 relative) and the model directory written,
+/// whose every weight is torch's (1e-5); `--resume` from checkpoint-5/ (the model loaded from it)
+/// logs the last 5 losses; `evaluate --other-model` puts the trained model beside the base.
+#[test]
+fn train_method_full_writes_torchs_model_and_resumes() {
+    let t = read_json(fixture("full/trajectory.json"));
+    let dir = scratch("cli-full");
+    let data = trajectory_data(&t, &dir);
+    let flags = format!("--method full {} --max-steps 10 --checkpoint-every 5", trajectory_flags(&t));
+    let train = |model: &std::path::Path, out: &std::path::Path, log: &std::path::Path, extra: &[&std::ffi::OsStr]| {
+        let (steps, stderr) = train_via_cli(model, &data, out, log, extra, &flags);
+        assert!(
+            stderr.contains("full fine-tuning of 90432 parameters: about ") && stderr.contains("AdamW moments 0.7 MB"),
+            "the estimate: {stderr}"
+        );
+        steps
+    };
+    let (out, log) = (dir.join("model"), dir.join("run.jsonl"));
+    let steps = train(&fixture("tiny-llama"), &out, &log, &[]);
+    let torch: Vec<f64> = serde_json::from_value(t["losses"].clone()).unwrap();
+    assert_eq!(steps.len(), 10);
+    for (i, ((loss, _), torch)) in steps.iter().zip(&torch).enumerate() {
+        assert!((loss - torch).abs() < 1e-4 * torch, "step {}: loss {loss} vs torch {torch}", i + 1);
+    }
+    let read = |path: std::path::PathBuf| SafetensorsWeights::new(vec![("weights".into(), std::fs::read(path).unwrap())]).unwrap();
+    let (ours, reference) = (read(out.join("model.safetensors")), read(fixture("full/final.safetensors")));
+    for name in reference.names() {
+        let diff = max_abs_diff(&ours.tensor(name).unwrap().data, &reference.tensor(name).unwrap().data);
+        assert!(diff < 1e-5, "{name}: max |ours - torch| = {diff}");
+    }
+    for file in ["config.json", "model.safetensors", "training_summary.json"] {
+        assert!(out.join(file).is_file(), "{file}");
+    }
+
+    let checkpoint = out.join("checkpoint-5");
+    let rest = train(&checkpoint, &dir.join("resumed"), &dir.join("resumed.jsonl"), &["--resume".as_ref(), checkpoint.as_os_str()]);
+    assert_eq!(rest.len(), 5, "the resumed run logs steps 6 to 10");
+    for (i, ((a, _), (b, _))) in steps[5..].iter().zip(&rest).enumerate() {
+        assert!((a - b).abs() < 1e-6, "step {}: resumed {b} vs uninterrupted {a}", i + 6);
+    }
+
+    let table = cli()
+        .args(["evaluate", "--model"])
+        .arg(fixture("tiny-llama"))
+        .arg("--other-model")
+        .arg(&out)
+        .args(["--max-new-tokens", "0", "--data"])
+        .arg(fixture("eval/ids.jsonl"))
+        .output()
+        .unwrap();
+    assert!(table.status.success(), "{}", String::from_utf8_lossy(&table.stderr));
+    let table = String::from_utf8(table.stdout).unwrap();
+    let rows: Vec<&str> = table.lines().collect();
+    assert_eq!(rows.len(), 3, "a header, the base and the trained model: {table}");
+    assert!(rows[1].starts_with("base") && rows[2].starts_with(out.to_str().unwrap()), "{table}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

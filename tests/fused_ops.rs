@@ -65,11 +65,27 @@ fn rms_norm_matches(device: &Device) {
     let plain = Tensor::<3>::from_data(TensorData::new(x.clone(), shape), device);
     assert_close("rms_norm", &values(rms_norm(plain, weight.clone(), eps)), &expected, 1e-5);
 
-    // L = sum(out * c): dL/dx by central differences of the f64 row, for a few elements per row
+    // L = sum(out * c): dL/dx by central differences of the f64 row, for a few elements per row;
+    // and dL/dw (the weight trained, as full fine-tuning trains it), summed over the rows
     let tracked = Tensor::<3>::from_data(TensorData::new(x.clone(), shape), &device.clone().autodiff()).require_grad();
-    let out = rms_norm(tracked.clone(), Tensor::from_data(TensorData::new(w.clone(), [d]), &device.clone().autodiff()), eps);
+    let weight = Tensor::<1>::from_data(TensorData::new(w.clone(), [d]), &device.clone().autodiff()).require_grad();
+    let out = rms_norm(tracked.clone(), weight.clone(), eps);
     let grads = (out * Tensor::from_data(TensorData::new(c.clone(), shape), &device.clone().autodiff())).sum().backward();
     let ours = values(tracked.grad(&grads).unwrap());
+    let ours_w = values(weight.grad(&grads).unwrap());
+    for k in [0, 1, 288, d - 1] {
+        // L as a function of w[k] alone (the other weights' terms are constants): sum over rows of
+        // x[k] / rms(x) * w[k] * c[k]
+        let loss = |v: f64| {
+            let term = |r: usize| {
+                let xr = row(&x, r);
+                let inv = 1.0 / (xr.iter().map(|v| v * v).sum::<f64>() / d as f64 + eps).sqrt();
+                xr[k] * inv * v * c[r * d + k] as f64
+            };
+            (0..rows).map(term).sum::<f64>()
+        };
+        assert_close(&format!("dL/dw[{k}]"), &ours_w[k..k + 1], &[derivative(loss, w[k] as f64)], 1e-4);
+    }
     for r in [0, 9, rows - 1] {
         for k in [0, 1, 288, d - 1] {
             let loss = |v: f64| {

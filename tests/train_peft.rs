@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use common::*;
 use webgpu_lora::lora::AdapterSource;
 use webgpu_lora::nn::WeightDtype;
-use webgpu_lora::train::trainer::train_steps;
+use webgpu_lora::train::trainer::{Target, TrainedFiles, train_steps};
 use webgpu_lora::train::{Batch, Control, Schedule, TrainEnd, TrainEvent, TrainOptions};
 use webgpu_lora::{LlamaModel, LoraModel};
 
@@ -30,25 +30,6 @@ fn with_adapter(mut model: LlamaModel) -> LlamaModel {
 
 fn trajectory() -> serde_json::Value {
     read_json(fixture("train/trajectory.json"))
-}
-
-fn reference_config(t: &serde_json::Value) -> TrainOptions {
-    let c = &t["config"];
-    TrainOptions {
-        lr: c["lr"].as_f64().unwrap(),
-        adam_beta1: c["betas"][0].as_f64().unwrap(),
-        adam_beta2: c["betas"][1].as_f64().unwrap(),
-        adam_epsilon: c["eps"].as_f64().unwrap(),
-        weight_decay: c["weight_decay"].as_f64().unwrap(),
-        schedule: Schedule::Cosine,
-        warmup_steps: c["warmup"].as_u64().unwrap() as usize,
-        max_grad_norm: c["max_grad_norm"].as_f64().unwrap(),
-        ..Default::default()
-    }
-}
-
-fn steps(t: &serde_json::Value) -> Vec<Vec<Batch>> {
-    t["steps"].as_array().unwrap().iter().map(|group| group.as_array().unwrap().iter().map(batch).collect()).collect()
 }
 
 /// The device's random stream is one per process: tests that seed it and draw from it (adapter
@@ -72,20 +53,24 @@ fn run(
     let (mut losses, mut grad_norms) = (Vec::new(), Vec::new());
     let mut checkpoints = Vec::new();
     let clock = || 0.0;
-    let result = pollster::block_on(train_steps(model, "a", steps, steps.len(), None, config, resume, &clock, &mut |event| {
-        match event {
-            TrainEvent::Step(m) => {
-                losses.push(m.loss);
-                grad_norms.push(m.grad_norm);
-                if Some(m.step) == stop_at {
-                    return Control::Stop;
+    let result =
+        pollster::block_on(train_steps(model, Target::Adapter("a"), steps, steps.len(), None, config, resume, &clock, &mut |event| {
+            match event {
+                TrainEvent::Step(m) => {
+                    losses.push(m.loss);
+                    grad_norms.push(m.grad_norm);
+                    if Some(m.step) == stop_at {
+                        return Control::Stop;
+                    }
                 }
+                TrainEvent::Checkpoint { step, files, state } => match *files {
+                    TrainedFiles::Adapter(adapter) => checkpoints.push((step, state, adapter)),
+                    TrainedFiles::Model(_) => panic!("an adapter's run checkpoints its adapter"),
+                },
+                TrainEvent::Eval { .. } | TrainEvent::Memory { .. } => {}
             }
-            TrainEvent::Checkpoint { step, adapter, state } => checkpoints.push((step, state, *adapter)),
-            TrainEvent::Eval { .. } => {}
-        }
-        Control::Continue
-    }));
+            Control::Continue
+        }));
     (losses, result, checkpoints, grad_norms)
 }
 
@@ -106,7 +91,7 @@ fn head_loss_equals_autodiff_of_the_plain_loss() {
     use burn::tensor::{Distribution, Int, Tensor, TensorData};
     use webgpu_lora::train::data::IGNORE;
     let _turn = rng_turn();
-    use webgpu_lora::train::loss::{LossWeights, head_loss_backward, summed_token_loss};
+    use webgpu_lora::train::loss::{HeadLoss, LossWeights, head_loss_backward, summed_token_loss};
     let t = trajectory();
     let model = tiny_with_adapter();
     let mut batch = batch(&t["grad_batch"]);
@@ -142,7 +127,8 @@ fn head_loss_equals_autodiff_of_the_plain_loss() {
         assert!((summed - expected_loss).abs() < 1e-5 * expected_loss.abs(), "masked {masked}: loss {summed} vs {expected_loss}");
         for rows in [1, 5, 7, 1000] {
             let leaf = hidden.clone().autodiff().require_grad();
-            let (surrogate, loss) = head_loss_backward(&model.head_for_slices(), leaf.clone(), &batch, LossWeights::Uniform(0.5), rows);
+            let HeadLoss { surrogate, loss, .. } =
+                head_loss_backward(&model.head_for_slices(), leaf.clone(), &batch, LossWeights::Uniform(0.5), rows);
             let g = surrogate.backward();
             let loss = loss.into_data().try_to_vec::<f32>().unwrap()[0];
             assert!(
@@ -156,7 +142,7 @@ fn head_loss_equals_autodiff_of_the_plain_loss() {
     // no position counts: zero loss, zero gradient, nothing through the head
     batch.labels.iter_mut().for_each(|l| *l = IGNORE);
     let leaf = Tensor::<3>::ones([batch.batch, batch.seq, model.config.hidden_size], &cpu()).autodiff().require_grad();
-    let (surrogate, loss) = head_loss_backward(&model.head_for_slices(), leaf.clone(), &batch, LossWeights::Uniform(0.5), 7);
+    let HeadLoss { surrogate, loss, .. } = head_loss_backward(&model.head_for_slices(), leaf.clone(), &batch, LossWeights::Uniform(0.5), 7);
     let g = surrogate.backward();
     assert_eq!(loss.into_data().try_to_vec::<f32>().unwrap(), vec![0.0]);
     assert!(host(leaf.grad(&g).unwrap()).iter().all(|&x| x == 0.0));
@@ -171,7 +157,7 @@ fn trajectory_matches_peft_and_base_is_untouched(device: &burn::tensor::Device) 
     let t = trajectory();
     let mut model = tiny_with_adapter_on(device);
     let base_before = pollster::block_on(model.hf_tensors(None)).unwrap();
-    let (losses, result, _, grad_norms) = run(&mut model, &steps(&t), &reference_config(&t), None, None);
+    let (losses, result, _, grad_norms) = run(&mut model, &trajectory_steps(&t), &reference_options(&t), None, None);
     let summary = result.unwrap();
     assert_eq!((summary.steps, summary.end), (20, TrainEnd::Completed));
     let expected: Vec<f64> = serde_json::from_value(t["losses"].clone()).unwrap();
@@ -214,16 +200,16 @@ fn assert_final_tensors_match_peft(model: &LlamaModel, t: &serde_json::Value) {
 #[test]
 fn training_on_an_f16_base() {
     let t = trajectory();
-    let steps = &steps(&t)[..5];
+    let steps = &trajectory_steps(&t)[..5];
     let f16_files = webgpu_lora::io::ModelFiles::from_dir(&fixture("tiny-llama")).unwrap();
     let f16_model = webgpu_lora::Llm::load(f16_files, WeightDtype::F16, &cpu(), &mut |_, _, _| {}).unwrap().model;
     let mut f16 = with_adapter(f16_model);
     let rounded_files = rounded_to_f16_files(&fixture("tiny-llama"));
     let mut rounded = with_adapter(webgpu_lora::Llm::load(rounded_files, WeightDtype::F32, &cpu(), &mut |_, _, _| {}).unwrap().model);
     let base_before = pollster::block_on(f16.hf_tensors(None)).unwrap();
-    let (ours, result, ..) = run(&mut f16, steps, &reference_config(&t), None, None);
+    let (ours, result, ..) = run(&mut f16, steps, &reference_options(&t), None, None);
     result.unwrap();
-    let (reference, ..) = run(&mut rounded, steps, &reference_config(&t), None, None);
+    let (reference, ..) = run(&mut rounded, steps, &reference_options(&t), None, None);
     assert_eq!(ours.len(), 5);
     for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
         assert!((a - b).abs() < 1e-6, "step {}: loss {a} on the f16 base vs {b}", i + 1);
@@ -243,7 +229,7 @@ fn training_on_an_f16_base() {
 #[test]
 fn training_on_a_quantized_base() {
     let t = trajectory();
-    let steps = &steps(&t)[..5];
+    let steps = &trajectory_steps(&t)[..5];
     let gguf = || webgpu_lora::io::ModelFiles::from_path(&fixture("quant/tiny-q4_0.gguf")).unwrap();
     let load = |dtype| with_adapter(webgpu_lora::Llm::load(gguf(), dtype, &cpu(), &mut |_, _, _| {}).unwrap().model);
     let (mut quantized, mut dequantized) = (load(WeightDtype::Auto), load(WeightDtype::F32));
@@ -260,9 +246,9 @@ fn training_on_a_quantized_base() {
     }
     let base_before = pollster::block_on(quantized.hf_tensors(None)).unwrap();
     let footprint = quantized.memory_footprint();
-    let (ours, result, ..) = run(&mut quantized, steps, &reference_config(&t), None, None);
+    let (ours, result, ..) = run(&mut quantized, steps, &reference_options(&t), None, None);
     result.unwrap();
-    let (reference, ..) = run(&mut dequantized, steps, &reference_config(&t), None, None);
+    let (reference, ..) = run(&mut dequantized, steps, &reference_options(&t), None, None);
     assert_eq!(ours.len(), 5);
     for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
         assert!((a - b).abs() < 1e-6, "step {}: loss {a} on the Q4_0 base vs {b} dequantized", i + 1);
@@ -329,8 +315,8 @@ fn lora_dropout_is_on_the_branch_input_only() {
 #[test]
 fn micro_batches_split_across_threads_train_the_same() {
     let t = trajectory();
-    let steps = &steps(&t)[..6];
-    let mut config = reference_config(&t);
+    let steps = &trajectory_steps(&t)[..6];
+    let mut config = reference_options(&t);
     let mut whole = tiny_with_adapter();
     let (expected, ..) = run(&mut whole, steps, &config, None, None);
     config.threads = Some(2);
@@ -361,7 +347,7 @@ fn micro_batches_split_across_threads_train_the_same() {
 fn dropout_masks_do_not_depend_on_the_split() {
     use webgpu_lora::lora::LoraConfig;
     let t = trajectory();
-    let steps = &steps(&t)[..4];
+    let steps = &trajectory_steps(&t)[..4];
     let fresh = |dropout: f64| {
         let _turn = rng_turn();
         let mut model = load(&fixture("tiny-llama"), &cpu()).model;
@@ -371,7 +357,7 @@ fn dropout_masks_do_not_depend_on_the_split() {
         pollster::block_on(model.add_adapter("a", LoraConfig::from_json(json.as_bytes(), "test").unwrap(), 0)).unwrap();
         model
     };
-    let mut config = reference_config(&t);
+    let mut config = reference_options(&t);
     let (unsplit, ..) = run(&mut fresh(0.3), steps, &config, None, None);
     let (no_dropout, ..) = run(&mut fresh(0.0), steps, &config, None, None);
     config.threads = Some(2);
@@ -410,8 +396,8 @@ fn split_rows_partitions_a_batch() {
 #[test]
 fn resume_and_cancel() {
     let t = trajectory();
-    let steps = &steps(&t)[..6];
-    let config = TrainOptions { checkpoint_every: Some(3), ..reference_config(&t) };
+    let steps = &trajectory_steps(&t)[..6];
+    let config = TrainOptions { checkpoint_every: Some(3), ..reference_options(&t) };
     let (full, result, checkpoints, _) = run(&mut tiny_with_adapter(), steps, &config, None, None);
     result.unwrap();
     assert_eq!(checkpoints.len(), 1);
@@ -440,7 +426,7 @@ fn a_diverging_loss_stops_training() {
     let mut model = tiny_with_adapter();
     // split across threads: the replicas must go on the error path too
     let config = TrainOptions { lr: 1e30, schedule: Schedule::Constant, max_grad_norm: 0.0, threads: Some(2), ..Default::default() };
-    let (_, result, ..) = run(&mut model, &steps(&t)[..5], &config, None, None);
+    let (_, result, ..) = run(&mut model, &trajectory_steps(&t)[..5], &config, None, None);
     let err = result.unwrap_err().to_string();
     let last_good: usize = err
         .split("adapter is as it was after step ")
@@ -451,7 +437,7 @@ fn a_diverging_loss_stops_training() {
     assert!(model.layers.iter().all(|l| l.linears().iter().all(|linear| linear.adapters.len() == 1)), "no replica is left behind");
 
     let mut reference = tiny_with_adapter();
-    let (_, result, ..) = run(&mut reference, &steps(&t)[..5], &config, None, Some(last_good));
+    let (_, result, ..) = run(&mut reference, &trajectory_steps(&t)[..5], &config, None, Some(last_good));
     assert_eq!(result.unwrap().steps, last_good);
     let tensors = |model: &LlamaModel| {
         let files = pollster::block_on(model.export_adapter("a")).unwrap();
@@ -469,7 +455,7 @@ fn a_diverging_loss_stops_training() {
 fn early_stopping_restores_the_best_adapter() {
     let t = trajectory();
     let mut model = tiny_with_adapter();
-    let steps = steps(&t);
+    let steps = trajectory_steps(&t);
     let val: Vec<Batch> = steps[..2].iter().flatten().cloned().collect();
     let config = TrainOptions {
         lr: 0.5,
@@ -481,9 +467,17 @@ fn early_stopping_restores_the_best_adapter() {
     };
     let clock = || 0.0;
     let _turn = rng_turn();
-    let summary = pollster::block_on(train_steps(&mut model, "a", &steps, steps.len(), Some(&val), &config, None, &clock, &mut |_| {
-        Control::Continue
-    }))
+    let summary = pollster::block_on(train_steps(
+        &mut model,
+        Target::Adapter("a"),
+        &steps,
+        steps.len(),
+        Some(&val),
+        &config,
+        None,
+        &clock,
+        &mut |_| Control::Continue,
+    ))
     .unwrap();
     assert_eq!(summary.end, TrainEnd::EarlyStopped, "{summary:?}");
     let now = pollster::block_on(webgpu_lora::train::evaluate(&model, &val)).unwrap();

@@ -72,7 +72,7 @@ fn dpo_prefers_the_persona() {
         match event {
             TrainEvent::Eval { val_loss, .. } => evals.push(val_loss),
             TrainEvent::Step(m) => last = m.rewards,
-            TrainEvent::Checkpoint { .. } => {}
+            TrainEvent::Checkpoint { .. } | TrainEvent::Memory { .. } => {}
         }
         Control::Continue
     });

@@ -17,7 +17,7 @@ use webgpu_lora::lora::{ADAPTER_CONFIG_FILE, AdapterSource, LoraConfig, LoraLaye
 use webgpu_lora::nn::WeightDtype;
 use webgpu_lora::tensor::HostTensor;
 use webgpu_lora::train::fine_tune::{STATE_FILE, SUMMARY_FILE};
-use webgpu_lora::train::{Control, TrainEvent, TrainOptions, TrainStart, fine_tune};
+use webgpu_lora::train::{Control, Method, TrainEvent, TrainOptions, TrainStart, fine_tune};
 use webgpu_lora::{Error, GenerationConfig, Llm, Result};
 
 #[derive(Parser)]
@@ -122,14 +122,19 @@ enum Command {
     ConvertToLora(AdapterOnBase),
     /// Evaluate on held-out data (JSONL or text): mean token loss and perplexity, and, for lines
     /// with a reference ({"prompt","completion"}, or "messages" ending with the assistant's),
-    /// exact match and ROUGE-L of greedy answers. One row for the base, one per --adapter and one
-    /// for the last adapter merged (merge_and_unload), side by side; --json writes them.
+    /// exact match and ROUGE-L of greedy answers. One row for the base, one per --adapter, one
+    /// for the last adapter merged (merge_and_unload) and one per --other-model, side by side;
+    /// --json writes them.
     Evaluate {
         #[command(flatten)]
         model: ModelArgs,
         /// A PEFT adapter directory to evaluate; repeat for several.
         #[arg(long)]
         adapter: Vec<PathBuf>,
+        /// Another model to evaluate beside them (a fully fine-tuned one: train --method full),
+        /// loaded as --model is; repeat for several.
+        #[arg(long)]
+        other_model: Vec<PathBuf>,
         #[arg(long)]
         data: PathBuf,
         /// The longest greedy answer; 0 skips exact match and ROUGE-L.
@@ -171,13 +176,15 @@ struct TrainArgs {
     #[arg(long)]
     data: PathBuf,
     /// The adapter directory to write (adapter_config.json, adapter_model.safetensors,
-    /// training_summary.json; checkpoints in checkpoint-STEP/).
+    /// training_summary.json; checkpoints in checkpoint-STEP/); with --method full, the model
+    /// directory (config.json, model.safetensors in f32, the tokenizer's files).
     #[arg(long)]
     out: PathBuf,
     /// A validation file (same formats as --data).
     #[arg(long, conflicts_with = "val_split")]
     val: Option<PathBuf>,
-    /// Continue from a checkpoint directory written by --checkpoint-every.
+    /// Continue from a checkpoint directory written by --checkpoint-every (with --method full,
+    /// the model is loaded from it instead of --model).
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Train this PEFT adapter further (its adapter_config.json sets r, alpha, targets, ...)
@@ -193,16 +200,28 @@ struct TrainArgs {
 
 fn train(args: TrainArgs) -> Result<()> {
     let mut options = args.options;
-    options.base_model_name_or_path = Some(args.model.model.display().to_string());
+    let full = options.method == Method::Full;
+    if !full {
+        options.base_model_name_or_path = Some(args.model.model.display().to_string());
+    }
     if let (None, BackendArg::Cpu) = (options.threads, args.model.backend) {
         // the CPU backend's elementwise kernels are single-threaded: split micro-batches across the cores
         options.threads = Some(std::thread::available_parallelism().map_or(1, |n| n.get()));
     }
+    if full && options.memory_limit_mb.is_none() {
+        options.memory_limit_mb = available_memory_mb();
+    }
     options.check()?;
-    let mut llm = load(&args.model)?;
+    // a full fine-tuning checkpoint is the model itself
+    let model = match (&args.resume, full) {
+        (Some(dir), true) => ModelArgs { model: dir.clone(), ..args.model },
+        _ => args.model,
+    };
+    let mut llm = load(&model)?;
     let data = read_file(&args.data)?;
     let val = args.val.as_ref().map(|p| read_file(p).map(|b| (p.display().to_string(), b))).transpose()?;
     let start = match (&args.resume, &args.init_from) {
+        (Some(dir), _) if full => TrainStart::ResumeModel(read_file(&dir.join(STATE_FILE))?),
         (Some(dir), _) => TrainStart::Resume(AdapterSource::from_dir(dir)?, read_file(&dir.join(STATE_FILE))?),
         (None, Some(dir)) => TrainStart::From(AdapterSource::from_dir(dir)?),
         (None, None) => TrainStart::New,
@@ -234,7 +253,7 @@ fn train(args: TrainArgs) -> Result<()> {
         return Err(e);
     }
     let mut out = files.into_named();
-    out.push((SUMMARY_FILE, report.to_json().into_bytes()));
+    out.push((SUMMARY_FILE.to_string(), report.to_json().into_bytes()));
     write_files(&args.out, out)?;
     let s = &report.summary;
     let loss = |l: Option<f64>| l.map_or("-".into(), |l| format!("{l:.4}"));
@@ -264,18 +283,31 @@ fn show_event(event: TrainEvent, out: &Path) -> Result<()> {
                 m.step, m.total_steps, m.epoch, m.loss, m.lr, m.grad_norm, m.tokens_per_s, m.eta_s
             )
         }
+        TrainEvent::Memory { parameters, parts } => {
+            let total: usize = parts.iter().map(|p| p.bytes).sum();
+            let parts: Vec<String> = parts.iter().map(|p| format!("{} {:.1} MB", p.what, p.bytes as f64 / 1e6)).collect();
+            eprintln!("full fine-tuning of {parameters} parameters: about {:.1} MB ({})", total as f64 / 1e6, parts.join(", "));
+        }
         TrainEvent::Eval { step, val_loss, best } => {
             eprintln!("eval at step {step}: val_loss {val_loss:.4}{}", if best { " (best)" } else { "" })
         }
-        TrainEvent::Checkpoint { step, adapter, state } => {
+        TrainEvent::Checkpoint { step, files, state } => {
             let dir = out.join(format!("checkpoint-{step}"));
-            let mut files = adapter.into_named();
-            files.push((STATE_FILE, state));
+            let mut files = files.into_named();
+            files.push((STATE_FILE.to_string(), state));
             write_files(&dir, files)?;
             eprintln!("checkpoint: {}", dir.display());
         }
     }
     Ok(())
+}
+
+/// MemAvailable of /proc/meminfo in MB (Linux; None elsewhere).
+fn available_memory_mb() -> Option<f64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024.0 / 1e6)
 }
 
 fn device(backend: BackendArg) -> Device {
@@ -330,9 +362,9 @@ fn run(cli: Cli) -> Result<()> {
             }))?;
             println!();
         }
-        Command::Evaluate { model, adapter, data, max_new_tokens, batch_size, max_seq_len, json } => {
+        Command::Evaluate { model, adapter, other_model, data, max_new_tokens, batch_size, max_seq_len, json } => {
             let options = EvalOptions { max_new_tokens, batch_size, max_seq_len };
-            evaluate_models(&model, &adapter, &data, &options, json.as_deref())?;
+            evaluate_models(&model, &adapter, &other_model, &data, &options, json.as_deref())?;
         }
         Command::Logits { model, adapter, merge, ids, text, out } => {
             let mut llm = load(&model)?;
@@ -408,8 +440,16 @@ fn adapter_info(adapter: &Path, model: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// The `evaluate` command: the base, each adapter and the last one merged, as a table on stdout.
-fn evaluate_models(model: &ModelArgs, adapters: &[PathBuf], data: &Path, options: &EvalOptions, json: Option<&Path>) -> Result<()> {
+/// The `evaluate` command: the base, each adapter, the last one merged and each other model, as a
+/// table on stdout.
+fn evaluate_models(
+    model: &ModelArgs,
+    adapters: &[PathBuf],
+    others: &[PathBuf],
+    data: &Path,
+    options: &EvalOptions,
+    json: Option<&Path>,
+) -> Result<()> {
     let mut llm = load(model)?;
     load_adapters(&mut llm, adapters)?;
     let bytes = read_file(data)?;
@@ -432,6 +472,11 @@ fn evaluate_models(model: &ModelArgs, adapters: &[PathBuf], data: &Path, options
     if let Some(last) = adapters.last() {
         pollster::block_on(llm.model.merge_and_unload(&[], false))?;
         run(format!("{} (merged)", last.display()), &llm)?;
+    }
+    drop(llm);
+    for dir in others {
+        let other = load(&ModelArgs { model: dir.clone(), ..*model })?;
+        run(dir.display().to_string(), &other)?;
     }
     let width = rows.iter().map(|(label, _)| label.len()).max().unwrap_or(5).max(5);
     println!(

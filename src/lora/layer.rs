@@ -66,6 +66,7 @@ impl LoraWeights {
 pub type AdapterWeights = BTreeMap<String, LoraWeights>;
 
 /// A base linear layer and the adapters loaded for it, by adapter name.
+#[derive(Clone)]
 pub struct LoraLinear {
     /// The module's Hugging Face name (`model.layers.3.self_attn.q_proj`): what PEFT's
     /// `target_modules` and adapter keys refer to.

@@ -30,7 +30,7 @@ pub trait LoraLayers {
 
 /// Which adapters are loaded (with their configs), which one is active, and whether adapters are
 /// disabled.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct AdapterState {
     pub(super) configs: BTreeMap<String, LoraConfig>,
     pub(super) active: Option<String>,

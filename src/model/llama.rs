@@ -16,7 +16,8 @@
 //! its sliding layers' queries see only the last `sliding_window` keys, rotated by a base of their own.
 //!
 //! Weights are loaded by their Hugging Face names and stay constants: nothing here requires a
-//! gradient. Linear weights are kept transposed ([in, out]) so that every projection is `x @ W^T`
+//! gradient, except in full fine-tuning, which runs a copy whose weights are autodiff leaves
+//! ([`crate::model::parameters`]). Linear weights are kept transposed ([in, out]) so that every projection is `x @ W^T`
 //! as one plain matmul.
 
 use std::collections::BTreeMap;
@@ -36,6 +37,7 @@ use crate::tensor::{HostTensor, read_f32, read_host};
 
 /// Root-mean-square normalisation: x / sqrt(mean(x^2) + eps) * gain, the gain being the weight
 /// (Gemma's: 1 + the weight).
+#[derive(Clone)]
 pub struct RmsNorm {
     /// As stored (what is written back).
     pub weight: Tensor<1>,
@@ -154,6 +156,7 @@ pub struct Positions {
 }
 
 /// Grouped-query attention with rotary embeddings.
+#[derive(Clone)]
 pub struct Attention {
     pub q_proj: LoraLinear,
     pub k_proj: LoraLinear,
@@ -198,6 +201,7 @@ fn per_head(norm: Option<&RmsNorm>, x: Tensor<3>, head_dim: usize) -> Tensor<3> 
 }
 
 /// The gated feed-forward block (SwiGLU, GeGLU).
+#[derive(Clone)]
 pub struct Mlp {
     pub gate_proj: LoraLinear,
     pub up_proj: LoraLinear,
@@ -213,12 +217,14 @@ impl Mlp {
 
 /// Gemma's norms around the MLP: `post_attention_layernorm` then normalises attention's output,
 /// and these the MLP's input and output.
+#[derive(Clone)]
 pub struct FeedforwardNorms {
     pub pre_feedforward_layernorm: RmsNorm,
     pub post_feedforward_layernorm: RmsNorm,
 }
 
 /// One transformer block.
+#[derive(Clone)]
 pub struct DecoderLayer {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
@@ -289,6 +295,7 @@ impl DecoderLayer {
 }
 
 /// The whole causal LM.
+#[derive(Clone)]
 pub struct LlamaModel {
     pub config: LlamaConfig,
     /// [vocab, hidden]
@@ -598,6 +605,7 @@ impl LoraLayers for LlamaModel {
 
 /// The output head as [`LlamaModel::head_for_slices`] gives it: the untied head's W^T [hidden,
 /// vocab], or the tied embedding E [vocab, hidden].
+#[derive(Clone)]
 pub struct Head {
     weight: Weight,
     tied: bool,
@@ -614,6 +622,31 @@ impl Head {
     /// dL/dhidden [rows, hidden] from dL/dlogits [rows, vocab]: the head is linear, so dL/dlogits · W.
     pub fn input_grad(&self, dlogits: Tensor<2>) -> Tensor<2> {
         if self.tied { self.weight.apply(dlogits) } else { self.weight.apply_transposed(dlogits) }
+    }
+
+    /// dL/dW of the weight as held from hidden states [rows, hidden] and dL/dlogits [rows,
+    /// vocab]: dlogitsᵀ · h for the tied E, hᵀ · dlogits for the untied Wᵀ.
+    pub fn weight_grad(&self, h: Tensor<2>, dlogits: Tensor<2>) -> Tensor<2> {
+        if self.tied { dlogits.transpose().matmul(h) } else { h.transpose().matmul(dlogits) }
+    }
+
+    /// Whether the weight is trained (autodiff leaves: full fine-tuning).
+    pub fn is_trained(&self) -> bool {
+        self.weight.f32_parts().is_some_and(|parts| parts.iter().any(Tensor::is_require_grad))
+    }
+
+    /// The same head with plain values (no autodiff).
+    pub fn constant(&self) -> Head {
+        let weight = match self.weight.f32_parts() {
+            Some(parts) => self.weight.with_f32_parts(parts.into_iter().map(Tensor::inner).collect()),
+            None => self.weight.clone(),
+        };
+        Head { weight, tied: self.tied }
+    }
+
+    /// A zero gradient of the weight as held (of a batch with no trained token).
+    pub fn zero_weight_grad(&self) -> Tensor<2> {
+        Tensor::zeros(self.weight.dims(), &self.weight.device().inner())
     }
 }
 

@@ -3,6 +3,8 @@
 
 mod kv_cache;
 mod llama;
+pub mod parameters;
 
 pub use kv_cache::KvCache;
 pub use llama::{Attention, DecoderLayer, Head, LlamaModel, Mlp, Positions, RmsNorm};
+pub use parameters::Parameter;

@@ -6,6 +6,7 @@ use crate::nn::Weight;
 
 /// A linear layer; `weight_t` is the Hugging Face weight transposed: [in, out], so that the layer
 /// is one plain matmul (plus the bias, where the family has one: Qwen2's q, k and v).
+#[derive(Clone)]
 pub struct Linear {
     pub weight_t: Weight,
     /// [out], in f32.

@@ -26,7 +26,7 @@ use crate::lora::LoraRun;
 use crate::model::{Head, LlamaModel};
 use crate::train::data::{Batch, Example, IGNORE, parse_messages};
 use crate::train::loss::{LOSS_ROWS, LossWeights, row_losses};
-use crate::train::trainer::{constant_copies, part_gradients};
+use crate::train::trainer::{LeafPass, constant_copies, part_gradients};
 
 /// A preference pair as token ids: the prompt, and each completion after it.
 #[derive(Debug, Clone, PartialEq)]
@@ -212,6 +212,6 @@ pub async fn dpo_gradients(
     let weights = run.weights.ok_or_else(|| Error::invalid("DPO trains the adapter's own copies"))?;
     let constants = constant_copies(weights);
     let (stats, row_weights) = dpo_stats(model, head, Some(LoraRun { weights: Some(&constants), ..run }), batch, beta).await?;
-    let (_, grads) = part_gradients(model, head, run, leaves, batch, LossWeights::PerRow(&row_weights), checkpointing);
+    let (_, grads) = part_gradients(model, LeafPass::Adapter(run), head, leaves, batch, LossWeights::PerRow(&row_weights), checkpointing);
     Ok((stats, grads))
 }

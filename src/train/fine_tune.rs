@@ -1,19 +1,24 @@
 //! A whole fine-tuning job, as the CLI and the browser run it: read and tokenize the data, split
-//! off validation, check that a step's buffers fit the device, add the adapter (or continue one, or resume a checkpoint), train, and hand back the adapter as PEFT files
-//! with the run's summary. The edges only supply bytes, a clock and somewhere to put the events.
+//! off validation, check that a step's buffers fit the device, add the adapter (or continue one,
+//! or resume a checkpoint), train, and hand back the adapter as PEFT files with the run's
+//! summary; or, for full fine-tuning, estimate the memory, train every weight and hand back the
+//! model as a Hugging Face directory. The edges only supply bytes, a clock and somewhere to put
+//! the events.
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::llm::Llm;
-use crate::lora::{AdapterFiles, AdapterSource, LoraConfig, LoraModel};
+use crate::lora::{AdapterSource, LoraConfig, LoraModel};
 use crate::nn::weight::max_buffer_bytes;
 use crate::train::Method;
 use crate::train::TrainOptions;
 use crate::train::data::{Batch, DataReport, Dataset, Example, ordered_batches, read_dataset};
 use crate::train::dpo::{PreferencePair, preference_batch, read_preferences};
-use crate::train::memory::check_step_buffers;
-use crate::train::trainer::{Control, TrainEvent, TrainSummary, check_state, check_state_fits, plan_steps, train_steps};
+use crate::train::memory::{check_full_memory, check_step_buffers, full_memory};
+use crate::train::trainer::{
+    Control, Target, TrainEvent, TrainSummary, TrainedFiles, check_state, check_state_fits, model_files, plan_steps, train_steps,
+};
 
 /// The summary file written beside a trained adapter.
 pub const SUMMARY_FILE: &str = "training_summary.json";
@@ -48,10 +53,15 @@ pub enum TrainStart {
     From(AdapterSource),
     /// A checkpoint of a run: its adapter and trainer state (trainer_state.safetensors).
     Resume(AdapterSource, Vec<u8>),
+    /// A checkpoint of a full fine-tuning run: the model was loaded from its files, and this is
+    /// its trainer state.
+    ResumeModel(Vec<u8>),
 }
 
 /// Runs the job on `llm`: the adapter (`start`) is loaded or added as `options.adapter_name`,
-/// trained, and left loaded and active. On error the adapter keeps its last good values.
+/// trained, and left loaded and active; or (`Method::Full`) the model's own weights are trained
+/// in place. On error the adapter (or the model) keeps its last good values. Full fine-tuning
+/// first reports its memory estimate ([`TrainEvent::Memory`]).
 pub async fn fine_tune(
     llm: &mut Llm,
     options: &TrainOptions,
@@ -60,17 +70,72 @@ pub async fn fine_tune(
     start: TrainStart,
     clock: &dyn Fn() -> f64,
     on_event: &mut dyn FnMut(TrainEvent) -> Control,
-) -> Result<(FineTuneReport, AdapterFiles)> {
+) -> Result<(FineTuneReport, TrainedFiles)> {
     options.check()?;
     let lora = options.lora_config()?;
     let planned = match options.method {
-        Method::Sft => plan_sft(llm, options, train_file, val_file)?,
+        Method::Sft | Method::Full => plan_sft(llm, options, train_file, val_file)?,
         Method::Dpo => plan_dpo(llm, options, train_file, val_file)?,
     };
     let Planned { steps, steps_per_epoch, val_batches, train_report, val_report } = planned;
+    let text_files = llm.text_files.clone();
     let model = &mut llm.model;
-    let batches = steps.iter().flatten().chain(val_batches.iter().flatten());
-    check_step_buffers(&model.config, batches, max_buffer_bytes())?;
+    let batches = || steps.iter().flatten().chain(val_batches.iter().flatten());
+    check_step_buffers(&model.config, batches(), max_buffer_bytes())?;
+    let report = |summary| FineTuneReport { summary, train_data: train_report, val_data: val_report };
+
+    if options.method == Method::Full {
+        let state = match start {
+            TrainStart::New => None,
+            TrainStart::ResumeModel(state) => Some(state),
+            TrainStart::From(_) | TrainStart::Resume(..) => {
+                return Err(Error::invalid(
+                    "full fine-tuning trains the model itself, not an adapter: give the model to train (a checkpoint's directory to resume) as the model",
+                ));
+            }
+        };
+        check_full_options(options)?;
+        let parameters = model.parameters()?.iter().map(|p| p.value.dims().iter().product::<usize>()).sum();
+        let (rows, seq) = batches().fold((0, 0), |(r, s), b| (r.max(b.batch), s.max(b.seq)));
+        let parts = full_memory(&model.config, parameters, rows, seq, options.gradient_checkpointing);
+        check_full_memory(&parts, options.memory_limit_mb.map(|mb| (mb * 1e6) as usize))?;
+        if let Some(state) = &state {
+            check_state(state)?;
+            check_state_fits(model, Target::Model, state)?;
+        }
+        if on_event(TrainEvent::Memory { parameters, parts }) == Control::Stop {
+            return Err(Error::invalid("full fine-tuning cancelled before it started"));
+        }
+        // checkpoints are whole model directories: the tokenizer's files join the weights
+        let mut on_event = |event| match event {
+            TrainEvent::Checkpoint { step, files, state } => {
+                let files = match *files {
+                    TrainedFiles::Model(mut model) => TrainedFiles::Model({
+                        model.extend(text_files.iter().cloned());
+                        model
+                    }),
+                    adapter => adapter,
+                };
+                on_event(TrainEvent::Checkpoint { step, files: Box::new(files), state })
+            }
+            other => on_event(other),
+        };
+        let summary = train_steps(
+            model,
+            Target::Model,
+            &steps,
+            steps_per_epoch,
+            val_batches.as_deref(),
+            options,
+            state.as_deref(),
+            clock,
+            &mut on_event,
+        )
+        .await?;
+        let mut files = model_files(model).await?;
+        files.extend(text_files);
+        return Ok((report(summary), TrainedFiles::Model(files)));
+    }
 
     let name = &options.adapter_name;
     check_dpo_dropout(options, &start)?;
@@ -88,17 +153,36 @@ pub async fn fine_tune(
             check_state(&state)?; // a bad state file leaves no adapter behind
             model.load_adapter(name, adapter).await?;
             // nor does a state of another adapter
-            if let Err(e) = check_state_fits(model, name, &state) {
+            if let Err(e) = check_state_fits(model, Target::Adapter(name), &state) {
                 model.delete_adapter(name).await?;
                 return Err(e);
             }
             Some(state)
         }
+        TrainStart::ResumeModel(_) => {
+            return Err(Error::invalid("a model's trainer state resumes full fine-tuning only (method full)"));
+        }
     };
+    let target = Target::Adapter(name);
     let summary =
-        train_steps(model, name, &steps, steps_per_epoch, val_batches.as_deref(), options, state.as_deref(), clock, on_event).await?;
+        train_steps(model, target, &steps, steps_per_epoch, val_batches.as_deref(), options, state.as_deref(), clock, on_event).await?;
     let files = model.export_adapter(name).await?;
-    Ok((FineTuneReport { summary, train_data: train_report, val_data: val_report }, files))
+    Ok((report(summary), TrainedFiles::Adapter(files)))
+}
+
+/// Full fine-tuning has no adapter: LoRA options set otherwise than their defaults are refused,
+/// naming each.
+fn check_full_options(options: &TrainOptions) -> Result<()> {
+    let defaults = TrainOptions::default();
+    let (ours, theirs) = (options.lora_config()?.training_settings(), defaults.lora_config()?.training_settings());
+    let set: Vec<String> = ours.iter().zip(&theirs).filter(|(a, b)| a != b).map(|((name, value), _)| format!("{name} {value}")).collect();
+    if set.is_empty() {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "full fine-tuning trains every weight, so the LoRA options do not apply, and {} set: leave them out (or train an adapter: method sft)",
+        set.join(", ")
+    )))
 }
 
 /// A run's optimizer steps (and how many make an epoch), its validation batches and what reading
@@ -179,6 +263,7 @@ fn check_dpo_dropout(options: &TrainOptions, start: &TrainStart) -> Result<()> {
         TrainStart::From(adapter) | TrainStart::Resume(adapter, _) => {
             LoraConfig::from_json(&adapter.config.1, &adapter.config.0)?.lora_dropout
         }
+        TrainStart::ResumeModel(_) => return Ok(()),
     };
     match dropout {
         0.0 => Ok(()),

@@ -1,9 +1,10 @@
 //! The causal-LM loss as transformers computes it: logits at position t predict the label at
 //! t + 1; labels of -100 are ignored; cross-entropy in f32.
 //!
-//! The frozen head never runs under autodiff: the loss and its gradient with respect to the
-//! logits, softmax(z) - onehot(label), come from one softmax, a slice of positions at a time, and
-//! only positions whose label counts are put through the head at all.
+//! The head never runs under autodiff: the loss and its gradient with respect to the logits,
+//! softmax(z) - onehot(label), come from one softmax, a slice of positions at a time, and only
+//! positions whose label counts are put through the head at all. Where full fine-tuning trains
+//! the head, its weight's gradient dLoss/dlogitsᵀ · h is summed over the same slices.
 
 use burn::tensor::{Int, Tensor, TensorData};
 
@@ -53,33 +54,62 @@ fn counted_rows(hidden: Tensor<3>, batch: &Batch) -> Option<(Tensor<2>, Tensor<2
     Some((hidden, Tensor::from_data(TensorData::new(targets, [k, 1]), &device.inner())))
 }
 
+/// How the loss of each position weighs in the gradient of [`head_loss_slices`].
+enum Scale {
+    /// Every position alike.
+    Uniform(f64),
+    /// Position i by row i of this [rows, 1] tensor.
+    Positions(Box<Tensor<2>>),
+}
+
+/// What [`head_loss_slices`] computes besides the loss.
+struct HeadGrads {
+    /// dLoss/dhidden, [rows, hidden].
+    input: Tensor<2>,
+    /// dLoss/dW of the head's weight as it is held, when the head is trained.
+    weight: Option<Tensor<2>>,
+}
+
 /// The loss of `hidden` ([rows, hidden], plain) against `targets`, `rows_at_once` positions at a
-/// time, and with `grad` also dLoss/dhidden: (softmax - onehot) · W for the linear head W.
+/// time, and with `grad` (each position's loss weighted by it) also dLoss/dhidden: (softmax -
+/// onehot) · W for the linear head W, and dLoss/dW where `head` is trained (full fine-tuning).
 fn head_loss_slices(
     head: &Head,
     hidden: Tensor<2>,
     targets: Tensor<2, Int>,
     rows_at_once: usize,
-    grad: bool,
-) -> (Tensor<1>, Option<Tensor<2>>) {
+    grad: Option<Scale>,
+) -> (Tensor<1>, Option<HeadGrads>) {
     let n = hidden.dims()[0];
+    let trained = grad.is_some() && head.is_trained();
+    let constant = if trained { head.constant() } else { head.clone() };
     let mut loss: Option<Tensor<1>> = None;
     let mut grads = Vec::new();
+    let mut weight_grad: Option<Tensor<2>> = None;
     for start in (0..n).step_by(rows_at_once) {
         let len = rows_at_once.min(n - start);
         let h = hidden.clone().narrow(0, start, len);
         let targets = targets.clone().narrow(0, start, len);
-        let (rows, dlogits) = cross_entropy(head.logits(h), targets);
+        let (rows, dlogits) = cross_entropy(constant.logits(h.clone()), targets);
         let part = rows.sum();
-        if grad {
-            grads.push(head.input_grad(dlogits));
+        if let Some(scale) = &grad {
+            let dlogits = match scale {
+                Scale::Uniform(s) => dlogits.mul_scalar(*s),
+                Scale::Positions(w) => dlogits * (**w).clone().narrow(0, start, len),
+            };
+            if trained {
+                let g = constant.weight_grad(h, dlogits.clone());
+                weight_grad = Some(weight_grad.map_or(g.clone(), |sum| sum + g));
+            }
+            grads.push(constant.input_grad(dlogits));
         }
         loss = Some(match loss {
             None => part,
             Some(sum) => sum + part,
         });
     }
-    (loss.expect("at least one row"), grad.then(|| Tensor::cat(grads, 0)))
+    let grads = grad.is_some().then(|| HeadGrads { input: Tensor::cat(grads, 0), weight: weight_grad });
+    (loss.expect("at least one row"), grads)
 }
 
 /// The summed token loss of `batch` ([1]) given its final hidden states [batch, seq, hidden]
@@ -91,7 +121,7 @@ pub fn summed_token_loss(head: &Head, hidden: Tensor<3>, batch: &Batch, rows_at_
         None => (Tensor::zeros([1], &device), 0),
         Some((rows, targets)) => {
             let count = rows.dims()[0];
-            (head_loss_slices(head, rows, targets, rows_at_once, false).0, count)
+            (head_loss_slices(head, rows, targets, rows_at_once, None).0, count)
         }
     }
 }
@@ -114,31 +144,34 @@ pub async fn row_losses(head: &Head, hidden: Tensor<3>, batch: &Batch, rows_at_o
     Ok(sums)
 }
 
+/// What [`head_loss_backward`] gives.
+pub struct HeadLoss {
+    /// sum(h * dLoss/dh): its backward gives every earlier parameter its true gradient.
+    pub surrogate: Tensor<1>,
+    /// The loss value ([1], plain; with per-row weights, the unweighted sum).
+    pub loss: Tensor<1>,
+    /// dLoss/dW of a trained head's weight (full fine-tuning), as the head holds it, whole.
+    pub weight_grad: Option<Tensor<2>>,
+}
+
 /// The loss of `batch` from its final hidden states [batch, seq, hidden] (autodiff) and the
-/// model's `head`, each token's weighted by `weights`: returns the surrogate sum(h * dLoss/dh),
-/// whose backward gives every earlier parameter its true gradient, and the loss value ([1],
-/// plain; with per-row weights, the unweighted sum).
-pub fn head_loss_backward(
-    head: &Head,
-    hidden: Tensor<3>,
-    batch: &Batch,
-    weights: LossWeights,
-    rows_at_once: usize,
-) -> (Tensor<1>, Tensor<1>) {
+/// model's `head`, each token's weighted by `weights` in the gradient.
+pub fn head_loss_backward(head: &Head, hidden: Tensor<3>, batch: &Batch, weights: LossWeights, rows_at_once: usize) -> HeadLoss {
     let device = hidden.device();
     let Some((rows, targets)) = counted_rows(hidden.clone(), batch) else {
         // nothing counts: a zero loss whose gradient is zero everywhere
-        return (hidden.sum().mul_scalar(0.0), Tensor::zeros([1], &device.inner()));
+        let weight_grad = head.is_trained().then(|| head.zero_weight_grad());
+        return HeadLoss { surrogate: hidden.sum().mul_scalar(0.0), loss: Tensor::zeros([1], &device.inner()), weight_grad };
     };
-    let (loss, grad) = head_loss_slices(head, rows.clone().inner(), targets, rows_at_once, true);
-    let grad = grad.expect("asked for");
-    let (grad, loss) = match weights {
-        LossWeights::Uniform(scale) => (grad.mul_scalar(scale), loss.mul_scalar(scale)),
+    let (scale, loss_scale) = match weights {
+        LossWeights::Uniform(scale) => (Scale::Uniform(scale), scale),
         LossWeights::PerRow(per_row) => {
             let of_position: Vec<f32> = counted_targets(batch).0.iter().map(|&p| per_row[p as usize / (batch.seq - 1)] as f32).collect();
             let k = of_position.len();
-            (grad * Tensor::<2>::from_data(TensorData::new(of_position, [k, 1]), &device.inner()), loss)
+            (Scale::Positions(Box::new(Tensor::from_data(TensorData::new(of_position, [k, 1]), &device.inner()))), 1.0)
         }
     };
-    ((rows * grad).sum(), loss)
+    let (loss, grads) = head_loss_slices(head, rows.clone().inner(), targets, rows_at_once, Some(scale));
+    let HeadGrads { input, weight } = grads.expect("asked for");
+    HeadLoss { surrogate: (rows * input).sum(), loss: loss.mul_scalar(loss_scale), weight_grad: weight }
 }

@@ -1,7 +1,9 @@
-//! The largest buffers a training step allocates on the device, checked against the device's
-//! largest buffer before a run changes anything. WebGPU refuses a buffer above
-//! `maxBufferSize` / `maxStorageBufferBindingSize`, and the engine cannot survive that failure
-//! mid-step; here it is an error that names the buffer, its size and the setting to lower.
+//! Memory a training run needs, checked before a run changes anything.
+//!
+//! **Buffers.** The largest buffers a training step allocates on the device, checked against
+//! the device's largest buffer. WebGPU refuses a buffer above `maxBufferSize` /
+//! `maxStorageBufferBindingSize`, and the engine cannot survive that failure mid-step; here it is
+//! an error that names the buffer, its size and the setting to lower.
 //!
 //! Per micro-batch of `rows` x `seq` positions (f32, 4 bytes each):
 //!
@@ -10,6 +12,19 @@
 //! MLP activations   rows * seq * intermediate       (gate, up and their product, each this size)
 //! logits            LOSS_ROWS * vocab               (the loss takes a slice of positions at a time)
 //! ```
+//!
+//! **Full fine-tuning's total.** Every weight trains, so the model is held four times over and
+//! more (P parameters, f32):
+//!
+//! ```text
+//! weights           4 P   (AdamW writes each in place)
+//! gradients         4 P   (a micro-batch runs unsplit: a part would need a gradient of its own)
+//! AdamW moments     8 P   (m and v)
+//! activations       per layer: rows * seq * (10 hidden + 4 intermediate) + rows * heads * seq^2,
+//!                   times the layers (with gradient checkpointing: one layer's, plus every layer's input)
+//! ```
+//!
+//! An estimate, stated before the run and refused above the memory the caller says there is.
 
 use std::collections::BTreeSet;
 
@@ -71,6 +86,45 @@ pub fn check_step_buffers<'a>(config: &LlamaConfig, batches: impl IntoIterator<I
         over.dims,
         megabytes(limit)
     )))
+}
+
+/// One part of [`full_memory`]'s estimate.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryPart {
+    pub what: &'static str,
+    pub bytes: usize,
+}
+
+/// Full fine-tuning's memory estimate for a model of `parameters` weights (`config`'s shapes),
+/// micro-batches of up to `rows` x `seq` (see the module doc).
+pub fn full_memory(config: &LlamaConfig, parameters: usize, rows: usize, seq: usize, checkpointing: bool) -> Vec<MemoryPart> {
+    let (hidden, inter, heads, layers) =
+        (config.hidden_size, config.intermediate_size, config.num_attention_heads, config.num_hidden_layers);
+    let per_layer = 4 * (rows * seq * (10 * hidden + 4 * inter) + rows * heads * seq * seq);
+    let activations = if checkpointing { per_layer + 4 * layers * rows * seq * hidden } else { layers * per_layer };
+    let logits = 2 * 4 * LOSS_ROWS.min(rows * seq) * config.vocab_size;
+    vec![
+        MemoryPart { what: "weights", bytes: 4 * parameters },
+        MemoryPart { what: "gradients", bytes: 4 * parameters },
+        MemoryPart { what: "AdamW moments", bytes: 8 * parameters },
+        MemoryPart { what: "activations", bytes: activations + logits },
+    ]
+}
+
+/// Refuses a full fine-tuning run whose estimate (`parts`) is above `limit` bytes, naming the sizes.
+pub fn check_full_memory(parts: &[MemoryPart], limit: Option<usize>) -> Result<()> {
+    let total: usize = parts.iter().map(|p| p.bytes).sum();
+    match limit {
+        Some(limit) if total > limit => Err(Error::invalid(format!(
+            "full fine-tuning of this model needs about {} ({}), more than the {} available (memoryLimit, --memory-limit): \
+             train a LoRA adapter instead (method sft), or lower the batch size or the longest sequence, \
+             or turn on gradient checkpointing",
+            megabytes(total),
+            parts.iter().map(|p| format!("{} {:.1} MB", p.what, p.bytes as f64 / 1e6)).collect::<Vec<_>>().join(", "),
+            megabytes(limit)
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// `bytes` for people: "1074.8 MB (1073741824 bytes)".

@@ -1,8 +1,9 @@
-//! Supervised fine-tuning of a LoRA adapter: its settings ([`TrainOptions`]), the data
-//! ([`data`]), the loss ([`loss`]), AdamW and schedules ([`optimizer`]), the loop with its events
-//! ([`trainer`]), the buffers a step needs ([`memory`]) and a whole job from files ([`fine_tune`]);
-//! and preference tuning's step ([`dpo`]: DPO's loss, rewards and gradients). The same code runs natively and in
-//! the browser; the caller supplies the clock and receives checkpoints as files.
+//! Supervised fine-tuning of a LoRA adapter, or of every weight (full fine-tuning): its settings
+//! ([`TrainOptions`]), the data ([`data`]), the loss ([`loss`]), AdamW and schedules
+//! ([`optimizer`]), the loop with its events ([`trainer`]), the memory a step needs ([`memory`])
+//! and a whole job from files ([`fine_tune`]); and preference tuning's step ([`dpo`]: DPO's loss,
+//! rewards and gradients). The same code runs natively and in the browser; the caller supplies
+//! the clock and receives checkpoints as files.
 
 pub mod data;
 pub mod dpo;

@@ -1,7 +1,8 @@
 //! AdamW, learning-rate schedules and gradient clipping, as PyTorch's `torch.optim.AdamW`,
 //! transformers' `get_{linear,cosine,constant}_schedule_with_warmup` and
-//! `torch.nn.utils.clip_grad_norm_` compute them, on plain tensors: the trainable parameters are
-//! a handful of LoRA matrices, not a burn `Module`.
+//! `torch.nn.utils.clip_grad_norm_` compute them, on plain tensors: the trained parameters are an
+//! adapter's matrices or the model's own weights as matrices (`model::parameters`), not a burn
+//! `Module`.
 
 use burn::tensor::Tensor;
 

@@ -23,6 +23,9 @@ pub enum Method {
     /// Direct preference optimisation on pairs (JSONL of {"prompt", "chosen", "rejected"}, text or messages),
     /// against the model without the adapter ([`crate::train::dpo`]).
     Dpo,
+    /// Full fine-tuning: every weight of the model trained on text, as SFT trains an adapter
+    /// (f32 weights; the LoRA options do not apply).
+    Full,
 }
 
 /// The settings of a fine-tuning job. Defaults: r 8, alpha 16, dropout 0.05, q_proj + v_proj,
@@ -33,7 +36,7 @@ pub struct TrainOptions {
     /// The name of the new adapter.
     #[arg(skip = defaults().adapter_name)]
     pub adapter_name: String,
-    /// sft (text) or dpo (preference pairs: JSONL of {"prompt", "chosen", "rejected"}; the adapter's dropout must be 0: --dropout 0).
+    /// sft (an adapter on text), dpo (an adapter on preference pairs: JSONL of {"prompt", "chosen", "rejected"}; the adapter's dropout must be 0: --dropout 0) or full (every weight of the model on text; writes a model directory).
     #[arg(long, value_enum, default_value_t = defaults().method)]
     pub method: Method,
     /// DPO's beta: how strongly the adapter is held near the model without it.
@@ -144,6 +147,11 @@ pub struct TrainOptions {
     #[arg(long)]
     pub gradient_checkpointing: bool,
 
+    /// Full fine-tuning: refuse a run whose memory estimate is above this many MB (the CLI's
+    /// default: the memory the system has available).
+    #[arg(long)]
+    pub memory_limit_mb: Option<f64>,
+
     /// Run each micro-batch as up to this many parts of its rows in parallel (for the CPU
     /// backend, whose elementwise kernels are single-threaded; the CLI's default there is one per
     /// core). Equal to the unsplit step up to float rounding, and as deterministic.
@@ -194,6 +202,7 @@ impl Default for TrainOptions {
             truncate: false,
             skip_bad_lines: false,
             gradient_checkpointing: false,
+            memory_limit_mb: None,
             threads: None,
         }
     }

@@ -1,17 +1,20 @@
-//! The SFT loop for one LoRA adapter: only its A and B get gradients (they are the only tensors
-//! put on autodiff; the frozen base stays plain, so it holds no gradient buffers and no optimizer
-//! state). Per optimizer step: `grad_accum` micro-batches, loss = summed token loss / the step's
-//! trainable tokens, global-norm clipping, AdamW with warmup + decay. Evaluation, early stopping
-//! with best-adapter restore, checkpoints (handed to the caller as files), cancel, resume and a
-//! NaN/Inf guard that keeps the last good adapter.
+//! The training loop, for one LoRA adapter or for the whole model (full fine-tuning). Only the
+//! trained tensors get gradients: an adapter's A and B, or every weight of the model, put on
+//! autodiff as leaves for the step's passes (for an adapter the frozen base stays plain, so it
+//! holds no gradient buffers and no optimizer state). Per optimizer step: `grad_accum`
+//! micro-batches, loss = summed token loss / the step's trainable tokens, global-norm clipping,
+//! AdamW with warmup + decay. Evaluation, early stopping with best-values restore, checkpoints
+//! (handed to the caller as files), cancel, resume and a NaN/Inf guard that keeps the last good
+//! values.
 
 use std::collections::{BTreeMap, HashMap};
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::io::safetensors::write_safetensors;
+use crate::io::model_files::CONFIG_FILE;
+use crate::io::safetensors::{SINGLE_FILE, write_safetensors};
 use crate::io::{SafetensorsWeights, StoreDtype};
 use crate::lora::{AdapterFiles, AdapterWeights, DropoutMasks, LoraLayers, LoraModel, LoraRun, LoraWeights, PartDropout};
 use crate::model::{Head, LlamaModel};
@@ -19,8 +22,9 @@ use crate::tensor::{HostTensor, read_host, read_scalar, upload};
 use crate::train::TrainOptions;
 use crate::train::data::{Batch, epoch_batches, ordered_batches};
 use crate::train::dpo::{DpoStats, Rewards, dpo_gradients, dpo_stats};
-use crate::train::loss::{LOSS_ROWS, LossWeights, head_loss_backward, summed_token_loss};
-use crate::train::optimizer::{clip_factor, global_norm};
+use crate::train::loss::{HeadLoss, LOSS_ROWS, LossWeights, head_loss_backward, summed_token_loss};
+use crate::train::memory::MemoryPart;
+use crate::train::optimizer::{AdamW, clip_factor, global_norm};
 use crate::train::options::Method;
 
 /// Metrics of one optimizer step.
@@ -60,10 +64,17 @@ pub enum TrainEvent {
         val_loss: f64,
         best: bool,
     },
-    /// The adapter and the trainer state after `step`: save both to resume from here.
+    /// Full fine-tuning's memory estimate, before the first step: the parameters trained and
+    /// what the memory goes to ([`crate::train::memory::full_memory`]).
+    Memory {
+        parameters: usize,
+        parts: Vec<MemoryPart>,
+    },
+    /// What is trained (the adapter's files, or the model's) and the trainer state after
+    /// `step`: save both to resume from here.
     Checkpoint {
         step: usize,
-        adapter: Box<AdapterFiles>,
+        files: Box<TrainedFiles>,
         state: Vec<u8>,
     },
 }
@@ -77,6 +88,10 @@ impl TrainEvent {
                 serde_json::json!({"event": "eval", "step": step, "valLoss": val_loss, "best": best})
             }
             TrainEvent::Checkpoint { step, .. } => serde_json::json!({"event": "checkpoint", "step": step}),
+            TrainEvent::Memory { parameters, parts } => {
+                let bytes: usize = parts.iter().map(|p| p.bytes).sum();
+                serde_json::json!({"event": "memory", "parameters": parameters, "bytes": bytes, "parts": parts})
+            }
         }
     }
 }
@@ -121,60 +136,146 @@ struct StateHeader {
     evals_without_improvement: usize,
 }
 
-/// The adapter being trained, held by the run (the model only sees its values between steps):
-/// its modules in model order and AdamW's moments (m, v) of each matrix, A then B per module.
+/// What a run trains: an adapter of the model, or the model's own weights (full fine-tuning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'a> {
+    Adapter(&'a str),
+    Model,
+}
+
+/// What is being trained, held by the run (the model only sees its values between steps): the
+/// adapter's modules (with their scaling) or the model's parameters (with their weight decay),
+/// and AdamW's moments (m, v) of each trained matrix, in the order of [`values`](Self::values).
 struct Trainee {
-    adapter: String,
-    modules: Vec<String>,
+    trained: Trained,
     moments: Vec<(Tensor<2>, Tensor<2>)>,
 }
 
+enum Trained {
+    /// An adapter's A then B of each module, in model order.
+    Adapter { name: String, modules: Vec<(String, f64)> },
+    /// Every parameter of the model ([`LlamaModel::parameters`]): whether each decays.
+    Model { decays: Vec<bool> },
+}
+
 impl Trainee {
-    /// Adapter `adapter` of `model`, with zero moments.
-    fn new(model: &LlamaModel, adapter: &str) -> Result<Self> {
-        let weights = model.adapter_weights(adapter)?;
-        let modules: Vec<String> = model.lora_linears().filter(|l| weights.contains_key(&l.name)).map(|l| l.name.clone()).collect();
+    /// `target` of `model`, with zero moments.
+    fn new(model: &LlamaModel, target: Target) -> Result<Self> {
+        let trained = match target {
+            Target::Adapter(adapter) => {
+                let weights = model.adapter_weights(adapter)?;
+                let modules = model.lora_linears().filter_map(|l| weights.get(&l.name).map(|w| (l.name.clone(), w.scaling))).collect();
+                Trained::Adapter { name: adapter.to_string(), modules }
+            }
+            Target::Model => Trained::Model { decays: model.parameters()?.iter().map(|p| p.decays).collect() },
+        };
+        let trainee = Trainee { trained, moments: Vec::new() };
         let zeros = |t: &Tensor<2>| Tensor::zeros(t.dims(), &t.device());
-        let moments = modules.iter().flat_map(|m| [&weights[m].a_t, &weights[m].b_t]).map(|t| (zeros(t), zeros(t))).collect();
-        Ok(Trainee { adapter: adapter.to_string(), modules, moments })
+        let moments = trainee.values(model)?.iter().map(|t| (zeros(t), zeros(t))).collect();
+        Ok(Trainee { moments, ..trainee })
     }
 
-    /// The adapter's matrices in moment order.
-    fn flat(&self, weights: &AdapterWeights) -> Vec<Tensor<2>> {
-        self.modules.iter().flat_map(|m| [weights[m].a_t.clone(), weights[m].b_t.clone()]).collect()
+    /// The trained matrices' current values.
+    fn values(&self, model: &LlamaModel) -> Result<Vec<Tensor<2>>> {
+        Ok(match &self.trained {
+            Trained::Adapter { name, modules } => {
+                let weights = model.adapter_weights(name)?;
+                modules.iter().flat_map(|(m, _)| [weights[m].a_t.clone(), weights[m].b_t.clone()]).collect()
+            }
+            Trained::Model { .. } => model.parameters()?.into_iter().map(|p| p.value).collect(),
+        })
     }
 
-    /// `weights` with its matrices replaced by `flat` (in moment order).
-    fn unflat(&self, weights: &AdapterWeights, flat: Vec<Tensor<2>>) -> AdapterWeights {
+    /// Puts `values` in the model.
+    fn set_values(&self, model: &mut LlamaModel, values: Vec<Tensor<2>>) -> Result<()> {
+        match &self.trained {
+            Trained::Adapter { name, .. } => model.set_adapter_weights(name, &self.adapter_weights(values)),
+            Trained::Model { .. } => {
+                model.set_parameters(values);
+                Ok(())
+            }
+        }
+    }
+
+    /// The adapter's matrices `flat` (in value order) by module (none when the model's weights train).
+    fn adapter_weights(&self, flat: Vec<Tensor<2>>) -> AdapterWeights {
+        let Trained::Adapter { modules, .. } = &self.trained else { return AdapterWeights::new() };
         let mut flat = flat.into_iter();
         let mut next = || flat.next().expect("one tensor per matrix");
-        self.modules.iter().map(|m| (m.clone(), LoraWeights { a_t: next(), b_t: next(), scaling: weights[m].scaling })).collect()
+        modules.iter().map(|(m, scaling)| (m.clone(), LoraWeights { a_t: next(), b_t: next(), scaling: *scaling })).collect()
+    }
+
+    /// Whether AdamW's weight decay applies to matrix `i`.
+    fn decays(&self, i: usize) -> bool {
+        match &self.trained {
+            Trained::Adapter { .. } => true,
+            Trained::Model { decays } => decays[i],
+        }
+    }
+
+    /// The files of what is trained, as it is in the model now.
+    async fn files(&self, model: &LlamaModel) -> Result<TrainedFiles> {
+        Ok(match &self.trained {
+            Trained::Adapter { name, .. } => TrainedFiles::Adapter(model.export_adapter(name).await?),
+            Trained::Model { .. } => TrainedFiles::Model(model_files(model).await?),
+        })
     }
 }
 
-/// One optimizer step's summed loss and gradients (in moment order) at `weights`: a
-/// forward/backward per micro-batch with the adapter's matrices as the only autodiff leaves, each
+/// What a run produces: an adapter's PEFT files, or a fully fine-tuned model's Hugging Face files.
+#[derive(Clone)]
+pub enum TrainedFiles {
+    Adapter(AdapterFiles),
+    /// model.safetensors and config.json (the edges add the tokenizer's files).
+    Model(Vec<(String, Vec<u8>)>),
+}
+
+impl TrainedFiles {
+    /// The files under their names, for writing a directory.
+    pub fn into_named(self) -> Vec<(String, Vec<u8>)> {
+        match self {
+            TrainedFiles::Adapter(files) => files.into_named().into_iter().map(|(n, b)| (n.to_string(), b)).collect(),
+            TrainedFiles::Model(files) => files,
+        }
+    }
+}
+
+/// model.safetensors (f32, the weights as the model holds them now) and config.json.
+pub async fn model_files(model: &LlamaModel) -> Result<Vec<(String, Vec<u8>)>> {
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let weights = write_safetensors(&model.hf_tensors(None).await?, StoreDtype::F32, Some(metadata))?;
+    Ok(vec![(SINGLE_FILE.to_string(), weights), (CONFIG_FILE.to_string(), model.config.to_json().into_bytes())])
+}
+
+/// One optimizer step's summed loss and gradients (in value order) at `values`: a
+/// forward/backward per micro-batch with the trained matrices as the only autodiff leaves, each
 /// micro-batch's summed token loss divided by the whole group's trainable tokens, gradients
 /// summed. With `options.threads` > 1 each micro-batch's rows are split into parts run in parallel on
 /// rayon's pool (the one burn's CPU GEMM uses, so the parts share the cores rather than
 /// oversubscribe them), each part with its own leaves (and so its own autodiff graph).
 /// `dropout`: LoRA dropout's p (the masks the unsplit pass would draw, see `lora::dropout`).
 /// The model is not changed.
+#[allow(clippy::too_many_arguments)]
 async fn group_gradients(
     model: &LlamaModel,
     trainee: &Trainee,
-    weights: &AdapterWeights,
+    values: &[Tensor<2>],
     group: &[Batch],
     seed: u64,
     dropout: f64,
     options: &TrainOptions,
 ) -> Result<(f64, Vec<Tensor<2>>)> {
-    // no more parts than the largest micro-batch has rows to give them
-    let threads = options.threads.unwrap_or(1).clamp(1, group.iter().map(|b| b.batch).max().unwrap_or(1).max(1));
+    // no more parts than the largest micro-batch has rows to give them; full fine-tuning in one
+    // (its products dominate and use every core; a part would hold a gradient of the whole model)
+    let threads = match trainee.trained {
+        Trained::Model { .. } => 1,
+        Trained::Adapter { .. } => options.threads.unwrap_or(1).clamp(1, group.iter().map(|b| b.batch).max().unwrap_or(1).max(1)),
+    };
     let checkpointing = options.gradient_checkpointing;
-    // one head for all parts: a quantized one is dequantized once a step, not once a thread
-    let head = model.head_for_slices();
-    let leaves: Vec<AdapterWeights> = (0..threads).map(|_| autodiff_leaves(weights)).collect();
+    let leaves: Vec<Vec<Tensor<2>>> = (0..threads).map(|_| autodiff_leaves(values)).collect();
+    // an adapter's parts share one head (a quantized one dequantized once a step, not once a thread)
+    let shared_head = matches!(trainee.trained, Trained::Adapter { .. }).then(|| model.head_for_slices());
+    let adapters: Vec<AdapterWeights> = leaves.iter().map(|l| trainee.adapter_weights(l.clone())).collect();
     let scale = 1.0 / group.iter().map(Batch::trainable_tokens).sum::<usize>().max(1) as f64;
     let mut grads: Option<Vec<Tensor<2>>> = None;
     let mut loss_sum = 0.0;
@@ -185,10 +286,25 @@ async fn group_gradients(
             parts.iter().scan(0, |start, part| Some(std::mem::replace(start, *start + part.batch * part.seq))).collect();
         let masks =
             (dropout > 0.0).then(|| DropoutMasks::new(dropout, batch.batch * batch.seq, parts.len(), 1 + usize::from(checkpointing)));
+        // full fine-tuning (one part): a copy of the model whose weights are the leaves, and its
+        // head, made again for each micro-batch (what the copy derives from the leaves, a norm's
+        // gain, is used up by a backward pass)
+        let copy = matches!(trainee.trained, Trained::Model { .. }).then(|| {
+            let copy = model.with_parameters(leaves[0].clone());
+            let head = copy.head_for_slices();
+            (copy, head)
+        });
         let run = |k: usize, part: &Batch| {
             let dropout = masks.as_ref().map(|m| m.part(starts[k]..starts[k] + part.batch * part.seq));
-            let run = LoraRun { adapter: &trainee.adapter, weights: Some(&leaves[k]), dropout: dropout.as_ref() };
-            part_gradients(model, &head, run, &trainee.flat(&leaves[k]), part, LossWeights::Uniform(scale), checkpointing)
+            let (pass, head) = match (&trainee.trained, &copy) {
+                (_, Some((copy, head))) => (LeafPass::Model(copy), head),
+                (Trained::Adapter { name, .. }, None) => {
+                    let run = LoraRun { adapter: name, weights: Some(&adapters[k]), dropout: dropout.as_ref() };
+                    (LeafPass::Adapter(run), shared_head.as_ref().expect("an adapter's parts share a head"))
+                }
+                (Trained::Model { .. }, None) => unreachable!("the model's weights train on a copy"),
+            };
+            part_gradients(model, pass, head, &leaves[k], part, LossWeights::Uniform(scale), checkpointing)
         };
         let results: Vec<(Tensor<1>, Vec<Tensor<2>>)> = if parts.len() == 1 {
             vec![run(0, &parts[0])]
@@ -212,19 +328,22 @@ async fn group_gradients(
 async fn dpo_group_gradients(
     model: &LlamaModel,
     trainee: &Trainee,
-    weights: &AdapterWeights,
+    values: &[Tensor<2>],
     group: &[Batch],
     options: &TrainOptions,
 ) -> Result<(DpoStats, Vec<Tensor<2>>)> {
+    let Trained::Adapter { name, .. } = &trainee.trained else {
+        return Err(Error::invalid("DPO trains an adapter, not the whole model"));
+    };
     let mut grads: Option<Vec<Tensor<2>>> = None;
     let mut stats = Vec::with_capacity(group.len());
     // one head for the step: a quantized one is dequantized once, not once a pass
     let head = model.head_for_slices();
     for batch in group {
-        let leaves = autodiff_leaves(weights);
-        let run = LoraRun { adapter: &trainee.adapter, weights: Some(&leaves), dropout: None };
-        let (these, g) =
-            dpo_gradients(model, &head, run, &trainee.flat(&leaves), batch, options.beta, options.gradient_checkpointing).await?;
+        let leaves = autodiff_leaves(values);
+        let weights = trainee.adapter_weights(leaves.clone());
+        let run = LoraRun { adapter: name, weights: Some(&weights), dropout: None };
+        let (these, g) = dpo_gradients(model, &head, run, &leaves, batch, options.beta, options.gradient_checkpointing).await?;
         stats.push(these);
         let g: Vec<Tensor<2>> = g.into_iter().map(|g| g.div_scalar(group.len() as f64)).collect();
         grads = Some(match grads {
@@ -250,63 +369,151 @@ pub fn constant_copies(weights: &AdapterWeights) -> AdapterWeights {
     weights.iter().map(|(m, w)| (m.clone(), w.map(|t| t.clone().inner()))).collect()
 }
 
-/// A copy of an adapter's matrices as autodiff leaves that require a gradient (each copy has its
-/// own graph), to run through [`LoraRun::weights`].
-pub fn autodiff_leaves(weights: &AdapterWeights) -> AdapterWeights {
-    let leaf = |t: &Tensor<2>| t.clone().autodiff().require_grad();
-    weights.iter().map(|(m, w)| (m.clone(), w.map(leaf))).collect()
+/// Copies of `values` as autodiff leaves that require a gradient (each copy has its own graph).
+pub fn autodiff_leaves(values: &[Tensor<2>]) -> Vec<Tensor<2>> {
+    values.iter().map(|t| t.clone().autodiff().require_grad()).collect()
 }
 
-/// The summed token loss of `batch` (each token's weighted by `loss_weights` in the gradient) under
-/// `run`, and the gradient of each of `leaves` (the autodiff matrices `run` reads); `head` is the model's
-/// ([`LlamaModel::head_for_slices`], shared by the parts of a step). With `checkpointing`
-/// (transformers' gradient checkpointing) the forward pass keeps only each layer's input, and
-/// the backward pass runs the layers again one at a time, last first: one layer's activations
-/// exist at a time instead of every layer's, for one more forward pass of compute.
+/// Where a gradient pass reads its leaves.
+#[derive(Clone, Copy)]
+pub enum LeafPass<'a> {
+    /// An adapter's: `run` reads the autodiff matrices.
+    Adapter(LoraRun<'a>),
+    /// The model's own weights: this copy of the model holds them ([`LlamaModel::with_parameters`]).
+    Model(&'a LlamaModel),
+}
+
+/// The summed token loss of `batch` (each token's weighted by `loss_weights` in the gradient)
+/// with the leaves `pass` reads, and the gradient of each of `leaves` (those autodiff matrices);
+/// `head` is the model's ([`LlamaModel::head_for_slices`], of the copy when the model is trained).
+/// With `checkpointing` (transformers' gradient checkpointing) the forward pass keeps only each
+/// layer's input, and the backward pass runs the layers again one at a time, last first: one
+/// layer's activations exist at a time instead of every layer's, for one more forward pass of compute.
 pub fn part_gradients(
     model: &LlamaModel,
+    pass: LeafPass,
     head: &Head,
-    run: LoraRun,
     leaves: &[Tensor<2>],
     batch: &Batch,
     loss_weights: LossWeights,
     checkpointing: bool,
 ) -> (Tensor<1>, Vec<Tensor<2>>) {
     let ids = model.ids_batch(&batch.ids, batch.batch, batch.seq);
+    let (recorded, run) = match pass {
+        LeafPass::Adapter(run) => (model, Some(run)),
+        LeafPass::Model(copy) => (copy, None),
+    };
+    let mut grads = LeafGrads { leaves, grads: vec![None; leaves.len()] };
     if !checkpointing {
-        let hidden = model.hidden_states_with(ids, None, Some(run));
-        let (surrogate, loss) = head_loss_backward(head, hidden, batch, loss_weights, LOSS_ROWS);
-        let g = surrogate.backward();
-        return (loss, leaves.iter().map(|l| l.grad(&g).expect("a trainable leaf has a gradient")).collect());
+        let hidden = recorded.hidden_states_with(ids, None, run);
+        let HeadLoss { surrogate, loss, weight_grad } = head_loss_backward(head, hidden, batch, loss_weights, LOSS_ROWS);
+        grads.collect(&surrogate.backward());
+        if let (LeafPass::Model(copy), Some(dw)) = (pass, weight_grad) {
+            grads.add_head(copy, dw);
+        }
+        return (loss, grads.into_vec());
     }
-    // forward with the adapter's values as constants, so nothing is recorded: each layer's input,
-    // and which dropout mask the layer starts at
-    let constants = constant_copies(run.weights.expect("training runs its own matrices"));
-    let unrecorded = LoraRun { weights: Some(&constants), ..run };
-    let mask_at = || run.dropout.map_or(0, PartDropout::position);
-    let (mut h, at) = model.decoder_input(ids, 0);
+    // forward with plain values, so nothing is recorded (the adapter's as constants, the model's
+    // own): each layer's input, and which dropout mask the layer starts at
+    let constants = run.map(|run| constant_copies(run.weights.expect("training runs its own matrices")));
+    let unrecorded = run.map(|run| LoraRun { weights: constants.as_ref(), ..run });
+    let dropout = run.and_then(|run| run.dropout);
+    let mask_at = || dropout.map_or(0, PartDropout::position);
+    let (mut h, at) = model.decoder_input(ids.clone(), 0);
     let mut inputs = Vec::with_capacity(model.layers.len());
     for i in 0..model.layers.len() {
         inputs.push((h.clone(), mask_at()));
-        h = model.layer_forward(i, h, &at, Some(unrecorded));
+        h = model.layer_forward(i, h, &at, unrecorded);
     }
     // backward: the head's gradient of the last layer's output, then each layer again, recorded
     let out = h.autodiff().require_grad();
-    let (surrogate, loss) = head_loss_backward(head, model.norm.forward(out.clone()), batch, loss_weights, LOSS_ROWS);
-    let mut upstream = out.grad(&surrogate.backward()).expect("the loss depends on the last layer");
-    let mut grads: Vec<Option<Tensor<2>>> = vec![None; leaves.len()];
+    let HeadLoss { surrogate, loss, weight_grad } =
+        head_loss_backward(head, recorded.norm.forward(out.clone()), batch, loss_weights, LOSS_ROWS);
+    let mut upstream = {
+        let g = surrogate.backward();
+        grads.collect(&g);
+        out.grad(&g).expect("the loss depends on the last layer")
+    }; // (the gradients given up: collected ones are then the only holders, to add into in place)
+    if let (LeafPass::Model(copy), Some(dw)) = (pass, weight_grad) {
+        grads.add_head(copy, dw);
+    }
     for (i, (input, mask)) in inputs.into_iter().enumerate().rev() {
-        run.dropout.inspect(|d| d.seek(mask));
+        dropout.inspect(|d| d.seek(mask));
         let x = input.autodiff().require_grad();
-        let g = (model.layer_forward(i, x.clone(), &at, Some(run)) * upstream).sum().backward();
+        let g = (recorded.layer_forward(i, x.clone(), &at, run) * upstream).sum().backward();
         upstream = x.grad(&g).expect("a layer's output depends on its input");
-        for (leaf, grad) in leaves.iter().zip(&mut grads) {
-            if let Some(g) = leaf.grad(&g) {
-                *grad = Some(grad.take().map_or(g.clone(), |sum| sum + g));
+        grads.collect(&g);
+    }
+    if let LeafPass::Model(copy) = pass {
+        grads.add_embedding(copy, ids, upstream);
+    }
+    (loss, grads.into_vec())
+}
+
+/// The gradients of a pass's leaves as they come in, each summed where several passes give one.
+struct LeafGrads<'a> {
+    leaves: &'a [Tensor<2>],
+    grads: Vec<Option<Tensor<2>>>,
+}
+
+impl LeafGrads<'_> {
+    /// Adds what a backward pass gave each leaf.
+    fn collect(&mut self, g: &burn::tensor::Gradients) {
+        for i in 0..self.leaves.len() {
+            if let Some(g) = self.leaves[i].grad(g) {
+                self.add(i, g);
             }
         }
     }
-    (loss, grads.into_iter().map(|g| g.expect("a trainable leaf has a gradient")).collect())
+
+    /// Adds `g` to leaf `i`'s gradient (in place where nothing else holds that).
+    fn add(&mut self, i: usize, g: Tensor<2>) {
+        self.grads[i] = Some(match self.grads[i].take() {
+            Some(sum) => sum + g,
+            None => g,
+        });
+    }
+
+    /// Adds a trained head's weight gradient `dw` (as the head's weight is held, whole), which the
+    /// loss computed by hand, to its leaves: the untied head's, the last parameters, or the tied
+    /// embedding's, the first (LlamaModel::parameters), a run of rows for each of its buffers.
+    fn add_head(&mut self, copy: &LlamaModel, dw: Tensor<2>) {
+        let (weight, first) = match &copy.lm_head {
+            Some(head) => (head, self.leaves.len() - head.buffers()),
+            None => (&copy.embed_tokens, 0),
+        };
+        let axis = usize::from(weight.is_transposed());
+        let mut at = 0;
+        for i in first..first + weight.buffers() {
+            let rows = self.leaves[i].dims()[axis];
+            self.add(i, if weight.buffers() == 1 { dw.clone() } else { dw.clone().narrow(axis, at, rows) });
+            at += rows;
+        }
+    }
+
+    /// Adds the embedding's gradient from the first layer's input gradient `upstream`: each
+    /// position's row added into its id's row (into the gradient the tied head gave, in place),
+    /// rather than autodiff's lookup backward, which makes an embedding-sized gradient of its own.
+    fn add_embedding(&mut self, copy: &LlamaModel, ids: Tensor<2, Int>, upstream: Tensor<3>) {
+        let embedding = &copy.embed_tokens;
+        if embedding.buffers() > 1 || embedding.is_transposed() {
+            self.collect(&(copy.decoder_input(ids, 0).0 * upstream).sum().backward());
+            return;
+        }
+        let [batch, seq, width] = upstream.dims();
+        let upstream = upstream.reshape([batch * seq, width]);
+        let upstream = match copy.config.embed_scale {
+            Some(scale) => upstream * scale,
+            None => upstream,
+        };
+        // the embedding is the first parameter
+        let grad = self.grads[0].take().unwrap_or_else(|| Tensor::zeros(self.leaves[0].dims(), &upstream.device()));
+        self.grads[0] = Some(grad.select_assign(0, ids.reshape([batch * seq]), upstream, IndexingUpdateOp::Add));
+    }
+
+    fn into_vec(self) -> Vec<Tensor<2>> {
+        self.grads.into_iter().map(|g| g.expect("a trainable leaf has a gradient")).collect()
+    }
 }
 
 /// The mean token loss of `batches` under the model as it is (no dropout, no gradients).
@@ -365,13 +572,15 @@ impl Run<'_> {
     /// Optimizer step `t` (from 1) over `group`: the adapter moves only if the loss is finite.
     async fn step(&mut self, t: usize, group: &[Batch]) -> Result<StepOutcome> {
         let options = self.options;
-        let adapter = &self.trainee.adapter;
-        let dropout = self.model.known_adapter(adapter)?.lora_dropout;
-        let weights = self.model.adapter_weights(adapter)?;
+        let dropout = match &self.trainee.trained {
+            Trained::Adapter { name, .. } => self.model.known_adapter(name)?.lora_dropout,
+            Trained::Model { .. } => 0.0,
+        };
+        let values = self.trainee.values(self.model)?;
         let seed = options.seed ^ ((t as u64) << 8);
         let (loss, grads, rewards) = match options.method {
-            Method::Sft => {
-                let (loss, grads) = group_gradients(self.model, &self.trainee, &weights, group, seed, dropout, options).await?;
+            Method::Sft | Method::Full => {
+                let (loss, grads) = group_gradients(self.model, &self.trainee, &values, group, seed, dropout, options).await?;
                 (loss, grads, None)
             }
             Method::Dpo if dropout != 0.0 => {
@@ -380,7 +589,7 @@ impl Run<'_> {
                 )));
             }
             Method::Dpo => {
-                let (stats, grads) = dpo_group_gradients(self.model, &self.trainee, &weights, group, options).await?;
+                let (stats, grads) = dpo_group_gradients(self.model, &self.trainee, &values, group, options).await?;
                 (stats.loss, grads, Some(stats.rewards))
             }
         };
@@ -399,13 +608,26 @@ impl Run<'_> {
         // the moments given up to the update, which writes the new ones where they were
         let moments = std::mem::take(&mut self.trainee.moments);
         assert_eq!(moments.len(), grads.len(), "one (m, v) per trained matrix");
-        for ((value, g), (m, v)) in self.trainee.flat(&weights).into_iter().zip(grads).zip(moments) {
+        // no weight decay for norms and biases (full fine-tuning), as transformers' Trainer groups them
+        let undecayed = AdamW { weight_decay: 0.0, ..optimizer };
+        for (i, ((value, g), (m, v))) in values.into_iter().zip(grads).zip(moments).enumerate() {
+            let optimizer = if self.trainee.decays(i) { &optimizer } else { &undecayed };
+            if let Trained::Model { .. } = self.trainee.trained {
+                // the model lets go of the weight while AdamW writes it in place (it holds the
+                // gradient, of the same shape, meanwhile): no second copy of the weight
+                self.model.replace_parameter(i, g.clone());
+            }
             let (new, new_m, new_v) = optimizer.update(value, g, m, v, t, lr, factor);
             self.trainee.moments.push((new_m, new_v));
-            updated.push(new);
+            match self.trainee.trained {
+                // each weight into the model at once, so its old values are freed before the next is written
+                Trained::Model { .. } => self.model.replace_parameter(i, new),
+                Trained::Adapter { .. } => updated.push(new),
+            }
         }
-        let updated = self.trainee.unflat(&weights, updated);
-        self.model.set_adapter_weights(&self.trainee.adapter, &updated)?;
+        if let Trained::Adapter { .. } = self.trainee.trained {
+            self.trainee.set_values(self.model, updated)?;
+        }
         self.header.step = t;
         Ok(StepOutcome { loss, grad_norm, lr, rewards })
     }
@@ -414,7 +636,7 @@ impl Run<'_> {
     /// Some(improved), or None when the caller asked to stop.
     async fn eval(&mut self, batches: &[Batch], step: usize, on_event: &mut dyn FnMut(TrainEvent) -> Control) -> Result<Option<bool>> {
         let val_loss = match self.options.method {
-            Method::Sft => evaluate(self.model, batches).await?,
+            Method::Sft | Method::Full => evaluate(self.model, batches).await?,
             Method::Dpo => dpo_evaluate(self.model, batches, self.options.beta).await?.loss,
         };
         let header = &mut self.header;
@@ -429,11 +651,11 @@ impl Run<'_> {
         Ok((on_event(TrainEvent::Eval { step, val_loss, best: improved }) == Control::Continue).then_some(improved))
     }
 
-    /// The adapter's files and the trainer state after `step`, to continue from there.
+    /// The trained files and the trainer state after `step`, to continue from there.
     async fn checkpoint(&self, step: usize) -> Result<TrainEvent> {
-        let adapter = self.model.export_adapter(&self.trainee.adapter).await?;
+        let files = self.trainee.files(self.model).await?;
         let state = save_state(&self.header, &self.trainee.moments).await?;
-        Ok(TrainEvent::Checkpoint { step, adapter: Box::new(adapter), state })
+        Ok(TrainEvent::Checkpoint { step, files: Box::new(files), state })
     }
 
     /// The metrics of the step just done, `elapsed` seconds after the run (re)started.
@@ -454,14 +676,14 @@ impl Run<'_> {
     }
 }
 
-/// Trains adapter `adapter` of `model` (made active) over the planned optimizer steps,
-/// evaluating on `val_batches`. `clock` gives seconds (any origin); `resume` is the `state` of a
-/// checkpoint whose adapter is loaded. Events go to `on_event`, which may stop the run.
-/// `steps_per_epoch` only labels events.
+/// Trains `target` of `model` (an adapter, made active; or the model's own weights) over the
+/// planned optimizer steps, evaluating on `val_batches`. `clock` gives seconds (any origin);
+/// `resume` is the `state` of a checkpoint whose adapter (or model) is loaded. Events go to
+/// `on_event`, which may stop the run. `steps_per_epoch` only labels events.
 #[allow(clippy::too_many_arguments)]
 pub async fn train_steps(
     model: &mut LlamaModel,
-    adapter: &str,
+    target: Target<'_>,
     steps: &[Vec<Batch>],
     steps_per_epoch: usize,
     val_batches: Option<&[Batch]>,
@@ -471,26 +693,32 @@ pub async fn train_steps(
     on_event: &mut dyn FnMut(TrainEvent) -> Control,
 ) -> Result<TrainSummary> {
     options.check()?;
-    model.set_adapter(adapter)?;
+    if let Target::Adapter(adapter) = target {
+        model.set_adapter(adapter)?;
+    }
     let total_steps = steps.len();
     if total_steps == 0 {
         return Err(Error::invalid("nothing to do: 0 epochs or max_steps 0"));
     }
-    let mut trainee = Trainee::new(model, adapter)?;
+    let mut trainee = Trainee::new(model, target)?;
     let mut header = StateHeader { step: 0, tokens: 0, best_val_loss: None, best_step: None, evals_without_improvement: 0 };
     if let Some(bytes) = resume {
         header = restore_state(bytes, &mut trainee.moments, &model.device())?;
     }
     let started_at = (header.step, header.tokens);
     let mut run = Run { model, trainee, options, header, total_steps, steps_per_epoch, started_at };
-    let mut best: Option<AdapterWeights> = None;
+    // the best values, kept only where early stopping may go back to them (for the whole
+    // model they are a second copy of it)
+    let mut best: Option<Vec<Tensor<2>>> = None;
+    let keep_best = options.patience.is_some();
     let start = clock();
     let mut final_loss = None;
     let mut end = TrainEnd::Completed;
     // the starting point of the validation curve (and the adapter early stopping falls back to)
     if let (0, Some(batches)) = (run.header.step, val_batches) {
         match run.eval(batches, 0, on_event).await? {
-            Some(_) => best = Some(run.model.adapter_weights(adapter)?),
+            Some(_) if keep_best => best = Some(run.trainee.values(run.model)?),
+            Some(_) => {}
             None => end = TrainEnd::Cancelled,
         }
     }
@@ -513,8 +741,8 @@ pub async fn train_steps(
                     end = TrainEnd::Cancelled;
                     break;
                 }
-                Some(true) => best = Some(run.model.adapter_weights(adapter)?),
-                Some(false) => {}
+                Some(true) if keep_best => best = Some(run.trainee.values(run.model)?),
+                Some(_) => {}
             }
             if options.patience.is_some_and(|p| run.header.evals_without_improvement >= p) {
                 end = TrainEnd::EarlyStopped;
@@ -527,9 +755,9 @@ pub async fn train_steps(
             break;
         }
     }
-    // early stopping keeps the best adapter, as load_best_model_at_end does
+    // early stopping keeps the best values, as load_best_model_at_end does
     if let (TrainEnd::EarlyStopped, Some(best)) = (end, best) {
-        run.model.set_adapter_weights(adapter, &best)?;
+        run.trainee.set_values(run.model, best)?;
     }
     let header = run.header;
     Ok(TrainSummary {
@@ -572,10 +800,10 @@ fn state_header(bytes: &[u8]) -> Result<StateHeader> {
     serde_json::from_str(text).map_err(|e| not_state(format!("unreadable step information: {e}")))
 }
 
-/// Checks that `bytes` hold AdamW's moments for every matrix of `adapter` of `model` (a state
-/// saved from another adapter is refused) before a resumed run changes anything.
-pub fn check_state_fits(model: &LlamaModel, adapter: &str, bytes: &[u8]) -> Result<()> {
-    saved_moments(bytes, &Trainee::new(model, adapter)?.moments).map(|_| ())
+/// Checks that `bytes` hold AdamW's moments for every matrix of `target` of `model` (a state
+/// saved from another adapter or model is refused) before a resumed run changes anything.
+pub fn check_state_fits(model: &LlamaModel, target: Target, bytes: &[u8]) -> Result<()> {
+    saved_moments(bytes, &Trainee::new(model, target)?.moments).map(|_| ())
 }
 
 /// The run's bookkeeping and the saved (m, v) of each of `moments`' matrices, in their order.

@@ -17,7 +17,8 @@ use crate::generate::GenerationConfig;
 use crate::io::{ChatMessage, ModelFiles};
 use crate::lora::{AdapterFiles, AdapterSource, Combination, LoraModel};
 use crate::nn::WeightDtype;
-use crate::train::{Control, TrainEvent, TrainOptions, TrainStart, fine_tune};
+use crate::train::trainer::TrainedFiles;
+use crate::train::{Control, Method, TrainEvent, TrainOptions, TrainStart, fine_tune};
 use crate::{Error, Llm};
 
 unsafe extern "C" {
@@ -535,6 +536,8 @@ impl Engine {
             let options: TrainOptions = parse_options(options, "training options")?;
             let start = match (init_from, resume_state) {
                 (None, None) => TrainStart::New,
+                // full fine-tuning resumes the model this was loaded from, a checkpoint's directory
+                (None, Some(state)) if options.method == Method::Full => TrainStart::ResumeModel(state.to_vec()),
                 (None, Some(_)) => {
                     return Err(js_error(Error::invalid("a trainer state to resume from needs its checkpoint's adapter files")));
                 }
@@ -553,11 +556,11 @@ impl Engine {
             let mut thrown: Option<JsValue> = None;
             let mut on_event = |event: TrainEvent| {
                 let files = match &event {
-                    TrainEvent::Checkpoint { adapter, state, .. } => object(vec![
-                        ("adapterConfig", adapter.config_json.clone().into()),
-                        ("adapterWeights", Uint8Array::from(adapter.safetensors.as_slice()).into()),
-                        ("state", Uint8Array::from(state.as_slice()).into()),
-                    ]),
+                    TrainEvent::Checkpoint { files, state, .. } => {
+                        let mut fields = trained_files((**files).clone());
+                        fields.push(("state", Uint8Array::from(state.as_slice()).into()));
+                        object(fields)
+                    }
                     _ => Ok(JsValue::UNDEFINED),
                 };
                 match files.and_then(|files| on_event.call2(&JsValue::NULL, &event.to_json().to_string().into(), &files)) {
@@ -577,12 +580,27 @@ impl Engine {
                 return Err(e);
             }
             let (report, files) = result.map_err(js_error)?;
-            object(vec![
-                ("report", report.to_json().into()),
-                ("adapterConfig", files.config_json.into()),
-                ("adapterWeights", Uint8Array::from(files.safetensors.as_slice()).into()),
-            ])
+            let mut fields = vec![("report", report.to_json().into())];
+            fields.extend(trained_files(files));
+            object(fields)
         })
+    }
+}
+
+/// A run's files for JS: an adapter's {adapterConfig, adapterWeights}, or a fully fine-tuned
+/// model's {modelFiles: [[name, bytes], ...]} (a Hugging Face directory).
+fn trained_files(files: TrainedFiles) -> Vec<(&'static str, JsValue)> {
+    match files {
+        TrainedFiles::Adapter(files) => {
+            vec![("adapterConfig", files.config_json.into()), ("adapterWeights", Uint8Array::from(files.safetensors.as_slice()).into())]
+        }
+        TrainedFiles::Model(files) => {
+            let list = js_sys::Array::new();
+            for (name, bytes) in files {
+                list.push(&js_sys::Array::of2(&name.into(), &Uint8Array::from(bytes.as_slice())));
+            }
+            vec![("modelFiles", list.into())]
+        }
     }
 }
 

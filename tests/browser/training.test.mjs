@@ -3,7 +3,7 @@
 // with a tokenizer and chat template) fine-tuned on chat data from data/robot; the adapter it
 // exports loads in the native CLI and gives the browser's logits, and an adapter the CLI trains,
 // imported into the browser's store, gives the CLI's logits; DPO on WebGPU against TRL's first step
-// and the CLI's run.
+// and the CLI's run; full fine-tuning on WebGPU against the CLI's run.
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
@@ -16,6 +16,24 @@ const target = process.env.CARGO_TARGET_DIR ?? join(process.env.HOME, '.cache/we
 const cli = join(target, 'release/webgpu-lora');
 let b;
 before(async () => { b = await start(); });
+
+/** Runs the native CLI's `train` with `args` (and `--log` in `dir`); its events as logged. */
+function cliTrain(args, dir) {
+  const log = join(dir, 'log.jsonl');
+  execFileSync(cli, ['train', ...args, '--log', log], { stdio: 'ignore' });
+  return readFileSync(log, 'utf8').split('\n').filter((l) => l).map((l) => JSON.parse(l));
+}
+
+/** Every tensor of the safetensors file `file` equals the browser's (`bytes`) within 1e-4 of its largest |value|. */
+function assertSameTensors(bytes, file) {
+  const browser = readSafetensorsBytes(Buffer.from(bytes));
+  const native = readSafetensors(file);
+  assert.deepEqual(Object.keys(browser).sort(), Object.keys(native).sort());
+  for (const [name, t] of Object.entries(native)) {
+    const scale = Math.max(...t.data.map(Math.abs));
+    assert.ok(maxAbsDiff(browser[name].data, t.data) <= 1e-4 * scale, `${name}: max |browser - native| = ${maxAbsDiff(browser[name].data, t.data)}`);
+  }
+}
 after(async () => { await b.close(); });
 
 test('PEFT\'s trajectory on WebGPU: its losses, gradient norms and final tensors; signal cancels after the step; a checkpoint the CLI resumes ends with PEFT\'s adapter', async () => {
@@ -253,12 +271,10 @@ test('DPO on WebGPU: the first step is TRL\'s, and three steps give the native C
   assert.ok(close(first.loss, trl.loss) && close(first.rewards.margins, trl.metrics['rewards/margins']), JSON.stringify(first));
   const dir = mkdtempSync(join(tmpdir(), 'webgpu-lora-dpo-'));
   try {
-    const log = join(dir, 'log.jsonl');
-    execFileSync(cli, ['train', '--method', 'dpo', '--beta', String(args.beta), '--model', join(root, 'tests/fixtures/tiny-chat'),
+    const native = cliTrain(['--method', 'dpo', '--beta', String(args.beta), '--model', join(root, 'tests/fixtures/tiny-chat'),
       '--data', join(root, 'tests/fixtures/dpo/pairs.jsonl'), '--init-from', join(root, 'tests/fixtures/dpo/adapter'),
       '--lr', String(args.lr), '--max-steps', String(args.steps), '--batch-size', String(args.batch), '--seed', String(args.seed),
-      '--out', join(dir, 'adapter'), '--log', log], { stdio: 'ignore' });
-    const native = readFileSync(log, 'utf8').split('\n').filter((l) => l).map((l) => JSON.parse(l)).filter((e) => e.event === 'step').map((e) => e.metrics);
+      '--out', join(dir, 'adapter')], dir).filter((e) => e.event === 'step').map((e) => e.metrics);
     assert.equal(native.length, args.steps);
     for (const [i, ours] of result.steps.entries()) {
       for (const [what, a, b] of [['loss', ours.loss, native[i].loss], ['margin', ours.rewards.margins, native[i].rewards.margins],
@@ -266,12 +282,55 @@ test('DPO on WebGPU: the first step is TRL\'s, and three steps give the native C
         assert.ok(close(a, b), `step ${i + 1} ${what}: browser ${a}, native ${b}`);
       }
     }
-    const browser = readSafetensorsBytes(Buffer.from(result.weights));
-    const cliWeights = readSafetensors(join(dir, 'adapter', 'adapter_model.safetensors'));
-    for (const [name, t] of Object.entries(cliWeights)) {
-      const scale = Math.max(...t.data.map(Math.abs));
-      assert.ok(maxAbsDiff(browser[name].data, t.data) <= 1e-4 * scale, `${name}: max |browser - native| = ${maxAbsDiff(browser[name].data, t.data)}`);
+    assertSameTensors(result.weights, join(dir, 'adapter', 'adapter_model.safetensors'));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+  assert.deepEqual(b.errors, []);
+});
+
+test('full fine-tuning on WebGPU: the memory estimate first, then the native CLI\'s losses and weights; the model directory loads back', async () => {
+  const data = readFileSync(join(root, 'data/robot/train.jsonl'), 'utf8').split('\n').slice(0, 12).join('\n');
+  const args = { lr: 1e-3, steps: 3, batch: 2, seed: 1 };
+  const ids = [257, 84, 82, 68, 81, 198, 39, 72, 258];
+  const result = await b.page.evaluate(async ({ data, args, ids }) => {
+    const { LoraModel } = window.app.webgpuLora;
+    const m = await LoraModel.fromPretrained('/fixtures/tiny-chat/');
+    const steps = [];
+    let memory = null;
+    const report = await m.train({
+      data, dataName: 'robot.jsonl',
+      trainingArgs: { method: 'full', learningRate: args.lr, maxSteps: args.steps, batchSize: args.batch, seed: args.seed },
+      onStep: (metrics) => steps.push(metrics), onMemory: (e) => { memory = e; },
+    });
+    const logits = Array.from((await m.logits(ids)).data);
+    const refused = await m.train({ data, dataName: 'robot.jsonl', loraConfig: { r: 16 }, trainingArgs: { method: 'full', maxSteps: 1 } })
+      .then(() => 'trained', (e) => e.message);
+    m.dispose();
+    // the model directory it hands back loads as a model, with the trained logits
+    const reloaded = await LoraModel.fromPretrained(report.modelFiles);
+    const reloadedLogits = Array.from((await reloaded.logits(ids)).data);
+    reloaded.dispose();
+    const weights = Array.from(new Uint8Array(await report.modelFiles['model.safetensors'].arrayBuffer()));
+    return { steps, memory, names: Object.keys(report.modelFiles), logits, reloadedLogits, refused, weights };
+  }, { data, args, ids });
+  assert.ok(result.memory.parameters > 0 && result.memory.bytes > 16 * result.memory.parameters, JSON.stringify(result.memory));
+  assert.ok(['model.safetensors', 'config.json', 'tokenizer.json'].every((n) => result.names.includes(n)), result.names.join());
+  assert.ok(maxAbsDiff(result.logits, result.reloadedLogits) < 1e-5, 'the files hold the trained weights');
+  assert.match(result.refused, /full fine-tuning trains every weight, so the LoRA options do not apply, and r 16 set/);
+  const dir = mkdtempSync(join(tmpdir(), 'webgpu-lora-full-'));
+  try {
+    writeFileSync(join(dir, 'robot.jsonl'), data);
+    const native = cliTrain(['--method', 'full', '--model', join(root, 'tests/fixtures/tiny-chat'), '--data', join(dir, 'robot.jsonl'),
+      '--lr', String(args.lr), '--max-steps', String(args.steps), '--batch-size', String(args.batch), '--seed', String(args.seed),
+      '--out', join(dir, 'model')], dir);
+    assert.equal(native[0].event, 'memory');
+    const nativeSteps = native.filter((e) => e.event === 'step').map((e) => e.metrics);
+    assert.equal(nativeSteps.length, args.steps);
+    for (const [i, ours] of result.steps.entries()) {
+      assert.ok(Math.abs(ours.loss - nativeSteps[i].loss) <= 1e-4 * nativeSteps[i].loss, `step ${i + 1}: loss ${ours.loss} in the browser, ${nativeSteps[i].loss} native`);
     }
+    assertSameTensors(result.weights, join(dir, 'model', 'model.safetensors'));
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

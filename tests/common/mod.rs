@@ -13,7 +13,7 @@ use webgpu_lora::nn::WeightDtype;
 use webgpu_lora::tensor::{HostTensor, read_host};
 use webgpu_lora::train::Batch;
 use webgpu_lora::train::loss::LossWeights;
-use webgpu_lora::train::trainer::{autodiff_leaves, part_gradients};
+use webgpu_lora::train::trainer::{LeafPass, part_gradients};
 use webgpu_lora::{LlamaModel, Llm, LoraModel};
 
 /// For each `fn NAME(device: &Device)`, a module `NAME` with the tests `on_cpu` and `on_wgpu`
@@ -268,7 +268,8 @@ pub fn batch(value: &serde_json::Value) -> Batch {
 /// `adapter`'s matrices as autodiff leaves, and the same tensors under PEFT's names
 /// (`model.layers.0.self_attn.q_proj.lora_A.weight`), in the order gradients come back.
 pub fn peft_named_leaves(model: &LlamaModel, adapter: &str) -> (AdapterWeights, Vec<(String, burn::tensor::Tensor<2>)>) {
-    let leaves = autodiff_leaves(&model.adapter_weights(adapter).unwrap());
+    let leaf = |t: &burn::tensor::Tensor<2>| t.clone().autodiff().require_grad();
+    let leaves: AdapterWeights = model.adapter_weights(adapter).unwrap().iter().map(|(m, w)| (m.clone(), w.map(leaf))).collect();
     let named = leaves
         .iter()
         .flat_map(|(m, w)| [(format!("{m}.lora_A.weight"), w.a_t.clone()), (format!("{m}.lora_B.weight"), w.b_t.clone())])
@@ -289,7 +290,7 @@ pub fn adapter_gradients(model: &LlamaModel, adapter: &str, batch: &Batch, check
     let run = LoraRun { adapter, weights: Some(&leaves), dropout: None };
     let tensors: Vec<_> = named.iter().map(|(_, t)| t.clone()).collect();
     let weights = LossWeights::Uniform(1.0 / batch.trainable_tokens() as f64);
-    let (loss, grads) = part_gradients(model, &model.head_for_slices(), run, &tensors, batch, weights, checkpointing);
+    let (loss, grads) = part_gradients(model, LeafPass::Adapter(run), &model.head_for_slices(), &tensors, batch, weights, checkpointing);
     let loss = pollster::block_on(webgpu_lora::tensor::read_scalar(loss)).unwrap();
     (loss, in_peft_layout(named, grads))
 }
@@ -331,4 +332,26 @@ pub fn assert_same_gradients(grads: &BTreeMap<String, HostTensor>, reference: &S
         let diff = max_abs_diff(&ours.data, &theirs.data);
         assert!(diff <= 1e-4 * scale, "{what}, {name}: max diff {diff}, max |grad| {scale}");
     }
+}
+
+/// The trainer settings of a trajectory fixture's `config` (torch's AdamW, transformers' cosine
+/// schedule with warmup, clipping), as TrainOptions.
+pub fn reference_options(t: &serde_json::Value) -> webgpu_lora::train::TrainOptions {
+    let c = &t["config"];
+    webgpu_lora::train::TrainOptions {
+        lr: c["lr"].as_f64().unwrap(),
+        adam_beta1: c["betas"][0].as_f64().unwrap(),
+        adam_beta2: c["betas"][1].as_f64().unwrap(),
+        adam_epsilon: c["eps"].as_f64().unwrap(),
+        weight_decay: c["weight_decay"].as_f64().unwrap(),
+        schedule: webgpu_lora::train::Schedule::Cosine,
+        warmup_steps: c["warmup"].as_u64().unwrap() as usize,
+        max_grad_norm: c["max_grad_norm"].as_f64().unwrap(),
+        ..Default::default()
+    }
+}
+
+/// A trajectory fixture's optimizer steps, each its micro-batches.
+pub fn trajectory_steps(t: &serde_json::Value) -> Vec<Vec<Batch>> {
+    t["steps"].as_array().unwrap().iter().map(|group| group.as_array().unwrap().iter().map(batch).collect()).collect()
 }

@@ -33,18 +33,22 @@ impl<B: FusedOps> Backward<B, 2> for GatedBackward {
     }
 }
 
-/// RMSNorm's autodiff node: keeps x, the weight (a constant) and eps, and runs
-/// [`FusedOps::rms_norm_backward`].
+/// RMSNorm's autodiff node over (x, weight): keeps x, the weight and eps, and runs
+/// [`FusedOps::rms_norm_backward`] for x and, where the weight is trained (full fine-tuning),
+/// [`composed::rms_norm_weight_grad`] for it.
 #[derive(Debug)]
 struct RmsNormBackward;
 
-impl<B: FusedOps> Backward<B, 1> for RmsNormBackward {
+impl<B: FusedOps> Backward<B, 2> for RmsNormBackward {
     type State = (FloatTensor<B>, FloatTensor<B>, f64);
 
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let [x_node] = ops.parents;
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [x_node, weight_node] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let (x, weight, eps) = ops.state;
+        if let Some(node) = weight_node {
+            grads.register::<B>(node.id, composed::rms_norm_weight_grad::<B>(x.clone(), grad.clone(), eps));
+        }
         if let Some(node) = x_node {
             grads.register::<B>(node.id, B::rms_norm_backward(x, weight, grad, eps));
         }
@@ -177,8 +181,9 @@ impl<B: FusedOps + InnerOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> 
     }
 
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        let parents = [x.node(), weight.node()];
         let weight = weight.into_primitive();
-        match RmsNormBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
+        match RmsNormBackward.prepare::<C>(parents).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let x = x.into_primitive();
                 let out = B::rms_norm(x.clone(), weight.clone(), eps);
@@ -208,10 +213,11 @@ impl<B: FusedOps + InnerOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> 
         eps: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let parents = [x.node(), delta.node()];
+        let weight_node = weight.node();
         let weight = weight.into_primitive();
         let (h, normed) = B::add_rms_norm(x.into_primitive(), delta.into_primitive(), weight.clone(), eps);
         let h: FloatTensor<Self> = AddBackward.prepare::<C>(parents).compute_bound().stateless(h);
-        let normed = match RmsNormBackward.prepare::<C>([h.node()]).compute_bound().stateful() {
+        let normed = match RmsNormBackward.prepare::<C>([h.node(), weight_node]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((h.primitive().clone(), weight, eps), normed),
             OpsKind::UnTracked(prep) => prep.finish(normed),
         };

@@ -56,8 +56,7 @@ pub fn gated_backward<B: Backend>(
 fn inv_rms<B: Backend>(x: &FloatTensor<B>, weight: FloatTensor<B>, eps: f64) -> (FloatTensor<B>, FloatTensor<B>) {
     let shape = x.shape();
     let last = shape.num_dims() - 1;
-    let mean_square = B::float_mean_dim(B::float_mul(x.clone(), x.clone()), last);
-    let r = B::float_recip(B::float_sqrt(B::float_add_scalar(mean_square, (eps as f32).into())));
+    let r = row_inv_rms::<B>(x, eps);
     let mut weight_shape = vec![1; last];
     weight_shape.push(shape[last]);
     (r, B::float_reshape(weight, weight_shape.into()))
@@ -75,6 +74,22 @@ pub fn rms_norm_backward<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, 
     let mean_gx = B::float_mean_dim(B::float_mul(g.clone(), x.clone()), last);
     let r3 = B::float_mul(B::float_mul(r.clone(), r.clone()), r.clone());
     B::float_sub(B::float_mul(g, r), B::float_mul(x, B::float_mul(r3, mean_gx)))
+}
+
+/// 1 / sqrt(mean(x^2) + eps) of each row (over the last axis), kept as an axis of 1.
+fn row_inv_rms<B: Backend>(x: &FloatTensor<B>, eps: f64) -> FloatTensor<B> {
+    let last = x.shape().num_dims() - 1;
+    let mean_square = B::float_mean_dim(B::float_mul(x.clone(), x.clone()), last);
+    B::float_recip(B::float_sqrt(B::float_add_scalar(mean_square, (eps as f32).into())))
+}
+
+/// dL/dweight of RMSNorm from dL/dy: the sum over every row of grad * x * r, [d].
+pub fn rms_norm_weight_grad<B: Backend>(x: FloatTensor<B>, grad: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
+    let d = x.shape()[x.shape().num_dims() - 1];
+    let r = row_inv_rms::<B>(&x, eps);
+    let per_row = B::float_mul(B::float_mul(x, r), grad);
+    let rows = per_row.shape().num_elements() / d;
+    B::float_reshape(B::float_sum_dim(B::float_reshape(per_row, [rows, d].into()), 0), [d].into())
 }
 
 pub fn lora<B: Backend>(

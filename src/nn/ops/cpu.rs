@@ -10,7 +10,7 @@ use burn::tensor::{Shape, TensorData};
 use rayon::prelude::*;
 
 use super::quant::{QuantOps, ROW_BY_ROW, layout};
-use super::{Activation, FusedOps, GELU_C, GELU_K, InnerOps, composed};
+use super::{Activation, AdamWStep, FusedOps, GELU_C, GELU_K, InnerOps, composed};
 use crate::io::quant::{QuantType, RowLayout};
 
 /// Elements one parallel task takes at least: below this, handing work out costs more than it saves.
@@ -230,6 +230,36 @@ kernel!(SoftmaxRowKernel { logits: &'a [f32], out: &'a mut [f32] } -> (f32, f32)
     softmax_row(k.logits, None, k.out)
 });
 
+// One AdamW step over a run of elements: the moments and the parameter in place.
+kernel!(AdamWKernel { grad: &'a [f32], param: &'a mut [f32], m: &'a mut [f32], v: &'a mut [f32], s: AdamWStep } -> (), |k| {
+    let s = k.s;
+    for (((p, m), v), &g) in k.param.iter_mut().zip(k.m.iter_mut()).zip(k.v.iter_mut()).zip(k.grad) {
+        let g = g * s.grad_scale;
+        *m = s.beta1 * *m + s.one_minus_beta1 * g;
+        *v = s.beta2 * *v + s.one_minus_beta2 * g * g;
+        *p = *p * s.decay - s.step_size * (*m / ((*v).sqrt() * s.inv_sqrt_bias2 + s.eps));
+    }
+});
+
+// The sum of squares of a run of elements (16 lanes, as `sum`).
+kernel!(SumSquaresKernel { x: &'a [f32] } -> f32, |k| {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = k.x.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(chunk) {
+            *a += v * v;
+        }
+    }
+    chunks.remainder().iter().map(|v| v * v).sum::<f32>() + acc.iter().sum::<f32>()
+});
+
+/// `t` as a tensor whose storage is its values in order from the start (so it can be written
+/// as one slice): itself, or a contiguous copy.
+fn whole(t: FlexTensor) -> FlexTensor {
+    let n = t.layout().num_elements();
+    if t.is_contiguous() && t.layout().start_offset() == 0 && t.bytes().len() == 4 * n { t } else { t.to_contiguous() }
+}
+
 /// The tensor's values, in order (a copy only where it is a strided view).
 fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     match t.as_slice::<f32>() {
@@ -347,6 +377,42 @@ impl FusedOps for Flex {
             .zip(dy.par_chunks(task))
             .for_each(|((out, probs), grad)| vectorised(SoftmaxBackwardKernel { probs, grad, keys, out }));
         tensor(out, shape)
+    }
+
+    /// In place where the trainer gave the tensors up (the moments always; the parameter where
+    /// nothing else holds it), a copy first otherwise; no temporaries.
+    fn adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        s: AdamWStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let shape = param.shape();
+        if !all_f32(&[&param, &grad, &m, &v]) || [grad.shape(), m.shape(), v.shape()].iter().any(|d| *d != shape) {
+            return composed::adamw::<Self>(param, grad, m, v, s);
+        }
+        let g = values(&grad);
+        let [mut param, mut m, mut v] = [param, m, v].map(whole);
+        let (p_all, m_all, v_all) = (param.storage_mut::<f32>(), m.storage_mut::<f32>(), v.storage_mut::<f32>());
+        p_all
+            .par_chunks_mut(GRAIN)
+            .zip(m_all.par_chunks_mut(GRAIN))
+            .zip(v_all.par_chunks_mut(GRAIN))
+            .zip(g.par_chunks(GRAIN))
+            .for_each(|(((param, m), v), grad)| vectorised(AdamWKernel { grad, param, m, v, s }));
+        (param, m, v)
+    }
+
+    /// One pass over x, no squared copy of it (a gradient can be the size of the embedding).
+    fn sum_squares_into(sums: FloatTensor<Self>, x: FloatTensor<Self>, slot: usize) -> FloatTensor<Self> {
+        if !all_f32(&[&sums, &x]) {
+            return composed::sum_squares_into::<Self>(sums, x, slot);
+        }
+        let total: f32 = values(&x).par_chunks(GRAIN).map(|x| vectorised(SumSquaresKernel { x })).sum();
+        let mut sums = whole(sums);
+        sums.storage_mut::<f32>()[slot] = total;
+        sums
     }
 
     fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {

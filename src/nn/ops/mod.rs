@@ -44,8 +44,9 @@ pub trait FusedOps: Backend {
         composed::gated_backward::<Self>(gate, up, grad, act)
     }
 
-    /// x / sqrt(mean(x^2) + eps) * weight over the last axis (RMSNorm); `weight` [d] is a
-    /// constant (a base weight).
+    /// x / sqrt(mean(x^2) + eps) * weight over the last axis (RMSNorm); `weight` [d] is a base
+    /// weight, trained only by full fine-tuning, whose dL/dweight, the sum over rows of
+    /// grad * x * r, the autodiff node composes (`composed::rms_norm_weight_grad`).
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         composed::rms_norm::<Self>(x, weight, eps)
     }
@@ -292,7 +293,8 @@ pub struct AdamWStep {
     pub eps: f32,
 }
 
-/// x / sqrt(mean(x^2) + eps) * weight over the last axis (RMSNorm); the weight is a constant.
+/// x / sqrt(mean(x^2) + eps) * weight over the last axis (RMSNorm); the weight trains only in
+/// full fine-tuning.
 pub fn rms_norm(x: Tensor<3>, weight: Tensor<1>, eps: f64) -> Tensor<3> {
     Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::rms_norm(x.into_dispatch(), weight.into_dispatch(), eps))
 }

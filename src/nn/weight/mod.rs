@@ -339,6 +339,23 @@ impl Weight {
         }
     }
 
+    /// The f32 values of each part, oriented as the weight (what full fine-tuning trains); `None`
+    /// for f16 or quantized storage.
+    pub fn f32_parts(&self) -> Option<Vec<Tensor<2>>> {
+        self.parts.iter().map(|p| if let Part::F32(w) = p { Some(w.clone()) } else { None }).collect()
+    }
+
+    /// Whether the matrix is stored transposed (a linear layer's [in, out]).
+    pub fn is_transposed(&self) -> bool {
+        self.transposed
+    }
+
+    /// The same matrix with new f32 values for its parts (as [`f32_parts`](Self::f32_parts) gave them).
+    pub fn with_f32_parts(&self, values: Vec<Tensor<2>>) -> Weight {
+        debug_assert_eq!(values.len(), self.parts.len(), "one value per part");
+        Weight { parts: values.into_iter().map(Part::F32).collect(), transposed: self.transposed }
+    }
+
     /// The axis of the weight along which the Hugging Face rows, and so the parts, run.
     fn row_axis(&self) -> usize {
         usize::from(self.transposed)

@@ -15,6 +15,7 @@ const PAGES = [
   ['2-fine-tune', '?model=/fixtures/tiny-chat/&steps=6&lr=0.05', 6],
   ['3-merge', '?model=/fixtures/tiny-chat/', 6],
   ['4-olora', '?model=/fixtures/tiny-chat/&steps=4&lr=0.05', 4],
+  ['5-compare', '?model=/fixtures/tiny-chat/&steps=6&lr=0.05', 7],
 ];
 
 for (const [name, query, checks] of PAGES) {

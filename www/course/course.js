@@ -1,6 +1,6 @@
 // The course pages' runtime: each `.cell` holds editable code (a textarea) that runs against the
 // npm package's API, with `lora` (the package), `ctx` (shared by the page's cells), `settings`
-// (from the page's URL: ?model=...&adapters=a,b&steps=N&lr=X), `log(...)`, `check(label, ok)`
+// (from the page's URL: ?model=...&adapters=a,b&steps=N&lr=X&data=DIR/&preferences=DIR/), `log(...)`, `check(label, ok)`
 // and `chart(series)` in scope. Self-checks are listed under the page with what passed.
 import * as lora from '../lib/index.js';
 import { LossChart } from '../chart.js';
@@ -10,6 +10,7 @@ const params = new URL(location.href).searchParams;
 const settings = {
   model: params.get('model') ?? '../models/SmolLM2-135M-Instruct.Q4_1.gguf',
   data: params.get('data') ?? '../data/robot/',
+  preferences: params.get('preferences') ?? '../data/robot-preferences/',
   adapters: params.get('adapters')?.split(',').filter(Boolean) ?? [],
   steps: Number(params.get('steps') ?? 30),
   lr: Number(params.get('lr') ?? 2e-3),

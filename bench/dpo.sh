@@ -4,16 +4,10 @@
 # tokens a step, ours (`cargo bench --bench training -- --method dpo`) and TRL + PEFT
 # (bench/trl_dpo_baseline.py) alternating twice: pairs/s and peak RSS. Writes .cache/bench-dpo.jsonl
 # and prints the section. VENV: a Python with torch, transformers, peft and trl==1.16.0.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/env.sh
+source "$(dirname "$0")/common.sh"
 MODEL=models/SmolLM2-135M-Instruct
-VENV=${VENV:-.cache/bench-venv}
-results=()
-run() { echo "[bench] $*" >&2; local line; line=$("$@" | tail -n 1) && results+=("$line") || echo "[bench] failed: $*" >&2; }
 for _ in 1 2; do
-  # as the CLI trains: freed memory kept for reuse (glibc)
-  run env MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824 cargo bench --bench training -- --model "$MODEL" --targets qv --method dpo
+  train --model "$MODEL" --targets qv --method dpo
   run "$VENV/bin/python" bench/trl_dpo_baseline.py "$MODEL" qv
 done
 mkdir -p .cache

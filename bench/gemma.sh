@@ -5,20 +5,14 @@
 # load, prefill and decode tokens/s; LoRA training (q,v r=8, batch 4 x 128) beside PEFT on that
 # f32 model: tokens/s and peak RSS. Writes .cache/bench-gemma.jsonl and prints the section.
 # VENV: a Python with torch + transformers + peft + gguf (scripts/bench.sh makes one).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/env.sh
+source "$(dirname "$0")/common.sh"
 GGUF=models/gemma-3-270m-q4_k_m.gguf
-VENV=${VENV:-.cache/bench-venv}
 NEW_TOKENS=${NEW_TOKENS:-64}
 REPEATS=${REPEATS:-3}
-results=()
-run() { echo "[bench] $*" >&2; local line; line=$("$@" | tail -n 1) && results+=("$line") || echo "[bench] failed: $*" >&2; }
 run cargo bench --bench generation -- --backend cpu --model "$GGUF" --new-tokens "$NEW_TOKENS" --repeats "$REPEATS"
 run "$VENV/bin/python" bench/transformers_baseline.py "$GGUF" "$NEW_TOKENS" "$REPEATS"
-# as the CLI trains: freed memory kept for reuse (glibc), except under gradient checkpointing
-run env MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824 cargo bench --bench training -- --model "$GGUF" --targets qv
-run cargo bench --bench training -- --model "$GGUF" --targets qv --gradient-checkpointing
+train --model "$GGUF" --targets qv
+train --model "$GGUF" --targets qv --gradient-checkpointing
 run "$VENV/bin/python" bench/peft_train_baseline.py "$GGUF" qv
 mkdir -p .cache
 printf '%s\n' "${results[@]}" > .cache/bench-gemma.jsonl

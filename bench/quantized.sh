@@ -5,34 +5,22 @@
 # decode tokens/s beside transformers f32 in the same run; LoRA training (q,v r=8, batch 4 x 128)
 # on a Q4_0 base beside our f32 run, with and without gradient checkpointing: tokens/s and peak RSS. Writes .cache/bench-quantized.jsonl and
 # prints the section. VENV: a Python with torch + transformers (scripts/bench.sh makes one).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/env.sh
+source "$(dirname "$0")/common.sh"
 MODEL=models/SmolLM2-135M-Instruct
 GGUF=models/SmolLM2-135M-Instruct.Q4_1.gguf
-VENV=${VENV:-.cache/bench-venv}
 NEW_TOKENS=${NEW_TOKENS:-64}
 REPEATS=${REPEATS:-3}
-results=()
-run() { echo "[bench] $*" >&2; local line; line=$("$@" | tail -n 1) && results+=("$line") || echo "[bench] failed: $*" >&2; }
 gen() { run cargo bench --bench generation -- --backend cpu --new-tokens "$NEW_TOKENS" --repeats "$REPEATS" "$@"; }
 gen --model "$MODEL" --dtype f32
 gen --model "$GGUF"
 gen --model "$MODEL" --dtype q8_0
 gen --model "$MODEL" --dtype q4_0
 run "$VENV/bin/python" bench/transformers_baseline.py "$MODEL" "$NEW_TOKENS" "$REPEATS"
-# as the CLI trains: freed memory kept for reuse (glibc), except under gradient checkpointing
-train() {
-  case " $* " in
-    *" --gradient-checkpointing "*) run cargo bench --bench training -- --targets qv "$@" ;;
-    *) run env MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824 cargo bench --bench training -- --targets qv "$@" ;;
-  esac
-}
 for _ in 1 2; do
   for checkpointing in "" --gradient-checkpointing; do
-    train --model "$MODEL" --dtype f32 $checkpointing
-    train --model "$MODEL" --dtype q4_0 $checkpointing
-    train --model "$GGUF" $checkpointing
+    train --targets qv --model "$MODEL" --dtype f32 $checkpointing
+    train --targets qv --model "$MODEL" --dtype q4_0 $checkpointing
+    train --targets qv --model "$GGUF" $checkpointing
   done
 done
 mkdir -p .cache

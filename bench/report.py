@@ -155,6 +155,37 @@ def dpo_section(lines, command):
         print(f"| {engine} | {speed:.2f} [{low:.2f}-{high:.2f}] | {med(g, 'tokens_per_s'):.0f} | {vs} | {rss:.0f} | {vs_rss} |")
 
 
+def full_section(lines, command):
+    """The section of bench/full.sh: full fine-tuning, ours beside transformers'."""
+    rows = [r for r in lines if r.get("training") == "full"]
+    groups = {}
+    for r in rows:
+        key = (r["engine"], r.get("gradient_checkpointing"))
+        groups.setdefault(key, []).append(r)
+    print("## Full fine-tuning: SmolLM2-135M-Instruct, every weight, batch 4 x 128 tokens, AdamW\n")
+    print(f"Machine: {machine()}.  ")
+    print(f"Date: {datetime.date.today().isoformat()}  ")
+    print(f"Command: `{command}`\n")
+    print("All 134.5M weights trained in f32 (both engines), random tokens, every token trained on, AdamW lr 2e-4; "
+          "one warm-up step, then 5 timed. The engines alternate; median tokens/s [range] and the largest peak RSS "
+          "(model load included).\n")
+    print("| engine | gradient checkpointing | tokens/s | vs transformers | peak RSS MB | vs transformers |")
+    print("|---|---|---:|---:|---:|---:|")
+    med = lambda rs, k: sorted(r[k] for r in rs)[len(rs) // 2]
+    hf = next((g for (e, _), g in groups.items() if e.startswith("transformers")), None)
+    for (engine, checkpointing), g in groups.items():
+        speed, rss = med(g, "tokens_per_s"), max(r["peak_rss_mb"] for r in g)
+        low, high = min(r["tokens_per_s"] for r in g), max(r["tokens_per_s"] for r in g)
+        vs = f"{speed / med(hf, 'tokens_per_s'):.2f}x" if hf else "-"
+        vs_rss = f"{rss / max(r['peak_rss_mb'] for r in hf):.2f}x" if hf else "-"
+        ckpt = "-" if engine.startswith("transformers") else ("yes" if checkpointing else "no")
+        print(f"| {engine} | {ckpt} | {speed:.1f} [{low:.1f}-{high:.1f}] | {vs} | {rss:.0f} | {vs_rss} |")
+
+
+if sys.argv[1] == "--full":
+    full_section(lines, sys.argv[2])
+    sys.exit(0)
+
 if sys.argv[1] == "--dpo":
     dpo_section(lines, sys.argv[2])
     sys.exit(0)

@@ -1,7 +1,8 @@
-//! Training-speed benchmark (not a test): LoRA SFT (or DPO) steps on a real base model.
+//! Training-speed benchmark (not a test): LoRA SFT (or DPO) steps on a real base model, or full
+//! fine-tuning steps (`--method full`: every weight, no adapter; `--targets` is ignored).
 //!
 //! cargo bench --bench training -- --model DIR|FILE.gguf --targets qv|all-linear [--dtype auto|f32|q4_0|...] [--backend cpu|wgpu]
-//!     [--steps 5] [--threads N] [--gradient-checkpointing] [--method dpo]
+//!     [--steps 5] [--threads N] [--gradient-checkpointing] [--method dpo|full]
 //!     [--batch 4] [--seq 128]
 //!
 //! With `--method dpo` a micro-batch is `--batch` preference pairs of random tokens, each sequence
@@ -22,9 +23,9 @@ use webgpu_lora::io::ModelFiles;
 use webgpu_lora::lora::LoraConfig;
 use webgpu_lora::nn::WeightDtype;
 use webgpu_lora::train::dpo::{PreferencePair, preference_batch};
-use webgpu_lora::train::trainer::train_steps;
+use webgpu_lora::train::trainer::{Target, train_steps};
 use webgpu_lora::train::{Batch, Control, Method, Schedule, TrainOptions};
-use webgpu_lora::{Llm, LoraModel};
+use webgpu_lora::{Llm, LoraLayers, LoraModel};
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -58,15 +59,18 @@ fn main() {
     let device = if backend == "wgpu" { Device::wgpu(DeviceKind::DefaultDevice) } else { Device::flex() };
     let mut llm = Llm::load(ModelFiles::from_path(&model_dir).unwrap(), dtype, &device, &mut |_, _, _| {}).unwrap();
     let load_peak_rss = peak_rss_mb();
+    let method = arg("--method");
+    let (dpo, full) = (method.as_deref() == Some("dpo"), method.as_deref() == Some("full"));
     let target_json = if targets == "qv" { r#"["q_proj","v_proj"]"# } else { r#""all-linear""# };
     let config = format!(r#"{{"peft_type":"LORA","task_type":"CAUSAL_LM","r":8,"lora_alpha":16,"target_modules":{target_json}}}"#);
-    pollster::block_on(llm.model.add_adapter("bench", LoraConfig::from_json(config.as_bytes(), "bench").unwrap(), 0)).unwrap();
+    if !full {
+        pollster::block_on(llm.model.add_adapter("bench", LoraConfig::from_json(config.as_bytes(), "bench").unwrap(), 0)).unwrap();
+    }
 
     let batch: usize = arg("--batch").map_or(4, |v| v.parse().unwrap());
     let seq: usize = arg("--seq").map_or(128, |v| v.parse().unwrap());
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let vocab = llm.model.config.vocab_size as u32;
-    let dpo = arg("--method").as_deref() == Some("dpo");
     let mut make = || {
         let mut random = |n: usize| (0..n).map(|_| rng.random_range(0..vocab)).collect::<Vec<u32>>();
         if dpo {
@@ -89,7 +93,13 @@ fn main() {
         batch_size: batch,
         threads: Some(threads),
         gradient_checkpointing: std::env::args().any(|a| a == "--gradient-checkpointing"),
-        method: if dpo { Method::Dpo } else { Method::Sft },
+        method: if dpo {
+            Method::Dpo
+        } else if full {
+            Method::Full
+        } else {
+            Method::Sft
+        },
         lora_dropout: 0.0,
         ..Default::default()
     };
@@ -98,7 +108,8 @@ fn main() {
     let mut times = Vec::new();
     let mut last = 0.0;
     let mut cpu_at_first_step = 0.0;
-    pollster::block_on(train_steps(&mut llm.model, "bench", &plan, plan.len(), None, &train, None, &clock, &mut |event| {
+    let target = if full { Target::Model } else { Target::Adapter("bench") };
+    pollster::block_on(train_steps(&mut llm.model, target, &plan, plan.len(), None, &train, None, &clock, &mut |event| {
         if let webgpu_lora::train::TrainEvent::Step(m) = event {
             times.push(m.elapsed_s - last);
             last = m.elapsed_s;
@@ -111,7 +122,8 @@ fn main() {
     .unwrap();
     let timed: f64 = times[1..].iter().sum();
     let cpu_per_step = (cpu_seconds() - cpu_at_first_step) / steps as f64;
-    let (trainable, _) = llm.model.trainable_parameters();
+    let (trainable, _) = if full { (llm.model.base_parameters(), 0) } else { llm.model.trainable_parameters() };
+    let targets = if full { "full".to_string() } else { targets };
     let mut line = serde_json::json!({
         "engine": format!("webgpu-lora ({backend})"), "training": targets, "trainable_params": trainable, "batch": format!("{batch} x {seq}"),
         "tokens_per_s": (steps * batch * seq) as f64 / timed, "peak_rss_mb": peak_rss_mb(), "load_peak_rss_mb": load_peak_rss, "steps": steps, "threads": threads,

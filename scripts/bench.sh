@@ -19,8 +19,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import transformers, 
   # gguf: transformers reading Gemma's GGUF (bench/gemma.sh); trl: the DPO baseline (bench/dpo.sh)
   "$VENV/bin/pip" install --quiet torch==2.15.0 transformers==5.24.0 peft==0.21.2 safetensors==0.8.0 numpy==2.4.6 gguf==0.19.0 trl==1.16.0
 fi
-results=()
-run() { echo "[bench] $*" >&2; local line; line=$("$@" | tail -n 1) && results+=("$line") || echo "[bench] failed: $*" >&2; }
+source bench/common.sh
 run cargo bench --bench generation -- --model "$MODEL" --backend cpu --new-tokens "$NEW_TOKENS" --repeats "$REPEATS"
 run timeout 1200 cargo bench --bench generation -- --model "$MODEL" --backend wgpu --new-tokens "$NEW_TOKENS" --repeats "$REPEATS"
 run "$VENV/bin/python" bench/transformers_baseline.py "$MODEL" "$NEW_TOKENS" "$REPEATS"
@@ -34,8 +33,7 @@ run "$VENV/bin/python" bench/peft_baseline.py "$MODEL" "$ADAPTERS"
 TRAIN_REPEATS=${TRAIN_REPEATS:-3}
 for targets in qv all-linear; do
   for _ in $(seq "$TRAIN_REPEATS"); do
-    # the allocator setting the CLI makes (keep freed memory instead of faulting it in every step)
-    run env MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824 cargo bench --bench training -- --model "$MODEL" --targets "$targets"
+    train --model "$MODEL" --targets "$targets"
     run "$VENV/bin/python" bench/peft_train_baseline.py "$MODEL" "$targets"
   done
 done
@@ -56,6 +54,9 @@ VENV="$VENV" bash bench/gemma.sh >> BENCHMARKS.md
 # DPO beside TRL + PEFT
 echo >> BENCHMARKS.md
 VENV="$VENV" bash bench/dpo.sh >> BENCHMARKS.md
+# full fine-tuning beside transformers'
+echo >> BENCHMARKS.md
+VENV="$VENV" bash bench/full.sh >> BENCHMARKS.md
 # what a GPU would pay for: dispatches and submissions per token and per training step (counts)
 echo >> BENCHMARKS.md
 timeout 2400 node bench/gpu_work.mjs >> BENCHMARKS.md

@@ -316,7 +316,7 @@ export class LoraModel {
   evaluate(data: TrainData, options?: EvaluateOptions): Promise<Evaluation>;
   saveAdapter(name: string, options?: { as?: string; overwrite?: boolean; store?: AdapterStore }): Promise<StoredAdapter>;
   /** After a crash, running out of memory, a lost GPU or an ended worker: a new engine with the base and every adapter that came from a URL, files or the store; what could not come back is listed. */
-  recover(options?: { onProgress?: (event: LoadProgress) => void }): Promise<{ restored: string[]; lost: string[]; mergedAway: string[] }>;
+  recover(options?: { onProgress?: (event: LoadProgress) => void }): Promise<{ restored: string[]; lost: string[]; mergedAway: string[]; fineTunedAway: boolean }>;
   /** Destroys the engine's GPU device, as a driver reset would: for testing a page's recovery. */
   destroyDevice(): Promise<void>;
   /** {asLora: true}: an OLoRA/PiSSA adapter as a plain LoRA of rank 2r for the unmodified base. */

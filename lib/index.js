@@ -167,6 +167,8 @@ export class LoraModel {
   #sources = new Map();
   // adapters mergeAndUnload() folded into the base weights: recover() cannot bring those weights back
   #mergedAway = [];
+  /** Whether full fine-tuning changed the base in this engine (recover() loads it as it was). */
+  #fineTuned = false;
 
   constructor(engine, base, { config, hasChatTemplate }, load) {
     this.#engine = engine;
@@ -226,8 +228,10 @@ export class LoraModel {
    * every adapter that came from a URL, files or the AdapterStore (saved ones included), then
    * sets the active adapter, disables it and merges again as before. Adapters that exist only in
    * this session (trained or combined and not saved) cannot come back: they are listed in the
-   * result, {restored, lost, mergedAway}, with the adapters mergeAndUnload() had folded into the
-   * base (the base comes back without them). Save adapters as you go (saveAdapter) to keep them.
+   * result, {restored, lost, mergedAway, fineTunedAway}, with the adapters mergeAndUnload() had
+   * folded into the base (the base comes back without them) and whether full fine-tuning had
+   * changed the base (it comes back as loaded: load its modelFiles instead). Save adapters as you
+   * go (saveAdapter) to keep them.
    */
   async recover({ onProgress } = {}) {
     const before = this.#engine.state ?? { names: [], active: null, disabled: false, merged: [] };
@@ -250,8 +254,10 @@ export class LoraModel {
     if (merged.length) await this.mergeAdapter(merged);
     if (before.disabled && this.activeAdapter) await this.disableAdapter();
     const mergedAway = this.#mergedAway;
+    const fineTunedAway = this.#fineTuned;
     this.#mergedAway = [];
-    return { restored, lost, mergedAway };
+    this.#fineTuned = false;
+    return { restored, lost, mergedAway, fineTunedAway };
   }
 
   /** Destroys the engine's GPU device, as a driver reset would: for testing a page's recovery (recover()). */
@@ -447,6 +453,7 @@ export class LoraModel {
     try {
       const out = await call.catch((e) => { if (!thrown) throw e; });
       if (thrown) throw thrown.error;
+      if (out.modelFiles) this.#fineTuned = true;
       if (out.modelFiles) return { ...out.report, modelFiles: Object.fromEntries(out.modelFiles.map(([n, bytes]) => [n, new Blob([bytes])])) };
       this.#summaries.set(adapterName, out.report.summary);
       this.#sources.delete(adapterName); // trained here: only a save can bring it back

@@ -7,8 +7,7 @@ use crate::generate::{Generation, GenerationConfig, StopReason, StopText, genera
 use crate::io::gguf::RawMetadata;
 use crate::io::gguf_convert::{GgufArchitecture, TensorType, write_model_gguf};
 use crate::io::gguf_metadata::model_metadata;
-use crate::io::model_files::{CONFIG_FILE, TEXT_FILES};
-use crate::io::safetensors::{SINGLE_FILE, write_safetensors};
+use crate::io::model_files::TEXT_FILES;
 use crate::io::{ChatMessage, ModelFiles, StoreDtype, TextTokenizer};
 use crate::lora::{AdapterSource, LoraInit, LoraModel};
 use crate::model::LlamaModel;
@@ -88,12 +87,7 @@ impl Llm {
             .or_else(|| config.raw.get("dtype"))
             .and_then(|v| v.as_str())
             .map_or(Ok(StoreDtype::F32), StoreDtype::parse)?;
-        let tensors = self.model.hf_tensors(merge).await?;
-        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        let mut files = vec![
-            (SINGLE_FILE.to_string(), write_safetensors(&tensors, dtype, Some(metadata))?),
-            (CONFIG_FILE.to_string(), config.to_json().into_bytes()),
-        ];
+        let mut files = self.model.hf_files(merge, dtype).await?;
         files.extend(self.text_files.iter().cloned());
         Ok(files)
     }

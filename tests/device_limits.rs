@@ -123,3 +123,20 @@ fn a_row_above_the_buffer_limit_is_refused() {
         "{err}"
     );
 }
+
+/// Full fine-tuning with every matrix in parts (tied and untied heads): the gradient of every
+/// weight for one batch equals transformers' (tests/fixtures/full), the head's computed a
+/// buffer's run of the vocabulary at a time, each part its own parameter.
+#[test]
+fn full_fine_tuning_gradients_with_matrices_in_parts() {
+    let t = read_json(fixture("full/trajectory.json"));
+    let batch = batch(&t["grad_batch"]);
+    for name in ["tiny-llama", "tiny-llama-untied"] {
+        with_limit(20_000, || {
+            let model = load(&fixture(name), &cpu()).model;
+            assert_eq!(buffers(&model, "model.embed_tokens.weight"), 4, "[256, 64] f32 in 20 kB buffers");
+            assert!(model.parameters().unwrap().iter().any(|p| p.name == "model.embed_tokens.weight[78..156]"));
+            assert_full_gradients_match(&model, &batch, &fixture(&format!("full/grads-{name}.safetensors")), name);
+        });
+    }
+}

@@ -7,21 +7,17 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
 use common::*;
 use webgpu_lora::LlamaModel;
 use webgpu_lora::io::{ModelFiles, SafetensorsWeights};
 use webgpu_lora::lora::AdapterSource;
-use webgpu_lora::train::loss::LossWeights;
-use webgpu_lora::train::trainer::{LeafPass, Target, TrainedFiles, autodiff_leaves, part_gradients, train_steps};
+use webgpu_lora::train::trainer::{Target, TrainedFiles, check_state_weights, train_steps};
 use webgpu_lora::train::{Batch, Control, Method, TrainEnd, TrainEvent, TrainOptions, TrainStart, fine_tune};
 use webgpu_lora::{Llm, LoraModel};
 
-/// Stated tolerances: gradients within 1e-4 of each tensor's largest |gradient|; losses and
-/// gradient norms 1e-4 relative; the weights after 10 AdamW steps within 1e-5 absolute (they
-/// move by up to 5e-3; we measured 1.2e-7 here).
-const GRAD_TOLERANCE: f32 = 1e-4;
+/// Stated tolerances: gradients as `assert_full_gradients_match` says; losses and gradient norms
+/// 1e-4 relative; the weights after 10 AdamW steps within 1e-5 absolute (they move by up to
+/// 5e-3; we measured 1.2e-7 here).
 const WEIGHT_TOLERANCE: f32 = 1e-5;
 
 fn trajectory() -> serde_json::Value {
@@ -30,36 +26,6 @@ fn trajectory() -> serde_json::Value {
 
 fn reference(name: &str) -> SafetensorsWeights {
     SafetensorsWeights::new(vec![(name.into(), std::fs::read(fixture(&format!("full/{name}.safetensors"))).unwrap())]).unwrap()
-}
-
-/// The model's weights under their Hugging Face names and layout (vectors as [d]).
-fn in_hf_layout(model: &LlamaModel, values: Vec<burn::tensor::Tensor<2>>) -> BTreeMap<String, webgpu_lora::tensor::HostTensor> {
-    let parameters = model.parameters().unwrap();
-    assert_eq!(parameters.len(), values.len());
-    parameters
-        .into_iter()
-        .zip(values)
-        .map(|(p, v)| {
-            let mut t = pollster::block_on(webgpu_lora::tensor::read_host(v)).unwrap();
-            if p.transposed {
-                t = t.transpose();
-            }
-            if t.shape[0] == 1 && !p.decays {
-                t.shape.remove(0);
-            }
-            (p.name, t)
-        })
-        .collect()
-}
-
-/// The mean token loss of `batch` and the gradient of every weight, through the trainer's own pass.
-fn full_gradients(model: &LlamaModel, batch: &Batch, checkpointing: bool) -> (f64, Vec<burn::tensor::Tensor<2>>) {
-    let values: Vec<_> = model.parameters().unwrap().into_iter().map(|p| p.value).collect();
-    let leaves = autodiff_leaves(&values);
-    let copy = model.with_parameters(leaves.clone());
-    let weights = LossWeights::Uniform(1.0 / batch.trainable_tokens() as f64);
-    let (loss, grads) = part_gradients(model, LeafPass::Model(&copy), &copy.head_for_slices(), &leaves, batch, weights, checkpointing);
-    (pollster::block_on(webgpu_lora::tensor::read_scalar(loss)).unwrap(), grads)
 }
 
 fn gradients_match_transformers(device: &burn::tensor::Device) {
@@ -71,22 +37,7 @@ fn gradients_match_transformers(device: &burn::tensor::Device) {
         ("tiny-gemma3", "families/tiny-gemma3"),
     ] {
         let model = load(&fixture(dir), device).model;
-        let torch = reference(&format!("grads-{name}"));
-        let torch_loss = torch.tensor("loss").unwrap().data[0] as f64;
-        for checkpointing in [false, true] {
-            let (loss, grads) = full_gradients(&model, &batch, checkpointing);
-            let what = format!("{name}, checkpointing {checkpointing}");
-            assert!((loss - torch_loss).abs() < 1e-5 * torch_loss, "{what}: loss {loss} vs transformers {torch_loss}");
-            let grads = in_hf_layout(&model, grads);
-            assert_eq!(grads.len(), torch.names().len() - 1, "{what}: one gradient per weight");
-            for (param, ours) in &grads {
-                let theirs = torch.tensor(param).unwrap();
-                assert_eq!(ours.shape, theirs.shape, "{what}: {param}");
-                let scale = theirs.data.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let diff = max_abs_diff(&ours.data, &theirs.data);
-                assert!(diff <= GRAD_TOLERANCE * scale, "{what}, {param}: max diff {diff}, max |grad| {scale}");
-            }
-        }
+        assert_full_gradients_match(&model, &batch, &fixture(&format!("full/grads-{name}.safetensors")), name);
     }
 }
 
@@ -182,6 +133,15 @@ fn resumed_run_equals_the_uninterrupted_one() {
     let dir = scratch("full-checkpoint");
     webgpu_lora::io::write_files(&dir, files).unwrap();
     let mut resumed = load(&dir, &cpu()).model;
+    // the state goes with the checkpoint's weights, not the base the run began on
+    pollster::block_on(check_state_weights(&resumed, &state)).expect("the checkpoint's own model");
+    let base = load(&fixture("tiny-llama"), &cpu()).model;
+    let e = pollster::block_on(check_state_weights(&base, &state)).unwrap_err().to_string();
+    assert!(
+        e.starts_with("trainer state: it goes with other weights")
+            && e.ends_with("resume on the model loaded from the checkpoint's own files"),
+        "{e}"
+    );
     let rest = run(&mut resumed, &trajectory_steps(&t), &options, Some(&state));
     assert_eq!(rest.losses.len(), 5, "steps 6 to 10");
     for (a, b) in rest.losses.iter().zip(&report.losses[5..]) {

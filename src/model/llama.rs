@@ -26,9 +26,11 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::{LayerAttention, LlamaConfig, Rope, RopeScaling};
 use crate::error::{Error, Result};
-use crate::io::WeightSource;
 use crate::io::gguf::StoredTensor;
+use crate::io::model_files::CONFIG_FILE;
 use crate::io::quant::QuantMatrix;
+use crate::io::safetensors::{SINGLE_FILE, write_safetensors};
+use crate::io::{StoreDtype, WeightSource};
 use crate::lora::{AdapterState, LoraLayers, LoraLinear, LoraRun};
 use crate::model::KvCache;
 use crate::nn::ops::{Activation, add_rms_norm, causal_attention, gated, rms_norm, self_attention};
@@ -462,6 +464,24 @@ impl LlamaModel {
         Ok(self.hf_weights(merge, false).await?.into_iter().map(|(name, t)| (name, t.into_f32())).collect())
     }
 
+    /// model.safetensors (in `dtype`, as [`hf_tensors`](Self::hf_tensors) reads the weights,
+    /// `merge` folded in) and config.json (its dtype saying so): a Hugging Face directory but for
+    /// the tokenizer's files.
+    pub async fn hf_files(&self, merge: Option<&str>, dtype: StoreDtype) -> Result<Vec<(String, Vec<u8>)>> {
+        let tensors = self.hf_tensors(merge).await?;
+        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        let mut config = self.config.clone();
+        for key in ["torch_dtype", "dtype"] {
+            if let Some(value) = config.raw.get_mut(key) {
+                *value = dtype.torch_name().into();
+            }
+        }
+        Ok(vec![
+            (SINGLE_FILE.to_string(), write_safetensors(&tensors, dtype, Some(metadata))?),
+            (CONFIG_FILE.to_string(), config.to_json().into_bytes()),
+        ])
+    }
+
     /// The matrix stored under the Hugging Face name `name`, if it is one.
     pub fn matrix(&self, name: &str) -> Option<&Weight> {
         match name {
@@ -624,10 +644,21 @@ impl Head {
         if self.tied { self.weight.apply(dlogits) } else { self.weight.apply_transposed(dlogits) }
     }
 
-    /// dL/dW of the weight as held from hidden states [rows, hidden] and dL/dlogits [rows,
-    /// vocab]: dlogitsᵀ · h for the tied E, hᵀ · dlogits for the untied Wᵀ.
-    pub fn weight_grad(&self, h: Tensor<2>, dlogits: Tensor<2>) -> Tensor<2> {
-        if self.tied { dlogits.transpose().matmul(h) } else { h.transpose().matmul(dlogits) }
+    /// dL/dW of each buffer of the weight as held, from hidden states h [rows, hidden] and
+    /// dL/dlogits [rows, vocab]: dlogitsᵀ · h for the tied E, hᵀ · dlogits for the untied Wᵀ, a
+    /// buffer's run of the vocabulary at a time (the whole gradient can be larger than a buffer).
+    pub fn weight_grads(&self, h: Tensor<2>, dlogits: Tensor<2>) -> Vec<Tensor<2>> {
+        let mut at = 0;
+        self.f32_parts()
+            .into_iter()
+            .map(|part| {
+                // the vocabulary runs along E's rows, Wᵀ's columns
+                let words = part.dims()[usize::from(!self.tied)];
+                let d = dlogits.clone().narrow(1, at, words);
+                at += words;
+                if self.tied { d.transpose().matmul(h.clone()) } else { h.clone().transpose().matmul(d) }
+            })
+            .collect()
     }
 
     /// Whether the weight is trained (autodiff leaves: full fine-tuning).
@@ -644,9 +675,14 @@ impl Head {
         Head { weight, tied: self.tied }
     }
 
-    /// A zero gradient of the weight as held (of a batch with no trained token).
-    pub fn zero_weight_grad(&self) -> Tensor<2> {
-        Tensor::zeros(self.weight.dims(), &self.weight.device().inner())
+    /// A zero gradient of each buffer of the weight (of a batch with no trained token).
+    pub fn zero_weight_grads(&self) -> Vec<Tensor<2>> {
+        self.f32_parts().iter().map(|p| Tensor::zeros(p.dims(), &p.device().inner())).collect()
+    }
+
+    /// The trained weight's buffers.
+    fn f32_parts(&self) -> Vec<Tensor<2>> {
+        self.weight.f32_parts().expect("a trained head is f32")
     }
 }
 

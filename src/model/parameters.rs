@@ -3,8 +3,8 @@
 //!
 //! Training reads them as plain f32 tensors ([`LlamaModel::parameters`]), runs a copy of the
 //! model whose weights are autodiff leaves ([`LlamaModel::with_parameters`]: the copy shares
-//! every buffer, only the handles differ), and writes the updated values back
-//! ([`LlamaModel::set_parameters`]). Vectors travel as [1, d] so that every parameter, its
+//! every buffer, only the handles differ), and updates them in place, one at a time
+//! ([`LlamaModel::update_parameters`]). Vectors travel as [1, d] so that every parameter, its
 //! gradient and AdamW's moments are matrices, as the adapter's are.
 
 use burn::tensor::Tensor;
@@ -12,7 +12,7 @@ use burn::tensor::Tensor;
 use crate::error::{Error, Result};
 use crate::lora::LoraLayers;
 use crate::model::{DecoderLayer, LlamaModel, RmsNorm};
-use crate::nn::{Weight, WeightDtype};
+use crate::nn::Weight;
 
 /// One trained tensor.
 #[derive(Clone)]
@@ -53,11 +53,10 @@ impl LlamaModel {
             match slot {
                 Slot::Matrix(w) => {
                     let Some(parts) = w.f32_parts() else {
-                        let dtype = w.dtype();
                         return Err(Error::invalid(format!(
                             "full fine-tuning trains f32 weights, and {name} is stored as {}: load the model with dtype f32 \
                              (--dtype f32, dtype: 'f32')",
-                            if dtype == WeightDtype::F16 { "f16".to_string() } else { dtype.name() }
+                            w.dtype().name()
                         )));
                     };
                     let (many, transposed) = (parts.len() > 1, w.is_transposed());
@@ -90,21 +89,24 @@ impl LlamaModel {
         assert!(values.next().is_none(), "one value per parameter");
     }
 
-    /// Puts `value` in place of parameter `index` alone (its old buffer is freed once nothing
-    /// else holds it: an update need not hold two copies of the whole model).
-    pub fn replace_parameter(&mut self, index: usize, value: Tensor<2>) {
+    /// Replaces every weight by `update(index, value)`, in [`parameters`](Self::parameters)
+    /// order, one at a time: the model lets go of a matrix while it is updated, so an update that
+    /// writes in place (AdamW) needs no second copy of it, and each old one is freed before the
+    /// next is written.
+    pub fn update_parameters(&mut self, mut update: impl FnMut(usize, Tensor<2>) -> Tensor<2>) {
         let adds_one = self.config.norm_adds_one;
-        let mut at = 0;
-        for (_, slot) in self.slots() {
-            let n = slot.len();
-            if index < at + n {
-                let mut values = slot.values().expect("a trained model's weights are f32");
-                values[index - at] = value;
-                return slot.set(values, adds_one);
-            }
-            at += n;
+        let mut index = 0;
+        for (_, mut slot) in self.slots() {
+            let values = slot.take();
+            let updated = values
+                .into_iter()
+                .map(|value| {
+                    index += 1;
+                    update(index - 1, value)
+                })
+                .collect();
+            slot.set(updated, adds_one);
         }
-        panic!("no parameter {index}");
     }
 
     /// A copy of the model (sharing its buffers) with `values` as its weights.
@@ -162,6 +164,15 @@ impl Slot<'_> {
         }
     }
 
+    /// Its values, taken from a matrix (which holds nothing until [`set`](Self::set)); a vector's
+    /// (small) are copied.
+    fn take(&mut self) -> Vec<Tensor<2>> {
+        match self {
+            Slot::Matrix(w) => w.take_f32_parts(),
+            vector => vector.values().expect("a vector"),
+        }
+    }
+
     /// Its current values (`None` for a matrix not stored in f32).
     fn values(&self) -> Option<Vec<Tensor<2>>> {
         match self {
@@ -175,7 +186,7 @@ impl Slot<'_> {
     fn set(self, values: Vec<Tensor<2>>, adds_one: bool) {
         let one = |values: Vec<Tensor<2>>| values.into_iter().next().expect("a vector's value");
         match self {
-            Slot::Matrix(w) => *w = w.with_f32_parts(values),
+            Slot::Matrix(w) => w.put_f32_parts(values),
             Slot::Norm(norm) => {
                 norm.weight = one(values).reshape([norm.weight.dims()[0]]);
                 norm.gain = if adds_one { norm.weight.clone() + 1.0 } else { norm.weight.clone() };

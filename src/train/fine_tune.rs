@@ -8,6 +8,7 @@
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::io::StoreDtype;
 use crate::llm::Llm;
 use crate::lora::{AdapterSource, LoraConfig, LoraModel};
 use crate::nn::weight::max_buffer_bytes;
@@ -17,7 +18,7 @@ use crate::train::data::{Batch, DataReport, Dataset, Example, ordered_batches, r
 use crate::train::dpo::{PreferencePair, preference_batch, read_preferences};
 use crate::train::memory::{check_full_memory, check_step_buffers, full_memory};
 use crate::train::trainer::{
-    Control, Target, TrainEvent, TrainSummary, TrainedFiles, check_state, check_state_fits, model_files, plan_steps, train_steps,
+    Control, Target, TrainEvent, TrainSummary, TrainedFiles, check_state, check_state_fits, check_state_weights, plan_steps, train_steps,
 };
 
 /// The summary file written beside a trained adapter.
@@ -97,23 +98,25 @@ pub async fn fine_tune(
         check_full_options(options)?;
         let parameters = model.parameters()?.iter().map(|p| p.value.dims().iter().product::<usize>()).sum();
         let (rows, seq) = batches().fold((0, 0), |(r, s), b| (r.max(b.batch), s.max(b.seq)));
-        let parts = full_memory(&model.config, parameters, rows, seq, options.gradient_checkpointing);
+        let parts = full_memory(&model.config, parameters, rows, seq, options);
         check_full_memory(&parts, options.memory_limit_mb.map(|mb| (mb * 1e6) as usize))?;
         if let Some(state) = &state {
             check_state(state)?;
             check_state_fits(model, Target::Model, state)?;
+            check_state_weights(model, state).await?;
         }
         if on_event(TrainEvent::Memory { parameters, parts }) == Control::Stop {
             return Err(Error::invalid("full fine-tuning cancelled before it started"));
         }
-        // checkpoints are whole model directories: the tokenizer's files join the weights
+        // checkpoints and the result are whole model directories: the tokenizer's files join the weights
+        let directory = |mut files: Vec<(String, Vec<u8>)>| {
+            files.extend(text_files.iter().cloned());
+            TrainedFiles::Model(files)
+        };
         let mut on_event = |event| match event {
             TrainEvent::Checkpoint { step, files, state } => {
                 let files = match *files {
-                    TrainedFiles::Model(mut model) => TrainedFiles::Model({
-                        model.extend(text_files.iter().cloned());
-                        model
-                    }),
+                    TrainedFiles::Model(model) => directory(model),
                     adapter => adapter,
                 };
                 on_event(TrainEvent::Checkpoint { step, files: Box::new(files), state })
@@ -132,9 +135,7 @@ pub async fn fine_tune(
             &mut on_event,
         )
         .await?;
-        let mut files = model_files(model).await?;
-        files.extend(text_files);
-        return Ok((report(summary), TrainedFiles::Model(files)));
+        return Ok((report(summary), directory(model.hf_files(None, StoreDtype::F32).await?)));
     }
 
     let name = &options.adapter_name;

@@ -66,8 +66,8 @@ enum Scale {
 struct HeadGrads {
     /// dLoss/dhidden, [rows, hidden].
     input: Tensor<2>,
-    /// dLoss/dW of the head's weight as it is held, when the head is trained.
-    weight: Option<Tensor<2>>,
+    /// dLoss/dW of each buffer of the head's weight as it is held, when the head is trained.
+    weight: Option<Vec<Tensor<2>>>,
 }
 
 /// The loss of `hidden` ([rows, hidden], plain) against `targets`, `rows_at_once` positions at a
@@ -85,7 +85,7 @@ fn head_loss_slices(
     let constant = if trained { head.constant() } else { head.clone() };
     let mut loss: Option<Tensor<1>> = None;
     let mut grads = Vec::new();
-    let mut weight_grad: Option<Tensor<2>> = None;
+    let mut weight_grads: Option<Vec<Tensor<2>>> = None;
     for start in (0..n).step_by(rows_at_once) {
         let len = rows_at_once.min(n - start);
         let h = hidden.clone().narrow(0, start, len);
@@ -93,22 +93,37 @@ fn head_loss_slices(
         let (rows, dlogits) = cross_entropy(constant.logits(h.clone()), targets);
         let part = rows.sum();
         if let Some(scale) = &grad {
-            let dlogits = match scale {
-                Scale::Uniform(s) => dlogits.mul_scalar(*s),
-                Scale::Positions(w) => dlogits * (**w).clone().narrow(0, start, len),
+            // per-position weights scale the rows of what the gradients are made of ([rows,
+            // hidden]), never the [rows, vocab] dlogits; a uniform one scales the sums at the end
+            let weights = match scale {
+                Scale::Positions(w) => Some((**w).clone().narrow(0, start, len)),
+                Scale::Uniform(_) => None,
             };
             if trained {
-                let g = constant.weight_grad(h, dlogits.clone());
-                weight_grad = Some(weight_grad.map_or(g.clone(), |sum| sum + g));
+                let h = weights.clone().map_or(h.clone(), |w| h * w);
+                let these = constant.weight_grads(h, dlogits.clone());
+                weight_grads = Some(match weight_grads {
+                    None => these,
+                    Some(sums) => sums.into_iter().zip(these).map(|(a, b)| a + b).collect(),
+                });
             }
-            grads.push(constant.input_grad(dlogits));
+            let input = constant.input_grad(dlogits);
+            grads.push(weights.map_or(input.clone(), |w| input * w));
         }
         loss = Some(match loss {
             None => part,
             Some(sum) => sum + part,
         });
     }
-    let grads = grad.is_some().then(|| HeadGrads { input: Tensor::cat(grads, 0), weight: weight_grad });
+    let grads = grad.map(|scale| {
+        let (input, weight) = (Tensor::cat(grads, 0), weight_grads);
+        match scale {
+            Scale::Uniform(s) => {
+                HeadGrads { input: input.mul_scalar(s), weight: weight.map(|w| w.into_iter().map(|g| g.mul_scalar(s)).collect()) }
+            }
+            Scale::Positions(_) => HeadGrads { input, weight },
+        }
+    });
     (loss.expect("at least one row"), grads)
 }
 
@@ -150,8 +165,8 @@ pub struct HeadLoss {
     pub surrogate: Tensor<1>,
     /// The loss value ([1], plain; with per-row weights, the unweighted sum).
     pub loss: Tensor<1>,
-    /// dLoss/dW of a trained head's weight (full fine-tuning), as the head holds it, whole.
-    pub weight_grad: Option<Tensor<2>>,
+    /// dLoss/dW of a trained head's weight (full fine-tuning), one per buffer the head holds it in.
+    pub weight_grads: Option<Vec<Tensor<2>>>,
 }
 
 /// The loss of `batch` from its final hidden states [batch, seq, hidden] (autodiff) and the
@@ -160,8 +175,8 @@ pub fn head_loss_backward(head: &Head, hidden: Tensor<3>, batch: &Batch, weights
     let device = hidden.device();
     let Some((rows, targets)) = counted_rows(hidden.clone(), batch) else {
         // nothing counts: a zero loss whose gradient is zero everywhere
-        let weight_grad = head.is_trained().then(|| head.zero_weight_grad());
-        return HeadLoss { surrogate: hidden.sum().mul_scalar(0.0), loss: Tensor::zeros([1], &device.inner()), weight_grad };
+        let weight_grads = head.is_trained().then(|| head.zero_weight_grads());
+        return HeadLoss { surrogate: hidden.sum().mul_scalar(0.0), loss: Tensor::zeros([1], &device.inner()), weight_grads };
     };
     let (scale, loss_scale) = match weights {
         LossWeights::Uniform(scale) => (Scale::Uniform(scale), scale),
@@ -173,5 +188,5 @@ pub fn head_loss_backward(head: &Head, hidden: Tensor<3>, batch: &Batch, weights
     };
     let (loss, grads) = head_loss_slices(head, rows.clone().inner(), targets, rows_at_once, Some(scale));
     let HeadGrads { input, weight } = grads.expect("asked for");
-    HeadLoss { surrogate: (rows * input).sum(), loss: loss.mul_scalar(loss_scale), weight_grad: weight }
+    HeadLoss { surrogate: (rows * input).sum(), loss: loss.mul_scalar(loss_scale), weight_grads: weight }
 }

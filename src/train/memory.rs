@@ -22,6 +22,9 @@
 //! AdamW moments     8 P   (m and v)
 //! activations       per layer: rows * seq * (10 hidden + 4 intermediate) + rows * heads * seq^2,
 //!                   times the layers (with gradient checkpointing: one layer's, plus every layer's input)
+//! and where asked:  4 P   the gradients' sum over micro-batches (gradient accumulation)
+//!                   4 P   the best weights (early stopping)
+//!                  12 P   a checkpoint: the weights and the moments read back to be written
 //! ```
 //!
 //! An estimate, stated before the run and refused above the memory the caller says there is.
@@ -30,6 +33,7 @@ use std::collections::BTreeSet;
 
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
+use crate::train::TrainOptions;
 use crate::train::data::Batch;
 use crate::train::loss::LOSS_ROWS;
 
@@ -96,19 +100,30 @@ pub struct MemoryPart {
 }
 
 /// Full fine-tuning's memory estimate for a model of `parameters` weights (`config`'s shapes),
-/// micro-batches of up to `rows` x `seq` (see the module doc).
-pub fn full_memory(config: &LlamaConfig, parameters: usize, rows: usize, seq: usize, checkpointing: bool) -> Vec<MemoryPart> {
+/// micro-batches of up to `rows` x `seq`, trained as `options` say (see the module doc).
+pub fn full_memory(config: &LlamaConfig, parameters: usize, rows: usize, seq: usize, options: &TrainOptions) -> Vec<MemoryPart> {
     let (hidden, inter, heads, layers) =
         (config.hidden_size, config.intermediate_size, config.num_attention_heads, config.num_hidden_layers);
     let per_layer = 4 * (rows * seq * (10 * hidden + 4 * inter) + rows * heads * seq * seq);
-    let activations = if checkpointing { per_layer + 4 * layers * rows * seq * hidden } else { layers * per_layer };
+    let activations = match options.gradient_checkpointing {
+        true => per_layer + 4 * layers * rows * seq * hidden,
+        false => layers * per_layer,
+    };
     let logits = 2 * 4 * LOSS_ROWS.min(rows * seq) * config.vocab_size;
-    vec![
-        MemoryPart { what: "weights", bytes: 4 * parameters },
-        MemoryPart { what: "gradients", bytes: 4 * parameters },
-        MemoryPart { what: "AdamW moments", bytes: 8 * parameters },
+    let copy = 4 * parameters;
+    let optional = [
+        (options.grad_accum > 1, "the gradients' sum over micro-batches", copy),
+        (options.patience.is_some(), "the best weights (early stopping)", copy),
+        (options.checkpoint_every.is_some(), "a checkpoint (weights and moments read back)", 3 * copy),
+    ];
+    let mut parts = vec![
+        MemoryPart { what: "weights", bytes: copy },
+        MemoryPart { what: "gradients", bytes: copy },
+        MemoryPart { what: "AdamW moments", bytes: 2 * copy },
         MemoryPart { what: "activations", bytes: activations + logits },
-    ]
+    ];
+    parts.extend(optional.into_iter().filter(|(on, ..)| *on).map(|(_, what, bytes)| MemoryPart { what, bytes }));
+    parts
 }
 
 /// Refuses a full fine-tuning run whose estimate (`parts`) is above `limit` bytes, naming the sizes.
@@ -158,6 +173,22 @@ mod tests {
         assert_eq!(bytes("MLP activations"), 4 * 4 * 128 * 1536);
         assert_eq!(bytes("logits"), 4 * 128 * 49152);
         assert!(buffers.windows(2).all(|w| w[0].bytes >= w[1].bytes), "largest first");
+    }
+
+    #[test]
+    fn full_fine_tuning_counts_what_the_options_add() {
+        let c = config(9, 1536, 49152);
+        let total = |parts: &[MemoryPart]| parts.iter().map(|p| p.bytes).sum::<usize>();
+        let plain = full_memory(&c, 1000, 4, 128, &TrainOptions::default());
+        assert_eq!(plain.iter().map(|p| p.what).collect::<Vec<_>>(), ["weights", "gradients", "AdamW moments", "activations"]);
+        assert_eq!(plain[2].bytes, 8000);
+        let options = TrainOptions { grad_accum: 2, patience: Some(3), checkpoint_every: Some(10), ..Default::default() };
+        let all = full_memory(&c, 1000, 4, 128, &options);
+        assert_eq!(total(&all) - total(&plain), 4000 + 4000 + 12000, "a gradient sum, the best weights, a checkpoint");
+        let checkpointed = full_memory(&c, 1000, 4, 128, &TrainOptions { gradient_checkpointing: true, ..Default::default() });
+        assert!(total(&checkpointed) < total(&plain), "gradient checkpointing keeps one layer's activations");
+        let e = check_full_memory(&plain, Some(1000)).unwrap_err().to_string();
+        assert!(e.contains("more than the 0.0 MB (1000 bytes) available") && e.contains("AdamW moments 0.0 MB"), "{e}");
     }
 
     #[test]

@@ -13,9 +13,8 @@ use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::io::model_files::CONFIG_FILE;
-use crate::io::safetensors::{SINGLE_FILE, write_safetensors};
-use crate::io::{SafetensorsWeights, StoreDtype};
+use crate::io::StoreDtype;
+use crate::io::safetensors::write_safetensors;
 use crate::lora::{AdapterFiles, AdapterWeights, DropoutMasks, LoraLayers, LoraModel, LoraRun, LoraWeights, PartDropout};
 use crate::model::{Head, LlamaModel};
 use crate::tensor::{HostTensor, read_host, read_scalar, upload};
@@ -112,7 +111,7 @@ pub enum TrainEnd {
     Cancelled,
 }
 
-/// The outcome, stored beside the adapter (training_summary.json).
+/// The outcome, stored beside the adapter or model (training_summary.json).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TrainSummary {
@@ -125,7 +124,7 @@ pub struct TrainSummary {
     pub end: TrainEnd,
 }
 
-/// What a checkpoint needs besides the adapter to continue exactly: the step reached, AdamW's
+/// What a checkpoint needs besides the trained files to continue exactly: the step reached, AdamW's
 /// moments and the early-stopping bookkeeping.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StateHeader {
@@ -134,6 +133,10 @@ struct StateHeader {
     best_val_loss: Option<f64>,
     best_step: Option<usize>,
     evals_without_improvement: usize,
+    /// Full fine-tuning: the global norm of the weights the state goes with (a resumed run must
+    /// start from the checkpoint's model, not the base it began on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    weights_norm: Option<f64>,
 }
 
 /// What a run trains: an adapter of the model, or the model's own weights (full fine-tuning).
@@ -161,6 +164,14 @@ enum Trained {
 impl Trainee {
     /// `target` of `model`, with zero moments.
     fn new(model: &LlamaModel, target: Target) -> Result<Self> {
+        let trainee = Self::of(model, target)?;
+        let zeros = |t: &Tensor<2>| Tensor::zeros(t.dims(), &t.device());
+        let moments = trainee.values(model)?.iter().map(|t| (zeros(t), zeros(t))).collect();
+        Ok(Trainee { moments, ..trainee })
+    }
+
+    /// `target` of `model`, without moments.
+    fn of(model: &LlamaModel, target: Target) -> Result<Self> {
         let trained = match target {
             Target::Adapter(adapter) => {
                 let weights = model.adapter_weights(adapter)?;
@@ -169,10 +180,7 @@ impl Trainee {
             }
             Target::Model => Trained::Model { decays: model.parameters()?.iter().map(|p| p.decays).collect() },
         };
-        let trainee = Trainee { trained, moments: Vec::new() };
-        let zeros = |t: &Tensor<2>| Tensor::zeros(t.dims(), &t.device());
-        let moments = trainee.values(model)?.iter().map(|t| (zeros(t), zeros(t))).collect();
-        Ok(Trainee { moments, ..trainee })
+        Ok(Trainee { trained, moments: Vec::new() })
     }
 
     /// The trained matrices' current values.
@@ -205,6 +213,14 @@ impl Trainee {
         modules.iter().map(|(m, scaling)| (m.clone(), LoraWeights { a_t: next(), b_t: next(), scaling: *scaling })).collect()
     }
 
+    /// What is trained, for messages: "adapter" or "model".
+    fn what(&self) -> &'static str {
+        match self.trained {
+            Trained::Adapter { .. } => "adapter",
+            Trained::Model { .. } => "model",
+        }
+    }
+
     /// Whether AdamW's weight decay applies to matrix `i`.
     fn decays(&self, i: usize) -> bool {
         match &self.trained {
@@ -217,7 +233,7 @@ impl Trainee {
     async fn files(&self, model: &LlamaModel) -> Result<TrainedFiles> {
         Ok(match &self.trained {
             Trained::Adapter { name, .. } => TrainedFiles::Adapter(model.export_adapter(name).await?),
-            Trained::Model { .. } => TrainedFiles::Model(model_files(model).await?),
+            Trained::Model { .. } => TrainedFiles::Model(model.hf_files(None, StoreDtype::F32).await?),
         })
     }
 }
@@ -238,13 +254,6 @@ impl TrainedFiles {
             TrainedFiles::Model(files) => files,
         }
     }
-}
-
-/// model.safetensors (f32, the weights as the model holds them now) and config.json.
-pub async fn model_files(model: &LlamaModel) -> Result<Vec<(String, Vec<u8>)>> {
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let weights = write_safetensors(&model.hf_tensors(None).await?, StoreDtype::F32, Some(metadata))?;
-    Ok(vec![(SINGLE_FILE.to_string(), weights), (CONFIG_FILE.to_string(), model.config.to_json().into_bytes())])
 }
 
 /// One optimizer step's summed loss and gradients (in value order) at `values`: a
@@ -406,9 +415,9 @@ pub fn part_gradients(
     let mut grads = LeafGrads { leaves, grads: vec![None; leaves.len()] };
     if !checkpointing {
         let hidden = recorded.hidden_states_with(ids, None, run);
-        let HeadLoss { surrogate, loss, weight_grad } = head_loss_backward(head, hidden, batch, loss_weights, LOSS_ROWS);
+        let HeadLoss { surrogate, loss, weight_grads } = head_loss_backward(head, hidden, batch, loss_weights, LOSS_ROWS);
         grads.collect(&surrogate.backward());
-        if let (LeafPass::Model(copy), Some(dw)) = (pass, weight_grad) {
+        if let (LeafPass::Model(copy), Some(dw)) = (pass, weight_grads) {
             grads.add_head(copy, dw);
         }
         return (loss, grads.into_vec());
@@ -427,14 +436,14 @@ pub fn part_gradients(
     }
     // backward: the head's gradient of the last layer's output, then each layer again, recorded
     let out = h.autodiff().require_grad();
-    let HeadLoss { surrogate, loss, weight_grad } =
+    let HeadLoss { surrogate, loss, weight_grads } =
         head_loss_backward(head, recorded.norm.forward(out.clone()), batch, loss_weights, LOSS_ROWS);
     let mut upstream = {
         let g = surrogate.backward();
         grads.collect(&g);
         out.grad(&g).expect("the loss depends on the last layer")
     }; // (the gradients given up: collected ones are then the only holders, to add into in place)
-    if let (LeafPass::Model(copy), Some(dw)) = (pass, weight_grad) {
+    if let (LeafPass::Model(copy), Some(dw)) = (pass, weight_grads) {
         grads.add_head(copy, dw);
     }
     for (i, (input, mask)) in inputs.into_iter().enumerate().rev() {
@@ -474,20 +483,13 @@ impl LeafGrads<'_> {
         });
     }
 
-    /// Adds a trained head's weight gradient `dw` (as the head's weight is held, whole), which the
-    /// loss computed by hand, to its leaves: the untied head's, the last parameters, or the tied
-    /// embedding's, the first (LlamaModel::parameters), a run of rows for each of its buffers.
-    fn add_head(&mut self, copy: &LlamaModel, dw: Tensor<2>) {
-        let (weight, first) = match &copy.lm_head {
-            Some(head) => (head, self.leaves.len() - head.buffers()),
-            None => (&copy.embed_tokens, 0),
-        };
-        let axis = usize::from(weight.is_transposed());
-        let mut at = 0;
-        for i in first..first + weight.buffers() {
-            let rows = self.leaves[i].dims()[axis];
-            self.add(i, if weight.buffers() == 1 { dw.clone() } else { dw.clone().narrow(axis, at, rows) });
-            at += rows;
+    /// Adds a trained head's weight gradients `dw` (one per buffer of the weight as the head holds
+    /// it), which the loss computed by hand, to its leaves: the untied head's, the last
+    /// parameters, or the tied embedding's, the first (LlamaModel::parameters).
+    fn add_head(&mut self, copy: &LlamaModel, dw: Vec<Tensor<2>>) {
+        let first = copy.lm_head.as_ref().map_or(0, |head| self.leaves.len() - head.buffers());
+        for (i, g) in (first..).zip(dw) {
+            self.add(i, g);
         }
     }
 
@@ -569,7 +571,8 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// Optimizer step `t` (from 1) over `group`: the adapter moves only if the loss is finite.
+    /// Optimizer step `t` (from 1) over `group`: what is trained moves only if the loss and the
+    /// gradient norm are finite.
     async fn step(&mut self, t: usize, group: &[Batch]) -> Result<StepOutcome> {
         let options = self.options;
         let dropout = match &self.trainee.trained {
@@ -594,38 +597,39 @@ impl Run<'_> {
             }
         };
         self.header.tokens += group.iter().map(|b| b.tokens).sum::<usize>();
-        if !loss.is_finite() {
+        let grad_norm = global_norm(&grads).await?;
+        // a NaN or infinite loss or gradient would make every trained value NaN
+        if let Some((what, value)) = [("loss", loss), ("gradient norm", grad_norm)].into_iter().find(|(_, v)| !v.is_finite()) {
             return Err(Error::invalid(format!(
-                "the loss became {loss} at step {t}: training stopped and the adapter is as it was after step {} (lower the learning rate or check the data)",
+                "the {what} became {value} at step {t}: training stopped and the {} is as it was after step {} (lower the learning rate or check the data)",
+                self.trainee.what(),
                 t - 1
             )));
         }
-        let grad_norm = global_norm(&grads).await?;
         let factor = options.clip_norm().map_or(1.0, |max| clip_factor(grad_norm, max));
         let lr = options.lr * options.schedule.factor(t - 1, options.warmup_steps, self.total_steps);
-        let optimizer = options.optimizer();
-        let mut updated = Vec::with_capacity(grads.len());
+        // no weight decay for norms and biases (full fine-tuning), as transformers' Trainer groups them
+        let decayed = options.optimizer();
+        let undecayed = AdamW { weight_decay: 0.0, ..decayed };
         // the moments given up to the update, which writes the new ones where they were
         let moments = std::mem::take(&mut self.trainee.moments);
         assert_eq!(moments.len(), grads.len(), "one (m, v) per trained matrix");
-        // no weight decay for norms and biases (full fine-tuning), as transformers' Trainer groups them
-        let undecayed = AdamW { weight_decay: 0.0, ..optimizer };
-        for (i, ((value, g), (m, v))) in values.into_iter().zip(grads).zip(moments).enumerate() {
-            let optimizer = if self.trainee.decays(i) { &optimizer } else { &undecayed };
-            if let Trained::Model { .. } = self.trainee.trained {
-                // the model lets go of the weight while AdamW writes it in place (it holds the
-                // gradient, of the same shape, meanwhile): no second copy of the weight
-                self.model.replace_parameter(i, g.clone());
-            }
-            let (new, new_m, new_v) = optimizer.update(value, g, m, v, t, lr, factor);
-            self.trainee.moments.push((new_m, new_v));
-            match self.trainee.trained {
-                // each weight into the model at once, so its old values are freed before the next is written
-                Trained::Model { .. } => self.model.replace_parameter(i, new),
-                Trained::Adapter { .. } => updated.push(new),
-            }
-        }
-        if let Trained::Adapter { .. } = self.trainee.trained {
+        let mut steps = grads.into_iter().zip(moments);
+        let full = matches!(self.trainee.trained, Trained::Model { .. });
+        let trainee = &mut self.trainee;
+        let mut update = |i: usize, value: Tensor<2>| {
+            let (g, (m, v)) = steps.next().expect("a gradient per trained matrix");
+            let optimizer = if trainee.decays(i) { &decayed } else { &undecayed };
+            let (new, m, v) = optimizer.update(value, g, m, v, t, lr, factor);
+            trainee.moments.push((m, v));
+            new
+        };
+        if full {
+            // the model's own handles are the last on its weights: each is written in place
+            drop(values);
+            self.model.update_parameters(update);
+        } else {
+            let updated = values.into_iter().enumerate().map(|(i, value)| update(i, value)).collect();
             self.trainee.set_values(self.model, updated)?;
         }
         self.header.step = t;
@@ -654,7 +658,11 @@ impl Run<'_> {
     /// The trained files and the trainer state after `step`, to continue from there.
     async fn checkpoint(&self, step: usize) -> Result<TrainEvent> {
         let files = self.trainee.files(self.model).await?;
-        let state = save_state(&self.header, &self.trainee.moments).await?;
+        let mut header = self.header.clone();
+        if let Trained::Model { .. } = self.trainee.trained {
+            header.weights_norm = Some(global_norm(&self.trainee.values(self.model)?).await?);
+        }
+        let state = save_state(&header, &self.trainee.moments).await?;
         Ok(TrainEvent::Checkpoint { step, files: Box::new(files), state })
     }
 
@@ -701,9 +709,11 @@ pub async fn train_steps(
         return Err(Error::invalid("nothing to do: 0 epochs or max_steps 0"));
     }
     let mut trainee = Trainee::new(model, target)?;
-    let mut header = StateHeader { step: 0, tokens: 0, best_val_loss: None, best_step: None, evals_without_improvement: 0 };
+    let mut header =
+        StateHeader { step: 0, tokens: 0, best_val_loss: None, best_step: None, evals_without_improvement: 0, weights_norm: None };
     if let Some(bytes) = resume {
-        header = restore_state(bytes, &mut trainee.moments, &model.device())?;
+        let what = trainee.what();
+        header = restore_state(bytes, &mut trainee.moments, what, &model.device())?;
     }
     let started_at = (header.step, header.tokens);
     let mut run = Run { model, trainee, options, header, total_steps, steps_per_epoch, started_at };
@@ -714,7 +724,7 @@ pub async fn train_steps(
     let start = clock();
     let mut final_loss = None;
     let mut end = TrainEnd::Completed;
-    // the starting point of the validation curve (and the adapter early stopping falls back to)
+    // the starting point of the validation curve (and the values early stopping falls back to)
     if let (0, Some(batches)) = (run.header.step, val_batches) {
         match run.eval(batches, 0, on_event).await? {
             Some(_) if keep_best => best = Some(run.trainee.values(run.model)?),
@@ -803,31 +813,55 @@ fn state_header(bytes: &[u8]) -> Result<StateHeader> {
 /// Checks that `bytes` hold AdamW's moments for every matrix of `target` of `model` (a state
 /// saved from another adapter or model is refused) before a resumed run changes anything.
 pub fn check_state_fits(model: &LlamaModel, target: Target, bytes: &[u8]) -> Result<()> {
-    saved_moments(bytes, &Trainee::new(model, target)?.moments).map(|_| ())
+    let trainee = Trainee::of(model, target)?;
+    let dims: Vec<[usize; 2]> = trainee.values(model)?.iter().map(Tensor::dims).collect();
+    saved_moments(bytes, &dims, trainee.what()).map(|_| ())
 }
 
-/// The run's bookkeeping and the saved (m, v) of each of `moments`' matrices, in their order.
-fn saved_moments(bytes: &[u8], moments: &[(Tensor<2>, Tensor<2>)]) -> Result<(StateHeader, Vec<(HostTensor, HostTensor)>)> {
-    let header = state_header(bytes)?;
-    let weights = SafetensorsWeights::new(vec![("trainer state".into(), bytes.to_vec())])?;
-    let (saved, matrices) = (weights.names().len() / 2, moments.len());
-    if weights.names().len() != 2 * matrices {
-        let why = format!("it holds {saved} moments but this adapter has {matrices} matrices: it belongs to another adapter");
-        return Err(Error::file("trainer state", why));
+/// Checks that a full fine-tuning state goes with `model`'s weights as they are (a run resumes
+/// on the model loaded from its checkpoint's files), by their norm.
+pub async fn check_state_weights(model: &LlamaModel, bytes: &[u8]) -> Result<()> {
+    let Some(saved) = state_header(bytes)?.weights_norm else { return Ok(()) };
+    let ours = global_norm(&Trainee::of(model, Target::Model)?.values(model)?).await?;
+    if (ours - saved).abs() <= 1e-5 * saved {
+        return Ok(());
     }
-    let mut out = Vec::with_capacity(matrices);
-    for (i, (m, v)) in moments.iter().enumerate() {
-        let (saved_m, saved_v) = (weights.tensor(&format!("{i:05}.m"))?, weights.tensor(&format!("{i:05}.v"))?);
-        if saved_m.shape != m.dims().to_vec() || saved_v.shape != v.dims().to_vec() {
-            return Err(Error::file("trainer state", "moment shapes differ from this adapter's: it belongs to another adapter"));
+    Err(Error::file(
+        "trainer state",
+        format!(
+            "it goes with other weights (their norm is {saved}, this model's {ours}): resume on the model loaded from the checkpoint's own files"
+        ),
+    ))
+}
+
+/// The run's bookkeeping and the saved (m, v) of each matrix of shape `dims`, in their order;
+/// `what` ("adapter", "model") names what the state must belong to. Read from `bytes` in place.
+fn saved_moments(bytes: &[u8], dims: &[[usize; 2]], what: &str) -> Result<(StateHeader, Vec<(HostTensor, HostTensor)>)> {
+    let header = state_header(bytes)?;
+    let not_state = |why: String| Error::file("trainer state", why);
+    let tensors = safetensors::SafeTensors::deserialize(bytes).map_err(|e| not_state(format!("not a trainer state file: {e}")))?;
+    let (saved, matrices) = (tensors.len() / 2, dims.len());
+    if tensors.len() != 2 * matrices {
+        return Err(not_state(format!("it holds {saved} moments but this {what} has {matrices} matrices: it belongs to another {what}")));
+    }
+    let read = |name: String, shape: [usize; 2]| -> Result<HostTensor> {
+        let view = tensors.tensor(&name).map_err(|e| not_state(format!("{name}: {e}")))?;
+        if view.shape() != shape || view.dtype() != safetensors::Dtype::F32 {
+            return Err(not_state(format!("moment shapes differ from this {what}'s: it belongs to another {what}")));
         }
-        out.push((saved_m, saved_v));
+        let data = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        Ok(HostTensor::new(shape.to_vec(), data))
+    };
+    let mut out = Vec::with_capacity(matrices);
+    for (i, &shape) in dims.iter().enumerate() {
+        out.push((read(format!("{i:05}.m"), shape)?, read(format!("{i:05}.v"), shape)?));
     }
     Ok((header, out))
 }
 
-fn restore_state(bytes: &[u8], moments: &mut [(Tensor<2>, Tensor<2>)], device: &Device) -> Result<StateHeader> {
-    let (header, saved) = saved_moments(bytes, moments)?;
+fn restore_state(bytes: &[u8], moments: &mut [(Tensor<2>, Tensor<2>)], what: &str, device: &Device) -> Result<StateHeader> {
+    let dims: Vec<[usize; 2]> = moments.iter().map(|(m, _)| m.dims()).collect();
+    let (header, saved) = saved_moments(bytes, &dims, what)?;
     for ((m, v), (saved_m, saved_v)) in moments.iter_mut().zip(saved) {
         (*m, *v) = (upload(saved_m, device), upload(saved_v, device));
     }

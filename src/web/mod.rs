@@ -555,15 +555,16 @@ impl Engine {
             let clock = || js_sys::Date::now() / 1000.0;
             let mut thrown: Option<JsValue> = None;
             let mut on_event = |event: TrainEvent| {
-                let files = match &event {
+                let json = event.to_json().to_string();
+                let files = match event {
                     TrainEvent::Checkpoint { files, state, .. } => {
-                        let mut fields = trained_files((**files).clone());
+                        let mut fields = trained_files(*files);
                         fields.push(("state", Uint8Array::from(state.as_slice()).into()));
                         object(fields)
                     }
                     _ => Ok(JsValue::UNDEFINED),
                 };
-                match files.and_then(|files| on_event.call2(&JsValue::NULL, &event.to_json().to_string().into(), &files)) {
+                match files.and_then(|files| on_event.call2(&JsValue::NULL, &json.into(), &files)) {
                     Ok(v) if v.as_bool() == Some(false) => Control::Stop,
                     Ok(_) => Control::Continue,
                     Err(e) => {

@@ -55,7 +55,7 @@ test('a GPU lost mid-training: the run and later calls reject saying so; recover
   }, ids);
   assert.match(out.training, /^the GPU device was lost \(destroyed: .*\): the model is gone from the GPU; model\.recover\(\) loads it again with its adapters$/);
   assert.equal(out.later, out.training, 'every later call rejects the same way');
-  assert.deepEqual(out.report, { restored: ['all', 'from-store', 'qv'], lost: ['mix'], mergedAway: [] });
+  assert.deepEqual(out.report, { restored: ['all', 'from-store', 'qv'], lost: ['mix'], mergedAway: [], fineTunedAway: false });
   assert.deepEqual(out.after.adapters, ['all', 'from-store', 'qv']);
   assert.equal(out.after.active, 'from-store');
   assert.deepEqual(out.after.merged, out.before.merged);
@@ -120,7 +120,7 @@ test('a worker killed mid-training: the run and later calls reject saying so; re
   }), (worker) => worker.evaluate(() => self.close()));
   assert.equal(out.ended, "the engine's worker stopped: the browser ended it (it ran out of memory, crashed, or the page closed it); model.recover() starts the engine again and loads the model with its adapters");
   assert.equal(out.later, out.ended, 'every later call rejects the same way');
-  assert.deepEqual(out.report, { restored: ['qv'], lost: [], mergedAway: [] }, 'the adapter being trained never reached the page: the failed run said what happened');
+  assert.deepEqual(out.report, { restored: ['qv'], lost: [], mergedAway: [], fineTunedAway: false }, 'the adapter being trained never reached the page: the failed run said what happened');
   assert.equal(out.active, 'qv');
   assert.deepEqual(out.after, out.before, 'the recovered model gives the logits it gave before');
   assert.deepEqual(b.errors, []);
@@ -145,7 +145,7 @@ test('the engine out of WebAssembly memory: the call says so with the sizes and 
   });
   assert.match(out.ended, /^the engine ran out of memory while training: it asked for [\d.]+ MB more with [\d.]+ MB in use, and a page's WebAssembly memory ends at 4 GB \(or sooner, where the browser is short of memory\): train on less data at once .*; model\.recover\(\) starts the engine again and loads the model with its adapters$/);
   assert.equal(out.later, out.ended, 'every later call rejects the same way');
-  assert.deepEqual(out.report, { restored: ['qv'], lost: [], mergedAway: [] });
+  assert.deepEqual(out.report, { restored: ['qv'], lost: [], mergedAway: [], fineTunedAway: false });
   assert.deepEqual(out.after, out.before, 'the recovered model gives the logits it gave before');
   assert.deepEqual(b.errors, []);
 });
@@ -164,7 +164,7 @@ test('the GPU out of memory mid-training: the run says so, with the weights\' si
   });
   assert.match(out.ended, /^the GPU ran out of memory while training \(the model's weights take [\d.]+ MB of it\): lower batchSize or maxSeqLen \(gradientAccumulationSteps keeps the effective batch size\), or load the base model with a smaller dtype \("q8_0", "q4_1"\), or close other pages that use the GPU; model\.recover\(\) starts the engine again and loads the model with its adapters$/);
   assert.equal(out.later, out.ended, 'every later call rejects the same way');
-  assert.deepEqual(out.report, { restored: ['qv'], lost: [], mergedAway: [] });
+  assert.deepEqual(out.report, { restored: ['qv'], lost: [], mergedAway: [], fineTunedAway: false });
   assert.deepEqual(out.after, out.before, 'the recovered model gives the logits it gave before');
   // the panic's own report on the console, as every crash's
   b.errors.splice(0, b.errors.length, ...b.errors.filter((e) => !/wgpu error: Out of Memory/.test(e)));
@@ -215,7 +215,7 @@ test('a GPU lost mid-generation: the stream rejects saying so; recover() restore
   }, ids);
   assert.match(out.ended, /^the GPU device was lost \(destroyed: .*\): the model is gone from the GPU; model\.recover\(\) loads it again with its adapters$/);
   assert.ok(out.pieces >= 3 && out.pieces < 24, `the stream stopped mid-way (${out.pieces} pieces)`);
-  assert.deepEqual(out.report, { restored: ['qv'], lost: [], mergedAway: [] });
+  assert.deepEqual(out.report, { restored: ['qv'], lost: [], mergedAway: [], fineTunedAway: false });
   assert.equal(out.after.text, out.before.text, 'the same seeded text after the recovery');
   assert.deepEqual(out.after.logits, out.before.logits);
   assert.deepEqual(b.errors, []);

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, DeviceKind};
 use webgpu_lora::io::{ModelFiles, SafetensorsWeights};
@@ -354,4 +354,66 @@ pub fn reference_options(t: &serde_json::Value) -> webgpu_lora::train::TrainOpti
 /// A trajectory fixture's optimizer steps, each its micro-batches.
 pub fn trajectory_steps(t: &serde_json::Value) -> Vec<Vec<Batch>> {
     t["steps"].as_array().unwrap().iter().map(|group| group.as_array().unwrap().iter().map(batch).collect()).collect()
+}
+
+/// Tensors of the model's parameters (as [`LlamaModel::parameters`] lists them: parts, linears
+/// transposed, vectors as [1, d]) under their Hugging Face names and layout: parts joined, vectors as [d].
+pub fn in_hf_layout(model: &LlamaModel, values: Vec<burn::tensor::Tensor<2>>) -> BTreeMap<String, HostTensor> {
+    let parameters = model.parameters().unwrap();
+    assert_eq!(parameters.len(), values.len());
+    let mut out: BTreeMap<String, HostTensor> = BTreeMap::new();
+    for (p, v) in parameters.into_iter().zip(values) {
+        let mut t = pollster::block_on(read_host(v)).unwrap();
+        if p.transposed {
+            t = t.transpose();
+        }
+        if !p.decays {
+            t.shape.remove(0); // a vector
+        }
+        // a part's rows go after the parts before it: "NAME[a..b]"
+        let name = p.name.split('[').next().unwrap().to_string();
+        match out.get_mut(&name) {
+            Some(joined) => {
+                joined.shape[0] += t.shape[0];
+                joined.data.extend(t.data);
+            }
+            None => {
+                out.insert(name, t);
+            }
+        }
+    }
+    out
+}
+
+/// The mean token loss of `batch` and the gradient of every weight of `model`, through the
+/// trainer's own pass (full fine-tuning).
+pub fn full_gradients(model: &LlamaModel, batch: &Batch, checkpointing: bool) -> (f64, Vec<burn::tensor::Tensor<2>>) {
+    let values: Vec<_> = model.parameters().unwrap().into_iter().map(|p| p.value).collect();
+    let leaves: Vec<_> = values.into_iter().map(|v| v.autodiff().require_grad()).collect();
+    let copy = model.with_parameters(leaves.clone());
+    let weights = LossWeights::Uniform(1.0 / batch.trainable_tokens() as f64);
+    let (loss, grads) = part_gradients(model, LeafPass::Model(&copy), &copy.head_for_slices(), &leaves, batch, weights, checkpointing);
+    (pollster::block_on(webgpu_lora::tensor::read_scalar(loss)).unwrap(), grads)
+}
+
+/// Full fine-tuning's loss (1e-5 relative) and the gradient of every weight of `model` for the
+/// full fixtures' batch equal transformers' in `grads_file` (each within 1e-4 of its tensor's
+/// largest |gradient|), with and without gradient checkpointing; `what` labels failures.
+pub fn assert_full_gradients_match(model: &LlamaModel, batch: &Batch, grads_file: &Path, what: &str) {
+    let torch = SafetensorsWeights::new(vec![("grads".into(), std::fs::read(grads_file).unwrap())]).unwrap();
+    let torch_loss = torch.tensor("loss").unwrap().data[0] as f64;
+    for checkpointing in [false, true] {
+        let (loss, grads) = full_gradients(model, batch, checkpointing);
+        let what = format!("{what}, checkpointing {checkpointing}");
+        assert!((loss - torch_loss).abs() < 1e-5 * torch_loss, "{what}: loss {loss} vs transformers {torch_loss}");
+        let grads = in_hf_layout(model, grads);
+        assert_eq!(grads.len(), torch.names().len() - 1, "{what}: one gradient per weight");
+        for (param, ours) in &grads {
+            let theirs = torch.tensor(param).unwrap();
+            assert_eq!(ours.shape, theirs.shape, "{what}: {param}");
+            let scale = theirs.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(&ours.data, &theirs.data);
+            assert!(diff <= 1e-4 * scale, "{what}, {param}: max diff {diff}, max |grad| {scale}");
+        }
+    }
 }

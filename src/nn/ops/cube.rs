@@ -497,13 +497,14 @@ mod kernels {
     }
 
     /// Element `ABSOLUTE_POS` of one AdamW step (the constants as [`super::AdamWStep`] names
-    /// them): the parameter and the moments in place.
+    /// them): the moments in place, the parameter into `param_out`.
     #[cube(launch)]
     pub fn adamw_kernel(
         grad: &Tensor<f32>,
-        param: &mut Tensor<f32>,
+        param: &Tensor<f32>,
         m: &mut Tensor<f32>,
         v: &mut Tensor<f32>,
+        param_out: &mut Tensor<f32>,
         grad_scale: f32,
         decay: f32,
         beta1: f32,
@@ -515,7 +516,7 @@ mod kernels {
         eps: f32,
     ) {
         let i = ABSOLUTE_POS;
-        if i >= param.len() {
+        if i >= param_out.len() {
             terminate!();
         }
         let g = grad[i] * grad_scale;
@@ -523,7 +524,7 @@ mod kernels {
         let v_new = beta2 * v[i] + one_minus_beta2 * g * g;
         m[i] = m_new;
         v[i] = v_new;
-        param[i] = param[i] * decay - step_size * (m_new / (f32::sqrt(v_new) * inv_sqrt_bias2 + eps));
+        param_out[i] = param[i] * decay - step_size * (m_new / (f32::sqrt(v_new) * inv_sqrt_bias2 + eps));
     }
 
     /// sum(x^2) into `sums[slot]`: one cube of `threads` threads, each a strided partial sum,
@@ -940,15 +941,16 @@ impl FusedOps for Cube {
         if !all_f32(&[&param, &grad, &m, &v]) {
             return composed::adamw::<Self>(param, grad, m, v, s);
         }
-        // in place (the trainer gives the moments up, and a fully fine-tuned model its weight;
-        // what is held elsewhere, an adapter's matrix, is copied first)
+        // the moments in place (the trainer gives them up; held elsewhere, they are copied
+        // first), the parameter, which the model still holds, into a new tensor
         let [grad, param, m, v] = [grad, param, m, v].map(burn_cubecl::kernel::into_contiguous);
-        let [param, m, v] = [param, m, v].map(writable);
+        let [m, v] = [m, v].map(writable);
+        let out = empty_device_dtype(param.client.clone(), param.device.clone(), param.shape(), DType::F32);
         launch!(
             adamw_kernel,
-            param.shape().num_elements(),
-            [grad, param.clone(), m.clone()],
-            v.clone(),
+            out.shape().num_elements(),
+            [grad, param, m.clone(), v.clone()],
+            out,
             s.grad_scale,
             s.decay,
             s.beta1,
@@ -959,7 +961,7 @@ impl FusedOps for Cube {
             s.inv_sqrt_bias2,
             s.eps
         );
-        (param, m, v)
+        (out, m, v)
     }
 
     fn sum_squares_into(sums: FloatTensor<Self>, x: FloatTensor<Self>, slot: usize) -> FloatTensor<Self> {

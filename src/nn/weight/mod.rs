@@ -72,8 +72,9 @@ impl WeightDtype {
     }
 }
 
-/// A base-model matrix (constant: it never requires a gradient): the Hugging Face [rows, cols]
-/// matrix, or its transpose when `transposed` (a linear layer's [in, out] of an [out, in] weight).
+/// A base-model matrix (a constant, except for full fine-tuning's copy of the model, whose f32
+/// parts are autodiff leaves): the Hugging Face [rows, cols] matrix, or its transpose when
+/// `transposed` (a linear layer's [in, out] of an [out, in] weight).
 #[derive(Clone)]
 pub struct Weight {
     /// Runs of the Hugging Face rows, in order, one buffer each (one part unless the matrix is
@@ -354,6 +355,18 @@ impl Weight {
     pub fn with_f32_parts(&self, values: Vec<Tensor<2>>) -> Weight {
         debug_assert_eq!(values.len(), self.parts.len(), "one value per part");
         Weight { parts: values.into_iter().map(Part::F32).collect(), transposed: self.transposed }
+    }
+
+    /// Takes the f32 parts out (full fine-tuning's update, which writes each in place where
+    /// nothing else holds it): the weight holds nothing until [`put_f32_parts`](Self::put_f32_parts).
+    pub fn take_f32_parts(&mut self) -> Vec<Tensor<2>> {
+        let parts = std::mem::take(&mut self.parts);
+        parts.into_iter().map(|p| if let Part::F32(w) = p { w } else { panic!("a trained weight is f32") }).collect()
+    }
+
+    /// Puts f32 parts (as [`take_f32_parts`](Self::take_f32_parts) took them) back in.
+    pub fn put_f32_parts(&mut self, values: Vec<Tensor<2>>) {
+        self.parts = values.into_iter().map(Part::F32).collect();
     }
 
     /// The axis of the weight along which the Hugging Face rows, and so the parts, run.

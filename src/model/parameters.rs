@@ -80,12 +80,8 @@ impl LlamaModel {
     /// Puts `values` (one per [`parameters`](Self::parameters) entry, in its order and shapes)
     /// in place of the model's weights; a norm's gain follows its weight.
     pub fn set_parameters(&mut self, values: Vec<Tensor<2>>) {
-        let adds_one = self.config.norm_adds_one;
         let mut values = values.into_iter();
-        for (_, slot) in self.slots() {
-            let these = (0..slot.len()).map(|_| values.next().expect("one value per parameter")).collect();
-            slot.set(these, adds_one);
-        }
+        self.update_parameters(|_, _| values.next().expect("one value per parameter"));
         assert!(values.next().is_none(), "one value per parameter");
     }
 
@@ -156,14 +152,6 @@ impl LlamaModel {
 }
 
 impl Slot<'_> {
-    /// How many parameters the slot holds (a matrix: one per buffer).
-    fn len(&self) -> usize {
-        match self {
-            Slot::Matrix(w) => w.buffers(),
-            Slot::Norm(_) | Slot::Bias(_) => 1,
-        }
-    }
-
     /// Its values, taken from a matrix (which holds nothing until [`set`](Self::set)); a vector's
     /// (small) are copied.
     fn take(&mut self) -> Vec<Tensor<2>> {

@@ -194,6 +194,15 @@ pub async fn dpo_stats(
     Ok((stats, row_weights))
 }
 
+/// Refuses an adapter whose LoRA dropout `p` is not 0: DPO's two passes over a batch (the
+/// log-probabilities, then the gradient) must see one adapter.
+pub fn check_dropout(p: f64) -> Result<()> {
+    match p {
+        0.0 => Ok(()),
+        p => Err(Error::invalid(format!("DPO: the adapter's lora_dropout must be 0 (--dropout 0, loraDropout: 0), not {p}"))),
+    }
+}
+
 /// [`dpo_stats`] for `batch` under `run` (the adapter's own autodiff copies, no dropout), and the
 /// gradient of each of `leaves`.
 pub async fn dpo_gradients(

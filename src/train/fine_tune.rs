@@ -15,7 +15,7 @@ use crate::nn::weight::max_buffer_bytes;
 use crate::train::Method;
 use crate::train::TrainOptions;
 use crate::train::data::{Batch, DataReport, Dataset, Example, ordered_batches, read_dataset};
-use crate::train::dpo::{PreferencePair, preference_batch, read_preferences};
+use crate::train::dpo::{PreferencePair, check_dropout, preference_batch, read_preferences};
 use crate::train::memory::{check_full_memory, check_step_buffers, full_memory};
 use crate::train::trainer::{
     Control, Target, TrainEvent, TrainSummary, TrainedFiles, check_state, check_state_fits, check_state_weights, plan_steps, train_steps,
@@ -253,8 +253,8 @@ fn plan_dpo(llm: &Llm, options: &TrainOptions, train_file: NamedBytes<'_>, val_f
     Ok(Planned { steps, steps_per_epoch, val_batches, train_report: report(&train), val_report: val.as_deref().map(report) })
 }
 
-/// DPO's two passes over a batch (log-probabilities, then the gradient) must see one adapter:
-/// the dropout of the adapter trained (the new one's, or the one continued) must be 0.
+/// The dropout of the adapter DPO trains (the new one's, or the one continued) must be 0
+/// ([`check_dropout`]), checked before an adapter is added.
 fn check_dpo_dropout(options: &TrainOptions, start: &TrainStart) -> Result<()> {
     if options.method != Method::Dpo {
         return Ok(());
@@ -266,10 +266,7 @@ fn check_dpo_dropout(options: &TrainOptions, start: &TrainStart) -> Result<()> {
         }
         TrainStart::ResumeModel(_) => return Ok(()),
     };
-    match dropout {
-        0.0 => Ok(()),
-        p => Err(Error::invalid(format!("DPO: the adapter's lora_dropout must be 0 (--dropout 0, loraDropout: 0), not {p}"))),
-    }
+    check_dropout(dropout)
 }
 
 /// Refuses token ids past the model's vocabulary.

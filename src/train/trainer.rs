@@ -20,7 +20,7 @@ use crate::model::{Head, LlamaModel};
 use crate::tensor::{HostTensor, read_host, read_scalar, upload};
 use crate::train::TrainOptions;
 use crate::train::data::{Batch, epoch_batches, ordered_batches};
-use crate::train::dpo::{DpoStats, Rewards, dpo_gradients, dpo_stats};
+use crate::train::dpo::{DpoStats, Rewards, check_dropout, dpo_gradients, dpo_stats};
 use crate::train::loss::{HeadLoss, LOSS_ROWS, LossWeights, head_loss_backward, summed_token_loss};
 use crate::train::memory::MemoryPart;
 use crate::train::optimizer::{AdamW, clip_factor, global_norm};
@@ -586,12 +586,8 @@ impl Run<'_> {
                 let (loss, grads) = group_gradients(self.model, &self.trainee, &values, group, seed, dropout, options).await?;
                 (loss, grads, None)
             }
-            Method::Dpo if dropout != 0.0 => {
-                return Err(Error::invalid(format!(
-                    "DPO: the adapter's lora_dropout must be 0 (--dropout 0, loraDropout: 0), not {dropout}"
-                )));
-            }
             Method::Dpo => {
+                check_dropout(dropout)?;
                 let (stats, grads) = dpo_group_gradients(self.model, &self.trainee, &values, group, options).await?;
                 (stats.loss, grads, Some(stats.rewards))
             }
@@ -815,7 +811,7 @@ fn state_header(bytes: &[u8]) -> Result<StateHeader> {
 pub fn check_state_fits(model: &LlamaModel, target: Target, bytes: &[u8]) -> Result<()> {
     let trainee = Trainee::of(model, target)?;
     let dims: Vec<[usize; 2]> = trainee.values(model)?.iter().map(Tensor::dims).collect();
-    saved_moments(bytes, &dims, trainee.what()).map(|_| ())
+    moment_views(&state_tensors(bytes)?, &dims, trainee.what()).map(|_| ())
 }
 
 /// Checks that a full fine-tuning state goes with `model`'s weights as they are (a run resumes
@@ -834,36 +830,45 @@ pub async fn check_state_weights(model: &LlamaModel, bytes: &[u8]) -> Result<()>
     ))
 }
 
-/// The run's bookkeeping and the saved (m, v) of each matrix of shape `dims`, in their order;
-/// `what` ("adapter", "model") names what the state must belong to. Read from `bytes` in place.
-fn saved_moments(bytes: &[u8], dims: &[[usize; 2]], what: &str) -> Result<(StateHeader, Vec<(HostTensor, HostTensor)>)> {
-    let header = state_header(bytes)?;
+/// The tensors of a trainer state file, read in place.
+fn state_tensors(bytes: &[u8]) -> Result<safetensors::SafeTensors<'_>> {
+    safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::file("trainer state", format!("not a trainer state file: {e}")))
+}
+
+/// The saved (m, v) of each matrix of shape `dims`, in their order, checked (count, shapes, f32)
+/// without reading them; `what` ("adapter", "model") names what the state must belong to.
+fn moment_views<'a>(
+    tensors: &'a safetensors::SafeTensors<'a>,
+    dims: &[[usize; 2]],
+    what: &str,
+) -> Result<Vec<(safetensors::tensor::TensorView<'a>, safetensors::tensor::TensorView<'a>)>> {
     let not_state = |why: String| Error::file("trainer state", why);
-    let tensors = safetensors::SafeTensors::deserialize(bytes).map_err(|e| not_state(format!("not a trainer state file: {e}")))?;
     let (saved, matrices) = (tensors.len() / 2, dims.len());
     if tensors.len() != 2 * matrices {
         return Err(not_state(format!("it holds {saved} moments but this {what} has {matrices} matrices: it belongs to another {what}")));
     }
-    let read = |name: String, shape: [usize; 2]| -> Result<HostTensor> {
+    let view = |name: String, shape: [usize; 2]| {
         let view = tensors.tensor(&name).map_err(|e| not_state(format!("{name}: {e}")))?;
         if view.shape() != shape || view.dtype() != safetensors::Dtype::F32 {
             return Err(not_state(format!("moment shapes differ from this {what}'s: it belongs to another {what}")));
         }
-        let data = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        Ok(HostTensor::new(shape.to_vec(), data))
+        Ok(view)
     };
-    let mut out = Vec::with_capacity(matrices);
-    for (i, &shape) in dims.iter().enumerate() {
-        out.push((read(format!("{i:05}.m"), shape)?, read(format!("{i:05}.v"), shape)?));
-    }
-    Ok((header, out))
+    dims.iter().enumerate().map(|(i, &shape)| Ok((view(format!("{i:05}.m"), shape)?, view(format!("{i:05}.v"), shape)?))).collect()
 }
 
+/// Puts the moments saved in the state file `bytes` in place of `moments` (one matrix on the
+/// host at a time), and returns the run's bookkeeping.
 fn restore_state(bytes: &[u8], moments: &mut [(Tensor<2>, Tensor<2>)], what: &str, device: &Device) -> Result<StateHeader> {
+    let header = state_header(bytes)?;
+    let tensors = state_tensors(bytes)?;
     let dims: Vec<[usize; 2]> = moments.iter().map(|(m, _)| m.dims()).collect();
-    let (header, saved) = saved_moments(bytes, &dims, what)?;
-    for ((m, v), (saved_m, saved_v)) in moments.iter_mut().zip(saved) {
-        (*m, *v) = (upload(saved_m, device), upload(saved_v, device));
+    let host = |view: &safetensors::tensor::TensorView| {
+        let data = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        HostTensor::new(view.shape().to_vec(), data)
+    };
+    for ((m, v), (saved_m, saved_v)) in moments.iter_mut().zip(moment_views(&tensors, &dims, what)?) {
+        (*m, *v) = (upload(host(&saved_m), device), upload(host(&saved_v), device));
     }
     Ok(header)
 }

@@ -22,7 +22,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::config::{LayerAttention, LlamaConfig, Rope, RopeScaling};
 use crate::error::{Error, Result};
@@ -644,19 +644,28 @@ impl Head {
         if self.tied { self.weight.apply(dlogits) } else { self.weight.apply_transposed(dlogits) }
     }
 
-    /// dL/dW of each buffer of the weight as held, from hidden states h [rows, hidden] and
-    /// dL/dlogits [rows, vocab]: dlogitsᵀ · h for the tied E, hᵀ · dlogits for the untied Wᵀ, a
-    /// buffer's run of the vocabulary at a time (the whole gradient can be larger than a buffer).
-    pub fn weight_grads(&self, h: Tensor<2>, dlogits: Tensor<2>) -> Vec<Tensor<2>> {
+    /// Adds dL/dW of each buffer of the weight as held, from hidden states h [rows, hidden] and
+    /// dL/dlogits [rows, vocab], into `sums` (zeros where `None`), in place: dlogitsᵀ · h for the
+    /// tied E, hᵀ · dlogits for the untied Wᵀ, [`WORDS_AT_ONCE`] words of the vocabulary at a
+    /// time. Summing a whole buffer's product instead would hold a second gradient-sized tensor
+    /// (113 MB for SmolLM2's embedding) beside the sums while they add.
+    pub fn add_weight_grads(&self, sums: Option<Vec<Tensor<2>>>, h: Tensor<2>, dlogits: Tensor<2>) -> Vec<Tensor<2>> {
+        let sums = sums.unwrap_or_else(|| self.zero_weight_grads());
+        // the vocabulary runs along E's rows, Wᵀ's columns
+        let axis = usize::from(!self.tied);
         let mut at = 0;
-        self.f32_parts()
-            .into_iter()
-            .map(|part| {
-                // the vocabulary runs along E's rows, Wᵀ's columns
-                let words = part.dims()[usize::from(!self.tied)];
-                let d = dlogits.clone().narrow(1, at, words);
+        sums.into_iter()
+            .map(|mut sum| {
+                let words = sum.dims()[axis];
+                for start in (0..words).step_by(WORDS_AT_ONCE) {
+                    let len = WORDS_AT_ONCE.min(words - start);
+                    let d = dlogits.clone().narrow(1, at + start, len);
+                    let g = if self.tied { d.transpose().matmul(h.clone()) } else { h.clone().transpose().matmul(d) };
+                    let these = Tensor::arange(start as i64..(start + len) as i64, &sum.device());
+                    sum = sum.select_assign(axis, these, g, IndexingUpdateOp::Add);
+                }
                 at += words;
-                if self.tied { d.transpose().matmul(h.clone()) } else { h.clone().transpose().matmul(d) }
+                sum
             })
             .collect()
     }
@@ -675,7 +684,8 @@ impl Head {
         Head { weight, tied: self.tied }
     }
 
-    /// A zero gradient of each buffer of the weight (of a batch with no trained token).
+    /// A zero gradient of each buffer of the weight: where the sums start (and the whole gradient
+    /// of a batch with no trained token).
     pub fn zero_weight_grads(&self) -> Vec<Tensor<2>> {
         self.f32_parts().iter().map(|p| Tensor::zeros(p.dims(), &p.device().inner())).collect()
     }
@@ -685,6 +695,10 @@ impl Head {
         self.weight.f32_parts().expect("a trained head is f32")
     }
 }
+
+/// Words of the vocabulary whose share of a trained head's weight gradient is made at once:
+/// 8192 x 576 is 19 MB.
+const WORDS_AT_ONCE: usize = 8192;
 
 /// Moves named host tensors to the device, shape-checked, counting progress.
 struct Loader<'a> {
@@ -760,5 +774,47 @@ impl Loader<'_> {
         let t = self.host(name, &[size])?;
         let vector = Tensor::from_data(TensorData::new(t.data, [size]), self.device);
         Ok(self.uploaded(vector))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A trained head's weight gradient summed in vocabulary chunks equals dlogitsᵀ · h (tied E)
+    /// or its transpose (untied Wᵀ), summed afresh each call: a vocabulary of two chunks and a
+    /// few words, added twice.
+    #[test]
+    fn head_weight_gradient_is_dlogits_t_h_chunk_by_chunk() {
+        let device = Device::flex();
+        let (vocab, hidden, rows) = (2 * WORDS_AT_ONCE + 3, 3, 2);
+        let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.5;
+        let host =
+            |shape: [usize; 2], salt: usize| HostTensor::new(shape.to_vec(), (0..shape[0] * shape[1]).map(|i| value(i + salt)).collect());
+        let tensor = |t: HostTensor| Tensor::<2>::from_data(TensorData::new(t.data, t.shape), &device);
+        let (h, dlogits) = (host([rows, hidden], 1), host([rows, vocab], 2));
+        // dW[word][j] = Σ_rows dlogits[row][word] · h[row][j], in f64
+        let expected = |word: usize, j: usize| {
+            (0..rows).map(|r| f64::from(dlogits.data[r * vocab + word]) * f64::from(h.data[r * hidden + j])).sum::<f64>()
+        };
+        for tied in [true, false] {
+            let weight = Weight::upload(host([vocab, hidden], 3), WeightDtype::F32, !tied, "head", &device).unwrap();
+            let head = Head { weight, tied };
+            let once = head.add_weight_grads(None, tensor(h.clone()), tensor(dlogits.clone()));
+            let twice = head.add_weight_grads(Some(once), tensor(h.clone()), tensor(dlogits.clone()));
+            let got = pollster::block_on(read_host(twice.into_iter().next().unwrap())).unwrap();
+            assert_eq!(got.shape, if tied { vec![vocab, hidden] } else { vec![hidden, vocab] });
+            for word in [0, 1, WORDS_AT_ONCE - 1, WORDS_AT_ONCE, 2 * WORDS_AT_ONCE, vocab - 1] {
+                for j in 0..hidden {
+                    let at = if tied { word * hidden + j } else { j * vocab + word };
+                    let want = 2.0 * expected(word, j);
+                    assert!(
+                        (f64::from(got.data[at]) - want).abs() <= 1e-6 + 1e-5 * want.abs(),
+                        "tied {tied}, word {word}, {j}: {} vs {want}",
+                        got.data[at]
+                    );
+                }
+            }
+        }
     }
 }

@@ -101,11 +101,7 @@ fn head_loss_slices(
             };
             if trained {
                 let h = weights.clone().map_or(h.clone(), |w| h * w);
-                let these = constant.weight_grads(h, dlogits.clone());
-                weight_grads = Some(match weight_grads {
-                    None => these,
-                    Some(sums) => sums.into_iter().zip(these).map(|(a, b)| a + b).collect(),
-                });
+                weight_grads = Some(constant.add_weight_grads(weight_grads.take(), h, dlogits.clone()));
             }
             let input = constant.input_grad(dlogits);
             grads.push(weights.map_or(input.clone(), |w| input * w));

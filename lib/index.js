@@ -5,6 +5,7 @@
 // blocks. Requests run one at a time, in order. Adapters are PEFT files (adapter_config.json +
 // adapter_model.safetensors) and are kept across visits in IndexedDB by AdapterStore.
 import { AdapterStore, ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINT_STATE, adapterBlobs, baseIdentity, adapterFilesByName, checkSameBase, toBytes } from './store.js';
+import { RECOVER } from './messages.js';
 
 export { AdapterStore };
 
@@ -39,7 +40,6 @@ function hubUrl(id, revision, file) {
   return `${host}${id}/resolve/${encodeURIComponent(revision)}/${file ?? ''}`;
 }
 
-const RECOVER = 'model.recover() starts the engine again and loads the model with its adapters';
 const WORKER_ENDED = `the engine's worker stopped: the browser ended it (it ran out of memory, crashed, or the page closed it); ${RECOVER}`;
 
 // Calls that go out and run at once, beside the running call they act on.

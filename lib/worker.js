@@ -5,6 +5,7 @@
 // queued, and `destroyDevice`) jump the queue.
 import init, { Engine, failedAllocation } from './pkg/webgpu_lora.js';
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINT_STATE, toBytes } from './store.js';
+import { RECOVER } from './messages.js';
 
 const CACHE_NAME = 'webgpu-lora-models-v1';
 let enginePromise = null;
@@ -38,7 +39,6 @@ const answered = new Set();
 const waiting = new Set();
 // How long a failed call waits for its device's `lost` before reporting its own error.
 const LOST_GRACE_MS = 50;
-const RECOVER = 'model.recover() starts the engine again and loads the model with its adapters';
 const mb = (bytes) => `${(bytes / 1e6).toFixed(1)} MB`;
 
 // What to change when a call runs out of GPU memory, by operation.

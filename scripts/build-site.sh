@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 rm -rf dist/site
 mkdir -p dist/site/lib/pkg dist/site/data
 cp -r www/. dist/site/
-cp lib/index.js lib/store.js lib/worker.js dist/site/lib/
+cp lib/index.js lib/messages.js lib/store.js lib/worker.js dist/site/lib/
 cp lib/pkg/webgpu_lora.js lib/pkg/webgpu_lora_bg.wasm dist/site/lib/pkg/
 cp -r data/robot data/robot-completions data/robot-preferences dist/site/data/
 echo "[site] dist/site: $(du -sh dist/site | cut -f1) (serve it with any static server; WebGPU needs https or localhost)"

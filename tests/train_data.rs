@@ -63,7 +63,10 @@ fn already_tokenized_lines_need_no_tokenizer() {
     assert_eq!((d.report.tokens, d.report.trainable_tokens), (5, 3));
     let err = |bytes: &[u8]| read_dataset("ids.jsonl", bytes, None, &DataOptions::default()).unwrap_err().to_string();
     let e = err(br#"{"input_ids": [1, 2], "labels": [1]}"#);
-    assert_eq!(e, "ids.jsonl:1: \"labels\" has 1 entries and \"input_ids\" 2: give one label per token (or skip bad lines)");
+    assert_eq!(
+        e,
+        "ids.jsonl:1: \"labels\" has 1 entries and \"input_ids\" 2: give one label per token, or remove the line (training can leave such lines out: skip_bad_lines, CLI --skip-bad-lines)"
+    );
     let e = err(br#"{"input_ids": [1, -2]}"#);
     assert!(e.starts_with("ids.jsonl:1: \"input_ids\"[1] = -2 is not a token id"), "{e}");
     let e = err(br#"{"input_ids": [1, 2], "labels": [-1, 2]}"#);

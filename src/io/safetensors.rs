@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use safetensors::{
     Dtype, SafeTensorError, SafeTensors,
-    tensor::{Metadata, TensorInfo, TensorView},
+    tensor::{Metadata, TensorInfo},
 };
 use serde_json::Value;
 
@@ -240,37 +240,91 @@ pub fn write_safetensors_as(
     dtype_of: &dyn Fn(&str) -> StoreDtype,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
-    let encoded: Vec<(&String, Vec<usize>, StoreDtype, Vec<u8>)> = tensors
-        .iter()
-        .map(|(name, t)| {
-            let dtype = dtype_of(name);
-            (name, t.shape.clone(), dtype, encode(&t.data, dtype))
-        })
-        .collect();
-    let st_dtype = |dtype| match dtype {
+    let entries =
+        tensors.iter().map(|(name, t)| TensorEntry { name: name.clone(), shape: t.shape.clone(), dtype: dtype_of(name), values: t });
+    let (mut file, entries) = file_layout(entries.collect(), metadata)?;
+    for entry in entries {
+        append(&mut file, &entry, entry.values)?;
+    }
+    Ok(file)
+}
+
+/// A safetensors file of `tensors` whose values are read one at a time, as the file comes to
+/// each (`read` of its `values`: e.g. from the device): the file and one tensor exist at once,
+/// where reading them all first holds the values twice more (the f32 values, then the file).
+pub async fn write_safetensors_reading<T>(
+    tensors: Vec<TensorEntry<T>>,
+    metadata: Option<HashMap<String, String>>,
+    mut read: impl AsyncFnMut(T) -> Result<HostTensor>,
+) -> Result<Vec<u8>> {
+    let (mut file, entries) = file_layout(tensors, metadata)?;
+    for TensorEntry { name, shape, dtype, values } in entries {
+        let t = read(values).await?;
+        append(&mut file, &TensorEntry { name, shape, dtype, values: () }, &t)?;
+    }
+    Ok(file)
+}
+
+/// A tensor of a file being written: its name, shape and dtype, and where its values come from.
+pub struct TensorEntry<T> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: StoreDtype,
+    pub values: T,
+}
+
+fn st_dtype(dtype: StoreDtype) -> Dtype {
+    match dtype {
         StoreDtype::F32 => Dtype::F32,
         StoreDtype::F16 => Dtype::F16,
         StoreDtype::BF16 => Dtype::BF16,
-    };
-    let views = encoded
-        .iter()
-        .map(|(name, shape, dtype, bytes)| Ok((name.as_str(), TensorView::new(st_dtype(*dtype), shape.clone(), bytes)?)))
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
-        .map_err(|e| Error::invalid(format!("cannot serialize tensors: {e}")))?;
-    safetensors::serialize(views, metadata).map_err(|e| Error::invalid(format!("cannot serialize tensors: {e}")))
+    }
 }
 
-fn encode(values: &[f32], dtype: StoreDtype) -> Vec<u8> {
-    match dtype {
-        StoreDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        StoreDtype::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
-        StoreDtype::BF16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+/// The start of a safetensors file of `tensors` (its length, then the header: every tensor's
+/// dtype, shape and offsets, and `metadata`), with room reserved for their data, and the tensors
+/// in the order their data follows: `safetensors::serialize`'s (largest alignment first, then by
+/// name), so the file is the bytes it would write.
+fn file_layout<T>(mut tensors: Vec<TensorEntry<T>>, metadata: Option<HashMap<String, String>>) -> Result<(Vec<u8>, Vec<TensorEntry<T>>)> {
+    tensors.sort_by(|a, b| st_dtype(b.dtype).cmp(&st_dtype(a.dtype)).then_with(|| a.name.cmp(&b.name)));
+    let mut offset = 0;
+    let mut infos = Vec::with_capacity(tensors.len());
+    for t in &tensors {
+        let bytes = t.shape.iter().product::<usize>() * st_dtype(t.dtype).bitsize() / 8;
+        infos.push((
+            t.name.clone(),
+            TensorInfo { dtype: st_dtype(t.dtype), shape: t.shape.clone(), data_offsets: (offset, offset + bytes) },
+        ));
+        offset += bytes;
     }
+    let cannot = |e: &dyn std::fmt::Display| Error::invalid(format!("cannot serialize tensors: {e}"));
+    let header = Metadata::new(metadata, infos).map_err(|e| cannot(&e))?;
+    let mut header = serde_json::to_string(&header).map_err(|e| cannot(&e))?.into_bytes();
+    // the data starts 8-byte aligned, the header padded with spaces
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut file = Vec::with_capacity(8 + header.len() + offset);
+    file.extend((header.len() as u64).to_le_bytes());
+    file.extend(header);
+    Ok((file, tensors))
+}
+
+/// Appends the data of `entry`, whose values are `t`, to the file.
+fn append<T>(file: &mut Vec<u8>, entry: &TensorEntry<T>, t: &HostTensor) -> Result<()> {
+    if t.shape != entry.shape {
+        return Err(Error::invalid(format!("cannot serialize tensor {}: its shape is {:?}, not {:?}", entry.name, t.shape, entry.shape)));
+    }
+    match entry.dtype {
+        StoreDtype::F32 => file.extend(t.data.iter().flat_map(|v| v.to_le_bytes())),
+        StoreDtype::F16 => file.extend(t.data.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes())),
+        StoreDtype::BF16 => file.extend(t.data.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())),
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use safetensors::tensor::TensorView;
 
     fn sample() -> BTreeMap<String, HostTensor> {
         let mut t = BTreeMap::new();
@@ -286,6 +340,55 @@ mod tests {
             // these values are exact in all three types
             assert_eq!(w.tensor("a").unwrap(), sample()["a"], "{dtype:?}");
         }
+    }
+
+    /// The file is the bytes `safetensors::serialize` writes for the same tensors (mixed dtypes,
+    /// names out of order, metadata), whether the values are at hand or read one at a time; a
+    /// value read in another shape than announced is refused by name.
+    #[test]
+    fn files_are_the_bytes_safetensors_serialize_writes() {
+        let t = |shape: Vec<usize>, salt: f32| {
+            let n = shape.iter().product::<usize>();
+            HostTensor::new(shape, (0..n).map(|i| (i as f32 * 0.37 + salt).sin()).collect())
+        };
+        let tensors = BTreeMap::from([
+            ("b.w".to_string(), t(vec![3, 5], 1.0)),
+            ("a.w".to_string(), t(vec![4], 2.0)),
+            ("c".to_string(), t(vec![2, 2], 3.0)),
+        ]);
+        let dtype_of = |name: &str| match name {
+            "a.w" => StoreDtype::BF16,
+            "c" => StoreDtype::F16,
+            _ => StoreDtype::F32,
+        };
+        let metadata = || Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+        let encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+            .iter()
+            .map(|(name, t)| {
+                let bytes = match dtype_of(name) {
+                    StoreDtype::F32 => t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    StoreDtype::F16 => t.data.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+                    StoreDtype::BF16 => t.data.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+                };
+                (name.clone(), st_dtype(dtype_of(name)), t.shape.clone(), bytes)
+            })
+            .collect();
+        let views =
+            encoded.iter().map(|(name, dtype, shape, bytes)| (name.as_str(), TensorView::new(*dtype, shape.clone(), bytes).unwrap()));
+        let expected = safetensors::serialize(views, metadata()).unwrap();
+        assert_eq!(write_safetensors_as(&tensors, &dtype_of, metadata()).unwrap(), expected);
+
+        let entries = |shape_of: &dyn Fn(&HostTensor) -> Vec<usize>| {
+            tensors
+                .iter()
+                .map(|(name, t)| TensorEntry { name: name.clone(), shape: shape_of(t), dtype: dtype_of(name), values: name.clone() })
+                .collect()
+        };
+        let read = async |name: String| Ok(tensors[&name].clone());
+        let streamed = pollster::block_on(write_safetensors_reading(entries(&|t| t.shape.clone()), metadata(), read)).unwrap();
+        assert_eq!(streamed, expected);
+        let wrong = pollster::block_on(write_safetensors_reading(entries(&|t| vec![t.data.len() + 1]), None, read)).unwrap_err();
+        assert!(wrong.to_string().contains("cannot serialize tensor b.w: its shape is [3, 5], not [16]"), "{wrong}");
     }
 
     #[test]

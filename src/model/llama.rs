@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::io::gguf::StoredTensor;
 use crate::io::model_files::CONFIG_FILE;
 use crate::io::quant::QuantMatrix;
-use crate::io::safetensors::{SINGLE_FILE, write_safetensors};
+use crate::io::safetensors::{SINGLE_FILE, TensorEntry, write_safetensors_reading};
 use crate::io::{StoreDtype, WeightSource};
 use crate::lora::{AdapterState, LoraLayers, LoraLinear, LoraRun};
 use crate::model::KvCache;
@@ -466,20 +466,26 @@ impl LlamaModel {
 
     /// model.safetensors (in `dtype`, as [`hf_tensors`](Self::hf_tensors) reads the weights,
     /// `merge` folded in) and config.json (its dtype saying so): a Hugging Face directory but for
-    /// the tokenizer's files.
+    /// the tokenizer's files. The weights are read into the file one at a time, so that the
+    /// model's size is held once more, not three times (values, encoding, file).
     pub async fn hf_files(&self, merge: Option<&str>, dtype: StoreDtype) -> Result<Vec<(String, Vec<u8>)>> {
-        let tensors = self.hf_tensors(merge).await?;
+        let tensors = self
+            .hf_plan(merge)
+            .into_iter()
+            .map(|(name, t)| TensorEntry { shape: t.hf_shape(), dtype, values: (name.clone(), t), name })
+            .collect();
         let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        let weights = write_safetensors_reading(tensors, Some(metadata), async |(name, t): (String, HfTensor)| {
+            Ok(t.read(&name, false).await?.into_f32())
+        })
+        .await?;
         let mut config = self.config.clone();
         for key in ["torch_dtype", "dtype"] {
             if let Some(value) = config.raw.get_mut(key) {
                 *value = dtype.torch_name().into();
             }
         }
-        Ok(vec![
-            (SINGLE_FILE.to_string(), write_safetensors(&tensors, dtype, Some(metadata))?),
-            (CONFIG_FILE.to_string(), config.to_json().into_bytes()),
-        ])
+        Ok(vec![(SINGLE_FILE.to_string(), weights), (CONFIG_FILE.to_string(), config.to_json().into_bytes())])
     }
 
     /// The matrix stored under the Hugging Face name `name`, if it is one.
@@ -494,36 +500,36 @@ impl LlamaModel {
     /// As [`hf_tensors`](Self::hf_tensors), quantized matrices read as their blocks when
     /// `quantized`; `merge` is then requantized into them, as merge_and_unload would.
     pub async fn hf_weights(&self, merge: Option<&str>, quantized: bool) -> Result<BTreeMap<String, StoredTensor>> {
-        let kept = |t: StoredTensor| if quantized { t } else { StoredTensor::Dense(t.into_f32()) };
-        let vector = async |t: &Tensor<1>| read_host(t.clone()).await.map(StoredTensor::Dense);
         let mut out = BTreeMap::new();
-        out.insert("model.embed_tokens.weight".to_string(), kept(self.embed_tokens.read().await?));
-        out.insert("model.norm.weight".to_string(), vector(&self.norm.weight).await?);
-        if let Some(head_t) = &self.lm_head {
-            out.insert("lm_head.weight".to_string(), kept(head_t.read().await?));
-        }
-        for (i, layer) in self.layers.iter().enumerate() {
-            for (name, norm) in layer.norms() {
-                out.insert(format!("model.layers.{i}.{name}.weight"), vector(&norm.weight).await?);
-            }
-        }
-        for linear in self.lora_linears() {
-            let delta = merge.filter(|m| !linear.merged.iter().any(|done| done == m)).and_then(|m| linear.delta_t(m));
-            let weight_t = match delta {
-                Some(delta) if quantized => linear.base.weight_t.plus(delta, &linear.name).await?,
-                Some(delta) => {
-                    let mut sum = linear.base.weight_t.clone();
-                    sum.add(delta, 1.0);
-                    sum
-                }
-                None => linear.base.weight_t.clone(),
-            };
-            out.insert(format!("{}.weight", linear.name), kept(weight_t.read().await?));
-            if let Some(bias) = &linear.base.bias {
-                out.insert(format!("{}.bias", linear.name), vector(bias).await?);
-            }
+        for (name, t) in self.hf_plan(merge) {
+            let t = t.read(&name, quantized).await?;
+            out.insert(name, t);
         }
         Ok(out)
+    }
+
+    /// Every Hugging Face tensor of the model by name, unread, adapter `merge` to be added to the
+    /// matrices it changes (those it is not merged into already).
+    fn hf_plan<'a>(&'a self, merge: Option<&'a str>) -> Vec<(String, HfTensor<'a>)> {
+        let matrix = |weight, merge| HfTensor::Matrix { weight, merge };
+        let mut out = vec![
+            ("model.embed_tokens.weight".to_string(), matrix(&self.embed_tokens, None)),
+            ("model.norm.weight".to_string(), HfTensor::Vector(&self.norm.weight)),
+        ];
+        if let Some(head_t) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), matrix(head_t, None)));
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            out.extend(layer.norms().map(|(name, norm)| (format!("model.layers.{i}.{name}.weight"), HfTensor::Vector(&norm.weight))));
+        }
+        for linear in self.lora_linears() {
+            let merge = merge.filter(|m| !linear.merged.iter().any(|done| done == m)).map(|m| (linear, m));
+            out.push((format!("{}.weight", linear.name), matrix(&linear.base.weight_t, merge)));
+            if let Some(bias) = &linear.base.bias {
+                out.push((format!("{}.bias", linear.name), HfTensor::Vector(bias)));
+            }
+        }
+        out
     }
 
     /// Builds the model from Hugging Face weights, checking every tensor's shape against the config.
@@ -620,6 +626,46 @@ impl LoraLayers for LlamaModel {
 
     fn device(&self) -> Device {
         self.embed_tokens.device()
+    }
+}
+
+/// A Hugging Face tensor of the model, to be read back from the device.
+enum HfTensor<'a> {
+    /// A matrix, and the linear layer and adapter whose update to add to it on the way out.
+    Matrix {
+        weight: &'a Weight,
+        merge: Option<(&'a LoraLinear, &'a str)>,
+    },
+    Vector(&'a Tensor<1>),
+}
+
+impl HfTensor<'_> {
+    fn hf_shape(&self) -> Vec<usize> {
+        match self {
+            HfTensor::Matrix { weight, .. } => weight.hf_dims().to_vec(),
+            HfTensor::Vector(v) => v.dims().to_vec(),
+        }
+    }
+
+    /// The values of the tensor named `name`: a quantized matrix's blocks as they are where
+    /// `quantized` (an update requantized into them), else in f32.
+    async fn read(&self, name: &str, quantized: bool) -> Result<StoredTensor> {
+        let (weight, merge) = match *self {
+            HfTensor::Vector(v) => return Ok(StoredTensor::Dense(read_host(v.clone()).await?)),
+            HfTensor::Matrix { weight, merge } => (weight, merge),
+        };
+        // the update made here, one matrix's at a time
+        let weight = match merge.and_then(|(linear, adapter)| linear.delta_t(adapter)) {
+            Some(delta) if quantized => weight.plus(delta, name).await?,
+            Some(delta) => {
+                let mut sum = weight.clone();
+                sum.add(delta, 1.0);
+                sum
+            }
+            None => weight.clone(),
+        };
+        let t = weight.read().await?;
+        Ok(if quantized { t } else { StoredTensor::Dense(t.into_f32()) })
     }
 }
 

@@ -148,7 +148,12 @@ fn read_jsonl(file: &str, text: &str, tokenizer: Text, options: &DataOptions) ->
                 report.skipped.push((number, problem));
                 continue;
             }
-            Err(problem) => return Err(Error::file(format!("{file}:{number}"), format!("{problem} (or skip bad lines)"))),
+            Err(problem) => {
+                return Err(Error::file(
+                    format!("{file}:{number}"),
+                    format!("{problem}, or remove the line (training can leave such lines out: skip_bad_lines, CLI --skip-bad-lines)"),
+                ));
+            }
         };
         let example = if example.ids.len() > options.max_seq_len {
             if !options.truncate {

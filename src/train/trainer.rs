@@ -7,14 +7,14 @@
 //! (handed to the caller as files), cancel, resume and a NaN/Inf guard that keeps the last good
 //! values.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::io::StoreDtype;
-use crate::io::safetensors::write_safetensors;
+use crate::io::safetensors::{TensorEntry, write_safetensors_reading};
 use crate::lora::{AdapterFiles, AdapterWeights, DropoutMasks, LoraLayers, LoraModel, LoraRun, LoraWeights, PartDropout};
 use crate::model::{Head, LlamaModel};
 use crate::tensor::{HostTensor, read_host, read_scalar, upload};
@@ -779,14 +779,12 @@ pub async fn train_steps(
 
 const STATE_KEY: &str = "webgpu_lora_train_state";
 
+/// The trainer state file: AdamW's moments (read into it one matrix at a time) and `header`.
 async fn save_state(header: &StateHeader, moments: &[(Tensor<2>, Tensor<2>)]) -> Result<Vec<u8>> {
-    let mut tensors = BTreeMap::new();
-    for (i, (m, v)) in moments.iter().enumerate() {
-        tensors.insert(format!("{i:05}.m"), read_host(m.clone()).await?);
-        tensors.insert(format!("{i:05}.v"), read_host(v.clone()).await?);
-    }
+    let entry = |name: String, t: &Tensor<2>| TensorEntry { name, shape: t.dims().to_vec(), dtype: StoreDtype::F32, values: t.clone() };
+    let tensors = moments.iter().enumerate().flat_map(|(i, (m, v))| [entry(format!("{i:05}.m"), m), entry(format!("{i:05}.v"), v)]);
     let metadata = HashMap::from([(STATE_KEY.to_string(), serde_json::to_string(header).expect("serializable"))]);
-    write_safetensors(&tensors, StoreDtype::F32, Some(metadata))
+    write_safetensors_reading(tensors.collect(), Some(metadata), read_host).await
 }
 
 /// Checks that `bytes` are a trainer state file (its step information readable), before a

@@ -307,7 +307,7 @@ impl Weight {
     }
 
     /// [rows, cols] of the Hugging Face matrix.
-    fn hf_dims(&self) -> [usize; 2] {
+    pub fn hf_dims(&self) -> [usize; 2] {
         [self.runs().last().expect("a weight has a part").end, self.parts[0].hf_dims(self.transposed)[1]]
     }
 

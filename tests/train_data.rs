@@ -65,7 +65,7 @@ fn already_tokenized_lines_need_no_tokenizer() {
     let e = err(br#"{"input_ids": [1, 2], "labels": [1]}"#);
     assert_eq!(
         e,
-        "ids.jsonl:1: \"labels\" has 1 entries and \"input_ids\" 2: give one label per token, or remove the line (training can leave such lines out: skip_bad_lines, CLI --skip-bad-lines)"
+        "ids.jsonl:1: \"labels\" has 1 entries and \"input_ids\" 2: give one label per token, or remove the line (training can leave such lines out: skip_bad_lines; CLI --skip-bad-lines, JS skipBadLines)"
     );
     let e = err(br#"{"input_ids": [1, -2]}"#);
     assert!(e.starts_with("ids.jsonl:1: \"input_ids\"[1] = -2 is not a token id"), "{e}");

@@ -22,7 +22,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::{LayerAttention, LlamaConfig, Rope, RopeScaling};
 use crate::error::{Error, Result};
@@ -469,16 +469,10 @@ impl LlamaModel {
     /// the tokenizer's files. The weights are read into the file one at a time, so that the
     /// model's size is held once more, not three times (values, encoding, file).
     pub async fn hf_files(&self, merge: Option<&str>, dtype: StoreDtype) -> Result<Vec<(String, Vec<u8>)>> {
-        let tensors = self
-            .hf_plan(merge)
-            .into_iter()
-            .map(|(name, t)| TensorEntry { shape: t.hf_shape(), dtype, values: (name.clone(), t), name })
-            .collect();
+        let tensors =
+            self.hf_plan(merge).into_iter().map(|(name, t)| TensorEntry { name, shape: t.hf_shape(), dtype, values: t }).collect();
         let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        let weights = write_safetensors_reading(tensors, Some(metadata), async |(name, t): (String, HfTensor)| {
-            Ok(t.read(&name, false).await?.into_f32())
-        })
-        .await?;
+        let weights = write_safetensors_reading(tensors, Some(metadata), async |t: HfTensor| Ok(t.read(false).await?.into_f32())).await?;
         let mut config = self.config.clone();
         for key in ["torch_dtype", "dtype"] {
             if let Some(value) = config.raw.get_mut(key) {
@@ -502,8 +496,7 @@ impl LlamaModel {
     pub async fn hf_weights(&self, merge: Option<&str>, quantized: bool) -> Result<BTreeMap<String, StoredTensor>> {
         let mut out = BTreeMap::new();
         for (name, t) in self.hf_plan(merge) {
-            let t = t.read(&name, quantized).await?;
-            out.insert(name, t);
+            out.insert(name, t.read(quantized).await?);
         }
         Ok(out)
     }
@@ -647,17 +640,17 @@ impl HfTensor<'_> {
         }
     }
 
-    /// The values of the tensor named `name`: a quantized matrix's blocks as they are where
-    /// `quantized` (an update requantized into them), else in f32.
-    async fn read(&self, name: &str, quantized: bool) -> Result<StoredTensor> {
+    /// The values: a quantized matrix's blocks as they are where `quantized` (an update
+    /// requantized into them), else in f32.
+    async fn read(&self, quantized: bool) -> Result<StoredTensor> {
         let (weight, merge) = match *self {
             HfTensor::Vector(v) => return Ok(StoredTensor::Dense(read_host(v.clone()).await?)),
             HfTensor::Matrix { weight, merge } => (weight, merge),
         };
         // the update made here, one matrix's at a time
-        let weight = match merge.and_then(|(linear, adapter)| linear.delta_t(adapter)) {
-            Some(delta) if quantized => weight.plus(delta, name).await?,
-            Some(delta) => {
+        let weight = match merge.and_then(|(linear, adapter)| Some((linear, linear.delta_t(adapter)?))) {
+            Some((linear, delta)) if quantized => weight.plus(delta, &linear.name).await?,
+            Some((_, delta)) => {
                 let mut sum = weight.clone();
                 sum.add(delta, 1.0);
                 sum
@@ -707,8 +700,11 @@ impl Head {
                     let len = WORDS_AT_ONCE.min(words - start);
                     let d = dlogits.clone().narrow(1, at + start, len);
                     let g = if self.tied { d.transpose().matmul(h.clone()) } else { h.clone().transpose().matmul(d) };
-                    let these = Tensor::arange(start as i64..(start + len) as i64, &sum.device());
-                    sum = sum.select_assign(axis, these, g, IndexingUpdateOp::Add);
+                    let mut ranges = sum.dims().map(|n| 0..n);
+                    ranges[axis] = start..start + len;
+                    // `current` is used up by the sum before the write, which then goes in place
+                    let current = sum.clone().slice(ranges.clone());
+                    sum = sum.slice_assign(ranges, current + g);
                 }
                 at += words;
                 sum
@@ -828,12 +824,12 @@ mod tests {
     use super::*;
 
     /// A trained head's weight gradient summed in vocabulary chunks equals dlogitsᵀ · h (tied E)
-    /// or its transpose (untied Wᵀ), summed afresh each call: a vocabulary of two chunks and a
-    /// few words, added twice.
+    /// or its transpose (untied Wᵀ), added to what the sums hold: a weight in two buffers (a few
+    /// words, then two chunks and a few more), added twice.
     #[test]
     fn head_weight_gradient_is_dlogits_t_h_chunk_by_chunk() {
         let device = Device::flex();
-        let (vocab, hidden, rows) = (2 * WORDS_AT_ONCE + 3, 3, 2);
+        let (first, vocab, hidden, rows) = (7, 2 * WORDS_AT_ONCE + 10, 3, 2);
         let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.5;
         let host =
             |shape: [usize; 2], salt: usize| HostTensor::new(shape.to_vec(), (0..shape[0] * shape[1]).map(|i| value(i + salt)).collect());
@@ -844,13 +840,16 @@ mod tests {
             (0..rows).map(|r| f64::from(dlogits.data[r * vocab + word]) * f64::from(h.data[r * hidden + j])).sum::<f64>()
         };
         for tied in [true, false] {
-            let weight = Weight::upload(host([vocab, hidden], 3), WeightDtype::F32, !tied, "head", &device).unwrap();
+            let mut weight = Weight::upload(host([vocab, hidden], 3), WeightDtype::F32, !tied, "head", &device).unwrap();
+            let whole = weight.take_f32_parts().remove(0);
+            let axis = usize::from(!tied);
+            weight.put_f32_parts(vec![whole.clone().narrow(axis, 0, first), whole.narrow(axis, first, vocab - first)]);
             let head = Head { weight, tied };
             let once = head.add_weight_grads(None, tensor(h.clone()), tensor(dlogits.clone()));
             let twice = head.add_weight_grads(Some(once), tensor(h.clone()), tensor(dlogits.clone()));
-            let got = pollster::block_on(read_host(twice.into_iter().next().unwrap())).unwrap();
+            let got = pollster::block_on(read_host(Tensor::cat(twice, axis))).unwrap();
             assert_eq!(got.shape, if tied { vec![vocab, hidden] } else { vec![hidden, vocab] });
-            for word in [0, 1, WORDS_AT_ONCE - 1, WORDS_AT_ONCE, 2 * WORDS_AT_ONCE, vocab - 1] {
+            for word in 0..vocab {
                 for j in 0..hidden {
                     let at = if tied { word * hidden + j } else { j * vocab + word };
                     let want = 2.0 * expected(word, j);

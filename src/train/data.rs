@@ -151,7 +151,9 @@ fn read_jsonl(file: &str, text: &str, tokenizer: Text, options: &DataOptions) ->
             Err(problem) => {
                 return Err(Error::file(
                     format!("{file}:{number}"),
-                    format!("{problem}, or remove the line (training can leave such lines out: skip_bad_lines, CLI --skip-bad-lines)"),
+                    format!(
+                        "{problem}, or remove the line (training can leave such lines out: skip_bad_lines; CLI --skip-bad-lines, JS skipBadLines)"
+                    ),
                 ));
             }
         };

@@ -24,7 +24,7 @@
 //!                   times the layers (with gradient checkpointing: one layer's, plus every layer's input)
 //! and where asked:  4 P   the gradients' sum over micro-batches (gradient accumulation)
 //!                   4 P   the best weights (early stopping)
-//!                  12 P   a checkpoint: the weights and the moments read back to be written
+//!                  12 P   a checkpoint: the files of the weights and of the moments, each read into its file a matrix at a time
 //! ```
 //!
 //! An estimate, stated before the run and refused above the memory the caller says there is.
@@ -114,7 +114,7 @@ pub fn full_memory(config: &LlamaConfig, parameters: usize, rows: usize, seq: us
     let optional = [
         (options.grad_accum > 1, "the gradients' sum over micro-batches", copy),
         (options.patience.is_some(), "the best weights (early stopping)", copy),
-        (options.checkpoint_every.is_some(), "a checkpoint (weights and moments read back)", 3 * copy),
+        (options.checkpoint_every.is_some(), "a checkpoint (the files of the weights and the moments)", 3 * copy),
     ];
     let mut parts = vec![
         MemoryPart { what: "weights", bytes: copy },

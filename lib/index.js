@@ -453,8 +453,10 @@ export class LoraModel {
     try {
       const out = await call.catch((e) => { if (!thrown) throw e; });
       if (thrown) throw thrown.error;
-      if (out.modelFiles) this.#fineTuned = true;
-      if (out.modelFiles) return { ...out.report, modelFiles: Object.fromEntries(out.modelFiles.map(([n, bytes]) => [n, new Blob([bytes])])) };
+      if (out.modelFiles) {
+        this.#fineTuned = true;
+        return { ...out.report, modelFiles: Object.fromEntries(out.modelFiles.map(([n, bytes]) => [n, new Blob([bytes])])) };
+      }
       this.#summaries.set(adapterName, out.report.summary);
       this.#sources.delete(adapterName); // trained here: only a save can bring it back
       return out.report;

@@ -17,7 +17,7 @@ use webgpu_lora::lora::{ADAPTER_CONFIG_FILE, AdapterSource, LoraConfig, LoraLaye
 use webgpu_lora::nn::WeightDtype;
 use webgpu_lora::tensor::HostTensor;
 use webgpu_lora::train::fine_tune::{STATE_FILE, SUMMARY_FILE};
-use webgpu_lora::train::{Control, Method, TrainEvent, TrainOptions, TrainStart, fine_tune};
+use webgpu_lora::train::{Control, Method, TrainEvent, TrainOptions, TrainStart, fine_tune, memory};
 use webgpu_lora::{Error, GenerationConfig, Llm, Result};
 
 #[derive(Parser)]
@@ -285,8 +285,7 @@ fn show_event(event: TrainEvent, out: &Path) -> Result<()> {
         }
         TrainEvent::Memory { parameters, parts } => {
             let total: usize = parts.iter().map(|p| p.bytes).sum();
-            let parts: Vec<String> = parts.iter().map(|p| format!("{} {:.1} MB", p.what, p.bytes as f64 / 1e6)).collect();
-            eprintln!("full fine-tuning of {parameters} parameters: about {:.1} MB ({})", total as f64 / 1e6, parts.join(", "));
+            eprintln!("full fine-tuning of {parameters} parameters: about {:.1} MB ({})", total as f64 / 1e6, memory::list(&parts));
         }
         TrainEvent::Eval { step, val_loss, best } => {
             eprintln!("eval at step {step}: val_loss {val_loss:.4}{}", if best { " (best)" } else { "" })

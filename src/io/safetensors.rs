@@ -202,7 +202,7 @@ fn header(name: &str, bytes: &Bytes) -> Result<(usize, Metadata)> {
 }
 
 /// Little-endian bytes of F32/F16/BF16 to f32 values; `None` for other types.
-fn decode(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+pub fn decode(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     let words2 = || bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
     Some(match dtype {
         Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),

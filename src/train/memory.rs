@@ -131,15 +131,20 @@ pub fn check_full_memory(parts: &[MemoryPart], limit: Option<usize>) -> Result<(
     let total: usize = parts.iter().map(|p| p.bytes).sum();
     match limit {
         Some(limit) if total > limit => Err(Error::invalid(format!(
-            "full fine-tuning of this model needs about {} ({}), more than the {} available (memoryLimit, --memory-limit): \
+            "full fine-tuning of this model needs about {} ({}), more than the {} available (memory_limit_mb; CLI --memory-limit-mb, JS memoryLimitMb): \
              train a LoRA adapter instead (method sft), or lower the batch size or the longest sequence, \
              or turn on gradient checkpointing",
             megabytes(total),
-            parts.iter().map(|p| format!("{} {:.1} MB", p.what, p.bytes as f64 / 1e6)).collect::<Vec<_>>().join(", "),
+            list(parts),
             megabytes(limit)
         ))),
         _ => Ok(()),
     }
+}
+
+/// An estimate's parts for people: "weights 538.1 MB, gradients 538.1 MB, ...".
+pub fn list(parts: &[MemoryPart]) -> String {
+    parts.iter().map(|p| format!("{} {:.1} MB", p.what, p.bytes as f64 / 1e6)).collect::<Vec<_>>().join(", ")
 }
 
 /// `bytes` for people: "1074.8 MB (1073741824 bytes)".

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::io::StoreDtype;
-use crate::io::safetensors::{TensorEntry, write_safetensors_reading};
+use crate::io::safetensors::{TensorEntry, decode, write_safetensors_reading};
 use crate::lora::{AdapterFiles, AdapterWeights, DropoutMasks, LoraLayers, LoraModel, LoraRun, LoraWeights, PartDropout};
 use crate::model::{Head, LlamaModel};
 use crate::tensor::{HostTensor, read_host, read_scalar, upload};
@@ -861,9 +861,9 @@ fn restore_state(bytes: &[u8], moments: &mut [(Tensor<2>, Tensor<2>)], what: &st
     let header = state_header(bytes)?;
     let tensors = state_tensors(bytes)?;
     let dims: Vec<[usize; 2]> = moments.iter().map(|(m, _)| m.dims()).collect();
+    // the views are f32 (moment_views checks)
     let host = |view: &safetensors::tensor::TensorView| {
-        let data = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        HostTensor::new(view.shape().to_vec(), data)
+        HostTensor::new(view.shape().to_vec(), decode(view.dtype(), view.data()).expect("an f32 moment"))
     };
     for ((m, v), (saved_m, saved_v)) in moments.iter_mut().zip(moment_views(&tensors, &dims, what)?) {
         (*m, *v) = (upload(host(&saved_m), device), upload(host(&saved_v), device));
